@@ -1,0 +1,207 @@
+//! Command line: clap arguments and the commands they run. The only place that uses `anyhow`.
+
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::chat::{ChatMessage, ChatTemplate, SpecialTokens};
+use crate::engine::{generate, GenerationConfig, SamplingParams};
+use crate::model::source::SourceConfig;
+use crate::model::{load_model, LoadedModel, ModelOptions, ModelSource};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "serve",
+    version,
+    about = "One base model, many LoRA/DoRA adapters, an OpenAI-compatible API"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate from one prompt or one chat turn and print it.
+    Generate(GenerateArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    Bf16,
+    F16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceArg {
+    Cpu,
+    Cuda,
+}
+
+/// Which model to load and how; shared by every command that loads one.
+#[derive(Debug, Clone, Args)]
+pub struct ModelArgs {
+    /// Hugging Face directory, `.gguf` file, or hub id (default: HuggingFaceTB/SmolLM2-135M-Instruct).
+    #[arg(long)]
+    pub model: Option<String>,
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: DTypeArg,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub device: DeviceArg,
+    /// A shipped chat template (chatml, llama3, mistral, alpaca) or a path to a `.jinja` file.
+    #[arg(long)]
+    pub chat_template: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Raw text to continue (no chat template).
+    #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
+    pub prompt: Option<String>,
+    /// One user message, rendered with the chat template.
+    #[arg(long)]
+    pub chat: Option<String>,
+    /// System message for `--chat`.
+    #[arg(long, requires = "chat")]
+    pub system: Option<String>,
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    #[arg(long, default_value_t = 0)]
+    pub min_tokens: usize,
+    /// 0 is greedy.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// 0 disables top-k.
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Stop when this text appears (repeatable); it is not printed.
+    #[arg(long)]
+    pub stop: Vec<String>,
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print the generated token ids as JSON after the text (for scripts and tests).
+    #[arg(long)]
+    pub print_ids: bool,
+}
+
+impl ModelArgs {
+    fn options(&self) -> Result<ModelOptions> {
+        let dtype = match self.dtype {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::Bf16 => DType::BF16,
+            DTypeArg::F16 => DType::F16,
+        };
+        let device = match self.device {
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda if cfg!(feature = "cuda") => Device::new_cuda(0).context("`--device cuda`")?,
+            DeviceArg::Cuda => bail!("`--device cuda`: this binary was built without CUDA; rebuild with `--features cuda`"),
+        };
+        Ok(ModelOptions { dtype, device })
+    }
+
+    /// Resolves (fetching if needed) and loads the model.
+    pub async fn load(&self) -> Result<LoadedModel> {
+        let opts = self.options()?;
+        let source = ModelSource::parse(self.model.as_deref())?;
+        let resolved = source.resolve(&SourceConfig::from_env()).await?;
+        let loaded = tokio::task::spawn_blocking(move || load_model(&resolved, &opts)).await??;
+        Ok(loaded)
+    }
+}
+
+fn validate(args: &GenerateArgs) -> Result<()> {
+    if !(0.0..=2.0).contains(&args.temperature) {
+        bail!("`--temperature` must be between 0 and 2");
+    }
+    if !(args.top_p > 0.0 && args.top_p <= 1.0) {
+        bail!("`--top-p` must be in (0, 1]");
+    }
+    if args.max_tokens == 0 {
+        bail!("`--max-tokens` must be at least 1");
+    }
+    Ok(())
+}
+
+pub async fn run_generate(args: GenerateArgs) -> Result<()> {
+    validate(&args)?;
+    let loaded = args.model.load().await?;
+    let template = ChatTemplate::select(
+        args.model.chat_template.as_deref(),
+        loaded.chat_template.as_deref(),
+    )?;
+    let mut eos = loaded.eos_token_ids.clone();
+    for t in template.end_tokens() {
+        if let Some(id) = loaded.tokenizer.token_id(t) {
+            if !eos.contains(&id) {
+                eos.push(id);
+            }
+        }
+    }
+    let text = match (&args.prompt, &args.chat) {
+        (Some(p), _) => p.clone(),
+        (None, Some(c)) => {
+            let mut messages = Vec::new();
+            if let Some(s) = &args.system {
+                messages.push(ChatMessage::new("system", s));
+            }
+            messages.push(ChatMessage::new("user", c));
+            let special = SpecialTokens {
+                bos_token: loaded.bos_token.clone(),
+                eos_token: loaded.eos_token.clone(),
+            };
+            template.render(&messages, true, &special)?
+        }
+        (None, None) => bail!("give `--prompt` or `--chat`"),
+    };
+    let prompt = loaded.tokenizer.encode(&text)?;
+    let cfg = GenerationConfig {
+        max_tokens: args.max_tokens,
+        min_tokens: args.min_tokens,
+        ignore_eos: args.ignore_eos,
+        stop: args.stop.clone(),
+        eos_token_ids: eos,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            seed: args.seed,
+        },
+    };
+    let out = tokio::task::spawn_blocking(move || {
+        let mut stdout = std::io::stdout();
+        generate(&loaded.model, &loaded.tokenizer, &prompt, &cfg, |piece| {
+            let _ = stdout.write_all(piece.as_bytes());
+            let _ = stdout.flush();
+        })
+    })
+    .await??;
+    println!();
+    if args.print_ids {
+        println!("{}", serde_json::to_string(&out.token_ids)?);
+    }
+    eprintln!(
+        "[{} prompt tokens, {} generated, finish_reason={}, prefill {:.0} ms, {:.1} tokens/s]",
+        out.prompt_tokens,
+        out.token_ids.len(),
+        out.finish_reason.as_str(),
+        out.prefill_time.as_secs_f64() * 1e3,
+        out.tokens_per_second()
+    );
+    Ok(())
+}
+
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Some(Command::Generate(args)) => run_generate(args).await,
+        None => bail!("server not built yet: the OpenAI-compatible server is still to come; use `serve generate` for now"),
+    }
+}

@@ -1,0 +1,257 @@
+//! Llama hyper-parameters, read from a Hugging Face `config.json` or from GGUF metadata.
+
+use std::path::Path;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::error::ModelError;
+use crate::ops::rope::Llama3Scaling;
+
+/// Validated architecture of a Llama-family model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: Option<Llama3Scaling>,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub attention_bias: bool,
+    pub mlp_bias: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    model_type: Option<String>,
+    architectures: Option<Vec<String>>,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    intermediate_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    rms_norm_eps: Option<f64>,
+    rope_theta: Option<f64>,
+    rope_scaling: Option<Value>,
+    rope_parameters: Option<Value>,
+    max_position_embeddings: Option<usize>,
+    tie_word_embeddings: Option<bool>,
+    attention_bias: Option<bool>,
+    mlp_bias: Option<bool>,
+    bos_token_id: Option<Value>,
+    eos_token_id: Option<Value>,
+    hidden_act: Option<String>,
+}
+
+/// Token ids given as a number or a list of numbers (`eos_token_id` takes both forms).
+pub fn token_ids(value: Option<&Value>) -> Vec<u32> {
+    match value {
+        Some(Value::Number(n)) => n.as_u64().map(|n| vec![n as u32]).unwrap_or_default(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .filter_map(|v| v.as_u64().map(|n| n as u32))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn required(path: &Path, field: &str, value: Option<usize>) -> Result<usize, ModelError> {
+    match value {
+        Some(v) if v > 0 => Ok(v),
+        Some(_) => Err(ModelError::field(path, field, "must be positive")),
+        None => Err(ModelError::field(path, field, "is missing")),
+    }
+}
+
+fn parse_llama3_scaling(
+    path: &Path,
+    field: &str,
+    v: &Value,
+) -> Result<Option<Llama3Scaling>, ModelError> {
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    match kind {
+        "default" => Ok(None),
+        "llama3" => {
+            let num = |key: &str| {
+                v.get(key).and_then(Value::as_f64).ok_or_else(|| {
+                    ModelError::field(
+                        path,
+                        &format!("{field}.{key}"),
+                        "is missing for rope_type llama3",
+                    )
+                })
+            };
+            Ok(Some(Llama3Scaling {
+                factor: num("factor")?,
+                low_freq_factor: num("low_freq_factor")?,
+                high_freq_factor: num("high_freq_factor")?,
+                original_max_position_embeddings: num("original_max_position_embeddings")?,
+            }))
+        }
+        other => Err(ModelError::field(
+            path,
+            &format!("{field}.rope_type"),
+            format!("`{other}` is not supported (default and llama3 are)"),
+        )),
+    }
+}
+
+impl LlamaConfig {
+    /// Reads and validates a Hugging Face `config.json`.
+    pub fn from_hf_file(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
+        Self::from_hf_json(path, &text)
+    }
+
+    pub fn from_hf_json(path: &Path, text: &str) -> Result<Self, ModelError> {
+        let raw: RawConfig = serde_json::from_str(text).map_err(|source| ModelError::Json {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let is_llama = raw.model_type.as_deref() == Some("llama")
+            || (raw.model_type.is_none()
+                && raw
+                    .architectures
+                    .iter()
+                    .flatten()
+                    .any(|a| a == "LlamaForCausalLM"));
+        if !is_llama {
+            return Err(ModelError::field(
+                path,
+                "model_type",
+                format!(
+                    "is {:?}; only Llama models (`llama`) are supported",
+                    raw.model_type.as_deref().unwrap_or("missing")
+                ),
+            ));
+        }
+        if let Some(act) = raw.hidden_act.as_deref() {
+            if act != "silu" {
+                return Err(ModelError::field(
+                    path,
+                    "hidden_act",
+                    format!("is `{act}`; only `silu` is supported"),
+                ));
+            }
+        }
+        let hidden_size = required(path, "hidden_size", raw.hidden_size)?;
+        let heads = required(path, "num_attention_heads", raw.num_attention_heads)?;
+        let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
+        if kv_heads == 0 || heads % kv_heads != 0 {
+            return Err(ModelError::field(
+                path,
+                "num_key_value_heads",
+                format!("({kv_heads}) must divide num_attention_heads ({heads})"),
+            ));
+        }
+        let head_dim = match raw.head_dim {
+            Some(d) => d,
+            None if hidden_size % heads == 0 => hidden_size / heads,
+            None => {
+                return Err(ModelError::field(
+                    path,
+                    "hidden_size",
+                    "is not divisible by num_attention_heads",
+                ))
+            }
+        };
+        let (rope_theta, rope_scaling) = match (&raw.rope_parameters, &raw.rope_scaling) {
+            (Some(p), _) => (
+                p.get("rope_theta")
+                    .and_then(Value::as_f64)
+                    .or(raw.rope_theta)
+                    .unwrap_or(10000.0),
+                parse_llama3_scaling(path, "rope_parameters", p)?,
+            ),
+            (None, Some(s)) if !s.is_null() => (
+                raw.rope_theta.unwrap_or(10000.0),
+                parse_llama3_scaling(path, "rope_scaling", s)?,
+            ),
+            _ => (raw.rope_theta.unwrap_or(10000.0), None),
+        };
+        let config = Self {
+            vocab_size: required(path, "vocab_size", raw.vocab_size)?,
+            hidden_size,
+            intermediate_size: required(path, "intermediate_size", raw.intermediate_size)?,
+            num_hidden_layers: required(path, "num_hidden_layers", raw.num_hidden_layers)?,
+            num_attention_heads: heads,
+            num_key_value_heads: kv_heads,
+            head_dim,
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            attention_bias: raw.attention_bias.unwrap_or(false),
+            mlp_bias: raw.mlp_bias.unwrap_or(false),
+            bos_token_id: token_ids(raw.bos_token_id.as_ref()).first().copied(),
+            eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
+        };
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TINY: &str = r#"{"model_type":"llama","vocab_size":512,"hidden_size":64,
+        "intermediate_size":176,"num_hidden_layers":2,"num_attention_heads":4,
+        "num_key_value_heads":2,"head_dim":16,"rms_norm_eps":1e-5,
+        "rope_parameters":{"rope_theta":10000.0,"rope_type":"default"},"eos_token_id":2}"#;
+
+    #[test]
+    fn reads_transformers5_rope_parameters() {
+        let c = LlamaConfig::from_hf_json(Path::new("config.json"), TINY).unwrap();
+        assert_eq!(c.head_dim, 16);
+        assert_eq!(c.num_key_value_heads, 2);
+        assert_eq!(c.rope_theta, 10000.0);
+        assert_eq!(c.eos_token_ids, vec![2]);
+    }
+
+    #[test]
+    fn reads_llama3_scaling() {
+        let text = TINY.replace(
+            r#""rope_parameters":{"rope_theta":10000.0,"rope_type":"default"}"#,
+            r#""rope_theta":500000.0,"rope_scaling":{"rope_type":"llama3","factor":8.0,
+               "low_freq_factor":1.0,"high_freq_factor":4.0,"original_max_position_embeddings":8192}"#,
+        );
+        let c = LlamaConfig::from_hf_json(Path::new("config.json"), &text).unwrap();
+        assert_eq!(c.rope_theta, 500000.0);
+        assert_eq!(c.rope_scaling.unwrap().factor, 8.0);
+    }
+
+    #[test]
+    fn rejects_other_architectures_naming_the_field() {
+        let text = TINY.replace(r#""model_type":"llama""#, r#""model_type":"gpt2""#);
+        let err = LlamaConfig::from_hf_json(Path::new("/m/config.json"), &text).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("/m/config.json") && msg.contains("`model_type`") && msg.contains("gpt2"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let text = TINY.replace(r#""hidden_size":64,"#, "");
+        let msg = LlamaConfig::from_hf_json(Path::new("config.json"), &text)
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("`hidden_size` is missing"), "{msg}");
+    }
+}

@@ -1,0 +1,200 @@
+//! The one Llama: embeddings, decoder blocks (RMSNorm, RoPE, GQA attention, SiLU-gated MLP),
+//! and a batched forward over sequences of different lengths with their own KV caches.
+//!
+//! A batch is flattened: the rows of all sequences form one `[tokens, hidden]` matrix, so every
+//! projection runs as one matmul for the whole batch; only attention runs per sequence.
+
+use candle_core::{DType, Device, Result, Tensor};
+
+use super::config::LlamaConfig;
+use super::kv_cache::KvCache;
+use super::linear::Linear;
+use crate::ops::{causal_attention, rms_norm, Rope};
+
+/// Which rows' logits a forward returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsRows {
+    /// The last position of each sequence (generation).
+    Last,
+    /// Every position of every sequence, in batch order (scoring, training).
+    All,
+}
+
+/// One sequence's new tokens and its cache. Positions continue from `cache.len()`.
+pub struct SeqInput<'a> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache,
+}
+
+/// A batch of sequences for one forward step.
+pub struct BatchInput<'a> {
+    pub seqs: Vec<SeqInput<'a>>,
+    pub logits: LogitsRows,
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+#[derive(Debug, Clone)]
+pub struct Block {
+    pub input_layernorm: Tensor,
+    pub self_attn: Attention,
+    pub post_attention_layernorm: Tensor,
+    pub mlp: Mlp,
+}
+
+#[derive(Debug, Clone)]
+pub struct Llama {
+    pub config: LlamaConfig,
+    pub embed_tokens: Tensor,
+    pub layers: Vec<Block>,
+    pub norm: Tensor,
+    pub lm_head: Linear,
+    rope: Rope,
+    dtype: DType,
+    device: Device,
+}
+
+impl Llama {
+    pub fn new(
+        config: LlamaConfig,
+        embed_tokens: Tensor,
+        layers: Vec<Block>,
+        norm: Tensor,
+        lm_head: Linear,
+    ) -> Result<Self> {
+        let dtype = embed_tokens.dtype();
+        let device = embed_tokens.device().clone();
+        let rope = Rope::new(
+            config.head_dim,
+            config.rope_theta,
+            config.rope_scaling.as_ref(),
+            config.max_position_embeddings,
+            dtype,
+            &device,
+        )?;
+        Ok(Self {
+            config,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+            dtype,
+            device,
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_hidden_layers)
+    }
+
+    /// Runs one step over the batch; returns f32 logits `[rows, vocab]` for the rows chosen by
+    /// `input.logits`.
+    pub fn forward(&self, input: &mut BatchInput<'_>) -> Result<Tensor> {
+        let c = &self.config;
+        let mut spans = Vec::with_capacity(input.seqs.len());
+        let mut ids = Vec::new();
+        for s in &input.seqs {
+            if s.tokens.is_empty() {
+                candle_core::bail!("a sequence in the batch has no tokens");
+            }
+            let offset = s.cache.len();
+            if offset + s.tokens.len() > c.max_position_embeddings {
+                candle_core::bail!(
+                    "sequence of {} tokens exceeds the context of {} tokens",
+                    offset + s.tokens.len(),
+                    c.max_position_embeddings
+                );
+            }
+            if let Some(bad) = s.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
+                candle_core::bail!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    c.vocab_size
+                );
+            }
+            spans.push((ids.len(), s.tokens.len(), offset));
+            ids.extend_from_slice(s.tokens);
+        }
+        let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        for (li, block) in self.layers.iter().enumerate() {
+            let h = rms_norm(&x, &block.input_layernorm, c.rms_norm_eps)?;
+            let attn = self.attention(li, &block.self_attn, &h, &spans, &mut input.seqs)?;
+            x = (x + block.self_attn.o_proj.forward(&attn)?)?;
+            let h = rms_norm(&x, &block.post_attention_layernorm, c.rms_norm_eps)?;
+            let mlp = &block.mlp;
+            let act = (mlp.gate_proj.forward(&h)?.silu()? * mlp.up_proj.forward(&h)?)?;
+            x = (x + mlp.down_proj.forward(&act)?)?;
+        }
+        for (s, &(_, len, _)) in input.seqs.iter_mut().zip(&spans) {
+            s.cache.advance(len);
+        }
+        let x = match input.logits {
+            LogitsRows::All => x,
+            LogitsRows::Last => {
+                let last: Vec<u32> = spans
+                    .iter()
+                    .map(|&(start, len, _)| (start + len - 1) as u32)
+                    .collect();
+                x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?
+            }
+        };
+        let x = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
+        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+    }
+
+    fn attention(
+        &self,
+        layer: usize,
+        attn: &Attention,
+        h: &Tensor,
+        spans: &[(usize, usize, usize)],
+        seqs: &mut [SeqInput<'_>],
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (hd, nh, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
+        let q = attn.q_proj.forward(h)?;
+        let k = attn.k_proj.forward(h)?;
+        let v = attn.v_proj.forward(h)?;
+        let mut outs = Vec::with_capacity(spans.len());
+        for (s, &(start, len, offset)) in seqs.iter_mut().zip(spans) {
+            let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
+                t.narrow(0, start, len)?
+                    .reshape((len, n, hd))?
+                    .transpose(0, 1)?
+                    .contiguous()
+            };
+            let qs = self.rope.apply(&heads(&q, nh)?, offset)?;
+            let ks = self.rope.apply(&heads(&k, nkv)?, offset)?;
+            let vs = heads(&v, nkv)?;
+            let (kall, vall) = s.cache.append(layer, ks, vs)?;
+            outs.push(causal_attention(&qs, &kall, &vall)?);
+        }
+        if outs.len() == 1 {
+            Ok(outs.pop().expect("one output"))
+        } else {
+            Tensor::cat(&outs, 0)
+        }
+    }
+}

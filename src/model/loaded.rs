@@ -1,0 +1,168 @@
+//! A model ready to use: the Llama, its tokenizer, chat template and special tokens, built from
+//! weights in Hugging Face naming whatever the file format.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::LlamaConfig;
+use super::error::ModelError;
+use super::linear::{BaseWeight, Linear};
+use super::llama::{Attention, Block, Llama, Mlp};
+use super::source::ResolvedModel;
+use super::{gguf, safetensors_dir};
+use crate::tokenizer::Tokenizer;
+
+/// How to load: element type and device of the weights.
+#[derive(Debug, Clone)]
+pub struct ModelOptions {
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl Default for ModelOptions {
+    fn default() -> Self {
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadedModel {
+    /// The id clients use for the base model (hub id, or the file/directory name).
+    pub id: String,
+    pub path: PathBuf,
+    pub model: Llama,
+    pub tokenizer: Tokenizer,
+    /// The model's own chat template, if it ships one.
+    pub chat_template: Option<String>,
+    pub bos_token: Option<String>,
+    pub eos_token: Option<String>,
+    /// Token ids that end generation (model EOS plus generation-config EOS).
+    pub eos_token_ids: Vec<u32>,
+}
+
+/// Tensors in Hugging Face naming (`model.layers.0.self_attn.q_proj.weight`), already in the
+/// target dtype and device.
+pub(crate) struct Weights {
+    pub path: PathBuf,
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl Weights {
+    fn take(&mut self, name: &str, shape: &[usize]) -> Result<Tensor, ModelError> {
+        let t = self
+            .tensors
+            .remove(name)
+            .ok_or_else(|| ModelError::Tensor {
+                path: self.path.clone(),
+                name: name.to_string(),
+                problem: "is missing".into(),
+            })?;
+        if t.dims() != shape {
+            return Err(ModelError::Tensor {
+                path: self.path.clone(),
+                name: name.to_string(),
+                problem: format!("has shape {:?}, expected {:?}", t.dims(), shape),
+            });
+        }
+        Ok(t)
+    }
+
+    fn linear(
+        &mut self,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> Result<Linear, ModelError> {
+        let w = self.take(&format!("{prefix}.weight"), &[out, inp])?;
+        let b = if bias {
+            Some(self.take(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear::new(BaseWeight::Dense(w), b))
+    }
+
+    /// Assembles the Llama, checking every tensor's presence and shape against the config.
+    pub fn into_llama(mut self, config: LlamaConfig) -> Result<Llama, ModelError> {
+        let c = &config;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (q_out, kv_out) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
+        let embed = self.take("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let mut layers = Vec::with_capacity(c.num_hidden_layers);
+        for i in 0..c.num_hidden_layers {
+            let p = format!("model.layers.{i}");
+            let ab = c.attention_bias;
+            let mb = c.mlp_bias;
+            layers.push(Block {
+                input_layernorm: self.take(&format!("{p}.input_layernorm.weight"), &[h])?,
+                self_attn: Attention {
+                    q_proj: self.linear(&format!("{p}.self_attn.q_proj"), q_out, h, ab)?,
+                    k_proj: self.linear(&format!("{p}.self_attn.k_proj"), kv_out, h, ab)?,
+                    v_proj: self.linear(&format!("{p}.self_attn.v_proj"), kv_out, h, ab)?,
+                    o_proj: self.linear(&format!("{p}.self_attn.o_proj"), h, q_out, ab)?,
+                },
+                post_attention_layernorm: self
+                    .take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                mlp: Mlp {
+                    gate_proj: self.linear(
+                        &format!("{p}.mlp.gate_proj"),
+                        c.intermediate_size,
+                        h,
+                        mb,
+                    )?,
+                    up_proj: self.linear(
+                        &format!("{p}.mlp.up_proj"),
+                        c.intermediate_size,
+                        h,
+                        mb,
+                    )?,
+                    down_proj: self.linear(
+                        &format!("{p}.mlp.down_proj"),
+                        h,
+                        c.intermediate_size,
+                        mb,
+                    )?,
+                },
+            });
+        }
+        let norm = self.take("model.norm.weight", &[h])?;
+        let lm_head = if c.tie_word_embeddings || !self.tensors.contains_key("lm_head.weight") {
+            Linear::new(BaseWeight::Dense(embed.clone()), None)
+        } else {
+            self.linear("lm_head", c.vocab_size, h, false)?
+        };
+        Ok(Llama::new(config, embed, layers, norm, lm_head)?)
+    }
+}
+
+/// Loads a resolved model (directory or GGUF file) in the requested dtype.
+pub fn load_model(
+    resolved: &ResolvedModel,
+    opts: &ModelOptions,
+) -> Result<LoadedModel, ModelError> {
+    match resolved {
+        ResolvedModel::HfDir { id, path } => safetensors_dir::load(id, path, opts),
+        ResolvedModel::Gguf { id, path } => gguf::load(id, path, opts),
+    }
+}
+
+/// A special token written either as a string or as `{"content": ...}` in tokenizer_config.json.
+pub(crate) fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
+    match v? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+pub(crate) fn file_name_id(path: &Path) -> String {
+    path.file_name()
+        .map(|n| n.to_string_lossy().trim_end_matches(".gguf").to_string())
+        .unwrap_or_else(|| path.display().to_string())
+}

@@ -1,0 +1,21 @@
+//! The one Llama: configuration, weights from any source, `Linear` layers with adapter sites,
+//! KV cache, batched forward. Depends on `ops` and `tokenizer`.
+
+pub mod config;
+pub mod error;
+pub mod gguf;
+pub mod kv_cache;
+pub mod linear;
+pub mod llama;
+pub mod loaded;
+pub mod pypi;
+pub mod safetensors_dir;
+pub mod source;
+
+pub use config::LlamaConfig;
+pub use error::ModelError;
+pub use kv_cache::KvCache;
+pub use linear::{BaseWeight, Linear};
+pub use llama::{BatchInput, Llama, LogitsRows};
+pub use loaded::{load_model, LoadedModel, ModelOptions};
+pub use source::{ModelSource, DEFAULT_MODEL_ID};

