@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use crate::chat::{ChatMessage, ChatTemplate, SpecialTokens};
+use crate::chat::{ChatMessage, ChatTemplate};
 use crate::engine::{generate, GenerationConfig, SamplingParams};
 use crate::model::source::SourceConfig;
 use crate::model::{load_model, LoadedModel, ModelOptions, ModelSource};
@@ -138,14 +138,7 @@ pub async fn run_generate(args: GenerateArgs) -> Result<()> {
         args.model.chat_template.as_deref(),
         loaded.chat_template.as_deref(),
     )?;
-    let mut eos = loaded.eos_token_ids.clone();
-    for t in template.end_tokens() {
-        if let Some(id) = loaded.tokenizer.token_id(t) {
-            if !eos.contains(&id) {
-                eos.push(id);
-            }
-        }
-    }
+    let eos = loaded.stop_token_ids(&template);
     let text = match (&args.prompt, &args.chat) {
         (Some(p), _) => p.clone(),
         (None, Some(c)) => {
@@ -154,11 +147,7 @@ pub async fn run_generate(args: GenerateArgs) -> Result<()> {
                 messages.push(ChatMessage::new("system", s));
             }
             messages.push(ChatMessage::new("user", c));
-            let special = SpecialTokens {
-                bos_token: loaded.bos_token.clone(),
-                eos_token: loaded.eos_token.clone(),
-            };
-            template.render(&messages, true, &special)?
+            template.render(&messages, true, &loaded.special_tokens())?
         }
         (None, None) => bail!("give `--prompt` or `--chat`"),
     };

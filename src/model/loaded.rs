@@ -12,6 +12,7 @@ use super::linear::{BaseWeight, Linear};
 use super::llama::{Attention, Block, Llama, Mlp};
 use super::source::ResolvedModel;
 use super::{gguf, safetensors_dir};
+use crate::chat::{ChatTemplate, SpecialTokens};
 use crate::tokenizer::Tokenizer;
 
 /// How to load: element type and device of the weights.
@@ -43,6 +44,30 @@ pub struct LoadedModel {
     pub eos_token: Option<String>,
     /// Token ids that end generation (model EOS plus generation-config EOS).
     pub eos_token_ids: Vec<u32>,
+}
+
+impl LoadedModel {
+    /// Special tokens as chat templates refer to them.
+    pub fn special_tokens(&self) -> SpecialTokens {
+        SpecialTokens {
+            bos_token: self.bos_token.clone(),
+            eos_token: self.eos_token.clone(),
+        }
+    }
+
+    /// Token ids that end generation under `template`: the model's EOS ids plus the
+    /// end-of-turn tokens the template writes (`<|im_end|>`, `<|eot_id|>`, ...).
+    pub fn stop_token_ids(&self, template: &ChatTemplate) -> Vec<u32> {
+        let mut ids = self.eos_token_ids.clone();
+        for t in template.end_tokens() {
+            if let Some(id) = self.tokenizer.token_id(t) {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+        }
+        ids
+    }
 }
 
 /// Tensors in Hugging Face naming (`model.layers.0.self_attn.q_proj.weight`), already in the

