@@ -18,7 +18,7 @@ pub enum GenerateError {
     PromptTooLong { prompt: usize, context: usize },
     #[error("`max_tokens` must be at least 1")]
     ZeroMaxTokens,
-    #[error("model forward failed: {0}")]
+    #[error(transparent)]
     Model(#[from] candle_core::Error),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),

