@@ -3,6 +3,7 @@
 //! Layers depend downward only: `cli` → `engine` → `model` → `ops`; `chat` and `tokenizer`
 //! are leaves.
 
+pub mod adapters;
 pub mod chat;
 pub mod cli;
 pub mod engine;

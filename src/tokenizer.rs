@@ -127,6 +127,16 @@ impl Tokenizer {
         Ok(Self { inner })
     }
 
+    /// Writes `tokenizer.json`.
+    pub fn save(&self, path: &Path) -> Result<(), TokenizerError> {
+        self.inner
+            .save(path, false)
+            .map_err(|e| TokenizerError::Build {
+                path: path.to_path_buf(),
+                message: format!("cannot write: {e}"),
+            })
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

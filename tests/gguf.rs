@@ -155,10 +155,7 @@ fn tiny_gguf_loads_like_the_hugging_face_directory() {
         let got: Vec<Vec<f32>> = from_gguf
             .model
             .forward(&mut BatchInput {
-                seqs: vec![SeqInput {
-                    tokens: &ids,
-                    cache: &mut cache,
-                }],
+                seqs: vec![SeqInput::new(&ids, &mut cache)],
                 logits: LogitsRows::All,
             })
             .unwrap()

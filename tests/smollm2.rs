@@ -65,10 +65,7 @@ fn top10_last_logits_within_2e_3() {
         let logits: Vec<f32> = m
             .model
             .forward(&mut BatchInput {
-                seqs: vec![SeqInput {
-                    tokens: &ids,
-                    cache: &mut cache,
-                }],
+                seqs: vec![SeqInput::new(&ids, &mut cache)],
                 logits: LogitsRows::Last,
             })
             .unwrap()

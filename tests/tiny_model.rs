@@ -13,10 +13,7 @@ fn forward_all(loaded: &loraplex::model::LoadedModel, ids: &[u32]) -> Vec<Vec<f3
     let logits = loaded
         .model
         .forward(&mut BatchInput {
-            seqs: vec![SeqInput {
-                tokens: ids,
-                cache: &mut cache,
-            }],
+            seqs: vec![SeqInput::new(ids, &mut cache)],
             logits: LogitsRows::All,
         })
         .unwrap();
@@ -66,10 +63,7 @@ fn batched_forward_equals_each_sequence_alone() {
             seqs: seqs
                 .iter()
                 .zip(caches.iter_mut())
-                .map(|(s, c)| SeqInput {
-                    tokens: s,
-                    cache: c,
-                })
+                .map(|(s, c)| SeqInput::new(s, c))
                 .collect(),
             logits: LogitsRows::All,
         })
@@ -96,10 +90,7 @@ fn batched_forward_equals_each_sequence_alone() {
             seqs: next
                 .iter()
                 .zip(caches.iter_mut())
-                .map(|(t, c)| SeqInput {
-                    tokens: std::slice::from_ref(t),
-                    cache: c,
-                })
+                .map(|(t, c)| SeqInput::new(std::slice::from_ref(t), c))
                 .collect(),
             logits: LogitsRows::Last,
         })
@@ -122,10 +113,7 @@ fn forward_rejects_out_of_vocabulary_and_over_context() {
     let err = loaded
         .model
         .forward(&mut BatchInput {
-            seqs: vec![SeqInput {
-                tokens: &[1, 100_000],
-                cache: &mut cache,
-            }],
+            seqs: vec![SeqInput::new(&[1, 100_000], &mut cache)],
             logits: LogitsRows::Last,
         })
         .unwrap_err()
@@ -138,10 +126,7 @@ fn forward_rejects_out_of_vocabulary_and_over_context() {
     let err = loaded
         .model
         .forward(&mut BatchInput {
-            seqs: vec![SeqInput {
-                tokens: &long,
-                cache: &mut cache,
-            }],
+            seqs: vec![SeqInput::new(&long, &mut cache)],
             logits: LogitsRows::Last,
         })
         .unwrap_err()
@@ -161,10 +146,7 @@ fn gradients_flow_through_the_model_to_a_trainable_input() {
     let mut cache = model.new_cache();
     let logits = model
         .forward(&mut BatchInput {
-            seqs: vec![SeqInput {
-                tokens: &[3, 4, 5, 6],
-                cache: &mut cache,
-            }],
+            seqs: vec![SeqInput::new(&[3, 4, 5, 6], &mut cache)],
             logits: LogitsRows::All,
         })
         .unwrap();

@@ -123,10 +123,7 @@ pub fn generate(
     let mut next_input: Vec<u32> = prompt.to_vec();
     while ids.len() < max_tokens {
         let logits = model.forward(&mut BatchInput {
-            seqs: vec![SeqInput {
-                tokens: &next_input,
-                cache: &mut cache,
-            }],
+            seqs: vec![SeqInput::new(&next_input, &mut cache)],
             logits: LogitsRows::Last,
         })?;
         if ids.is_empty() {

@@ -1,9 +1,13 @@
-//! `Linear`: a frozen base weight plus the place where adapter sites attach.
+//! `Linear`: a frozen base weight plus the adapter sites active for this batch.
 //!
 //! Every projection of the Llama is one of these, for serving and training alike. The base
-//! product runs once for all rows of a batch; adapter deltas (next to come) add per row group.
+//! product runs once for all rows of a batch; each adapter group then adds its low-rank delta
+//! on its own rows only (SGMV-style: gather the group's rows, two thin matmuls, scatter-add).
+//! Rows without an adapter cost nothing extra.
 
 use candle_core::{DType, Result, Tensor};
+
+use super::adapter_site::{LoraSite, Rows};
 
 /// The frozen base weight of a projection, `[out_features, in_features]` (PyTorch layout).
 #[derive(Debug, Clone)]
@@ -56,13 +60,37 @@ impl Linear {
         &self.base
     }
 
+    pub fn set_base(&mut self, base: BaseWeight) {
+        self.base = base;
+    }
+
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
 
-    /// `x`: `[rows, in_features]` → `[rows, out_features]`.
+    /// `x`: `[rows, in_features]` → `[rows, out_features]`, base only.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.base.matmul_t(x)?;
+        self.forward_with(x, &[])
+    }
+
+    /// Base product for all rows, plus each site's delta on its rows, plus bias.
+    pub fn forward_with(&self, x: &Tensor, sites: &[(&Rows, &LoraSite)]) -> Result<Tensor> {
+        let mut y = self.base.matmul_t(x)?;
+        for (rows, site) in sites {
+            y = match rows {
+                Rows::All => (&y + site.delta(x, &y)?)?,
+                Rows::Range(start, len) => {
+                    let xs = x.narrow(0, *start, *len)?;
+                    let delta = site.delta(&xs, &y.narrow(0, *start, *len)?)?;
+                    y.slice_scatter0(&(y.narrow(0, *start, *len)? + delta)?, *start)?
+                }
+                Rows::Index(idx) => {
+                    let xs = x.index_select(idx, 0)?;
+                    let delta = site.delta(&xs, &y.index_select(idx, 0)?)?;
+                    y.index_add(idx, &delta, 0)?
+                }
+            };
+        }
         match &self.bias {
             Some(b) => y.broadcast_add(b),
             None => Ok(y),

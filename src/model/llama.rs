@@ -6,6 +6,7 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
+use super::adapter_site::{AdapterGroup, AdapterWeights, Proj, Rows};
 use super::config::LlamaConfig;
 use super::kv_cache::KvCache;
 use super::linear::Linear;
@@ -20,10 +21,27 @@ pub enum LogitsRows {
     All,
 }
 
-/// One sequence's new tokens and its cache. Positions continue from `cache.len()`.
+/// One sequence's new tokens, its cache, and its adapter (if any). Positions continue from
+/// `cache.len()`.
 pub struct SeqInput<'a> {
     pub tokens: &'a [u32],
     pub cache: &'a mut KvCache,
+    pub adapter: Option<&'a AdapterWeights>,
+}
+
+impl<'a> SeqInput<'a> {
+    pub fn new(tokens: &'a [u32], cache: &'a mut KvCache) -> Self {
+        Self {
+            tokens,
+            cache,
+            adapter: None,
+        }
+    }
+
+    pub fn with_adapter(mut self, adapter: Option<&'a AdapterWeights>) -> Self {
+        self.adapter = adapter;
+        self
+    }
 }
 
 /// A batch of sequences for one forward step.
@@ -105,6 +123,33 @@ impl Llama {
         &self.device
     }
 
+    /// The projection `proj` of decoder layer `layer`.
+    pub fn linear(&self, layer: usize, proj: Proj) -> Option<&Linear> {
+        let b = self.layers.get(layer)?;
+        Some(match proj {
+            Proj::Q => &b.self_attn.q_proj,
+            Proj::K => &b.self_attn.k_proj,
+            Proj::V => &b.self_attn.v_proj,
+            Proj::O => &b.self_attn.o_proj,
+            Proj::Gate => &b.mlp.gate_proj,
+            Proj::Up => &b.mlp.up_proj,
+            Proj::Down => &b.mlp.down_proj,
+        })
+    }
+
+    pub fn linear_mut(&mut self, layer: usize, proj: Proj) -> Option<&mut Linear> {
+        let b = self.layers.get_mut(layer)?;
+        Some(match proj {
+            Proj::Q => &mut b.self_attn.q_proj,
+            Proj::K => &mut b.self_attn.k_proj,
+            Proj::V => &mut b.self_attn.v_proj,
+            Proj::O => &mut b.self_attn.o_proj,
+            Proj::Gate => &mut b.mlp.gate_proj,
+            Proj::Up => &mut b.mlp.up_proj,
+            Proj::Down => &mut b.mlp.down_proj,
+        })
+    }
+
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.config.num_hidden_layers)
     }
@@ -136,16 +181,27 @@ impl Llama {
             spans.push((ids.len(), s.tokens.len(), offset));
             ids.extend_from_slice(s.tokens);
         }
+        let total = ids.len();
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
+        let groups = self.adapter_groups(&input.seqs, &spans, total)?;
         let mut x = self.embed_tokens.index_select(&ids, 0)?;
         for (li, block) in self.layers.iter().enumerate() {
+            let sites = Sites {
+                groups: &groups,
+                layer: li,
+            };
             let h = rms_norm(&x, &block.input_layernorm, c.rms_norm_eps)?;
-            let attn = self.attention(li, &block.self_attn, &h, &spans, &mut input.seqs)?;
-            x = (x + block.self_attn.o_proj.forward(&attn)?)?;
+            let attn = self.attention(&sites, &block.self_attn, &h, &spans, &mut input.seqs)?;
+            x = (x + block
+                .self_attn
+                .o_proj
+                .forward_with(&attn, &sites.of(Proj::O))?)?;
             let h = rms_norm(&x, &block.post_attention_layernorm, c.rms_norm_eps)?;
             let mlp = &block.mlp;
-            let act = (mlp.gate_proj.forward(&h)?.silu()? * mlp.up_proj.forward(&h)?)?;
-            x = (x + mlp.down_proj.forward(&act)?)?;
+            let gate = mlp.gate_proj.forward_with(&h, &sites.of(Proj::Gate))?;
+            let up = mlp.up_proj.forward_with(&h, &sites.of(Proj::Up))?;
+            let act = (gate.silu()? * up)?;
+            x = (x + mlp.down_proj.forward_with(&act, &sites.of(Proj::Down))?)?;
         }
         for (s, &(_, len, _)) in input.seqs.iter_mut().zip(&spans) {
             s.cache.advance(len);
@@ -164,9 +220,55 @@ impl Llama {
         self.lm_head.forward(&x)?.to_dtype(DType::F32)
     }
 
+    /// Groups the batch's sequences by adapter (pointer identity) into row sets.
+    fn adapter_groups<'a>(
+        &self,
+        seqs: &[SeqInput<'a>],
+        spans: &[(usize, usize, usize)],
+        total: usize,
+    ) -> Result<Vec<AdapterGroup<'a>>> {
+        let mut members: Vec<(&'a AdapterWeights, Vec<usize>)> = Vec::new();
+        for (i, s) in seqs.iter().enumerate() {
+            let Some(a) = s.adapter else { continue };
+            if a.layers.len() != self.layers.len() {
+                candle_core::bail!(
+                    "adapter has {} layers, the model {}",
+                    a.layers.len(),
+                    self.layers.len()
+                );
+            }
+            match members.iter_mut().find(|(m, _)| std::ptr::eq(*m, a)) {
+                Some((_, list)) => list.push(i),
+                None => members.push((a, vec![i])),
+            }
+        }
+        members
+            .into_iter()
+            .map(|(adapter, list)| {
+                let contiguous = list.windows(2).all(|w| w[1] == w[0] + 1);
+                let (first, last) = (spans[list[0]], spans[list[list.len() - 1]]);
+                let rows = if contiguous && first.0 == 0 && last.0 + last.1 == total {
+                    Rows::All
+                } else if contiguous {
+                    Rows::Range(first.0, last.0 + last.1 - first.0)
+                } else {
+                    let idx: Vec<u32> = list
+                        .iter()
+                        .flat_map(|&i| {
+                            let (start, len, _) = spans[i];
+                            (start as u32)..(start + len) as u32
+                        })
+                        .collect();
+                    Rows::Index(Tensor::new(idx.as_slice(), &self.device)?)
+                };
+                Ok(AdapterGroup { adapter, rows })
+            })
+            .collect()
+    }
+
     fn attention(
         &self,
-        layer: usize,
+        sites: &Sites<'_, '_>,
         attn: &Attention,
         h: &Tensor,
         spans: &[(usize, usize, usize)],
@@ -174,9 +276,10 @@ impl Llama {
     ) -> Result<Tensor> {
         let c = &self.config;
         let (hd, nh, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
-        let q = attn.q_proj.forward(h)?;
-        let k = attn.k_proj.forward(h)?;
-        let v = attn.v_proj.forward(h)?;
+        let layer = sites.layer;
+        let q = attn.q_proj.forward_with(h, &sites.of(Proj::Q))?;
+        let k = attn.k_proj.forward_with(h, &sites.of(Proj::K))?;
+        let v = attn.v_proj.forward_with(h, &sites.of(Proj::V))?;
         let mut outs = Vec::with_capacity(spans.len());
         for (s, &(start, len, offset)) in seqs.iter_mut().zip(spans) {
             let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
@@ -196,5 +299,20 @@ impl Llama {
         } else {
             Tensor::cat(&outs, 0)
         }
+    }
+}
+
+/// The adapter sites of one layer for this batch.
+struct Sites<'g, 'a> {
+    groups: &'g [AdapterGroup<'a>],
+    layer: usize,
+}
+
+impl<'g> Sites<'g, '_> {
+    fn of(&self, proj: Proj) -> Vec<(&'g Rows, &'g super::adapter_site::LoraSite)> {
+        self.groups
+            .iter()
+            .filter_map(|g| Some((&g.rows, g.adapter.site(self.layer, proj)?)))
+            .collect()
     }
 }

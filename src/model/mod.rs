@@ -1,8 +1,10 @@
 //! The one Llama: configuration, weights from any source, `Linear` layers with adapter sites,
 //! KV cache, batched forward. Depends on `ops` and `tokenizer`.
 
+pub mod adapter_site;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod gguf;
 pub mod kv_cache;
 pub mod linear;
@@ -12,6 +14,7 @@ pub mod pypi;
 pub mod safetensors_dir;
 pub mod source;
 
+pub use adapter_site::{AdapterGroup, AdapterWeights, LoraSite, Proj, Rows};
 pub use config::LlamaConfig;
 pub use error::ModelError;
 pub use kv_cache::KvCache;

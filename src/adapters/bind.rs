@@ -1,0 +1,174 @@
+//! Binding a PEFT adapter to the base model: every module checked against the model (exists,
+//! shapes fit, rank within bounds), the scale folded into B, DoRA's `m / ‖W + s·B A‖` computed
+//! once. The result is what the forward pass uses.
+
+use candle_core::{DType, Tensor, D};
+
+use super::config::TargetModules;
+use super::error::AdapterError;
+use super::peft::{ModuleWeights, PeftAdapter};
+use crate::model::{AdapterWeights, Llama, LoraSite, Proj};
+
+#[derive(Debug, Clone)]
+pub struct BindOptions {
+    /// `--max-lora-rank`: adapters of a higher rank are refused.
+    pub max_rank: usize,
+}
+
+impl Default for BindOptions {
+    fn default() -> Self {
+        Self { max_rank: 256 }
+    }
+}
+
+/// `model.layers.{i}.{proj module}` → (i, proj).
+pub fn parse_module(module: &str) -> Option<(usize, Proj)> {
+    let rest = module.strip_prefix("model.layers.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let proj = Proj::ALL.into_iter().find(|p| p.module() == rest)?;
+    Some((layer.parse().ok()?, proj))
+}
+
+/// Row norms of `W + s·B A` (DoRA's `‖·‖` per output row), in f32.
+pub fn dora_weight_norm(
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    let w = w.to_dtype(DType::F32)?;
+    let ba = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scale)?;
+    (w + ba)?.sqr()?.sum(D::Minus1)?.sqrt()
+}
+
+pub fn bind(
+    adapter: &PeftAdapter,
+    model: &Llama,
+    opts: &BindOptions,
+) -> Result<AdapterWeights, AdapterError> {
+    let cfg = &adapter.config;
+    let path = adapter.dir.join(super::peft::WEIGHTS_FILE);
+    if let TargetModules::List(names) = &cfg.target_modules {
+        for n in names {
+            let known = Proj::ALL.iter().any(|p| {
+                p.short() == n || p.module() == n || n.ends_with(&format!(".{}", p.short()))
+            });
+            if !known {
+                return Err(AdapterError::config(
+                    adapter.dir.join(super::peft::CONFIG_FILE),
+                    "target_modules",
+                    format!("names `{n}`, which the base model lacks (it has q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"),
+                ));
+            }
+        }
+    }
+    if cfg.r > opts.max_rank {
+        return Err(AdapterError::config(
+            adapter.dir.join(super::peft::CONFIG_FILE),
+            "r",
+            format!("is {}, above --max-lora-rank {}", cfg.r, opts.max_rank),
+        ));
+    }
+    let dtype = model.dtype();
+    let mut layers: Vec<[Option<LoraSite>; 7]> = (0..model.layers.len())
+        .map(|_| Default::default())
+        .collect();
+    for (module, w) in &adapter.modules {
+        let err = |problem: String| AdapterError::Module {
+            path: path.clone(),
+            module: module.clone(),
+            problem,
+        };
+        let (layer, proj) = parse_module(module)
+            .filter(|(l, _)| *l < model.layers.len())
+            .ok_or_else(|| err("the base model has no such module".into()))?;
+        let linear = model.linear(layer, proj).expect("layer checked");
+        let (out, inp) = linear.base().dims()?;
+        let ModuleWeights {
+            lora_a,
+            lora_b,
+            magnitude,
+        } = w;
+        let a = lora_a
+            .as_ref()
+            .ok_or_else(|| err("lora_A is missing".into()))?;
+        let b = lora_b
+            .as_ref()
+            .ok_or_else(|| err("lora_B is missing".into()))?;
+        let r = a.dims().first().copied().unwrap_or(0);
+        if r > opts.max_rank {
+            return Err(err(format!(
+                "rank {r} is above --max-lora-rank {}",
+                opts.max_rank
+            )));
+        }
+        if a.dims() != [r, inp] || b.dims() != [out, r] {
+            return Err(err(format!(
+                "lora_A {:?} and lora_B {:?} do not fit the base weight [{out}, {inp}] (expected [{r}, {inp}] and [{out}, {r}])",
+                a.dims(),
+                b.dims()
+            )));
+        }
+        let expected_r = cfg.rank_for(module);
+        if r != expected_r {
+            return Err(err(format!(
+                "has rank {r}, but adapter_config.json gives it rank {expected_r}"
+            )));
+        }
+        let scale = cfg.scale_for(module);
+        let dora_scale = match (cfg.use_dora, magnitude) {
+            (false, None) => None,
+            (false, Some(_)) => {
+                return Err(err("has a DoRA magnitude but `use_dora` is false".into()))
+            }
+            (true, None) => {
+                return Err(err(
+                    "lora_magnitude_vector is missing (use_dora is true)".into()
+                ))
+            }
+            (true, Some(m)) => {
+                if m.dims() != [out] {
+                    return Err(err(format!(
+                        "lora_magnitude_vector {:?} does not fit [{out}]",
+                        m.dims()
+                    )));
+                }
+                let norm = dora_weight_norm(&linear.base().dense()?, a, b, scale)?;
+                Some((m.to_dtype(DType::F32)? / norm)?.to_dtype(dtype)?)
+            }
+        };
+        let device = model.device();
+        layers[layer][proj as usize] = Some(LoraSite {
+            a_t: a.to_dtype(dtype)?.to_device(device)?.t()?.contiguous()?,
+            b_t: (b.to_dtype(DType::F32)? * scale)?
+                .to_dtype(dtype)?
+                .to_device(device)?
+                .t()?
+                .contiguous()?,
+            dora_scale: match dora_scale {
+                Some(s) => Some(s.to_device(device)?),
+                None => None,
+            },
+        });
+    }
+    Ok(AdapterWeights { layers })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_paths_parse() {
+        assert_eq!(
+            parse_module("model.layers.12.mlp.down_proj"),
+            Some((12, Proj::Down))
+        );
+        assert_eq!(
+            parse_module("model.layers.0.self_attn.k_proj"),
+            Some((0, Proj::K))
+        );
+        assert_eq!(parse_module("model.layers.0.self_attn.rotary"), None);
+        assert_eq!(parse_module("lm_head"), None);
+    }
+}

@@ -1,0 +1,343 @@
+//! PEFT `adapter_config.json`: which modules an adapter targets, with which rank, alpha and
+//! scaling. Unknown keys are ignored; options that would change the numbers and are not
+//! supported are refused by name.
+
+use std::path::Path;
+
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::error::AdapterError;
+
+/// `target_modules`: a list of module names (suffix match), a regex (full match), or
+/// `"all-linear"`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TargetModules {
+    List(Vec<String>),
+    Regex(String),
+    AllLinear,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub target_modules: TargetModules,
+    pub use_rslora: bool,
+    pub use_dora: bool,
+    pub rank_pattern: Vec<(String, usize)>,
+    pub alpha_pattern: Vec<(String, f64)>,
+    pub lora_dropout: f64,
+    pub layers_to_transform: Option<Vec<usize>>,
+    pub base_model_name_or_path: Option<String>,
+}
+
+#[derive(Deserialize, Serialize, Default)]
+struct RawConfig {
+    peft_type: Option<String>,
+    r: Option<Value>,
+    lora_alpha: Option<Value>,
+    target_modules: Option<Value>,
+    #[serde(default)]
+    use_rslora: bool,
+    #[serde(default)]
+    use_dora: bool,
+    #[serde(default)]
+    rank_pattern: Option<serde_json::Map<String, Value>>,
+    #[serde(default)]
+    alpha_pattern: Option<serde_json::Map<String, Value>>,
+    lora_dropout: Option<f64>,
+    bias: Option<String>,
+    #[serde(default)]
+    fan_in_fan_out: bool,
+    modules_to_save: Option<Value>,
+    layers_to_transform: Option<Value>,
+    base_model_name_or_path: Option<String>,
+}
+
+/// Keys of a pattern map in file order (`serde_json` built with `preserve_order`): PEFT takes
+/// the first matching key.
+fn ordered(map: Option<serde_json::Map<String, Value>>) -> Vec<(String, Value)> {
+    map.unwrap_or_default().into_iter().collect()
+}
+
+impl AdapterConfig {
+    pub fn from_file(path: &Path) -> Result<Self, AdapterError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AdapterError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_json(path, &text)
+    }
+
+    pub fn from_json(path: &Path, text: &str) -> Result<Self, AdapterError> {
+        let raw: RawConfig = serde_json::from_str(text)
+            .map_err(|e| AdapterError::config(path, "(file)", format!("is not valid JSON: {e}")))?;
+        let bad = |field: &str, problem: &str| AdapterError::config(path, field, problem);
+        if let Some(t) = raw.peft_type.as_deref() {
+            if t != "LORA" {
+                return Err(bad(
+                    "peft_type",
+                    &format!("is `{t}`; only `LORA` (with optional DoRA) is supported"),
+                ));
+            }
+        }
+        let r = raw
+            .r
+            .as_ref()
+            .and_then(Value::as_u64)
+            .filter(|&r| r > 0)
+            .ok_or_else(|| bad("r", "must be a positive integer"))? as usize;
+        let lora_alpha = match &raw.lora_alpha {
+            None => 8.0,
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| bad("lora_alpha", "must be a number"))?,
+        };
+        let target_modules = match &raw.target_modules {
+            Some(Value::String(s)) if s == "all-linear" => TargetModules::AllLinear,
+            Some(Value::String(s)) => {
+                Regex::new(&format!("^(?:{s})$"))
+                    .map_err(|e| bad("target_modules", &format!("is not a valid regex: {e}")))?;
+                TargetModules::Regex(s.clone())
+            }
+            Some(Value::Array(items)) => TargetModules::List(
+                items
+                    .iter()
+                    .map(|v| v.as_str().map(str::to_string))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| bad("target_modules", "must be a list of strings"))?,
+            ),
+            _ => {
+                return Err(bad(
+                    "target_modules",
+                    "is missing (a list, a regex string or \"all-linear\")",
+                ))
+            }
+        };
+        if let Some(b) = raw.bias.as_deref() {
+            if b != "none" {
+                return Err(bad(
+                    "bias",
+                    &format!("is `{b}`; only \"none\" is supported (trained biases are not)"),
+                ));
+            }
+        }
+        if raw.fan_in_fan_out {
+            return Err(bad(
+                "fan_in_fan_out",
+                "is true; only Llama-style (out, in) weights are supported",
+            ));
+        }
+        match &raw.modules_to_save {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(a)) if a.is_empty() => {}
+            Some(_) => {
+                return Err(bad(
+                    "modules_to_save",
+                    "is set; fully trained extra modules are not supported (only LoRA/DoRA sites)",
+                ))
+            }
+        }
+        let layers_to_transform = match &raw.layers_to_transform {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => Some(vec![n
+                .as_u64()
+                .ok_or_else(|| bad("layers_to_transform", "must be non-negative"))?
+                as usize]),
+            Some(Value::Array(items)) => Some(
+                items
+                    .iter()
+                    .map(|v| v.as_u64().map(|n| n as usize))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| bad("layers_to_transform", "must be a list of layer indices"))?,
+            ),
+            Some(_) => {
+                return Err(bad(
+                    "layers_to_transform",
+                    "must be an integer or a list of integers",
+                ))
+            }
+        };
+        let mut rank_pattern = Vec::new();
+        for (k, v) in ordered(raw.rank_pattern) {
+            let r = v
+                .as_u64()
+                .filter(|&r| r > 0)
+                .ok_or_else(|| bad(&format!("rank_pattern.{k}"), "must be a positive integer"))?;
+            rank_pattern.push((k, r as usize));
+        }
+        let mut alpha_pattern = Vec::new();
+        for (k, v) in ordered(raw.alpha_pattern) {
+            let a = v
+                .as_f64()
+                .ok_or_else(|| bad(&format!("alpha_pattern.{k}"), "must be a number"))?;
+            alpha_pattern.push((k, a));
+        }
+        Ok(Self {
+            r,
+            lora_alpha,
+            target_modules,
+            use_rslora: raw.use_rslora,
+            use_dora: raw.use_dora,
+            rank_pattern,
+            alpha_pattern,
+            lora_dropout: raw.lora_dropout.unwrap_or(0.0),
+            layers_to_transform,
+            base_model_name_or_path: raw.base_model_name_or_path,
+        })
+    }
+
+    /// Whether `module` (e.g. `model.layers.3.self_attn.q_proj`) of layer `layer` is targeted.
+    pub fn targets(&self, module: &str, layer: usize) -> bool {
+        if let Some(layers) = &self.layers_to_transform {
+            if !layers.contains(&layer) {
+                return false;
+            }
+        }
+        match &self.target_modules {
+            TargetModules::AllLinear => true,
+            TargetModules::List(names) => names
+                .iter()
+                .any(|n| module == n || module.ends_with(&format!(".{n}"))),
+            TargetModules::Regex(re) => Regex::new(&format!("^(?:{re})$"))
+                .map(|r| r.is_match(module))
+                .unwrap_or(false),
+        }
+    }
+
+    /// PEFT's `get_pattern_key`: the first pattern key matching `(.*\.)?(key)$`.
+    fn pattern<'a, T>(patterns: &'a [(String, T)], module: &str) -> Option<&'a T> {
+        patterns.iter().find_map(|(k, v)| {
+            Regex::new(&format!(r"^(.*\.)?({k})$"))
+                .ok()
+                .filter(|r| r.is_match(module))
+                .map(|_| v)
+        })
+    }
+
+    pub fn rank_for(&self, module: &str) -> usize {
+        Self::pattern(&self.rank_pattern, module)
+            .copied()
+            .unwrap_or(self.r)
+    }
+
+    pub fn alpha_for(&self, module: &str) -> f64 {
+        Self::pattern(&self.alpha_pattern, module)
+            .copied()
+            .unwrap_or(self.lora_alpha)
+    }
+
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA, from the module's own rank and alpha.
+    pub fn scale_for(&self, module: &str) -> f64 {
+        let r = self.rank_for(module) as f64;
+        let alpha = self.alpha_for(module);
+        if self.use_rslora {
+            alpha / r.sqrt()
+        } else {
+            alpha / r
+        }
+    }
+
+    /// The JSON PEFT writes (and reads back), for adapters this project saves.
+    pub fn to_json(&self, proj_names: &[&str]) -> Value {
+        let targets = match &self.target_modules {
+            TargetModules::List(l) => serde_json::json!(l),
+            TargetModules::Regex(r) => serde_json::json!(r),
+            TargetModules::AllLinear => serde_json::json!(proj_names),
+        };
+        serde_json::json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "r": self.r,
+            "lora_alpha": self.lora_alpha,
+            "target_modules": targets,
+            "use_rslora": self.use_rslora,
+            "use_dora": self.use_dora,
+            "rank_pattern": self.rank_pattern.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+            "alpha_pattern": self.alpha_pattern.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+            "lora_dropout": self.lora_dropout,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "modules_to_save": null,
+            "layers_to_transform": self.layers_to_transform,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "inference_mode": true,
+            "init_lora_weights": true,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(extra: &str) -> Result<AdapterConfig, AdapterError> {
+        AdapterConfig::from_json(
+            Path::new("adapter_config.json"),
+            &format!(
+                r#"{{"peft_type":"LORA","r":16,"lora_alpha":8,"target_modules":["q_proj","o_proj","down_proj"]{extra}}}"#
+            ),
+        )
+    }
+
+    #[test]
+    fn patterns_set_rank_alpha_and_rslora_scale() {
+        let c = cfg(
+            r#","use_rslora":true,"rank_pattern":{"o_proj":4},"alpha_pattern":{"down_proj":32}"#,
+        )
+        .unwrap();
+        assert_eq!(c.rank_for("model.layers.0.self_attn.o_proj"), 4);
+        assert_eq!(c.rank_for("model.layers.0.self_attn.q_proj"), 16);
+        assert!((c.scale_for("model.layers.1.self_attn.o_proj") - 8.0 / 2.0).abs() < 1e-12);
+        assert!((c.scale_for("model.layers.1.mlp.down_proj") - 32.0 / 4.0).abs() < 1e-12);
+        assert!((c.scale_for("model.layers.1.self_attn.q_proj") - 2.0).abs() < 1e-12);
+        assert!(c.targets("model.layers.0.self_attn.q_proj", 0));
+        assert!(!c.targets("model.layers.0.self_attn.k_proj", 0));
+    }
+
+    #[test]
+    fn regex_all_linear_and_layers() {
+        let c = AdapterConfig::from_json(
+            Path::new("a.json"),
+            r#"{"r":4,"target_modules":".*\\.(q|v)_proj","layers_to_transform":[1]}"#,
+        )
+        .unwrap();
+        assert!(c.targets("model.layers.1.self_attn.q_proj", 1));
+        assert!(!c.targets("model.layers.0.self_attn.q_proj", 0));
+        assert!(!c.targets("model.layers.1.mlp.up_proj", 1));
+        let all = AdapterConfig::from_json(
+            Path::new("a.json"),
+            r#"{"r":4,"target_modules":"all-linear"}"#,
+        )
+        .unwrap();
+        assert!(all.targets("model.layers.5.mlp.up_proj", 5));
+    }
+
+    #[test]
+    fn unsupported_options_are_named() {
+        for (extra, field) in [
+            (r#","bias":"all""#, "`bias`"),
+            (r#","fan_in_fan_out":true"#, "`fan_in_fan_out`"),
+            (r#","modules_to_save":["lm_head"]"#, "`modules_to_save`"),
+        ] {
+            let err = cfg(extra).unwrap_err().to_string();
+            assert!(
+                err.contains(field) && err.contains("adapter_config.json"),
+                "{err}"
+            );
+        }
+        let err = AdapterConfig::from_json(Path::new("x/adapter_config.json"), "{not json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("x/adapter_config.json") && err.contains("JSON"),
+            "{err}"
+        );
+        let err = AdapterConfig::from_json(Path::new("a.json"), r#"{"target_modules":["q_proj"]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`r`"), "{err}");
+    }
+}

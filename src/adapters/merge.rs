@@ -1,0 +1,40 @@
+//! Merging an adapter into the base weights: LoRA `W + s·B A`; DoRA
+//! `(m / ‖W + s·B A‖) ⊙ (W + s·B A)` row-wise. The result is an ordinary Llama.
+
+use candle_core::{DType, Tensor};
+
+use super::bind::{dora_weight_norm, parse_module};
+use super::error::AdapterError;
+use super::peft::PeftAdapter;
+use crate::model::{BaseWeight, Llama};
+
+pub fn merge(model: &Llama, adapter: &PeftAdapter) -> Result<Llama, AdapterError> {
+    // Bind first: it validates every module, shape and rank the same way serving does.
+    super::bind::bind(adapter, model, &super::bind::BindOptions::default())?;
+    let mut merged = model.clone();
+    let cfg = &adapter.config;
+    for (module, w) in &adapter.modules {
+        let (layer, proj) = parse_module(module).expect("validated by bind");
+        let linear = merged.linear_mut(layer, proj).expect("validated by bind");
+        let base = linear.base().dense()?;
+        let dtype = base.dtype();
+        let (a, b) = (
+            w.lora_a.as_ref().expect("bound"),
+            w.lora_b.as_ref().expect("bound"),
+        );
+        let scale = cfg.scale_for(module);
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        let sum = (f32(&base)? + (f32(b)?.matmul(&f32(a)?)? * scale)?)?;
+        let new = match &w.magnitude {
+            Some(m) if cfg.use_dora => {
+                let norm = dora_weight_norm(&base, a, b, scale)?;
+                sum.broadcast_mul(&(f32(m)? / norm)?.unsqueeze(1)?)?
+            }
+            _ => sum,
+        };
+        linear.set_base(BaseWeight::Dense(
+            new.to_dtype(dtype)?.to_device(base.device())?,
+        ));
+    }
+    Ok(merged)
+}

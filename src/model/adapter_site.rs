@@ -1,0 +1,133 @@
+//! Adapter sites: the low-rank weights an adapter attaches to each projection, laid out for the
+//! forward pass, and which rows of a batch use which adapter.
+//!
+//! LoRA: `y = W x + s·B(A x)`. DoRA (PEFT): `y = (m/n) ⊙ (W x + s·B A x) + b` with
+//! `n = ‖W + s·B A‖` per output row; at serving time `m/n` is one constant vector per site.
+
+use candle_core::{Result, Tensor};
+
+/// The seven projections of a Llama block, in a fixed order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proj {
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Proj {
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
+
+    /// Module path inside a decoder layer, as in Hugging Face (`self_attn.q_proj`).
+    pub fn module(&self) -> &'static str {
+        match self {
+            Proj::Q => "self_attn.q_proj",
+            Proj::K => "self_attn.k_proj",
+            Proj::V => "self_attn.v_proj",
+            Proj::O => "self_attn.o_proj",
+            Proj::Gate => "mlp.gate_proj",
+            Proj::Up => "mlp.up_proj",
+            Proj::Down => "mlp.down_proj",
+        }
+    }
+
+    /// Short name as in PEFT's `target_modules` (`q_proj`).
+    pub fn short(&self) -> &'static str {
+        self.module().rsplit('.').next().unwrap_or_default()
+    }
+
+    pub fn from_short(name: &str) -> Option<Proj> {
+        Proj::ALL.into_iter().find(|p| p.short() == name)
+    }
+}
+
+/// One adapter on one projection.
+#[derive(Debug, Clone)]
+pub struct LoraSite {
+    /// `Aᵀ`, `[in, r]`.
+    pub a_t: Tensor,
+    /// `(s·B)ᵀ`, `[r, out]`: the scale folded in once at load.
+    pub b_t: Tensor,
+    /// DoRA `m / ‖W + s·B A‖`, `[out]`.
+    pub dora_scale: Option<Tensor>,
+}
+
+impl LoraSite {
+    pub fn rank(&self) -> usize {
+        self.a_t.dims().get(1).copied().unwrap_or(0)
+    }
+
+    /// `s·B(A x)` for `x` of shape `[rows, in]`.
+    pub fn lora_delta(&self, x: &Tensor) -> Result<Tensor> {
+        x.matmul(&self.a_t)?.matmul(&self.b_t)
+    }
+
+    /// What this site adds to the base product `base` (without bias) of rows `x`.
+    pub fn delta(&self, x: &Tensor, base: &Tensor) -> Result<Tensor> {
+        let lora = self.lora_delta(x)?;
+        match &self.dora_scale {
+            None => Ok(lora),
+            // (m/n) ⊙ (Wx + lora) − Wx = (m/n − 1) ⊙ Wx + (m/n) ⊙ lora
+            Some(scale) => base.broadcast_mul(&(scale - 1.0)?)? + lora.broadcast_mul(scale)?,
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        let n = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        n(&self.a_t) + n(&self.b_t) + self.dora_scale.as_ref().map(n).unwrap_or(0)
+    }
+}
+
+/// An adapter's sites for every layer: `layers[l][proj as usize]`.
+#[derive(Debug, Clone, Default)]
+pub struct AdapterWeights {
+    pub layers: Vec<[Option<LoraSite>; 7]>,
+}
+
+impl AdapterWeights {
+    pub fn site(&self, layer: usize, proj: Proj) -> Option<&LoraSite> {
+        self.layers.get(layer)?[proj as usize].as_ref()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.layers
+            .iter()
+            .flatten()
+            .flatten()
+            .map(LoraSite::bytes)
+            .sum()
+    }
+
+    pub fn site_count(&self) -> usize {
+        self.layers.iter().flatten().flatten().count()
+    }
+}
+
+/// Which rows of the flattened batch one adapter applies to.
+#[derive(Debug, Clone)]
+pub enum Rows {
+    /// Every row of the batch.
+    All,
+    /// One contiguous run `start..start + len`.
+    Range(usize, usize),
+    /// Scattered rows (u32 indices).
+    Index(Tensor),
+}
+
+/// An adapter group of a batch: the adapter and its rows.
+#[derive(Debug, Clone)]
+pub struct AdapterGroup<'a> {
+    pub adapter: &'a AdapterWeights,
+    pub rows: Rows,
+}

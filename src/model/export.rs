@@ -1,0 +1,113 @@
+//! Writing a model as a Hugging Face directory (`config.json`, `model.safetensors`, tokenizer
+//! files) that this project and `transformers` both load.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::Tensor;
+use serde_json::json;
+
+use super::adapter_site::Proj;
+use super::error::ModelError;
+use super::llama::Llama;
+use super::loaded::LoadedModel;
+
+fn write(path: &Path, text: String) -> Result<(), ModelError> {
+    std::fs::write(path, text).map_err(|e| ModelError::io(path, e))
+}
+
+/// The `config.json` transformers reads for this architecture.
+pub fn hf_config_json(model: &Llama, loaded: &LoadedModel) -> serde_json::Value {
+    let c = &model.config;
+    let mut rope = json!({"rope_type": "default", "rope_theta": c.rope_theta});
+    if let Some(s) = &c.rope_scaling {
+        rope = json!({"rope_type": "llama3", "rope_theta": c.rope_theta, "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings});
+    }
+    json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "intermediate_size": c.intermediate_size,
+        "num_hidden_layers": c.num_hidden_layers,
+        "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads,
+        "head_dim": c.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": c.rms_norm_eps,
+        "rope_theta": c.rope_theta,
+        "rope_parameters": rope,
+        "rope_scaling": if c.rope_scaling.is_some() { rope.clone() } else { serde_json::Value::Null },
+        "max_position_embeddings": c.max_position_embeddings,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "attention_bias": c.attention_bias,
+        "mlp_bias": c.mlp_bias,
+        "bos_token_id": c.bos_token_id,
+        "eos_token_id": loaded.eos_token_ids.first(),
+        "torch_dtype": format!("{:?}", model.dtype()).to_lowercase().replace("f32", "float32").replace("bf16", "bfloat16").replace("f16", "float16"),
+    })
+}
+
+/// Writes `model` (e.g. with an adapter merged in) with `loaded`'s tokenizer and template.
+pub fn save_hf_dir(model: &Llama, loaded: &LoadedModel, dir: &Path) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    tensors.insert(
+        "model.embed_tokens.weight".into(),
+        model.embed_tokens.clone(),
+    );
+    tensors.insert("model.norm.weight".into(), model.norm.clone());
+    if !model.config.tie_word_embeddings {
+        tensors.insert("lm_head.weight".into(), model.lm_head.base().dense()?);
+    }
+    for (i, block) in model.layers.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        tensors.insert(
+            format!("{p}.input_layernorm.weight"),
+            block.input_layernorm.clone(),
+        );
+        tensors.insert(
+            format!("{p}.post_attention_layernorm.weight"),
+            block.post_attention_layernorm.clone(),
+        );
+        for proj in Proj::ALL {
+            let linear = model.linear(i, proj).expect("layer exists");
+            tensors.insert(
+                format!("{p}.{}.weight", proj.module()),
+                linear.base().dense()?,
+            );
+            if let Some(b) = linear.bias() {
+                tensors.insert(format!("{p}.{}.bias", proj.module()), b.clone());
+            }
+        }
+    }
+    let tensors: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.contiguous()?)))
+        .collect::<candle_core::Result<_>>()?;
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors"))?;
+    let config = hf_config_json(model, loaded);
+    write(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&config).expect("json"),
+    )?;
+    loaded.tokenizer.save(&dir.join("tokenizer.json"))?;
+    let tc = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": loaded.bos_token,
+        "eos_token": loaded.eos_token,
+        "chat_template": loaded.chat_template,
+    });
+    write(
+        &dir.join("tokenizer_config.json"),
+        serde_json::to_string_pretty(&tc).expect("json"),
+    )?;
+    let gen =
+        json!({"bos_token_id": model.config.bos_token_id, "eos_token_id": loaded.eos_token_ids});
+    write(
+        &dir.join("generation_config.json"),
+        serde_json::to_string_pretty(&gen).expect("json"),
+    )
+}
