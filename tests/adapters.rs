@@ -1,0 +1,120 @@
+//! Adapters on the tiny model against Hugging Face PEFT 0.21.2
+//! (`tests/fixtures/tiny-llama/expected_logits.json`, `adapters[name]` per position).
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use loraplex::adapters::{bind, AdapterCache, BindOptions, CacheConfig, PeftAdapter};
+use loraplex::model::llama::SeqInput;
+use loraplex::model::{AdapterWeights, BatchInput, LoadedModel, LogitsRows};
+
+const ADAPTERS: [&str; 4] = ["lora-r8-all", "lora-r4-qv", "rslora-r16-pattern", "dora-r8-all"];
+
+fn adapter_dir(name: &str) -> std::path::PathBuf {
+    tiny_dir().join("adapters").join(name)
+}
+
+fn bound(loaded: &LoadedModel, name: &str) -> AdapterWeights {
+    let peft = PeftAdapter::load(&adapter_dir(name)).unwrap();
+    bind(&peft, &loaded.model, &BindOptions::default()).unwrap()
+}
+
+fn run(loaded: &LoadedModel, seqs: &[(&[u32], Option<&AdapterWeights>)]) -> Vec<Vec<f32>> {
+    let mut caches: Vec<_> = seqs.iter().map(|_| loaded.model.new_cache()).collect();
+    loaded
+        .model
+        .forward(&mut BatchInput {
+            seqs: seqs
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|((t, a), c)| SeqInput::new(t, c).with_adapter(*a))
+                .collect(),
+            logits: LogitsRows::All,
+        })
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
+
+#[test]
+fn every_adapter_matches_peft_at_every_position() {
+    let loaded = load_tiny();
+    let expected = read_json(tiny_dir().join("expected_logits.json"));
+    for name in ADAPTERS {
+        let w = bound(&loaded, name);
+        let mut worst = 0f32;
+        for case in expected["cases"].as_array().unwrap() {
+            let ids = as_u32_vec(&case["input_ids"]);
+            let got = run(&loaded, &[(&ids, Some(&w))]);
+            let want = case["adapters"][name].as_array().unwrap();
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(want) {
+                worst = worst.max(max_abs_diff(g, &as_f32_vec(w)));
+            }
+        }
+        eprintln!("{name}: max |logit - PEFT| = {worst:e}");
+        assert!(worst < 1e-4, "{name}: logits differ from PEFT by {worst}");
+    }
+}
+
+#[test]
+fn mixed_batch_equals_each_row_alone() {
+    let loaded = load_tiny();
+    let lora = bound(&loaded, "lora-r8-all");
+    let dora = bound(&loaded, "dora-r8-all");
+    let rs = bound(&loaded, "rslora-r16-pattern");
+    let s: Vec<Vec<u32>> = vec![(3..15).collect(), vec![9, 8, 7], (100..120).collect(), vec![42], (50..57).collect()];
+    // lora appears twice, not adjacent: its rows are gathered by index.
+    let rows: Vec<(&[u32], Option<&AdapterWeights>)> = vec![
+        (&s[0], Some(&lora)),
+        (&s[1], Some(&dora)),
+        (&s[2], None),
+        (&s[3], Some(&rs)),
+        (&s[4], Some(&lora)),
+    ];
+    let batch = run(&loaded, &rows);
+    let mut at = 0;
+    let mut worst = 0f32;
+    for row in &rows {
+        for r in run(&loaded, std::slice::from_ref(row)) {
+            worst = worst.max(max_abs_diff(&batch[at], &r));
+            at += 1;
+        }
+    }
+    assert_eq!(at, batch.len());
+    eprintln!("mixed batch vs alone: {worst:e}");
+    assert!(worst < 1e-5, "mixed batch differs from rows alone by {worst}");
+    // And the adapters do change the output (the test would be vacuous otherwise).
+    let base = run(&loaded, &[(&s[0], None)]);
+    assert!(max_abs_diff(&base[0], &batch[0]) > 1e-3);
+}
+
+#[test]
+fn a_small_cache_with_more_adapters_in_use_stays_correct() {
+    let loaded = load_tiny();
+    let expected = read_json(tiny_dir().join("expected_logits.json"));
+    let case = &expected["cases"][0];
+    let ids = as_u32_vec(&case["input_ids"]);
+    let cache = Arc::new(AdapterCache::new(CacheConfig { max_resident: 2, max_bytes: 1 << 30 }));
+    let reads = std::sync::atomic::AtomicUsize::new(0);
+    for round in 0..3 {
+        for name in ADAPTERS {
+            let lease = cache
+                .acquire(name, 0, false, || {
+                    reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let peft = PeftAdapter::load(&adapter_dir(name))?;
+                    bind(&peft, &loaded.model, &BindOptions::default())
+                })
+                .unwrap();
+            let got = run(&loaded, &[(&ids, Some(&lease.weights))]);
+            let want = as_f32_vec(&case["adapters"][name].as_array().unwrap().last().unwrap());
+            let d = max_abs_diff(got.last().unwrap(), &want);
+            assert!(d < 1e-4, "round {round} {name}: {d}");
+            assert!(cache.resident().len() <= 2);
+        }
+    }
+    // Cycling 4 adapters through 2 slots misses every time.
+    assert_eq!(reads.load(std::sync::atomic::Ordering::SeqCst), 12);
+}
