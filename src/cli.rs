@@ -1,14 +1,17 @@
 //! Command line: clap arguments and the commands they run. The only place that uses `anyhow`.
 
 use std::io::Write;
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::adapters::{bind, locate, merge::merge, BindOptions, PeftAdapter, Registry};
 use crate::chat::{ChatMessage, ChatTemplate};
 use crate::engine::{generate, GenerationConfig, SamplingParams};
 use crate::model::source::SourceConfig;
+use crate::model::AdapterWeights;
 use crate::model::{load_model, LoadedModel, ModelOptions, ModelSource};
 
 #[derive(Debug, Parser)]
@@ -26,6 +29,8 @@ pub struct Cli {
 pub enum Command {
     /// Generate from one prompt or one chat turn and print it.
     Generate(GenerateArgs),
+    /// Write base + adapter merged as a Hugging Face model directory.
+    Merge(MergeArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -54,12 +59,33 @@ pub struct ModelArgs {
     /// A shipped chat template (chatml, llama3, mistral, alpaca) or a path to a `.jinja` file.
     #[arg(long)]
     pub chat_template: Option<String>,
+    /// Directory of adapters, one folder each (optionally one `tenant/` level).
+    #[arg(long, default_value = "adapters")]
+    pub adapters: PathBuf,
+    /// Adapters of a higher rank are refused.
+    #[arg(long, default_value_t = 256)]
+    pub max_lora_rank: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct MergeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Adapter name (in `--adapters`) or directory.
+    #[arg(long)]
+    pub adapter: String,
+    /// Directory to write (`config.json`, `model.safetensors`, tokenizer files).
+    #[arg(long)]
+    pub output: PathBuf,
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub model: ModelArgs,
+    /// Apply this adapter (name in `--adapters`, or a directory), unmerged.
+    #[arg(long)]
+    pub adapter: Option<String>,
     /// Raw text to continue (no chat template).
     #[arg(long, conflicts_with = "chat", required_unless_present = "chat")]
     pub prompt: Option<String>,
@@ -108,6 +134,12 @@ impl ModelArgs {
         Ok(ModelOptions { dtype, device })
     }
 
+    /// Reads the adapter `spec` (a directory, or a name in `--adapters`).
+    pub fn peft_adapter(&self, spec: &str) -> Result<PeftAdapter> {
+        let dir = locate(spec, &Registry::new(&self.adapters))?;
+        Ok(PeftAdapter::load(&dir)?)
+    }
+
     /// Resolves (fetching if needed) and loads the model.
     pub async fn load(&self) -> Result<LoadedModel> {
         let opts = self.options()?;
@@ -152,6 +184,16 @@ pub async fn run_generate(args: GenerateArgs) -> Result<()> {
         (None, None) => bail!("give `--prompt` or `--chat`"),
     };
     let prompt = loaded.tokenizer.encode(&text)?;
+    let adapter: Option<AdapterWeights> = match &args.adapter {
+        Some(spec) => {
+            let peft = args.model.peft_adapter(spec)?;
+            let opts = BindOptions {
+                max_rank: args.model.max_lora_rank,
+            };
+            Some(bind(&peft, &loaded.model, &opts)?)
+        }
+        None => None,
+    };
     let cfg = GenerationConfig {
         max_tokens: args.max_tokens,
         min_tokens: args.min_tokens,
@@ -167,10 +209,17 @@ pub async fn run_generate(args: GenerateArgs) -> Result<()> {
     };
     let out = tokio::task::spawn_blocking(move || {
         let mut stdout = std::io::stdout();
-        generate(&loaded.model, &loaded.tokenizer, &prompt, &cfg, |piece| {
-            let _ = stdout.write_all(piece.as_bytes());
-            let _ = stdout.flush();
-        })
+        generate(
+            &loaded.model,
+            &loaded.tokenizer,
+            &prompt,
+            adapter.as_ref(),
+            &cfg,
+            |piece| {
+                let _ = stdout.write_all(piece.as_bytes());
+                let _ = stdout.flush();
+            },
+        )
     })
     .await??;
     println!();
@@ -188,9 +237,23 @@ pub async fn run_generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+pub async fn run_merge(args: MergeArgs) -> Result<()> {
+    let peft = args.model.peft_adapter(&args.adapter)?;
+    let loaded = args.model.load().await?;
+    let merged = merge(&loaded.model, &peft)?;
+    crate::model::export::save_hf_dir(&merged, &loaded, &args.output)?;
+    eprintln!(
+        "wrote {} (base + {} merged)",
+        args.output.display(),
+        args.adapter
+    );
+    Ok(())
+}
+
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Generate(args)) => run_generate(args).await,
+        Some(Command::Merge(args)) => run_merge(args).await,
         None => bail!("server not built yet: the OpenAI-compatible server is still to come; use `serve generate` for now"),
     }
 }

@@ -10,7 +10,12 @@ use loraplex::adapters::{bind, AdapterCache, BindOptions, CacheConfig, PeftAdapt
 use loraplex::model::llama::SeqInput;
 use loraplex::model::{AdapterWeights, BatchInput, LoadedModel, LogitsRows};
 
-const ADAPTERS: [&str; 4] = ["lora-r8-all", "lora-r4-qv", "rslora-r16-pattern", "dora-r8-all"];
+const ADAPTERS: [&str; 4] = [
+    "lora-r8-all",
+    "lora-r4-qv",
+    "rslora-r16-pattern",
+    "dora-r8-all",
+];
 
 fn adapter_dir(name: &str) -> std::path::PathBuf {
     tiny_dir().join("adapters").join(name)
@@ -65,7 +70,13 @@ fn mixed_batch_equals_each_row_alone() {
     let lora = bound(&loaded, "lora-r8-all");
     let dora = bound(&loaded, "dora-r8-all");
     let rs = bound(&loaded, "rslora-r16-pattern");
-    let s: Vec<Vec<u32>> = vec![(3..15).collect(), vec![9, 8, 7], (100..120).collect(), vec![42], (50..57).collect()];
+    let s: Vec<Vec<u32>> = vec![
+        (3..15).collect(),
+        vec![9, 8, 7],
+        (100..120).collect(),
+        vec![42],
+        (50..57).collect(),
+    ];
     // lora appears twice, not adjacent: its rows are gathered by index.
     let rows: Vec<(&[u32], Option<&AdapterWeights>)> = vec![
         (&s[0], Some(&lora)),
@@ -85,7 +96,10 @@ fn mixed_batch_equals_each_row_alone() {
     }
     assert_eq!(at, batch.len());
     eprintln!("mixed batch vs alone: {worst:e}");
-    assert!(worst < 1e-5, "mixed batch differs from rows alone by {worst}");
+    assert!(
+        worst < 1e-5,
+        "mixed batch differs from rows alone by {worst}"
+    );
     // And the adapters do change the output (the test would be vacuous otherwise).
     let base = run(&loaded, &[(&s[0], None)]);
     assert!(max_abs_diff(&base[0], &batch[0]) > 1e-3);
@@ -97,7 +111,10 @@ fn a_small_cache_with_more_adapters_in_use_stays_correct() {
     let expected = read_json(tiny_dir().join("expected_logits.json"));
     let case = &expected["cases"][0];
     let ids = as_u32_vec(&case["input_ids"]);
-    let cache = Arc::new(AdapterCache::new(CacheConfig { max_resident: 2, max_bytes: 1 << 30 }));
+    let cache = Arc::new(AdapterCache::new(CacheConfig {
+        max_resident: 2,
+        max_bytes: 1 << 30,
+    }));
     let reads = std::sync::atomic::AtomicUsize::new(0);
     for round in 0..3 {
         for name in ADAPTERS {

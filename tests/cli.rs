@@ -370,3 +370,149 @@ fn generate_on_the_default_model_gives_the_reference_greedy_answer() {
         "{stdout}"
     );
 }
+
+#[test]
+fn merge_writes_a_model_equal_to_peft_merge_and_unload() {
+    // merged_last_logits: PEFT's merge_and_unload(), last position of case 0.
+    let expected = read_json(tiny_dir().join("expected_logits.json"));
+    let ids = as_u32_vec(&expected["cases"][0]["input_ids"]);
+    let tmp = tempfile::tempdir().unwrap();
+    for name in [
+        "lora-r8-all",
+        "lora-r4-qv",
+        "rslora-r16-pattern",
+        "dora-r8-all",
+    ] {
+        let out_dir = tmp.path().join(name);
+        let adapter = tiny_dir().join("adapters").join(name);
+        let out = serve(
+            &[
+                "merge",
+                "--model",
+                tiny_dir().to_str().unwrap(),
+                "--adapter",
+                adapter.to_str().unwrap(),
+                "--output",
+                out_dir.to_str().unwrap(),
+            ],
+            &[],
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let merged = loraplex::model::load_model(
+            &loraplex::model::source::ResolvedModel::HfDir {
+                id: name.into(),
+                path: out_dir.clone(),
+            },
+            &loraplex::model::ModelOptions::default(),
+        )
+        .unwrap();
+        let mut cache = merged.model.new_cache();
+        let logits: Vec<f32> = merged
+            .model
+            .forward(&mut loraplex::model::BatchInput {
+                seqs: vec![loraplex::model::llama::SeqInput::new(&ids, &mut cache)],
+                logits: loraplex::model::LogitsRows::Last,
+            })
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let d = max_abs_diff(&logits, &as_f32_vec(&expected["merged_last_logits"][name]));
+        assert!(
+            d < 1e-4,
+            "{name}: merged logits differ from PEFT merge_and_unload by {d}"
+        );
+        // The merged directory is a complete model: `serve generate --model DIR` runs on it.
+        let gen = serve(
+            &[
+                "generate",
+                "--model",
+                out_dir.to_str().unwrap(),
+                "--prompt",
+                "the",
+                "--max-tokens",
+                "2",
+            ],
+            &[],
+        );
+        assert!(
+            gen.status.success(),
+            "{}",
+            String::from_utf8_lossy(&gen.stderr)
+        );
+    }
+}
+
+#[test]
+fn generate_with_an_adapter_on_the_default_model_matches_peft() {
+    // adapter_expected.json: transformers + PEFT float32 greedy answers; chats 0 and 1 are a
+    // user turn (with or without a system message), which `--chat`/`--system` express.
+    let chats = read_json(fixtures().join("smollm2").join("expected.json"));
+    let expected = read_json(fixtures().join("smollm2").join("adapter_expected.json"));
+    for name in ["lora-r4-qv", "dora-r4-ko"] {
+        let dir = fixtures().join("smollm2").join("adapters").join(name);
+        for i in 0..2 {
+            let msgs = chats["chat"][i]["messages"].as_array().unwrap();
+            let mut args = vec![
+                "generate",
+                "--adapter",
+                dir.to_str().unwrap(),
+                "--dtype",
+                "f32",
+                "--temperature",
+                "0",
+                "--max-tokens",
+                "20",
+                "--print-ids",
+            ];
+            for m in msgs {
+                args.push(if m["role"] == "system" {
+                    "--system"
+                } else {
+                    "--chat"
+                });
+                args.push(m["content"].as_str().unwrap());
+            }
+            let out = serve(&args, &[]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let ids: Vec<u32> = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+            assert_eq!(
+                ids,
+                as_u32_vec(&expected["adapters"][name][i]["greedy_ids"]),
+                "{name} chat {i}"
+            );
+        }
+    }
+}
+
+#[test]
+fn unknown_adapter_is_an_error_not_the_base_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = serve(
+        &[
+            "generate",
+            "--model",
+            tiny_dir().to_str().unwrap(),
+            "--adapters",
+            tmp.path().to_str().unwrap(),
+            "--adapter",
+            "missing",
+            "--prompt",
+            "x",
+        ],
+        &[],
+    );
+    let e = error_of(&out);
+    assert!(e.contains("adapter `missing` not found"), "{e}");
+    assert!(out.stdout.is_empty());
+}

@@ -103,11 +103,54 @@ fn greedy_ids_are_exact() {
             &m.model,
             &m.tokenizer,
             &as_u32_vec(&case["input_ids"]),
+            None,
             &cfg,
             |_| {},
         )
         .unwrap();
         assert_eq!(out.token_ids, want, "greedy ids for {}", case["messages"]);
         assert_eq!(out.text, case["greedy_text"].as_str().unwrap());
+    }
+}
+
+#[test]
+fn peft_adapters_on_the_real_model_give_the_reference_greedy_ids() {
+    // adapter_expected.json: transformers + PEFT float32 greedy answers with each adapter.
+    let m = model();
+    let template = ChatTemplate::select(None, m.chat_template.as_deref()).unwrap();
+    let expected = read_json(fixtures().join("smollm2").join("adapter_expected.json"));
+    let chats = self::expected();
+    for (name, answers) in expected["adapters"].as_object().unwrap() {
+        let dir = fixtures().join("smollm2").join("adapters").join(name);
+        let peft = loraplex::adapters::PeftAdapter::load(&dir).unwrap();
+        let w = loraplex::adapters::bind(&peft, &m.model, &Default::default()).unwrap();
+        for (case, answer) in chats["chat"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(answers.as_array().unwrap())
+        {
+            let cfg = GenerationConfig {
+                max_tokens: 20,
+                eos_token_ids: m.stop_token_ids(&template),
+                sampling: SamplingParams::greedy(),
+                ..GenerationConfig::default()
+            };
+            let out = generate(
+                &m.model,
+                &m.tokenizer,
+                &as_u32_vec(&case["input_ids"]),
+                Some(&w),
+                &cfg,
+                |_| {},
+            )
+            .unwrap();
+            assert_eq!(
+                out.token_ids,
+                as_u32_vec(&answer["greedy_ids"]),
+                "{name} on {}",
+                case["messages"]
+            );
+        }
     }
 }

@@ -233,6 +233,24 @@ impl Registry {
     }
 }
 
+/// An adapter given on the command line: a directory holding `adapter_config.json`, else a
+/// name in the registry.
+pub fn locate(spec: &str, registry: &Registry) -> Result<PathBuf, AdapterError> {
+    let path = Path::new(spec);
+    if is_adapter_dir(path) {
+        return Ok(path.to_path_buf());
+    }
+    if path.is_dir() {
+        return Err(AdapterError::config(
+            path.join(CONFIG_FILE),
+            "(file)",
+            "is missing",
+        ));
+    }
+    let name = AdapterName::parse(spec)?;
+    registry.get(&name).map(|e| e.dir)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::model::llama::SeqInput;
-use crate::model::{BatchInput, Llama, LogitsRows};
+use crate::model::{AdapterWeights, BatchInput, Llama, LogitsRows};
 use crate::tokenizer::{IncrementalDecoder, Tokenizer, TokenizerError};
 
 use super::sampling::{Sampler, SamplingParams};
@@ -88,11 +88,13 @@ impl Generation {
     }
 }
 
-/// Generates from `prompt`, calling `on_text` with each piece of final text.
+/// Generates from `prompt` (with `adapter` applied unmerged, if any), calling `on_text` with
+/// each piece of final text.
 pub fn generate(
     model: &Llama,
     tokenizer: &Tokenizer,
     prompt: &[u32],
+    adapter: Option<&AdapterWeights>,
     cfg: &GenerationConfig,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation, GenerateError> {
@@ -123,7 +125,7 @@ pub fn generate(
     let mut next_input: Vec<u32> = prompt.to_vec();
     while ids.len() < max_tokens {
         let logits = model.forward(&mut BatchInput {
-            seqs: vec![SeqInput::new(&next_input, &mut cache)],
+            seqs: vec![SeqInput::new(&next_input, &mut cache).with_adapter(adapter)],
             logits: LogitsRows::Last,
         })?;
         if ids.is_empty() {
