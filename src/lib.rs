@@ -10,3 +10,15 @@ pub mod engine;
 pub mod model;
 pub mod ops;
 pub mod tokenizer;
+
+/// Fixes the CPU thread count once for the process. candle asks for it on every matmul and,
+/// unless `RAYON_NUM_THREADS` is set, recomputes it from the system each time (reading
+/// `/proc`), which costs more than a small matmul itself.
+pub fn init_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}

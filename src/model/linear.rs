@@ -8,6 +8,7 @@
 use candle_core::{DType, Result, Tensor};
 
 use super::adapter_site::{LoraSite, Rows};
+use crate::ops::lora_cpu::{self, RowSite};
 
 /// The frozen base weight of a projection, `[out_features, in_features]` (PyTorch layout).
 #[derive(Debug, Clone)]
@@ -39,7 +40,9 @@ impl BaseWeight {
     /// `x · Wᵀ` for `x` of shape `[rows, in_features]`.
     fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Dense(w) => x.matmul(&w.t()?),
+            // Computed as `(W · xᵀ)ᵀ`: with W row-major this is the layout candle's CPU gemm
+            // runs fastest (≈1.7× `x · Wᵀ` at 8 rows on the default model's shapes).
+            Self::Dense(w) => w.matmul(&x.t()?)?.t()?.contiguous(),
         }
     }
 }
@@ -76,6 +79,35 @@ impl Linear {
     /// Base product for all rows, plus each site's delta on its rows, plus bias.
     pub fn forward_with(&self, x: &Tensor, sites: &[(&Rows, &LoraSite)]) -> Result<Tensor> {
         let mut y = self.base.matmul_t(x)?;
+        if !sites.is_empty() {
+            let n = x.dim(0)?;
+            let row_sites = sites
+                .iter()
+                .map(|(rows, site)| {
+                    Ok(RowSite {
+                        a_t: &site.a_t,
+                        b_t: &site.b_t,
+                        dora_scale: site.dora_scale.as_ref(),
+                        rows: match rows {
+                            Rows::All => (0..n).collect(),
+                            Rows::Range(start, len) => (*start..start + len).collect(),
+                            Rows::Index(idx) => idx
+                                .to_vec1::<u32>()?
+                                .into_iter()
+                                .map(|r| r as usize)
+                                .collect(),
+                        },
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            if lora_cpu::applies(x, &row_sites) {
+                y = lora_cpu::add_deltas(x, &y, &row_sites)?;
+                return match &self.bias {
+                    Some(b) => y.broadcast_add(b),
+                    None => Ok(y),
+                };
+            }
+        }
         for (rows, site) in sites {
             y = match rows {
                 Rows::All => (&y + site.delta(x, &y)?)?,
