@@ -175,3 +175,38 @@ fn path_tricks_in_names_are_refused_and_unknown_names_are_not_found() {
     let e = locate("nope", &reg).unwrap_err().to_string();
     assert_eq!(e, "adapter `nope` not found");
 }
+
+#[test]
+fn hub_adapters_come_from_the_cache_or_fail_naming_the_hub() {
+    let home = tempfile::tempdir().unwrap();
+    let repo = home.path().join("hub").join("models--acme--qv");
+    let snap = repo.join("snapshots").join("feedbeef");
+    std::fs::create_dir_all(snap.parent().unwrap()).unwrap();
+    copy_adapter("lora-r4-qv", snap.parent().unwrap());
+    std::fs::rename(snap.parent().unwrap().join("lora-r4-qv"), &snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs").join("main"), "feedbeef").unwrap();
+    let cfg = loraplex::model::source::SourceConfig {
+        home: home.path().to_path_buf(),
+        hub_endpoint: "http://127.0.0.1:9".into(),
+        pypi_index: String::new(),
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let dir = rt
+        .block_on(loraplex::adapters::hub::fetch("acme/qv", &cfg))
+        .unwrap();
+    assert_eq!(load_and_bind(&dir, 256), "ok");
+    let e = rt
+        .block_on(loraplex::adapters::hub::fetch("acme/missing", &cfg))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("acme/missing") && e.contains("http://127.0.0.1:9"),
+        "{e}"
+    );
+    let e = rt
+        .block_on(loraplex::adapters::hub::fetch("../x", &cfg))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("invalid adapter name"), "{e}");
+}

@@ -6,6 +6,7 @@ pub mod bind;
 pub mod cache;
 pub mod config;
 pub mod error;
+pub mod hub;
 pub mod merge;
 pub mod peft;
 pub mod registry;

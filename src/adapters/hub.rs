@@ -1,0 +1,48 @@
+//! Adapters from the Hugging Face hub (`org/name`): the local hub cache first, then a download
+//! of `adapter_config.json` and `adapter_model.safetensors` into it.
+
+use std::path::PathBuf;
+
+use super::error::AdapterError;
+use super::peft::{CONFIG_FILE, WEIGHTS_FILE};
+use crate::model::source::SourceConfig;
+
+/// The local directory holding the adapter `id`, downloading it if needed.
+pub async fn fetch(id: &str, cfg: &SourceConfig) -> Result<PathBuf, AdapterError> {
+    let cache_dir = cfg.home.join("hub");
+    let failed = |message: String| AdapterError::LoadFailed {
+        name: id.to_string(),
+        message,
+    };
+    let parts: Vec<&str> = id.split('/').collect();
+    if parts.len() != 2
+        || parts
+            .iter()
+            .any(|p| p.is_empty() || *p == "." || *p == ".." || p.contains('\\'))
+    {
+        return Err(AdapterError::InvalidName {
+            name: id.to_string(),
+            reason: "a hub id has the form `org/name`".into(),
+        });
+    }
+    let cached = hf_hub::Cache::new(cache_dir.clone()).model(id.to_string());
+    if let (Some(config), Some(_)) = (cached.get(CONFIG_FILE), cached.get(WEIGHTS_FILE)) {
+        return Ok(config.parent().map(PathBuf::from).unwrap_or_default());
+    }
+    let api = hf_hub::api::tokio::ApiBuilder::new()
+        .with_cache_dir(cache_dir)
+        .with_endpoint(cfg.hub_endpoint.clone())
+        .with_token(std::env::var("HF_TOKEN").ok())
+        .with_progress(false)
+        .build()
+        .map_err(|e| failed(e.to_string()))?;
+    let repo = api.model(id.to_string());
+    let config = repo
+        .get(CONFIG_FILE)
+        .await
+        .map_err(|e| failed(format!("hub {}: {e}", cfg.hub_endpoint)))?;
+    repo.get(WEIGHTS_FILE)
+        .await
+        .map_err(|e| failed(format!("hub {}: {WEIGHTS_FILE}: {e}", cfg.hub_endpoint)))?;
+    Ok(config.parent().map(PathBuf::from).unwrap_or_default())
+}
