@@ -5,10 +5,10 @@ use std::time::{Duration, Instant};
 
 use crate::model::llama::SeqInput;
 use crate::model::{AdapterWeights, BatchInput, Llama, LogitsRows};
-use crate::tokenizer::{IncrementalDecoder, Tokenizer, TokenizerError};
+use crate::tokenizer::{Tokenizer, TokenizerError};
 
-use super::sampling::{Sampler, SamplingParams};
-use super::stop::StopMatcher;
+use super::sampling::SamplingParams;
+use super::sequence::SequenceState;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
@@ -98,83 +98,30 @@ pub fn generate(
     cfg: &GenerationConfig,
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation, GenerateError> {
-    if prompt.is_empty() {
-        return Err(GenerateError::EmptyPrompt);
-    }
-    if cfg.max_tokens == 0 {
-        return Err(GenerateError::ZeroMaxTokens);
-    }
     let context = model.config.max_position_embeddings;
-    if prompt.len() >= context {
-        return Err(GenerateError::PromptTooLong {
-            prompt: prompt.len(),
-            context,
-        });
-    }
-    let max_tokens = cfg.max_tokens.min(context - prompt.len());
-    let mut sampler = Sampler::new(cfg.sampling.clone());
-    let stops = StopMatcher::new(&cfg.stop);
-    let mut decoder = IncrementalDecoder::new();
-    let mut cache = model.new_cache();
-    let mut ids = Vec::new();
-    let mut text = String::new();
-    let mut emitted = 0;
-    let mut finish = FinishReason::Length;
+    let mut seq = SequenceState::new(prompt.to_vec(), cfg.clone(), context, model.new_cache(), None)?;
     let start = Instant::now();
     let mut prefill_time = Duration::ZERO;
-    let mut next_input: Vec<u32> = prompt.to_vec();
-    while ids.len() < max_tokens {
+    let finish = loop {
+        let input = seq.next_input().to_vec();
         let logits = model.forward(&mut BatchInput {
-            seqs: vec![SeqInput::new(&next_input, &mut cache).with_adapter(adapter)],
+            seqs: vec![SeqInput::new(&input, &mut seq.cache).with_adapter(adapter)],
             logits: LogitsRows::Last,
         })?;
-        if ids.is_empty() {
+        if seq.generated.is_empty() {
             prefill_time = start.elapsed();
         }
-        let mut logits: Vec<f32> = logits.squeeze(0)?.to_vec1()?;
-        let early = ids.len() < cfg.min_tokens;
-        if early || cfg.ignore_eos {
-            for &e in &cfg.eos_token_ids {
-                if let Some(l) = logits.get_mut(e as usize) {
-                    *l = f32::NEG_INFINITY;
-                }
-            }
+        let out = seq.step(logits.squeeze(0)?.to_vec1()?, tokenizer)?;
+        if !out.text.is_empty() {
+            on_text(&out.text);
         }
-        let token = sampler.sample(&logits);
-        ids.push(token);
-        if !cfg.ignore_eos && cfg.eos_token_ids.contains(&token) {
-            finish = FinishReason::Stop;
-            break;
+        if let Some(f) = out.finished {
+            break f;
         }
-        let before = text.len();
-        text.push_str(&decoder.push(tokenizer, token)?);
-        if !early {
-            if let Some(at) = stops.find(&text, before) {
-                text.truncate(at);
-                finish = FinishReason::Stop;
-                break;
-            }
-        }
-        let safe = if early {
-            text.len()
-        } else {
-            stops.safe_len(&text)
-        };
-        if safe > emitted {
-            on_text(&text[emitted..safe]);
-            emitted = safe;
-        }
-        next_input = vec![token];
-    }
-    if finish == FinishReason::Length {
-        text.push_str(&decoder.flush(tokenizer)?);
-    }
-    if text.len() > emitted {
-        on_text(&text[emitted..]);
-    }
+    };
     Ok(Generation {
-        token_ids: ids,
-        text,
+        token_ids: seq.generated.clone(),
+        text: seq.text().to_string(),
         finish_reason: finish,
         prompt_tokens: prompt.len(),
         prefill_time,

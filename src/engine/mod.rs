@@ -3,6 +3,7 @@
 
 pub mod generate;
 pub mod sampling;
+pub mod sequence;
 pub mod stop;
 
 pub use generate::{generate, FinishReason, GenerateError, Generation, GenerationConfig};

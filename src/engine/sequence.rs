@@ -1,0 +1,166 @@
+//! One sequence's generation state: what to feed next, and what one step's logits turn into
+//! (sampled token, final text piece, log-probabilities, whether it finished). Shared by the
+//! single-sequence loop of `serve generate` and the batching engine.
+
+use crate::model::KvCache;
+use crate::tokenizer::{IncrementalDecoder, Tokenizer, TokenizerError};
+
+use super::generate::{FinishReason, GenerateError, GenerationConfig};
+use super::sampling::Sampler;
+use super::stop::StopMatcher;
+
+/// Log-probability of a chosen token and, if asked, the most likely alternatives.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    pub top: Vec<(u32, f32)>,
+}
+
+/// What one step produced.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    pub token: u32,
+    /// Text that became final with this token (may be empty).
+    pub text: String,
+    pub logprob: Option<TokenLogprob>,
+    pub finished: Option<FinishReason>,
+}
+
+pub struct SequenceState {
+    pub prompt_len: usize,
+    pub cache: KvCache,
+    pub generated: Vec<u32>,
+    next_input: Vec<u32>,
+    cfg: GenerationConfig,
+    max_tokens: usize,
+    sampler: Sampler,
+    stops: StopMatcher,
+    decoder: IncrementalDecoder,
+    text: String,
+    emitted: usize,
+    /// `Some(k)`: report log-probabilities with `k` alternatives.
+    logprobs: Option<usize>,
+    pub finished: Option<FinishReason>,
+}
+
+/// `log_softmax(logits)[id]` and the `k` most likely `(id, logprob)`.
+pub fn logprobs_of(logits: &[f32], id: u32, k: usize) -> TokenLogprob {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + logits.iter().map(|&l| (l - max).exp()).sum::<f32>().ln();
+    let mut top: Vec<(u32, f32)> = Vec::new();
+    if k > 0 {
+        let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
+        let k = k.min(idx.len());
+        idx.select_nth_unstable_by(k - 1, |a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
+        idx.truncate(k);
+        idx.sort_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
+        top = idx.into_iter().map(|i| (i, logits[i as usize] - lse)).collect();
+    }
+    TokenLogprob {
+        id,
+        logprob: logits.get(id as usize).map(|l| l - lse).unwrap_or(f32::NEG_INFINITY),
+        top,
+    }
+}
+
+impl SequenceState {
+    pub fn new(
+        prompt: Vec<u32>,
+        cfg: GenerationConfig,
+        context: usize,
+        cache: KvCache,
+        logprobs: Option<usize>,
+    ) -> Result<Self, GenerateError> {
+        if prompt.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        if cfg.max_tokens == 0 {
+            return Err(GenerateError::ZeroMaxTokens);
+        }
+        if prompt.len() >= context {
+            return Err(GenerateError::PromptTooLong {
+                prompt: prompt.len(),
+                context,
+            });
+        }
+        Ok(Self {
+            prompt_len: prompt.len(),
+            cache,
+            generated: Vec::new(),
+            max_tokens: cfg.max_tokens.min(context - prompt.len()),
+            sampler: Sampler::new(cfg.sampling.clone()),
+            stops: StopMatcher::new(&cfg.stop),
+            decoder: IncrementalDecoder::new(),
+            text: String::new(),
+            emitted: 0,
+            next_input: prompt,
+            cfg,
+            logprobs,
+            finished: None,
+        })
+    }
+
+    /// Tokens for the next forward: the whole prompt first, then the last sampled token.
+    pub fn next_input(&self) -> &[u32] {
+        &self.next_input
+    }
+
+    /// Positions this sequence will occupy at most (for KV budgeting).
+    pub fn max_total_tokens(&self) -> usize {
+        self.prompt_len + self.max_tokens
+    }
+
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Turns this step's last-position logits into a token and its text.
+    pub fn step(&mut self, mut logits: Vec<f32>, tokenizer: &Tokenizer) -> Result<StepOutput, TokenizerError> {
+        let early = self.generated.len() < self.cfg.min_tokens;
+        if early || self.cfg.ignore_eos {
+            for &e in &self.cfg.eos_token_ids {
+                if let Some(l) = logits.get_mut(e as usize) {
+                    *l = f32::NEG_INFINITY;
+                }
+            }
+        }
+        let token = self.sampler.sample(&logits);
+        let logprob = self.logprobs.map(|k| logprobs_of(&logits, token, k));
+        self.generated.push(token);
+        self.next_input = vec![token];
+        let mut out = StepOutput {
+            token,
+            text: String::new(),
+            logprob,
+            finished: None,
+        };
+        if !self.cfg.ignore_eos && self.cfg.eos_token_ids.contains(&token) {
+            out.finished = Some(FinishReason::Stop);
+        } else {
+            let before = self.text.len();
+            self.text.push_str(&self.decoder.push(tokenizer, token)?);
+            if !early {
+                if let Some(at) = self.stops.find(&self.text, before) {
+                    self.text.truncate(at);
+                    out.finished = Some(FinishReason::Stop);
+                }
+            }
+            if out.finished.is_none() && self.generated.len() >= self.max_tokens {
+                self.text.push_str(&self.decoder.flush(tokenizer)?);
+                out.finished = Some(FinishReason::Length);
+            }
+        }
+        let safe = if out.finished.is_some() || early {
+            self.text.len()
+        } else {
+            self.stops.safe_len(&self.text)
+        };
+        if safe > self.emitted {
+            out.text = self.text[self.emitted..safe].to_string();
+            self.emitted = safe;
+        }
+        self.finished = out.finished;
+        Ok(out)
+    }
+}
