@@ -18,11 +18,52 @@ use crate::model::{load_model, LoadedModel, ModelOptions, ModelSource};
 #[command(
     name = "serve",
     version,
-    about = "One base model, many LoRA/DoRA adapters, an OpenAI-compatible API"
+    about = "One base model, many LoRA/DoRA adapters, an OpenAI-compatible API",
+    args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
+    /// Without a subcommand: run the server.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// TOML file of API keys (key → tenant, admin); without it the server is open.
+    #[arg(long)]
+    pub api_keys: Option<PathBuf>,
+    /// Sequences decoded together in one step.
+    #[arg(long, default_value_t = 32)]
+    pub max_running: usize,
+    /// KV positions all running sequences may reserve together (prompt + max_tokens each).
+    #[arg(long, default_value_t = 65536)]
+    pub kv_cache_tokens: usize,
+    /// Requests waiting beyond this get 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    #[arg(long, default_value_t = 64)]
+    pub max_resident_adapters: usize,
+    #[arg(long, default_value_t = 2 << 30)]
+    pub adapter_cache_bytes: usize,
+    /// Upper bound for `max_tokens`.
+    #[arg(long, default_value_t = 4096)]
+    pub max_tokens_cap: usize,
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    /// A request body must arrive within this many seconds.
+    #[arg(long, default_value_t = 30)]
+    pub body_timeout_secs: u64,
+    /// On SIGTERM, running requests get this long to finish.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_timeout_secs: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -250,10 +291,83 @@ pub async fn run_merge(args: MergeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Everything the server needs, built from the arguments (the model loaded, keys read).
+pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::server::AppState>> {
+    use crate::server::{auth::ApiKeys, validate::Limits, AppState, ServerConfig};
+    use std::sync::Arc;
+    let keys = match &args.api_keys {
+        Some(p) => Some(ApiKeys::from_file(p)?),
+        None => None,
+    };
+    let loaded = Arc::new(args.model.load().await?);
+    let template = ChatTemplate::select(
+        args.model.chat_template.as_deref(),
+        loaded.chat_template.as_deref(),
+    )?;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let context = loaded.model.config.max_position_embeddings;
+    let engine = crate::engine::Engine::start(
+        loaded,
+        crate::engine::SchedulerConfig {
+            max_running: args.max_running,
+            kv_cache_tokens: args.kv_cache_tokens,
+            max_queue: args.max_queue,
+        },
+        metrics.clone(),
+    );
+    let cache = crate::adapters::AdapterCache::new(crate::adapters::CacheConfig {
+        max_resident: args.max_resident_adapters,
+        max_bytes: args.adapter_cache_bytes,
+    });
+    let config = ServerConfig {
+        max_body_bytes: args.max_body_bytes,
+        body_timeout: std::time::Duration::from_secs(args.body_timeout_secs),
+        shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout_secs),
+        limits: Limits {
+            max_tokens_cap: args.max_tokens_cap,
+            context,
+        },
+        bind: BindOptions {
+            max_rank: args.model.max_lora_rank,
+        },
+        sources: SourceConfig::from_env(),
+    };
+    Ok(Arc::new(AppState::new(
+        engine,
+        Registry::new(&args.model.adapters),
+        cache,
+        metrics,
+        keys,
+        template,
+        config,
+    )))
+}
+
+pub async fn run_server(args: ServeArgs) -> Result<()> {
+    let state = build_state(&args).await?;
+    let addr = format!("{}:{}", args.host, args.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (`--host`, `--port`)"))?;
+    if state.keys.is_none() {
+        eprintln!("no --api-keys: the server is open to anyone who can reach {addr}");
+    }
+    eprintln!(
+        "serving {} on http://{} ({} adapters in {})",
+        state.base_id(),
+        listener.local_addr()?,
+        state.registry.list().len(),
+        args.model.adapters.display()
+    );
+    crate::server::serve(state, listener).await?;
+    eprintln!("stopped");
+    Ok(())
+}
+
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Some(Command::Generate(args)) => run_generate(args).await,
         Some(Command::Merge(args)) => run_merge(args).await,
-        None => bail!("server not built yet: the OpenAI-compatible server is still to come; use `serve generate` for now"),
+        None => run_server(cli.serve).await,
     }
 }

@@ -7,8 +7,10 @@ pub mod adapters;
 pub mod chat;
 pub mod cli;
 pub mod engine;
+pub mod metrics;
 pub mod model;
 pub mod ops;
+pub mod server;
 pub mod tokenizer;
 
 /// Fixes the CPU thread count once for the process. candle asks for it on every matmul and,

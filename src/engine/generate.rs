@@ -99,7 +99,13 @@ pub fn generate(
     mut on_text: impl FnMut(&str),
 ) -> Result<Generation, GenerateError> {
     let context = model.config.max_position_embeddings;
-    let mut seq = SequenceState::new(prompt.to_vec(), cfg.clone(), context, model.new_cache(), None)?;
+    let mut seq = SequenceState::new(
+        prompt.to_vec(),
+        cfg.clone(),
+        context,
+        model.new_cache(),
+        None,
+    )?;
     let start = Instant::now();
     let mut prefill_time = Duration::ZERO;
     let finish = loop {

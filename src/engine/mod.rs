@@ -1,10 +1,16 @@
-//! Generation on top of the model: sampling, stop conditions, the decode loop.
-//! Depends on `model` and `tokenizer`.
+//! The engine: continuous batching over the one model (worker thread, scheduler, sequences),
+//! sampling, stop conditions, and the single-sequence loop of `serve generate`.
+//! Depends on `model`, `adapters`, `tokenizer`, `metrics`.
 
 pub mod generate;
+pub mod handle;
 pub mod sampling;
+pub mod scheduler;
 pub mod sequence;
 pub mod stop;
+mod worker;
 
 pub use generate::{generate, FinishReason, GenerateError, Generation, GenerationConfig};
+pub use handle::{Engine, EngineError, Event, ValidRequest};
 pub use sampling::{Sampler, SamplingParams};
+pub use scheduler::SchedulerConfig;

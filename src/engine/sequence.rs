@@ -52,14 +52,22 @@ pub fn logprobs_of(logits: &[f32], id: u32, k: usize) -> TokenLogprob {
     if k > 0 {
         let mut idx: Vec<u32> = (0..logits.len() as u32).collect();
         let k = k.min(idx.len());
-        idx.select_nth_unstable_by(k - 1, |a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
+        idx.select_nth_unstable_by(k - 1, |a, b| {
+            logits[*b as usize].total_cmp(&logits[*a as usize])
+        });
         idx.truncate(k);
         idx.sort_by(|a, b| logits[*b as usize].total_cmp(&logits[*a as usize]));
-        top = idx.into_iter().map(|i| (i, logits[i as usize] - lse)).collect();
+        top = idx
+            .into_iter()
+            .map(|i| (i, logits[i as usize] - lse))
+            .collect();
     }
     TokenLogprob {
         id,
-        logprob: logits.get(id as usize).map(|l| l - lse).unwrap_or(f32::NEG_INFINITY),
+        logprob: logits
+            .get(id as usize)
+            .map(|l| l - lse)
+            .unwrap_or(f32::NEG_INFINITY),
         top,
     }
 }
@@ -116,7 +124,11 @@ impl SequenceState {
     }
 
     /// Turns this step's last-position logits into a token and its text.
-    pub fn step(&mut self, mut logits: Vec<f32>, tokenizer: &Tokenizer) -> Result<StepOutput, TokenizerError> {
+    pub fn step(
+        &mut self,
+        mut logits: Vec<f32>,
+        tokenizer: &Tokenizer,
+    ) -> Result<StepOutput, TokenizerError> {
         let early = self.generated.len() < self.cfg.min_tokens;
         if early || self.cfg.ignore_eos {
             for &e in &self.cfg.eos_token_ids {

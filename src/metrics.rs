@@ -1,0 +1,261 @@
+//! Prometheus metrics (prefix `loraplex_`). A leaf: imports nothing of the crate.
+//!
+//! Per-adapter series are bounded: the first `MAX_ADAPTER_LABELS` adapter names seen get
+//! their own label, the rest are counted as `other`, so a flood of adapter names cannot blow up
+//! the series count.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+pub const MAX_ADAPTER_LABELS: usize = 32;
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: IntCounterVec,
+    pub e2e_latency: Histogram,
+    pub ttft: Histogram,
+    pub itl: Histogram,
+    pub prompt_tokens: Histogram,
+    pub generation_tokens: Histogram,
+    pub batch_size: Histogram,
+    pub waiting: IntGauge,
+    pub running: IntGauge,
+    pub kv_usage: Gauge,
+    pub adapter_hits: IntCounter,
+    pub adapter_misses: IntCounter,
+    pub adapter_evictions: IntCounter,
+    pub adapter_load_seconds: Histogram,
+    pub adapters_resident: IntGauge,
+    pub adapters_resident_bytes: IntGauge,
+    pub adapter_requests: IntCounterVec,
+    pub adapter_tokens: IntCounterVec,
+    pub lora_info: GaugeVec,
+    adapter_labels: Mutex<HashSet<String>>,
+}
+
+fn hist(name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid histogram")
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let secs = vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+        ];
+        let tokens = vec![
+            1.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
+        ];
+        let m = Self {
+            registry: Registry::new(),
+            requests: IntCounterVec::new(
+                Opts::new(
+                    "loraplex_requests_total",
+                    "HTTP requests by route and status",
+                ),
+                &["route", "status"],
+            )
+            .expect("valid"),
+            e2e_latency: hist(
+                "loraplex_e2e_request_latency_seconds",
+                "End-to-end request latency",
+                secs.clone(),
+            ),
+            ttft: hist(
+                "loraplex_time_to_first_token_seconds",
+                "Time to first token",
+                secs.clone(),
+            ),
+            itl: hist(
+                "loraplex_inter_token_latency_seconds",
+                "Time between tokens of a request",
+                secs.clone(),
+            ),
+            prompt_tokens: hist(
+                "loraplex_prompt_tokens",
+                "Prompt tokens per request",
+                tokens.clone(),
+            ),
+            generation_tokens: hist(
+                "loraplex_generation_tokens",
+                "Generated tokens per request",
+                tokens,
+            ),
+            batch_size: hist(
+                "loraplex_batch_size",
+                "Sequences in one forward step",
+                vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0],
+            ),
+            waiting: IntGauge::new(
+                "loraplex_num_requests_waiting",
+                "Requests waiting to be scheduled",
+            )
+            .expect("valid"),
+            running: IntGauge::new(
+                "loraplex_num_requests_running",
+                "Requests in the running batch",
+            )
+            .expect("valid"),
+            kv_usage: Gauge::new(
+                "loraplex_kv_cache_usage_perc",
+                "KV cache use, 0..1 of --kv-cache-tokens",
+            )
+            .expect("valid"),
+            adapter_hits: IntCounter::new(
+                "loraplex_adapter_cache_hits_total",
+                "Adapter cache hits",
+            )
+            .expect("valid"),
+            adapter_misses: IntCounter::new(
+                "loraplex_adapter_cache_misses_total",
+                "Adapter cache misses",
+            )
+            .expect("valid"),
+            adapter_evictions: IntCounter::new(
+                "loraplex_adapter_cache_evictions_total",
+                "Adapters evicted",
+            )
+            .expect("valid"),
+            adapter_load_seconds: hist(
+                "loraplex_adapter_load_seconds",
+                "Time to load and bind an adapter",
+                secs,
+            ),
+            adapters_resident: IntGauge::new("loraplex_adapters_resident", "Resident adapters")
+                .expect("valid"),
+            adapters_resident_bytes: IntGauge::new(
+                "loraplex_adapters_resident_bytes",
+                "Bytes of resident adapters",
+            )
+            .expect("valid"),
+            adapter_requests: IntCounterVec::new(
+                Opts::new(
+                    "loraplex_adapter_requests_total",
+                    "Requests per adapter (bounded labels)",
+                ),
+                &["adapter"],
+            )
+            .expect("valid"),
+            adapter_tokens: IntCounterVec::new(
+                Opts::new(
+                    "loraplex_adapter_generation_tokens_total",
+                    "Generated tokens per adapter (bounded labels)",
+                ),
+                &["adapter"],
+            )
+            .expect("valid"),
+            lora_info: GaugeVec::new(
+                Opts::new(
+                    "loraplex_lora_requests_info",
+                    "Running and waiting LoRA adapters (value: update time)",
+                ),
+                &["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            )
+            .expect("valid"),
+            adapter_labels: Mutex::new(HashSet::new()),
+        };
+        let r = &m.registry;
+        let regs: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.requests.clone()),
+            Box::new(m.e2e_latency.clone()),
+            Box::new(m.ttft.clone()),
+            Box::new(m.itl.clone()),
+            Box::new(m.prompt_tokens.clone()),
+            Box::new(m.generation_tokens.clone()),
+            Box::new(m.batch_size.clone()),
+            Box::new(m.waiting.clone()),
+            Box::new(m.running.clone()),
+            Box::new(m.kv_usage.clone()),
+            Box::new(m.adapter_hits.clone()),
+            Box::new(m.adapter_misses.clone()),
+            Box::new(m.adapter_evictions.clone()),
+            Box::new(m.adapter_load_seconds.clone()),
+            Box::new(m.adapters_resident.clone()),
+            Box::new(m.adapters_resident_bytes.clone()),
+            Box::new(m.adapter_requests.clone()),
+            Box::new(m.adapter_tokens.clone()),
+            Box::new(m.lora_info.clone()),
+        ];
+        for c in regs {
+            r.register(c).expect("unique metric names");
+        }
+        m
+    }
+
+    /// The label for `adapter`: its name while fewer than `MAX_ADAPTER_LABELS` names are in
+    /// use, else `other`.
+    pub fn adapter_label(&self, adapter: &str) -> String {
+        let mut seen = self.adapter_labels.lock().expect("labels lock");
+        if seen.contains(adapter) {
+            return adapter.to_string();
+        }
+        if seen.len() < MAX_ADAPTER_LABELS {
+            seen.insert(adapter.to_string());
+            adapter.to_string()
+        } else {
+            "other".to_string()
+        }
+    }
+
+    /// The running/waiting adapters in the shape the Gateway API Inference Extension reads.
+    pub fn set_lora_info(&self, max_lora: usize, running: &[String], waiting: &[String]) {
+        self.lora_info.reset();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.lora_info
+            .with_label_values(&[
+                &max_lora.to_string(),
+                &running.join(","),
+                &waiting.join(","),
+            ])
+            .set(now);
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding");
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adapter_labels_are_bounded() {
+        let m = Metrics::new();
+        for i in 0..MAX_ADAPTER_LABELS {
+            assert_eq!(m.adapter_label(&format!("a{i}")), format!("a{i}"));
+        }
+        assert_eq!(m.adapter_label("one-too-many"), "other");
+        assert_eq!(m.adapter_label("a0"), "a0");
+    }
+
+    #[test]
+    fn renders_text_format_with_lora_info() {
+        let m = Metrics::new();
+        m.set_lora_info(4, &["x".into(), "y".into()], &[]);
+        m.requests
+            .with_label_values(&["/v1/chat/completions", "200"])
+            .inc();
+        let text = m.render();
+        assert!(text.contains("loraplex_lora_requests_info{max_lora=\"4\",running_lora_adapters=\"x,y\",waiting_lora_adapters=\"\"}"), "{text}");
+        assert!(text
+            .contains("loraplex_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 1"));
+    }
+}

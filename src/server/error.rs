@@ -1,0 +1,129 @@
+//! The one place that maps errors to HTTP status codes and OpenAI error bodies
+//! (`{"error": {"message", "type", "param", "code"}}`). Internal errors are logged, not leaked.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use crate::adapters::AdapterError;
+use crate::engine::EngineError;
+
+#[derive(Debug)]
+pub enum ApiError {
+    /// 400, naming the parameter.
+    BadRequest {
+        message: String,
+        param: Option<String>,
+    },
+    Unauthorized,
+    /// 404: the same body for an unknown adapter and another tenant's.
+    ModelNotFound(String),
+    NotFound(String),
+    Forbidden(String),
+    PayloadTooLarge(String),
+    RequestTimeout,
+    TooManyRequests,
+    Unavailable(String),
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn bad(param: &str, message: impl Into<String>) -> Self {
+        Self::BadRequest {
+            message: message.into(),
+            param: Some(param.to_string()),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            Self::Unauthorized => StatusCode::UNAUTHORIZED,
+            Self::ModelNotFound(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The OpenAI error object.
+    pub fn body(&self) -> serde_json::Value {
+        let (message, kind, param, code) = match self {
+            Self::BadRequest { message, param } => (
+                message.clone(),
+                "invalid_request_error",
+                param.clone(),
+                None,
+            ),
+            Self::Unauthorized => (
+                "missing or invalid API key (send `Authorization: Bearer KEY`)".into(),
+                "authentication_error",
+                None,
+                Some("invalid_api_key"),
+            ),
+            Self::ModelNotFound(_) => (
+                "The requested model or adapter does not exist, or you do not have access to it."
+                    .to_string(),
+                "invalid_request_error",
+                Some("model".to_string()),
+                Some("model_not_found"),
+            ),
+            Self::NotFound(m) => (m.clone(), "invalid_request_error", None, Some("not_found")),
+            Self::Forbidden(m) => (m.clone(), "permission_error", None, None),
+            Self::PayloadTooLarge(m) => (m.clone(), "invalid_request_error", None, None),
+            Self::RequestTimeout => (
+                "the request body did not arrive in time".into(),
+                "invalid_request_error",
+                None,
+                None,
+            ),
+            Self::TooManyRequests => (
+                "the server is at capacity; retry later".into(),
+                "rate_limit_error",
+                None,
+                None,
+            ),
+            Self::Unavailable(m) => (m.clone(), "server_error", None, None),
+            Self::Internal(_) => ("internal server error".into(), "server_error", None, None),
+        };
+        json!({"error": {"message": message, "type": kind, "param": param, "code": code}})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if let Self::Internal(detail) = &self {
+            tracing::error!("internal error: {detail}");
+        }
+        let mut resp = (self.status(), axum::Json(self.body())).into_response();
+        if matches!(self, Self::TooManyRequests) {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::QueueFull => Self::TooManyRequests,
+            EngineError::TooLarge { .. } => Self::bad("max_tokens", e.to_string()),
+            EngineError::Draining => Self::Unavailable(e.to_string()),
+        }
+    }
+}
+
+impl From<AdapterError> for ApiError {
+    fn from(e: AdapterError) -> Self {
+        match e {
+            AdapterError::NotFound(name) => Self::ModelNotFound(name),
+            AdapterError::InvalidName { .. } => Self::bad("name", e.to_string()),
+            AdapterError::Candle(err) => Self::Internal(err.to_string()),
+            other => Self::bad("adapter", other.to_string()),
+        }
+    }
+}

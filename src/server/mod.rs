@@ -1,0 +1,126 @@
+//! The OpenAI-compatible HTTP server: state, routes, middleware (auth, metrics, body limits),
+//! graceful shutdown. Sees the model only through the `Engine` handle.
+//! Depends on `engine`, `adapters`, `chat`, `metrics`.
+
+pub mod auth;
+pub mod error;
+pub mod openai;
+mod responses;
+mod routes;
+pub mod state;
+pub mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::Router;
+
+pub use state::{AppState, ServerConfig};
+
+use self::error::ApiError;
+
+async fn auth(State(st): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let caller = match &st.keys {
+        None => Some(auth::Caller::open()),
+        Some(keys) => req
+            .headers()
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(|k| keys.caller(k.trim())),
+    };
+    match caller {
+        Some(c) => {
+            req.extensions_mut().insert(c);
+            next.run(req).await
+        }
+        None => ApiError::Unauthorized.into_response(),
+    }
+}
+
+async fn count(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let resp = next.run(req).await;
+    st.metrics
+        .requests
+        .with_label_values(&[&route, resp.status().as_str()])
+        .inc();
+    resp
+}
+
+/// All routes; `/health` is the only one open without a key.
+pub fn router(state: Arc<AppState>) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(routes::chat))
+        .route("/v1/completions", post(routes::completions))
+        .route("/v1/models", get(routes::models))
+        .route(
+            "/v1/adapters",
+            get(routes::list_adapters).post(routes::add_adapter),
+        )
+        .route("/v1/adapters/{*name}", delete(routes::remove_adapter))
+        .route("/v1/load_lora_adapter", post(routes::vllm_load))
+        .route("/v1/unload_lora_adapter", post(routes::vllm_unload))
+        .route("/metrics", get(routes::metrics))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/health", get(routes::health))
+        .merge(api)
+        .fallback(|| async { ApiError::NotFound("no such route".into()) })
+        .layer(middleware::from_fn_with_state(state.clone(), count))
+        .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            state.config.body_timeout,
+        ))
+        .with_state(state)
+}
+
+/// Serves until SIGTERM or Ctrl-C; then stops accepting, lets running sequences finish (at most
+/// `shutdown_timeout`), and returns.
+pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
+    let app = router(state.clone());
+    let drained = state.clone();
+    let shutdown = async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: draining running requests");
+        drained.engine.drain();
+        let deadline = tokio::time::Instant::now() + drained.config.shutdown_timeout;
+        while !drained.engine.is_idle() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,261 @@
+//! Request validation: OpenAI request → generation settings, each bad value a 400 that names
+//! its field.
+
+use super::error::ApiError;
+use super::openai::{Content, MessageIn, Sampling, StopField};
+use crate::chat::ChatMessage;
+use crate::engine::{GenerationConfig, SamplingParams};
+
+pub const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
+
+/// Limits that come from the server's configuration and the model.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// `--max-tokens-cap`.
+    pub max_tokens_cap: usize,
+    /// The model's context in tokens.
+    pub context: usize,
+}
+
+pub fn messages(messages: &[MessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::bad("messages", "`messages` must not be empty"));
+    }
+    messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            if !ROLES.contains(&m.role.as_str()) {
+                return Err(ApiError::bad(
+                    &format!("messages[{i}].role"),
+                    format!("`messages[{i}].role` is `{}`; expected one of {}", m.role, ROLES.join(", ")),
+                ));
+            }
+            let content = match &m.content {
+                None => String::new(),
+                Some(Content::Text(t)) => t.clone(),
+                Some(Content::Parts(parts)) => {
+                    let mut text = String::new();
+                    for (j, p) in parts.iter().enumerate() {
+                        if p.kind != "text" {
+                            return Err(ApiError::bad(
+                                &format!("messages[{i}].content[{j}].type"),
+                                format!("`messages[{i}].content[{j}].type` is `{}`; only text parts are supported", p.kind),
+                            ));
+                        }
+                        text.push_str(p.text.as_deref().unwrap_or_default());
+                    }
+                    text
+                }
+            };
+            Ok(ChatMessage::new(&m.role, &content))
+        })
+        .collect()
+}
+
+/// Builds the generation settings for a prompt of `prompt_len` tokens.
+pub fn generation(
+    s: &Sampling,
+    prompt_len: usize,
+    limits: &Limits,
+    eos: Vec<u32>,
+    prompt_field: &str,
+) -> Result<GenerationConfig, ApiError> {
+    if let Some(n) = s.n {
+        if n != 1 {
+            return Err(ApiError::bad("n", "`n` must be 1 (one choice per request)"));
+        }
+    }
+    let temperature = s.temperature.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::bad(
+            "temperature",
+            "`temperature` must be between 0 and 2",
+        ));
+    }
+    let top_p = s.top_p.unwrap_or(1.0);
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return Err(ApiError::bad("top_p", "`top_p` must be in (0, 1]"));
+    }
+    let top_k = match s.top_k {
+        None | Some(-1) | Some(0) => 0,
+        Some(k) if k > 0 => k as usize,
+        Some(_) => {
+            return Err(ApiError::bad(
+                "top_k",
+                "`top_k` must be -1, 0 (off) or positive",
+            ))
+        }
+    };
+    if prompt_len + 1 > limits.context {
+        return Err(ApiError::bad(
+            prompt_field,
+            format!(
+                "`{prompt_field}` is {prompt_len} tokens; the model's context is {} tokens",
+                limits.context
+            ),
+        ));
+    }
+    let room = limits.context - prompt_len;
+    let requested = s.max_completion_tokens.or(s.max_tokens);
+    let field = if s.max_completion_tokens.is_some() {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
+    let max_tokens = match requested {
+        None => room.min(limits.max_tokens_cap),
+        Some(m) if m < 1 => return Err(ApiError::bad(field, format!("`{field}` must be at least 1"))),
+        Some(m) if m as usize > limits.max_tokens_cap => {
+            return Err(ApiError::bad(field, format!("`{field}` must be at most {}", limits.max_tokens_cap)))
+        }
+        Some(m) if m as usize > room => {
+            return Err(ApiError::bad(
+                field,
+                format!("`{field}` ({m}) plus the prompt ({prompt_len} tokens) exceeds the context of {} tokens", limits.context),
+            ))
+        }
+        Some(m) => m as usize,
+    };
+    let min_tokens = match s.min_tokens {
+        None => 0,
+        Some(m) if m < 0 => {
+            return Err(ApiError::bad(
+                "min_tokens",
+                "`min_tokens` must not be negative",
+            ))
+        }
+        Some(m) if m as usize > max_tokens => {
+            return Err(ApiError::bad(
+                "min_tokens",
+                "`min_tokens` must not exceed `max_tokens`",
+            ))
+        }
+        Some(m) => m as usize,
+    };
+    let stop = match &s.stop {
+        None => Vec::new(),
+        Some(StopField::One(s)) => vec![s.clone()],
+        Some(StopField::Many(v)) if v.len() > 4 => {
+            return Err(ApiError::bad("stop", "`stop` takes at most 4 strings"))
+        }
+        Some(StopField::Many(v)) => v.clone(),
+    };
+    Ok(GenerationConfig {
+        max_tokens,
+        min_tokens,
+        ignore_eos: s.ignore_eos,
+        stop,
+        eos_token_ids: eos,
+        sampling: SamplingParams {
+            temperature: temperature as f32,
+            top_p: top_p as f32,
+            top_k,
+            seed: s.seed,
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_tokens_cap: 100,
+            context: 256,
+        }
+    }
+
+    fn param(r: Result<GenerationConfig, ApiError>) -> String {
+        match r {
+            Err(ApiError::BadRequest { param, .. }) => param.unwrap_or_default(),
+            other => panic!("expected a 400, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_bad_value_names_its_field() {
+        let base = Sampling::default();
+        let g = |s: Sampling| generation(&s, 10, &limits(), vec![2], "messages");
+        assert_eq!(
+            param(g(Sampling {
+                temperature: Some(2.5),
+                ..base.clone()
+            })),
+            "temperature"
+        );
+        assert_eq!(
+            param(g(Sampling {
+                top_p: Some(0.0),
+                ..base.clone()
+            })),
+            "top_p"
+        );
+        assert_eq!(
+            param(g(Sampling {
+                max_tokens: Some(0),
+                ..base.clone()
+            })),
+            "max_tokens"
+        );
+        assert_eq!(
+            param(g(Sampling {
+                max_tokens: Some(101),
+                ..base.clone()
+            })),
+            "max_tokens"
+        );
+        assert_eq!(
+            param(g(Sampling {
+                max_completion_tokens: Some(0),
+                ..base.clone()
+            })),
+            "max_completion_tokens"
+        );
+        assert_eq!(
+            param(g(Sampling {
+                n: Some(2),
+                ..base.clone()
+            })),
+            "n"
+        );
+        assert_eq!(
+            param(g(Sampling {
+                top_k: Some(-3),
+                ..base.clone()
+            })),
+            "top_k"
+        );
+        assert_eq!(
+            param(g(Sampling {
+                min_tokens: Some(50),
+                max_tokens: Some(5),
+                ..base.clone()
+            })),
+            "min_tokens"
+        );
+        assert_eq!(
+            param(generation(&base, 256, &limits(), vec![], "prompt")),
+            "prompt"
+        );
+        let ok = g(base.clone()).unwrap();
+        assert_eq!((ok.max_tokens, ok.sampling.temperature), (100, 1.0));
+    }
+
+    #[test]
+    fn messages_need_known_roles_and_text() {
+        let m = |role: &str| MessageIn {
+            role: role.into(),
+            content: Some(Content::Text("x".into())),
+        };
+        assert!(messages(&[m("user")]).is_ok());
+        match messages(&[m("user"), m("wizard")]) {
+            Err(ApiError::BadRequest { param, .. }) => {
+                assert_eq!(param.as_deref(), Some("messages[1].role"))
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(messages(&[]), Err(ApiError::BadRequest { .. })));
+    }
+}
