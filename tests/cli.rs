@@ -119,9 +119,39 @@ fn generate_on_tiny_model_is_deterministic_and_matches_the_library() {
 }
 
 #[test]
-fn bare_serve_says_the_server_is_not_built_yet() {
-    let out = serve(&[], &[]);
-    assert!(error_of(&out).contains("server not built yet"));
+fn bare_serve_runs_the_server_and_names_a_bad_address() {
+    let out = serve(
+        &[
+            "--model",
+            tiny_dir().to_str().unwrap(),
+            "--host",
+            "256.1.1.1",
+            "--port",
+            "1",
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("256.1.1.1:1") && stderr.contains("`--host`"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"));
+    let keys = tempfile::tempdir().unwrap();
+    let bad = keys.path().join("keys.toml");
+    std::fs::write(&bad, "[keys.\"k\"]\nadmin = true\n").unwrap();
+    let out = serve(
+        &[
+            "--model",
+            tiny_dir().to_str().unwrap(),
+            "--api-keys",
+            bad.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let e = error_of(&out);
+    assert!(e.contains("keys.toml") && e.contains("tenant"), "{e}");
 }
 
 #[test]

@@ -1,0 +1,743 @@
+//! The HTTP server on the tiny model, through `Router::oneshot` (and a loopback socket where a
+//! real connection matters).
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use clap::Parser;
+use common::*;
+use http_body_util::BodyExt;
+use loraplex::server::{router, AppState};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+async fn state(extra: &[&str]) -> Arc<AppState> {
+    let tiny = tiny_dir();
+    let adapters = tiny.join("adapters");
+    let mut args = vec!["serve", "--model", tiny.to_str().unwrap()];
+    if !extra.contains(&"--adapters") {
+        args.extend_from_slice(&["--adapters", adapters.to_str().unwrap()]);
+    }
+    args.extend_from_slice(extra);
+    let cli = loraplex::cli::Cli::try_parse_from(args).unwrap();
+    loraplex::cli::build_state(&cli.serve).await.unwrap()
+}
+
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    body: Option<Value>,
+    key: Option<&str>,
+) -> (StatusCode, Value, String) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let body = body
+        .map(|b| Body::from(b.to_string()))
+        .unwrap_or_else(Body::empty);
+    let resp = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    let json = serde_json::from_str(&text).unwrap_or(Value::Null);
+    (status, json, text)
+}
+
+fn chat_body(adapter: Option<&str>, content: &str, max_tokens: u32) -> Value {
+    let mut b = json!({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0});
+    if let Some(a) = adapter {
+        b["model"] = json!(a);
+    }
+    b
+}
+
+/// Concatenated `delta.content` of an SSE body, its finish_reason and usage chunk.
+fn parse_sse(text: &str) -> (String, Option<String>, Option<Value>) {
+    let mut content = String::new();
+    let (mut finish, mut usage) = (None, None);
+    let mut done = false;
+    for line in text.lines() {
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let v: Value = serde_json::from_str(data).unwrap();
+        if let Some(u) = v.get("usage") {
+            usage = Some(u.clone());
+        }
+        if let Some(c) = v["choices"].get(0) {
+            content.push_str(
+                c["delta"]["content"]
+                    .as_str()
+                    .or(c["text"].as_str())
+                    .unwrap_or(""),
+            );
+            if let Some(f) = c["finish_reason"].as_str() {
+                finish = Some(f.to_string());
+            }
+        }
+    }
+    assert!(done, "stream must end with [DONE]: {text}");
+    (content, finish, usage)
+}
+
+#[tokio::test]
+async fn streamed_and_plain_chat_agree_and_usage_is_right() {
+    let st = state(&[]).await;
+    let app = router(st.clone());
+    let body = chat_body(Some("dora-r8-all"), "the model learns", 12);
+    let (status, plain, _) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(body.clone()),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{plain}");
+    let text = plain["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(plain["object"], "chat.completion");
+    assert_eq!(plain["model"], "dora-r8-all");
+    let usage = &plain["usage"];
+    let prompt_ids = st
+        .engine
+        .model()
+        .tokenizer
+        .encode("<|im_start|>user\nthe model learns<|im_end|>\n<|im_start|>assistant\n")
+        .unwrap();
+    assert_eq!(usage["prompt_tokens"], prompt_ids.len());
+    let completion = usage["completion_tokens"].as_u64().unwrap();
+    assert!(completion >= 1 && completion <= 12);
+    assert_eq!(
+        usage["total_tokens"].as_u64().unwrap(),
+        prompt_ids.len() as u64 + completion
+    );
+
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    sbody["stream_options"] = json!({"include_usage": true});
+    let (status, _, sse) = call(&app, "POST", "/v1/chat/completions", Some(sbody), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (streamed, finish, susage) = parse_sse(&sse);
+    assert_eq!(streamed, text);
+    assert_eq!(
+        finish.as_deref(),
+        plain["choices"][0]["finish_reason"].as_str()
+    );
+    assert_eq!(susage.unwrap(), *usage);
+
+    // Completions endpoint, streamed and not, with logprobs.
+    let cbody = json!({"prompt": "the model", "max_tokens": 6, "temperature": 0, "logprobs": 2, "adapter": "lora-r4-qv"});
+    let (status, c, _) = call(&app, "POST", "/v1/completions", Some(cbody.clone()), None).await;
+    assert_eq!(status, StatusCode::OK, "{c}");
+    let lp = &c["choices"][0]["logprobs"];
+    assert_eq!(
+        lp["tokens"].as_array().unwrap().len(),
+        c["usage"]["completion_tokens"].as_u64().unwrap() as usize
+    );
+    assert!(lp["token_logprobs"][0].as_f64().unwrap() <= 0.0);
+    let mut cs = cbody.clone();
+    cs["stream"] = json!(true);
+    let (_, _, sse) = call(&app, "POST", "/v1/completions", Some(cs), None).await;
+    assert_eq!(parse_sse(&sse).0, c["choices"][0]["text"].as_str().unwrap());
+}
+
+#[tokio::test]
+async fn sixteen_concurrent_requests_over_four_adapters_equal_each_alone() {
+    let st = state(&[]).await;
+    let app = router(st.clone());
+    let adapters = [
+        None,
+        Some("lora-r8-all"),
+        Some("lora-r4-qv"),
+        Some("rslora-r16-pattern"),
+        Some("dora-r8-all"),
+    ];
+    let reqs: Vec<Value> = (0..16)
+        .map(|i| {
+            chat_body(
+                adapters[i % 5],
+                &format!("request number {i} learns"),
+                10 + (i as u32 % 4) * 3,
+            )
+        })
+        .collect();
+    let mut alone = Vec::new();
+    for r in &reqs {
+        let (s, v, _) = call(&app, "POST", "/v1/chat/completions", Some(r.clone()), None).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        alone.push(
+            v["choices"][0]["message"]["content"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+        );
+    }
+    let handles: Vec<_> = reqs
+        .iter()
+        .cloned()
+        .map(|r| {
+            let app = app.clone();
+            tokio::spawn(
+                async move { call(&app, "POST", "/v1/chat/completions", Some(r), None).await },
+            )
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (s, v, _) = h.await.unwrap();
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(
+            v["choices"][0]["message"]["content"].as_str().unwrap(),
+            alone[i],
+            "request {i}"
+        );
+    }
+    // Different adapters really give different texts (otherwise the test proves nothing).
+    let distinct: std::collections::HashSet<_> = alone.iter().take(5).collect();
+    assert!(distinct.len() >= 3, "{alone:?}");
+}
+
+/// The default model: slow enough on CPU (tens of ms a token) that a sequence is reliably
+/// still running when the test acts on it.
+async fn default_model_state(extra: &[&str]) -> Arc<AppState> {
+    let mut args = vec!["serve", "--adapters", "adapters"];
+    args.extend_from_slice(extra);
+    let cli = loraplex::cli::Cli::try_parse_from(args).unwrap();
+    loraplex::cli::build_state(&cli.serve).await.unwrap()
+}
+
+async fn wait_until(mut f: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_disconnects_frees_its_sequence() {
+    let st = default_model_state(&[]).await;
+    let app = router(st.clone());
+    let mut body = chat_body(None, "a long answer please", 200);
+    body["stream"] = json!(true);
+    body["ignore_eos"] = json!(true);
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let mut stream = resp.into_body();
+    // The role chunk, then the first token: the sequence is running.
+    for _ in 0..2 {
+        assert!(stream.frame().await.unwrap().unwrap().is_data());
+    }
+    assert_eq!(st.engine.running(), 1);
+    drop(stream);
+    wait_until(|| st.engine.running() == 0).await;
+    assert_eq!(
+        st.engine.running(),
+        0,
+        "the disconnected sequence must be freed"
+    );
+    // It was cancelled, not finished: no completed generation was recorded.
+    assert_eq!(st.metrics.generation_tokens.get_sample_count(), 0);
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429_with_retry_after() {
+    let st = default_model_state(&["--max-running", "1", "--max-queue", "1"]).await;
+    let app = router(st.clone());
+    let mut long = chat_body(None, "hold the slot", 250);
+    long["stream"] = json!(true);
+    long["ignore_eos"] = json!(true);
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let req = Request::builder()
+            .method("POST")
+            .uri("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(long.to_string()))
+            .unwrap();
+        held.push(app.clone().oneshot(req).await.unwrap());
+    }
+    wait_until(|| st.engine.running() == 1 && st.engine.waiting() == 1).await;
+    assert_eq!((st.engine.running(), st.engine.waiting()), (1, 1));
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(chat_body(None, "x", 2).to_string()))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(resp.headers().contains_key("retry-after"));
+    drop(held);
+}
+
+fn write_keys(dir: &Path) -> std::path::PathBuf {
+    let p = dir.join("keys.toml");
+    std::fs::write(
+        &p,
+        "[keys.\"sk-acme\"]\ntenant = \"acme\"\n[keys.\"sk-globex\"]\ntenant = \"globex\"\n[keys.\"sk-root\"]\ntenant = \"ops\"\nadmin = true\n",
+    )
+    .unwrap();
+    p
+}
+
+fn tenant_adapters(dir: &Path) -> std::path::PathBuf {
+    let root = dir.join("adapters");
+    for (sub, src) in [
+        ("public-lora", "lora-r8-all"),
+        ("acme/qv", "lora-r4-qv"),
+        ("globex/secret", "dora-r8-all"),
+    ] {
+        let d = root.join(sub);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(tiny_dir().join("adapters").join(src).join(f), d.join(f)).unwrap();
+        }
+    }
+    root
+}
+
+#[tokio::test]
+async fn tenants_cannot_see_use_or_unload_each_others_adapters() {
+    let tmp = tempfile::tempdir().unwrap();
+    let keys = write_keys(tmp.path());
+    let root = tenant_adapters(tmp.path());
+    let st = state(&[
+        "--api-keys",
+        keys.to_str().unwrap(),
+        "--adapters",
+        root.to_str().unwrap(),
+    ])
+    .await;
+    let app = router(st.clone());
+
+    // Keys are required everywhere but /health.
+    assert_eq!(
+        call(&app, "GET", "/health", None, None).await.0,
+        StatusCode::OK
+    );
+    let (s, v, _) = call(&app, "GET", "/v1/models", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    assert_eq!(
+        call(&app, "GET", "/v1/models", None, Some("sk-wrong"))
+            .await
+            .0,
+        StatusCode::UNAUTHORIZED
+    );
+
+    let ids = |v: &Value| {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    let (_, acme_models, _) = call(&app, "GET", "/v1/models", None, Some("sk-acme")).await;
+    let acme_ids = ids(&acme_models);
+    assert!(
+        acme_ids.contains(&"acme/qv".to_string()) && acme_ids.contains(&"public-lora".to_string()),
+        "{acme_ids:?}"
+    );
+    assert!(
+        !acme_ids.iter().any(|i| i.contains("globex")),
+        "{acme_ids:?}"
+    );
+    let (_, acme_adapters, _) = call(&app, "GET", "/v1/adapters", None, Some("sk-acme")).await;
+    assert!(!acme_adapters.to_string().contains("globex"));
+    let (_, root_models, _) = call(&app, "GET", "/v1/models", None, Some("sk-root")).await;
+    assert!(ids(&root_models).contains(&"globex/secret".to_string()));
+
+    // Using: own adapter (full or short name) works; the other tenant's answers like an unknown one.
+    for model in ["acme/qv", "qv", "public-lora"] {
+        let (s, v, _) = call(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            Some(chat_body(Some(model), "hi", 2)),
+            Some("sk-acme"),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{model}: {v}");
+    }
+    let (s_other, other, other_text) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(chat_body(Some("globex/secret"), "hi", 2)),
+        Some("sk-acme"),
+    )
+    .await;
+    let (s_unknown, _, unknown_text) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(chat_body(Some("globex/nothing"), "hi", 2)),
+        Some("sk-acme"),
+    )
+    .await;
+    assert_eq!(
+        (s_other, s_unknown),
+        (StatusCode::NOT_FOUND, StatusCode::NOT_FOUND),
+        "{other}"
+    );
+    assert_eq!(
+        other_text, unknown_text,
+        "another tenant's adapter must look exactly unknown"
+    );
+    let (s, _, via_field) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(json!({"messages": [{"role": "user", "content": "hi"}], "adapter": "globex/secret", "max_tokens": 2})),
+        Some("sk-acme"),
+    )
+    .await;
+    assert_eq!(
+        (s, via_field),
+        (StatusCode::NOT_FOUND, unknown_text.clone())
+    );
+
+    // Unloading: another tenant's adapter is not found either, and stays usable by its owner.
+    let (s, _, t) = call(
+        &app,
+        "DELETE",
+        "/v1/adapters/globex/secret",
+        None,
+        Some("sk-acme"),
+    )
+    .await;
+    assert_eq!((s, t), (StatusCode::NOT_FOUND, unknown_text.clone()));
+    let (s, _, t) = call(
+        &app,
+        "POST",
+        "/v1/unload_lora_adapter",
+        Some(json!({"lora_name": "globex/secret"})),
+        Some("sk-acme"),
+    )
+    .await;
+    assert_eq!((s, t), (StatusCode::NOT_FOUND, unknown_text));
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(chat_body(Some("secret"), "hi", 2)),
+        Some("sk-globex"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+
+    // Loading: a tenant's new adapter lands in its own namespace; only there can it unload it.
+    let src = tiny_dir().join("adapters").join("lora-r4-qv");
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/v1/adapters",
+        Some(json!({"name": "mine", "path": src})),
+        Some("sk-acme"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["name"], "acme/mine");
+    let (s, _, _) = call(
+        &app,
+        "POST",
+        "/v1/adapters",
+        Some(json!({"name": "globex/planted", "path": src})),
+        Some("sk-acme"),
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (_, globex_models, _) = call(&app, "GET", "/v1/models", None, Some("sk-globex")).await;
+    assert!(!ids(&globex_models).contains(&"acme/mine".to_string()));
+    assert_eq!(
+        call(
+            &app,
+            "DELETE",
+            "/v1/adapters/acme/mine",
+            None,
+            Some("sk-globex")
+        )
+        .await
+        .0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        call(&app, "DELETE", "/v1/adapters/mine", None, Some("sk-acme"))
+            .await
+            .0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn adapters_load_and_unload_at_run_time_and_bad_ones_are_refused() {
+    let st = state(&[]).await;
+    let app = router(st.clone());
+    let src = tiny_dir().join("adapters").join("dora-r8-all");
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/v1/load_lora_adapter",
+        Some(json!({"lora_name": "fresh", "lora_path": src})),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let (s, _, _) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(chat_body(Some("fresh"), "hi", 3)),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, _) = call(
+        &app,
+        "POST",
+        "/v1/unload_lora_adapter",
+        Some(json!({"lora_name": "fresh"})),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    let (s, _, _) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(chat_body(Some("fresh"), "hi", 3)),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    // A broken adapter is refused at load time and the server keeps serving.
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(
+        tmp.path().join("adapter_config.json"),
+        "{\"r\": 4, \"target_modules\": [\"q_proj\"]}",
+    )
+    .unwrap();
+    std::fs::write(tmp.path().join("adapter_model.safetensors"), b"garbage").unwrap();
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/v1/adapters",
+        Some(json!({"name": "broken", "path": tmp.path()})),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("adapter_model.safetensors"),
+        "{v}"
+    );
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/v1/adapters",
+        Some(json!({"name": "../../etc", "path": tmp.path()})),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(
+        call(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            Some(chat_body(None, "still here", 2)),
+            None
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_get_4xx_naming_the_field() {
+    let st = state(&["--max-tokens-cap", "64", "--max-body-bytes", "4096"]).await;
+    let app = router(st.clone());
+    let raw = |body: &str| {
+        Request::builder()
+            .method("POST")
+            .uri("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let resp = app.clone().oneshot(raw("{\"messages\": [")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    let msg = |v: Value| {
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let user = json!([{"role": "user", "content": "hi"}]);
+    let cases: Vec<(Value, &str)> = vec![
+        (
+            json!({"messages": user, "temperature": "hot"}),
+            "temperature",
+        ),
+        (json!({"messages": "hi"}), "messages"),
+        (
+            json!({"messages": [{"role": "wizard", "content": "x"}]}),
+            "messages[0].role",
+        ),
+        (json!({"messages": []}), "messages"),
+        (json!({"messages": user, "temperature": 3}), "temperature"),
+        (json!({"messages": user, "max_tokens": 0}), "max_tokens"),
+        (json!({"messages": user, "max_tokens": 65}), "max_tokens"),
+        (json!({"messages": user, "n": 2}), "n"),
+        (json!({"messages": user, "top_logprobs": 3}), "top_logprobs"),
+        (
+            json!({"messages": [{"role": "user", "content": "word ".repeat(300)}]}),
+            "messages",
+        ),
+    ];
+    for (body, field) in cases {
+        let (s, v, _) = call(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            Some(body.clone()),
+            None,
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{body}: {v}");
+        assert_eq!(v["error"]["param"], field, "{body}: {v}");
+        assert!(
+            msg(v.clone()).contains(field.split('[').next().unwrap()),
+            "{v}"
+        );
+    }
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/v1/completions",
+        Some(json!({"prompt": ["a", "b"]})),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["param"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("prompt"))
+    );
+    let (s, _, _) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(chat_body(Some("no-such-adapter"), "hi", 2)),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let big = json!({"messages": [{"role": "user", "content": "x".repeat(10_000)}]});
+    let resp = app.clone().oneshot(raw(&big.to_string())).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // Nothing broke: a good request still works.
+    assert_eq!(
+        call(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            Some(chat_body(None, "hi", 2)),
+            None
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn metrics_parse_and_counters_move() {
+    let st = state(&[]).await;
+    let app = router(st.clone());
+    let scrape =
+        |app: axum::Router| async move { call(&app, "GET", "/metrics", None, None).await.2 };
+    let value = |text: &str, series: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .map(|v| v.parse().unwrap())
+            .unwrap_or(0.0)
+    };
+    let before = scrape(app.clone()).await;
+    for _ in 0..2 {
+        call(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            Some(chat_body(Some("lora-r4-qv"), "hi", 3)),
+            None,
+        )
+        .await;
+    }
+    call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(chat_body(Some("missing"), "hi", 3)),
+        None,
+    )
+    .await;
+    let after = scrape(app.clone()).await;
+    // Every sample line is `name{labels} value` with a float value.
+    for line in after
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (name, v) = line.rsplit_once(' ').unwrap();
+        assert!(name.starts_with("loraplex_"), "{line}");
+        v.parse::<f64>()
+            .unwrap_or_else(|_| panic!("not a number: {line}"));
+    }
+    let ok = "loraplex_requests_total{route=\"/v1/chat/completions\",status=\"200\"}";
+    let nf = "loraplex_requests_total{route=\"/v1/chat/completions\",status=\"404\"}";
+    assert_eq!(value(&after, ok) - value(&before, ok), 2.0);
+    assert_eq!(value(&after, nf) - value(&before, nf), 1.0);
+    assert_eq!(
+        value(
+            &after,
+            "loraplex_adapter_requests_total{adapter=\"lora-r4-qv\"}"
+        ),
+        2.0
+    );
+    assert_eq!(value(&after, "loraplex_adapter_cache_misses_total"), 1.0);
+    assert_eq!(value(&after, "loraplex_adapter_cache_hits_total"), 1.0);
+    assert_eq!(value(&after, "loraplex_adapters_resident "), 1.0);
+    assert!(value(&after, "loraplex_time_to_first_token_seconds_count") >= 2.0);
+    assert!(after.contains("loraplex_lora_requests_info{max_lora=\"32\""));
+    assert!(
+        after.contains("loraplex_num_requests_waiting")
+            && after.contains("loraplex_kv_cache_usage_perc")
+    );
+}

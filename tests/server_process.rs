@@ -1,0 +1,138 @@
+//! The `serve` binary on a loopback port: SIGTERM drains running requests, and a client that
+//! sends half a body and stalls gets a 408 while everything else goes on.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Starts `serve` on a free port; returns the child and the port (read from its banner).
+fn start(args: &[&str]) -> (Child, u16) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_serve"))
+        .args(["--port", "0"])
+        .args(args)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    let port = loop {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0,
+            "serve exited before listening"
+        );
+        if let Some(rest) = line.split("http://127.0.0.1:").nth(1) {
+            break rest
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+        }
+    };
+    std::thread::spawn(move || {
+        let mut sink = String::new();
+        let _ = stderr.read_to_string(&mut sink);
+    });
+    (child, port)
+}
+
+fn post(port: u16, path: &str, body: &str) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    s
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let start = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(start.elapsed() < limit, "serve did not exit in {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigterm_lets_running_requests_finish_then_exits() {
+    // The default model: slow enough on CPU that the request is mid-stream at SIGTERM.
+    let (mut child, port) = start(&["--adapters", "adapters"]);
+    let body = r#"{"messages":[{"role":"user","content":"Count to fifty."}],"max_tokens":40,"temperature":0,"ignore_eos":true,"stream":true}"#;
+    let stream = post(port, "/v1/chat/completions", body);
+    let mut reader = BufReader::new(stream);
+    let mut seen = String::new();
+    // Read until the first content token arrives.
+    while !seen.contains("\"content\":\"") || seen.matches("data: ").count() < 2 {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).unwrap() > 0);
+        seen.push_str(&line);
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    seen.push_str(&rest);
+    assert!(
+        seen.contains("\"finish_reason\":\"length\""),
+        "the running request was cut: {seen}"
+    );
+    assert!(seen.contains("data: [DONE]"));
+    let content_chunks = seen.matches("\"delta\":{\"content\":").count();
+    assert!(content_chunks >= 30, "only {content_chunks} tokens arrived");
+    let exit = wait_exit(&mut child, Duration::from_secs(30));
+    assert!(exit.success(), "serve exited with {exit}");
+    assert!(
+        TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "still accepting after shutdown"
+    );
+}
+
+#[test]
+fn a_stalled_half_body_gets_408_and_others_are_served() {
+    let tiny = tiny_dir();
+    let (mut child, port) = start(&[
+        "--model",
+        tiny.to_str().unwrap(),
+        "--body-timeout-secs",
+        "1",
+    ]);
+    let mut stalled = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stalled,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 200\r\n\r\n{{\"messages\": ["
+    )
+    .unwrap();
+    // Meanwhile a complete request is answered.
+    let mut ok = post(
+        port,
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":3}"#,
+    );
+    let mut answer = String::new();
+    ok.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut reply = String::new();
+    let _ = stalled.read_to_string(&mut reply);
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(reply.contains("\"error\""), "{reply}");
+    child.kill().unwrap();
+    let _ = child.wait();
+}
