@@ -63,9 +63,17 @@ impl ApiKeys {
     }
 
     pub fn from_toml(path: &str, text: &str) -> Result<Self, AuthError> {
-        let file: KeysFile = toml::from_str(text).map_err(|e| AuthError::Parse {
-            path: path.to_string(),
-            message: e.to_string(),
+        let file: KeysFile = toml::from_str(text).map_err(|e| {
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            AuthError::Parse {
+                path: path.to_string(),
+                message: match line {
+                    Some(l) => format!("line {l}: {}", e.message()),
+                    None => e.message().to_string(),
+                },
+            }
         })?;
         let mut keys = HashMap::new();
         for (key, entry) in file.keys {
