@@ -123,7 +123,7 @@ async fn streamed_and_plain_chat_agree_and_usage_is_right() {
         .unwrap();
     assert_eq!(usage["prompt_tokens"], prompt_ids.len());
     let completion = usage["completion_tokens"].as_u64().unwrap();
-    assert!(completion >= 1 && completion <= 12);
+    assert!((1..=12).contains(&completion));
     assert_eq!(
         usage["total_tokens"].as_u64().unwrap(),
         prompt_ids.len() as u64 + completion
