@@ -81,6 +81,7 @@ fn random_adapter(model: &Llama, rank: usize) -> AdapterWeights {
                     a_t: randn(&[inp, rank], 0.05),
                     b_t: randn(&[rank, out], 0.05),
                     dora_scale: None,
+                    dropout: None,
                 })
             })
         })

@@ -12,6 +12,7 @@ pub mod model;
 pub mod ops;
 pub mod server;
 pub mod tokenizer;
+pub mod train;
 
 /// Fixes the CPU thread count once for the process. candle asks for it on every matmul and,
 /// unless `RAYON_NUM_THREADS` is set, recomputes it from the system each time (reading

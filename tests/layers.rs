@@ -3,7 +3,7 @@
 use std::path::Path;
 
 /// Modules each layer may use (besides itself).
-const ALLOWED: [(&str, &[&str]); 9] = [
+const ALLOWED: [(&str, &[&str]); 10] = [
     ("ops", &[]),
     ("chat", &[]),
     ("tokenizer", &[]),

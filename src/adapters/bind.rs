@@ -149,6 +149,7 @@ pub fn bind(
                 Some(s) => Some(s.to_device(device)?),
                 None => None,
             },
+            dropout: None,
         });
     }
     Ok(AdapterWeights { layers })

@@ -226,6 +226,7 @@ mod tests {
                     a_t: t(4, 2),
                     b_t: t(2, 4),
                     dora_scale: None,
+                    dropout: None,
                 }),
                 None,
                 None,

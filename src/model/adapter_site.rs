@@ -52,6 +52,40 @@ impl Proj {
     }
 }
 
+/// Training-time dropout on the LoRA branch's input, from a seeded hash so that a resumed run
+/// draws the same masks as an uninterrupted one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Dropout {
+    /// Zeroes each element with probability `p`, scales the rest by `1/(1-p)`.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let keep = 1.0 / (1.0 - self.p);
+        let threshold = (self.p as f64 * u64::MAX as f64) as u64;
+        let mask: Vec<f32> = (0..x.elem_count() as u64)
+            .map(|i| {
+                if splitmix64(self.seed ^ i.wrapping_mul(0xD6E8_FEB8_6659_FD93)) < threshold {
+                    0.0
+                } else {
+                    keep
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x * mask
+    }
+}
+
 /// One adapter on one projection.
 #[derive(Debug, Clone)]
 pub struct LoraSite {
@@ -61,6 +95,8 @@ pub struct LoraSite {
     pub b_t: Tensor,
     /// DoRA `m / ‖W + s·B A‖`, `[out]`.
     pub dora_scale: Option<Tensor>,
+    /// Training only.
+    pub dropout: Option<Dropout>,
 }
 
 impl LoraSite {
@@ -70,7 +106,10 @@ impl LoraSite {
 
     /// `s·B(A x)` for `x` of shape `[rows, in]`.
     pub fn lora_delta(&self, x: &Tensor) -> Result<Tensor> {
-        x.matmul(&self.a_t)?.matmul(&self.b_t)
+        match &self.dropout {
+            Some(d) if d.p > 0.0 => d.apply(x)?.matmul(&self.a_t)?.matmul(&self.b_t),
+            _ => x.matmul(&self.a_t)?.matmul(&self.b_t),
+        }
     }
 
     /// What this site adds to the base product `base` (without bias) of rows `x`.

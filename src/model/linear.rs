@@ -100,7 +100,7 @@ impl Linear {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            if lora_cpu::applies(x, &row_sites) {
+            if lora_cpu::applies(x, &row_sites) && sites.iter().all(|(_, s)| s.dropout.is_none()) {
                 y = lora_cpu::add_deltas(x, &y, &row_sites)?;
                 return match &self.bias {
                     Some(b) => y.broadcast_add(b),

@@ -13,12 +13,14 @@ use super::linear::Linear;
 use crate::ops::{causal_attention, rms_norm, Rope};
 
 /// Which rows' logits a forward returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogitsRows {
     /// The last position of each sequence (generation).
     Last,
-    /// Every position of every sequence, in batch order (scoring, training).
+    /// Every position of every sequence, in batch order (scoring).
     All,
+    /// These rows of the flattened batch (training: only the positions with a target).
+    Select(Vec<u32>),
 }
 
 /// One sequence's new tokens, its cache, and its adapter (if any). Positions continue from
@@ -206,8 +208,11 @@ impl Llama {
         for (s, &(_, len, _)) in input.seqs.iter_mut().zip(&spans) {
             s.cache.advance(len);
         }
-        let x = match input.logits {
+        let x = match &input.logits {
             LogitsRows::All => x,
+            LogitsRows::Select(rows) => {
+                x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?
+            }
             LogitsRows::Last => {
                 let last: Vec<u32> = spans
                     .iter()

@@ -1,0 +1,251 @@
+//! Trainable adapter sites: A, B (and DoRA's m) as `Var`s on the base model's projections,
+//! initialised as PEFT does, turned each step into the `AdapterWeights` the one forward uses.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor, Var, D};
+use rand::{Rng, SeedableRng};
+
+use super::error::TrainError;
+use crate::adapters::peft::ModuleWeights;
+use crate::adapters::{AdapterConfig, PeftAdapter, TargetModules};
+use crate::model::adapter_site::Dropout;
+use crate::model::{AdapterWeights, Llama, LoraSite, Proj};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Lora,
+    Dora,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainSpec {
+    pub method: Method,
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    pub targets: Vec<Proj>,
+    pub rslora: bool,
+    pub seed: u64,
+    pub base_model: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainSite {
+    pub layer: usize,
+    pub proj: Proj,
+    /// `[r, in]`
+    pub a: Var,
+    /// `[out, r]`
+    pub b: Var,
+    /// DoRA magnitude `[out]`.
+    pub m: Option<Var>,
+    pub scale: f64,
+}
+
+impl TrainSite {
+    pub fn module(&self) -> String {
+        format!("model.layers.{}.{}", self.layer, self.proj.module())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainableAdapter {
+    pub config: AdapterConfig,
+    pub sites: Vec<TrainSite>,
+    pub dropout: f32,
+    pub seed: u64,
+}
+
+fn row_norm(t: &Tensor) -> candle_core::Result<Tensor> {
+    t.sqr()?.sum(D::Minus1)?.sqrt()
+}
+
+impl TrainableAdapter {
+    /// PEFT's initialisation: A ~ U(±1/sqrt(in)) (kaiming-uniform, a = sqrt(5)), B = 0,
+    /// DoRA m = ‖W‖ per output row.
+    pub fn init(model: &Llama, spec: &TrainSpec) -> Result<Self, TrainError> {
+        if spec.rank == 0 {
+            return Err(TrainError::config("--rank", "must be at least 1"));
+        }
+        if !(0.0..1.0).contains(&spec.dropout) {
+            return Err(TrainError::config("--dropout", "must be in [0, 1)"));
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
+        let scale = if spec.rslora {
+            spec.alpha / (spec.rank as f64).sqrt()
+        } else {
+            spec.alpha / spec.rank as f64
+        };
+        let dev = model.device();
+        let mut sites = Vec::new();
+        for layer in 0..model.layers.len() {
+            for &proj in &spec.targets {
+                let w = model
+                    .linear(layer, proj)
+                    .expect("layer exists")
+                    .base()
+                    .dense()?
+                    .to_dtype(DType::F32)?;
+                let (out, inp) = w.dims2()?;
+                let bound = 1.0 / (inp as f64).sqrt();
+                let a: Vec<f32> = (0..spec.rank * inp)
+                    .map(|_| rng.random_range(-bound..bound) as f32)
+                    .collect();
+                let m = match spec.method {
+                    Method::Dora => Some(Var::from_tensor(&row_norm(&w)?)?),
+                    Method::Lora => None,
+                };
+                sites.push(TrainSite {
+                    layer,
+                    proj,
+                    a: Var::from_tensor(&Tensor::from_vec(a, (spec.rank, inp), dev)?)?,
+                    b: Var::from_tensor(&Tensor::zeros((out, spec.rank), DType::F32, dev)?)?,
+                    m,
+                    scale,
+                });
+            }
+        }
+        let mut targets: Vec<String> = spec.targets.iter().map(|p| p.short().to_string()).collect();
+        targets.dedup();
+        let config = AdapterConfig {
+            r: spec.rank,
+            lora_alpha: spec.alpha,
+            target_modules: TargetModules::List(targets),
+            use_rslora: spec.rslora,
+            use_dora: spec.method == Method::Dora,
+            rank_pattern: vec![],
+            alpha_pattern: vec![],
+            lora_dropout: spec.dropout as f64,
+            layers_to_transform: None,
+            base_model_name_or_path: Some(spec.base_model.clone()),
+        };
+        Ok(Self {
+            config,
+            sites,
+            dropout: spec.dropout,
+            seed: spec.seed,
+        })
+    }
+
+    /// Continues from saved PEFT weights (resume, or tests with non-zero B).
+    pub fn from_peft(
+        peft: &PeftAdapter,
+        model: &Llama,
+        dropout: f32,
+        seed: u64,
+    ) -> Result<Self, TrainError> {
+        crate::adapters::bind(peft, model, &Default::default())?;
+        let mut sites = Vec::new();
+        for (module, w) in &peft.modules {
+            let (layer, proj) =
+                crate::adapters::bind::parse_module(module).expect("validated by bind");
+            let var = |t: &Option<Tensor>| -> Result<Option<Var>, TrainError> {
+                Ok(match t {
+                    Some(t) => Some(Var::from_tensor(
+                        &t.to_dtype(DType::F32)?.to_device(model.device())?,
+                    )?),
+                    None => None,
+                })
+            };
+            sites.push(TrainSite {
+                layer,
+                proj,
+                a: var(&w.lora_a)?.expect("validated"),
+                b: var(&w.lora_b)?.expect("validated"),
+                m: var(&w.magnitude)?,
+                scale: peft.config.scale_for(module),
+            });
+        }
+        Ok(Self {
+            config: peft.config.clone(),
+            sites,
+            dropout,
+            seed,
+        })
+    }
+
+    /// The sites for one forward: differentiable in A, B and m; DoRA's norm is detached, as
+    /// in PEFT. `step` seeds the dropout masks (`None`: no dropout, for evaluation).
+    pub fn weights(
+        &self,
+        model: &Llama,
+        step: Option<usize>,
+    ) -> Result<AdapterWeights, TrainError> {
+        let mut layers: Vec<[Option<LoraSite>; 7]> = (0..model.layers.len())
+            .map(|_| Default::default())
+            .collect();
+        for (i, s) in self.sites.iter().enumerate() {
+            let (a, b) = (s.a.as_tensor(), s.b.as_tensor());
+            let dora_scale = match &s.m {
+                None => None,
+                Some(m) => {
+                    let w = model
+                        .linear(s.layer, s.proj)
+                        .expect("layer")
+                        .base()
+                        .dense()?
+                        .to_dtype(DType::F32)?;
+                    let ba = (b.detach().matmul(&a.detach())? * s.scale)?;
+                    let norm = row_norm(&(w + ba)?)?.detach();
+                    Some(m.as_tensor().broadcast_div(&norm)?)
+                }
+            };
+            let dropout = match step {
+                Some(step) if self.dropout > 0.0 => Some(Dropout {
+                    p: self.dropout,
+                    seed: self.seed
+                        ^ ((step as u64) << 20)
+                        ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                }),
+                _ => None,
+            };
+            layers[s.layer][s.proj as usize] = Some(LoraSite {
+                a_t: a.t()?,
+                b_t: (b * s.scale)?.t()?,
+                dora_scale,
+                dropout,
+            });
+        }
+        Ok(AdapterWeights { layers })
+    }
+
+    /// Every trainable tensor under its PEFT key.
+    pub fn vars(&self) -> Vec<(String, &Var)> {
+        let mut out = Vec::new();
+        for s in &self.sites {
+            let module = s.module();
+            out.push((format!("base_model.model.{module}.lora_A.weight"), &s.a));
+            out.push((format!("base_model.model.{module}.lora_B.weight"), &s.b));
+            if let Some(m) = &s.m {
+                out.push((
+                    format!("base_model.model.{module}.lora_magnitude_vector"),
+                    m,
+                ));
+            }
+        }
+        out
+    }
+
+    pub fn to_peft(&self, dir: &std::path::Path) -> PeftAdapter {
+        let modules: BTreeMap<String, ModuleWeights> = self
+            .sites
+            .iter()
+            .map(|s| {
+                (
+                    s.module(),
+                    ModuleWeights {
+                        lora_a: Some(s.a.as_tensor().clone()),
+                        lora_b: Some(s.b.as_tensor().clone()),
+                        magnitude: s.m.as_ref().map(|m| m.as_tensor().clone()),
+                    },
+                )
+            })
+            .collect();
+        PeftAdapter {
+            dir: dir.to_path_buf(),
+            config: self.config.clone(),
+            modules,
+        }
+    }
+}

@@ -1,0 +1,358 @@
+//! The training loop: micro-batches of whole sequences (no padding: the batch is flattened as in
+//! serving), loss on target tokens only, gradient accumulation, clipping, AdamW with a schedule,
+//! checkpoints every `save_steps` (adapter, optimizer state, step) and exact resume, metrics
+//! per step, PEFT export at the end.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{Tensor, Var};
+use serde_json::json;
+
+use super::dataset::{Dataset, Example};
+use super::error::TrainError;
+use super::optim::{clip_global_norm, lr_at, AdamW, Schedule};
+use super::trainable::{TrainSpec, TrainableAdapter};
+use crate::model::llama::SeqInput;
+use crate::model::{AdapterWeights, BatchInput, Llama, LogitsRows, Proj};
+
+#[derive(Debug, Clone)]
+pub struct TrainConfig {
+    pub output: PathBuf,
+    pub overwrite: bool,
+    pub resume: bool,
+    pub spec: TrainSpec,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub betas: (f64, f64),
+    pub schedule: Schedule,
+    pub warmup_ratio: f64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub max_grad_norm: f64,
+    pub epochs: usize,
+    pub max_steps: Option<usize>,
+    pub save_steps: usize,
+    pub progress: bool,
+    /// Written to `training_args.json`.
+    pub args: serde_json::Value,
+    /// Stop after this many steps as if interrupted (tests of `--resume`).
+    pub interrupt_after: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainReport {
+    pub steps: usize,
+    pub first_loss: f32,
+    pub final_loss: f32,
+    pub eval_loss: Option<f32>,
+    pub seconds: f64,
+    pub tokens: usize,
+    pub tokens_per_second: f64,
+    pub adapter: TrainableAdapter,
+}
+
+/// Mean cross-entropy over the target tokens of `examples`, with `weights` applied.
+pub fn batch_loss(
+    model: &Llama,
+    weights: &AdapterWeights,
+    examples: &[&Example],
+) -> Result<Tensor, TrainError> {
+    let mut caches: Vec<_> = examples.iter().map(|_| model.new_cache()).collect();
+    let mut rows = Vec::new();
+    let mut targets = Vec::new();
+    let mut offset = 0u32;
+    for ex in examples {
+        for (t, label) in ex.labels.iter().enumerate() {
+            if let Some(l) = label {
+                rows.push(offset + t as u32);
+                targets.push(*l);
+            }
+        }
+        offset += ex.ids.len() as u32;
+    }
+    let logits = model.forward(&mut BatchInput {
+        seqs: examples
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(ex, c)| SeqInput::new(&ex.ids, c).with_adapter(Some(weights)))
+            .collect(),
+        logits: LogitsRows::Select(rows),
+    })?;
+    let targets = Tensor::new(targets.as_slice(), model.device())?;
+    Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+}
+
+/// Mean loss over a dataset without dropout (evaluation).
+pub fn evaluate(
+    model: &Llama,
+    adapter: &TrainableAdapter,
+    data: &Dataset,
+    batch: usize,
+) -> Result<f32, TrainError> {
+    let weights = adapter.weights(model, None)?;
+    let (mut sum, mut n) = (0f64, 0usize);
+    for chunk in data.examples.chunks(batch.max(1)) {
+        let refs: Vec<&Example> = chunk.iter().collect();
+        let tokens: usize = chunk.iter().map(Example::target_tokens).sum();
+        let loss = batch_loss(model, &weights, &refs)?
+            .detach()
+            .to_scalar::<f32>()?;
+        sum += loss as f64 * tokens as f64;
+        n += tokens;
+    }
+    Ok((sum / n.max(1) as f64) as f32)
+}
+
+fn checkpoint_dir(output: &Path) -> PathBuf {
+    output.join("checkpoint")
+}
+
+fn save_checkpoint(
+    output: &Path,
+    adapter: &TrainableAdapter,
+    opt: &AdamW,
+    step: usize,
+) -> Result<(), TrainError> {
+    let dir = checkpoint_dir(output);
+    let tmp = output.join("checkpoint.tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::output(&tmp, e.to_string()))?;
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (k, v) in adapter.vars() {
+        tensors.insert(k, v.as_tensor().clone());
+    }
+    candle_core::safetensors::save(&tensors, tmp.join("adapter.safetensors"))?;
+    let mut state: HashMap<String, Tensor> = HashMap::new();
+    for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
+        state.insert(format!("m.{i}"), m.clone());
+        state.insert(format!("v.{i}"), v.clone());
+    }
+    candle_core::safetensors::save(&state, tmp.join("optimizer.safetensors"))?;
+    let meta = json!({"step": step, "adam_t": opt.t});
+    std::fs::write(tmp.join("state.json"), meta.to_string())
+        .map_err(|e| TrainError::output(&tmp, e.to_string()))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).map_err(|e| TrainError::output(&dir, e.to_string()))
+}
+
+fn load_checkpoint(
+    output: &Path,
+    adapter: &TrainableAdapter,
+    opt: &mut AdamW,
+) -> Result<usize, TrainError> {
+    let dir = checkpoint_dir(output);
+    let err = |m: String| TrainError::output(&dir, m);
+    let tensors =
+        candle_core::safetensors::load(dir.join("adapter.safetensors"), &candle_core::Device::Cpu)
+            .map_err(|e| err(format!("unreadable checkpoint: {e}")))?;
+    for (k, v) in adapter.vars() {
+        let t = tensors.get(&k).ok_or_else(|| {
+            err(format!(
+                "checkpoint lacks `{k}` (different --rank or targets?)"
+            ))
+        })?;
+        v.set(&t.to_device(v.as_tensor().device())?)
+            .map_err(|e| err(format!("`{k}`: {e}")))?;
+    }
+    let state = candle_core::safetensors::load(
+        dir.join("optimizer.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .map_err(|e| err(format!("unreadable optimizer state: {e}")))?;
+    for i in 0..opt.m.len() {
+        opt.m[i] = state
+            .get(&format!("m.{i}"))
+            .ok_or_else(|| err(format!("optimizer state lacks m.{i}")))?
+            .clone();
+        opt.v[i] = state
+            .get(&format!("v.{i}"))
+            .ok_or_else(|| err(format!("optimizer state lacks v.{i}")))?
+            .clone();
+    }
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("state.json")).map_err(|e| err(e.to_string()))?,
+    )
+    .map_err(|e| err(e.to_string()))?;
+    opt.t = meta["adam_t"].as_u64().unwrap_or(0) as usize;
+    Ok(meta["step"].as_u64().unwrap_or(0) as usize)
+}
+
+fn append_metrics(output: &Path, line: serde_json::Value) -> Result<(), TrainError> {
+    let path = output.join("metrics.jsonl");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .map_err(|e| TrainError::output(&path, e.to_string()))?;
+    writeln!(f, "{line}").map_err(|e| TrainError::output(&path, e.to_string()))
+}
+
+/// Trains a new adapter on `data` and writes it (PEFT format) into `cfg.output`.
+pub fn train(
+    model: &Llama,
+    data: &Dataset,
+    eval: Option<&Dataset>,
+    cfg: &TrainConfig,
+) -> Result<TrainReport, TrainError> {
+    if cfg.batch_size == 0 || cfg.grad_accum == 0 {
+        return Err(TrainError::config(
+            "--batch-size",
+            "and `--grad-accum` must be at least 1",
+        ));
+    }
+    let resuming = cfg.resume && checkpoint_dir(&cfg.output).join("state.json").is_file();
+    if cfg.output.exists() && !cfg.overwrite && !cfg.resume {
+        return Err(TrainError::output(
+            &cfg.output,
+            "exists; pass --overwrite to replace it or --resume to continue",
+        ));
+    }
+    if cfg.overwrite && !cfg.resume && cfg.output.exists() {
+        std::fs::remove_dir_all(&cfg.output)
+            .map_err(|e| TrainError::output(&cfg.output, e.to_string()))?;
+    }
+    std::fs::create_dir_all(&cfg.output)
+        .map_err(|e| TrainError::output(&cfg.output, e.to_string()))?;
+    let micro_per_epoch = data.examples.len().div_ceil(cfg.batch_size);
+    let total = cfg
+        .max_steps
+        .unwrap_or_else(|| (micro_per_epoch * cfg.epochs.max(1)).div_ceil(cfg.grad_accum))
+        .max(1);
+    let warmup = (total as f64 * cfg.warmup_ratio).ceil() as usize;
+
+    let adapter = TrainableAdapter::init(model, &cfg.spec)?;
+    let vars: Vec<&Var> = adapter.vars().into_iter().map(|(_, v)| v).collect();
+    let mut opt = AdamW::new(&vars, cfg.betas.0, cfg.betas.1, cfg.weight_decay)?;
+    let start_step = if resuming {
+        load_checkpoint(&cfg.output, &adapter, &mut opt)?
+    } else {
+        0
+    };
+    if !resuming {
+        let _ = std::fs::remove_file(cfg.output.join("metrics.jsonl"));
+    }
+    std::fs::write(
+        cfg.output.join("training_args.json"),
+        serde_json::to_string_pretty(&cfg.args).expect("json"),
+    )
+    .map_err(|e| TrainError::output(&cfg.output, e.to_string()))?;
+
+    let bar = if cfg.progress {
+        indicatif::ProgressBar::new(total as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps, {msg} (ETA {eta})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(start_step as u64);
+    let started = Instant::now();
+    let mut orders: HashMap<usize, Vec<usize>> = HashMap::new();
+    let (mut first_loss, mut last_loss, mut tokens_done) = (f32::NAN, f32::NAN, 0usize);
+    let mut last_good = if resuming {
+        format!(
+            "{} (step {start_step})",
+            checkpoint_dir(&cfg.output).display()
+        )
+    } else {
+        "none".to_string()
+    };
+    for step in start_step..total {
+        let step_start = Instant::now();
+        let weights = adapter.weights(model, Some(step))?;
+        let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
+        let (mut loss_sum, mut step_tokens) = (0f32, 0usize);
+        for k in 0..cfg.grad_accum {
+            let mb = step * cfg.grad_accum + k;
+            let (epoch, i) = (mb / micro_per_epoch, mb % micro_per_epoch);
+            let order = orders
+                .entry(epoch)
+                .or_insert_with(|| data.order(epoch, cfg.spec.seed));
+            let batch: Vec<&Example> = order
+                [i * cfg.batch_size..((i + 1) * cfg.batch_size).min(order.len())]
+                .iter()
+                .map(|&j| &data.examples[j])
+                .collect();
+            step_tokens += batch.iter().map(|e| e.ids.len()).sum::<usize>();
+            let loss = batch_loss(model, &weights, &batch)?;
+            loss_sum += loss.to_scalar::<f32>()?;
+            let grads = (loss / cfg.grad_accum as f64)?.backward()?;
+            for (slot, var) in acc.iter_mut().zip(&vars) {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    *slot = Some(match slot.take() {
+                        Some(prev) => (prev + g)?,
+                        None => g.clone(),
+                    });
+                }
+            }
+        }
+        let loss = loss_sum / cfg.grad_accum as f32;
+        if !loss.is_finite() {
+            bar.abandon();
+            return Err(TrainError::NonFinite {
+                step: step + 1,
+                value: loss,
+                checkpoint: last_good,
+            });
+        }
+        let mut grads: Vec<Tensor> = acc
+            .into_iter()
+            .zip(&vars)
+            .map(|(g, v)| g.map(Ok).unwrap_or_else(|| v.as_tensor().zeros_like()))
+            .collect::<candle_core::Result<_>>()?;
+        let grad_norm = clip_global_norm(&mut grads, cfg.max_grad_norm)?;
+        let lr = lr_at(cfg.schedule, cfg.lr, step, total, warmup);
+        opt.step(&vars, &grads, lr)?;
+        if first_loss.is_nan() {
+            first_loss = loss;
+        }
+        last_loss = loss;
+        tokens_done += step_tokens;
+        let tps = step_tokens as f64 / step_start.elapsed().as_secs_f64();
+        append_metrics(
+            &cfg.output,
+            json!({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_second": tps}),
+        )?;
+        bar.set_message(format!("loss {loss:.4}, lr {lr:.2e}, {tps:.0} tok/s"));
+        bar.inc(1);
+        let done = step + 1;
+        if cfg.save_steps > 0 && done % cfg.save_steps == 0 && done < total {
+            save_checkpoint(&cfg.output, &adapter, &opt, done)?;
+            last_good = format!("{} (step {done})", checkpoint_dir(&cfg.output).display());
+        }
+        if cfg.interrupt_after == Some(done) {
+            bar.abandon();
+            return Err(TrainError::config(
+                "interrupt_after",
+                format!("stopped after step {done} as asked"),
+            ));
+        }
+    }
+    bar.finish_and_clear();
+    let eval_loss = match eval {
+        Some(e) if !e.examples.is_empty() => {
+            let l = evaluate(model, &adapter, e, cfg.batch_size)?;
+            append_metrics(&cfg.output, json!({"step": total, "eval_loss": l}))?;
+            Some(l)
+        }
+        _ => None,
+    };
+    let names: Vec<&str> = Proj::ALL.iter().map(|p| p.short()).collect();
+    adapter.to_peft(&cfg.output).save(&cfg.output, &names)?;
+    let _ = std::fs::remove_dir_all(checkpoint_dir(&cfg.output));
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(TrainReport {
+        steps: total,
+        first_loss,
+        final_loss: last_loss,
+        eval_loss,
+        seconds,
+        tokens: tokens_done,
+        tokens_per_second: tokens_done as f64 / seconds.max(1e-9),
+        adapter,
+    })
+}
