@@ -72,6 +72,104 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Write base + adapter merged as a Hugging Face model directory.
     Merge(MergeArgs),
+    /// Fine-tune a new LoRA/DoRA adapter (PEFT format) from a JSONL file.
+    Train(TrainArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MethodArg {
+    Lora,
+    Dora,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    Auto,
+    Alpaca,
+    Chat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SchedulerArg {
+    Cosine,
+    Linear,
+    Constant,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// JSONL: `{"messages"}`, `{"prompt", "completion"}` or `{"instruction", "input"?, "output"}`.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long)]
+    pub eval_data: Option<PathBuf>,
+    /// Fraction of `--data` held out for evaluation (when no `--eval-data`).
+    #[arg(long, default_value_t = 0.0)]
+    pub eval_split: f64,
+    #[arg(long, value_enum, default_value = "auto")]
+    pub format: FormatArg,
+    #[arg(long)]
+    pub skip_bad_lines: bool,
+    /// Where the adapter goes, e.g. `adapters/NAME`.
+    #[arg(long)]
+    pub output: PathBuf,
+    #[arg(long)]
+    pub overwrite: bool,
+    /// Continue from the last checkpoint in `--output`.
+    #[arg(long)]
+    pub resume: bool,
+    #[arg(long, value_enum, default_value = "lora")]
+    pub method: MethodArg,
+    #[arg(long, default_value_t = 16)]
+    pub rank: usize,
+    #[arg(long, default_value_t = 32.0)]
+    pub alpha: f64,
+    #[arg(long, default_value_t = 0.05)]
+    pub dropout: f32,
+    /// Comma-separated projections (default: all seven).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    pub target_modules: Vec<String>,
+    #[arg(long)]
+    pub rslora: bool,
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f64,
+    #[arg(long, default_value_t = 0.999)]
+    pub beta2: f64,
+    #[arg(long, value_enum, default_value = "cosine")]
+    pub scheduler: SchedulerArg,
+    #[arg(long, default_value_t = 0.03)]
+    pub warmup_ratio: f64,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    #[arg(long, default_value_t = 50)]
+    pub save_steps: usize,
+    #[arg(long, default_value_t = 512)]
+    pub max_seq_len: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Load the new adapter into this running server when training ends.
+    #[arg(long)]
+    pub register: Option<String>,
+    #[arg(long)]
+    pub api_key: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -364,8 +462,151 @@ pub async fn run_server(args: ServeArgs) -> Result<()> {
     Ok(())
 }
 
+pub async fn run_train(args: TrainArgs) -> Result<()> {
+    use crate::train::{
+        dataset::Tokenization, optim::Schedule, trainable::TrainSpec, Dataset, Format, Method,
+    };
+    if args.model.dtype != DTypeArg::F32 {
+        bail!("`--dtype`: training runs in f32");
+    }
+    let targets = args
+        .target_modules
+        .iter()
+        .map(|t| crate::model::Proj::from_short(t).with_context(|| format!("`--target-modules`: unknown projection `{t}` (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")))
+        .collect::<Result<Vec<_>>>()?;
+    if !(0.0..1.0).contains(&args.eval_split) {
+        bail!("`--eval-split` must be in [0, 1)");
+    }
+    let loaded = args.model.load().await?;
+    let template = ChatTemplate::select(
+        args.model.chat_template.as_deref(),
+        loaded.chat_template.as_deref(),
+    )?;
+    let special = loaded.special_tokens();
+    let eos = *loaded
+        .stop_token_ids(&template)
+        .first()
+        .context("the model has no EOS token")?;
+    let tok = Tokenization {
+        tokenizer: &loaded.tokenizer,
+        template: &template,
+        special: &special,
+        eos,
+        max_seq_len: args.max_seq_len,
+        format: match args.format {
+            FormatArg::Auto => Format::Auto,
+            FormatArg::Alpaca => Format::Alpaca,
+            FormatArg::Chat => Format::Chat,
+        },
+    };
+    let data = Dataset::load(&args.data, &tok, args.skip_bad_lines)?;
+    let (data, eval) = match &args.eval_data {
+        Some(p) => (data, Some(Dataset::load(p, &tok, args.skip_bad_lines)?)),
+        None if args.eval_split > 0.0 => {
+            let (t, e) = data.split(args.eval_split, args.seed);
+            (t, Some(e))
+        }
+        None => (data, None),
+    };
+    eprintln!(
+        "{} training examples ({} skipped){}",
+        data.examples.len(),
+        data.skipped,
+        eval.as_ref()
+            .map(|e| format!(", {} for evaluation", e.examples.len()))
+            .unwrap_or_default()
+    );
+    let cfg = crate::train::TrainConfig {
+        output: args.output.clone(),
+        overwrite: args.overwrite,
+        resume: args.resume,
+        spec: TrainSpec {
+            method: if args.method == MethodArg::Dora {
+                Method::Dora
+            } else {
+                Method::Lora
+            },
+            rank: args.rank,
+            alpha: args.alpha,
+            dropout: args.dropout,
+            targets,
+            rslora: args.rslora,
+            seed: args.seed,
+            base_model: loaded.id.clone(),
+        },
+        lr: args.lr,
+        weight_decay: args.weight_decay,
+        betas: (args.beta1, args.beta2),
+        schedule: match args.scheduler {
+            SchedulerArg::Cosine => Schedule::Cosine,
+            SchedulerArg::Linear => Schedule::Linear,
+            SchedulerArg::Constant => Schedule::Constant,
+        },
+        warmup_ratio: args.warmup_ratio,
+        batch_size: args.batch_size,
+        grad_accum: args.grad_accum,
+        max_grad_norm: args.max_grad_norm,
+        epochs: args.epochs,
+        max_steps: args.max_steps,
+        save_steps: args.save_steps,
+        progress: true,
+        args: serde_json::json!({
+            "data": args.data, "eval_data": args.eval_data, "eval_split": args.eval_split, "method": format!("{:?}", args.method).to_lowercase(),
+            "rank": args.rank, "alpha": args.alpha, "dropout": args.dropout, "target_modules": args.target_modules, "rslora": args.rslora,
+            "lr": args.lr, "weight_decay": args.weight_decay, "betas": [args.beta1, args.beta2], "scheduler": format!("{:?}", args.scheduler).to_lowercase(),
+            "warmup_ratio": args.warmup_ratio, "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_grad_norm": args.max_grad_norm,
+            "epochs": args.epochs, "max_steps": args.max_steps, "save_steps": args.save_steps, "max_seq_len": args.max_seq_len, "seed": args.seed,
+            "base_model": loaded.id,
+        }),
+        interrupt_after: None,
+    };
+    let report = tokio::task::spawn_blocking(move || {
+        crate::train::train(&loaded.model, &data, eval.as_ref(), &cfg)
+    })
+    .await??;
+    eprintln!(
+        "trained {} steps in {:.0} s ({:.0} tokens/s): loss {:.4} -> {:.4}{}; wrote {}",
+        report.steps,
+        report.seconds,
+        report.tokens_per_second,
+        report.first_loss,
+        report.final_loss,
+        report
+            .eval_loss
+            .map(|l| format!(", eval loss {l:.4}"))
+            .unwrap_or_default(),
+        args.output.display()
+    );
+    if let Some(url) = &args.register {
+        let name = args
+            .output
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .context("`--output` has no folder name")?;
+        let path = std::fs::canonicalize(&args.output)?;
+        let mut req = reqwest::Client::new()
+            .post(format!("{}/v1/adapters", url.trim_end_matches('/')))
+            .json(&serde_json::json!({"name": name, "path": path}));
+        if let Some(k) = &args.api_key {
+            req = req.bearer_auth(k);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("`--register`: cannot reach {url}"))?;
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        if !status.is_success() {
+            bail!("`--register`: {url} answered {status}: {body}");
+        }
+        eprintln!("registered as `{name}` at {url}");
+    }
+    Ok(())
+}
+
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Some(Command::Train(args)) => run_train(args).await,
         Some(Command::Generate(args)) => run_generate(args).await,
         Some(Command::Merge(args)) => run_merge(args).await,
         None => run_server(cli.serve).await,

@@ -10,34 +10,10 @@ const ALLOWED: [(&str, &[&str]); 10] = [
     ("metrics", &[]),
     ("model", &["ops", "tokenizer", "chat"]),
     ("adapters", &["model", "ops"]),
-    (
-        "engine",
-        &["model", "adapters", "tokenizer", "metrics", "chat"],
-    ),
-    (
-        "server",
-        &[
-            "engine",
-            "adapters",
-            "model",
-            "chat",
-            "tokenizer",
-            "metrics",
-        ],
-    ),
-    (
-        "cli",
-        &[
-            "server",
-            "engine",
-            "adapters",
-            "model",
-            "chat",
-            "tokenizer",
-            "metrics",
-            "ops",
-        ],
-    ),
+    ("train", &["model", "adapters", "chat", "tokenizer", "ops"]),
+    ("engine", &["model", "adapters", "tokenizer", "metrics", "chat"]),
+    ("server", &["engine", "adapters", "model", "chat", "tokenizer", "metrics"]),
+    ("cli", &["train", "server", "engine", "adapters", "model", "chat", "tokenizer", "metrics", "ops"]),
 ];
 
 fn files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {

@@ -136,3 +136,96 @@ fn a_stalled_half_body_gets_408_and_others_are_served() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+#[test]
+fn serve_train_writes_an_adapter_and_registers_it_with_a_running_server() {
+    let tiny = tiny_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let adapters = tmp.path().join("adapters");
+    std::fs::create_dir_all(&adapters).unwrap();
+    let (mut child, port) = start(&[
+        "--model",
+        tiny.to_str().unwrap(),
+        "--adapters",
+        adapters.to_str().unwrap(),
+    ]);
+    let data = tmp.path().join("data.jsonl");
+    let lines: Vec<String> = (0..12)
+        .map(|i| {
+            serde_json::json!({"instruction": format!("say {i}"), "output": format!("number {i}")})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let out = adapters.join("numbers");
+    let train = Command::new(env!("CARGO_BIN_EXE_serve"))
+        .args([
+            "train",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ])
+        .args([
+            "--max-steps",
+            "6",
+            "--rank",
+            "4",
+            "--alpha",
+            "8",
+            "--lr",
+            "1e-2",
+            "--method",
+            "dora",
+            "--eval-split",
+            "0.25",
+        ])
+        .args(["--register", &format!("http://127.0.0.1:{port}")])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&train.stderr);
+    assert!(train.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("registered as `numbers`") && stderr.contains("eval loss"),
+        "{stderr}"
+    );
+    for f in [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "training_args.json",
+        "metrics.jsonl",
+    ] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    // The server serves it right away.
+    let mut s = post(
+        port,
+        "/v1/chat/completions",
+        r#"{"model":"numbers","messages":[{"role":"user","content":"say 3"}],"max_tokens":4}"#,
+    );
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 200") && answer.contains("\"model\":\"numbers\""),
+        "{answer}"
+    );
+    // A second run into the same folder is refused without --overwrite.
+    let again = Command::new(env!("CARGO_BIN_EXE_serve"))
+        .args([
+            "train",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--output",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success() && e.contains("--overwrite"), "{e}");
+    child.kill().unwrap();
+    let _ = child.wait();
+}

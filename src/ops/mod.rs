@@ -6,6 +6,7 @@
 //! its gradient, and serving keeps the fast kernels.
 
 pub mod attention;
+pub mod frozen_matmul;
 pub mod lora_cpu;
 pub mod rms_norm;
 pub mod rope;

@@ -1,0 +1,127 @@
+//! Held-out score of the `json-extract` example adapter: for each line of
+//! `adapters/json-extract-data/eval.jsonl`, a greedy answer from the default model with and without
+//! the adapter (all requests batched through the engine); an answer scores when it is exactly
+//! one JSON object equal to the expected `{"name", "age", "city"}`.
+//!
+//! `cargo run --release --example json_extract_score [-- ADAPTER_DIR]`
+
+use std::sync::Arc;
+
+use loraplex::adapters::{bind, AdapterCache, BindOptions, CacheConfig, PeftAdapter};
+use loraplex::chat::{ChatMessage, ChatTemplate};
+use loraplex::engine::{
+    Engine, Event, GenerationConfig, SamplingParams, SchedulerConfig, ValidRequest,
+};
+use loraplex::model::source::SourceConfig;
+use loraplex::model::{load_model, ModelSource};
+use serde_json::Value;
+
+#[tokio::main]
+async fn main() {
+    loraplex::init_threads();
+    let dir = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "adapters/json-extract".into());
+    let dir = std::path::PathBuf::from(dir);
+    let resolved = ModelSource::parse(None)
+        .unwrap()
+        .resolve(&SourceConfig::from_env())
+        .await
+        .unwrap();
+    let loaded = Arc::new(load_model(&resolved, &Default::default()).unwrap());
+    let template = ChatTemplate::select(None, loaded.chat_template.as_deref()).unwrap();
+    let eos = loaded.stop_token_ids(&template);
+    let peft = PeftAdapter::load(&dir).unwrap();
+    let cache = AdapterCache::new(CacheConfig::default());
+    let lease = cache
+        .acquire("json-extract", 0, true, || {
+            bind(&peft, &loaded.model, &BindOptions::default())
+        })
+        .unwrap();
+    let metrics = Arc::new(loraplex::metrics::Metrics::new());
+    let engine = Engine::start(
+        loaded.clone(),
+        SchedulerConfig {
+            max_running: 16,
+            kv_cache_tokens: 1 << 20,
+            max_queue: 1024,
+        },
+        metrics,
+    );
+    let lines: Vec<Value> = std::fs::read_to_string("adapters/json-extract-data/eval.jsonl")
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let mut rows = Vec::new();
+    for with_adapter in [false, true] {
+        let mut pending = Vec::new();
+        for ex in &lines {
+            let user = format!(
+                "{}\n\n{}",
+                ex["instruction"].as_str().unwrap(),
+                ex["input"].as_str().unwrap()
+            );
+            let prompt = template
+                .render(
+                    &[ChatMessage::new("user", &user)],
+                    true,
+                    &loaded.special_tokens(),
+                )
+                .unwrap();
+            let ids = loaded.tokenizer.encode(&prompt).unwrap();
+            let rx = engine
+                .submit(ValidRequest {
+                    prompt: ids,
+                    config: GenerationConfig {
+                        max_tokens: 48,
+                        eos_token_ids: eos.clone(),
+                        sampling: SamplingParams::greedy(),
+                        ..Default::default()
+                    },
+                    logprobs: None,
+                    adapter: with_adapter.then(|| lease.clone()),
+                    adapter_label: None,
+                })
+                .unwrap();
+            pending.push(rx);
+        }
+        let mut correct = 0;
+        let mut answers = Vec::new();
+        for (ex, mut rx) in lines.iter().zip(pending) {
+            let mut text = String::new();
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    Event::Token { text: t, .. } => text.push_str(&t),
+                    Event::Done { .. } => break,
+                    Event::Error(e) => panic!("{e}"),
+                }
+            }
+            let expected: Value = serde_json::from_str(ex["output"].as_str().unwrap()).unwrap();
+            let got: Option<Value> = serde_json::from_str(text.trim()).ok();
+            if got.as_ref() == Some(&expected) {
+                correct += 1;
+            }
+            answers.push(text);
+        }
+        rows.push((with_adapter, correct, answers));
+    }
+    let n = lines.len();
+    println!("| | exact JSON matches on {n} held-out sentences |\n|---|---|");
+    for (with, correct, _) in &rows {
+        println!(
+            "| {} | {correct} / {n} ({:.0} %) |",
+            if *with {
+                "with json-extract"
+            } else {
+                "base model"
+            },
+            100.0 * *correct as f64 / n as f64
+        );
+    }
+    for i in 0..3 {
+        println!("\ninput: {}", lines[i]["input"].as_str().unwrap());
+        println!("base:    {:?}", rows[0].2[i].trim());
+        println!("adapter: {:?}", rows[1].2[i].trim());
+    }
+}
