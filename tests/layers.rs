@@ -11,9 +11,35 @@ const ALLOWED: [(&str, &[&str]); 10] = [
     ("model", &["ops", "tokenizer", "chat"]),
     ("adapters", &["model", "ops"]),
     ("train", &["model", "adapters", "chat", "tokenizer", "ops"]),
-    ("engine", &["model", "adapters", "tokenizer", "metrics", "chat"]),
-    ("server", &["engine", "adapters", "model", "chat", "tokenizer", "metrics"]),
-    ("cli", &["train", "server", "engine", "adapters", "model", "chat", "tokenizer", "metrics", "ops"]),
+    (
+        "engine",
+        &["model", "adapters", "tokenizer", "metrics", "chat"],
+    ),
+    (
+        "server",
+        &[
+            "engine",
+            "adapters",
+            "model",
+            "chat",
+            "tokenizer",
+            "metrics",
+        ],
+    ),
+    (
+        "cli",
+        &[
+            "train",
+            "server",
+            "engine",
+            "adapters",
+            "model",
+            "chat",
+            "tokenizer",
+            "metrics",
+            "ops",
+        ],
+    ),
 ];
 
 fn files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {

@@ -154,3 +154,55 @@ fn peft_adapters_on_the_real_model_give_the_reference_greedy_ids() {
         }
     }
 }
+
+#[test]
+fn the_trained_json_extract_example_answers_held_out_sentences_in_schema() {
+    // adapters/json-extract was trained by `serve train` on adapters/json-extract-data/train.jsonl;
+    // these sentences are from eval.jsonl (names and cities never seen in training).
+    let m = model();
+    let template = ChatTemplate::select(None, m.chat_template.as_deref()).unwrap();
+    let peft = loraplex::adapters::PeftAdapter::load(
+        &std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("adapters/json-extract"),
+    )
+    .unwrap();
+    let w = loraplex::adapters::bind(&peft, &m.model, &Default::default()).unwrap();
+    let eval = std::fs::read_to_string(
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("adapters/json-extract-data/eval.jsonl"),
+    )
+    .unwrap();
+    for line in eval.lines().take(3) {
+        let ex: serde_json::Value = serde_json::from_str(line).unwrap();
+        let user = format!(
+            "{}\n\n{}",
+            ex["instruction"].as_str().unwrap(),
+            ex["input"].as_str().unwrap()
+        );
+        let prompt = template
+            .render(
+                &[ChatMessage::new("user", &user)],
+                true,
+                &m.special_tokens(),
+            )
+            .unwrap();
+        let cfg = GenerationConfig {
+            max_tokens: 48,
+            eos_token_ids: m.stop_token_ids(&template),
+            sampling: SamplingParams::greedy(),
+            ..GenerationConfig::default()
+        };
+        let out = generate(
+            &m.model,
+            &m.tokenizer,
+            &m.tokenizer.encode(&prompt).unwrap(),
+            Some(&w),
+            &cfg,
+            |_| {},
+        )
+        .unwrap();
+        let got: serde_json::Value = serde_json::from_str(out.text.trim())
+            .unwrap_or_else(|_| panic!("not JSON: {:?}", out.text));
+        let want: serde_json::Value = serde_json::from_str(ex["output"].as_str().unwrap()).unwrap();
+        assert_eq!(got, want, "{}", ex["input"]);
+    }
+}
