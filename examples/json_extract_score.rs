@@ -119,8 +119,8 @@ async fn main() {
             100.0 * *correct as f64 / n as f64
         );
     }
-    for i in 0..3 {
-        println!("\ninput: {}", lines[i]["input"].as_str().unwrap());
+    for (i, line) in lines.iter().take(3).enumerate() {
+        println!("\ninput: {}", line["input"].as_str().unwrap());
         println!("base:    {:?}", rows[0].2[i].trim());
         println!("adapter: {:?}", rows[1].2[i].trim());
     }

@@ -10,6 +10,7 @@ pub mod engine;
 pub mod metrics;
 pub mod model;
 pub mod ops;
+pub mod quant;
 pub mod server;
 pub mod tokenizer;
 pub mod train;
