@@ -204,6 +204,14 @@ pub struct ModelArgs {
     /// Adapters of a higher rank are refused.
     #[arg(long, default_value_t = 256)]
     pub max_lora_rank: usize,
+    /// Quantize the base model's projections (`nf4`: 4-bit NormalFloat, double-quantized).
+    #[arg(long, value_enum)]
+    pub quantize: Option<QuantizeArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum QuantizeArg {
+    Nf4,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -270,7 +278,11 @@ impl ModelArgs {
             DeviceArg::Cuda if cfg!(feature = "cuda") => Device::new_cuda(0).context("`--device cuda`")?,
             DeviceArg::Cuda => bail!("`--device cuda`: this binary was built without CUDA; rebuild with `--features cuda`"),
         };
-        Ok(ModelOptions { dtype, device })
+        Ok(ModelOptions {
+            dtype,
+            device,
+            nf4: self.quantize == Some(QuantizeArg::Nf4),
+        })
     }
 
     /// Reads the adapter `spec` (a directory, or a name in `--adapters`).
@@ -284,7 +296,20 @@ impl ModelArgs {
         let opts = self.options()?;
         let source = ModelSource::parse(self.model.as_deref())?;
         let resolved = source.resolve(&SourceConfig::from_env()).await?;
+        let nf4 = opts.nf4;
         let loaded = tokio::task::spawn_blocking(move || load_model(&resolved, &opts)).await??;
+        let (bytes, bits) = crate::model::projection_footprint(&loaded.model);
+        if nf4 {
+            eprintln!(
+                "base projections in NF4: {:.1} MB, {bits:.3} bits per parameter",
+                bytes as f64 / 1e6
+            );
+        } else {
+            tracing::info!(
+                "base projections: {:.1} MB, {bits:.1} bits per parameter",
+                bytes as f64 / 1e6
+            );
+        }
         Ok(loaded)
     }
 }

@@ -3,12 +3,13 @@
 use std::path::Path;
 
 /// Modules each layer may use (besides itself).
-const ALLOWED: [(&str, &[&str]); 10] = [
+const ALLOWED: [(&str, &[&str]); 11] = [
     ("ops", &[]),
+    ("quant", &[]),
     ("chat", &[]),
     ("tokenizer", &[]),
     ("metrics", &[]),
-    ("model", &["ops", "tokenizer", "chat"]),
+    ("model", &["ops", "quant", "tokenizer", "chat"]),
     ("adapters", &["model", "ops"]),
     ("train", &["model", "adapters", "chat", "tokenizer", "ops"]),
     (

@@ -83,3 +83,138 @@ fn double_quantized_codes_and_values_equal_bitsandbytes() {
         .fold(0f32, f32::max);
     assert!(worst <= 1e-7, "double-quantized dequant differs by {worst}");
 }
+
+#[test]
+fn nf4_base_with_each_adapter_equals_the_dequantized_base() {
+    use loraplex::adapters::{bind, BindOptions, PeftAdapter};
+    use loraplex::model::llama::SeqInput;
+    use loraplex::model::{quantize_nf4, BaseWeight, BatchInput, LogitsRows, Proj};
+    let mut q = load_tiny();
+    quantize_nf4(&mut q.model).unwrap();
+    let (_, bits) = loraplex::model::projection_footprint(&q.model);
+    assert!(bits < 4.6, "{bits} bits per parameter");
+    // The oracle: the same model with every NF4 projection dequantized to a dense f32 weight.
+    let mut dense = q.clone();
+    for l in 0..dense.model.layers.len() {
+        for p in Proj::ALL {
+            let lin = dense.model.linear_mut(l, p).unwrap();
+            let w = lin.base().dense().unwrap();
+            assert!(matches!(lin.base(), BaseWeight::Nf4(_)));
+            lin.set_base(BaseWeight::Dense(w));
+        }
+    }
+    let ids: Vec<u32> = (3..40).collect();
+    let run = |m: &loraplex::model::LoadedModel,
+               a: Option<&loraplex::model::AdapterWeights>|
+     -> Vec<Vec<f32>> {
+        let mut c = m.model.new_cache();
+        m.model
+            .forward(&mut BatchInput {
+                seqs: vec![SeqInput::new(&ids, &mut c).with_adapter(a)],
+                logits: LogitsRows::All,
+            })
+            .unwrap()
+            .to_vec2()
+            .unwrap()
+    };
+    for name in [
+        None,
+        Some("lora-r8-all"),
+        Some("lora-r4-qv"),
+        Some("rslora-r16-pattern"),
+        Some("dora-r8-all"),
+    ] {
+        let (wq, wd) = match name {
+            None => (None, None),
+            Some(n) => {
+                let peft = PeftAdapter::load(&tiny_dir().join("adapters").join(n)).unwrap();
+                (
+                    Some(bind(&peft, &q.model, &BindOptions::default()).unwrap()),
+                    Some(bind(&peft, &dense.model, &BindOptions::default()).unwrap()),
+                )
+            }
+        };
+        let (a, b) = (run(&q, wq.as_ref()), run(&dense, wd.as_ref()));
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| max_abs_diff(x, y))
+            .fold(0.0, f32::max);
+        assert!(
+            worst < 1e-4,
+            "{name:?}: NF4 vs dequantized base differ by {worst}"
+        );
+    }
+}
+
+#[test]
+fn qlora_training_lowers_the_loss_and_serves_on_the_nf4_base() {
+    use loraplex::adapters::{bind, BindOptions, PeftAdapter};
+    use loraplex::chat::ChatTemplate;
+    use loraplex::model::{quantize_nf4, Proj};
+    use loraplex::train::dataset::Tokenization;
+    use loraplex::train::optim::Schedule;
+    use loraplex::train::trainable::TrainSpec;
+    use loraplex::train::{train, Dataset, Format, Method, TrainConfig};
+    let mut m = load_tiny();
+    quantize_nf4(&mut m.model).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let lines: Vec<String> = (0..16)
+        .map(|i| serde_json::json!({"prompt": format!("q{i} "), "completion": format!("answer {}", i % 4)}).to_string())
+        .collect();
+    std::fs::write(tmp.path().join("d.jsonl"), lines.join("\n")).unwrap();
+    let template = ChatTemplate::select(None, m.chat_template.as_deref()).unwrap();
+    let special = m.special_tokens();
+    let tok = Tokenization {
+        tokenizer: &m.tokenizer,
+        template: &template,
+        special: &special,
+        eos: 2,
+        max_seq_len: 64,
+        format: Format::Auto,
+    };
+    let data = Dataset::load(&tmp.path().join("d.jsonl"), &tok, false).unwrap();
+    let out = tmp.path().join("qlora");
+    let cfg = TrainConfig {
+        output: out.clone(),
+        overwrite: false,
+        resume: false,
+        spec: TrainSpec {
+            method: Method::Lora,
+            rank: 4,
+            alpha: 8.0,
+            dropout: 0.0,
+            targets: Proj::ALL.to_vec(),
+            rslora: false,
+            seed: 3,
+            base_model: "tiny".into(),
+        },
+        lr: 1e-2,
+        weight_decay: 0.0,
+        betas: (0.9, 0.999),
+        schedule: Schedule::Constant,
+        warmup_ratio: 0.0,
+        batch_size: 4,
+        grad_accum: 1,
+        max_grad_norm: 1.0,
+        epochs: 1,
+        max_steps: Some(20),
+        save_steps: 0,
+        progress: false,
+        args: serde_json::json!({}),
+        interrupt_after: None,
+    };
+    let report = train(&m.model, &data, None, &cfg).unwrap();
+    assert!(
+        report.final_loss < 0.5 * report.first_loss,
+        "{} -> {}",
+        report.first_loss,
+        report.final_loss
+    );
+    let served = bind(
+        &PeftAdapter::load(&out).unwrap(),
+        &m.model,
+        &BindOptions::default(),
+    );
+    assert!(served.is_ok());
+}

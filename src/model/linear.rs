@@ -9,31 +9,45 @@ use candle_core::{DType, Result, Tensor};
 
 use super::adapter_site::{LoraSite, Rows};
 use crate::ops::lora_cpu::{self, RowSite};
+use crate::quant::nf4_matmul::Nf4Linear;
 
 /// The frozen base weight of a projection, `[out_features, in_features]` (PyTorch layout).
 #[derive(Debug, Clone)]
 pub enum BaseWeight {
     /// Dense f32 / bf16 / f16.
     Dense(Tensor),
+    /// 4-bit NormalFloat (bitsandbytes layout), dequantized tile by tile inside the matmul.
+    Nf4(Nf4Linear),
 }
 
 impl BaseWeight {
     pub fn dims(&self) -> Result<(usize, usize)> {
         match self {
             Self::Dense(w) => w.dims2(),
+            Self::Nf4(q) => Ok(q.dims()),
         }
     }
 
     pub fn dtype(&self) -> DType {
         match self {
             Self::Dense(w) => w.dtype(),
+            Self::Nf4(_) => DType::F32,
         }
     }
 
-    /// The weight as a dense tensor (for merging and export).
+    /// The weight as a dense tensor (for merging, export, DoRA norms).
     pub fn dense(&self) -> Result<Tensor> {
         match self {
             Self::Dense(w) => Ok(w.clone()),
+            Self::Nf4(q) => Tensor::from_vec(q.dequantize(), q.dims(), &candle_core::Device::Cpu),
+        }
+    }
+
+    /// Bytes the weight occupies.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Self::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            Self::Nf4(q) => q.weight.bytes(),
         }
     }
 
@@ -46,6 +60,7 @@ impl BaseWeight {
                 crate::ops::frozen_matmul::frozen_matmul(x, w)
             }
             Self::Dense(w) => w.matmul(&x.t()?)?.t()?.contiguous(),
+            Self::Nf4(q) => q.matmul_t(x),
         }
     }
 }

@@ -15,11 +15,13 @@ use super::{gguf, safetensors_dir};
 use crate::chat::{ChatTemplate, SpecialTokens};
 use crate::tokenizer::Tokenizer;
 
-/// How to load: element type and device of the weights.
+/// How to load: element type and device of the weights, and whether the projections are
+/// quantized to NF4 (double-quantized; embeddings, norms and `lm_head` stay dense).
 #[derive(Debug, Clone)]
 pub struct ModelOptions {
     pub dtype: DType,
     pub device: Device,
+    pub nf4: bool,
 }
 
 impl Default for ModelOptions {
@@ -27,8 +29,40 @@ impl Default for ModelOptions {
         Self {
             dtype: DType::F32,
             device: Device::Cpu,
+            nf4: false,
         }
     }
+}
+
+/// Quantizes the seven projections of every layer to NF4 with double quantization.
+pub fn quantize_nf4(model: &mut Llama) -> Result<(), ModelError> {
+    use crate::model::Proj;
+    for layer in 0..model.layers.len() {
+        for proj in Proj::ALL {
+            let linear = model.linear_mut(layer, proj).expect("layer exists");
+            let w = linear.base().dense()?.to_dtype(DType::F32)?;
+            let (rows, cols) = w.dims2()?;
+            let values: Vec<f32> = w.flatten_all()?.to_vec1()?;
+            let q = crate::quant::Nf4Weight::quantize(&values, rows, cols, true);
+            linear.set_base(BaseWeight::Nf4(crate::quant::nf4_matmul::Nf4Linear::new(q)));
+        }
+    }
+    Ok(())
+}
+
+/// Bytes and bits per parameter of the seven projections of every layer.
+pub fn projection_footprint(model: &Llama) -> (usize, f64) {
+    use crate::model::Proj;
+    let (mut bytes, mut params) = (0usize, 0usize);
+    for layer in 0..model.layers.len() {
+        for proj in Proj::ALL {
+            let base = model.linear(layer, proj).expect("layer exists").base();
+            bytes += base.bytes();
+            let (o, i) = base.dims().unwrap_or((0, 0));
+            params += o * i;
+        }
+    }
+    (bytes, 8.0 * bytes as f64 / params.max(1) as f64)
 }
 
 #[derive(Debug, Clone)]
@@ -171,10 +205,21 @@ pub fn load_model(
     resolved: &ResolvedModel,
     opts: &ModelOptions,
 ) -> Result<LoadedModel, ModelError> {
-    match resolved {
+    let mut loaded = match resolved {
         ResolvedModel::HfDir { id, path } => safetensors_dir::load(id, path, opts),
         ResolvedModel::Gguf { id, path } => gguf::load(id, path, opts),
+    }?;
+    if opts.nf4 {
+        if opts.dtype != DType::F32 || !matches!(opts.device, Device::Cpu) {
+            return Err(ModelError::field(
+                &loaded.path,
+                "--quantize",
+                "nf4 runs with --dtype f32 on --device cpu",
+            ));
+        }
+        quantize_nf4(&mut loaded.model)?;
     }
+    Ok(loaded)
 }
 
 /// A special token written either as a string or as `{"content": ...}` in tokenizer_config.json.

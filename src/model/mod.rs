@@ -20,5 +20,5 @@ pub use error::ModelError;
 pub use kv_cache::KvCache;
 pub use linear::{BaseWeight, Linear};
 pub use llama::{BatchInput, Llama, LogitsRows};
-pub use loaded::{load_model, LoadedModel, ModelOptions};
+pub use loaded::{load_model, projection_footprint, quantize_nf4, LoadedModel, ModelOptions};
 pub use source::{ModelSource, DEFAULT_MODEL_ID};

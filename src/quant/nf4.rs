@@ -456,7 +456,22 @@ impl Nf4Weight {
     /// Dequantizes rows `start..start + count` into `out` (`count * cols` values).
     pub fn dequantize_rows(&self, scales: &[f32], start: usize, count: usize, out: &mut [f32]) {
         let base = start * self.cols;
-        for (k, o) in out[..count * self.cols].iter_mut().enumerate() {
+        let n = count * self.cols;
+        if base.is_multiple_of(BLOCK) {
+            // Whole blocks: one scale per 64 values, two values per byte.
+            for (b, chunk) in out[..n].chunks_mut(BLOCK).enumerate() {
+                let scale = scales[base / BLOCK + b];
+                let bytes = &self.packed[(base + b * BLOCK) / 2..];
+                for (pair, &byte) in chunk.chunks_mut(2).zip(bytes) {
+                    pair[0] = NF4_LEVELS[(byte >> 4) as usize] * scale;
+                    if let Some(second) = pair.get_mut(1) {
+                        *second = NF4_LEVELS[(byte & 0x0F) as usize] * scale;
+                    }
+                }
+            }
+            return;
+        }
+        for (k, o) in out[..n].iter_mut().enumerate() {
             let i = base + k;
             *o = NF4_LEVELS[self.code(i) as usize] * scales[i / BLOCK];
         }
