@@ -46,6 +46,9 @@ struct Opts {
     url: Option<String>,
     #[arg(long)]
     json: Option<String>,
+    /// Serve the base in NF4.
+    #[arg(long)]
+    nf4: bool,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -293,6 +296,9 @@ fn main() {
             Some(u) => (u.clone(), (0..opts.adapters).map(|i| format!("synthetic-{i}-r{}", opts.rank)).collect::<Vec<_>>()),
             None => {
                 let mut args = vec!["serve".to_string(), "--port".into(), "0".into(), "--adapters".into(), tmp.path().display().to_string()];
+                if opts.nf4 {
+                    args.extend(["--quantize".to_string(), "nf4".into()]);
+                }
                 if let Some(m) = &opts.model {
                     args.extend(["--model".to_string(), m.clone()]);
                 }
