@@ -5,7 +5,7 @@ use std::path::Path;
 /// Modules each layer may use (besides itself).
 const ALLOWED: [(&str, &[&str]); 11] = [
     ("ops", &[]),
-    ("quant", &[]),
+    ("quant", &["ops"]),
     ("chat", &[]),
     ("tokenizer", &[]),
     ("metrics", &[]),

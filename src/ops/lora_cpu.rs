@@ -6,6 +6,8 @@
 
 use candle_core::{CpuStorage, DType, Device, Result, Storage, Tensor};
 
+use super::gemm::{gemm_f32, Mat};
+
 /// One adapter site and the rows it applies to.
 pub struct RowSite<'a> {
     /// `[in, r]`, contiguous.
@@ -42,49 +44,6 @@ fn slice<'g>(storage: &'g Storage, t: &Tensor) -> Result<&'g [f32]> {
     }
 }
 
-/// `c[m, n] (=|+=) a[m, k] · b[k, n]`, all row-major with the given row strides.
-#[allow(clippy::too_many_arguments)]
-fn matmul(
-    (m, n, k): (usize, usize, usize),
-    c: &mut [f32],
-    c_rs: usize,
-    accumulate: bool,
-    (a, a_rs): (&[f32], usize),
-    (b, b_rs): (&[f32], usize),
-    parallelism: gemm::Parallelism,
-) {
-    assert!(
-        m == 0
-            || (c.len() >= (m - 1) * c_rs + n
-                && a.len() >= (m - 1) * a_rs + k
-                && b.len() >= (k - 1) * b_rs + n)
-    );
-    // SAFETY: the bounds of all three matrices were checked above; the slices do not alias.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            c_rs as isize,
-            accumulate,
-            a.as_ptr(),
-            1,
-            a_rs as isize,
-            b.as_ptr(),
-            1,
-            b_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism,
-        )
-    }
-}
-
 /// `Δ = (X_rows · Aᵀ) · (s·B)ᵀ` for one site: `[rows, out]`.
 fn site_delta(
     xv: &[f32],
@@ -111,23 +70,23 @@ fn site_delta(
         &gathered
     };
     let mut t = vec![0f32; m * r];
-    matmul(
+    gemm_f32(
         (m, r, inp),
         &mut t,
         r,
         false,
-        (xg, inp),
-        (a, r),
+        Mat::rows(xg, inp),
+        Mat::rows(a, r),
         gemm::Parallelism::None,
     );
     let mut delta = vec![0f32; m * out];
-    matmul(
+    gemm_f32(
         (m, out, r),
         &mut delta,
         out,
         false,
-        (&t, r),
-        (b, out),
+        Mat::rows(&t, r),
+        Mat::rows(b, out),
         parallelism,
     );
     Ok(delta)

@@ -7,6 +7,7 @@
 
 pub mod attention;
 pub mod frozen_matmul;
+pub mod gemm;
 pub mod lora_cpu;
 pub mod rms_norm;
 pub mod rope;

@@ -9,6 +9,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::nf4::Nf4Weight;
+use crate::ops::gemm::{gemm_f32, Mat};
 
 const TILE: usize = 64;
 
@@ -17,54 +18,6 @@ const TILE: usize = 64;
 pub struct Nf4Linear {
     pub weight: Arc<Nf4Weight>,
     scales: Arc<Vec<f32>>,
-}
-
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: &mut [f32],
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: &[f32],
-    lhs_rs: usize,
-    rhs: &[f32],
-    rhs_cs: usize,
-    rhs_rs: usize,
-) {
-    assert!(
-        m == 0
-            || n == 0
-            || k == 0
-            || (dst.len() >= (m - 1) * dst_rs + n
-                && lhs.len() >= (m - 1) * lhs_rs + k
-                && rhs.len() > (k - 1) * rhs_rs + (n - 1) * rhs_cs)
-    );
-    // SAFETY: bounds checked above; dst does not alias lhs or rhs.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            accumulate,
-            lhs.as_ptr(),
-            1,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
 }
 
 impl Nf4Linear {
@@ -147,7 +100,19 @@ impl Nf4Linear {
                     .dequantize_rows(&self.scales, start, rows, &mut w);
                 let mut y = vec![0f32; n * rows];
                 // rhs = wᵀ: element (k, j) = w[j * inp + k].
-                gemm(n, rows, inp, &mut y, rows, false, x, inp, &w, inp, 1);
+                gemm_f32(
+                    (n, rows, inp),
+                    &mut y,
+                    rows,
+                    false,
+                    Mat::rows(x, inp),
+                    Mat {
+                        data: &w,
+                        rs: 1,
+                        cs: inp,
+                    },
+                    gemm::Parallelism::None,
+                );
                 (start, y)
             })
             .collect();
@@ -173,18 +138,14 @@ impl Nf4Linear {
             self.weight
                 .dequantize_rows(&self.scales, start, rows, &mut w);
             // lhs = grad_y[:, start..start+rows] (row stride out), rhs = w[rows, inp] row-major.
-            gemm(
-                n,
-                inp,
-                rows,
+            gemm_f32(
+                (n, inp, rows),
                 &mut gx,
                 inp,
                 t > 0,
-                &grad_y[start..],
-                out,
-                &w[..rows * inp],
-                1,
-                inp,
+                Mat::rows(&grad_y[start..], out),
+                Mat::rows(&w[..rows * inp], inp),
+                gemm::Parallelism::None,
             );
         }
         gx
