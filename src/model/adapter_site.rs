@@ -160,8 +160,8 @@ pub enum Rows {
     All,
     /// One contiguous run `start..start + len`.
     Range(usize, usize),
-    /// Scattered rows (u32 indices).
-    Index(Tensor),
+    /// Scattered rows: the indices, and the same as a u32 tensor for gather/scatter ops.
+    Index(Vec<usize>, Tensor),
 }
 
 /// An adapter group of a batch: the adapter and its rows.

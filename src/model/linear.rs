@@ -109,11 +109,7 @@ impl Linear {
                         rows: match rows {
                             Rows::All => (0..n).collect(),
                             Rows::Range(start, len) => (*start..start + len).collect(),
-                            Rows::Index(idx) => idx
-                                .to_vec1::<u32>()?
-                                .into_iter()
-                                .map(|r| r as usize)
-                                .collect(),
+                            Rows::Index(idx, _) => idx.clone(),
                         },
                     })
                 })
@@ -134,7 +130,7 @@ impl Linear {
                     let delta = site.delta(&xs, &y.narrow(0, *start, *len)?)?;
                     y.slice_scatter0(&(y.narrow(0, *start, *len)? + delta)?, *start)?
                 }
-                Rows::Index(idx) => {
+                Rows::Index(_, idx) => {
                     let xs = x.index_select(idx, 0)?;
                     let delta = site.delta(&xs, &y.index_select(idx, 0)?)?;
                     y.index_add(idx, &delta, 0)?

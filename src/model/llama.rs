@@ -264,7 +264,8 @@ impl Llama {
                             (start as u32)..(start + len) as u32
                         })
                         .collect();
-                    Rows::Index(Tensor::new(idx.as_slice(), &self.device)?)
+                    let tensor = Tensor::new(idx.as_slice(), &self.device)?;
+                    Rows::Index(idx.into_iter().map(|i| i as usize).collect(), tensor)
                 };
                 Ok(AdapterGroup { adapter, rows })
             })
