@@ -63,11 +63,9 @@ fn quantization_is_bit_exact() {
     }
 }
 
-/// Not reached yet: bitsandbytes' CPU kernel finds the 8-bit code with BinSearch's `Direct2`
-/// bisection, which for 1 of the 192 constants here (index 128) lands one bucket left and keeps
-/// the lower neighbour although the upper one is nearer; we take the exact nearest code.
+/// bitsandbytes' CPU kernel looks the 8-bit code up in a 65536-bin table rather than taking
+/// the exact nearest code: here constant 128 sits 4e-6 above a midpoint and gets the lower code.
 #[test]
-#[ignore = "double-quantized codes differ from bitsandbytes at 1 of 192 (its Direct2 search)"]
 fn double_quantized_codes_and_values_equal_bitsandbytes() {
     let f = fixture();
     let dq = Nf4Weight::quantize(&f32s(&f["weight"]), 96, 128, true);
@@ -82,6 +80,32 @@ fn double_quantized_codes_and_values_equal_bitsandbytes() {
         .map(|(a, b)| (a - b).abs())
         .fold(0f32, f32::max);
     assert!(worst <= 1e-7, "double-quantized dequant differs by {worst}");
+}
+
+/// `blockwise8.safetensors`: codes from bitsandbytes 0.50.2's native CPU kernel
+/// (`make_blockwise8.py`), 11 of which are not the exact nearest code.
+#[test]
+fn blockwise_8bit_codes_equal_bitsandbytes_kernel() {
+    use loraplex::quant::nf4::quantize_blockwise_dynamic;
+    let f = candle_core::safetensors::load(
+        fixtures().join("nf4").join("blockwise8.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let mut cases = 0;
+    for k in 0.. {
+        let Some(input) = f.get(&format!("input_{k}")) else {
+            break;
+        };
+        let block: Vec<i64> = f[&format!("block_{k}")].to_vec1().unwrap();
+        let (codes, absmax) = quantize_blockwise_dynamic(&f32s(input), block[0] as usize);
+        let want = u8s(&f[&format!("codes_{k}")]);
+        let differ: Vec<usize> = (0..want.len()).filter(|&i| codes[i] != want[i]).collect();
+        assert!(differ.is_empty(), "case {k}: codes differ at {differ:?}");
+        assert_eq!(absmax, f32s(&f[&format!("absmax_{k}")]), "case {k}");
+        cases += 1;
+    }
+    assert_eq!(cases, 6);
 }
 
 #[test]

@@ -319,7 +319,8 @@ fn pairwise_sum(v: &[f32]) -> f32 {
     pairwise_sum(&v[..half]) + pairwise_sum(&v[half..])
 }
 
-/// Index of the nearest entry of `table` (sorted ascending); ties go to the lower entry.
+/// Index of the nearest entry of `table` (sorted ascending); ties go to the lower entry, as
+/// `torch.argmin` does.
 fn nearest(table: &[f32], v: f32) -> u8 {
     let mut best = 0;
     let mut best_d = f32::INFINITY;
@@ -331,6 +332,58 @@ fn nearest(table: &[f32], v: f32) -> u8 {
         }
     }
     best as u8
+}
+
+/// Bins of the 8-bit quantizer's lookup table over [-1, 1].
+const LUT_BINS: usize = 65536;
+
+/// The lookup table bitsandbytes' CPU kernel quantizes 8-bit blocks with: [-1, 1] cut into
+/// 65536 evenly spaced points, each mapped to the first code whose upper midpoint is not below
+/// it. A value takes the entry of its nearest grid point, so codes within half a bin
+/// (1.5e-5) of a midpoint can land on the farther neighbour — bitsandbytes' result, which we
+/// reproduce rather than the exact nearest code.
+fn dynamic_lut() -> &'static [u8] {
+    static LUT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    LUT.get_or_init(|| {
+        let map = &DYNAMIC_MAP;
+        let mids: Vec<f32> = map.windows(2).map(|w| 0.5 * (w[0] + w[1])).collect();
+        let mut idx = 0;
+        (0..LUT_BINS)
+            .map(|i| {
+                let v = -1.0f32 + (2.0 * i as f32) / (LUT_BINS - 1) as f32;
+                while idx < mids.len() && mids[idx] < v {
+                    idx += 1;
+                }
+                idx as u8
+            })
+            .collect()
+    })
+}
+
+/// Blockwise 8-bit quantization with the dynamic map, as bitsandbytes' CPU
+/// `quantize_blockwise` computes it (fp32 arithmetic step by step, no fused multiply-add).
+/// Returns the codes and one absmax per block.
+pub fn quantize_blockwise_dynamic(values: &[f32], block: usize) -> (Vec<u8>, Vec<f32>) {
+    let lut = dynamic_lut();
+    let mut codes = Vec::with_capacity(values.len());
+    let mut absmax = Vec::with_capacity(values.len().div_ceil(block));
+    for chunk in values.chunks(block) {
+        let m = chunk.iter().fold(0f32, |a, v| a.max(v.abs()));
+        absmax.push(m);
+        if m == 0.0 {
+            codes.extend(std::iter::repeat_n(0u8, chunk.len()));
+            continue;
+        }
+        let inv = 1.0 / m;
+        codes.extend(chunk.iter().map(|&v| {
+            let x = (v * inv).clamp(-1.0, 1.0);
+            let t = (x + 1.0) * 0.5;
+            let t = t * (LUT_BINS - 1) as f32;
+            let t = t + 0.5;
+            lut[t as usize]
+        }));
+    }
+    (codes, absmax)
 }
 
 /// Per-block scale constants, plain or double-quantized.
@@ -402,9 +455,15 @@ impl Nf4Weight {
         for (b, block) in values.chunks(BLOCK).enumerate() {
             let m = block.iter().fold(0f32, |a, v| a.max(v.abs()));
             absmax.push(m);
+            // bitsandbytes scales by the reciprocal and clamps before taking the nearest level.
+            let inv = 1.0 / m;
             for (j, &v) in block.iter().enumerate() {
-                let x = if m > 0.0 { v / m } else { 0.0 };
-                codes[b * BLOCK + j] = nearest(&NF4_LEVELS, x);
+                // An all-zero block: bitsandbytes' 0 * (1/0) is NaN and it stores code 0.
+                codes[b * BLOCK + j] = if m > 0.0 {
+                    nearest(&NF4_LEVELS, (v * inv).clamp(-1.0, 1.0))
+                } else {
+                    0
+                };
             }
         }
         let packed = codes
@@ -414,18 +473,7 @@ impl Nf4Weight {
         let absmax = if double {
             let offset = pairwise_sum(&absmax) / absmax.len() as f32;
             let centered: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
-            let map = dynamic_map();
-            let mut nested = Vec::new();
-            let mut qcodes = Vec::with_capacity(centered.len());
-            for block in centered.chunks(NESTED_BLOCK) {
-                let m = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-                nested.push(m);
-                qcodes.extend(
-                    block
-                        .iter()
-                        .map(|&v| nearest(&map, if m > 0.0 { v / m } else { 0.0 })),
-                );
-            }
+            let (qcodes, nested) = quantize_blockwise_dynamic(&centered, NESTED_BLOCK);
             Absmax::Double {
                 codes: qcodes,
                 nested_absmax: nested,
