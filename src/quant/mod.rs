@@ -3,5 +3,6 @@
 
 pub mod nf4;
 pub mod nf4_matmul;
+pub mod nf4_simd;
 
 pub use nf4::Nf4Weight;

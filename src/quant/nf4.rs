@@ -510,6 +510,10 @@ impl Nf4Weight {
             for (b, chunk) in out[..n].chunks_mut(BLOCK).enumerate() {
                 let scale = scales[base / BLOCK + b];
                 let bytes = &self.packed[(base + b * BLOCK) / 2..];
+                if chunk.len() == BLOCK {
+                    super::nf4_simd::decode_block(bytes, scale, chunk);
+                    continue;
+                }
                 for (pair, &byte) in chunk.chunks_mut(2).zip(bytes) {
                     pair[0] = NF4_LEVELS[(byte >> 4) as usize] * scale;
                     if let Some(second) = pair.get_mut(1) {

@@ -9,6 +9,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::nf4::Nf4Weight;
+use super::nf4_simd::{self, FUSED_ROWS};
 use crate::ops::gemm::{gemm_f32, Mat};
 
 const TILE: usize = 64;
@@ -44,39 +45,25 @@ impl Nf4Linear {
     /// Dot products straight from the codes, for a few rows (decode): each weight byte is read
     /// once and never written out as a dense tile.
     fn tile_fused(&self, x: &[f32], n: usize, start: usize, rows: usize) -> Vec<f32> {
-        use super::nf4::{BLOCK, NF4_LEVELS};
+        use super::nf4::BLOCK;
         let inp = self.weight.cols;
         let mut y = vec![0f32; n * rows];
-        let mut w = [0f32; BLOCK];
+        let mut part = [0f32; FUSED_ROWS];
         for o in 0..rows {
-            let base = (start + o) * inp;
-            let mut acc = vec![0f32; n];
-            for b in 0..inp / BLOCK {
-                let at = base + b * BLOCK;
-                for (j, &byte) in self.weight.packed[at / 2..(at + BLOCK) / 2]
-                    .iter()
-                    .enumerate()
-                {
-                    w[2 * j] = NF4_LEVELS[(byte >> 4) as usize];
-                    w[2 * j + 1] = NF4_LEVELS[(byte & 0x0F) as usize];
+            let at = (start + o) * inp;
+            for r0 in (0..n).step_by(FUSED_ROWS) {
+                let m = FUSED_ROWS.min(n - r0);
+                nf4_simd::dot_row(
+                    &self.weight.packed[at / 2..(at + inp) / 2],
+                    &self.scales[at / BLOCK..(at + inp) / BLOCK],
+                    &x[r0 * inp..(r0 + m) * inp],
+                    m,
+                    inp,
+                    &mut part,
+                );
+                for (r, p) in part[..m].iter().enumerate() {
+                    y[(r0 + r) * rows + o] = *p;
                 }
-                let scale = self.scales[at / BLOCK];
-                for (r, a) in acc.iter_mut().enumerate() {
-                    let xb = &x[r * inp + b * BLOCK..r * inp + (b + 1) * BLOCK];
-                    // Eight independent lanes so the compiler vectorizes the dot product.
-                    let mut lanes = [0f32; 8];
-                    for (wc, xc) in w.chunks_exact(8).zip(xb.chunks_exact(8)) {
-                        for l in 0..8 {
-                            lanes[l] += wc[l] * xc[l];
-                        }
-                    }
-                    let part = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
-                        + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-                    *a += part * scale;
-                }
-            }
-            for (r, a) in acc.into_iter().enumerate() {
-                y[r * rows + o] = a;
             }
         }
         y
@@ -86,7 +73,7 @@ impl Nf4Linear {
     pub fn forward_raw(&self, x: &[f32], n: usize) -> Vec<f32> {
         let (out, inp) = self.dims();
         // A few rows (decode): fused dot products; more: dequantize a tile, then gemm.
-        let fused = n <= 4 && inp.is_multiple_of(super::nf4::BLOCK);
+        let fused = n <= FUSED_ROWS && inp.is_multiple_of(super::nf4::BLOCK);
         let tiles: Vec<(usize, Vec<f32>)> = (0..out.div_ceil(TILE))
             .into_par_iter()
             .map(|t| {
