@@ -199,7 +199,7 @@ mod tests {
                 .collect();
             let q = Nf4Linear::new(Nf4Weight::quantize(&vals, out, inp, true));
             let w = dense_oracle(&q);
-            for n in [1usize, 3, 32] {
+            for n in [1usize, 3, 8, 9, 32] {
                 let x = Var::from_tensor(&Tensor::randn(0f32, 1.0, (n, inp), &Device::Cpu)?)?;
                 let y = q.matmul_t(x.as_tensor())?;
                 let want = x.as_tensor().matmul(&w.t()?)?;

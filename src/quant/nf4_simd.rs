@@ -39,6 +39,10 @@ pub fn decode_block(bytes: &[u8], scale: f32, out: &mut [f32]) {
         unsafe { avx2::decode_block(bytes, scale, out) };
         return;
     }
+    decode_block_portable(bytes, scale, out);
+}
+
+fn decode_block_portable(bytes: &[u8], scale: f32, out: &mut [f32]) {
     for (pair, &byte) in out[..BLOCK].chunks_exact_mut(2).zip(&bytes[..BLOCK / 2]) {
         pair[0] = NF4_LEVELS[(byte >> 4) as usize] * scale;
         pair[1] = NF4_LEVELS[(byte & 0x0F) as usize] * scale;
@@ -57,10 +61,21 @@ pub fn dot_row(packed: &[u8], scales: &[f32], x: &[f32], n: usize, cols: usize, 
         unsafe { avx2::dot_row(packed, scales, x, n, cols, y) };
         return;
     }
+    dot_row_portable(packed, scales, x, n, cols, y);
+}
+
+fn dot_row_portable(
+    packed: &[u8],
+    scales: &[f32],
+    x: &[f32],
+    n: usize,
+    cols: usize,
+    y: &mut [f32],
+) {
     let mut w = [0f32; BLOCK];
     y[..n].fill(0.0);
     for b in 0..cols / BLOCK {
-        decode_block(&packed[b * BLOCK / 2..], 1.0, &mut w);
+        decode_block_portable(&packed[b * BLOCK / 2..], 1.0, &mut w);
         for (r, acc) in y[..n].iter_mut().enumerate() {
             let xb = &x[r * cols + b * BLOCK..r * cols + (b + 1) * BLOCK];
             // Eight independent lanes so the compiler vectorizes the dot product.
@@ -182,15 +197,27 @@ mod tests {
     }
 
     #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn this_machine_runs_the_simd_path() {
+        // CI and the benches run on x86-64 with AVX2; the figures in README assume it.
+        if is_x86_feature_detected!("avx2") && std::env::var("LORAPLEX_NO_SIMD").is_err() {
+            assert!(simd_available());
+        }
+    }
+
+    #[test]
     fn block_decode_equals_the_table_lookup() {
         for seed in 0..8 {
             let bytes = codes_block(seed);
             let mut got = [0f32; BLOCK];
+            let mut portable = [0f32; BLOCK];
             decode_block(&bytes, 0.37, &mut got);
+            decode_block_portable(&bytes, 0.37, &mut portable);
             for (i, g) in got.iter().enumerate() {
                 let byte = bytes[i / 2];
                 let code = if i % 2 == 0 { byte >> 4 } else { byte & 0x0F };
                 assert_eq!(*g, NF4_LEVELS[code as usize] * 0.37, "element {i}");
+                assert_eq!(portable[i], *g, "portable element {i}");
             }
         }
     }
@@ -205,7 +232,9 @@ mod tests {
                 .map(|i| ((i * 7919) % 101) as f32 / 50.0 - 1.0)
                 .collect();
             let mut y = [0f32; FUSED_ROWS];
+            let mut portable = [0f32; FUSED_ROWS];
             dot_row(&packed, &scales, &x, n, cols, &mut y);
+            dot_row_portable(&packed, &scales, &x, n, cols, &mut portable);
             let mut w = vec![0f32; cols];
             for b in 0..4 {
                 decode_block(&packed[b * 32..], scales[b], &mut w[b * BLOCK..]);
