@@ -159,29 +159,49 @@ mod avx2 {
         cols: usize,
         y: &mut [f32],
     ) {
+        match n {
+            1 => dot_rows::<1, 4>(packed, scales, x, cols, y),
+            2 => dot_rows::<2, 2>(packed, scales, x, cols, y),
+            3 => dot_rows::<3, 2>(packed, scales, x, cols, y),
+            4 => dot_rows::<4, 1>(packed, scales, x, cols, y),
+            5 => dot_rows::<5, 1>(packed, scales, x, cols, y),
+            6 => dot_rows::<6, 1>(packed, scales, x, cols, y),
+            7 => dot_rows::<7, 1>(packed, scales, x, cols, y),
+            _ => dot_rows::<FUSED_ROWS, 1>(packed, scales, x, cols, y),
+        }
+    }
+
+    /// `N` input rows, `K` accumulators per row (so a single row still keeps several FMA chains
+    /// in flight). Each eight weights are decoded once, scaled, and used by every row at once:
+    /// few live registers, no spills.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dot_rows<const N: usize, const K: usize>(
+        packed: &[u8],
+        scales: &[f32],
+        x: &[f32],
+        cols: usize,
+        y: &mut [f32],
+    ) {
         let t = tables();
-        let mut acc = [_mm256_setzero_ps(); FUSED_ROWS];
-        let mut w = [_mm256_setzero_ps(); BLOCK / 8];
+        let mut acc = [[_mm256_setzero_ps(); K]; N];
         for b in 0..cols / BLOCK {
             let p = packed.as_ptr().add(b * BLOCK / 2);
-            for (j, wj) in w.iter_mut().enumerate() {
-                *wj = decode8(&t, p.add(4 * j));
-            }
             let s = _mm256_set1_ps(*scales.get_unchecked(b));
-            for (r, a) in acc.iter_mut().enumerate().take(n) {
-                let xp = x.as_ptr().add(r * cols + b * BLOCK);
-                // Two chains of four so the FMAs overlap.
-                let mut p0 = _mm256_mul_ps(w[0], _mm256_loadu_ps(xp));
-                let mut p1 = _mm256_mul_ps(w[1], _mm256_loadu_ps(xp.add(8)));
-                for j in (2..BLOCK / 8).step_by(2) {
-                    p0 = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xp.add(8 * j)), p0);
-                    p1 = _mm256_fmadd_ps(w[j + 1], _mm256_loadu_ps(xp.add(8 * j + 8)), p1);
+            for j in 0..BLOCK / 8 {
+                let w = _mm256_mul_ps(decode8(&t, p.add(4 * j)), s);
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xv = _mm256_loadu_ps(x.as_ptr().add(r * cols + b * BLOCK + 8 * j));
+                    a[j % K] = _mm256_fmadd_ps(w, xv, a[j % K]);
                 }
-                *a = _mm256_fmadd_ps(_mm256_add_ps(p0, p1), s, *a);
             }
         }
-        for r in 0..n {
-            y[r] = hsum(acc[r]);
+        for (r, a) in acc.iter().enumerate() {
+            let mut sum = a[0];
+            for v in &a[1..] {
+                sum = _mm256_add_ps(sum, *v);
+            }
+            y[r] = hsum(sum);
         }
     }
 }
