@@ -2,7 +2,8 @@
 //! intermediate 1536, 30 layers, 9 heads / 3 KV heads, vocab 49152), f32, random weights:
 //! base only vs one adapter for all rows vs 8 distinct adapters, rank 16 on all seven
 //! projections. Each sequence has 32 tokens of context. Reported as step time; the ratios
-//! adapter/base are what matter.
+//! adapter/base are what matter. `LORAPLEX_BENCH_NF4=1` quantizes the base projections to NF4
+//! first (the adapters stay f32).
 
 use candle_core::{DType, Device, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -125,7 +126,10 @@ fn step(model: &Llama, caches: &[KvCache], adapters: &[Option<&AdapterWeights>])
 fn bench(c: &mut Criterion) {
     loraplex::init_threads();
     let cfg = config();
-    let model = random_llama(&cfg);
+    let mut model = random_llama(&cfg);
+    if std::env::var("LORAPLEX_BENCH_NF4").is_ok_and(|v| v == "1") {
+        loraplex::model::quantize_nf4(&mut model).unwrap();
+    }
     let adapters: Vec<AdapterWeights> = (0..8).map(|_| random_adapter(&model, 16)).collect();
     let mut group = c.benchmark_group("decode_step");
     group.sample_size(10);
