@@ -1,7 +1,8 @@
 //! NormalFloat4 exactly as bitsandbytes stores it: blocks of 64 values, an fp32 absmax per
 //! block, each value the nearest of 16 NF4 levels, two codes a byte (first element in the HIGH
 //! nibble). Double quantization stores the absmax constants as `absmax - mean`, blockwise 256,
-//! with the 8-bit signed dynamic map and one fp32 absmax per 256 constants.
+//! with the 8-bit signed dynamic map (codes looked up the way bitsandbytes' CPU kernel does) and
+//! one fp32 absmax per 256 constants.
 
 pub const BLOCK: usize = 64;
 pub const NESTED_BLOCK: usize = 256;
