@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod frozen_matmul;
 pub mod gemm;
+pub mod lora_avx2;
 pub mod lora_cpu;
 pub mod rms_norm;
 pub mod rope;
