@@ -9,9 +9,7 @@ use std::arch::x86_64::*;
 
 /// Whether `rows_delta` takes rank `r`.
 pub fn supports(r: usize) -> bool {
-    cfg!(target_arch = "x86_64")
-        && matches!(r, 8 | 16 | 32 | 64)
-        && crate::quant::nf4_simd::simd_available()
+    cfg!(target_arch = "x86_64") && matches!(r, 8 | 16 | 32 | 64) && super::cpu_features::avx2_fma()
 }
 
 /// Rows handled together (their accumulators share each loaded row of `A_t` and `B_t`).

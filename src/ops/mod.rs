@@ -6,6 +6,7 @@
 //! its gradient, and serving keeps the fast kernels.
 
 pub mod attention;
+pub mod cpu_features;
 pub mod frozen_matmul;
 pub mod gemm;
 pub mod lora_avx2;

@@ -10,23 +10,9 @@ use super::nf4::{BLOCK, NF4_LEVELS};
 /// Rows the fused dot-product kernel takes at once (its accumulators stay in registers).
 pub const FUSED_ROWS: usize = 8;
 
-/// Whether this CPU runs the AVX2 kernels (checked once; `LORAPLEX_NO_SIMD=1` turns them off,
-/// for comparing against the portable path).
+/// Whether this CPU runs the AVX2 kernels (see `ops::cpu_features`).
 pub fn simd_available() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        if std::env::var("LORAPLEX_NO_SIMD").is_ok_and(|v| v == "1") {
-            return false;
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
-        }
-    })
+    crate::ops::cpu_features::avx2_fma()
 }
 
 /// Decodes one block (32 bytes, 64 codes, high nibble first) times `scale` into `out`.
