@@ -411,6 +411,13 @@ pub async fn run_merge(args: MergeArgs) -> Result<()> {
         args.output.display(),
         args.adapter
     );
+    if args.model.quantize.is_some() {
+        // Like PEFT on a 4-bit base: the result carries the base's quantization error.
+        eprintln!(
+            "note: merged into the dequantized NF4 base (the weights the adapter was served on), \
+             written as full-precision tensors; drop --quantize to merge into the original weights"
+        );
+    }
     Ok(())
 }
 

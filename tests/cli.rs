@@ -546,3 +546,80 @@ fn unknown_adapter_is_an_error_not_the_base_model() {
     assert!(e.contains("adapter `missing` not found"), "{e}");
     assert!(out.stdout.is_empty());
 }
+
+/// `serve merge --quantize nf4` merges into the dequantized NF4 base — the weights the adapter
+/// was served on — and says so: the merged model's logits equal the unmerged adapter on the
+/// NF4 base.
+#[test]
+fn merge_onto_an_nf4_base_equals_the_adapter_served_on_it() {
+    use loraplex::adapters::{bind, BindOptions, PeftAdapter};
+    use loraplex::model::llama::SeqInput;
+    use loraplex::model::{BatchInput, LogitsRows};
+    let tmp = tempfile::tempdir().unwrap();
+    let out_dir = tmp.path().join("merged");
+    let adapter = tiny_dir().join("adapters").join("dora-r8-all");
+    let out = serve(
+        &[
+            "merge",
+            "--model",
+            tiny_dir().to_str().unwrap(),
+            "--quantize",
+            "nf4",
+            "--adapter",
+            adapter.to_str().unwrap(),
+            "--output",
+            out_dir.to_str().unwrap(),
+        ],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("dequantized NF4 base"), "{stderr}");
+    let ids: Vec<u32> = (3..30).collect();
+    let last = |m: &loraplex::model::LoadedModel, a: Option<&loraplex::model::AdapterWeights>| {
+        let mut c = m.model.new_cache();
+        let v: Vec<f32> = m
+            .model
+            .forward(&mut BatchInput {
+                seqs: vec![SeqInput::new(&ids, &mut c).with_adapter(a)],
+                logits: LogitsRows::Last,
+            })
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        v
+    };
+    let merged = loraplex::model::load_model(
+        &loraplex::model::source::ResolvedModel::HfDir {
+            id: "merged".into(),
+            path: out_dir,
+        },
+        &loraplex::model::ModelOptions::default(),
+    )
+    .unwrap();
+    let mut q = load_tiny();
+    loraplex::model::quantize_nf4(&mut q.model).unwrap();
+    let bound = bind(
+        &PeftAdapter::load(&adapter).unwrap(),
+        &q.model,
+        &BindOptions::default(),
+    )
+    .unwrap();
+    let d = max_abs_diff(&last(&merged, None), &last(&q, Some(&bound)));
+    assert!(d < 1e-4, "merged on NF4 vs served on NF4: {d}");
+    // And it is not the merge into the original weights.
+    let plain = last(
+        &load_tiny(),
+        Some(
+            &bind(
+                &PeftAdapter::load(&adapter).unwrap(),
+                &load_tiny().model,
+                &BindOptions::default(),
+            )
+            .unwrap(),
+        ),
+    );
+    assert!(max_abs_diff(&last(&merged, None), &plain) > 1e-3);
+}
