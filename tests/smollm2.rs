@@ -87,27 +87,32 @@ fn top10_last_logits_within_2e_3() {
     assert!(worst < 2e-3, "top-10 logits differ by {worst}");
 }
 
+/// The 20-token greedy answer of one reference chat (stopping at the template's end tokens).
+fn greedy20(m: &LoadedModel, case: &serde_json::Value) -> loraplex::engine::Generation {
+    let template = ChatTemplate::select(None, m.chat_template.as_deref()).unwrap();
+    let cfg = GenerationConfig {
+        max_tokens: 20,
+        eos_token_ids: m.stop_token_ids(&template),
+        sampling: SamplingParams::greedy(),
+        ..GenerationConfig::default()
+    };
+    generate(
+        &m.model,
+        &m.tokenizer,
+        &as_u32_vec(&case["input_ids"]),
+        None,
+        &cfg,
+        |_| {},
+    )
+    .unwrap()
+}
+
 #[test]
 fn greedy_ids_are_exact() {
     let m = model();
-    let template = ChatTemplate::select(None, m.chat_template.as_deref()).unwrap();
     for case in expected()["chat"].as_array().unwrap() {
         let want = as_u32_vec(&case["greedy_ids"]);
-        let cfg = GenerationConfig {
-            max_tokens: 20,
-            eos_token_ids: m.stop_token_ids(&template),
-            sampling: SamplingParams::greedy(),
-            ..GenerationConfig::default()
-        };
-        let out = generate(
-            &m.model,
-            &m.tokenizer,
-            &as_u32_vec(&case["input_ids"]),
-            None,
-            &cfg,
-            |_| {},
-        )
-        .unwrap();
+        let out = greedy20(m, case);
         assert_eq!(out.token_ids, want, "greedy ids for {}", case["messages"]);
         assert_eq!(out.text, case["greedy_text"].as_str().unwrap());
     }
@@ -254,27 +259,12 @@ fn nf4_base_is_small_and_keeps_the_first_answer_tokens() {
         eprintln!("layer 0 {p:?}: |W - NF4(W)| / |W| = {:.4}", err / norm);
         assert!(err / norm < 0.12, "{p:?}: relative error {}", err / norm);
     }
-    let template = ChatTemplate::select(None, q.chat_template.as_deref()).unwrap();
     let mut identical = 0;
     let mut agree = Vec::new();
     let (mut forced_same, mut forced_total) = (0, 0);
     for case in expected()["chat"].as_array().unwrap() {
         let want = as_u32_vec(&case["greedy_ids"]);
-        let cfg = GenerationConfig {
-            max_tokens: 20,
-            eos_token_ids: q.stop_token_ids(&template),
-            sampling: SamplingParams::greedy(),
-            ..GenerationConfig::default()
-        };
-        let out = generate(
-            &q.model,
-            &q.tokenizer,
-            &as_u32_vec(&case["input_ids"]),
-            None,
-            &cfg,
-            |_| {},
-        )
-        .unwrap();
+        let out = greedy20(&q, case);
         let prefix = out
             .token_ids
             .iter()
