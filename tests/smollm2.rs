@@ -227,28 +227,11 @@ fn nf4_base_is_small_and_keeps_the_first_answer_tokens() {
     assert!(bits <= 4.2, "{bits} bits per parameter");
     // Weight error of the quantization itself, relative, on every projection of layer 0.
     for p in loraplex::model::Proj::ALL {
-        let w: Vec<f32> = model()
-            .model
-            .linear(0, p)
-            .unwrap()
-            .base()
-            .dense()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let d: Vec<f32> = q
-            .model
-            .linear(0, p)
-            .unwrap()
-            .base()
-            .dense()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
+        let dense = |m: &LoadedModel| -> Vec<f32> {
+            let w = m.model.linear(0, p).unwrap().base().dense().unwrap();
+            w.flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let (w, d) = (dense(model()), dense(&q));
         let err: f32 = w
             .iter()
             .zip(&d)

@@ -7,14 +7,10 @@
 //! summation order); the SIMD path is taken when the CPU reports AVX2 and FMA.
 
 use super::nf4::{BLOCK, NF4_LEVELS};
+use crate::ops::cpu_features::avx2_fma as simd_available;
 
 /// Rows the fused dot-product kernel takes at once (its accumulators stay in registers).
 pub const FUSED_ROWS: usize = 8;
-
-/// Whether this CPU runs the AVX2 kernels (see `ops::cpu_features`).
-pub fn simd_available() -> bool {
-    crate::ops::cpu_features::avx2_fma()
-}
 
 /// Decodes one block (32 bytes, 64 codes, high nibble first) times `scale` into `out`.
 pub fn decode_block(bytes: &[u8], scale: f32, out: &mut [f32]) {
