@@ -34,9 +34,14 @@ async fn main() {
     let peft = PeftAdapter::load(&dir).unwrap();
     let cache = AdapterCache::new(CacheConfig::default());
     let lease = cache
-        .acquire("json-extract", 0, true, || {
-            bind(&peft, &loaded.model, &BindOptions::default())
-        })
+        .acquire(
+            &loraplex::adapters::AdapterKey {
+                name: loraplex::adapters::AdapterName::parse("json-extract").unwrap(),
+                version: 0,
+            },
+            true,
+            || bind(&peft, &loaded.model, &BindOptions::default()),
+        )
         .unwrap();
     let metrics = Arc::new(loraplex::metrics::Metrics::new());
     let engine = Engine::start(
@@ -45,6 +50,7 @@ async fn main() {
             max_running: 16,
             kv_cache_tokens: 1 << 20,
             max_queue: 1024,
+            max_queue_per_tenant: 1024,
         },
         metrics,
     );
@@ -82,6 +88,7 @@ async fn main() {
                     logprobs: None,
                     adapter: with_adapter.then(|| lease.clone()),
                     adapter_label: None,
+                    tenant: None,
                 })
                 .unwrap();
             pending.push(rx);

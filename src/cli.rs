@@ -64,6 +64,19 @@ pub struct ServeArgs {
     /// On SIGTERM, running requests get this long to finish.
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout_secs: u64,
+    /// Directories admins may load adapters from by path (repeatable; symlinks are resolved
+    /// first). Default: the adapters directory only.
+    #[arg(long = "adapter-path-allow", value_name = "DIR")]
+    pub adapter_path_allow: Vec<PathBuf>,
+    /// A key that may read `/metrics` (and nothing else); with `--api-keys`, admin keys may too.
+    #[arg(long, env = "LORAPLEX_METRICS_KEY", hide_env_values = true)]
+    pub metrics_key: Option<String>,
+    /// Adapter loads (from disk or the hub) running at once.
+    #[arg(long, default_value_t = 2)]
+    pub max_concurrent_loads: usize,
+    /// Largest adapter weights file downloaded from the hub (checked from its header first).
+    #[arg(long, default_value_t = 1 << 30)]
+    pub max_hub_adapter_bytes: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -442,6 +455,10 @@ pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::serve
             max_running: args.max_running,
             kv_cache_tokens: args.kv_cache_tokens,
             max_queue: args.max_queue,
+            max_queue_per_tenant: crate::server::policy::Policy::queue_share(
+                keys.as_ref(),
+                args.max_queue,
+            ),
         },
         metrics.clone(),
     );
@@ -461,16 +478,29 @@ pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::serve
             max_rank: args.model.max_lora_rank,
         },
         sources: SourceConfig::from_env(),
+        policy: crate::server::policy::PolicyConfig {
+            path_allow: args.adapter_path_allow.clone(),
+            metrics_key: args
+                .metrics_key
+                .as_deref()
+                .map(crate::server::auth::MetricsKey::new),
+            max_hub_bytes: args.max_hub_adapter_bytes,
+        },
+        max_concurrent_loads: args.max_concurrent_loads,
+        max_concurrent_prepare: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .max(2),
     };
-    Ok(Arc::new(AppState::new(
+    Ok(Arc::new(AppState::new(crate::server::Parts {
         engine,
-        Registry::new(&args.model.adapters),
+        registry: Registry::new(&args.model.adapters),
         cache,
         metrics,
         keys,
         template,
         config,
-    )))
+    })))
 }
 
 pub async fn run_server(args: ServeArgs) -> Result<()> {

@@ -2,7 +2,8 @@
 //!
 //! Per-adapter series are bounded: the first `MAX_ADAPTER_LABELS` adapter names seen get
 //! their own label, the rest are counted as `other`, so a flood of adapter names cannot blow up
-//! the series count.
+//! the series count. A tenant's adapters (`tenant/name`) get at most `PER_TENANT_LABELS` of
+//! those labels, the rest `tenant/other`, so one tenant cannot use up the slots for everyone.
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -13,6 +14,7 @@ use prometheus::{
 };
 
 pub const MAX_ADAPTER_LABELS: usize = 32;
+pub const PER_TENANT_LABELS: usize = 8;
 
 pub struct Metrics {
     pub registry: Registry,
@@ -199,6 +201,12 @@ impl Metrics {
         if seen.contains(adapter) {
             return adapter.to_string();
         }
+        if let Some((tenant, _)) = adapter.split_once('/') {
+            let prefix = format!("{tenant}/");
+            if seen.iter().filter(|l| l.starts_with(&prefix)).count() >= PER_TENANT_LABELS {
+                return format!("{tenant}/other");
+            }
+        }
         if seen.len() < MAX_ADAPTER_LABELS {
             seen.insert(adapter.to_string());
             adapter.to_string()
@@ -244,6 +252,22 @@ mod tests {
         }
         assert_eq!(m.adapter_label("one-too-many"), "other");
         assert_eq!(m.adapter_label("a0"), "a0");
+    }
+
+    #[test]
+    fn one_tenant_cannot_use_up_the_labels() {
+        let m = Metrics::new();
+        for i in 0..100 {
+            let label = m.adapter_label(&format!("greedy/a{i}"));
+            let expected = if i < PER_TENANT_LABELS {
+                format!("greedy/a{i}")
+            } else {
+                "greedy/other".into()
+            };
+            assert_eq!(label, expected);
+        }
+        assert_eq!(m.adapter_label("modest/x"), "modest/x");
+        assert_eq!(m.adapter_label("public"), "public");
     }
 
     #[test]

@@ -191,13 +191,27 @@ fn hub_adapters_come_from_the_cache_or_fail_naming_the_hub() {
         hub_endpoint: "http://127.0.0.1:9".into(),
         pypi_index: String::new(),
     };
+    let opts = loraplex::adapters::hub::HubOptions {
+        use_token: false,
+        max_bytes: 1 << 30,
+    };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let dir = rt
-        .block_on(loraplex::adapters::hub::fetch("acme/qv", &cfg))
+        .block_on(loraplex::adapters::hub::fetch(
+            "acme/qv",
+            &cfg,
+            &opts,
+            |_| Ok(()),
+        ))
         .unwrap();
     assert_eq!(load_and_bind(&dir, 256), "ok");
     let e = rt
-        .block_on(loraplex::adapters::hub::fetch("acme/missing", &cfg))
+        .block_on(loraplex::adapters::hub::fetch(
+            "acme/missing",
+            &cfg,
+            &opts,
+            |_| Ok(()),
+        ))
         .unwrap_err()
         .to_string();
     assert!(
@@ -205,7 +219,9 @@ fn hub_adapters_come_from_the_cache_or_fail_naming_the_hub() {
         "{e}"
     );
     let e = rt
-        .block_on(loraplex::adapters::hub::fetch("../x", &cfg))
+        .block_on(loraplex::adapters::hub::fetch("../x", &cfg, &opts, |_| {
+            Ok(())
+        }))
         .unwrap_err()
         .to_string();
     assert!(e.contains("invalid adapter name"), "{e}");

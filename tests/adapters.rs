@@ -105,6 +105,13 @@ fn mixed_batch_equals_each_row_alone() {
     assert!(max_abs_diff(&base[0], &batch[0]) > 1e-3);
 }
 
+fn key(name: &str) -> loraplex::adapters::AdapterKey {
+    loraplex::adapters::AdapterKey {
+        name: loraplex::adapters::AdapterName::parse(name).unwrap(),
+        version: 0,
+    }
+}
+
 #[test]
 fn a_small_cache_with_more_adapters_in_use_stays_correct() {
     let loaded = load_tiny();
@@ -119,7 +126,7 @@ fn a_small_cache_with_more_adapters_in_use_stays_correct() {
     for round in 0..3 {
         for name in ADAPTERS {
             let lease = cache
-                .acquire(name, 0, false, || {
+                .acquire(&key(name), false, || {
                     reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                     let peft = PeftAdapter::load(&adapter_dir(name))?;
                     bind(&peft, &loaded.model, &BindOptions::default())
@@ -191,7 +198,7 @@ fn four_adapters_leased_at_once_with_room_for_two() {
         .iter()
         .map(|name| {
             cache
-                .acquire(name, 0, false, || {
+                .acquire(&key(name), false, || {
                     bind(
                         &PeftAdapter::load(&adapter_dir(name))?,
                         &loaded.model,

@@ -1,12 +1,15 @@
 //! Binding a PEFT adapter to the base model: every module checked against the model (exists,
 //! shapes fit, rank within bounds), the scale folded into B, DoRA's `m / ‖W + s·B A‖` computed
-//! once. The result is what the forward pass uses.
+//! once. The result is what the forward pass uses. The same checks run on a safetensors header
+//! alone (`check`), so a bad adapter is refused before its tensors are read.
+
+use std::path::Path;
 
 use candle_core::{DType, Tensor, D};
 
-use super::config::TargetModules;
+use super::config::{AdapterConfig, TargetModules};
 use super::error::AdapterError;
-use super::peft::{ModuleWeights, PeftAdapter};
+use super::peft::{AdapterHeader, ModuleShapes, PeftAdapter};
 use crate::model::{AdapterWeights, Llama, LoraSite, Proj};
 
 #[derive(Debug, Clone)]
@@ -41,13 +44,7 @@ pub fn dora_weight_norm(
     (w + ba)?.sqr()?.sum(D::Minus1)?.sqrt()
 }
 
-pub fn bind(
-    adapter: &PeftAdapter,
-    model: &Llama,
-    opts: &BindOptions,
-) -> Result<AdapterWeights, AdapterError> {
-    let cfg = &adapter.config;
-    let path = adapter.dir.join(super::peft::WEIGHTS_FILE);
+fn check_config(cfg: &AdapterConfig, dir: &Path, opts: &BindOptions) -> Result<(), AdapterError> {
     if let TargetModules::List(names) = &cfg.target_modules {
         for n in names {
             let known = Proj::ALL.iter().any(|p| {
@@ -55,7 +52,7 @@ pub fn bind(
             });
             if !known {
                 return Err(AdapterError::config(
-                    adapter.dir.join(super::peft::CONFIG_FILE),
+                    dir.join(super::peft::CONFIG_FILE),
                     "target_modules",
                     format!("names `{n}`, which the base model lacks (it has q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)"),
                 ));
@@ -64,75 +61,126 @@ pub fn bind(
     }
     if cfg.r > opts.max_rank {
         return Err(AdapterError::config(
-            adapter.dir.join(super::peft::CONFIG_FILE),
+            dir.join(super::peft::CONFIG_FILE),
             "r",
             format!("is {}, above --max-lora-rank {}", cfg.r, opts.max_rank),
         ));
     }
+    Ok(())
+}
+
+/// Checks one module's shapes against the model; returns its layer and projection.
+fn check_module(
+    cfg: &AdapterConfig,
+    path: &Path,
+    module: &str,
+    shapes: &ModuleShapes,
+    model: &Llama,
+    opts: &BindOptions,
+) -> Result<(usize, Proj), AdapterError> {
+    let err = |problem: String| AdapterError::Module {
+        path: path.to_path_buf(),
+        module: module.to_string(),
+        problem,
+    };
+    let (layer, proj) = parse_module(module)
+        .filter(|(l, _)| *l < model.layers.len())
+        .ok_or_else(|| err("the base model has no such module".into()))?;
+    let linear = model.linear(layer, proj).expect("layer checked");
+    let (out, inp) = linear.base().dims()?;
+    let a = shapes
+        .lora_a
+        .as_ref()
+        .ok_or_else(|| err("lora_A is missing".into()))?;
+    let b = shapes
+        .lora_b
+        .as_ref()
+        .ok_or_else(|| err("lora_B is missing".into()))?;
+    let r = a.first().copied().unwrap_or(0);
+    if r > opts.max_rank {
+        return Err(err(format!(
+            "rank {r} is above --max-lora-rank {}",
+            opts.max_rank
+        )));
+    }
+    if a[..] != [r, inp] || b[..] != [out, r] {
+        return Err(err(format!(
+            "lora_A {a:?} and lora_B {b:?} do not fit the base weight [{out}, {inp}] (expected [{r}, {inp}] and [{out}, {r}])"
+        )));
+    }
+    let expected_r = cfg.rank_for(module);
+    if r != expected_r {
+        return Err(err(format!(
+            "has rank {r}, but adapter_config.json gives it rank {expected_r}"
+        )));
+    }
+    match (cfg.use_dora, &shapes.magnitude) {
+        (false, None) => {}
+        (false, Some(_)) => return Err(err("has a DoRA magnitude but `use_dora` is false".into())),
+        (true, None) => {
+            return Err(err(
+                "lora_magnitude_vector is missing (use_dora is true)".into()
+            ))
+        }
+        (true, Some(m)) => {
+            if m[..] != [out] {
+                return Err(err(format!(
+                    "lora_magnitude_vector {m:?} does not fit [{out}]"
+                )));
+            }
+        }
+    }
+    Ok((layer, proj))
+}
+
+/// Checks an adapter known from its header against the model, before any tensor is read.
+pub fn check(
+    header: &AdapterHeader,
+    model: &Llama,
+    opts: &BindOptions,
+) -> Result<(), AdapterError> {
+    check_config(&header.config, &header.dir, opts)?;
+    let path = header.dir.join(super::peft::WEIGHTS_FILE);
+    for (module, shapes) in &header.modules {
+        check_module(&header.config, &path, module, shapes, model, opts)?;
+    }
+    Ok(())
+}
+
+/// Reads an adapter directory header-first (config and header checked against the model
+/// before the tensors are read) and binds it.
+pub fn load_checked(
+    dir: &Path,
+    model: &Llama,
+    opts: &BindOptions,
+) -> Result<AdapterWeights, AdapterError> {
+    check(&PeftAdapter::inspect(dir)?, model, opts)?;
+    bind(&PeftAdapter::load(dir)?, model, opts)
+}
+
+pub fn bind(
+    adapter: &PeftAdapter,
+    model: &Llama,
+    opts: &BindOptions,
+) -> Result<AdapterWeights, AdapterError> {
+    let cfg = &adapter.config;
+    let path = adapter.dir.join(super::peft::WEIGHTS_FILE);
+    check_config(cfg, &adapter.dir, opts)?;
     let dtype = model.dtype();
     let mut layers: Vec<[Option<LoraSite>; 7]> = (0..model.layers.len())
         .map(|_| Default::default())
         .collect();
     for (module, w) in &adapter.modules {
-        let err = |problem: String| AdapterError::Module {
-            path: path.clone(),
-            module: module.clone(),
-            problem,
-        };
-        let (layer, proj) = parse_module(module)
-            .filter(|(l, _)| *l < model.layers.len())
-            .ok_or_else(|| err("the base model has no such module".into()))?;
+        let (layer, proj) = check_module(cfg, &path, module, &w.shapes(), model, opts)?;
         let linear = model.linear(layer, proj).expect("layer checked");
-        let (out, inp) = linear.base().dims()?;
-        let ModuleWeights {
-            lora_a,
-            lora_b,
-            magnitude,
-        } = w;
-        let a = lora_a
-            .as_ref()
-            .ok_or_else(|| err("lora_A is missing".into()))?;
-        let b = lora_b
-            .as_ref()
-            .ok_or_else(|| err("lora_B is missing".into()))?;
-        let r = a.dims().first().copied().unwrap_or(0);
-        if r > opts.max_rank {
-            return Err(err(format!(
-                "rank {r} is above --max-lora-rank {}",
-                opts.max_rank
-            )));
-        }
-        if a.dims() != [r, inp] || b.dims() != [out, r] {
-            return Err(err(format!(
-                "lora_A {:?} and lora_B {:?} do not fit the base weight [{out}, {inp}] (expected [{r}, {inp}] and [{out}, {r}])",
-                a.dims(),
-                b.dims()
-            )));
-        }
-        let expected_r = cfg.rank_for(module);
-        if r != expected_r {
-            return Err(err(format!(
-                "has rank {r}, but adapter_config.json gives it rank {expected_r}"
-            )));
-        }
+        let (Some(a), Some(b)) = (&w.lora_a, &w.lora_b) else {
+            unreachable!("check_module requires lora_A and lora_B")
+        };
+        let magnitude = &w.magnitude;
         let scale = cfg.scale_for(module);
-        let dora_scale = match (cfg.use_dora, magnitude) {
-            (false, None) => None,
-            (false, Some(_)) => {
-                return Err(err("has a DoRA magnitude but `use_dora` is false".into()))
-            }
-            (true, None) => {
-                return Err(err(
-                    "lora_magnitude_vector is missing (use_dora is true)".into()
-                ))
-            }
-            (true, Some(m)) => {
-                if m.dims() != [out] {
-                    return Err(err(format!(
-                        "lora_magnitude_vector {:?} does not fit [{out}]",
-                        m.dims()
-                    )));
-                }
+        let dora_scale = match magnitude {
+            None => None,
+            Some(m) => {
                 let norm = dora_weight_norm(&linear.base().dense()?, a, b, scale)?;
                 Some((m.to_dtype(DType::F32)? / norm)?.to_dtype(dtype)?)
             }

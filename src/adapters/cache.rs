@@ -1,7 +1,9 @@
 //! Resident adapters: an LRU bounded by a count and a byte budget. A request holds a `Lease`
 //! on the version it started with; leased and pinned adapters are never evicted (the cache
 //! may run over its bounds while everything resident is in use, and shrinks as leases end).
-//! A miss loads outside the lock, and concurrent misses for one adapter load it once.
+//! A miss loads outside the lock, and concurrent misses for one adapter load it once. One
+//! version per name is resident; a load that finishes after a newer version arrived does not
+//! displace it. The end of the last lease on an adapter applies the bounds again.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +13,7 @@ use std::time::Instant;
 use lru::LruCache;
 
 use super::error::AdapterError;
+use super::registry::{AdapterKey, AdapterName};
 use crate::model::AdapterWeights;
 
 #[derive(Debug, Clone)]
@@ -38,8 +41,8 @@ struct Resident {
 }
 
 struct Inner {
-    lru: LruCache<String, Resident>,
-    loading: HashSet<String>,
+    lru: LruCache<AdapterName, Resident>,
+    loading: HashSet<AdapterName>,
     bytes: usize,
 }
 
@@ -52,145 +55,177 @@ pub struct CacheStats {
     pub load_micros: AtomicU64,
 }
 
-/// A running request's hold on one adapter version.
+/// A running request's hold on one adapter version. Fields drop in order: the weights first,
+/// then (with the last clone) the trim guard, which sees them released.
 #[derive(Debug, Clone)]
 pub struct Lease {
-    pub key: String,
-    pub version: u64,
+    pub key: AdapterKey,
     pub weights: Arc<AdapterWeights>,
+    _trim: Arc<TrimOnDrop>,
 }
 
-pub struct AdapterCache {
+/// Applies the cache's bounds when the last clone of a lease ends.
+#[derive(Debug)]
+struct TrimOnDrop(std::sync::Weak<Core>);
+
+impl Drop for TrimOnDrop {
+    fn drop(&mut self) {
+        if let Some(core) = self.0.upgrade() {
+            core.trim();
+        }
+    }
+}
+
+struct Core {
     config: CacheConfig,
     inner: Mutex<Inner>,
     loaded: Condvar,
-    pub stats: CacheStats,
+    stats: CacheStats,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdapterCache")
+    }
+}
+
+pub struct AdapterCache {
+    core: Arc<Core>,
 }
 
 impl AdapterCache {
     pub fn new(config: CacheConfig) -> Self {
         Self {
-            config,
-            inner: Mutex::new(Inner {
-                lru: LruCache::unbounded(),
-                loading: HashSet::new(),
-                bytes: 0,
+            core: Arc::new(Core {
+                config,
+                inner: Mutex::new(Inner {
+                    lru: LruCache::unbounded(),
+                    loading: HashSet::new(),
+                    bytes: 0,
+                }),
+                loaded: Condvar::new(),
+                stats: CacheStats::default(),
             }),
-            loaded: Condvar::new(),
-            stats: CacheStats::default(),
         }
     }
 
-    /// A lease on `key` at `version`, loading it with `load` on a miss.
+    fn lease(&self, key: &AdapterKey, weights: Arc<AdapterWeights>) -> Lease {
+        Lease {
+            key: key.clone(),
+            weights,
+            _trim: Arc::new(TrimOnDrop(Arc::downgrade(&self.core))),
+        }
+    }
+
+    /// A lease on `key` when that version is resident (a hit), without waiting for loads.
+    pub fn hit(&self, key: &AdapterKey) -> Option<Lease> {
+        let mut inner = self.core.inner.lock().expect("cache lock");
+        let r = inner
+            .lru
+            .get_mut(&key.name)
+            .filter(|r| r.version == key.version)?;
+        let weights = r.weights.clone();
+        drop(inner);
+        self.core.stats.hits.fetch_add(1, Ordering::Relaxed);
+        Some(self.lease(key, weights))
+    }
+
+    /// A lease on `key` (name and version), loading it with `load` on a miss.
     pub fn acquire(
         &self,
-        key: &str,
-        version: u64,
+        key: &AdapterKey,
         pinned: bool,
         load: impl FnOnce() -> Result<AdapterWeights, AdapterError>,
     ) -> Result<Lease, AdapterError> {
-        let mut inner = self.inner.lock().expect("cache lock");
+        let core = &*self.core;
+        let (name, version) = (&key.name, key.version);
+        let mut inner = core.inner.lock().expect("cache lock");
         loop {
-            if let Some(r) = inner.lru.get_mut(key) {
+            if let Some(r) = inner.lru.get_mut(name) {
                 if r.version == version {
                     r.pinned |= pinned;
-                    self.stats.hits.fetch_add(1, Ordering::Relaxed);
-                    return Ok(Lease {
-                        key: key.to_string(),
-                        version,
-                        weights: r.weights.clone(),
-                    });
+                    core.stats.hits.fetch_add(1, Ordering::Relaxed);
+                    let weights = r.weights.clone();
+                    drop(inner);
+                    return Ok(self.lease(key, weights));
                 }
             }
-            if !inner.loading.contains(key) {
+            if !inner.loading.contains(name) {
                 break;
             }
-            inner = self.loaded.wait(inner).expect("cache lock");
+            inner = core.loaded.wait(inner).expect("cache lock");
         }
-        inner.loading.insert(key.to_string());
+        inner.loading.insert(name.clone());
         drop(inner);
-        self.stats.misses.fetch_add(1, Ordering::Relaxed);
+        core.stats.misses.fetch_add(1, Ordering::Relaxed);
         let start = Instant::now();
         let result = load();
-        self.stats
+        core.stats
             .load_micros
             .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
-        let mut inner = self.inner.lock().expect("cache lock");
-        inner.loading.remove(key);
-        self.loaded.notify_all();
+        let mut inner = core.inner.lock().expect("cache lock");
+        inner.loading.remove(name);
+        core.loaded.notify_all();
         let weights = Arc::new(result?);
         let bytes = weights.bytes();
-        if bytes > self.config.max_bytes {
+        if bytes > core.config.max_bytes {
             return Err(AdapterError::OverBudget {
-                name: key.to_string(),
+                name: name.key(),
                 bytes,
-                budget: self.config.max_bytes,
+                budget: core.config.max_bytes,
             });
         }
-        if let Some(old) = inner.lru.pop(key) {
-            inner.bytes -= old.bytes;
-        }
-        inner.bytes += bytes;
-        inner.lru.put(
-            key.to_string(),
-            Resident {
-                version,
-                weights: weights.clone(),
-                bytes,
-                pinned,
-            },
-        );
-        self.evict(&mut inner, key);
-        Ok(Lease {
-            key: key.to_string(),
-            version,
-            weights,
-        })
-    }
-
-    /// Evicts least-recently-used adapters that nobody leases and nobody pinned until the
-    /// bounds hold (or nothing more can go).
-    fn evict(&self, inner: &mut Inner, keep: &str) {
-        while inner.lru.len() > self.config.max_resident || inner.bytes > self.config.max_bytes {
-            let victim = inner
-                .lru
-                .iter()
-                .rev()
-                .find(|(k, r)| {
-                    k.as_str() != keep && !r.pinned && Arc::strong_count(&r.weights) == 1
-                })
-                .map(|(k, _)| k.clone());
-            let Some(k) = victim else { break };
-            if let Some(r) = inner.lru.pop(&k) {
-                inner.bytes -= r.bytes;
-                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+        let newer = inner.lru.peek(name).is_some_and(|r| r.version > version);
+        if !newer {
+            if let Some(old) = inner.lru.pop(name) {
+                inner.bytes -= old.bytes;
             }
+            inner.bytes += bytes;
+            inner.lru.put(
+                name.clone(),
+                Resident {
+                    version,
+                    weights: weights.clone(),
+                    bytes,
+                    pinned,
+                },
+            );
+            core.evict(&mut inner, Some(name));
         }
+        drop(inner);
+        Ok(self.lease(key, weights))
     }
 
-    /// Applies the bounds again (after leases ended).
+    /// Applies the bounds again (leases end this way too).
     pub fn trim(&self) {
-        let mut inner = self.inner.lock().expect("cache lock");
-        self.evict(&mut inner, "");
+        self.core.trim();
     }
 
     /// Drops a resident adapter (unload); running leases keep their copy.
-    pub fn remove(&self, key: &str) {
-        let mut inner = self.inner.lock().expect("cache lock");
-        if let Some(r) = inner.lru.pop(key) {
+    pub fn remove(&self, name: &AdapterName) {
+        let mut inner = self.core.inner.lock().expect("cache lock");
+        if let Some(r) = inner.lru.pop(name) {
             inner.bytes -= r.bytes;
         }
     }
 
-    pub fn set_pinned(&self, key: &str, pinned: bool) {
-        if let Some(r) = self.inner.lock().expect("cache lock").lru.peek_mut(key) {
+    pub fn set_pinned(&self, name: &AdapterName, pinned: bool) {
+        if let Some(r) = self
+            .core
+            .inner
+            .lock()
+            .expect("cache lock")
+            .lru
+            .peek_mut(name)
+        {
             r.pinned = pinned;
         }
     }
 
-    /// Resident keys, most recently used first.
-    pub fn resident(&self) -> Vec<String> {
-        self.inner
+    /// Resident adapters, most recently used first.
+    pub fn resident(&self) -> Vec<AdapterName> {
+        self.core
+            .inner
             .lock()
             .expect("cache lock")
             .lru
@@ -200,11 +235,40 @@ impl AdapterCache {
     }
 
     pub fn resident_bytes(&self) -> usize {
-        self.inner.lock().expect("cache lock").bytes
+        self.core.inner.lock().expect("cache lock").bytes
     }
 
     pub fn config(&self) -> &CacheConfig {
-        &self.config
+        &self.core.config
+    }
+
+    pub fn stats(&self) -> &CacheStats {
+        &self.core.stats
+    }
+}
+
+impl Core {
+    fn trim(&self) {
+        let mut inner = self.inner.lock().expect("cache lock");
+        self.evict(&mut inner, None);
+    }
+
+    /// Evicts least-recently-used adapters that nobody leases and nobody pinned until the
+    /// bounds hold (or nothing more can go).
+    fn evict(&self, inner: &mut Inner, keep: Option<&AdapterName>) {
+        while inner.lru.len() > self.config.max_resident || inner.bytes > self.config.max_bytes {
+            let victim = inner
+                .lru
+                .iter()
+                .rev()
+                .find(|(k, r)| Some(*k) != keep && !r.pinned && Arc::strong_count(&r.weights) == 1)
+                .map(|(k, _)| k.clone());
+            let Some(k) = victim else { break };
+            if let Some(r) = inner.lru.pop(&k) {
+                inner.bytes -= r.bytes;
+                self.stats.evictions.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 }
 
@@ -238,6 +302,17 @@ mod tests {
         }
     }
 
+    fn k(name: &str, version: u64) -> AdapterKey {
+        AdapterKey {
+            name: AdapterName::parse(name).unwrap(),
+            version,
+        }
+    }
+
+    fn names(c: &AdapterCache) -> Vec<String> {
+        c.resident().iter().map(|n| n.key()).collect()
+    }
+
     fn cache(n: usize) -> AdapterCache {
         AdapterCache::new(CacheConfig {
             max_resident: n,
@@ -248,24 +323,28 @@ mod tests {
     #[test]
     fn lru_evicts_the_least_recent_unleased() {
         let c = cache(2);
-        for k in ["a", "b"] {
-            c.acquire(k, 0, false, || Ok(weights(1.0))).unwrap();
+        for k_ in ["a", "b"] {
+            c.acquire(&k(k_, 0), false, || Ok(weights(1.0))).unwrap();
         }
-        c.acquire("a", 0, false, || panic!("hit expected")).unwrap();
-        c.acquire("c", 0, false, || Ok(weights(1.0))).unwrap();
-        assert_eq!(c.resident(), vec!["c", "a"]);
-        assert_eq!(c.stats.evictions.load(Ordering::Relaxed), 1);
+        c.acquire(&k("a", 0), false, || panic!("hit expected"))
+            .unwrap();
+        c.acquire(&k("c", 0), false, || Ok(weights(1.0))).unwrap();
+        assert_eq!(names(&c), vec!["c", "a"]);
+        assert_eq!(c.stats().evictions.load(Ordering::Relaxed), 1);
     }
 
     #[test]
     fn a_held_lease_is_never_evicted_and_pinned_stays() {
         let c = cache(2);
-        let held = c.acquire("held", 0, false, || Ok(weights(1.0))).unwrap();
-        c.acquire("pinned", 0, true, || Ok(weights(2.0))).unwrap();
-        for k in ["x", "y", "z"] {
-            c.acquire(k, 0, false, || Ok(weights(3.0))).unwrap();
+        let held = c
+            .acquire(&k("held", 0), false, || Ok(weights(1.0)))
+            .unwrap();
+        c.acquire(&k("pinned", 0), true, || Ok(weights(2.0)))
+            .unwrap();
+        for k_ in ["x", "y", "z"] {
+            c.acquire(&k(k_, 0), false, || Ok(weights(3.0))).unwrap();
         }
-        let resident = c.resident();
+        let resident = names(&c);
         assert!(
             resident.contains(&"held".to_string()) && resident.contains(&"pinned".to_string()),
             "{resident:?}"
@@ -274,7 +353,7 @@ mod tests {
         drop(held);
         c.trim();
         assert_eq!(c.resident().len(), 2);
-        assert!(c.resident().contains(&"pinned".to_string()));
+        assert!(names(&c).contains(&"pinned".to_string()));
     }
 
     #[test]
@@ -285,7 +364,7 @@ mod tests {
             .map(|_| {
                 let (c, loads) = (c.clone(), loads.clone());
                 std::thread::spawn(move || {
-                    c.acquire("one", 0, false, || {
+                    c.acquire(&k("one", 0), false, || {
                         loads.fetch_add(1, Ordering::SeqCst);
                         std::thread::sleep(std::time::Duration::from_millis(50));
                         Ok(weights(1.0))
@@ -304,8 +383,8 @@ mod tests {
     #[test]
     fn a_new_version_replaces_but_running_leases_keep_theirs() {
         let c = cache(4);
-        let v0 = c.acquire("a", 0, false, || Ok(weights(1.0))).unwrap();
-        let v1 = c.acquire("a", 1, false, || Ok(weights(5.0))).unwrap();
+        let v0 = c.acquire(&k("a", 0), false, || Ok(weights(1.0))).unwrap();
+        let v1 = c.acquire(&k("a", 1), false, || Ok(weights(5.0))).unwrap();
         assert!(!Arc::ptr_eq(&v0.weights, &v1.weights));
         let a0 = v0.weights.layers[0][0]
             .as_ref()
@@ -316,7 +395,46 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert_eq!(a0, 8.0);
-        assert_eq!(c.resident(), vec!["a"]);
+        assert_eq!(names(&c), vec!["a"]);
+    }
+
+    #[test]
+    fn the_end_of_the_last_lease_shrinks_the_cache() {
+        let c = cache(1);
+        let a = c.acquire(&k("a", 0), false, || Ok(weights(1.0))).unwrap();
+        let a2 = a.clone();
+        let b = c.acquire(&k("b", 0), false, || Ok(weights(1.0))).unwrap();
+        assert_eq!(c.resident().len(), 2, "both leased: over the count");
+        drop(a);
+        assert_eq!(
+            c.resident().len(),
+            2,
+            "a clone of the lease still holds `a`"
+        );
+        drop(a2);
+        assert_eq!(
+            names(&c),
+            vec!["b"],
+            "no explicit trim: the lease's end applies the bounds"
+        );
+        drop(b);
+        assert_eq!(c.resident().len(), 1);
+    }
+
+    #[test]
+    fn a_late_load_of_an_old_version_does_not_displace_the_new_one() {
+        let c = cache(4);
+        // A request read the registry before a re-registration and loads version 1 after a
+        // request of the new version 2 did.
+        let new = c.acquire(&k("a", 2), false, || Ok(weights(5.0))).unwrap();
+        let old = c.acquire(&k("a", 1), false, || Ok(weights(1.0))).unwrap();
+        assert_eq!(old.key.version, 1);
+        let again = c
+            .acquire(&k("a", 2), false, || {
+                panic!("version 2 must still be resident")
+            })
+            .unwrap();
+        assert!(Arc::ptr_eq(&again.weights, &new.weights));
     }
 
     #[test]
@@ -326,12 +444,12 @@ mod tests {
             max_bytes: 8,
         });
         let err = c
-            .acquire("big", 0, false, || Ok(weights(1.0)))
+            .acquire(&k("big", 0), false, || Ok(weights(1.0)))
             .unwrap_err()
             .to_string();
         assert!(err.contains("big") && err.contains("budget"), "{err}");
         let err = c
-            .acquire("bad", 0, false, || {
+            .acquire(&k("bad", 0), false, || {
                 Err(AdapterError::NotFound("bad".into()))
             })
             .unwrap_err();

@@ -16,4 +16,4 @@ pub use cache::{AdapterCache, CacheConfig, Lease};
 pub use config::{AdapterConfig, TargetModules};
 pub use error::AdapterError;
 pub use peft::PeftAdapter;
-pub use registry::{locate, AdapterName, Registry};
+pub use registry::{locate, AdapterKey, AdapterName, Registry};

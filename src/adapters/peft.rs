@@ -14,12 +14,157 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const KEY_PREFIX: &str = "base_model.model.";
 
+/// Longest safetensors header read (the JSON before the data).
+const MAX_HEADER_BYTES: u64 = 16 << 20;
+
 /// The trained tensors of one module.
 #[derive(Debug, Clone, Default)]
 pub struct ModuleWeights {
     pub lora_a: Option<Tensor>,
     pub lora_b: Option<Tensor>,
     pub magnitude: Option<Tensor>,
+}
+
+impl ModuleWeights {
+    pub fn shapes(&self) -> ModuleShapes {
+        let dims = |t: &Option<Tensor>| t.as_ref().map(|t| t.dims().to_vec());
+        ModuleShapes {
+            lora_a: dims(&self.lora_a),
+            lora_b: dims(&self.lora_b),
+            magnitude: dims(&self.magnitude),
+        }
+    }
+}
+
+/// The shapes of one module's tensors, as the header declares them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModuleShapes {
+    pub lora_a: Option<Vec<usize>>,
+    pub lora_b: Option<Vec<usize>>,
+    pub magnitude: Option<Vec<usize>>,
+}
+
+/// An adapter known from its config and its safetensors header only: nothing of the tensor
+/// data has been read. Enough to check it against the base model and a byte quota.
+#[derive(Debug, Clone)]
+pub struct AdapterHeader {
+    pub dir: PathBuf,
+    pub config: AdapterConfig,
+    pub modules: BTreeMap<String, ModuleShapes>,
+    /// Bytes of tensor data the header declares.
+    pub bytes: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct HeaderTensor {
+    dtype: String,
+    shape: Vec<u64>,
+    data_offsets: [u64; 2],
+}
+
+/// Parses a safetensors header (the JSON) and checks every tensor: a supported dtype, a shape
+/// whose size fits its data offsets, offsets within `data_len` bytes of data. Returns the
+/// shapes by tensor name and the bytes of data declared. Nothing is allocated per element.
+pub fn parse_safetensors_header(
+    path: &Path,
+    json: &[u8],
+    data_len: u64,
+) -> Result<(BTreeMap<String, Vec<usize>>, u64), AdapterError> {
+    let bad =
+        |problem: String| AdapterError::weights(path, format!("safetensors header: {problem}"));
+    let map: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(json).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let mut out = BTreeMap::new();
+    let mut total = 0u64;
+    for (name, v) in map {
+        if name == "__metadata__" {
+            continue;
+        }
+        let t: HeaderTensor =
+            serde_json::from_value(v).map_err(|e| bad(format!("tensor `{name}`: {e}")))?;
+        let size = match t.dtype.as_str() {
+            "F32" => 4,
+            "F16" | "BF16" => 2,
+            "F64" => 8,
+            other => {
+                return Err(bad(format!(
+                    "tensor `{name}` has dtype {other}; LoRA tensors are F32, F16, BF16 or F64"
+                )))
+            }
+        };
+        let elems = t
+            .shape
+            .iter()
+            .try_fold(1u64, |acc, &d| acc.checked_mul(d))
+            .and_then(|n| n.checked_mul(size));
+        let [start, end] = t.data_offsets;
+        if elems != Some(end.wrapping_sub(start)) || start > end || end > data_len {
+            return Err(bad(format!(
+                "tensor `{name}` {:?} ({}) does not fit its data offsets [{start}, {end}] in {data_len} bytes of data",
+                t.shape, t.dtype
+            )));
+        }
+        total += end - start;
+        out.insert(name, t.shape.iter().map(|&d| d as usize).collect());
+    }
+    Ok((out, total))
+}
+
+/// Reads only the header of a safetensors file.
+fn read_safetensors_header(
+    path: &Path,
+) -> Result<(BTreeMap<String, Vec<usize>>, u64), AdapterError> {
+    use std::io::Read;
+    let io = |source| AdapterError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(io)?;
+    let file_len = f.metadata().map_err(io)?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|_| {
+        AdapterError::weights(path, "not a safetensors file (shorter than 8 bytes)")
+    })?;
+    let n = u64::from_le_bytes(len);
+    if n > MAX_HEADER_BYTES || n + 8 > file_len {
+        return Err(AdapterError::weights(
+            path,
+            format!(
+                "safetensors header: declares {n} bytes of header in a file of {file_len} bytes"
+            ),
+        ));
+    }
+    let mut json = vec![0u8; n as usize];
+    f.read_exact(&mut json).map_err(io)?;
+    parse_safetensors_header(path, &json, file_len - 8 - n)
+}
+
+/// Groups header tensors by module.
+pub fn module_shapes(
+    path: &Path,
+    tensors: BTreeMap<String, Vec<usize>>,
+) -> Result<BTreeMap<String, ModuleShapes>, AdapterError> {
+    let mut modules: BTreeMap<String, ModuleShapes> = BTreeMap::new();
+    for (key, shape) in tensors {
+        let (module, role) = parse_key(&key).ok_or_else(|| {
+            AdapterError::weights(
+                path,
+                format!(
+                    "unexpected tensor `{key}` (only LoRA A/B and DoRA magnitudes are supported)"
+                ),
+            )
+        })?;
+        let m = modules.entry(module).or_default();
+        match role {
+            "A" => m.lora_a = Some(shape),
+            "B" => m.lora_b = Some(shape),
+            _ => m.magnitude = Some(shape),
+        }
+    }
+    if modules.is_empty() {
+        return Err(AdapterError::weights(path, "holds no LoRA tensors"));
+    }
+    Ok(modules)
 }
 
 /// An adapter as stored on disk, not yet bound to a model.
@@ -51,22 +196,42 @@ fn parse_key(key: &str) -> Option<(String, &'static str)> {
     None
 }
 
-impl PeftAdapter {
-    /// Reads an adapter directory.
-    pub fn load(dir: &Path) -> Result<Self, AdapterError> {
-        let config = AdapterConfig::from_file(&dir.join(CONFIG_FILE))?;
-        let weights = dir.join(WEIGHTS_FILE);
-        if !weights.is_file() {
-            let pickle = dir.join("adapter_model.bin");
-            return Err(if pickle.is_file() {
-                AdapterError::weights(
+/// The weights file of `dir`, refusing pickle files.
+fn weights_file(dir: &Path) -> Result<PathBuf, AdapterError> {
+    let weights = dir.join(WEIGHTS_FILE);
+    if !weights.is_file() {
+        let pickle = dir.join("adapter_model.bin");
+        return Err(if pickle.is_file() {
+            AdapterError::weights(
                     pickle,
                     "pickle `.bin` weights are refused (they can run code); convert the adapter to `adapter_model.safetensors`",
                 )
-            } else {
-                AdapterError::weights(weights, "is missing")
-            });
-        }
+        } else {
+            AdapterError::weights(weights, "is missing")
+        });
+    }
+    Ok(weights)
+}
+
+impl PeftAdapter {
+    /// Reads the config and the safetensors header of an adapter directory, not its tensors.
+    pub fn inspect(dir: &Path) -> Result<AdapterHeader, AdapterError> {
+        let config = AdapterConfig::from_file(&dir.join(CONFIG_FILE))?;
+        let weights = weights_file(dir)?;
+        let (tensors, bytes) = read_safetensors_header(&weights)?;
+        Ok(AdapterHeader {
+            dir: dir.to_path_buf(),
+            config,
+            modules: module_shapes(&weights, tensors)?,
+            bytes,
+        })
+    }
+
+    /// Reads an adapter directory (its header is checked before any tensor is read).
+    pub fn load(dir: &Path) -> Result<Self, AdapterError> {
+        let header = Self::inspect(dir)?;
+        let config = header.config;
+        let weights = dir.join(WEIGHTS_FILE);
         let tensors = candle_core::safetensors::load(&weights, &Device::Cpu).map_err(|e| {
             AdapterError::weights(&weights, format!("not a readable safetensors file: {e}"))
         })?;

@@ -1,9 +1,13 @@
 //! The adapter registry: valid names (optionally one `tenant/` level), where each adapter's
-//! files are, whether it is pinned, and its version (bumped by an explicit reload).
-//! Names are checked before any file is touched.
+//! files are, whether it is pinned, and its version. Versions come from one counter for the
+//! whole registry (a directory adapter starts at 0, every registration or reload takes the
+//! next number), so a name never gets a version it had before. Names are checked before any
+//! file is touched; a directory under the root that resolves outside it (a symlink) is not an
+//! adapter.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use super::error::AdapterError;
@@ -76,12 +80,38 @@ impl std::fmt::Display for AdapterName {
     }
 }
 
+/// One version of one adapter: what the cache keys resident weights by and a lease holds.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AdapterKey {
+    pub name: AdapterName,
+    pub version: u64,
+}
+
+impl std::fmt::Display for AdapterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.name, self.version)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdapterEntry {
     pub name: AdapterName,
     pub dir: PathBuf,
     pub pinned: bool,
     pub version: u64,
+    /// Weight bytes its safetensors header declares (run-time registrations; 0 otherwise).
+    pub bytes: u64,
+    /// Registered at run time (counts against its tenant's quota), not found in the root.
+    pub added: bool,
+}
+
+impl AdapterEntry {
+    pub fn key(&self) -> AdapterKey {
+        AdapterKey {
+            name: self.name.clone(),
+            version: self.version,
+        }
+    }
 }
 
 /// Adapters found in the adapters directory plus those added at run time.
@@ -90,6 +120,7 @@ pub struct Registry {
     root: PathBuf,
     added: RwLock<BTreeMap<String, AdapterEntry>>,
     versions: RwLock<BTreeMap<String, u64>>,
+    next_version: AtomicU64,
 }
 
 fn is_adapter_dir(dir: &Path) -> bool {
@@ -102,6 +133,7 @@ impl Registry {
             root: root.into(),
             added: RwLock::new(BTreeMap::new()),
             versions: RwLock::new(BTreeMap::new()),
+            next_version: AtomicU64::new(1),
         }
     }
 
@@ -118,12 +150,35 @@ impl Registry {
             .unwrap_or(0)
     }
 
+    /// `root/tenant/name` when it is an adapter directory that resolves inside the root.
+    pub fn directory(&self, name: &AdapterName) -> Option<PathBuf> {
+        let dir = self.root.join(name.key());
+        if !is_adapter_dir(&dir) {
+            return None;
+        }
+        let (Ok(real), Ok(root)) = (dir.canonicalize(), self.root.canonicalize()) else {
+            return None;
+        };
+        real.starts_with(&root).then_some(dir)
+    }
+
+    /// Run-time registrations in `tenant`'s namespace: how many, and their declared bytes.
+    pub fn added_by(&self, tenant: &str) -> (usize, u64) {
+        self.added
+            .read()
+            .expect("registry lock")
+            .values()
+            .filter(|e| e.name.tenant.as_deref() == Some(tenant))
+            .fold((0, 0), |(n, b), e| (n + 1, b + e.bytes))
+    }
+
     /// Registers `dir` under `name` (replacing an earlier registration as a new version).
     pub fn add(
         &self,
         name: &AdapterName,
         dir: &Path,
         pinned: bool,
+        bytes: u64,
     ) -> Result<AdapterEntry, AdapterError> {
         if !is_adapter_dir(dir) {
             return Err(AdapterError::config(
@@ -139,6 +194,8 @@ impl Registry {
             dir: dir.to_path_buf(),
             pinned,
             version,
+            bytes,
+            added: true,
         };
         self.added
             .write()
@@ -149,7 +206,7 @@ impl Registry {
 
     fn bump(&self, key: &str) -> u64 {
         let mut v = self.versions.write().expect("registry lock");
-        let next = v.get(key).map(|n| n + 1).unwrap_or(0);
+        let next = self.next_version.fetch_add(1, Ordering::Relaxed);
         v.insert(key.to_string(), next);
         next
     }
@@ -158,26 +215,29 @@ impl Registry {
     /// keep the one they started with.
     pub fn reload(&self, name: &AdapterName) -> Result<AdapterEntry, AdapterError> {
         self.get(name)?;
-        self.bump(&name.key());
-        let entry = self.get(name)?;
+        let version = self.bump(&name.key());
         if let Some(e) = self
             .added
             .write()
             .expect("registry lock")
             .get_mut(&name.key())
         {
-            e.version = entry.version;
+            e.version = version;
         }
-        Ok(entry)
+        self.get(name)
     }
 
     /// Removes a run-time registration; adapters in the directory cannot be removed this way.
+    /// A directory adapter of the same name comes back under a new version.
     pub fn remove(&self, name: &AdapterName) -> Result<AdapterEntry, AdapterError> {
-        self.added
+        let removed = self
+            .added
             .write()
             .expect("registry lock")
             .remove(&name.key())
-            .ok_or_else(|| AdapterError::NotFound(name.key()))
+            .ok_or_else(|| AdapterError::NotFound(name.key()))?;
+        self.bump(&name.key());
+        Ok(removed)
     }
 
     pub fn get(&self, name: &AdapterName) -> Result<AdapterEntry, AdapterError> {
@@ -185,13 +245,14 @@ impl Registry {
         if let Some(e) = self.added.read().expect("registry lock").get(&key) {
             return Ok(e.clone());
         }
-        let dir = self.root.join(&key);
-        if is_adapter_dir(&dir) {
+        if let Some(dir) = self.directory(name) {
             return Ok(AdapterEntry {
                 name: name.clone(),
                 dir,
                 pinned: false,
                 version: self.version(&key),
+                bytes: 0,
+                added: false,
             });
         }
         Err(AdapterError::NotFound(key))
@@ -211,18 +272,18 @@ impl Registry {
                 })
                 .unwrap_or_default()
         };
+        // A directory that vanishes between the scan and `get` is simply not listed.
+        let mut found = |n: Result<AdapterName, AdapterError>| {
+            if let Some(e) = n.ok().and_then(|n| self.get(&n).ok()) {
+                out.insert(e.name.key(), e);
+            }
+        };
         for (name, path) in read(&self.root) {
             if is_adapter_dir(&path) {
-                if let Ok(n) = AdapterName::parse(&name) {
-                    out.insert(n.key(), self.get(&n).expect("exists"));
-                }
+                found(AdapterName::parse(&name));
             } else {
-                for (inner, p) in read(&path) {
-                    if let Ok(n) = AdapterName::parse(&format!("{name}/{inner}")) {
-                        if is_adapter_dir(&p) {
-                            out.insert(n.key(), self.get(&n).expect("exists"));
-                        }
-                    }
+                for (inner, _) in read(&path) {
+                    found(AdapterName::parse(&format!("{name}/{inner}")));
                 }
             }
         }
@@ -254,6 +315,64 @@ pub fn locate(spec: &str, registry: &Registry) -> Result<PathBuf, AdapterError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fixture_adapter(dst: &Path) {
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tiny-llama/adapters/lora-r4-qv");
+        std::fs::create_dir_all(dst).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(src.join(f), dst.join(f)).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_name_never_gets_a_version_it_had_before() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        fixture_adapter(&root.join("x"));
+        fixture_adapter(&tmp.path().join("other"));
+        let r = Registry::new(&root);
+        let n = AdapterName::parse("x").unwrap();
+        let from_dir = r.get(&n).unwrap().version;
+        let added = r
+            .add(&n, &tmp.path().join("other"), false, 0)
+            .unwrap()
+            .version;
+        assert_ne!(
+            from_dir, added,
+            "a registration over a directory adapter must be a new version"
+        );
+        r.remove(&n).unwrap();
+        let back = r.get(&n).unwrap().version;
+        assert!(
+            back != from_dir && back != added,
+            "{from_dir} {added} {back}"
+        );
+        let again = r
+            .add(&n, &tmp.path().join("other"), false, 0)
+            .unwrap()
+            .version;
+        assert!(again > back);
+        let reloaded = r.reload(&AdapterName::parse("x").unwrap()).unwrap().version;
+        assert!(reloaded > again);
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_symlink_out_of_the_root_is_not_an_adapter() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        fixture_adapter(&root.join("inside"));
+        fixture_adapter(&tmp.path().join("outside"));
+        std::fs::create_dir_all(root.join("t")).unwrap();
+        std::os::unix::fs::symlink(tmp.path().join("outside"), root.join("t/escape")).unwrap();
+        std::os::unix::fs::symlink(root.join("inside"), root.join("t/alias")).unwrap();
+        let r = Registry::new(&root);
+        assert!(r.get(&AdapterName::parse("t/escape").unwrap()).is_err());
+        assert!(r.get(&AdapterName::parse("t/alias").unwrap()).is_ok());
+        let listed: Vec<String> = r.list().iter().map(|e| e.name.key()).collect();
+        assert_eq!(listed, vec!["inside", "t/alias"]);
+    }
 
     #[test]
     fn names_are_validated_before_any_file_is_touched() {

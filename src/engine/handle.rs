@@ -24,6 +24,8 @@ pub struct ValidRequest {
     pub adapter: Option<Lease>,
     /// Metrics label of the adapter (bounded cardinality).
     pub adapter_label: Option<String>,
+    /// Whose request it is: each tenant has its own share of the queue and its turn.
+    pub tenant: Option<String>,
 }
 
 /// What a request's stream carries.
@@ -112,7 +114,7 @@ impl Engine {
             .scheduler
             .lock()
             .expect("scheduler lock")
-            .enqueue(id, needed)
+            .enqueue(id, request.tenant.as_deref().unwrap_or(""), needed)
             .map_err(|r| match r {
                 Refusal::QueueFull => EngineError::QueueFull,
                 Refusal::TooLarge { needed, budget } => EngineError::TooLarge { needed, budget },

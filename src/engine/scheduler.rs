@@ -1,6 +1,8 @@
-//! Admission policy, pure: FIFO waiting queue, a cap on running sequences and a KV budget in
-//! tokens. A sequence reserves `prompt + max_tokens` positions when admitted, so a running
-//! sequence can always finish. No tensors here; unit-tested alone.
+//! Admission policy, pure: one waiting queue per tenant, admitted round-robin across tenants
+//! (FIFO within each), a cap on running sequences and a KV budget in tokens. A sequence
+//! reserves `prompt + max_tokens` positions when admitted, so a running sequence can always
+//! finish. Each tenant may hold at most `max_queue_per_tenant` waiting requests, so one tenant
+//! cannot fill the queue for everyone. No tensors here; unit-tested alone.
 
 use std::collections::VecDeque;
 
@@ -12,6 +14,8 @@ pub struct SchedulerConfig {
     pub kv_cache_tokens: usize,
     /// `--max-queue`.
     pub max_queue: usize,
+    /// `max_queue_per_tenant` of the keys file (default: a fair share of `max_queue`).
+    pub max_queue_per_tenant: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,9 +29,18 @@ pub enum Refusal {
 }
 
 #[derive(Debug)]
+struct TenantQueue {
+    tenant: String,
+    waiting: VecDeque<(u64, usize)>,
+}
+
+#[derive(Debug)]
 pub struct Scheduler {
     cfg: SchedulerConfig,
-    waiting: VecDeque<(u64, usize)>,
+    /// Tenants with waiting requests, in round-robin order; `next` is whose turn it is.
+    queues: Vec<TenantQueue>,
+    next: usize,
+    waiting: usize,
     running: Vec<(u64, usize)>,
     reserved: usize,
 }
@@ -36,54 +49,98 @@ impl Scheduler {
     pub fn new(cfg: SchedulerConfig) -> Self {
         Self {
             cfg,
-            waiting: VecDeque::new(),
+            queues: Vec::new(),
+            next: 0,
+            waiting: 0,
             running: Vec::new(),
             reserved: 0,
         }
     }
 
-    /// Queues request `id` that needs `tokens` KV positions.
-    pub fn enqueue(&mut self, id: u64, tokens: usize) -> Result<(), Refusal> {
+    /// Queues request `id` of `tenant` (`""`: no tenant) that needs `tokens` KV positions.
+    pub fn enqueue(&mut self, id: u64, tenant: &str, tokens: usize) -> Result<(), Refusal> {
         if tokens > self.cfg.kv_cache_tokens {
             return Err(Refusal::TooLarge {
                 needed: tokens,
                 budget: self.cfg.kv_cache_tokens,
             });
         }
-        if self.waiting.len() >= self.cfg.max_queue {
+        if self.waiting >= self.cfg.max_queue {
             return Err(Refusal::QueueFull);
         }
-        self.waiting.push_back((id, tokens));
+        let pos = match self.queues.iter().position(|q| q.tenant == tenant) {
+            Some(p) => p,
+            None => {
+                self.queues.push(TenantQueue {
+                    tenant: tenant.to_string(),
+                    waiting: VecDeque::new(),
+                });
+                self.queues.len() - 1
+            }
+        };
+        let q = &mut self.queues[pos];
+        if q.waiting.len() >= self.cfg.max_queue_per_tenant {
+            return Err(Refusal::QueueFull);
+        }
+        q.waiting.push_back((id, tokens));
+        self.waiting += 1;
         Ok(())
     }
 
-    /// Moves waiting requests to running, in order, while both bounds allow.
+    /// Moves waiting requests to running, one tenant's head at a time in turn, while both
+    /// bounds allow. A head that does not fit stops admission (no overtaking it, so a large
+    /// request is not starved).
     pub fn admit(&mut self) -> Vec<u64> {
         let mut admitted = Vec::new();
-        while let Some(&(id, tokens)) = self.waiting.front() {
+        while !self.queues.is_empty() {
+            let turn = self.next % self.queues.len();
+            let &(id, tokens) = self.queues[turn]
+                .waiting
+                .front()
+                .expect("queues are non-empty");
             if self.running.len() >= self.cfg.max_running
                 || self.reserved + tokens > self.cfg.kv_cache_tokens
             {
                 break;
             }
-            self.waiting.pop_front();
+            self.queues[turn].waiting.pop_front();
+            self.waiting -= 1;
             self.running.push((id, tokens));
             self.reserved += tokens;
             admitted.push(id);
+            if self.queues[turn].waiting.is_empty() {
+                self.queues.remove(turn);
+                self.next = turn;
+            } else {
+                self.next = turn + 1;
+            }
         }
         admitted
     }
 
     /// Removes `id` wherever it is (finished, failed or cancelled).
     pub fn remove(&mut self, id: u64) {
-        self.waiting.retain(|(w, _)| *w != id);
+        if let Some(qi) = self
+            .queues
+            .iter()
+            .position(|q| q.waiting.iter().any(|(w, _)| *w == id))
+        {
+            self.queues[qi].waiting.retain(|(w, _)| *w != id);
+            self.waiting -= 1;
+            if self.queues[qi].waiting.is_empty() {
+                self.queues.remove(qi);
+                if self.next > qi {
+                    self.next -= 1;
+                }
+            }
+        }
         if let Some(pos) = self.running.iter().position(|(r, _)| *r == id) {
             self.reserved -= self.running.swap_remove(pos).1;
         }
     }
 
     pub fn waiting_len(&self) -> usize {
-        self.waiting.len()
+        self.waiting
     }
 
     pub fn running_len(&self) -> usize {
@@ -91,7 +148,9 @@ impl Scheduler {
     }
 
     pub fn waiting_ids(&self) -> impl Iterator<Item = u64> + '_ {
-        self.waiting.iter().map(|(id, _)| *id)
+        self.queues
+            .iter()
+            .flat_map(|q| q.waiting.iter().map(|(id, _)| *id))
     }
 
     /// Reserved fraction of the KV budget.
@@ -109,6 +168,7 @@ mod tests {
             max_running,
             kv_cache_tokens: kv,
             max_queue: queue,
+            max_queue_per_tenant: queue,
         })
     }
 
@@ -116,7 +176,7 @@ mod tests {
     fn admits_in_order_within_running_cap() {
         let mut s = sched(2, 1000, 10);
         for id in 0..4 {
-            s.enqueue(id, 10).unwrap();
+            s.enqueue(id, "", 10).unwrap();
         }
         assert_eq!(s.admit(), vec![0, 1]);
         assert_eq!(s.admit(), Vec::<u64>::new());
@@ -128,16 +188,16 @@ mod tests {
     #[test]
     fn kv_budget_holds_back_and_releases() {
         let mut s = sched(10, 100, 10);
-        s.enqueue(1, 60).unwrap();
-        s.enqueue(2, 60).unwrap();
-        s.enqueue(3, 10).unwrap();
+        s.enqueue(1, "", 60).unwrap();
+        s.enqueue(2, "", 60).unwrap();
+        s.enqueue(3, "", 10).unwrap();
         // FIFO: 3 would fit but must not overtake 2.
         assert_eq!(s.admit(), vec![1]);
         assert!((s.kv_usage() - 0.6).abs() < 1e-9);
         s.remove(1);
         assert_eq!(s.admit(), vec![2, 3]);
         assert_eq!(
-            s.enqueue(4, 101),
+            s.enqueue(4, "", 101),
             Err(Refusal::TooLarge {
                 needed: 101,
                 budget: 100
@@ -146,13 +206,46 @@ mod tests {
     }
 
     #[test]
+    fn tenants_take_turns_and_one_cannot_fill_the_queue() {
+        let mut s = Scheduler::new(SchedulerConfig {
+            max_running: 1,
+            kv_cache_tokens: 1000,
+            max_queue: 10,
+            max_queue_per_tenant: 4,
+        });
+        for id in 0..6 {
+            let r = s.enqueue(id, "a", 1);
+            assert_eq!(r.is_ok(), id < 4, "{id}");
+        }
+        s.enqueue(10, "b", 1).unwrap();
+        s.enqueue(11, "b", 1).unwrap();
+        s.enqueue(20, "c", 1).unwrap();
+        let mut order = Vec::new();
+        while s.waiting_len() > 0 {
+            let got = s.admit();
+            assert_eq!(got.len(), 1);
+            order.push(got[0]);
+            s.remove(got[0]);
+        }
+        assert_eq!(order, vec![0, 10, 20, 1, 11, 2, 3]);
+        // A late tenant is served at its turn, not after everything queued before it.
+        for id in 30..34 {
+            s.enqueue(id, "a", 1).unwrap();
+        }
+        let first = s.admit();
+        s.enqueue(40, "b", 1).unwrap();
+        s.remove(first[0]);
+        assert_eq!(s.admit(), vec![40]);
+    }
+
+    #[test]
     fn queue_bound_refuses() {
         let mut s = sched(1, 100, 2);
-        s.enqueue(1, 1).unwrap();
-        s.enqueue(2, 1).unwrap();
-        assert_eq!(s.enqueue(3, 1), Err(Refusal::QueueFull));
+        s.enqueue(1, "", 1).unwrap();
+        s.enqueue(2, "", 1).unwrap();
+        assert_eq!(s.enqueue(3, "", 1), Err(Refusal::QueueFull));
         s.remove(2);
-        s.enqueue(3, 1).unwrap();
+        s.enqueue(3, "", 1).unwrap();
         assert_eq!(s.waiting_ids().collect::<Vec<_>>(), vec![1, 3]);
     }
 }

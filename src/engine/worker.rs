@@ -196,7 +196,7 @@ fn publish_gauges(shared: &Shared, active: &[Active], pending: &HashMap<u64, Sub
     drop(sched);
     let names = |it: &mut dyn Iterator<Item = &ValidRequest>| {
         let mut v: Vec<String> = it
-            .filter_map(|r| r.adapter.as_ref().map(|l| l.key.clone()))
+            .filter_map(|r| r.adapter.as_ref().map(|l| l.key.name.key()))
             .collect();
         v.sort();
         v.dedup();

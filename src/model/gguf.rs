@@ -224,6 +224,10 @@ pub fn load(id: &str, path: &Path, opts: &ModelOptions) -> Result<LoadedModel, M
         tokenizer,
         chat_template: meta.string("tokenizer.chat_template"),
         bos_token: token("tokenizer.ggml.bos_token_id"),
+        add_bos_token: meta
+            .get("tokenizer.ggml.add_bos_token")
+            .and_then(|v| v.to_bool().ok())
+            .unwrap_or(false),
         eos_token,
         eos_token_ids: config.eos_token_ids.clone(),
     })

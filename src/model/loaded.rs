@@ -75,6 +75,8 @@ pub struct LoadedModel {
     /// The model's own chat template, if it ships one.
     pub chat_template: Option<String>,
     pub bos_token: Option<String>,
+    /// The tokenizer config asks for BOS before a raw prompt (`add_bos_token`).
+    pub add_bos_token: bool,
     pub eos_token: Option<String>,
     /// Token ids that end generation (model EOS plus generation-config EOS).
     pub eos_token_ids: Vec<u32>,
@@ -91,6 +93,16 @@ impl LoadedModel {
 
     /// Token ids that end generation under `template`: the model's EOS ids plus the
     /// end-of-turn tokens the template writes (`<|im_end|>`, `<|eot_id|>`, ...).
+    /// The BOS id to put before a raw (completions) prompt, when the model asks for one.
+    pub fn prompt_bos(&self) -> Option<u32> {
+        if !self.add_bos_token {
+            return None;
+        }
+        self.bos_token
+            .as_deref()
+            .and_then(|t| self.tokenizer.token_id(t))
+    }
+
     pub fn stop_token_ids(&self, template: &ChatTemplate) -> Vec<u32> {
         let mut ids = self.eos_token_ids.clone();
         for t in template.end_tokens() {

@@ -101,6 +101,10 @@ pub fn load(id: &str, dir: &Path, opts: &ModelOptions) -> Result<LoadedModel, Mo
         tokenizer,
         chat_template,
         bos_token: token_string(tc.get("bos_token")),
+        add_bos_token: tc
+            .get("add_bos_token")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
         eos_token,
         eos_token_ids,
     })

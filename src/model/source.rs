@@ -78,6 +78,20 @@ impl SourceConfig {
     }
 }
 
+/// Whether `spec` is a hub id `org/name`, each part `[A-Za-z0-9._-]+` and neither `.` nor `..`
+/// (so it is safe in a URL path and in a cache path). The one validator for models and adapters.
+pub fn is_hub_id(spec: &str) -> bool {
+    let parts: Vec<&str> = spec.split('/').collect();
+    parts.len() == 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && *p != "."
+                && *p != ".."
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+}
+
 impl ModelSource {
     /// Interprets a `--model` value; `None` is the default model.
     pub fn parse(spec: Option<&str>) -> Result<Self, ModelError> {
@@ -98,18 +112,7 @@ impl ModelSource {
                 ))
             };
         }
-        let is_hub_id = {
-            let parts: Vec<&str> = spec.split('/').collect();
-            parts.len() == 2
-                && parts.iter().all(|p| {
-                    !p.is_empty()
-                        && *p != "."
-                        && *p != ".."
-                        && p.chars()
-                            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-                })
-        };
-        if is_hub_id && !spec.ends_with(".gguf") {
+        if is_hub_id(spec) && !spec.ends_with(".gguf") {
             Ok(Self::Hub(spec.to_string()))
         } else {
             Err(ModelError::NotFound {

@@ -4,12 +4,18 @@
 //! [keys."sk-acme-1"]
 //! tenant = "acme"
 //! admin = false
+//! max_adapters = 16            # run-time adapters in the tenant's namespace
+//! max_adapter_bytes = 1073741824
+//! allow_hub = false            # may add adapters by hub id
 //! ```
+//!
+//! A top-level `max_queue_per_tenant` bounds each tenant's waiting requests. Keys are kept only
+//! as SHA-256 digests and compared in constant time.
 
-use std::collections::HashMap;
 use std::path::Path;
 
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -19,12 +25,34 @@ pub enum AuthError {
     Parse { path: String, message: String },
 }
 
+/// What one tenant may load at run time (from its key's entry; admins are not bounded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantLimits {
+    /// `max_adapters`: adapters registered at run time in the tenant's namespace.
+    pub max_adapters: usize,
+    /// `max_adapter_bytes`: their weights together, as their safetensors headers declare.
+    pub max_adapter_bytes: u64,
+    /// `allow_hub`: may add adapters by hub id (downloaded without the operator's token).
+    pub allow_hub: bool,
+}
+
+impl Default for TenantLimits {
+    fn default() -> Self {
+        Self {
+            max_adapters: 16,
+            max_adapter_bytes: 1 << 30,
+            allow_hub: false,
+        }
+    }
+}
+
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     /// `None` when the server runs without keys.
     pub tenant: Option<String>,
     pub admin: bool,
+    pub limits: TenantLimits,
 }
 
 impl Caller {
@@ -32,25 +60,67 @@ impl Caller {
         Self {
             tenant: None,
             admin: true,
+            limits: TenantLimits::default(),
         }
     }
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct KeyEntry {
     tenant: String,
     #[serde(default)]
     admin: bool,
+    max_adapters: Option<usize>,
+    max_adapter_bytes: Option<u64>,
+    #[serde(default)]
+    allow_hub: bool,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct KeysFile {
-    keys: HashMap<String, KeyEntry>,
+    keys: std::collections::BTreeMap<String, KeyEntry>,
+    max_queue_per_tenant: Option<usize>,
 }
 
-#[derive(Debug, Clone, Default)]
+type Digest32 = [u8; 32];
+
+fn digest(key: &str) -> Digest32 {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// Equality that takes the same time wherever the inputs differ.
+fn ct_eq(a: &Digest32, b: &Digest32) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The key of an `Authorization` header value: the `Bearer` scheme in any case, one space.
+pub fn bearer(header: &str) -> Option<&str> {
+    let (scheme, key) = header.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| key.trim())
+        .filter(|k| !k.is_empty())
+}
+
+/// The keys of `--api-keys`, kept as SHA-256 digests only (the file is read once and dropped).
+#[derive(Clone, Default)]
 pub struct ApiKeys {
-    keys: HashMap<String, Caller>,
+    keys: Vec<(Digest32, Caller)>,
+    /// `max_queue_per_tenant` at the top of the file.
+    pub max_queue_per_tenant: Option<usize>,
+}
+
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ApiKeys({} keys, {} tenants)",
+            self.keys.len(),
+            self.tenants()
+        )
+    }
 }
 
 impl ApiKeys {
@@ -75,7 +145,7 @@ impl ApiKeys {
                 },
             }
         })?;
-        let mut keys = HashMap::new();
+        let mut keys = Vec::new();
         for (key, entry) in file.keys {
             if crate::adapters::AdapterName::parse(&entry.tenant).is_err()
                 || entry.tenant.contains('/')
@@ -88,19 +158,53 @@ impl ApiKeys {
                     ),
                 });
             }
-            keys.insert(
-                key,
+            let defaults = TenantLimits::default();
+            keys.push((
+                digest(&key),
                 Caller {
                     tenant: Some(entry.tenant),
                     admin: entry.admin,
+                    limits: TenantLimits {
+                        max_adapters: entry.max_adapters.unwrap_or(defaults.max_adapters),
+                        max_adapter_bytes: entry
+                            .max_adapter_bytes
+                            .unwrap_or(defaults.max_adapter_bytes),
+                        allow_hub: entry.allow_hub,
+                    },
                 },
-            );
+            ));
         }
-        Ok(Self { keys })
+        if file.max_queue_per_tenant == Some(0) {
+            return Err(AuthError::Parse {
+                path: path.to_string(),
+                message: "`max_queue_per_tenant` must be at least 1".into(),
+            });
+        }
+        Ok(Self {
+            keys,
+            max_queue_per_tenant: file.max_queue_per_tenant,
+        })
     }
 
-    pub fn caller(&self, bearer: &str) -> Option<Caller> {
-        self.keys.get(bearer).cloned()
+    /// The caller a presented key belongs to. Every stored digest is compared, in constant
+    /// time, whichever matches.
+    pub fn caller(&self, presented: &str) -> Option<Caller> {
+        let d = digest(presented);
+        let mut found = None;
+        for (stored, caller) in &self.keys {
+            if ct_eq(stored, &d) {
+                found = Some(caller);
+            }
+        }
+        found.cloned()
+    }
+
+    /// Distinct tenants among the keys.
+    pub fn tenants(&self) -> usize {
+        let mut t: Vec<&Option<String>> = self.keys.iter().map(|(_, c)| &c.tenant).collect();
+        t.sort();
+        t.dedup();
+        t.len()
     }
 
     pub fn len(&self) -> usize {
@@ -109,6 +213,26 @@ impl ApiKeys {
 
     pub fn is_empty(&self) -> bool {
         self.keys.is_empty()
+    }
+}
+
+/// `--metrics-key`, kept as a digest.
+#[derive(Clone)]
+pub struct MetricsKey(Digest32);
+
+impl std::fmt::Debug for MetricsKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MetricsKey(…)")
+    }
+}
+
+impl MetricsKey {
+    pub fn new(key: &str) -> Self {
+        Self(digest(key))
+    }
+
+    pub fn matches(&self, presented: &str) -> bool {
+        ct_eq(&self.0, &digest(presented))
     }
 }
 
@@ -127,7 +251,8 @@ mod tests {
             k.caller("sk-a"),
             Some(Caller {
                 tenant: Some("acme".into()),
-                admin: false
+                admin: false,
+                limits: TenantLimits::default(),
             })
         );
         assert!(k.caller("sk-root").unwrap().admin);
@@ -140,5 +265,30 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("keys.toml") && e.contains("tenant"), "{e}");
+        let e = ApiKeys::from_toml(
+            "keys.toml",
+            "[keys.\"x\"]\ntenant = \"a\"\nmax_adaptors = 3\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("line") && e.contains("max_adaptors"), "{e}");
+    }
+
+    #[test]
+    fn keys_are_kept_as_digests_and_limits_parse() {
+        let k = ApiKeys::from_toml(
+            "keys.toml",
+            "max_queue_per_tenant = 5\n[keys.\"sk-secret-1\"]\ntenant = \"a\"\nmax_adapters = 2\nallow_hub = true\n",
+        )
+        .unwrap();
+        assert!(!format!("{k:?}").contains("sk-secret-1"));
+        let c = k.caller("sk-secret-1").unwrap();
+        assert_eq!((c.limits.max_adapters, c.limits.allow_hub), (2, true));
+        assert_eq!(k.max_queue_per_tenant, Some(5));
+        assert!(k.caller("sk-secret-").is_none());
+        assert_eq!(bearer("bEaReR  sk-x"), Some("sk-x"));
+        assert_eq!(bearer("Basic sk-x"), None);
+        assert_eq!(bearer("Bearer "), None);
+        assert_eq!(bearer("Bearersk-x"), None);
     }
 }

@@ -19,7 +19,11 @@ pub enum ApiError {
     /// 404: the same body for an unknown adapter and another tenant's.
     ModelNotFound(String),
     NotFound(String),
-    Forbidden(String),
+    /// 403, naming the parameter the caller may not use.
+    Forbidden {
+        message: String,
+        param: String,
+    },
     PayloadTooLarge(String),
     RequestTimeout,
     TooManyRequests,
@@ -35,18 +39,33 @@ impl ApiError {
         }
     }
 
+    pub fn forbidden(param: &str, message: impl Into<String>) -> Self {
+        Self::Forbidden {
+            message: message.into(),
+            param: param.to_string(),
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             Self::BadRequest { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized => StatusCode::UNAUTHORIZED,
             Self::ModelNotFound(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
-            Self::Forbidden(_) => StatusCode::FORBIDDEN,
+            Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
+    }
+
+    /// The message a client sees.
+    pub fn message(&self) -> String {
+        self.body()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
     }
 
     /// The OpenAI error object.
@@ -72,7 +91,12 @@ impl ApiError {
                 Some("model_not_found"),
             ),
             Self::NotFound(m) => (m.clone(), "invalid_request_error", None, Some("not_found")),
-            Self::Forbidden(m) => (m.clone(), "permission_error", None, None),
+            Self::Forbidden { message, param } => (
+                message.clone(),
+                "permission_error",
+                Some(param.clone()),
+                None,
+            ),
             Self::PayloadTooLarge(m) => (m.clone(), "invalid_request_error", None, None),
             Self::RequestTimeout => (
                 "the request body did not arrive in time".into(),

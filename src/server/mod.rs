@@ -5,8 +5,10 @@
 pub mod auth;
 pub mod error;
 pub mod openai;
+pub mod policy;
 mod responses;
 mod routes;
+pub mod stage;
 pub mod state;
 pub mod validate;
 
@@ -19,7 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::Router;
 
-pub use state::{AppState, ServerConfig};
+pub use state::{AppState, Parts, ServerConfig};
 
 use self::error::ApiError;
 
@@ -30,8 +32,8 @@ async fn auth(State(st): State<Arc<AppState>>, mut req: Request, next: Next) -> 
             .headers()
             .get(axum::http::header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .and_then(|k| keys.caller(k.trim())),
+            .and_then(auth::bearer)
+            .and_then(|k| keys.caller(k)),
     };
     match caller {
         Some(c) => {
@@ -56,7 +58,7 @@ async fn count(State(st): State<Arc<AppState>>, req: Request, next: Next) -> Res
     resp
 }
 
-/// All routes; `/health` is the only one open without a key.
+/// All routes; `/health` is open without a key, `/metrics` asks the policy.
 pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(routes::chat))
@@ -69,10 +71,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/adapters/{*name}", delete(routes::remove_adapter))
         .route("/v1/load_lora_adapter", post(routes::vllm_load))
         .route("/v1/unload_lora_adapter", post(routes::vllm_unload))
-        .route("/metrics", get(routes::metrics))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/health", get(routes::health))
+        .route("/metrics", get(routes::metrics))
         .merge(api)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .layer(middleware::from_fn_with_state(state.clone(), count))

@@ -1,25 +1,24 @@
-//! Route handlers: completions, models, adapter admin, health, metrics.
+//! Route handlers, thin: each parses its body and asks the validation stage (`stage.rs`) or the
+//! tenant policy (`policy.rs`); chat and completions share one path.
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde_json::json;
 
 use super::auth::Caller;
 use super::error::ApiError;
-use super::openai::{
-    self, AddAdapterRequest, ChatCompletionRequest, CompletionRequest, PromptField, Sampling,
-    VllmLoraRequest,
-};
+use super::openai::{self, AddAdapterRequest, VllmLoraRequest};
+use super::policy::{AdapterSource, Policy, Registration};
 use super::responses::{self, Kind, Meta};
+use super::stage;
 use super::state::AppState;
-use super::validate;
-use crate::adapters::{bind, AdapterName, PeftAdapter};
+use crate::adapters::{bind, hub, AdapterError, PeftAdapter};
 use crate::engine::ValidRequest;
 
 type St = State<Arc<AppState>>;
@@ -45,54 +44,36 @@ fn request_id(prefix: &str) -> String {
     format!("{prefix}-{n:016x}")
 }
 
-/// The adapter a request asks for (`adapter`, else a `model` that is not the base) and the
-/// `model` to report back.
-async fn choose_adapter(
-    st: &Arc<AppState>,
-    caller: &Caller,
-    s: &Sampling,
-) -> Result<(Option<crate::adapters::Lease>, Option<String>, String), ApiError> {
-    let base = st.base_id().to_string();
-    let requested = match (&s.adapter, &s.model) {
-        (Some(a), _) => Some(a.clone()),
-        (None, Some(m)) if m != &base => Some(m.clone()),
-        _ => None,
-    };
-    let model = s.model.clone().unwrap_or_else(|| base.clone());
-    let Some(requested) = requested else {
-        return Ok((None, None, model));
-    };
-    let name = st.find(caller, &requested)?;
-    let lease = st.lease(&name).await?;
-    let label = st.metrics.adapter_label(&name.key());
-    Ok((Some(lease), Some(label), model))
-}
-
-struct Prepared {
-    prompt: Vec<u32>,
-    sampling: Sampling,
-    logprobs: Option<usize>,
-    field: &'static str,
-    echo: Option<String>,
-}
-
-async fn run(
+/// Chat and completions alike: the validation stage off the async threads, the adapter's
+/// lease, the engine, the response.
+async fn generate(
     st: Arc<AppState>,
     caller: Caller,
     kind: Kind,
-    p: Prepared,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
+    let stage_caller = caller.clone();
+    let p = st
+        .blocking(
+            |s| &s.prepare,
+            move |st| stage::prepare(st, &stage_caller, kind, &body),
+        )
+        .await?;
+    let (adapter, adapter_label) = match &p.adapter {
+        Some(entry) => (
+            Some(st.lease(entry, None).await?),
+            Some(st.metrics.adapter_label(&entry.name.key())),
+        ),
+        None => (None, None),
+    };
     let loaded = st.engine.model().clone();
-    let eos = loaded.stop_token_ids(&st.template);
-    let config =
-        validate::generation(&p.sampling, p.prompt.len(), &st.config.limits, eos, p.field)?;
-    let (adapter, adapter_label, model) = choose_adapter(&st, &caller, &p.sampling).await?;
     let rx = st.engine.submit(ValidRequest {
         prompt: p.prompt,
-        config,
+        config: p.config,
         logprobs: p.logprobs,
         adapter,
         adapter_label,
+        tenant: caller.tenant.clone(),
     })?;
     let meta = Meta {
         kind,
@@ -101,7 +82,7 @@ async fn run(
         } else {
             "cmpl"
         }),
-        model,
+        model: p.model,
         created: st.created,
         include_usage: p
             .sampling
@@ -123,41 +104,7 @@ pub async fn chat(
     Extension(caller): Extension<Caller>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (req, sampling): (ChatCompletionRequest, Sampling) = openai::parse_generation(&body(b)?)?;
-    let messages = validate::messages(&req.messages)?;
-    let loaded = st.engine.model().clone();
-    let text = st
-        .template
-        .render(&messages, true, &loaded.special_tokens())
-        .map_err(|e| ApiError::bad("messages", e.to_string()))?;
-    let prompt = loaded
-        .tokenizer
-        .encode(&text)
-        .map_err(|e| ApiError::bad("messages", e.to_string()))?;
-    let logprobs = match (req.logprobs, req.top_logprobs) {
-        (_, Some(k)) if !(0..=20).contains(&k) => {
-            return Err(ApiError::bad(
-                "top_logprobs",
-                "`top_logprobs` must be between 0 and 20",
-            ))
-        }
-        (false, Some(_)) => {
-            return Err(ApiError::bad(
-                "top_logprobs",
-                "`top_logprobs` needs `logprobs: true`",
-            ))
-        }
-        (true, k) => Some(k.unwrap_or(0) as usize),
-        (false, None) => None,
-    };
-    let p = Prepared {
-        prompt,
-        sampling,
-        logprobs,
-        field: "messages",
-        echo: None,
-    };
-    run(st, caller, Kind::Chat, p).await
+    generate(st, caller, Kind::Chat, body(b)?).await
 }
 
 pub async fn completions(
@@ -165,142 +112,108 @@ pub async fn completions(
     Extension(caller): Extension<Caller>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let (req, sampling): (CompletionRequest, Sampling) = openai::parse_generation(&body(b)?)?;
-    let loaded = st.engine.model().clone();
-    let encode = |t: &str| {
-        loaded
-            .tokenizer
-            .encode(t)
-            .map_err(|e| ApiError::bad("prompt", e.to_string()))
-    };
-    let (prompt, text) = match &req.prompt {
-        PromptField::Text(t) => (encode(t)?, t.clone()),
-        PromptField::Texts(v) if v.len() == 1 => (encode(&v[0])?, v[0].clone()),
-        PromptField::Texts(_) => {
-            return Err(ApiError::bad(
-                "prompt",
-                "`prompt` must be one string (batches of prompts are not supported)",
-            ))
-        }
-        PromptField::Ids(ids) => {
-            let vocab = loaded.model.config.vocab_size as u32;
-            if let Some(bad) = ids.iter().find(|&&i| i >= vocab) {
-                return Err(ApiError::bad(
-                    "prompt",
-                    format!("`prompt` token id {bad} is outside the vocabulary"),
-                ));
-            }
-            (
-                ids.clone(),
-                loaded.tokenizer.decode(ids, false).unwrap_or_default(),
-            )
-        }
-    };
-    if prompt.is_empty() {
-        return Err(ApiError::bad("prompt", "`prompt` must not be empty"));
-    }
-    let logprobs = match req.logprobs {
-        None => None,
-        Some(k) if (0..=20).contains(&k) => Some(k as usize),
-        Some(_) => {
-            return Err(ApiError::bad(
-                "logprobs",
-                "`logprobs` must be between 0 and 20",
-            ))
-        }
-    };
-    let echo = req.echo.then_some(text);
-    let p = Prepared {
-        prompt,
-        sampling,
-        logprobs,
-        field: "prompt",
-        echo,
-    };
-    run(st, caller, Kind::Completion, p).await
+    generate(st, caller, Kind::Completion, body(b)?).await
 }
 
-fn visible_adapters(
-    st: &AppState,
-    caller: &Caller,
-) -> Vec<crate::adapters::registry::AdapterEntry> {
-    st.registry
-        .list()
-        .into_iter()
-        .filter(|e| AppState::visible(caller, &e.name))
-        .collect()
-}
-
-pub async fn models(State(st): St, Extension(caller): Extension<Caller>) -> Response {
+pub async fn models(
+    State(st): St,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
     let base = st.base_id().to_string();
+    let listing_caller = caller.clone();
+    let entries = st
+        .blocking(
+            |s| &s.prepare,
+            move |st| Ok(Policy::listing(&listing_caller, &st.registry)),
+        )
+        .await?;
     let mut data = vec![
         json!({"id": base, "object": "model", "created": st.created, "owned_by": "loraplex", "root": base, "parent": null}),
     ];
-    for e in visible_adapters(&st, &caller) {
-        data.push(json!({"id": e.name.key(), "object": "model", "created": st.created, "owned_by": e.name.tenant.clone().unwrap_or_else(|| "loraplex".into()), "root": e.dir.display().to_string(), "parent": base}));
+    for e in entries {
+        let id = e.name.key();
+        let root = if Policy::shows_paths(&caller) {
+            e.dir.display().to_string()
+        } else {
+            id.clone()
+        };
+        data.push(json!({"id": id, "object": "model", "created": st.created, "owned_by": e.name.tenant.clone().unwrap_or_else(|| "loraplex".into()), "root": root, "parent": base}));
     }
-    Json(json!({"object": "list", "data": data})).into_response()
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
 }
 
-pub async fn list_adapters(State(st): St, Extension(caller): Extension<Caller>) -> Response {
+pub async fn list_adapters(
+    State(st): St,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
     let resident = st.cache.resident();
-    let data: Vec<_> = visible_adapters(&st, &caller)
+    let entries = st
+        .blocking(
+            |s| &s.prepare,
+            move |st| Ok(Policy::listing(&caller, &st.registry)),
+        )
+        .await?;
+    let data: Vec<_> = entries
         .into_iter()
         .map(|e| {
-            let key = e.name.key();
-            json!({"name": key, "pinned": e.pinned, "version": e.version, "resident": resident.contains(&key)})
+            json!({"name": e.name.key(), "pinned": e.pinned, "version": e.version, "resident": resident.contains(&e.name)})
         })
         .collect();
-    Json(json!({"object": "list", "data": data})).into_response()
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
 }
 
-/// The name `caller` may add or remove: a tenant's names live in its namespace; only admins
-/// act outside it. Another tenant's adapter is reported exactly like an unknown one.
-fn owned_name(caller: &Caller, requested: &str) -> Result<AdapterName, ApiError> {
-    let mut name = AdapterName::parse(requested)?;
-    if caller.admin {
-        return Ok(name);
-    }
-    match (&name.tenant, &caller.tenant) {
-        (None, Some(t)) => name.tenant = Some(t.clone()),
-        (Some(n), Some(t)) if n == t => {}
-        (Some(_), Some(_)) => return Err(ApiError::ModelNotFound(requested.to_string())),
-        (_, None) => {}
-    }
-    Ok(name)
-}
-
+/// Registers an adapter as the policy allows: files checked header-first (against the model
+/// and the caller's quota), then loaded once, through the cache, within the load bound.
 async fn add(
     st: Arc<AppState>,
     caller: Caller,
-    req: AddAdapterRequest,
+    reg: Registration<'_>,
 ) -> Result<Response, ApiError> {
-    let name = owned_name(&caller, &req.name)?;
-    let dir = match (&req.path, &req.hub_id) {
-        (Some(p), None) => std::path::PathBuf::from(p),
-        (None, Some(h)) => crate::adapters::hub::fetch(h, &st.config.sources).await?,
-        _ => {
-            return Err(ApiError::bad(
-                "path",
-                "give exactly one of `path` and `hub_id`",
-            ))
+    let (name, source) = st.policy.registration(&caller, &st.registry, &reg)?;
+    let model = st.engine.model().clone();
+    let dir = match source {
+        AdapterSource::Dir(d) => d,
+        AdapterSource::Hub { id, options } => {
+            let _permit = st
+                .loads
+                .acquire()
+                .await
+                .map_err(|_| ApiError::Unavailable("the server is shutting down".into()))?;
+            hub::fetch(&id, &st.config.sources, &options, |h| {
+                bind::check(h, &model.model, &st.config.bind)?;
+                Policy::check_quota(&caller, &st.registry, &name, h.bytes).map_err(|e| {
+                    AdapterError::LoadFailed {
+                        name: id.clone(),
+                        message: e.message(),
+                    }
+                })
+            })
+            .await
+            .map_err(|e| match e {
+                AdapterError::InvalidName { .. } => ApiError::bad("hub_id", e.to_string()),
+                other => ApiError::from(other),
+            })?
         }
     };
-    // Validate against the model now, so a bad adapter is refused here and never reaches a request.
-    let model = st.engine.model().clone();
-    let opts = st.config.bind.clone();
-    let check_dir = dir.clone();
-    tokio::task::spawn_blocking(move || {
-        bind(&PeftAdapter::load(&check_dir)?, &model.model, &opts).map(|_| ())
-    })
-    .await
-    .map_err(|e| ApiError::Internal(e.to_string()))??;
-    let entry = st.registry.add(&name, &dir, req.pinned)?;
-    st.cache.remove(&name.key());
-    if req.pinned {
-        st.lease(&name).await?;
-        st.cache.set_pinned(&name.key(), true);
-    }
+    let (check_caller, check_name, check_dir) = (caller.clone(), name.clone(), dir.clone());
+    let (header, weights) = st
+        .blocking(
+            |s| &s.loads,
+            move |st| {
+                let header = PeftAdapter::inspect(&check_dir)?;
+                bind::check(&header, &st.engine.model().model, &st.config.bind)?;
+                Policy::check_quota(&check_caller, &st.registry, &check_name, header.bytes)?;
+                let weights = bind::bind(
+                    &PeftAdapter::load(&check_dir)?,
+                    &st.engine.model().model,
+                    &st.config.bind,
+                )?;
+                Ok((header, weights))
+            },
+        )
+        .await?;
+    let entry = st.registry.add(&name, &dir, reg.pinned, header.bytes)?;
+    st.lease(&entry, Some(weights)).await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({"name": entry.name.key(), "pinned": entry.pinned, "version": entry.version})),
@@ -314,18 +227,25 @@ pub async fn add_adapter(
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: AddAdapterRequest = openai::parse(&body(b)?)?;
-    add(st, caller, req).await
+    let reg = Registration {
+        name: &req.name,
+        path: req.path.as_deref(),
+        path_field: "path",
+        hub_id: req.hub_id.as_deref(),
+        pinned: req.pinned,
+    };
+    add(st.clone(), caller, reg).await
 }
 
 async fn remove(st: &AppState, caller: &Caller, requested: &str) -> Result<Response, ApiError> {
-    let name = owned_name(caller, requested)?;
-    if !AppState::visible(caller, &name) {
+    let name = Policy::owned_name(caller, requested)?;
+    if !Policy::visible(caller, &name) {
         return Err(ApiError::ModelNotFound(requested.to_string()));
     }
     st.registry
         .remove(&name)
         .map_err(|_| ApiError::ModelNotFound(requested.to_string()))?;
-    st.cache.remove(&name.key());
+    st.cache.remove(&name);
     Ok(Json(json!({"name": name.key(), "deleted": true})).into_response())
 }
 
@@ -343,20 +263,14 @@ pub async fn vllm_load(
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: VllmLoraRequest = openai::parse(&body(b)?)?;
-    let path = req
-        .lora_path
-        .ok_or_else(|| ApiError::bad("lora_path", "`lora_path` is required"))?;
-    add(
-        st,
-        caller,
-        AddAdapterRequest {
-            name: req.lora_name,
-            path: Some(path),
-            hub_id: None,
-            pinned: false,
-        },
-    )
-    .await
+    let reg = Registration {
+        name: &req.lora_name,
+        path: req.lora_path.as_deref(),
+        path_field: "lora_path",
+        hub_id: None,
+        pinned: false,
+    };
+    add(st.clone(), caller, reg).await
 }
 
 pub async fn vllm_unload(
@@ -372,14 +286,19 @@ pub async fn health() -> &'static str {
     "ok"
 }
 
-pub async fn metrics(State(st): St) -> Response {
+/// Outside the key middleware: the policy decides (admin key, `--metrics-key`, or open).
+pub async fn metrics(State(st): St, headers: HeaderMap) -> Result<Response, ApiError> {
+    let authorization = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    st.policy.scrape(st.keys.as_ref(), authorization)?;
     st.refresh_cache_metrics();
-    (
+    Ok((
         [(
             axum::http::header::CONTENT_TYPE,
             "text/plain; version=0.0.4",
         )],
         st.metrics.render(),
     )
-        .into_response()
+        .into_response())
 }

@@ -1,18 +1,23 @@
-//! Server state: the engine, the adapter registry and cache, keys, metrics, and how a request's
-//! adapter is chosen and leased (with tenant visibility).
+//! Server state: the engine, the adapter registry and cache, keys, the tenant policy, metrics,
+//! the bounded pools for request preparation and adapter loads, and how an adapter is leased.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::auth::{ApiKeys, Caller};
+use tokio::sync::Semaphore;
+
+use super::auth::ApiKeys;
 use super::error::ApiError;
+use super::policy::{Policy, PolicyConfig};
 use super::validate::Limits;
-use crate::adapters::{bind, AdapterCache, AdapterName, BindOptions, Lease, PeftAdapter, Registry};
+use crate::adapters::registry::AdapterEntry;
+use crate::adapters::{bind, AdapterCache, BindOptions, Lease, Registry};
 use crate::chat::ChatTemplate;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
 use crate::model::source::SourceConfig;
+use crate::model::AdapterWeights;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -22,6 +27,11 @@ pub struct ServerConfig {
     pub limits: Limits,
     pub bind: BindOptions,
     pub sources: SourceConfig,
+    pub policy: PolicyConfig,
+    /// `--max-concurrent-loads`: adapter loads (disk or hub) running at once.
+    pub max_concurrent_loads: usize,
+    /// Requests being parsed, rendered and tokenized at once (on blocking threads).
+    pub max_concurrent_prepare: usize,
 }
 
 pub struct AppState {
@@ -30,23 +40,43 @@ pub struct AppState {
     pub cache: AdapterCache,
     pub metrics: Arc<Metrics>,
     pub keys: Option<ApiKeys>,
+    pub policy: Policy,
     pub template: ChatTemplate,
     pub config: ServerConfig,
     pub created: u64,
+    /// Bounds adapter loads: each holds a whole adapter in memory while it loads.
+    pub loads: Semaphore,
+    /// Bounds request preparation on the blocking pool.
+    pub prepare: Semaphore,
     evictions_seen: AtomicU64,
 }
 
+/// What the server is made of; `AppState::new` wires it up.
+pub struct Parts {
+    pub engine: Engine,
+    pub registry: Registry,
+    pub cache: AdapterCache,
+    pub metrics: Arc<Metrics>,
+    pub keys: Option<ApiKeys>,
+    pub template: ChatTemplate,
+    pub config: ServerConfig,
+}
+
 impl AppState {
-    pub fn new(
-        engine: Engine,
-        registry: Registry,
-        cache: AdapterCache,
-        metrics: Arc<Metrics>,
-        keys: Option<ApiKeys>,
-        template: ChatTemplate,
-        config: ServerConfig,
-    ) -> Self {
+    pub fn new(parts: Parts) -> Self {
+        let Parts {
+            engine,
+            registry,
+            cache,
+            metrics,
+            keys,
+            template,
+            config,
+        } = parts;
         Self {
+            policy: Policy::new(config.policy.clone(), registry.root()),
+            loads: Semaphore::new(config.max_concurrent_loads.max(1)),
+            prepare: Semaphore::new(config.max_concurrent_prepare.max(1)),
             engine,
             registry,
             cache,
@@ -66,50 +96,47 @@ impl AppState {
         &self.engine.model().id
     }
 
-    /// Whether `caller` may see `name`: public adapters, its own namespace, everything for
-    /// admins and on an open server.
-    pub fn visible(caller: &Caller, name: &AdapterName) -> bool {
-        caller.admin
-            || caller.tenant.is_none()
-            || name.tenant.is_none()
-            || name.tenant == caller.tenant
-    }
-
-    /// The registry name `requested` refers to for `caller`; anything it may not see is
-    /// reported exactly like an unknown adapter.
-    pub fn find(&self, caller: &Caller, requested: &str) -> Result<AdapterName, ApiError> {
-        let not_found = || ApiError::ModelNotFound(requested.to_string());
-        let name = AdapterName::parse(requested).map_err(|_| not_found())?;
-        let mut candidates = Vec::new();
-        if let (None, Some(t)) = (&name.tenant, &caller.tenant) {
-            candidates.push(AdapterName {
-                tenant: Some(t.clone()),
-                name: name.name.clone(),
-            });
-        }
-        candidates.push(name);
-        candidates
-            .into_iter()
-            .filter(|c| Self::visible(caller, c))
-            .find(|c| self.registry.get(c).is_ok())
-            .ok_or_else(not_found)
-    }
-
-    /// A lease on the adapter, loading it off the async threads on a miss.
-    pub async fn lease(self: &Arc<Self>, name: &AdapterName) -> Result<Lease, ApiError> {
-        let entry = self
-            .registry
-            .get(name)
-            .map_err(|_| ApiError::ModelNotFound(name.key()))?;
+    /// Runs `f` on the blocking pool within one of the `permits`.
+    pub async fn blocking<T: Send + 'static>(
+        self: &Arc<Self>,
+        permits: fn(&AppState) -> &Semaphore,
+        f: impl FnOnce(&Arc<AppState>) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let _permit = permits(self)
+            .acquire()
+            .await
+            .map_err(|_| ApiError::Unavailable("the server is shutting down".into()))?;
         let st = self.clone();
-        let key = name.key();
-        tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || f(&st))
+            .await
+            .map_err(|e| ApiError::Internal(format!("blocking task: {e}")))?
+    }
+
+    /// A lease on the adapter, loading it (header-first, within the load bound) on a miss.
+    /// `preloaded` weights are used instead of reading the files (a registration just read them).
+    pub async fn lease(
+        self: &Arc<Self>,
+        entry: &AdapterEntry,
+        preloaded: Option<AdapterWeights>,
+    ) -> Result<Lease, ApiError> {
+        if preloaded.is_none() && !entry.pinned {
+            if let Some(lease) = self.cache.hit(&entry.key()) {
+                self.metrics.adapter_hits.inc();
+                return Ok(lease);
+            }
+        }
+        let entry = entry.clone();
+        let load = move |st: &Arc<AppState>| {
             let loaded = AtomicBool::new(false);
             let start = Instant::now();
-            let lease = st.cache.acquire(&key, entry.version, entry.pinned, || {
+            let lease = st.cache.acquire(&entry.key(), entry.pinned, || {
                 loaded.store(true, Ordering::Relaxed);
-                let peft = PeftAdapter::load(&entry.dir)?;
-                bind(&peft, &st.engine.model().model, &st.config.bind)
+                match preloaded {
+                    Some(w) => Ok(w),
+                    None => {
+                        bind::load_checked(&entry.dir, &st.engine.model().model, &st.config.bind)
+                    }
+                }
             });
             if loaded.load(Ordering::Relaxed) {
                 st.metrics.adapter_misses.inc();
@@ -120,9 +147,8 @@ impl AppState {
                 st.metrics.adapter_hits.inc();
             }
             lease.map_err(ApiError::from)
-        })
-        .await
-        .map_err(|e| ApiError::Internal(format!("adapter load task: {e}")))?
+        };
+        self.blocking(|s| &s.loads, load).await
     }
 
     /// Brings cache gauges and counters up to date (at scrape time).
@@ -131,7 +157,7 @@ impl AppState {
         m.adapters_resident.set(self.cache.resident().len() as i64);
         m.adapters_resident_bytes
             .set(self.cache.resident_bytes() as i64);
-        let now = self.cache.stats.evictions.load(Ordering::Relaxed);
+        let now = self.cache.stats().evictions.load(Ordering::Relaxed);
         let before = self.evictions_seen.swap(now, Ordering::Relaxed);
         m.adapter_evictions.inc_by(now.saturating_sub(before));
     }
