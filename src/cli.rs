@@ -64,8 +64,8 @@ pub struct ServeArgs {
     /// On SIGTERM, running requests get this long to finish.
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout_secs: u64,
-    /// Directories admins may load adapters from by path (repeatable; symlinks are resolved
-    /// first). Default: the adapters directory only.
+    /// Directories admins may load adapters from by path, besides the adapters directory
+    /// (repeatable; symlinks are resolved first).
     #[arg(long = "adapter-path-allow", value_name = "DIR")]
     pub adapter_path_allow: Vec<PathBuf>,
     /// A key that may read `/metrics` (and nothing else); with `--api-keys`, admin keys may too.

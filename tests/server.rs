@@ -449,13 +449,19 @@ async fn tenants_cannot_see_use_or_unload_each_others_adapters() {
     .await;
     assert_eq!(s, StatusCode::OK, "{v}");
 
-    // Loading: a tenant's new adapter lands in its own namespace; only there can it unload it.
+    // Loading: a tenant registers adapters of its own namespace by name (files under the
+    // adapters root; tenants name no paths); only there can it unload them.
     let src = tiny_dir().join("adapters").join("lora-r4-qv");
+    let mine = root.join("acme").join("mine");
+    std::fs::create_dir_all(&mine).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(src.join(f), mine.join(f)).unwrap();
+    }
     let (s, v, _) = call(
         &app,
         "POST",
         "/v1/adapters",
-        Some(json!({"name": "mine", "path": src})),
+        Some(json!({"name": "mine"})),
         Some("sk-acme"),
     )
     .await;
@@ -465,7 +471,7 @@ async fn tenants_cannot_see_use_or_unload_each_others_adapters() {
         &app,
         "POST",
         "/v1/adapters",
-        Some(json!({"name": "globex/planted", "path": src})),
+        Some(json!({"name": "globex/planted"})),
         Some("sk-acme"),
     )
     .await;
@@ -494,7 +500,8 @@ async fn tenants_cannot_see_use_or_unload_each_others_adapters() {
 
 #[tokio::test]
 async fn adapters_load_and_unload_at_run_time_and_bad_ones_are_refused() {
-    let st = state(&[]).await;
+    let tmp = tempfile::tempdir().unwrap();
+    let st = state(&["--adapter-path-allow", tmp.path().to_str().unwrap()]).await;
     let app = router(st.clone());
     let src = tiny_dir().join("adapters").join("dora-r8-all");
     let (s, v, _) = call(
@@ -534,7 +541,6 @@ async fn adapters_load_and_unload_at_run_time_and_bad_ones_are_refused() {
     .await;
     assert_eq!(s, StatusCode::NOT_FOUND);
     // A broken adapter is refused at load time and the server keeps serving.
-    let tmp = tempfile::tempdir().unwrap();
     std::fs::write(
         tmp.path().join("adapter_config.json"),
         "{\"r\": 4, \"target_modules\": [\"q_proj\"]}",

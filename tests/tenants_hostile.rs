@@ -236,6 +236,41 @@ async fn a_tenant_cannot_load_server_paths_or_learn_them() {
     .await;
     assert_eq!(own.status, StatusCode::CREATED, "{}", own.text);
 
+    // Error bodies name a tenant's files relative to the root, never where the server keeps them.
+    let broken = s.root.join("acme/broken");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::copy(
+        tiny_dir().join("adapters/lora-r4-qv/adapter_config.json"),
+        broken.join("adapter_config.json"),
+    )
+    .unwrap();
+    std::fs::write(
+        broken.join("adapter_model.safetensors"),
+        b"garbage!garbage!",
+    )
+    .unwrap();
+    for (route, body) in [
+        ("/v1/adapters", json!({"name": "broken"})),
+        ("/v1/chat/completions", chat("broken", "hi", 2)),
+    ] {
+        let r = call(&app, "POST", route, Some(body), "sk-acme").await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{route}: {}", r.text);
+        assert!(
+            r.text.contains("acme/broken/adapter_model.safetensors") && !r.text.contains(root),
+            "{route}: {}",
+            r.text
+        );
+    }
+    let r = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(chat("acme/broken", "hi", 2)),
+        "sk-root",
+    )
+    .await;
+    assert!(r.text.contains(root), "admins see the path: {}", r.text);
+
     // Admins: only paths under the allow-list (default: the adapters root), symlinks resolved.
     let outside = tiny_dir().join("adapters").join("lora-r8-all");
     let r = call(

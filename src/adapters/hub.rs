@@ -118,12 +118,21 @@ pub async fn fetch(
         std::fs::write(&p, bytes).map_err(|source| AdapterError::Io { path: p, source })
     };
     write(CONFIG_FILE, &config)?;
-    let weights_path = tmp.path().join(WEIGHTS_FILE);
+    // Messages name the files by hub id, not by where this server keeps them.
+    let repo = PathBuf::from(id);
+    let weights_path = repo.join(WEIGHTS_FILE);
+    let room = opts.max_bytes - 8 - n;
     let (tensors, data_bytes) =
-        parse_safetensors_header(&weights_path, &json, opts.max_bytes - 8 - n)?;
+        parse_safetensors_header(&weights_path, &json, room).map_err(|e| {
+            failed(format!(
+                "{e} (downloads are limited to {} bytes)",
+                opts.max_bytes
+            ))
+        })?;
+    let config_text = String::from_utf8_lossy(&config);
     check(&AdapterHeader {
-        dir: tmp.path().to_path_buf(),
-        config: AdapterConfig::from_file(&tmp.path().join(CONFIG_FILE))?,
+        dir: repo.clone(),
+        config: AdapterConfig::from_json(&repo.join(CONFIG_FILE), &config_text)?,
         modules: module_shapes(&weights_path, tensors)?,
         bytes: data_bytes,
     })?;

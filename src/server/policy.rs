@@ -26,7 +26,7 @@ use crate::adapters::{AdapterName, Registry};
 
 #[derive(Debug, Clone)]
 pub struct PolicyConfig {
-    /// `--adapter-path-allow` (repeatable); empty means the adapters root only.
+    /// `--adapter-path-allow` (repeatable), allowed besides the adapters root.
     pub path_allow: Vec<PathBuf>,
     /// `--metrics-key`.
     pub metrics_key: Option<MetricsKey>,
@@ -38,6 +38,8 @@ pub struct PolicyConfig {
 pub struct Policy {
     /// Canonical directories admins' paths must lie under.
     allow: Vec<PathBuf>,
+    /// The adapters root as given and canonical, cut from what tenants see.
+    root_forms: Vec<String>,
     metrics_key: Option<MetricsKey>,
     max_hub_bytes: u64,
 }
@@ -63,15 +65,24 @@ const TENANT_PATH: &str =
 
 impl Policy {
     pub fn new(config: PolicyConfig, adapters_root: &Path) -> Self {
-        let dirs = if config.path_allow.is_empty() {
-            vec![adapters_root.to_path_buf()]
-        } else {
-            config.path_allow
-        };
         // A directory that does not exist (yet) allows nothing.
-        let allow = dirs.iter().filter_map(|d| d.canonicalize().ok()).collect();
+        let allow = std::iter::once(adapters_root)
+            .chain(config.path_allow.iter().map(PathBuf::as_path))
+            .filter_map(|d| d.canonicalize().ok())
+            .collect();
+        let mut root_forms: Vec<String> = [
+            Some(adapters_root.to_path_buf()),
+            adapters_root.canonicalize().ok(),
+        ]
+        .into_iter()
+        .flatten()
+        .map(|p| p.display().to_string())
+        .filter(|p| !p.is_empty())
+        .collect();
+        root_forms.sort_by_key(|p| std::cmp::Reverse(p.len()));
         Self {
             allow,
+            root_forms,
             metrics_key: config.metrics_key,
             max_hub_bytes: config.max_hub_bytes,
         }
@@ -239,6 +250,27 @@ impl Policy {
             ));
         }
         Ok(())
+    }
+
+    /// What an error says to `caller`: tenants see adapter files named relative to the
+    /// adapters root (`acme/x/adapter_model.safetensors`), never the server's paths.
+    pub fn redact(&self, caller: &Caller, err: ApiError) -> ApiError {
+        if Self::shows_paths(caller) {
+            return err;
+        }
+        let cut = |m: String| {
+            self.root_forms.iter().fold(m, |m, root| {
+                m.replace(&format!("{root}/"), "")
+                    .replace(root.as_str(), "")
+            })
+        };
+        match err {
+            ApiError::BadRequest { message, param } => ApiError::BadRequest {
+                message: cut(message),
+                param,
+            },
+            other => other,
+        }
     }
 
     /// Whether a filesystem path may be shown to `caller` (`/v1/models` `root`).

@@ -61,7 +61,11 @@ async fn generate(
         .await?;
     let (adapter, adapter_label) = match &p.adapter {
         Some(entry) => (
-            Some(st.lease(entry, None).await?),
+            Some(
+                st.lease(entry, None)
+                    .await
+                    .map_err(|e| st.policy.redact(&caller, e))?,
+            ),
             Some(st.metrics.adapter_label(&entry.name.key())),
         ),
         None => (None, None),
@@ -165,6 +169,17 @@ pub async fn list_adapters(
 /// Registers an adapter as the policy allows: files checked header-first (against the model
 /// and the caller's quota), then loaded once, through the cache, within the load bound.
 async fn add(
+    st: Arc<AppState>,
+    caller: Caller,
+    reg: Registration<'_>,
+) -> Result<Response, ApiError> {
+    let redact_caller = caller.clone();
+    register(st.clone(), caller, reg)
+        .await
+        .map_err(|e| st.policy.redact(&redact_caller, e))
+}
+
+async fn register(
     st: Arc<AppState>,
     caller: Caller,
     reg: Registration<'_>,
