@@ -825,6 +825,41 @@ async fn tenant_a_learns_nothing_of_tenant_b() {
         (other.status, &other.text, &other.headers),
         (unknown.status, &unknown.text, &unknown.headers)
     );
+    // Versions count one adapter's own registrations: globex's activity does not show in them.
+    let v1 = call(
+        &app,
+        "POST",
+        "/v1/adapters",
+        Some(json!({"name": "qv"})),
+        "sk-acme",
+    )
+    .await;
+    for _ in 0..3 {
+        let r = call(
+            &app,
+            "POST",
+            "/v1/adapters",
+            Some(json!({"name": "secret"})),
+            "sk-globex",
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CREATED);
+    }
+    let v2 = call(
+        &app,
+        "POST",
+        "/v1/adapters",
+        Some(json!({"name": "qv"})),
+        "sk-acme",
+    )
+    .await;
+    assert_eq!(
+        v2.json["version"].as_u64().unwrap(),
+        v1.json["version"].as_u64().unwrap() + 1,
+        "{} {}",
+        v1.text,
+        v2.text
+    );
     let m = call(&app, "GET", "/metrics", None, "sk-acme").await;
     assert!(m.status.is_client_error() && !m.text.contains("globex"));
     // globex's adapter is untouched by all of this.

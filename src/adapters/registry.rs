@@ -98,6 +98,7 @@ pub struct AdapterEntry {
     pub name: AdapterName,
     pub dir: PathBuf,
     pub pinned: bool,
+    /// Cache version, from one counter for the registry (internal: see `Registry::revision`).
     pub version: u64,
     /// Weight bytes its safetensors header declares (run-time registrations; 0 otherwise).
     pub bytes: u64,
@@ -120,6 +121,7 @@ pub struct Registry {
     root: PathBuf,
     added: RwLock<BTreeMap<String, AdapterEntry>>,
     versions: RwLock<BTreeMap<String, u64>>,
+    revisions: RwLock<BTreeMap<String, u64>>,
     next_version: AtomicU64,
 }
 
@@ -133,6 +135,7 @@ impl Registry {
             root: root.into(),
             added: RwLock::new(BTreeMap::new()),
             versions: RwLock::new(BTreeMap::new()),
+            revisions: RwLock::new(BTreeMap::new()),
             next_version: AtomicU64::new(1),
         }
     }
@@ -208,7 +211,24 @@ impl Registry {
         let mut v = self.versions.write().expect("registry lock");
         let next = self.next_version.fetch_add(1, Ordering::Relaxed);
         v.insert(key.to_string(), next);
+        *self
+            .revisions
+            .write()
+            .expect("registry lock")
+            .entry(key.to_string())
+            .or_insert(0) += 1;
         next
+    }
+
+    /// How many times `name` was registered, reloaded or removed: what clients see as its
+    /// version. The global `version` would tell one tenant how busy the others are.
+    pub fn revision(&self, name: &AdapterName) -> u64 {
+        self.revisions
+            .read()
+            .expect("registry lock")
+            .get(&name.key())
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Marks the files of `name` as changed: later requests load the new version, running ones

@@ -160,7 +160,7 @@ pub async fn list_adapters(
     let data: Vec<_> = entries
         .into_iter()
         .map(|e| {
-            json!({"name": e.name.key(), "pinned": e.pinned, "version": e.version, "resident": resident.contains(&e.name)})
+            json!({"name": e.name.key(), "pinned": e.pinned, "version": st.registry.revision(&e.name), "resident": resident.contains(&e.name)})
         })
         .collect();
     Ok(Json(json!({"object": "list", "data": data})).into_response())
@@ -231,7 +231,9 @@ async fn register(
     st.lease(&entry, Some(weights)).await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({"name": entry.name.key(), "pinned": entry.pinned, "version": entry.version})),
+        Json(
+            json!({"name": entry.name.key(), "pinned": entry.pinned, "version": st.registry.revision(&entry.name)}),
+        ),
     )
         .into_response())
 }
