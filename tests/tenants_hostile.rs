@@ -876,3 +876,45 @@ async fn tenant_a_learns_nothing_of_tenant_b() {
         StatusCode::OK
     );
 }
+
+// Defect 4, second half: a raw completions prompt gets the model's BOS when its tokenizer
+// config asks for one (`add_bos_token`), and none otherwise.
+#[tokio::test]
+async fn completions_get_bos_when_the_model_asks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("tiny-bos");
+    std::fs::create_dir_all(&model).unwrap();
+    for f in std::fs::read_dir(tiny_dir()).unwrap().flatten() {
+        if f.path().is_file() {
+            std::fs::copy(f.path(), model.join(f.file_name())).unwrap();
+        }
+    }
+    let tc = model.join("tokenizer_config.json");
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(&tc).unwrap()).unwrap();
+    cfg["add_bos_token"] = json!(true);
+    std::fs::write(&tc, cfg.to_string()).unwrap();
+    let plain = tokenizers::Tokenizer::from_file(tiny_dir().join("tokenizer.json")).unwrap();
+    let n = plain.encode("hello there", false).unwrap().get_ids().len();
+    for (dir, bos) in [(tiny_dir(), 0), (model, 1)] {
+        let cli = loraplex::cli::Cli::try_parse_from(["serve", "--model", dir.to_str().unwrap()])
+            .unwrap();
+        let st = loraplex::cli::build_state(&cli.serve).await.unwrap();
+        let app = router(st);
+        let r = send(
+            &app,
+            "POST",
+            "/v1/completions",
+            Some(json!({"prompt": "hello there", "max_tokens": 1})),
+            None,
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        assert_eq!(
+            r.json["usage"]["prompt_tokens"],
+            n + bos,
+            "{}: {}",
+            dir.display(),
+            r.text
+        );
+    }
+}
