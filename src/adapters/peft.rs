@@ -139,13 +139,13 @@ fn read_safetensors_header(
     parse_safetensors_header(path, &json, file_len - 8 - n)
 }
 
-/// Groups header tensors by module.
-pub fn module_shapes(
+/// Groups tensors (or their shapes) by module: `[lora_A, lora_B, magnitude]` each.
+fn by_module<T>(
     path: &Path,
-    tensors: BTreeMap<String, Vec<usize>>,
-) -> Result<BTreeMap<String, ModuleShapes>, AdapterError> {
-    let mut modules: BTreeMap<String, ModuleShapes> = BTreeMap::new();
-    for (key, shape) in tensors {
+    items: impl IntoIterator<Item = (String, T)>,
+) -> Result<BTreeMap<String, [Option<T>; 3]>, AdapterError> {
+    let mut modules: BTreeMap<String, [Option<T>; 3]> = BTreeMap::new();
+    for (key, item) in items {
         let (module, role) = parse_key(&key).ok_or_else(|| {
             AdapterError::weights(
                 path,
@@ -154,17 +154,37 @@ pub fn module_shapes(
                 ),
             )
         })?;
-        let m = modules.entry(module).or_default();
-        match role {
-            "A" => m.lora_a = Some(shape),
-            "B" => m.lora_b = Some(shape),
-            _ => m.magnitude = Some(shape),
-        }
+        let slot = match role {
+            "A" => 0,
+            "B" => 1,
+            _ => 2,
+        };
+        modules.entry(module).or_insert_with(|| [None, None, None])[slot] = Some(item);
     }
     if modules.is_empty() {
         return Err(AdapterError::weights(path, "holds no LoRA tensors"));
     }
     Ok(modules)
+}
+
+/// Groups header tensors by module.
+pub fn module_shapes(
+    path: &Path,
+    tensors: BTreeMap<String, Vec<usize>>,
+) -> Result<BTreeMap<String, ModuleShapes>, AdapterError> {
+    Ok(by_module(path, tensors)?
+        .into_iter()
+        .map(|(m, [lora_a, lora_b, magnitude])| {
+            (
+                m,
+                ModuleShapes {
+                    lora_a,
+                    lora_b,
+                    magnitude,
+                },
+            )
+        })
+        .collect())
 }
 
 /// An adapter as stored on disk, not yet bound to a model.
@@ -235,21 +255,19 @@ impl PeftAdapter {
         let tensors = candle_core::safetensors::load(&weights, &Device::Cpu).map_err(|e| {
             AdapterError::weights(&weights, format!("not a readable safetensors file: {e}"))
         })?;
-        let mut modules: BTreeMap<String, ModuleWeights> = BTreeMap::new();
-        for (key, t) in tensors {
-            let (module, role) = parse_key(&key).ok_or_else(|| {
-                AdapterError::weights(&weights, format!("unexpected tensor `{key}` (only LoRA A/B and DoRA magnitudes are supported)"))
-            })?;
-            let m = modules.entry(module).or_default();
-            match role {
-                "A" => m.lora_a = Some(t),
-                "B" => m.lora_b = Some(t),
-                _ => m.magnitude = Some(t),
-            }
-        }
-        if modules.is_empty() {
-            return Err(AdapterError::weights(&weights, "holds no LoRA tensors"));
-        }
+        let modules = by_module(&weights, tensors)?
+            .into_iter()
+            .map(|(m, [lora_a, lora_b, magnitude])| {
+                (
+                    m,
+                    ModuleWeights {
+                        lora_a,
+                        lora_b,
+                        magnitude,
+                    },
+                )
+            })
+            .collect();
         Ok(Self {
             dir: dir.to_path_buf(),
             config,
