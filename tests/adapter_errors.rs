@@ -191,8 +191,9 @@ fn hub_adapters_come_from_the_cache_or_fail_naming_the_hub() {
         hub_endpoint: "http://127.0.0.1:9".into(),
         pypi_index: String::new(),
     };
+    // The operator's hf-hub cache serves admins (token holders) only.
     let opts = loraplex::adapters::hub::HubOptions {
-        use_token: false,
+        use_token: true,
         max_bytes: 1 << 30,
     };
     let rt = tokio::runtime::Runtime::new().unwrap();

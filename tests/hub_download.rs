@@ -5,7 +5,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use axum::extract::{Path as UrlPath, State};
@@ -43,6 +42,12 @@ async fn serve_file(
     let Some(bytes) = hub.files.get(&key) else {
         return StatusCode::NOT_FOUND.into_response();
     };
+    // A private repo: only the operator's token reads it.
+    if key.starts_with("ops/private/")
+        && header("authorization").as_deref() != Some("Bearer hf_operator_secret")
+    {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
     match range.as_deref().and_then(|r| r.strip_prefix("bytes=")) {
         Some(r) => {
             let (a, b) = r.split_once('-').unwrap();
@@ -103,6 +108,7 @@ async fn downloads_are_bounded_checked_header_first_and_tokenless_for_tenants() 
     std::env::set_var("HF_TOKEN", "hf_operator_secret");
     let mut files: HashMap<String, Vec<u8>> = HashMap::new();
     files.extend(adapter_files("acme/good", "lora-r4-qv"));
+    files.extend(adapter_files("ops/private", "lora-r4-qv"));
     files.extend(adapter_files("acme/huge", "lora-r4-qv"));
     files.insert(
         "acme/huge/adapter_model.safetensors".into(),
@@ -189,7 +195,7 @@ async fn downloads_are_bounded_checked_header_first_and_tokenless_for_tenants() 
             .exists());
     }
     // Leftover download folders are cleaned up.
-    let leftovers: Vec<_> = std::fs::read_dir(home.path().join("hub-adapters"))
+    let leftovers: Vec<_> = std::fs::read_dir(home.path().join("hub-adapters/public"))
         .unwrap()
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with(".download-"))
@@ -201,7 +207,7 @@ async fn downloads_are_bounded_checked_header_first_and_tokenless_for_tenants() 
         use_token: false,
         max_bytes: 1000,
     };
-    std::fs::remove_dir_all(home.path().join("hub-adapters/acme--good")).unwrap();
+    std::fs::remove_dir_all(home.path().join("hub-adapters/public/acme--good")).unwrap();
     let e = fetch("acme/good", &cfg, &small, check_against_tiny)
         .await
         .unwrap_err()
@@ -224,5 +230,14 @@ async fn downloads_are_bounded_checked_header_first_and_tokenless_for_tenants() 
         .unwrap()
         .iter()
         .all(|(_, _, auth)| auth.as_deref() == Some("Bearer hf_operator_secret")));
-    let _ = Path::new("");
+
+    // A private repo the admin fetched is not served to a tenant from the admin's download.
+    fetch("ops/private", &cfg, &admin, check_against_tiny)
+        .await
+        .unwrap();
+    let e = fetch("ops/private", &cfg, &tenant, check_against_tiny)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("401"), "{e}");
 }

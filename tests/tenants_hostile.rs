@@ -660,7 +660,9 @@ async fn a_flooding_tenant_does_not_starve_another() {
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     let waiting_after = st.engine.waiting();
-    eprintln!("acme waiting: {waiting_before} before globex's request, {waiting_after} after it finished");
+    eprintln!(
+        "acme waiting: {waiting_before} before globex's request, {waiting_after} after it finished"
+    );
     assert!(
         waiting_after + 3 >= waiting_before,
         "globex was served after at most a few of acme's queued requests ({waiting_before} -> {waiting_after} waiting)"

@@ -2,8 +2,8 @@
 //! cache) first, else a bounded download. The safetensors header is fetched alone first (two range requests)
 //! and checked — its size against `max_bytes`, its shapes by the caller against the base model —
 //! before the body is downloaded, and the body may not exceed what the header declared.
-//! Files land in `$LORAPLEX_HOME/hub-adapters/ORG--NAME` through a temporary folder, so a failed
-//! download leaves nothing behind.
+//! Files land in `$LORAPLEX_HOME/hub-adapters/{token,public}/ORG--NAME` through a temporary
+//! folder, so a failed download leaves nothing behind.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -40,8 +40,13 @@ pub fn validate_id(id: &str) -> Result<(), AdapterError> {
     }
 }
 
-fn local_dir(id: &str, cfg: &SourceConfig) -> PathBuf {
-    cfg.home.join("hub-adapters").join(id.replace('/', "--"))
+/// Downloads made with the operator's token and without it live apart: a tokenless (tenant)
+/// fetch must never be answered from a private repo an admin fetched.
+fn local_dir(id: &str, cfg: &SourceConfig, opts: &HubOptions) -> PathBuf {
+    cfg.home
+        .join("hub-adapters")
+        .join(if opts.use_token { "token" } else { "public" })
+        .join(id.replace('/', "--"))
 }
 
 fn complete(dir: &Path) -> bool {
@@ -57,14 +62,17 @@ pub async fn fetch(
     check: impl Fn(&AdapterHeader) -> Result<(), AdapterError>,
 ) -> Result<PathBuf, AdapterError> {
     validate_id(id)?;
-    let dir = local_dir(id, cfg);
+    let dir = local_dir(id, cfg, opts);
     if complete(&dir) {
         return Ok(dir);
     }
-    // A hub cache the operator filled (hf-hub's layout) is used as it is.
-    let cached = hf_hub::Cache::new(cfg.hub_cache()).model(id.to_string());
-    if let (Some(config), Some(_)) = (cached.get(CONFIG_FILE), cached.get(WEIGHTS_FILE)) {
-        return Ok(config.parent().map(PathBuf::from).unwrap_or_default());
+    // A hub cache the operator filled (hf-hub's layout, possibly with private repos) serves
+    // token holders only.
+    if opts.use_token {
+        let cached = hf_hub::Cache::new(cfg.hub_cache()).model(id.to_string());
+        if let (Some(config), Some(_)) = (cached.get(CONFIG_FILE), cached.get(WEIGHTS_FILE)) {
+            return Ok(config.parent().map(PathBuf::from).unwrap_or_default());
+        }
     }
     let failed = |message: String| AdapterError::LoadFailed {
         name: id.to_string(),
@@ -103,7 +111,7 @@ pub async fn fetch(
     }
     let json = get.bytes(WEIGHTS_FILE, Some((8, 8 + n)), n).await?;
 
-    let parent = cfg.home.join("hub-adapters");
+    let parent = dir.parent().map(Path::to_path_buf).unwrap_or_default();
     std::fs::create_dir_all(&parent).map_err(|source| AdapterError::Io {
         path: parent.clone(),
         source,
