@@ -726,6 +726,24 @@ async fn tenant_a_learns_nothing_of_tenant_b() {
     let s = setup(KEYS);
     let st = server(&s, &[]).await;
     let app = router(st.clone());
+    // What acme sees before globex does anything.
+    let models_before = call(&app, "GET", "/v1/models", None, "sk-acme").await.text;
+    let adapters_before = call(&app, "GET", "/v1/adapters", None, "sk-acme")
+        .await
+        .text;
+    // globex uses a public adapter too: the cache is shared, acme must not see its state.
+    assert_eq!(
+        call(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            Some(chat("public-lora", "hi", 2)),
+            "sk-globex"
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
     // globex uses and reloads its adapter, so it is resident and has metrics series.
     assert_eq!(
         call(
@@ -752,9 +770,13 @@ async fn tenant_a_learns_nothing_of_tenant_b() {
         StatusCode::CREATED
     );
 
-    for route in ["/v1/models", "/v1/adapters"] {
+    for (route, before) in [
+        ("/v1/models", &models_before),
+        ("/v1/adapters", &adapters_before),
+    ] {
         let r = call(&app, "GET", route, None, "sk-acme").await;
         assert_eq!(r.status, StatusCode::OK);
+        assert_eq!(&r.text, before, "{route} changed with globex's activity");
         assert!(
             !r.text.contains("globex") && !r.text.contains("secret"),
             "{route}: {}",

@@ -12,7 +12,8 @@
 //! | unload | any | own namespace | any |
 //! | quotas (`max_adapters`, `max_adapter_bytes`) | — | per key | — |
 //! | `/metrics` | open | no (403) | yes (or `--metrics-key`) |
-//! | filesystem paths in `/v1/models` | shown | hidden | shown |
+//! | filesystem paths in `/v1/models` and errors | shown | hidden | shown |
+//! | `resident` in `/v1/adapters` | shown | hidden | shown |
 //!
 //! Another tenant's adapter is reported exactly like an unknown one (404, same body).
 
@@ -271,6 +272,12 @@ impl Policy {
             },
             other => other,
         }
+    }
+
+    /// Whether `caller` may see which adapters are resident: for a public adapter that tells
+    /// whether another tenant used it lately.
+    pub fn shows_cache(caller: &Caller) -> bool {
+        caller.admin
     }
 
     /// Whether a filesystem path may be shown to `caller` (`/v1/models` `root`).

@@ -151,6 +151,7 @@ pub async fn list_adapters(
     Extension(caller): Extension<Caller>,
 ) -> Result<Response, ApiError> {
     let resident = st.cache.resident();
+    let shows_cache = Policy::shows_cache(&caller);
     let entries = st
         .blocking(
             |s| &s.prepare,
@@ -160,7 +161,11 @@ pub async fn list_adapters(
     let data: Vec<_> = entries
         .into_iter()
         .map(|e| {
-            json!({"name": e.name.key(), "pinned": e.pinned, "version": st.registry.revision(&e.name), "resident": resident.contains(&e.name)})
+            let mut v = json!({"name": e.name.key(), "pinned": e.pinned, "version": st.registry.revision(&e.name)});
+            if shows_cache {
+                v["resident"] = json!(resident.contains(&e.name));
+            }
+            v
         })
         .collect();
     Ok(Json(json!({"object": "list", "data": data})).into_response())
