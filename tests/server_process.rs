@@ -229,3 +229,72 @@ fn serve_train_writes_an_adapter_and_registers_it_with_a_running_server() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+#[test]
+fn a_tenant_key_registers_its_trained_adapter_by_name() {
+    // Tenants may not name paths; `--register` falls back to the adapter's name, which works
+    // when `--output` is the tenant's folder in the server's adapters directory.
+    let tiny = tiny_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let adapters = tmp.path().join("adapters");
+    std::fs::create_dir_all(adapters.join("acme")).unwrap();
+    let keys = tmp.path().join("keys.toml");
+    std::fs::write(&keys, "[keys.\"sk-acme\"]\ntenant = \"acme\"\n").unwrap();
+    let (mut child, port) = start(&[
+        "--model",
+        tiny.to_str().unwrap(),
+        "--adapters",
+        adapters.to_str().unwrap(),
+        "--api-keys",
+        keys.to_str().unwrap(),
+    ]);
+    let data = tmp.path().join("data.jsonl");
+    let lines: Vec<String> = (0..8)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("say {i}"), "completion": format!(" {i}")})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let train = |out: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_serve"))
+            .args([
+                "train",
+                "--model",
+                tiny.to_str().unwrap(),
+                "--data",
+                data.to_str().unwrap(),
+            ])
+            .args([
+                "--output",
+                out.to_str().unwrap(),
+                "--max-steps",
+                "2",
+                "--rank",
+                "4",
+            ])
+            .args([
+                "--register",
+                &format!("http://127.0.0.1:{port}"),
+                "--api-key",
+                "sk-acme",
+            ])
+            .output()
+            .unwrap()
+    };
+    let ok = train(&adapters.join("acme").join("numbers"));
+    let stderr = String::from_utf8_lossy(&ok.stderr);
+    assert!(
+        ok.status.success() && stderr.contains("registered as `numbers`"),
+        "{stderr}"
+    );
+    // Outside its namespace the registration is refused (the adapter is still written).
+    let elsewhere = train(&tmp.path().join("numbers2"));
+    let stderr = String::from_utf8_lossy(&elsewhere.stderr);
+    assert!(
+        !elsewhere.status.success() && stderr.contains("404"),
+        "{stderr}"
+    );
+    child.kill().unwrap();
+    let _ = child.wait();
+}
