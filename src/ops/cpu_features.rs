@@ -1,6 +1,7 @@
 //! Which CPU kernels this machine runs: the AVX2 + FMA paths (NF4 decoding, adapter deltas)
 //! are taken when the CPU reports both, checked once. `LORAPLEX_NO_SIMD=1` turns them off, for
-//! comparing against the portable paths.
+//! comparing against the portable paths. The AVX-512 VNNI integer kernels (GGUF weights) are
+//! checked the same way.
 
 /// Whether the AVX2 + FMA kernels run here.
 pub fn avx2_fma() -> bool {
@@ -18,4 +19,36 @@ pub fn avx2_fma() -> bool {
             false
         }
     })
+}
+
+/// Whether the AVX-512 VNNI integer kernels (`vpdpbusd`) run here.
+pub fn avx512_vnni() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        if !avx2_fma() {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// Whether f16 → f32 conversion instructions (F16C) are there, next to AVX2.
+pub fn f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        avx2_fma() && is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
 }

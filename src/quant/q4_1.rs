@@ -1,0 +1,478 @@
+//! GGUF Q4_1 weights served as stored, with integer dot products.
+//!
+//! Q4_1 (ggml): blocks of 32 values along a row, `d` and `m` as f16, 16 bytes of nibbles (low
+//! nibbles hold values 0..16, high nibbles 16..32); a value is `d·q + m`, `q` in 0..15.
+//!
+//! At load the rows are repacked into tiles of 16 output rows × one block, laid out for
+//! `vpdpbusd` (AVX-512 VNNI) and `pmaddubsw` (AVX2): for each group of 8 values, 16 rows × 4
+//! bytes, byte `j` holding value `j` in its low nibble and value `j + 4` in its high nibble. One
+//! 64-byte load then feeds 16 rows × 8 values. The f16 scales stay f16 (320 bytes per tile,
+//! exactly the Q4_1 bytes of 16 rows).
+//!
+//! Activations are quantized once per row and matmul to 8 bits per block of 32 (`xd = max|x| /
+//! 127`, `xq = round(x / xd)`, `xs = xd · Σ xq`), so a block's dot product is
+//! `d·xd·Σ q·xq + m·xs` with the sum exact in integers. The only error against
+//! dequantize-then-f32-matmul is the activations' rounding: at most `xd/2 · Σ|w|` per block.
+//!
+//! Paths: AVX-512 VNNI, AVX2, and a portable one (also `LORAPLEX_NO_SIMD=1`), all on the same
+//! packed tiles. Depends on `ops::cpu_features` and rayon only.
+
+use half::f16;
+use rayon::prelude::*;
+
+pub const QK: usize = 32;
+const TILE: usize = 16;
+/// Bytes of one GGUF Q4_1 block.
+pub const BLOCK_BYTES: usize = 20;
+
+/// One block of 32 values for 16 output rows.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct Tile {
+    /// `[group of 8 values (4)][row (16)][4 bytes]`, byte j = q[8g+j] | q[8g+j+4] << 4.
+    qs: [u8; 256],
+    d: [u16; TILE],
+    m: [u16; TILE],
+}
+
+/// A Q4_1 weight `[rows, cols]` repacked for the kernels.
+#[derive(Clone)]
+pub struct Q41Weight {
+    rows: usize,
+    cols: usize,
+    /// `[row tile][block]`.
+    tiles: Vec<Tile>,
+}
+
+impl std::fmt::Debug for Q41Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Q41Weight[{}, {}]", self.rows, self.cols)
+    }
+}
+
+/// The 32 quant values of one GGUF block.
+fn block_values(block: &[u8]) -> [u8; QK] {
+    let mut q = [0u8; QK];
+    for j in 0..16 {
+        q[j] = block[4 + j] & 0x0F;
+        q[j + 16] = block[4 + j] >> 4;
+    }
+    q
+}
+
+impl Q41Weight {
+    /// Repacks GGUF Q4_1 data of `rows` rows × `cols` values (`cols` a multiple of 32).
+    pub fn from_gguf(data: &[u8], rows: usize, cols: usize) -> Result<Self, String> {
+        if cols % QK != 0 {
+            return Err(format!("Q4_1 rows of {cols} values are not whole blocks of {QK}"));
+        }
+        let kb = cols / QK;
+        if data.len() != rows * kb * BLOCK_BYTES {
+            return Err(format!(
+                "Q4_1 data of {} bytes does not hold {rows} × {cols} values",
+                data.len()
+            ));
+        }
+        let row_tiles = rows.div_ceil(TILE);
+        let empty = Tile {
+            qs: [0; 256],
+            d: [0; TILE],
+            m: [0; TILE],
+        };
+        let mut tiles = vec![empty; row_tiles * kb];
+        for r in 0..rows {
+            let (t, lane) = (r / TILE, r % TILE);
+            for b in 0..kb {
+                let block = &data[(r * kb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
+                let tile = &mut tiles[t * kb + b];
+                tile.d[lane] = u16::from_le_bytes([block[0], block[1]]);
+                tile.m[lane] = u16::from_le_bytes([block[2], block[3]]);
+                let q = block_values(block);
+                for g in 0..4 {
+                    for j in 0..4 {
+                        tile.qs[g * 64 + lane * 4 + j] = q[8 * g + j] | (q[8 * g + j + 4] << 4);
+                    }
+                }
+            }
+        }
+        Ok(Self { rows, cols, tiles })
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Bytes held (the same as the GGUF data, plus padding rows up to a multiple of 16).
+    pub fn bytes(&self) -> usize {
+        self.tiles.len() * std::mem::size_of::<Tile>()
+    }
+
+    /// The weight as f32, row-major (for DoRA norms, merging, reference checks).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let kb = self.cols / QK;
+        let mut out = vec![0f32; self.rows * self.cols];
+        for r in 0..self.rows {
+            let (t, lane) = (r / TILE, r % TILE);
+            for b in 0..kb {
+                let tile = &self.tiles[t * kb + b];
+                let d = f16::from_bits(tile.d[lane]).to_f32();
+                let m = f16::from_bits(tile.m[lane]).to_f32();
+                for g in 0..4 {
+                    for j in 0..4 {
+                        let byte = tile.qs[g * 64 + lane * 4 + j];
+                        out[r * self.cols + b * QK + 8 * g + j] = d * (byte & 0x0F) as f32 + m;
+                        out[r * self.cols + b * QK + 8 * g + j + 4] = d * (byte >> 4) as f32 + m;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// `x · Wᵀ` for `x` of `[n, cols]` (row-major) → `[n, rows]`.
+    pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
+        let kernel = Kernel::detect();
+        self.matmul_t_with(x, n, kernel)
+    }
+
+    fn matmul_t_with(&self, x: &[f32], n: usize, kernel: Kernel) -> Vec<f32> {
+        assert_eq!(x.len(), n * self.cols, "activations do not match the weight");
+        let act = Activations::quantize(x, n, self.cols);
+        let kb = self.cols / QK;
+        let row_tiles = self.rows.div_ceil(TILE);
+        // Enough tiles per task that a task outweighs its hand-off.
+        let per_task = ((1 << 18) / (kb * QK * TILE * n.max(1))).clamp(1, row_tiles);
+        let chunks: Vec<(usize, Vec<f32>)> = (0..row_tiles)
+            .step_by(per_task)
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(|t0| {
+                let t1 = (t0 + per_task).min(row_tiles);
+                let mut out = vec![0f32; n * (t1 - t0) * TILE];
+                for t in t0..t1 {
+                    let tiles = &self.tiles[t * kb..(t + 1) * kb];
+                    let mut i = 0;
+                    while i < n {
+                        let rows = (n - i).min(4);
+                        let mut acc = [[0f32; TILE]; 4];
+                        kernel.run(tiles, &act, i, rows, &mut acc);
+                        for (r, a) in acc.iter().enumerate().take(rows) {
+                            let base = (i + r) * (t1 - t0) * TILE + (t - t0) * TILE;
+                            out[base..base + TILE].copy_from_slice(a);
+                        }
+                        i += rows;
+                    }
+                }
+                (t0, out)
+            })
+            .collect();
+        let mut y = vec![0f32; n * self.rows];
+        for (t0, out) in chunks {
+            let width = out.len() / n.max(1);
+            for i in 0..n {
+                let cols = width.min(self.rows - t0 * TILE);
+                y[i * self.rows + t0 * TILE..][..cols].copy_from_slice(&out[i * width..][..cols]);
+            }
+        }
+        y
+    }
+}
+
+/// Activations quantized to 8 bits per block of 32.
+struct Activations {
+    cols: usize,
+    q: Vec<i8>,
+    /// Per row and block: the scale `xd` and `xd · Σ q`.
+    d: Vec<f32>,
+    s: Vec<f32>,
+}
+
+impl Activations {
+    fn quantize(x: &[f32], n: usize, cols: usize) -> Self {
+        let kb = cols / QK;
+        let mut q = vec![0i8; n * cols];
+        let mut d = vec![0f32; n * kb];
+        let mut s = vec![0f32; n * kb];
+        for (blk, (xs, qs)) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).enumerate() {
+            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let scale = amax / 127.0;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let mut sum = 0i32;
+            for (v, o) in xs.iter().zip(qs.iter_mut()) {
+                let r = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                *o = r;
+                sum += r as i32;
+            }
+            d[blk] = scale;
+            s[blk] = scale * sum as f32;
+        }
+        Self { cols, q, d, s }
+    }
+
+    fn row(&self, i: usize) -> &[i8] {
+        &self.q[i * self.cols..(i + 1) * self.cols]
+    }
+
+    fn scale(&self, i: usize, b: usize) -> (f32, f32) {
+        let kb = self.cols / QK;
+        (self.d[i * kb + b], self.s[i * kb + b])
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
+}
+
+impl Kernel {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::ops::cpu_features::avx512_vnni() {
+                return Self::Avx512Vnni;
+            }
+            if crate::ops::cpu_features::f16c() {
+                return Self::Avx2;
+            }
+        }
+        Self::Portable
+    }
+
+    /// Accumulates rows `i..i + rows` (at most 4) of `act` against one row tile.
+    fn run(self, tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
+        match self {
+            Self::Portable => portable(tiles, act, i, rows, acc),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: chosen only where the CPU reports the features.
+            Self::Avx2 => unsafe { avx2(tiles, act, i, rows, acc) },
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512Vnni => unsafe { avx512(tiles, act, i, rows, acc) },
+        }
+    }
+}
+
+fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
+    for (b, tile) in tiles.iter().enumerate() {
+        for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
+            let xq = &act.row(i + r)[b * QK..(b + 1) * QK];
+            let (xd, xs) = act.scale(i + r, b);
+            for lane in 0..TILE {
+                let mut isum = 0i32;
+                for g in 0..4 {
+                    for j in 0..4 {
+                        let byte = tile.qs[g * 64 + lane * 4 + j];
+                        isum += (byte & 0x0F) as i32 * xq[8 * g + j] as i32;
+                        isum += (byte >> 4) as i32 * xq[8 * g + j + 4] as i32;
+                    }
+                }
+                let d = f16::from_bits(tile.d[lane]).to_f32();
+                let m = f16::from_bits(tile.m[lane]).to_f32();
+                acc_r[lane] += isum as f32 * (d * xd) + m * xs;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn broadcast4(x: &[i8], at: usize) -> i32 {
+    i32::from_le_bytes([x[at] as u8, x[at + 1] as u8, x[at + 2] as u8, x[at + 3] as u8])
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn avx512(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
+    use std::arch::x86_64::*;
+    let mask = _mm512_set1_epi8(0x0F);
+    let mut facc = [_mm512_setzero_ps(); 4];
+    let xrows: [&[i8]; 4] = std::array::from_fn(|r| act.row(i + r.min(rows - 1)));
+    for (b, tile) in tiles.iter().enumerate() {
+        let mut isum = [_mm512_setzero_si512(); 4];
+        for g in 0..4 {
+            let v = _mm512_loadu_si512(tile.qs.as_ptr().add(g * 64) as *const _);
+            let lo = _mm512_and_si512(v, mask);
+            let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+            for r in 0..rows {
+                let at = b * QK + 8 * g;
+                let xa = _mm512_set1_epi32(broadcast4(xrows[r], at));
+                let xb = _mm512_set1_epi32(broadcast4(xrows[r], at + 4));
+                isum[r] = _mm512_dpbusd_epi32(isum[r], lo, xa);
+                isum[r] = _mm512_dpbusd_epi32(isum[r], hi, xb);
+            }
+        }
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr() as *const _));
+        let m = _mm512_cvtph_ps(_mm256_loadu_si256(tile.m.as_ptr() as *const _));
+        for r in 0..rows {
+            let (xd, xs) = act.scale(i + r, b);
+            let sum = _mm512_cvtepi32_ps(isum[r]);
+            facc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(xd)), facc[r]);
+            facc[r] = _mm512_fmadd_ps(m, _mm512_set1_ps(xs), facc[r]);
+        }
+    }
+    for r in 0..rows {
+        _mm512_storeu_ps(acc[r].as_mut_ptr(), facc[r]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn avx2(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
+    use std::arch::x86_64::*;
+    let mask = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut facc = [[_mm256_setzero_ps(); 2]; 4];
+    let xrows: [&[i8]; 4] = std::array::from_fn(|r| act.row(i + r.min(rows - 1)));
+    for (b, tile) in tiles.iter().enumerate() {
+        let mut isum = [[_mm256_setzero_si256(); 2]; 4];
+        for g in 0..4 {
+            for h in 0..2 {
+                let v = _mm256_loadu_si256(tile.qs.as_ptr().add(g * 64 + h * 32) as *const _);
+                let lo = _mm256_and_si256(v, mask);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                for r in 0..rows {
+                    let at = b * QK + 8 * g;
+                    let xa = _mm256_set1_epi32(broadcast4(xrows[r], at));
+                    let xb = _mm256_set1_epi32(broadcast4(xrows[r], at + 4));
+                    // u8 × i8 pairs to i16 (|15·127·2| fits), then pairs of i16 to i32: each
+                    // 32-bit lane sums its row's 4 products.
+                    let p = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, xa),
+                        _mm256_maddubs_epi16(hi, xb),
+                    );
+                    isum[r][h] = _mm256_add_epi32(isum[r][h], _mm256_madd_epi16(p, ones));
+                }
+            }
+        }
+        for h in 0..2 {
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(tile.d.as_ptr().add(h * 8) as *const _));
+            let m = _mm256_cvtph_ps(_mm_loadu_si128(tile.m.as_ptr().add(h * 8) as *const _));
+            for r in 0..rows {
+                let (xd, xs) = act.scale(i + r, b);
+                let sum = _mm256_cvtepi32_ps(isum[r][h]);
+                facc[r][h] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, _mm256_set1_ps(xd)), facc[r][h]);
+                facc[r][h] = _mm256_fmadd_ps(m, _mm256_set1_ps(xs), facc[r][h]);
+            }
+        }
+    }
+    for r in 0..rows {
+        for h in 0..2 {
+            _mm256_storeu_ps(acc[r].as_mut_ptr().add(h * 8), facc[r][h]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// GGUF Q4_1 bytes of `rows × cols` pseudo-random blocks.
+    pub(crate) fn random_q4_1(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut next = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        let mut out = Vec::new();
+        for _ in 0..rows * cols / QK {
+            let d = f16::from_f32((next() % 1000) as f32 / 1000.0 * 0.01);
+            let m = f16::from_f32(-((next() % 1000) as f32 / 1000.0) * 0.08);
+            out.extend_from_slice(&d.to_bits().to_le_bytes());
+            out.extend_from_slice(&m.to_bits().to_le_bytes());
+            for _ in 0..16 {
+                out.push((next() & 0xFF) as u8);
+            }
+        }
+        out
+    }
+
+    fn activations(n: usize, cols: usize) -> Vec<f32> {
+        (0..n * cols)
+            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0)
+            .collect()
+    }
+
+    #[test]
+    fn matches_dequantized_matmul_within_the_activation_rounding_bound() {
+        for (rows, cols) in [(16, 32), (37, 64), (100, 96), (576, 1536), (48, 576)] {
+            let w = Q41Weight::from_gguf(&random_q4_1(rows, cols, rows as u64), rows, cols).unwrap();
+            let dense = w.dequantize();
+            for n in [1, 3, 8, 9, 32] {
+                let x = activations(n, cols);
+                let act = Activations::quantize(&x, n, cols);
+                let y = w.matmul_t(&x, n);
+                for i in 0..n {
+                    for r in 0..rows {
+                        let wr = &dense[r * cols..(r + 1) * cols];
+                        let xr = &x[i * cols..(i + 1) * cols];
+                        let exact: f64 = wr.iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        // The activations' rounding: at most xd/2 per value, per block.
+                        let bound: f64 = (0..cols / QK)
+                            .map(|b| {
+                                let (xd, _) = act.scale(i, b);
+                                xd as f64 / 2.0
+                                    * wr[b * QK..(b + 1) * QK].iter().map(|v| v.abs() as f64).sum::<f64>()
+                            })
+                            .sum();
+                        let err = (y[i * rows + r] as f64 - exact).abs();
+                        assert!(
+                            err <= bound + 1e-4 * (1.0 + exact.abs()),
+                            "{rows}x{cols} n={n} [{i},{r}]: {} vs {exact} (bound {bound})",
+                            y[i * rows + r]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_and_portable_paths_agree() {
+        let (rows, cols) = (45, 320);
+        let w = Q41Weight::from_gguf(&random_q4_1(rows, cols, 3), rows, cols).unwrap();
+        let mut kernels = vec![Kernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::ops::cpu_features::f16c() {
+                kernels.push(Kernel::Avx2);
+            }
+            if crate::ops::cpu_features::avx512_vnni() {
+                kernels.push(Kernel::Avx512Vnni);
+            }
+        }
+        for n in [1, 3, 8, 9] {
+            let x = activations(n, cols);
+            let reference = w.matmul_t_with(&x, n, Kernel::Portable);
+            for &k in &kernels[1..] {
+                let y = w.matmul_t_with(&x, n, k);
+                for (a, b) in y.iter().zip(&reference) {
+                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{k:?} n={n}: {a} vs {b}");
+                }
+            }
+        }
+        eprintln!("compared {kernels:?}");
+    }
+
+    #[test]
+    fn dequantize_follows_ggml() {
+        let data = random_q4_1(2, 64, 9);
+        let w = Q41Weight::from_gguf(&data, 2, 64).unwrap();
+        let dense = w.dequantize();
+        for r in 0..2 {
+            for b in 0..2 {
+                let block = &data[(r * 2 + b) * BLOCK_BYTES..][..BLOCK_BYTES];
+                let d = f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
+                let m = f16::from_bits(u16::from_le_bytes([block[2], block[3]])).to_f32();
+                for j in 0..16 {
+                    assert_eq!(dense[r * 64 + b * 32 + j], d * (block[4 + j] & 15) as f32 + m);
+                    assert_eq!(dense[r * 64 + b * 32 + j + 16], d * (block[4 + j] >> 4) as f32 + m);
+                }
+            }
+        }
+        assert!(Q41Weight::from_gguf(&data, 2, 60).is_err());
+        assert!(Q41Weight::from_gguf(&data[1..], 2, 64).is_err());
+    }
+}
