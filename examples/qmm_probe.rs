@@ -1,3 +1,5 @@
+//! Probe: one projection's matmul at 1, 8, 32 rows — f32 (as served today), candle's QMatMul,
+//! and our Q4_1 kernel — on the default model's shapes.
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
 use std::time::Instant;
@@ -14,17 +16,21 @@ fn time<F: FnMut()>(mut f: F, n: usize) -> f64 {
 fn main() {
     loraplex::init_threads();
     let dev = Device::Cpu;
-    for (out, inp, ty) in [(1536usize, 576usize, GgmlDType::Q4_1), (576, 1536, GgmlDType::Q4_1), (49152, 576, GgmlDType::Q8_0), (1536, 576, GgmlDType::Q8_0), (1536, 768, GgmlDType::Q4K)] {
-        let w = (Tensor::randn(0f32, 0.05, (out, inp), &dev).unwrap()).contiguous().unwrap();
-        let q = QTensor::quantize(&w, ty).unwrap();
-        let qm = QMatMul::from_qtensor(q).unwrap();
+    // 30 copies so the weights do not sit in cache (a decode step reads every layer once).
+    for (out, inp) in [(1536usize, 576usize), (576, 1536)] {
+        let ws: Vec<Tensor> = (0..30).map(|_| Tensor::randn(0f32, 0.05, (out, inp), &dev).unwrap()).collect();
+        let qs: Vec<QTensor> = ws.iter().map(|w| QTensor::quantize(w, GgmlDType::Q4_1).unwrap()).collect();
+        let ours: Vec<loraplex::quant::q4_1::Q41Weight> = qs.iter().map(|q| loraplex::quant::q4_1::Q41Weight::from_gguf(&q.data().unwrap(), out, inp).unwrap()).collect();
+        let cand: Vec<QMatMul> = qs.into_iter().map(|q| QMatMul::from_qtensor(q).unwrap()).collect();
         for m in [1usize, 8, 32] {
             let x = Tensor::randn(0f32, 1.0, (m, inp), &dev).unwrap();
-            let n = if out > 10000 { 5 } else { 50 };
-            let tq = time(|| { qm.forward(&x).unwrap(); }, n);
-            let tf = time(|| { w.matmul(&x.t().unwrap()).unwrap().t().unwrap().contiguous().unwrap(); }, n);
-            let gflop = 2.0 * (out * inp * m) as f64 / 1e9;
-            println!("{out}x{inp} {ty:?} m={m}: quant {tq:.3} ms ({:.1} GFLOP/s), f32 {tf:.3} ms ({:.1} GFLOP/s)", gflop / tq * 1e3, gflop / tf * 1e3);
+            let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
+            let n = 5;
+            let tf = time(|| for w in &ws { w.matmul(&x.t().unwrap()).unwrap().t().unwrap().contiguous().unwrap(); }, n) / 30.0;
+            let tc = time(|| for q in &cand { q.forward(&x).unwrap(); }, n) / 30.0;
+            let to = time(|| for q in &ours { q.matmul_t(&xv, m); }, n) / 30.0;
+            let g = |t: f64| 2.0 * (out * inp * m) as f64 / 1e6 / t;
+            println!("{out}x{inp} m={m:2}: f32 {tf:.3} ms ({:.0} GFLOP/s) | candle Q4_1 {tc:.3} ms ({:.0}) | ours Q4_1 {to:.3} ms ({:.0})", g(tf), g(tc), g(to));
         }
     }
 }

@@ -4,6 +4,7 @@
 pub mod nf4;
 pub mod nf4_matmul;
 pub mod nf4_simd;
+pub mod gguf;
 pub mod q4_1;
 
 pub use nf4::Nf4Weight;
