@@ -65,7 +65,7 @@ fn random_llama(c: &LlamaConfig) -> Llama {
     let lm_head = Linear::new(BaseWeight::Dense(embed.clone()), None);
     Llama::new(
         c.clone(),
-        embed,
+        loraplex::model::Embedding::Dense(embed),
         layers,
         Tensor::ones(h, DType::F32, &Device::Cpu).unwrap(),
         lm_head,

@@ -18,17 +18,56 @@ fn main() {
     let dev = Device::Cpu;
     // 30 copies so the weights do not sit in cache (a decode step reads every layer once).
     for (out, inp) in [(1536usize, 576usize), (576, 1536)] {
-        let ws: Vec<Tensor> = (0..30).map(|_| Tensor::randn(0f32, 0.05, (out, inp), &dev).unwrap()).collect();
-        let qs: Vec<QTensor> = ws.iter().map(|w| QTensor::quantize(w, GgmlDType::Q4_1).unwrap()).collect();
-        let ours: Vec<loraplex::quant::q4_1::Q41Weight> = qs.iter().map(|q| loraplex::quant::q4_1::Q41Weight::from_gguf(&q.data().unwrap(), out, inp).unwrap()).collect();
-        let cand: Vec<QMatMul> = qs.into_iter().map(|q| QMatMul::from_qtensor(q).unwrap()).collect();
+        let ws: Vec<Tensor> = (0..30)
+            .map(|_| Tensor::randn(0f32, 0.05, (out, inp), &dev).unwrap())
+            .collect();
+        let qs: Vec<QTensor> = ws
+            .iter()
+            .map(|w| QTensor::quantize(w, GgmlDType::Q4_1).unwrap())
+            .collect();
+        let ours: Vec<loraplex::quant::q4_1::Q41Weight> = qs
+            .iter()
+            .map(|q| {
+                loraplex::quant::q4_1::Q41Weight::from_gguf(&q.data().unwrap(), out, inp).unwrap()
+            })
+            .collect();
+        let cand: Vec<QMatMul> = qs
+            .into_iter()
+            .map(|q| QMatMul::from_qtensor(q).unwrap())
+            .collect();
         for m in [1usize, 8, 32] {
             let x = Tensor::randn(0f32, 1.0, (m, inp), &dev).unwrap();
             let xv: Vec<f32> = x.flatten_all().unwrap().to_vec1().unwrap();
             let n = 5;
-            let tf = time(|| for w in &ws { w.matmul(&x.t().unwrap()).unwrap().t().unwrap().contiguous().unwrap(); }, n) / 30.0;
-            let tc = time(|| for q in &cand { q.forward(&x).unwrap(); }, n) / 30.0;
-            let to = time(|| for q in &ours { q.matmul_t(&xv, m); }, n) / 30.0;
+            let tf = time(
+                || {
+                    for w in &ws {
+                        w.matmul(&x.t().unwrap())
+                            .unwrap()
+                            .t()
+                            .unwrap()
+                            .contiguous()
+                            .unwrap();
+                    }
+                },
+                n,
+            ) / 30.0;
+            let tc = time(
+                || {
+                    for q in &cand {
+                        q.forward(&x).unwrap();
+                    }
+                },
+                n,
+            ) / 30.0;
+            let to = time(
+                || {
+                    for q in &ours {
+                        q.matmul_t(&xv, m);
+                    }
+                },
+                n,
+            ) / 30.0;
             let g = |t: f64| 2.0 * (out * inp * m) as f64 / 1e6 / t;
             println!("{out}x{inp} m={m:2}: f32 {tf:.3} ms ({:.0} GFLOP/s) | candle Q4_1 {tc:.3} ms ({:.0}) | ours Q4_1 {to:.3} ms ({:.0})", g(tf), g(tc), g(to));
         }

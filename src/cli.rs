@@ -187,6 +187,8 @@ pub struct TrainArgs {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DTypeArg {
+    /// A GGUF model's quantized tensors as stored (integer kernels); anything else in f32.
+    Auto,
     F32,
     Bf16,
     F16,
@@ -204,7 +206,8 @@ pub struct ModelArgs {
     /// Hugging Face directory, `.gguf` file, or hub id (default: HuggingFaceTB/SmolLM2-135M-Instruct).
     #[arg(long)]
     pub model: Option<String>,
-    #[arg(long, value_enum, default_value = "f32")]
+    /// `auto`: a GGUF model is served in its own quantization; `f32` dequantizes it at load.
+    #[arg(long, value_enum, default_value = "auto")]
     pub dtype: DTypeArg,
     #[arg(long, value_enum, default_value = "cpu")]
     pub device: DeviceArg,
@@ -282,7 +285,7 @@ pub struct GenerateArgs {
 impl ModelArgs {
     fn options(&self) -> Result<ModelOptions> {
         let dtype = match self.dtype {
-            DTypeArg::F32 => DType::F32,
+            DTypeArg::Auto | DTypeArg::F32 => DType::F32,
             DTypeArg::Bf16 => DType::BF16,
             DTypeArg::F16 => DType::F16,
         };
@@ -295,6 +298,7 @@ impl ModelArgs {
             dtype,
             device,
             nf4: self.quantize == Some(QuantizeArg::Nf4),
+            native_quant: self.dtype == DTypeArg::Auto,
         })
     }
 
@@ -528,9 +532,13 @@ pub async fn run_train(args: TrainArgs) -> Result<()> {
     use crate::train::{
         dataset::Tokenization, optim::Schedule, trainable::TrainSpec, Dataset, Format, Method,
     };
-    if args.model.dtype != DTypeArg::F32 {
+    if !matches!(args.model.dtype, DTypeArg::F32 | DTypeArg::Auto) {
         bail!("`--dtype`: training runs in f32");
     }
+    // The base's matmuls must backpropagate to their input: dense f32 (or NF4), never the
+    // GGUF integer kernels.
+    let mut args = args;
+    args.model.dtype = DTypeArg::F32;
     let targets = args
         .target_modules
         .iter()

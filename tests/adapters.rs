@@ -165,10 +165,12 @@ fn candle_path_used_in_training_agrees_with_the_serving_kernel() {
     ];
     let serving = run(&loaded, &rows);
     let mut tracked = loaded.clone();
-    tracked.model.embed_tokens = candle_core::Var::from_tensor(&loaded.model.embed_tokens)
-        .unwrap()
-        .as_tensor()
-        .clone();
+    tracked.model.embed_tokens = loraplex::model::Embedding::Dense(
+        candle_core::Var::from_tensor(&loaded.model.embed_tokens.dense().unwrap())
+            .unwrap()
+            .as_tensor()
+            .clone(),
+    );
     let training = run(&tracked, &rows);
     let worst = serving
         .iter()

@@ -140,9 +140,9 @@ fn gradients_flow_through_the_model_to_a_trainable_input() {
     // that feeds the first layer (every fused op without backward would cut it).
     let loaded = load_tiny();
     let m = &loaded.model;
-    let embed = candle_core::Var::from_tensor(&m.embed_tokens).unwrap();
+    let embed = candle_core::Var::from_tensor(&m.embed_tokens.dense().unwrap()).unwrap();
     let mut model = m.clone();
-    model.embed_tokens = embed.as_tensor().clone();
+    model.embed_tokens = loraplex::model::Embedding::Dense(embed.as_tensor().clone());
     let mut cache = model.new_cache();
     let logits = model
         .forward(&mut BatchInput {

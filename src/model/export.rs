@@ -56,7 +56,7 @@ pub fn save_hf_dir(model: &Llama, loaded: &LoadedModel, dir: &Path) -> Result<()
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     tensors.insert(
         "model.embed_tokens.weight".into(),
-        model.embed_tokens.clone(),
+        model.embed_tokens.dense()?,
     );
     tensors.insert("model.norm.weight".into(), model.norm.clone());
     if !model.config.tie_word_embeddings {

@@ -13,6 +13,7 @@ use super::config::LlamaConfig;
 use super::error::ModelError;
 use super::loaded::{LoadedModel, ModelOptions, Weights};
 use crate::tokenizer::{GgufVocab, Tokenizer};
+use candle_core::quantized::GgmlDType;
 
 struct Meta<'a> {
     path: &'a Path,
@@ -169,6 +170,20 @@ pub fn unpermute_rows(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
         .reshape(shape)
 }
 
+/// `unpermute_rows` as a row order: output row `i` is input row `order[i]`.
+fn unpermuted_order(rows: usize, heads: usize) -> Vec<usize> {
+    let half = rows / heads / 2;
+    let mut order = vec![0; rows];
+    for h in 0..heads {
+        for a in 0..half {
+            for b in 0..2 {
+                order[h * 2 * half + b * half + a] = h * 2 * half + a * 2 + b;
+            }
+        }
+    }
+    order
+}
+
 pub fn load(id: &str, path: &Path, opts: &ModelOptions) -> Result<LoadedModel, ModelError> {
     let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
     let mut reader = BufReader::new(file);
@@ -190,6 +205,7 @@ pub fn load(id: &str, path: &Path, opts: &ModelOptions) -> Result<LoadedModel, M
     let tokenizer = Tokenizer::from_gguf(path, &vocab)?;
 
     let mut tensors = HashMap::new();
+    let mut quant = HashMap::new();
     for name in content.tensor_infos.keys() {
         let Some(hf) = hf_name(name) else { continue };
         let q = content
@@ -199,17 +215,36 @@ pub fn load(id: &str, path: &Path, opts: &ModelOptions) -> Result<LoadedModel, M
                 name: name.clone(),
                 problem: format!("cannot be read: {e}"),
             })?;
-        let mut t = q.dequantize(&opts.device)?;
-        if name.ends_with("attn_q.weight") {
-            t = unpermute_rows(&t, config.num_attention_heads)?;
+        let heads = if name.ends_with("attn_q.weight") {
+            Some(config.num_attention_heads)
         } else if name.ends_with("attn_k.weight") {
-            t = unpermute_rows(&t, config.num_key_value_heads)?;
+            Some(config.num_key_value_heads)
+        } else {
+            None
+        };
+        // Served as stored: 2-D quantized tensors (projections, embedding); rows move whole.
+        let quantized = !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
+        if opts.native_quant && quantized && q.shape().rank() == 2 {
+            let q = match heads {
+                Some(h) => {
+                    let rows = q.shape().dims()[0];
+                    crate::quant::gguf::permute_rows(&q, &unpermuted_order(rows, h))?
+                }
+                None => q,
+            };
+            quant.insert(hf, std::sync::Arc::new(q));
+            continue;
+        }
+        let mut t = q.dequantize(&opts.device)?;
+        if let Some(h) = heads {
+            t = unpermute_rows(&t, h)?;
         }
         tensors.insert(hf, t.to_dtype(opts.dtype)?);
     }
     let weights = Weights {
         path: path.to_path_buf(),
         tensors,
+        quant,
     };
     let model = weights.into_llama(config.clone())?;
     let token = |key: &str| {
@@ -236,6 +271,27 @@ pub fn load(id: &str, path: &Path, opts: &ModelOptions) -> Result<LoadedModel, M
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_row_order_is_unpermute_rows() {
+        let (rows, heads) = (24, 3);
+        let w = Tensor::arange(0f32, (rows * 2) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((rows, 2))
+            .unwrap();
+        let by_tensor: Vec<f32> = unpermute_rows(&w, heads)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let order = unpermuted_order(rows, heads);
+        let by_order: Vec<f32> = order
+            .iter()
+            .flat_map(|&r| [2.0 * r as f32, 2.0 * r as f32 + 1.0])
+            .collect();
+        assert_eq!(by_tensor, by_order);
+    }
     use candle_core::Device;
 
     #[test]

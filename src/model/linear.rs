@@ -9,6 +9,7 @@ use candle_core::{DType, Result, Tensor};
 
 use super::adapter_site::{LoraSite, Rows};
 use crate::ops::lora_cpu::{self, RowSite};
+use crate::quant::gguf::QuantLinear;
 use crate::quant::nf4_matmul::Nf4Linear;
 
 /// The frozen base weight of a projection, `[out_features, in_features]` (PyTorch layout).
@@ -18,6 +19,8 @@ pub enum BaseWeight {
     Dense(Tensor),
     /// 4-bit NormalFloat (bitsandbytes layout), dequantized tile by tile inside the matmul.
     Nf4(Nf4Linear),
+    /// A GGUF quantized tensor as stored, integer dot products against 8-bit activations.
+    Quant(QuantLinear),
 }
 
 impl BaseWeight {
@@ -25,13 +28,14 @@ impl BaseWeight {
         match self {
             Self::Dense(w) => w.dims2(),
             Self::Nf4(q) => Ok(q.dims()),
+            Self::Quant(q) => Ok(q.dims()),
         }
     }
 
     pub fn dtype(&self) -> DType {
         match self {
             Self::Dense(w) => w.dtype(),
-            Self::Nf4(_) => DType::F32,
+            Self::Nf4(_) | Self::Quant(_) => DType::F32,
         }
     }
 
@@ -40,6 +44,7 @@ impl BaseWeight {
         match self {
             Self::Dense(w) => Ok(w.clone()),
             Self::Nf4(q) => Tensor::from_vec(q.dequantize(), q.dims(), &candle_core::Device::Cpu),
+            Self::Quant(q) => q.dequantize(),
         }
     }
 
@@ -48,6 +53,7 @@ impl BaseWeight {
         match self {
             Self::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             Self::Nf4(q) => q.weight.bytes(),
+            Self::Quant(q) => q.bytes(),
         }
     }
 
@@ -61,6 +67,7 @@ impl BaseWeight {
             }
             Self::Dense(w) => w.matmul(&x.t()?)?.t()?.contiguous(),
             Self::Nf4(q) => q.matmul_t(x),
+            Self::Quant(q) => q.matmul_t(x),
         }
     }
 }

@@ -8,6 +8,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use super::adapter_site::{AdapterGroup, AdapterWeights, Proj, Rows};
 use super::config::LlamaConfig;
+use super::embedding::Embedding;
 use super::kv_cache::KvCache;
 use super::linear::Linear;
 use crate::ops::{causal_attention, rms_norm, Rope};
@@ -78,7 +79,7 @@ pub struct Block {
 #[derive(Debug, Clone)]
 pub struct Llama {
     pub config: LlamaConfig,
-    pub embed_tokens: Tensor,
+    pub embed_tokens: Embedding,
     pub layers: Vec<Block>,
     pub norm: Tensor,
     pub lm_head: Linear,
@@ -90,13 +91,13 @@ pub struct Llama {
 impl Llama {
     pub fn new(
         config: LlamaConfig,
-        embed_tokens: Tensor,
+        embed_tokens: Embedding,
         layers: Vec<Block>,
         norm: Tensor,
         lm_head: Linear,
     ) -> Result<Self> {
         let dtype = embed_tokens.dtype();
-        let device = embed_tokens.device().clone();
+        let device = embed_tokens.device();
         let rope = Rope::new(
             config.head_dim,
             config.rope_theta,
@@ -186,7 +187,7 @@ impl Llama {
         let total = ids.len();
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let groups = self.adapter_groups(&input.seqs, &spans, total)?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?;
+        let mut x = self.embed_tokens.lookup(&ids)?;
         for (li, block) in self.layers.iter().enumerate() {
             let sites = Sites {
                 groups: &groups,

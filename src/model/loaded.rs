@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 
 use super::config::LlamaConfig;
+use super::embedding::Embedding;
 use super::error::ModelError;
 use super::linear::{BaseWeight, Linear};
 use super::llama::{Attention, Block, Llama, Mlp};
@@ -22,6 +23,9 @@ pub struct ModelOptions {
     pub dtype: DType,
     pub device: Device,
     pub nf4: bool,
+    /// GGUF quantized tensors stay in their quantization and are served as stored (the CLI's
+    /// default, `--dtype auto`); off, they are dequantized to `dtype` (exact reference work).
+    pub native_quant: bool,
 }
 
 impl Default for ModelOptions {
@@ -30,6 +34,7 @@ impl Default for ModelOptions {
             dtype: DType::F32,
             device: Device::Cpu,
             nf4: false,
+            native_quant: false,
         }
     }
 }
@@ -121,6 +126,8 @@ impl LoadedModel {
 pub(crate) struct Weights {
     pub path: PathBuf,
     pub tensors: HashMap<String, Tensor>,
+    /// GGUF tensors kept in their quantization, served as stored.
+    pub quant: HashMap<String, std::sync::Arc<candle_core::quantized::QTensor>>,
 }
 
 impl Weights {
@@ -143,6 +150,43 @@ impl Weights {
         Ok(t)
     }
 
+    /// A quantized tensor of `shape` if the file's was kept quantized.
+    fn take_quant(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+    ) -> Result<Option<std::sync::Arc<candle_core::quantized::QTensor>>, ModelError> {
+        let Some(q) = self.quant.remove(name) else {
+            return Ok(None);
+        };
+        if q.shape().dims() != shape {
+            return Err(ModelError::Tensor {
+                path: self.path.clone(),
+                name: name.to_string(),
+                problem: format!("has shape {:?}, expected {:?}", q.shape().dims(), shape),
+            });
+        }
+        Ok(Some(q))
+    }
+
+    fn quant_linear(
+        &self,
+        name: &str,
+        q: std::sync::Arc<candle_core::quantized::QTensor>,
+    ) -> Result<BaseWeight, ModelError> {
+        let dtype = q.dtype();
+        crate::quant::gguf::QuantLinear::new(q)?
+            .map(BaseWeight::Quant)
+            .ok_or_else(|| ModelError::Tensor {
+                path: self.path.clone(),
+                name: name.to_string(),
+                problem: format!(
+                    "is {dtype:?}, a type not served natively (supported: {}); load with `--dtype f32` to dequantize it",
+                    crate::quant::gguf::supported_names()
+                ),
+            })
+    }
+
     fn linear(
         &mut self,
         prefix: &str,
@@ -150,7 +194,17 @@ impl Weights {
         inp: usize,
         bias: bool,
     ) -> Result<Linear, ModelError> {
-        let w = self.take(&format!("{prefix}.weight"), &[out, inp])?;
+        let name = format!("{prefix}.weight");
+        if let Some(q) = self.take_quant(&name, &[out, inp])? {
+            let base = self.quant_linear(&name, q)?;
+            let b = if bias {
+                Some(self.take(&format!("{prefix}.bias"), &[out])?)
+            } else {
+                None
+            };
+            return Ok(Linear::new(base, b));
+        }
+        let w = self.take(&name, &[out, inp])?;
         let b = if bias {
             Some(self.take(&format!("{prefix}.bias"), &[out])?)
         } else {
@@ -164,7 +218,10 @@ impl Weights {
         let c = &config;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (q_out, kv_out) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
-        let embed = self.take("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let embed = match self.take_quant("model.embed_tokens.weight", &[c.vocab_size, h])? {
+            Some(q) => Embedding::Quant(q),
+            None => Embedding::Dense(self.take("model.embed_tokens.weight", &[c.vocab_size, h])?),
+        };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
@@ -203,8 +260,17 @@ impl Weights {
             });
         }
         let norm = self.take("model.norm.weight", &[h])?;
-        let lm_head = if c.tie_word_embeddings || !self.tensors.contains_key("lm_head.weight") {
-            Linear::new(BaseWeight::Dense(embed.clone()), None)
+        let has_head = self.tensors.contains_key("lm_head.weight")
+            || self.quant.contains_key("lm_head.weight");
+        let lm_head = if c.tie_word_embeddings || !has_head {
+            match &embed {
+                Embedding::Dense(t) => Linear::new(BaseWeight::Dense(t.clone()), None),
+                // The tied head shares the embedding's quantized bytes.
+                Embedding::Quant(q) => Linear::new(
+                    self.quant_linear("model.embed_tokens.weight", q.clone())?,
+                    None,
+                ),
+            }
         } else {
             self.linear("lm_head", c.vocab_size, h, false)?
         };

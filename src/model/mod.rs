@@ -3,6 +3,7 @@
 
 pub mod adapter_site;
 pub mod config;
+pub mod embedding;
 pub mod error;
 pub mod export;
 pub mod gguf;
@@ -16,6 +17,7 @@ pub mod source;
 
 pub use adapter_site::{AdapterGroup, AdapterWeights, LoraSite, Proj, Rows};
 pub use config::LlamaConfig;
+pub use embedding::Embedding;
 pub use error::ModelError;
 pub use kv_cache::KvCache;
 pub use linear::{BaseWeight, Linear};

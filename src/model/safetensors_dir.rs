@@ -57,6 +57,7 @@ pub fn load(id: &str, dir: &Path, opts: &ModelOptions) -> Result<LoadedModel, Mo
     let weights = Weights {
         path: dir.to_path_buf(),
         tensors,
+        quant: HashMap::new(),
     };
     let model = weights.into_llama(config.clone())?;
     let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;

@@ -34,24 +34,30 @@ pub fn supported_names() -> String {
         .join(", ")
 }
 
+/// Q4_1 keeps only its repacked tiles (the GGUF bytes are dropped); the others keep the stored
+/// tensor, which a tied embedding may share.
 #[derive(Clone)]
 enum Kernel {
     Q41(Arc<Q41Weight>),
-    Ggml(QMatMul),
+    Ggml(QMatMul, Arc<QTensor>),
 }
 
 /// A quantized `[out, in]` weight and its matmul.
 #[derive(Clone)]
 pub struct QuantLinear {
     kernel: Kernel,
-    qtensor: Arc<QTensor>,
+    dtype: GgmlDType,
     rows: usize,
     cols: usize,
 }
 
 impl std::fmt::Debug for QuantLinear {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "QuantLinear[{}, {}, {:?}]", self.rows, self.cols, self.dtype())
+        write!(
+            f,
+            "QuantLinear[{}, {}, {:?}]",
+            self.rows, self.cols, self.dtype
+        )
     }
 }
 
@@ -62,16 +68,17 @@ impl QuantLinear {
             return Ok(None);
         }
         let (rows, cols) = q.shape().dims2()?;
-        let kernel = if q.dtype() == GgmlDType::Q4_1 && cols % super::q4_1::QK == 0 {
+        let dtype = q.dtype();
+        let kernel = if dtype == GgmlDType::Q4_1 && cols % super::q4_1::QK == 0 {
             Kernel::Q41(Arc::new(
                 Q41Weight::from_gguf(&q.data()?, rows, cols).map_err(candle_core::Error::msg)?,
             ))
         } else {
-            Kernel::Ggml(QMatMul::from_arc(q.clone())?)
+            Kernel::Ggml(QMatMul::from_arc(q.clone())?, q)
         };
         Ok(Some(Self {
             kernel,
-            qtensor: q,
+            dtype,
             rows,
             cols,
         }))
@@ -82,25 +89,25 @@ impl QuantLinear {
     }
 
     pub fn dtype(&self) -> GgmlDType {
-        self.qtensor.dtype()
+        self.dtype
     }
 
     /// Bytes held for serving.
     pub fn bytes(&self) -> usize {
         match &self.kernel {
             Kernel::Q41(w) => w.bytes(),
-            Kernel::Ggml(_) => self.qtensor.storage_size_in_bytes(),
+            Kernel::Ggml(_, q) => q.storage_size_in_bytes(),
         }
-    }
-
-    /// The stored tensor (shared, e.g. by a tied embedding).
-    pub fn qtensor(&self) -> &Arc<QTensor> {
-        &self.qtensor
     }
 
     /// The weight in f32 (DoRA norms, merging); a temporary, never kept for serving.
     pub fn dequantize(&self) -> Result<Tensor> {
-        self.qtensor.dequantize(&Device::Cpu)
+        match &self.kernel {
+            Kernel::Q41(w) => {
+                Tensor::from_vec(w.dequantize(), (self.rows, self.cols), &Device::Cpu)
+            }
+            Kernel::Ggml(_, q) => q.dequantize(&Device::Cpu),
+        }
     }
 
     /// `x · Wᵀ` for `x` of `[rows, in]` (f32).
@@ -113,10 +120,13 @@ impl QuantLinear {
         match &self.kernel {
             Kernel::Q41(w) => {
                 let n = x.dim(0)?;
-                let xs: Vec<f32> = x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+                let xs: Vec<f32> = x
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?;
                 Tensor::from_vec(w.matmul_t(&xs, n), (n, self.rows), x.device())
             }
-            Kernel::Ggml(m) => m.forward(x),
+            Kernel::Ggml(m, _) => m.forward(x),
         }
     }
 }
@@ -183,7 +193,10 @@ mod tests {
                         .unwrap()
                         .to_scalar::<f32>()
                         .unwrap();
-                    assert!(err < 1.0 / 127.0, "{ty:?} {rows}x{cols} n={n}: relative error {err}");
+                    assert!(
+                        err < 1.0 / 127.0,
+                        "{ty:?} {rows}x{cols} n={n}: relative error {err}"
+                    );
                 }
             }
         }
@@ -194,7 +207,10 @@ mod tests {
         let w = weight(4, 64);
         let q = QTensor::quantize(&w, GgmlDType::Q4_1).unwrap();
         let p = permute_rows(&q, &[2, 0, 3, 1]).unwrap();
-        let (a, b) = (q.dequantize(&Device::Cpu).unwrap(), p.dequantize(&Device::Cpu).unwrap());
+        let (a, b) = (
+            q.dequantize(&Device::Cpu).unwrap(),
+            p.dequantize(&Device::Cpu).unwrap(),
+        );
         for (i, &src) in [2usize, 0, 3, 1].iter().enumerate() {
             let d = (b.get(i).unwrap() - a.get(src).unwrap())
                 .unwrap()

@@ -1,10 +1,10 @@
 //! Quantized base weights: NF4 (bitsandbytes layout) with double quantization, GGUF Q4_1 served
 //! as stored, and the matmuls over them. Depends on candle only.
 
+pub mod gguf;
 pub mod nf4;
 pub mod nf4_matmul;
 pub mod nf4_simd;
-pub mod gguf;
 pub mod q4_1;
 
 pub use nf4::Nf4Weight;

@@ -64,7 +64,9 @@ impl Q41Weight {
     /// Repacks GGUF Q4_1 data of `rows` rows × `cols` values (`cols` a multiple of 32).
     pub fn from_gguf(data: &[u8], rows: usize, cols: usize) -> Result<Self, String> {
         if cols % QK != 0 {
-            return Err(format!("Q4_1 rows of {cols} values are not whole blocks of {QK}"));
+            return Err(format!(
+                "Q4_1 rows of {cols} values are not whole blocks of {QK}"
+            ));
         }
         let kb = cols / QK;
         if data.len() != rows * kb * BLOCK_BYTES {
@@ -136,7 +138,11 @@ impl Q41Weight {
     }
 
     fn matmul_t_with(&self, x: &[f32], n: usize, kernel: Kernel) -> Vec<f32> {
-        assert_eq!(x.len(), n * self.cols, "activations do not match the weight");
+        assert_eq!(
+            x.len(),
+            n * self.cols,
+            "activations do not match the weight"
+        );
         let act = Activations::quantize(x, n, self.cols);
         let kb = self.cols / QK;
         let row_tiles = self.rows.div_ceil(TILE);
@@ -243,7 +249,14 @@ impl Kernel {
     }
 
     /// Accumulates rows `i..i + rows` (at most 4) of `act` against one row tile.
-    fn run(self, tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
+    fn run(
+        self,
+        tiles: &[Tile],
+        act: &Activations,
+        i: usize,
+        rows: usize,
+        acc: &mut [[f32; TILE]; 4],
+    ) {
         match self {
             Self::Portable => portable(tiles, act, i, rows, acc),
             #[cfg(target_arch = "x86_64")]
@@ -280,12 +293,23 @@ fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut 
 #[cfg(target_arch = "x86_64")]
 #[inline]
 fn broadcast4(x: &[i8], at: usize) -> i32 {
-    i32::from_le_bytes([x[at] as u8, x[at + 1] as u8, x[at + 2] as u8, x[at + 3] as u8])
+    i32::from_le_bytes([
+        x[at] as u8,
+        x[at + 1] as u8,
+        x[at + 2] as u8,
+        x[at + 3] as u8,
+    ])
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn avx512(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
+unsafe fn avx512(
+    tiles: &[Tile],
+    act: &Activations,
+    i: usize,
+    rows: usize,
+    acc: &mut [[f32; TILE]; 4],
+) {
     use std::arch::x86_64::*;
     let mask = _mm512_set1_epi8(0x0F);
     let mut facc = [_mm512_setzero_ps(); 4];
@@ -320,7 +344,13 @@ unsafe fn avx512(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn avx2(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
+unsafe fn avx2(
+    tiles: &[Tile],
+    act: &Activations,
+    i: usize,
+    rows: usize,
+    acc: &mut [[f32; TILE]; 4],
+) {
     use std::arch::x86_64::*;
     let mask = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
@@ -371,9 +401,13 @@ mod tests {
 
     /// GGUF Q4_1 bytes of `rows × cols` pseudo-random blocks.
     pub(crate) fn random_q4_1(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
-        let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         let mut next = || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 33) as u32
         };
         let mut out = Vec::new();
@@ -398,7 +432,8 @@ mod tests {
     #[test]
     fn matches_dequantized_matmul_within_the_activation_rounding_bound() {
         for (rows, cols) in [(16, 32), (37, 64), (100, 96), (576, 1536), (48, 576)] {
-            let w = Q41Weight::from_gguf(&random_q4_1(rows, cols, rows as u64), rows, cols).unwrap();
+            let w =
+                Q41Weight::from_gguf(&random_q4_1(rows, cols, rows as u64), rows, cols).unwrap();
             let dense = w.dequantize();
             for n in [1, 3, 8, 9, 32] {
                 let x = activations(n, cols);
@@ -408,13 +443,17 @@ mod tests {
                     for r in 0..rows {
                         let wr = &dense[r * cols..(r + 1) * cols];
                         let xr = &x[i * cols..(i + 1) * cols];
-                        let exact: f64 = wr.iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let exact: f64 =
+                            wr.iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum();
                         // The activations' rounding: at most xd/2 per value, per block.
                         let bound: f64 = (0..cols / QK)
                             .map(|b| {
                                 let (xd, _) = act.scale(i, b);
                                 xd as f64 / 2.0
-                                    * wr[b * QK..(b + 1) * QK].iter().map(|v| v.abs() as f64).sum::<f64>()
+                                    * wr[b * QK..(b + 1) * QK]
+                                        .iter()
+                                        .map(|v| v.abs() as f64)
+                                        .sum::<f64>()
                             })
                             .sum();
                         let err = (y[i * rows + r] as f64 - exact).abs();
@@ -449,7 +488,10 @@ mod tests {
             for &k in &kernels[1..] {
                 let y = w.matmul_t_with(&x, n, k);
                 for (a, b) in y.iter().zip(&reference) {
-                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{k:?} n={n}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "{k:?} n={n}: {a} vs {b}"
+                    );
                 }
             }
         }
@@ -467,8 +509,14 @@ mod tests {
                 let d = f16::from_bits(u16::from_le_bytes([block[0], block[1]])).to_f32();
                 let m = f16::from_bits(u16::from_le_bytes([block[2], block[3]])).to_f32();
                 for j in 0..16 {
-                    assert_eq!(dense[r * 64 + b * 32 + j], d * (block[4 + j] & 15) as f32 + m);
-                    assert_eq!(dense[r * 64 + b * 32 + j + 16], d * (block[4 + j] >> 4) as f32 + m);
+                    assert_eq!(
+                        dense[r * 64 + b * 32 + j],
+                        d * (block[4 + j] & 15) as f32 + m
+                    );
+                    assert_eq!(
+                        dense[r * 64 + b * 32 + j + 16],
+                        d * (block[4 + j] >> 4) as f32 + m
+                    );
                 }
             }
         }
