@@ -212,6 +212,78 @@ fn the_trained_json_extract_example_answers_held_out_sentences_in_schema() {
     }
 }
 
+/// How a quantized model's answers compare with the float32 reference: greedy answers identical,
+/// their common prefixes, and (teacher-forced on the float32 answer) how often the quantized
+/// model picks the same next token.
+fn compare_with_f32(q: &LoadedModel, label: &str) -> (usize, Vec<usize>, usize, usize) {
+    let mut identical = 0;
+    let mut agree = Vec::new();
+    let (mut forced_same, mut forced_total) = (0, 0);
+    for case in expected()["chat"].as_array().unwrap() {
+        let want = as_u32_vec(&case["greedy_ids"]);
+        let out = greedy20(q, case);
+        let prefix = out
+            .token_ids
+            .iter()
+            .zip(&want)
+            .take_while(|(a, b)| a == b)
+            .count();
+        identical += usize::from(out.token_ids == want);
+        agree.push(prefix);
+        eprintln!("{label} {:?}\n  f32 {:?}", out.text, case["greedy_text"]);
+        let mut ids = as_u32_vec(&case["input_ids"]);
+        let prompt = ids.len();
+        ids.extend(&want[..want.len() - 1]);
+        let mut cache = q.model.new_cache();
+        let logits: Vec<Vec<f32>> = q
+            .model
+            .forward(&mut BatchInput {
+                seqs: vec![SeqInput::new(&ids, &mut cache)],
+                logits: LogitsRows::All,
+            })
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for (t, &w) in want.iter().enumerate() {
+            let row = &logits[prompt - 1 + t];
+            let top = (0..row.len())
+                .max_by(|a, b| row[*a].total_cmp(&row[*b]))
+                .unwrap();
+            forced_same += usize::from(top as u32 == w);
+            forced_total += 1;
+        }
+    }
+    (identical, agree, forced_same, forced_total)
+}
+
+/// The default model served in its own Q4_1 (the CLI's default, `--dtype auto`): projections
+/// and the tied Q8_0 embedding/lm_head stay quantized, activations are quantized to 8 bits per
+/// block. The reference is float32 on the same (dequantized) weights, so the only difference is
+/// the activations' rounding: the next token must agree at >= 90 % of teacher-forced positions.
+#[test]
+fn native_q4_1_agrees_with_f32_on_the_next_token() {
+    let q = load_default_with(&loraplex::model::ModelOptions {
+        native_quant: true,
+        ..Default::default()
+    });
+    let (bytes, bits) = loraplex::model::projection_footprint(&q.model);
+    eprintln!("SmolLM2 native Q4_1: projections {bytes} bytes, {bits:.3} bits per parameter");
+    assert!(bits <= 5.01, "{bits} bits per parameter (Q4_1 is 5)");
+    assert!(matches!(
+        q.model.linear(0, loraplex::model::Proj::Q).unwrap().base(),
+        loraplex::model::BaseWeight::Quant(_)
+    ));
+    let (identical, agree, same, total) = compare_with_f32(&q, "Q4_1");
+    eprintln!(
+        "SmolLM2 native Q4_1: {identical} of 3 greedy answers identical; common prefixes {agree:?}; \
+         teacher-forced next token same as float32 at {same} of {total} positions"
+    );
+    assert!(
+        same * 10 >= total * 9,
+        "only {same} of {total} positions agree"
+    );
+}
+
 /// The default model with its projections in NF4 (double-quantized): size, and how far the
 /// 20-token greedy answers of the reference chats move from the float32 ones. NF4's expected
 /// relative weight error on normally distributed weights is about 0.1 (measured 0.093-0.102
@@ -242,44 +314,7 @@ fn nf4_base_is_small_and_keeps_the_first_answer_tokens() {
         eprintln!("layer 0 {p:?}: |W - NF4(W)| / |W| = {:.4}", err / norm);
         assert!(err / norm < 0.12, "{p:?}: relative error {}", err / norm);
     }
-    let mut identical = 0;
-    let mut agree = Vec::new();
-    let (mut forced_same, mut forced_total) = (0, 0);
-    for case in expected()["chat"].as_array().unwrap() {
-        let want = as_u32_vec(&case["greedy_ids"]);
-        let out = greedy20(&q, case);
-        let prefix = out
-            .token_ids
-            .iter()
-            .zip(&want)
-            .take_while(|(a, b)| a == b)
-            .count();
-        identical += usize::from(out.token_ids == want);
-        agree.push(prefix);
-        eprintln!("NF4 {:?}\n  f32 {:?}", out.text, case["greedy_text"]);
-        // Teacher-forced on the float32 answer: does NF4 pick the same next token?
-        let mut ids = as_u32_vec(&case["input_ids"]);
-        let prompt = ids.len();
-        ids.extend(&want[..want.len() - 1]);
-        let mut cache = q.model.new_cache();
-        let logits: Vec<Vec<f32>> = q
-            .model
-            .forward(&mut BatchInput {
-                seqs: vec![SeqInput::new(&ids, &mut cache)],
-                logits: LogitsRows::All,
-            })
-            .unwrap()
-            .to_vec2()
-            .unwrap();
-        for (t, &w) in want.iter().enumerate() {
-            let row = &logits[prompt - 1 + t];
-            let top = (0..row.len())
-                .max_by(|a, b| row[*a].total_cmp(&row[*b]))
-                .unwrap();
-            forced_same += usize::from(top as u32 == w);
-            forced_total += 1;
-        }
-    }
+    let (identical, agree, forced_same, forced_total) = compare_with_f32(&q, "NF4");
     eprintln!(
         "SmolLM2 NF4: {identical} of 3 greedy answers identical; common prefixes {agree:?}; \
          teacher-forced next token same as float32 at {forced_same} of {forced_total} positions"

