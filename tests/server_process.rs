@@ -298,3 +298,33 @@ fn a_tenant_key_registers_its_trained_adapter_by_name() {
     child.kill().unwrap();
     let _ = child.wait();
 }
+
+/// Peak resident memory (VmHWM, kB) of a `serve` process on the default model once it listens.
+fn peak_rss_kb(args: &[&str]) -> u64 {
+    let mut all = vec!["--adapters", "adapters"];
+    all.extend_from_slice(args);
+    let (mut child, _port) = start(&all);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    child.kill().unwrap();
+    let _ = child.wait();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/PID/status")
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn quantized_serving_keeps_no_f32_copy_of_the_model() {
+    let f32_kb = peak_rss_kb(&["--dtype", "f32"]);
+    let native_kb = peak_rss_kb(&[]);
+    let nf4_kb = peak_rss_kb(&["--quantize", "nf4"]);
+    eprintln!(
+        "peak RSS once listening: f32 {f32_kb} kB, native Q4_1 {native_kb} kB ({:.2}x), NF4 {nf4_kb} kB ({:.2}x)",
+        native_kb as f64 / f32_kb as f64,
+        nf4_kb as f64 / f32_kb as f64
+    );
+    assert!(native_kb * 100 <= f32_kb * 35, "native Q4_1 {native_kb} kB vs f32 {f32_kb} kB");
+    assert!(nf4_kb * 100 <= f32_kb * 45, "NF4 {nf4_kb} kB vs f32 {f32_kb} kB");
+}
