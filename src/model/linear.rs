@@ -103,8 +103,21 @@ impl Linear {
 
     /// Base product for all rows, plus each site's delta on its rows, plus bias.
     pub fn forward_with(&self, x: &Tensor, sites: &[(&Rows, &LoraSite)]) -> Result<Tensor> {
-        let mut y = self.base.matmul_t(x)?;
-        if !sites.is_empty() {
+        let y = self.base.matmul_t(x)?;
+        if sites.is_empty() {
+            return match &self.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            };
+        }
+        crate::ops::profile::time(crate::ops::profile::Part::AdapterDelta, || {
+            self.add_deltas(x, y, sites)
+        })
+    }
+
+    /// Each site's delta on its rows, plus bias.
+    fn add_deltas(&self, x: &Tensor, mut y: Tensor, sites: &[(&Rows, &LoraSite)]) -> Result<Tensor> {
+        {
             let n = x.dim(0)?;
             let row_sites = sites
                 .iter()

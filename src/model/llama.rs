@@ -11,6 +11,7 @@ use super::config::LlamaConfig;
 use super::embedding::Embedding;
 use super::kv_cache::KvCache;
 use super::linear::Linear;
+use crate::ops::profile::{time, Part};
 use crate::ops::{causal_attention, rms_norm, Rope};
 
 /// Which rows' logits a forward returns.
@@ -187,24 +188,38 @@ impl Llama {
         let total = ids.len();
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let groups = self.adapter_groups(&input.seqs, &spans, total)?;
-        let mut x = self.embed_tokens.lookup(&ids)?;
+        let mut x = time(Part::Embed, || self.embed_tokens.lookup(&ids))?;
         for (li, block) in self.layers.iter().enumerate() {
             let sites = Sites {
                 groups: &groups,
                 layer: li,
             };
-            let h = rms_norm(&x, &block.input_layernorm, c.rms_norm_eps)?;
+            let h = time(Part::Norm, || {
+                rms_norm(&x, &block.input_layernorm, c.rms_norm_eps)
+            })?;
             let attn = self.attention(&sites, &block.self_attn, &h, &spans, &mut input.seqs)?;
-            x = (x + block
-                .self_attn
-                .o_proj
-                .forward_with(&attn, &sites.of(Proj::O))?)?;
-            let h = rms_norm(&x, &block.post_attention_layernorm, c.rms_norm_eps)?;
+            let o = time(Part::OProj, || {
+                block
+                    .self_attn
+                    .o_proj
+                    .forward_with(&attn, &sites.of(Proj::O))
+            })?;
+            x = time(Part::Activation, || x + o)?;
+            let h = time(Part::Norm, || {
+                rms_norm(&x, &block.post_attention_layernorm, c.rms_norm_eps)
+            })?;
             let mlp = &block.mlp;
-            let gate = mlp.gate_proj.forward_with(&h, &sites.of(Proj::Gate))?;
-            let up = mlp.up_proj.forward_with(&h, &sites.of(Proj::Up))?;
-            let act = (gate.silu()? * up)?;
-            x = (x + mlp.down_proj.forward_with(&act, &sites.of(Proj::Down))?)?;
+            let (gate, up) = time(Part::GateUpProj, || {
+                Ok::<_, candle_core::Error>((
+                    mlp.gate_proj.forward_with(&h, &sites.of(Proj::Gate))?,
+                    mlp.up_proj.forward_with(&h, &sites.of(Proj::Up))?,
+                ))
+            })?;
+            let act = time(Part::Activation, || gate.silu()? * up)?;
+            let down = time(Part::DownProj, || {
+                mlp.down_proj.forward_with(&act, &sites.of(Proj::Down))
+            })?;
+            x = time(Part::Activation, || x + down)?;
         }
         for (s, &(_, len, _)) in input.seqs.iter_mut().zip(&spans) {
             s.cache.advance(len);
@@ -222,8 +237,8 @@ impl Llama {
                 x.index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?
             }
         };
-        let x = rms_norm(&x, &self.norm, c.rms_norm_eps)?;
-        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+        let x = time(Part::Norm, || rms_norm(&x, &self.norm, c.rms_norm_eps))?;
+        time(Part::LmHead, || self.lm_head.forward(&x)?.to_dtype(DType::F32))
     }
 
     /// Groups the batch's sequences by adapter (pointer identity) into row sets.
@@ -284,9 +299,13 @@ impl Llama {
         let c = &self.config;
         let (hd, nh, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
         let layer = sites.layer;
-        let q = attn.q_proj.forward_with(h, &sites.of(Proj::Q))?;
-        let k = attn.k_proj.forward_with(h, &sites.of(Proj::K))?;
-        let v = attn.v_proj.forward_with(h, &sites.of(Proj::V))?;
+        let (q, k, v) = time(Part::QkvProj, || {
+            Ok::<_, candle_core::Error>((
+                attn.q_proj.forward_with(h, &sites.of(Proj::Q))?,
+                attn.k_proj.forward_with(h, &sites.of(Proj::K))?,
+                attn.v_proj.forward_with(h, &sites.of(Proj::V))?,
+            ))
+        })?;
         let mut outs = Vec::with_capacity(spans.len());
         for (s, &(start, len, offset)) in seqs.iter_mut().zip(spans) {
             let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
@@ -295,11 +314,17 @@ impl Llama {
                     .transpose(0, 1)?
                     .contiguous()
             };
-            let qs = self.rope.apply(&heads(&q, nh)?, offset)?;
-            let ks = self.rope.apply(&heads(&k, nkv)?, offset)?;
-            let vs = heads(&v, nkv)?;
-            let (kall, vall) = s.cache.append(layer, ks, vs)?;
-            outs.push(causal_attention(&qs, &kall, &vall)?);
+            let (qs, ks, vs) = time(Part::Rope, || {
+                Ok::<_, candle_core::Error>((
+                    self.rope.apply(&heads(&q, nh)?, offset)?,
+                    self.rope.apply(&heads(&k, nkv)?, offset)?,
+                    heads(&v, nkv)?,
+                ))
+            })?;
+            outs.push(time(Part::Attention, || {
+                let (kall, vall) = s.cache.append(layer, ks, vs)?;
+                causal_attention(&qs, &kall, &vall)
+            })?);
         }
         if outs.len() == 1 {
             Ok(outs.pop().expect("one output"))

@@ -11,6 +11,7 @@ pub mod frozen_matmul;
 pub mod gemm;
 pub mod lora_avx2;
 pub mod lora_cpu;
+pub mod profile;
 pub mod rms_norm;
 pub mod rope;
 
