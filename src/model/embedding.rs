@@ -1,15 +1,15 @@
 //! The token embedding: a dense `[vocab, hidden]` tensor, or a GGUF quantized one whose rows are
 //! dequantized only for the tokens looked up (a tied lm_head shares the same quantized bytes).
 
-use std::sync::Arc;
-
-use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Result, Tensor};
+
+use crate::quant::gguf::QuantLinear;
 
 #[derive(Debug, Clone)]
 pub enum Embedding {
     Dense(Tensor),
-    Quant(Arc<QTensor>),
+    /// Cloning shares the quantized bytes (a tied lm_head holds a clone).
+    Quant(QuantLinear),
 }
 
 impl Embedding {
@@ -17,7 +17,7 @@ impl Embedding {
     pub fn lookup(&self, ids: &Tensor) -> Result<Tensor> {
         match self {
             Self::Dense(t) => t.index_select(ids, 0),
-            Self::Quant(q) => q.embedding(ids),
+            Self::Quant(q) => q.rows(ids),
         }
     }
 
@@ -25,7 +25,7 @@ impl Embedding {
     pub fn dense(&self) -> Result<Tensor> {
         match self {
             Self::Dense(t) => Ok(t.clone()),
-            Self::Quant(q) => q.dequantize(&Device::Cpu),
+            Self::Quant(q) => q.dequantize(),
         }
     }
 
@@ -48,7 +48,7 @@ impl Embedding {
     pub fn bytes(&self) -> usize {
         match self {
             Self::Dense(t) => t.elem_count() * t.dtype().size_in_bytes(),
-            Self::Quant(q) => q.storage_size_in_bytes(),
+            Self::Quant(q) => q.bytes(),
         }
     }
 }

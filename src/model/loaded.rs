@@ -173,10 +173,9 @@ impl Weights {
         &self,
         name: &str,
         q: std::sync::Arc<candle_core::quantized::QTensor>,
-    ) -> Result<BaseWeight, ModelError> {
+    ) -> Result<crate::quant::gguf::QuantLinear, ModelError> {
         let dtype = q.dtype();
         crate::quant::gguf::QuantLinear::new(q)?
-            .map(BaseWeight::Quant)
             .ok_or_else(|| ModelError::Tensor {
                 path: self.path.clone(),
                 name: name.to_string(),
@@ -196,7 +195,7 @@ impl Weights {
     ) -> Result<Linear, ModelError> {
         let name = format!("{prefix}.weight");
         if let Some(q) = self.take_quant(&name, &[out, inp])? {
-            let base = self.quant_linear(&name, q)?;
+            let base = BaseWeight::Quant(self.quant_linear(&name, q)?);
             let b = if bias {
                 Some(self.take(&format!("{prefix}.bias"), &[out])?)
             } else {
@@ -219,7 +218,7 @@ impl Weights {
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (q_out, kv_out) = (c.num_attention_heads * hd, c.num_key_value_heads * hd);
         let embed = match self.take_quant("model.embed_tokens.weight", &[c.vocab_size, h])? {
-            Some(q) => Embedding::Quant(q),
+            Some(q) => Embedding::Quant(self.quant_linear("model.embed_tokens.weight", q)?),
             None => Embedding::Dense(self.take("model.embed_tokens.weight", &[c.vocab_size, h])?),
         };
         let mut layers = Vec::with_capacity(c.num_hidden_layers);
@@ -266,10 +265,7 @@ impl Weights {
             match &embed {
                 Embedding::Dense(t) => Linear::new(BaseWeight::Dense(t.clone()), None),
                 // The tied head shares the embedding's quantized bytes.
-                Embedding::Quant(q) => Linear::new(
-                    self.quant_linear("model.embed_tokens.weight", q.clone())?,
-                    None,
-                ),
+                Embedding::Quant(q) => Linear::new(BaseWeight::Quant(q.clone()), None),
             }
         } else {
             self.linear("lm_head", c.vocab_size, h, false)?

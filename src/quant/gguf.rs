@@ -1,5 +1,5 @@
-//! GGUF quantized tensors served in their stored quantization: Q4_1 by our own repacked integer
-//! kernel (`q4_1.rs`), the other types (Q4_0, Q5_0, Q5_1, Q8_0, Q2_K … Q6_K) by candle's
+//! GGUF quantized tensors served in their stored quantization: Q4_1 and Q8_0 by our own
+//! repacked integer kernels (`q4_1.rs`, `q8_0.rs`), the other types (Q4_0, Q5_0, Q5_1, Q8_0, Q2_K … Q6_K) by candle's
 //! `QMatMul`, which also quantizes activations to 8 bits and takes integer dot products (with
 //! repacked AVX-512 VNNI kernels for Q4_K, Q6_K and Q8_0). Never dequantized for serving.
 //! No backward: training loads the model in f32.
@@ -10,6 +10,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Result, Tensor};
 
 use super::q4_1::Q41Weight;
+use super::q8_0::Q80Weight;
 
 /// The quantization types served natively.
 pub const SUPPORTED: &[GgmlDType] = &[
@@ -34,11 +35,12 @@ pub fn supported_names() -> String {
         .join(", ")
 }
 
-/// Q4_1 keeps only its repacked tiles (the GGUF bytes are dropped); the others keep the stored
-/// tensor, which a tied embedding may share.
+/// Q4_1 and Q8_0 keep only their repacked tiles (the GGUF bytes are dropped); the others keep
+/// the stored tensor.
 #[derive(Clone)]
 enum Kernel {
     Q41(Arc<Q41Weight>),
+    Q80(Arc<Q80Weight>),
     Ggml(QMatMul, Arc<QTensor>),
 }
 
@@ -69,12 +71,15 @@ impl QuantLinear {
         }
         let (rows, cols) = q.shape().dims2()?;
         let dtype = q.dtype();
-        let kernel = if dtype == GgmlDType::Q4_1 && cols % super::q4_1::QK == 0 {
-            Kernel::Q41(Arc::new(
+        let whole_blocks = cols % super::int8::QK == 0;
+        let kernel = match dtype {
+            GgmlDType::Q4_1 if whole_blocks => Kernel::Q41(Arc::new(
                 Q41Weight::from_gguf(&q.data()?, rows, cols).map_err(candle_core::Error::msg)?,
-            ))
-        } else {
-            Kernel::Ggml(QMatMul::from_arc(q.clone())?, q)
+            )),
+            GgmlDType::Q8_0 if whole_blocks => Kernel::Q80(Arc::new(
+                Q80Weight::from_gguf(&q.data()?, rows, cols).map_err(candle_core::Error::msg)?,
+            )),
+            _ => Kernel::Ggml(QMatMul::from_arc(q.clone())?, q),
         };
         Ok(Some(Self {
             kernel,
@@ -96,6 +101,7 @@ impl QuantLinear {
     pub fn bytes(&self) -> usize {
         match &self.kernel {
             Kernel::Q41(w) => w.bytes(),
+            Kernel::Q80(w) => w.bytes(),
             Kernel::Ggml(_, q) => q.storage_size_in_bytes(),
         }
     }
@@ -103,10 +109,24 @@ impl QuantLinear {
     /// The weight in f32 (DoRA norms, merging); a temporary, never kept for serving.
     pub fn dequantize(&self) -> Result<Tensor> {
         match &self.kernel {
-            Kernel::Q41(w) => {
-                Tensor::from_vec(w.dequantize(), (self.rows, self.cols), &Device::Cpu)
-            }
+            Kernel::Q41(w) => Tensor::from_vec(w.dequantize(), (self.rows, self.cols), &Device::Cpu),
+            Kernel::Q80(w) => Tensor::from_vec(w.dequantize(), (self.rows, self.cols), &Device::Cpu),
             Kernel::Ggml(_, q) => q.dequantize(&Device::Cpu),
+        }
+    }
+
+    /// Rows `ids` (`[n]` u32) in f32, `[n, in]`: an embedding lookup on the same bytes a tied
+    /// lm_head uses.
+    pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
+        let idx: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+        if let Some(&bad) = idx.iter().find(|&&i| i as usize >= self.rows) {
+            candle_core::bail!("token id {bad} is outside the embedding of {} rows", self.rows);
+        }
+        let n = idx.len();
+        match &self.kernel {
+            Kernel::Q41(w) => Tensor::from_vec(w.dequantize_rows(&idx), (n, self.cols), &Device::Cpu),
+            Kernel::Q80(w) => Tensor::from_vec(w.dequantize_rows(&idx), (n, self.cols), &Device::Cpu),
+            Kernel::Ggml(_, q) => q.embedding(ids),
         }
     }
 
@@ -117,13 +137,16 @@ impl QuantLinear {
                 "a GGUF-quantized base has no backward; load the model with `--dtype f32` to train"
             );
         }
+        let host = || -> Result<(usize, Vec<f32>)> {
+            Ok((x.dim(0)?, x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?))
+        };
         match &self.kernel {
             Kernel::Q41(w) => {
-                let n = x.dim(0)?;
-                let xs: Vec<f32> = x
-                    .to_dtype(candle_core::DType::F32)?
-                    .flatten_all()?
-                    .to_vec1()?;
+                let (n, xs) = host()?;
+                Tensor::from_vec(w.matmul_t(&xs, n), (n, self.rows), x.device())
+            }
+            Kernel::Q80(w) => {
+                let (n, xs) = host()?;
                 Tensor::from_vec(w.matmul_t(&xs, n), (n, self.rows), x.device())
             }
             Kernel::Ggml(m, _) => m.forward(x),

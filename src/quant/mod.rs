@@ -2,9 +2,11 @@
 //! as stored, and the matmuls over them. Depends on candle only.
 
 pub mod gguf;
+pub mod int8;
 pub mod nf4;
 pub mod nf4_matmul;
 pub mod nf4_simd;
 pub mod q4_1;
+pub mod q8_0;
 
 pub use nf4::Nf4Weight;

@@ -18,10 +18,9 @@
 //! packed tiles. Depends on `ops::cpu_features` and rayon only.
 
 use half::f16;
-use rayon::prelude::*;
 
-pub const QK: usize = 32;
-const TILE: usize = 16;
+use super::int8::{broadcast4, matmul_tiles, Activations, Kernel, TILE};
+pub use super::int8::QK;
 /// Bytes of one GGUF Q4_1 block.
 pub const BLOCK_BYTES: usize = 20;
 
@@ -111,19 +110,26 @@ impl Q41Weight {
 
     /// The weight as f32, row-major (for DoRA norms, merging, reference checks).
     pub fn dequantize(&self) -> Vec<f32> {
+        self.dequantize_rows(&(0..self.rows as u32).collect::<Vec<_>>())
+    }
+
+    /// Rows `ids` as f32, `[ids.len(), cols]` (an embedding lookup).
+    pub fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32> {
         let kb = self.cols / QK;
-        let mut out = vec![0f32; self.rows * self.cols];
-        for r in 0..self.rows {
+        let mut out = vec![0f32; ids.len() * self.cols];
+        for (o, &r) in ids.iter().enumerate() {
+            let r = r as usize;
             let (t, lane) = (r / TILE, r % TILE);
             for b in 0..kb {
                 let tile = &self.tiles[t * kb + b];
                 let d = f16::from_bits(tile.d[lane]).to_f32();
                 let m = f16::from_bits(tile.m[lane]).to_f32();
+                let row = &mut out[o * self.cols + b * QK..][..QK];
                 for g in 0..4 {
                     for j in 0..4 {
                         let byte = tile.qs[g * 64 + lane * 4 + j];
-                        out[r * self.cols + b * QK + 8 * g + j] = d * (byte & 0x0F) as f32 + m;
-                        out[r * self.cols + b * QK + 8 * g + j + 4] = d * (byte >> 4) as f32 + m;
+                        row[8 * g + j] = d * (byte & 0x0F) as f32 + m;
+                        row[8 * g + j + 4] = d * (byte >> 4) as f32 + m;
                     }
                 }
             }
@@ -133,138 +139,21 @@ impl Q41Weight {
 
     /// `x · Wᵀ` for `x` of `[n, cols]` (row-major) → `[n, rows]`.
     pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
-        let kernel = Kernel::detect();
-        self.matmul_t_with(x, n, kernel)
+        self.matmul_t_with(x, n, Kernel::detect())
     }
 
     fn matmul_t_with(&self, x: &[f32], n: usize, kernel: Kernel) -> Vec<f32> {
-        assert_eq!(
-            x.len(),
-            n * self.cols,
-            "activations do not match the weight"
-        );
         let act = Activations::quantize(x, n, self.cols);
-        let kb = self.cols / QK;
-        let row_tiles = self.rows.div_ceil(TILE);
-        // Enough tiles per task that a task outweighs its hand-off.
-        let per_task = ((1 << 18) / (kb * QK * TILE * n.max(1))).clamp(1, row_tiles);
-        let chunks: Vec<(usize, Vec<f32>)> = (0..row_tiles)
-            .step_by(per_task)
-            .collect::<Vec<_>>()
-            .into_par_iter()
-            .map(|t0| {
-                let t1 = (t0 + per_task).min(row_tiles);
-                let mut out = vec![0f32; n * (t1 - t0) * TILE];
-                for t in t0..t1 {
-                    let tiles = &self.tiles[t * kb..(t + 1) * kb];
-                    let mut i = 0;
-                    while i < n {
-                        let rows = (n - i).min(4);
-                        let mut acc = [[0f32; TILE]; 4];
-                        kernel.run(tiles, &act, i, rows, &mut acc);
-                        for (r, a) in acc.iter().enumerate().take(rows) {
-                            let base = (i + r) * (t1 - t0) * TILE + (t - t0) * TILE;
-                            out[base..base + TILE].copy_from_slice(a);
-                        }
-                        i += rows;
-                    }
-                }
-                (t0, out)
-            })
-            .collect();
-        let mut y = vec![0f32; n * self.rows];
-        for (t0, out) in chunks {
-            let width = out.len() / n.max(1);
-            for i in 0..n {
-                let cols = width.min(self.rows - t0 * TILE);
-                y[i * self.rows + t0 * TILE..][..cols].copy_from_slice(&out[i * width..][..cols]);
+        matmul_tiles(&self.tiles, self.rows, self.cols, &act, |tiles, act, i, rows, acc| {
+            match kernel {
+                Kernel::Portable => portable(tiles, act, i, rows, acc),
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: chosen only where the CPU reports the features.
+                Kernel::Avx2 => unsafe { avx2(tiles, act, i, rows, acc) },
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512Vnni => unsafe { avx512(tiles, act, i, rows, acc) },
             }
-        }
-        y
-    }
-}
-
-/// Activations quantized to 8 bits per block of 32.
-struct Activations {
-    cols: usize,
-    q: Vec<i8>,
-    /// Per row and block: the scale `xd` and `xd · Σ q`.
-    d: Vec<f32>,
-    s: Vec<f32>,
-}
-
-impl Activations {
-    fn quantize(x: &[f32], n: usize, cols: usize) -> Self {
-        let kb = cols / QK;
-        let mut q = vec![0i8; n * cols];
-        let mut d = vec![0f32; n * kb];
-        let mut s = vec![0f32; n * kb];
-        for (blk, (xs, qs)) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).enumerate() {
-            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let scale = amax / 127.0;
-            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            let mut sum = 0i32;
-            for (v, o) in xs.iter().zip(qs.iter_mut()) {
-                let r = (v * inv).round().clamp(-127.0, 127.0) as i8;
-                *o = r;
-                sum += r as i32;
-            }
-            d[blk] = scale;
-            s[blk] = scale * sum as f32;
-        }
-        Self { cols, q, d, s }
-    }
-
-    fn row(&self, i: usize) -> &[i8] {
-        &self.q[i * self.cols..(i + 1) * self.cols]
-    }
-
-    fn scale(&self, i: usize, b: usize) -> (f32, f32) {
-        let kb = self.cols / QK;
-        (self.d[i * kb + b], self.s[i * kb + b])
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kernel {
-    Portable,
-    #[cfg(target_arch = "x86_64")]
-    Avx2,
-    #[cfg(target_arch = "x86_64")]
-    Avx512Vnni,
-}
-
-impl Kernel {
-    fn detect() -> Self {
-        #[cfg(target_arch = "x86_64")]
-        {
-            if crate::ops::cpu_features::avx512_vnni() {
-                return Self::Avx512Vnni;
-            }
-            if crate::ops::cpu_features::f16c() {
-                return Self::Avx2;
-            }
-        }
-        Self::Portable
-    }
-
-    /// Accumulates rows `i..i + rows` (at most 4) of `act` against one row tile.
-    fn run(
-        self,
-        tiles: &[Tile],
-        act: &Activations,
-        i: usize,
-        rows: usize,
-        acc: &mut [[f32; TILE]; 4],
-    ) {
-        match self {
-            Self::Portable => portable(tiles, act, i, rows, acc),
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: chosen only where the CPU reports the features.
-            Self::Avx2 => unsafe { avx2(tiles, act, i, rows, acc) },
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx512Vnni => unsafe { avx512(tiles, act, i, rows, acc) },
-        }
+        })
     }
 }
 
@@ -288,17 +177,6 @@ fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut 
             }
         }
     }
-}
-
-#[cfg(target_arch = "x86_64")]
-#[inline]
-fn broadcast4(x: &[i8], at: usize) -> i32 {
-    i32::from_le_bytes([
-        x[at] as u8,
-        x[at + 1] as u8,
-        x[at + 2] as u8,
-        x[at + 3] as u8,
-    ])
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -472,16 +350,7 @@ mod tests {
     fn simd_and_portable_paths_agree() {
         let (rows, cols) = (45, 320);
         let w = Q41Weight::from_gguf(&random_q4_1(rows, cols, 3), rows, cols).unwrap();
-        let mut kernels = vec![Kernel::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if crate::ops::cpu_features::f16c() {
-                kernels.push(Kernel::Avx2);
-            }
-            if crate::ops::cpu_features::avx512_vnni() {
-                kernels.push(Kernel::Avx512Vnni);
-            }
-        }
+        let kernels = Kernel::available();
         for n in [1, 3, 8, 9] {
             let x = activations(n, cols);
             let reference = w.matmul_t_with(&x, n, Kernel::Portable);

@@ -1,0 +1,163 @@
+//! What the integer kernels of GGUF weights share: activations quantized to 8 bits per block of
+//! 32 (once per row and matmul), the choice of kernel (AVX-512 VNNI, AVX2, portable), and the
+//! driver that runs a kernel over row tiles of 16 output rows, 4 activation rows at a time,
+//! tiles split over threads.
+
+use rayon::prelude::*;
+
+/// Values per block (weights and activations alike).
+pub const QK: usize = 32;
+/// Output rows per tile.
+pub const TILE: usize = 16;
+
+/// Activations quantized to 8 bits per block of 32: `xd = max|x| / 127`, `xq = round(x / xd)`.
+pub struct Activations {
+    cols: usize,
+    q: Vec<i8>,
+    /// Per row and block: the scale `xd`, `xd · Σ xq`, and `Σ xq`.
+    d: Vec<f32>,
+    s: Vec<f32>,
+    sum: Vec<i32>,
+}
+
+impl Activations {
+    pub fn quantize(x: &[f32], n: usize, cols: usize) -> Self {
+        assert_eq!(x.len(), n * cols, "activations do not match the weight");
+        let kb = cols / QK;
+        let mut q = vec![0i8; n * cols];
+        let mut d = vec![0f32; n * kb];
+        let mut s = vec![0f32; n * kb];
+        let mut sums = vec![0i32; n * kb];
+        for (blk, (xs, qs)) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).enumerate() {
+            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let scale = amax / 127.0;
+            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+            let mut sum = 0i32;
+            for (v, o) in xs.iter().zip(qs.iter_mut()) {
+                let r = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                *o = r;
+                sum += r as i32;
+            }
+            d[blk] = scale;
+            s[blk] = scale * sum as f32;
+            sums[blk] = sum;
+        }
+        Self {
+            cols,
+            q,
+            d,
+            s,
+            sum: sums,
+        }
+    }
+
+    pub fn row(&self, i: usize) -> &[i8] {
+        &self.q[i * self.cols..(i + 1) * self.cols]
+    }
+
+    /// `(xd, xd · Σ xq)` of row `i`, block `b`.
+    pub fn scale(&self, i: usize, b: usize) -> (f32, f32) {
+        let kb = self.cols / QK;
+        (self.d[i * kb + b], self.s[i * kb + b])
+    }
+
+    /// `Σ xq` of row `i`, block `b`.
+    pub fn sum(&self, i: usize, b: usize) -> i32 {
+        self.sum[i * (self.cols / QK) + b]
+    }
+}
+
+/// Which instruction set a kernel runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    Portable,
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
+    #[cfg(target_arch = "x86_64")]
+    Avx512Vnni,
+}
+
+impl Kernel {
+    pub fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::ops::cpu_features::avx512_vnni() {
+                return Self::Avx512Vnni;
+            }
+            if crate::ops::cpu_features::f16c() {
+                return Self::Avx2;
+            }
+        }
+        Self::Portable
+    }
+
+    /// Every kernel this CPU runs (for tests comparing them).
+    pub fn available() -> Vec<Self> {
+        let mut k = vec![Self::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if crate::ops::cpu_features::f16c() {
+                k.push(Self::Avx2);
+            }
+            if crate::ops::cpu_features::avx512_vnni() {
+                k.push(Self::Avx512Vnni);
+            }
+        }
+        k
+    }
+}
+
+/// Four bytes of `x` from `at` as one little-endian `i32` (to broadcast to every lane).
+#[inline]
+pub fn broadcast4(x: &[i8], at: usize) -> i32 {
+    i32::from_le_bytes([x[at] as u8, x[at + 1] as u8, x[at + 2] as u8, x[at + 3] as u8])
+}
+
+/// `x · Wᵀ` over `tiles` (`[row tile][block]`) of a `[rows, cols]` weight: `run(tiles of one
+/// row tile, act, i, n, acc)` accumulates activation rows `i..i + n` (n ≤ 4) into `acc`.
+pub fn matmul_tiles<T: Sync>(
+    tiles: &[T],
+    rows: usize,
+    cols: usize,
+    act: &Activations,
+    run: impl Fn(&[T], &Activations, usize, usize, &mut [[f32; TILE]; 4]) + Sync,
+) -> Vec<f32> {
+    let n = act.q.len() / cols.max(1);
+    let kb = cols / QK;
+    let row_tiles = rows.div_ceil(TILE);
+    // Enough tiles per task that a task outweighs its hand-off.
+    let per_task = ((1 << 18) / (kb * QK * TILE * n.max(1))).clamp(1, row_tiles.max(1));
+    let chunks: Vec<(usize, Vec<f32>)> = (0..row_tiles)
+        .step_by(per_task)
+        .collect::<Vec<_>>()
+        .into_par_iter()
+        .map(|t0| {
+            let t1 = (t0 + per_task).min(row_tiles);
+            let mut out = vec![0f32; n * (t1 - t0) * TILE];
+            for t in t0..t1 {
+                let tile_row = &tiles[t * kb..(t + 1) * kb];
+                let mut i = 0;
+                while i < n {
+                    let k = (n - i).min(4);
+                    let mut acc = [[0f32; TILE]; 4];
+                    run(tile_row, act, i, k, &mut acc);
+                    for (r, a) in acc.iter().enumerate().take(k) {
+                        let base = (i + r) * (t1 - t0) * TILE + (t - t0) * TILE;
+                        out[base..base + TILE].copy_from_slice(a);
+                    }
+                    i += k;
+                }
+            }
+            (t0, out)
+        })
+        .collect();
+    let mut y = vec![0f32; n * rows];
+    for (t0, out) in chunks {
+        let width = out.len() / n.max(1);
+        let valid = width.min(rows - t0 * TILE);
+        for i in 0..n {
+            y[i * rows + t0 * TILE..][..valid].copy_from_slice(&out[i * width..][..valid]);
+        }
+    }
+    y
+}

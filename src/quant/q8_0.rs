@@ -1,0 +1,300 @@
+//! GGUF Q8_0 weights served as stored (the default model's tied embedding / lm_head), with
+//! integer dot products against activations quantized to 8 bits (`int8.rs`).
+//!
+//! Q8_0 (ggml): blocks of 32 `i8` values with one f16 scale `d`. Repacked at load into tiles of 16
+//! output rows × one block, `[group of 4 values (8)][row (16)][4 bytes]`, so one 64-byte load
+//! feeds 16 rows × 4 values. AVX-512 VNNI's `vpdpbusd` multiplies unsigned by signed bytes: the
+//! weights are flipped to `w + 128` on the fly (xor 0x80) and `128 · Σ xq` is subtracted per
+//! block. AVX2 takes `|w|` and moves the sign onto the activation (`psignb`), so `pmaddubsw`
+//! cannot saturate. The block's sum is exact in integers either way.
+
+use half::f16;
+
+use super::int8::{broadcast4, matmul_tiles, Activations, Kernel, QK, TILE};
+
+/// Bytes of one GGUF Q8_0 block.
+pub const BLOCK_BYTES: usize = 34;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Tile {
+    qs: [i8; 512],
+    d: [u16; TILE],
+}
+
+/// A Q8_0 weight `[rows, cols]` repacked for the kernels.
+#[derive(Clone)]
+pub struct Q80Weight {
+    rows: usize,
+    cols: usize,
+    tiles: Vec<Tile>,
+}
+
+impl std::fmt::Debug for Q80Weight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Q80Weight[{}, {}]", self.rows, self.cols)
+    }
+}
+
+impl Q80Weight {
+    /// Repacks GGUF Q8_0 data of `rows` rows × `cols` values (`cols` a multiple of 32).
+    pub fn from_gguf(data: &[u8], rows: usize, cols: usize) -> Result<Self, String> {
+        if cols % QK != 0 {
+            return Err(format!("Q8_0 rows of {cols} values are not whole blocks of {QK}"));
+        }
+        let kb = cols / QK;
+        if data.len() != rows * kb * BLOCK_BYTES {
+            return Err(format!(
+                "Q8_0 data of {} bytes does not hold {rows} × {cols} values",
+                data.len()
+            ));
+        }
+        let empty = Tile {
+            qs: [0; 512],
+            d: [0; TILE],
+        };
+        let mut tiles = vec![empty; rows.div_ceil(TILE) * kb];
+        for r in 0..rows {
+            let (t, lane) = (r / TILE, r % TILE);
+            for b in 0..kb {
+                let block = &data[(r * kb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
+                let tile = &mut tiles[t * kb + b];
+                tile.d[lane] = u16::from_le_bytes([block[0], block[1]]);
+                for g in 0..8 {
+                    for j in 0..4 {
+                        tile.qs[g * 64 + lane * 4 + j] = block[2 + 4 * g + j] as i8;
+                    }
+                }
+            }
+        }
+        Ok(Self { rows, cols, tiles })
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.tiles.len() * std::mem::size_of::<Tile>()
+    }
+
+    /// The weight as f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.dequantize_rows(&(0..self.rows as u32).collect::<Vec<_>>())
+    }
+
+    /// Rows `ids` as f32, `[ids.len(), cols]` (an embedding lookup).
+    pub fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32> {
+        let kb = self.cols / QK;
+        let mut out = vec![0f32; ids.len() * self.cols];
+        for (o, &r) in ids.iter().enumerate() {
+            let r = r as usize;
+            let (t, lane) = (r / TILE, r % TILE);
+            for b in 0..kb {
+                let tile = &self.tiles[t * kb + b];
+                let d = f16::from_bits(tile.d[lane]).to_f32();
+                for g in 0..8 {
+                    for j in 0..4 {
+                        out[o * self.cols + b * QK + 4 * g + j] =
+                            d * tile.qs[g * 64 + lane * 4 + j] as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// `x · Wᵀ` for `x` of `[n, cols]` (row-major) → `[n, rows]`.
+    pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
+        self.matmul_t_with(x, n, Kernel::detect())
+    }
+
+    fn matmul_t_with(&self, x: &[f32], n: usize, kernel: Kernel) -> Vec<f32> {
+        let act = Activations::quantize(x, n, self.cols);
+        matmul_tiles(&self.tiles, self.rows, self.cols, &act, |tiles, act, i, rows, acc| {
+            match kernel {
+                Kernel::Portable => portable(tiles, act, i, rows, acc),
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: chosen only where the CPU reports the features.
+                Kernel::Avx2 => unsafe { avx2(tiles, act, i, rows, acc) },
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512Vnni => unsafe { avx512(tiles, act, i, rows, acc) },
+            }
+        })
+    }
+}
+
+fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
+    for (b, tile) in tiles.iter().enumerate() {
+        for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
+            let xq = &act.row(i + r)[b * QK..(b + 1) * QK];
+            let (xd, _) = act.scale(i + r, b);
+            for lane in 0..TILE {
+                let mut isum = 0i32;
+                for g in 0..8 {
+                    for j in 0..4 {
+                        isum += tile.qs[g * 64 + lane * 4 + j] as i32 * xq[4 * g + j] as i32;
+                    }
+                }
+                let d = f16::from_bits(tile.d[lane]).to_f32();
+                acc_r[lane] += isum as f32 * (d * xd);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn avx512(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
+    use std::arch::x86_64::*;
+    let flip = _mm512_set1_epi8(-128);
+    let mut facc = [_mm512_setzero_ps(); 4];
+    let xrows: [&[i8]; 4] = std::array::from_fn(|r| act.row(i + r.min(rows - 1)));
+    for (b, tile) in tiles.iter().enumerate() {
+        let mut isum = [_mm512_setzero_si512(); 4];
+        for g in 0..8 {
+            let w = _mm512_xor_si512(
+                _mm512_loadu_si512(tile.qs.as_ptr().add(g * 64) as *const _),
+                flip,
+            );
+            for r in 0..rows {
+                let x = _mm512_set1_epi32(broadcast4(xrows[r], b * QK + 4 * g));
+                isum[r] = _mm512_dpbusd_epi32(isum[r], w, x);
+            }
+        }
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr() as *const _));
+        for r in 0..rows {
+            let (xd, _) = act.scale(i + r, b);
+            // Σ (w + 128)·x − 128·Σ x = Σ w·x.
+            let exact = _mm512_sub_epi32(isum[r], _mm512_set1_epi32(128 * act.sum(i + r, b)));
+            facc[r] = _mm512_fmadd_ps(
+                _mm512_cvtepi32_ps(exact),
+                _mm512_mul_ps(d, _mm512_set1_ps(xd)),
+                facc[r],
+            );
+        }
+    }
+    for r in 0..rows {
+        _mm512_storeu_ps(acc[r].as_mut_ptr(), facc[r]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn avx2(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
+    use std::arch::x86_64::*;
+    let ones = _mm256_set1_epi16(1);
+    let mut facc = [[_mm256_setzero_ps(); 2]; 4];
+    let xrows: [&[i8]; 4] = std::array::from_fn(|r| act.row(i + r.min(rows - 1)));
+    for (b, tile) in tiles.iter().enumerate() {
+        let mut isum = [[_mm256_setzero_si256(); 2]; 4];
+        for g in 0..8 {
+            for h in 0..2 {
+                let w = _mm256_loadu_si256(tile.qs.as_ptr().add(g * 64 + h * 32) as *const _);
+                let aw = _mm256_sign_epi8(w, w);
+                for r in 0..rows {
+                    let x = _mm256_set1_epi32(broadcast4(xrows[r], b * QK + 4 * g));
+                    let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w));
+                    isum[r][h] = _mm256_add_epi32(isum[r][h], _mm256_madd_epi16(p, ones));
+                }
+            }
+        }
+        for h in 0..2 {
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(tile.d.as_ptr().add(h * 8) as *const _));
+            for r in 0..rows {
+                let (xd, _) = act.scale(i + r, b);
+                facc[r][h] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(isum[r][h]),
+                    _mm256_mul_ps(d, _mm256_set1_ps(xd)),
+                    facc[r][h],
+                );
+            }
+        }
+    }
+    for r in 0..rows {
+        for h in 0..2 {
+            _mm256_storeu_ps(acc[r].as_mut_ptr().add(h * 8), facc[r][h]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random_q8_0(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        let mut state = seed.wrapping_add(99);
+        let mut next = || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (state >> 33) as u32
+        };
+        let mut out = Vec::new();
+        for _ in 0..rows * cols / QK {
+            let d = f16::from_f32((next() % 1000) as f32 / 1000.0 * 0.002);
+            out.extend_from_slice(&d.to_bits().to_le_bytes());
+            // Include the extremes -128 and 127.
+            for k in 0..32 {
+                out.push(match k {
+                    0 => 0x80,
+                    1 => 0x7F,
+                    _ => (next() & 0xFF) as u8,
+                });
+            }
+        }
+        out
+    }
+
+    fn activations(n: usize, cols: usize) -> Vec<f32> {
+        (0..n * cols)
+            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0)
+            .collect()
+    }
+
+    #[test]
+    fn matches_dequantized_matmul_within_the_activation_rounding_bound() {
+        for (rows, cols) in [(16, 32), (37, 64), (100, 96), (49, 576)] {
+            let w = Q80Weight::from_gguf(&random_q8_0(rows, cols, rows as u64), rows, cols).unwrap();
+            let dense = w.dequantize();
+            for n in [1, 3, 8, 9, 32] {
+                let x = activations(n, cols);
+                let act = Activations::quantize(&x, n, cols);
+                let y = w.matmul_t(&x, n);
+                for i in 0..n {
+                    for r in 0..rows {
+                        let wr = &dense[r * cols..(r + 1) * cols];
+                        let xr = &x[i * cols..(i + 1) * cols];
+                        let exact: f64 = wr.iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let bound: f64 = (0..cols / QK)
+                            .map(|b| {
+                                act.scale(i, b).0 as f64 / 2.0
+                                    * wr[b * QK..(b + 1) * QK].iter().map(|v| v.abs() as f64).sum::<f64>()
+                            })
+                            .sum();
+                        let err = (y[i * rows + r] as f64 - exact).abs();
+                        assert!(
+                            err <= bound + 1e-4 * (1.0 + exact.abs()),
+                            "{rows}x{cols} n={n} [{i},{r}]: {} vs {exact} (bound {bound})",
+                            y[i * rows + r]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_and_portable_paths_agree() {
+        let (rows, cols) = (45, 320);
+        let w = Q80Weight::from_gguf(&random_q8_0(rows, cols, 5), rows, cols).unwrap();
+        for n in [1, 3, 8, 9] {
+            let x = activations(n, cols);
+            let reference = w.matmul_t_with(&x, n, Kernel::Portable);
+            for k in Kernel::available() {
+                let y = w.matmul_t_with(&x, n, k);
+                for (a, b) in y.iter().zip(&reference) {
+                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{k:?} n={n}: {a} vs {b}");
+                }
+            }
+        }
+    }
+}
