@@ -57,7 +57,11 @@ fn main() {
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let resolved = rt
-        .block_on(ModelSource::parse(None).unwrap().resolve(&SourceConfig::from_env()))
+        .block_on(
+            ModelSource::parse(None)
+                .unwrap()
+                .resolve(&SourceConfig::from_env()),
+        )
         .unwrap();
     let loaded = load_model(&resolved, &opts).unwrap();
     let model = &loaded.model;
@@ -83,8 +87,9 @@ fn main() {
                 c
             })
             .collect();
-        let adapter_of =
-            |i: usize| -> Option<&AdapterWeights> { adapters.get(i * adapters.len().max(1) / rows) };
+        let adapter_of = |i: usize| -> Option<&AdapterWeights> {
+            adapters.get(i * adapters.len().max(1) / rows)
+        };
         let run = |caches: &mut Vec<KvCache>| -> (f64, f64) {
             let tokens: Vec<[u32; 1]> = (0..rows).map(|i| [200 + i as u32]).collect();
             let start = Instant::now();
@@ -121,14 +126,27 @@ fn main() {
         }
         profile::enable(false);
         let per = |ns: u64| ns as f64 / 1e6 / steps as f64;
-        let parts: Vec<(Part, f64)> = profile::totals().into_iter().map(|(p, n)| (p, per(n))).collect();
+        let parts: Vec<(Part, f64)> = profile::totals()
+            .into_iter()
+            .map(|(p, n)| (p, per(n)))
+            .collect();
         let counted: f64 = parts.iter().map(|(_, t)| t).sum();
         let total = fwd * 1e3 / steps as f64;
-        columns.push((rows, parts, total - counted, sample * 1e3 / steps as f64, total));
+        columns.push((
+            rows,
+            parts,
+            total - counted,
+            sample * 1e3 / steps as f64,
+            total,
+        ));
     }
     println!(
         "step profile: {mode}{}, ms per decode step (share of the step)\n",
-        if with_adapters { ", 8 distinct rank-16 adapters" } else { ", base only" }
+        if with_adapters {
+            ", 8 distinct rank-16 adapters"
+        } else {
+            ", base only"
+        }
     );
     print!("| part |");
     for (rows, ..) in &columns {

@@ -325,6 +325,12 @@ fn quantized_serving_keeps_no_f32_copy_of_the_model() {
         native_kb as f64 / f32_kb as f64,
         nf4_kb as f64 / f32_kb as f64
     );
-    assert!(native_kb * 100 <= f32_kb * 35, "native Q4_1 {native_kb} kB vs f32 {f32_kb} kB");
-    assert!(nf4_kb * 100 <= f32_kb * 45, "NF4 {nf4_kb} kB vs f32 {f32_kb} kB");
+    assert!(
+        native_kb * 100 <= f32_kb * 35,
+        "native Q4_1 {native_kb} kB vs f32 {f32_kb} kB"
+    );
+    assert!(
+        nf4_kb * 100 <= f32_kb * 45,
+        "NF4 {nf4_kb} kB vs f32 {f32_kb} kB"
+    );
 }

@@ -116,7 +116,12 @@ impl Linear {
     }
 
     /// Each site's delta on its rows, plus bias.
-    fn add_deltas(&self, x: &Tensor, mut y: Tensor, sites: &[(&Rows, &LoraSite)]) -> Result<Tensor> {
+    fn add_deltas(
+        &self,
+        x: &Tensor,
+        mut y: Tensor,
+        sites: &[(&Rows, &LoraSite)],
+    ) -> Result<Tensor> {
         {
             let n = x.dim(0)?;
             let row_sites = sites

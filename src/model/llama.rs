@@ -238,7 +238,9 @@ impl Llama {
             }
         };
         let x = time(Part::Norm, || rms_norm(&x, &self.norm, c.rms_norm_eps))?;
-        time(Part::LmHead, || self.lm_head.forward(&x)?.to_dtype(DType::F32))
+        time(Part::LmHead, || {
+            self.lm_head.forward(&x)?.to_dtype(DType::F32)
+        })
     }
 
     /// Groups the batch's sequences by adapter (pointer identity) into row sets.
@@ -306,6 +308,13 @@ impl Llama {
                 attn.v_proj.forward_with(h, &sites.of(Proj::V))?,
             ))
         })?;
+        let host = !q.track_op()
+            && matches!(self.device, Device::Cpu)
+            && q.dtype() == DType::F32
+            && seqs.iter().all(|s| !s.cache.has_tensors());
+        if host {
+            return self.attention_host(&q, &k, &v, layer, spans, seqs);
+        }
         let mut outs = Vec::with_capacity(spans.len());
         for (s, &(start, len, offset)) in seqs.iter_mut().zip(spans) {
             let heads = |t: &Tensor, n: usize| -> Result<Tensor> {
@@ -331,6 +340,58 @@ impl Llama {
         } else {
             Tensor::cat(&outs, 0)
         }
+    }
+}
+
+impl Llama {
+    /// Serving on CPU: RoPE, cache append and attention on host rows, per sequence, with no
+    /// tensor ops in between (`ops::attention::causal_attention_host`).
+    fn attention_host(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        layer: usize,
+        spans: &[(usize, usize, usize)],
+        seqs: &mut [SeqInput<'_>],
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (hd, nh, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
+        let (w, kw) = (nh * hd, nkv * hd);
+        let (mut qv, mut kv, vv) = time(Part::Rope, || {
+            Ok::<_, candle_core::Error>((
+                q.flatten_all()?.to_vec1::<f32>()?,
+                k.flatten_all()?.to_vec1::<f32>()?,
+                v.flatten_all()?.to_vec1::<f32>()?,
+            ))
+        })?;
+        let tokens = qv.len() / w;
+        let mut out = vec![0f32; tokens * w];
+        for (s, &(start, len, offset)) in seqs.iter_mut().zip(spans) {
+            time(Part::Rope, || {
+                self.rope
+                    .apply_host(&mut qv[start * w..(start + len) * w], nh, hd, offset)?;
+                self.rope
+                    .apply_host(&mut kv[start * kw..(start + len) * kw], nkv, hd, offset)
+            })?;
+            time(Part::Attention, || {
+                let (kall, vall) = s.cache.append_host(
+                    layer,
+                    &kv[start * kw..(start + len) * kw],
+                    &vv[start * kw..(start + len) * kw],
+                );
+                crate::ops::attention::causal_attention_host(
+                    &qv[start * w..(start + len) * w],
+                    kall,
+                    vall,
+                    nh,
+                    nkv,
+                    hd,
+                    &mut out[start * w..(start + len) * w],
+                );
+            });
+        }
+        Tensor::from_vec(out, (tokens, w), &self.device)
     }
 }
 

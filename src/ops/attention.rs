@@ -47,10 +47,89 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         .reshape((len, heads * head_dim))
 }
 
+/// Causal attention on host data for one sequence: `q` `[len, heads · head_dim]` (positions
+/// `total - len .. total`), `k`, `v` `[total, kv_heads · head_dim]`; writes `[len, heads ·
+/// head_dim]` into `out`. The serving path on CPU: no tensor ops, no copies of the cache.
+pub fn causal_attention_host(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    out: &mut [f32],
+) {
+    let width = heads * head_dim;
+    let kv_width = kv_heads * head_dim;
+    let len = q.len() / width;
+    let total = k.len() / kv_width;
+    let group = heads / kv_heads;
+    let scale = 1.0 / (head_dim as f32).sqrt();
+    let mut scores = vec![0f32; total];
+    for i in 0..len {
+        let visible = total - len + i + 1;
+        for h in 0..heads {
+            let g = h / group;
+            let qh = &q[i * width + h * head_dim..][..head_dim];
+            let mut max = f32::NEG_INFINITY;
+            for (j, s) in scores.iter_mut().enumerate().take(visible) {
+                let kj = &k[j * kv_width + g * head_dim..][..head_dim];
+                let dot: f32 = qh.iter().zip(kj).map(|(a, b)| a * b).sum();
+                *s = dot * scale;
+                max = max.max(*s);
+            }
+            let mut sum = 0f32;
+            for s in scores.iter_mut().take(visible) {
+                *s = (*s - max).exp();
+                sum += *s;
+            }
+            let o = &mut out[i * width + h * head_dim..][..head_dim];
+            o.iter_mut().for_each(|x| *x = 0.0);
+            for (j, s) in scores.iter().enumerate().take(visible) {
+                let p = s / sum;
+                let vj = &v[j * kv_width + g * head_dim..][..head_dim];
+                for (x, y) in o.iter_mut().zip(vj) {
+                    *x += p * y;
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::Device;
+
+    #[test]
+    fn host_attention_equals_the_tensor_path() -> Result<()> {
+        let dev = Device::Cpu;
+        let (heads, kv_heads, hd, len, total) = (6, 2, 8, 3, 7);
+        let q = Tensor::randn(0f32, 1.0, (heads, len, hd), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (kv_heads, total, hd), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (kv_heads, total, hd), &dev)?;
+        let want: Vec<f32> = causal_attention(&q, &k, &v)?.flatten_all()?.to_vec1()?;
+        let rows = |t: &Tensor| -> Result<Vec<f32>> {
+            t.transpose(0, 1)?.contiguous()?.flatten_all()?.to_vec1()
+        };
+        let mut got = vec![0f32; len * heads * hd];
+        causal_attention_host(
+            &rows(&q)?,
+            &rows(&k)?,
+            &rows(&v)?,
+            heads,
+            kv_heads,
+            hd,
+            &mut got,
+        );
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-5, "{worst}");
+        Ok(())
+    }
 
     #[test]
     fn last_row_of_prefill_equals_decode_step() -> Result<()> {

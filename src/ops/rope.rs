@@ -21,6 +21,9 @@ pub struct Rope {
     /// `[max_positions, head_dim]`, for the differentiable path.
     cos: Tensor,
     sin: Tensor,
+    /// `[max_positions, head_dim / 2]` on the host, for the fused CPU decode path.
+    cos_host: std::sync::Arc<Vec<f32>>,
+    sin_host: std::sync::Arc<Vec<f32>>,
     max_positions: usize,
 }
 
@@ -66,6 +69,10 @@ impl Rope {
                 sin.push(angle.sin() as f32);
             }
         }
+        let (cos_host, sin_host) = (
+            std::sync::Arc::new(cos.clone()),
+            std::sync::Arc::new(sin.clone()),
+        );
         let cos_half = Tensor::from_vec(cos, (max_positions, half), device)?;
         let sin_half = Tensor::from_vec(sin, (max_positions, half), device)?;
         let cos = Tensor::cat(&[&cos_half, &cos_half], D::Minus1)?.to_dtype(dtype)?;
@@ -75,8 +82,43 @@ impl Rope {
             sin_half: sin_half.to_dtype(dtype)?,
             cos,
             sin,
+            cos_host,
+            sin_host,
             max_positions,
         })
+    }
+
+    /// Rotates, in place, rows of `heads × head_dim` values (one token each) whose first row sits
+    /// at position `offset` (host data, Hugging Face rotate-half layout).
+    pub fn apply_host(
+        &self,
+        rows: &mut [f32],
+        heads: usize,
+        head_dim: usize,
+        offset: usize,
+    ) -> Result<()> {
+        let half = head_dim / 2;
+        let len = rows.len() / (heads * head_dim);
+        if offset + len > self.max_positions {
+            candle_core::bail!(
+                "position {} is beyond the model's context of {} tokens",
+                offset + len,
+                self.max_positions
+            );
+        }
+        for (t, token) in rows.chunks_exact_mut(heads * head_dim).enumerate() {
+            let cos = &self.cos_host[(offset + t) * half..][..half];
+            let sin = &self.sin_host[(offset + t) * half..][..half];
+            for head in token.chunks_exact_mut(head_dim) {
+                let (x1, x2) = head.split_at_mut(half);
+                for d in 0..half {
+                    let (a, b) = (x1[d], x2[d]);
+                    x1[d] = a * cos[d] - b * sin[d];
+                    x2[d] = b * cos[d] + a * sin[d];
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn max_positions(&self) -> usize {
@@ -125,6 +167,20 @@ mod tests {
         let diff = (fast - &slow)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-5, "paths differ by {diff}");
         assert!(slow.sum_all()?.backward()?.get(var.as_tensor()).is_some());
+        Ok(())
+    }
+
+    #[test]
+    fn host_rotation_equals_the_fused_kernel() -> Result<()> {
+        let dev = Device::Cpu;
+        let rope = Rope::new(16, 10000.0, None, 64, DType::F32, &dev)?;
+        let x = Tensor::randn(0f32, 1.0, (3, 7, 16), &dev)?; // [heads, len, dim]
+        let want = rope.apply(&x, 5)?.transpose(0, 1)?.contiguous()?; // [len, heads, dim]
+        let mut rows: Vec<f32> = x.transpose(0, 1)?.contiguous()?.flatten_all()?.to_vec1()?;
+        rope.apply_host(&mut rows, 3, 16, 5)?;
+        let got = Tensor::from_vec(rows, (7, 3, 16), &dev)?;
+        let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
         Ok(())
     }
 

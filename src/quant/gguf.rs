@@ -109,8 +109,12 @@ impl QuantLinear {
     /// The weight in f32 (DoRA norms, merging); a temporary, never kept for serving.
     pub fn dequantize(&self) -> Result<Tensor> {
         match &self.kernel {
-            Kernel::Q41(w) => Tensor::from_vec(w.dequantize(), (self.rows, self.cols), &Device::Cpu),
-            Kernel::Q80(w) => Tensor::from_vec(w.dequantize(), (self.rows, self.cols), &Device::Cpu),
+            Kernel::Q41(w) => {
+                Tensor::from_vec(w.dequantize(), (self.rows, self.cols), &Device::Cpu)
+            }
+            Kernel::Q80(w) => {
+                Tensor::from_vec(w.dequantize(), (self.rows, self.cols), &Device::Cpu)
+            }
             Kernel::Ggml(_, q) => q.dequantize(&Device::Cpu),
         }
     }
@@ -120,12 +124,19 @@ impl QuantLinear {
     pub fn rows(&self, ids: &Tensor) -> Result<Tensor> {
         let idx: Vec<u32> = ids.flatten_all()?.to_vec1()?;
         if let Some(&bad) = idx.iter().find(|&&i| i as usize >= self.rows) {
-            candle_core::bail!("token id {bad} is outside the embedding of {} rows", self.rows);
+            candle_core::bail!(
+                "token id {bad} is outside the embedding of {} rows",
+                self.rows
+            );
         }
         let n = idx.len();
         match &self.kernel {
-            Kernel::Q41(w) => Tensor::from_vec(w.dequantize_rows(&idx), (n, self.cols), &Device::Cpu),
-            Kernel::Q80(w) => Tensor::from_vec(w.dequantize_rows(&idx), (n, self.cols), &Device::Cpu),
+            Kernel::Q41(w) => {
+                Tensor::from_vec(w.dequantize_rows(&idx), (n, self.cols), &Device::Cpu)
+            }
+            Kernel::Q80(w) => {
+                Tensor::from_vec(w.dequantize_rows(&idx), (n, self.cols), &Device::Cpu)
+            }
             Kernel::Ggml(_, q) => q.embedding(ids),
         }
     }
@@ -138,7 +149,12 @@ impl QuantLinear {
             );
         }
         let host = || -> Result<(usize, Vec<f32>)> {
-            Ok((x.dim(0)?, x.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?))
+            Ok((
+                x.dim(0)?,
+                x.to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?,
+            ))
         };
         match &self.kernel {
             Kernel::Q41(w) => {

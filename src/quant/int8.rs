@@ -110,7 +110,12 @@ impl Kernel {
 /// Four bytes of `x` from `at` as one little-endian `i32` (to broadcast to every lane).
 #[inline]
 pub fn broadcast4(x: &[i8], at: usize) -> i32 {
-    i32::from_le_bytes([x[at] as u8, x[at + 1] as u8, x[at + 2] as u8, x[at + 3] as u8])
+    i32::from_le_bytes([
+        x[at] as u8,
+        x[at + 1] as u8,
+        x[at + 2] as u8,
+        x[at + 3] as u8,
+    ])
 }
 
 /// `x · Wᵀ` over `tiles` (`[row tile][block]`) of a `[rows, cols]` weight: `run(tiles of one

@@ -19,8 +19,8 @@
 
 use half::f16;
 
-use super::int8::{broadcast4, matmul_tiles, Activations, Kernel, TILE};
 pub use super::int8::QK;
+use super::int8::{broadcast4, matmul_tiles, Activations, Kernel, TILE};
 /// Bytes of one GGUF Q4_1 block.
 pub const BLOCK_BYTES: usize = 20;
 
@@ -144,16 +144,22 @@ impl Q41Weight {
 
     fn matmul_t_with(&self, x: &[f32], n: usize, kernel: Kernel) -> Vec<f32> {
         let act = Activations::quantize(x, n, self.cols);
-        matmul_tiles(&self.tiles, self.rows, self.cols, &act, |tiles, act, i, rows, acc| {
-            match kernel {
-                Kernel::Portable => portable(tiles, act, i, rows, acc),
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: chosen only where the CPU reports the features.
-                Kernel::Avx2 => unsafe { avx2(tiles, act, i, rows, acc) },
-                #[cfg(target_arch = "x86_64")]
-                Kernel::Avx512Vnni => unsafe { avx512(tiles, act, i, rows, acc) },
-            }
-        })
+        matmul_tiles(
+            &self.tiles,
+            self.rows,
+            self.cols,
+            &act,
+            |tiles, act, i, rows, acc| {
+                match kernel {
+                    Kernel::Portable => portable(tiles, act, i, rows, acc),
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: chosen only where the CPU reports the features.
+                    Kernel::Avx2 => unsafe { avx2(tiles, act, i, rows, acc) },
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx512Vnni => unsafe { avx512(tiles, act, i, rows, acc) },
+                }
+            },
+        )
     }
 }
 

@@ -40,7 +40,9 @@ impl Q80Weight {
     /// Repacks GGUF Q8_0 data of `rows` rows × `cols` values (`cols` a multiple of 32).
     pub fn from_gguf(data: &[u8], rows: usize, cols: usize) -> Result<Self, String> {
         if cols % QK != 0 {
-            return Err(format!("Q8_0 rows of {cols} values are not whole blocks of {QK}"));
+            return Err(format!(
+                "Q8_0 rows of {cols} values are not whole blocks of {QK}"
+            ));
         }
         let kb = cols / QK;
         if data.len() != rows * kb * BLOCK_BYTES {
@@ -111,16 +113,22 @@ impl Q80Weight {
 
     fn matmul_t_with(&self, x: &[f32], n: usize, kernel: Kernel) -> Vec<f32> {
         let act = Activations::quantize(x, n, self.cols);
-        matmul_tiles(&self.tiles, self.rows, self.cols, &act, |tiles, act, i, rows, acc| {
-            match kernel {
-                Kernel::Portable => portable(tiles, act, i, rows, acc),
-                #[cfg(target_arch = "x86_64")]
-                // SAFETY: chosen only where the CPU reports the features.
-                Kernel::Avx2 => unsafe { avx2(tiles, act, i, rows, acc) },
-                #[cfg(target_arch = "x86_64")]
-                Kernel::Avx512Vnni => unsafe { avx512(tiles, act, i, rows, acc) },
-            }
-        })
+        matmul_tiles(
+            &self.tiles,
+            self.rows,
+            self.cols,
+            &act,
+            |tiles, act, i, rows, acc| {
+                match kernel {
+                    Kernel::Portable => portable(tiles, act, i, rows, acc),
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: chosen only where the CPU reports the features.
+                    Kernel::Avx2 => unsafe { avx2(tiles, act, i, rows, acc) },
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx512Vnni => unsafe { avx512(tiles, act, i, rows, acc) },
+                }
+            },
+        )
     }
 }
 
@@ -145,7 +153,13 @@ fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn avx512(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
+unsafe fn avx512(
+    tiles: &[Tile],
+    act: &Activations,
+    i: usize,
+    rows: usize,
+    acc: &mut [[f32; TILE]; 4],
+) {
     use std::arch::x86_64::*;
     let flip = _mm512_set1_epi8(-128);
     let mut facc = [_mm512_setzero_ps(); 4];
@@ -181,7 +195,13 @@ unsafe fn avx512(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn avx2(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
+unsafe fn avx2(
+    tiles: &[Tile],
+    act: &Activations,
+    i: usize,
+    rows: usize,
+    acc: &mut [[f32; TILE]; 4],
+) {
     use std::arch::x86_64::*;
     let ones = _mm256_set1_epi16(1);
     let mut facc = [[_mm256_setzero_ps(); 2]; 4];
@@ -225,7 +245,9 @@ mod tests {
     fn random_q8_0(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
         let mut state = seed.wrapping_add(99);
         let mut next = || {
-            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (state >> 33) as u32
         };
         let mut out = Vec::new();
@@ -253,7 +275,8 @@ mod tests {
     #[test]
     fn matches_dequantized_matmul_within_the_activation_rounding_bound() {
         for (rows, cols) in [(16, 32), (37, 64), (100, 96), (49, 576)] {
-            let w = Q80Weight::from_gguf(&random_q8_0(rows, cols, rows as u64), rows, cols).unwrap();
+            let w =
+                Q80Weight::from_gguf(&random_q8_0(rows, cols, rows as u64), rows, cols).unwrap();
             let dense = w.dequantize();
             for n in [1, 3, 8, 9, 32] {
                 let x = activations(n, cols);
@@ -263,11 +286,15 @@ mod tests {
                     for r in 0..rows {
                         let wr = &dense[r * cols..(r + 1) * cols];
                         let xr = &x[i * cols..(i + 1) * cols];
-                        let exact: f64 = wr.iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                        let exact: f64 =
+                            wr.iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum();
                         let bound: f64 = (0..cols / QK)
                             .map(|b| {
                                 act.scale(i, b).0 as f64 / 2.0
-                                    * wr[b * QK..(b + 1) * QK].iter().map(|v| v.abs() as f64).sum::<f64>()
+                                    * wr[b * QK..(b + 1) * QK]
+                                        .iter()
+                                        .map(|v| v.abs() as f64)
+                                        .sum::<f64>()
                             })
                             .sum();
                         let err = (y[i * rows + r] as f64 - exact).abs();
@@ -292,7 +319,10 @@ mod tests {
             for k in Kernel::available() {
                 let y = w.matmul_t_with(&x, n, k);
                 for (a, b) in y.iter().zip(&reference) {
-                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{k:?} n={n}: {a} vs {b}");
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "{k:?} n={n}: {a} vs {b}"
+                    );
                 }
             }
         }
