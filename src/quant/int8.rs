@@ -166,3 +166,53 @@ pub fn matmul_tiles<T: Sync>(
     }
     y
 }
+
+/// Output rows per dequantized tile on the large-batch path.
+const DENSE_TILE: usize = 64;
+
+/// Batches of at least this many rows (prefill) dequantize 64 weight rows at a time and multiply
+/// in f32 with gemm: there each dequantized value serves enough rows to beat the integer path.
+pub const DENSE_FROM_ROWS: usize = 128;
+
+/// `x · Wᵀ` for a large batch: `dequant(start, count)` gives weight rows `start..start + count`
+/// as f32; tiles run in parallel, each an L2-sized f32 block multiplied with gemm.
+pub fn matmul_dense_tiles(
+    rows: usize,
+    cols: usize,
+    x: &[f32],
+    n: usize,
+    dequant: impl Fn(usize, usize) -> Vec<f32> + Sync,
+) -> Vec<f32> {
+    use crate::ops::gemm::{gemm_f32, Mat};
+    let tiles: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(DENSE_TILE))
+        .into_par_iter()
+        .map(|t| {
+            let start = t * DENSE_TILE;
+            let count = DENSE_TILE.min(rows - start);
+            let w = dequant(start, count);
+            let mut y = vec![0f32; n * count];
+            gemm_f32(
+                (n, count, cols),
+                &mut y,
+                count,
+                false,
+                Mat::rows(x, cols),
+                Mat {
+                    data: &w,
+                    rs: 1,
+                    cs: cols,
+                },
+                gemm::Parallelism::None,
+            );
+            (start, y)
+        })
+        .collect();
+    let mut y = vec![0f32; n * rows];
+    for (start, tile) in tiles {
+        let count = tile.len() / n.max(1);
+        for r in 0..n {
+            y[r * rows + start..][..count].copy_from_slice(&tile[r * count..(r + 1) * count]);
+        }
+    }
+    y
+}

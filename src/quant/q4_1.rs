@@ -20,7 +20,9 @@
 use half::f16;
 
 pub use super::int8::QK;
-use super::int8::{broadcast4, matmul_tiles, Activations, Kernel, TILE};
+use super::int8::{
+    broadcast4, matmul_dense_tiles, matmul_tiles, Activations, Kernel, DENSE_FROM_ROWS, TILE,
+};
 /// Bytes of one GGUF Q4_1 block.
 pub const BLOCK_BYTES: usize = 20;
 
@@ -139,6 +141,16 @@ impl Q41Weight {
 
     /// `x · Wᵀ` for `x` of `[n, cols]` (row-major) → `[n, rows]`.
     pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
+        if n >= DENSE_FROM_ROWS {
+            return matmul_dense_tiles(self.rows, self.cols, x, n, |start, count| {
+                self.dequantize_rows(&(start as u32..(start + count) as u32).collect::<Vec<_>>())
+            });
+        }
+        self.matmul_t_int(x, n)
+    }
+
+    /// The integer path at any batch size (benchmarks compare the two paths).
+    pub fn matmul_t_int(&self, x: &[f32], n: usize) -> Vec<f32> {
         self.matmul_t_with(x, n, Kernel::detect())
     }
 

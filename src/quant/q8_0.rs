@@ -10,7 +10,9 @@
 
 use half::f16;
 
-use super::int8::{broadcast4, matmul_tiles, Activations, Kernel, QK, TILE};
+use super::int8::{
+    broadcast4, matmul_dense_tiles, matmul_tiles, Activations, Kernel, DENSE_FROM_ROWS, QK, TILE,
+};
 
 /// Bytes of one GGUF Q8_0 block.
 pub const BLOCK_BYTES: usize = 34;
@@ -108,6 +110,11 @@ impl Q80Weight {
 
     /// `x · Wᵀ` for `x` of `[n, cols]` (row-major) → `[n, rows]`.
     pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
+        if n >= DENSE_FROM_ROWS {
+            return matmul_dense_tiles(self.rows, self.cols, x, n, |start, count| {
+                self.dequantize_rows(&(start as u32..(start + count) as u32).collect::<Vec<_>>())
+            });
+        }
         self.matmul_t_with(x, n, Kernel::detect())
     }
 
