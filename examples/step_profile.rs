@@ -99,12 +99,13 @@ fn main() {
                 .enumerate()
                 .map(|(i, (c, t))| SeqInput::new(t, c).with_adapter(adapter_of(i)))
                 .collect();
-            let logits = model
-                .forward(&mut BatchInput {
-                    seqs,
-                    logits: LogitsRows::Last,
-                })
-                .unwrap();
+            let mut batch = BatchInput {
+                seqs,
+                logits: LogitsRows::Last,
+            };
+            // As the engine runs it: on a thread of the pool.
+            let logits =
+                loraplex::ops::cpu_features::on_pool(|| model.forward(&mut batch)).unwrap();
             let forward = start.elapsed().as_secs_f64();
             let s = Instant::now();
             let rows_v: Vec<Vec<f32>> = logits.to_vec2().unwrap();

@@ -110,10 +110,11 @@ pub fn generate(
     let mut prefill_time = Duration::ZERO;
     let finish = loop {
         let input = seq.next_input().to_vec();
-        let logits = model.forward(&mut BatchInput {
+        let mut batch = BatchInput {
             seqs: vec![SeqInput::new(&input, &mut seq.cache).with_adapter(adapter)],
             logits: LogitsRows::Last,
-        })?;
+        };
+        let logits = crate::ops::cpu_features::on_pool(|| model.forward(&mut batch))?;
         if seq.generated.is_empty() {
             prefill_time = start.elapsed();
         }

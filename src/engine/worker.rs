@@ -117,13 +117,16 @@ pub(crate) fn run(model: Arc<LoadedModel>, rx: Receiver<Submitted>, shared: Arc<
                         .with_adapter(request.adapter.as_ref().map(|l| &*l.weights))
                 })
                 .collect();
-            model
-                .model
-                .forward(&mut BatchInput {
-                    seqs,
-                    logits: LogitsRows::Last,
-                })
-                .and_then(|l| l.to_vec2::<f32>())
+            let mut batch = BatchInput {
+                seqs,
+                logits: LogitsRows::Last,
+            };
+            crate::ops::cpu_features::on_pool(|| {
+                model
+                    .model
+                    .forward(&mut batch)
+                    .and_then(|l| l.to_vec2::<f32>())
+            })
         };
         let rows = match result {
             Ok(rows) => rows,
