@@ -34,7 +34,10 @@ impl Activations {
             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
             let mut sum = 0i32;
             for (v, o) in xs.iter().zip(qs.iter_mut()) {
-                let r = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                // Round to nearest (ties to even) by the float-add trick: |v·inv| <= 127, far
+                // below 2^22, and it vectorizes where `round` is a libm call.
+                const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+                let r = ((v * inv + MAGIC) - MAGIC) as i8;
                 *o = r;
                 sum += r as i32;
             }
