@@ -49,6 +49,10 @@ struct Opts {
     /// Serve the base in NF4.
     #[arg(long)]
     nf4: bool,
+    /// Only write the synthetic adapters (PEFT format) into this directory and exit (to serve
+    /// the same adapters from another server, e.g. llama.cpp after conversion).
+    #[arg(long)]
+    write_adapters: Option<std::path::PathBuf>,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
@@ -290,6 +294,20 @@ fn main() {
     loraplex::init_threads();
     let opts = Opts::parse();
     let rt = tokio::runtime::Runtime::new().unwrap();
+    if let Some(dir) = &opts.write_adapters {
+        let cli = loraplex::cli::Cli::try_parse_from(["serve"]).unwrap();
+        let loaded = rt.block_on(cli.serve.model.load()).unwrap();
+        let ranks = if opts.ranks.is_empty() {
+            vec![opts.rank]
+        } else {
+            opts.ranks.clone()
+        };
+        std::fs::create_dir_all(dir).unwrap();
+        for name in make_adapters(&loaded.model, dir, opts.adapters, &ranks) {
+            println!("{}", dir.join(name).display());
+        }
+        return;
+    }
     rt.block_on(async {
         let tmp = tempfile::tempdir().unwrap();
         let (url, adapters) = match &opts.url {

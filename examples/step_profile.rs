@@ -115,13 +115,14 @@ fn main() {
                 .collect();
             (forward, s.elapsed().as_secs_f64())
         };
-        // Warm up, then profile `steps` steps from the same caches.
-        run(&mut caches.clone());
+        // Warm up, then profile `steps` consecutive steps (the context grows by one a step).
+        let mut caches = caches;
+        run(&mut caches);
         profile::reset();
         profile::enable(true);
         let (mut fwd, mut sample) = (0.0, 0.0);
         for _ in 0..steps {
-            let (f, s) = run(&mut caches.clone());
+            let (f, s) = run(&mut caches);
             fwd += f;
             sample += s;
         }

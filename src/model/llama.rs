@@ -367,30 +367,45 @@ impl Llama {
         })?;
         let tokens = qv.len() / w;
         let mut out = vec![0f32; tokens * w];
-        for (s, &(start, len, offset)) in seqs.iter_mut().zip(spans) {
-            time(Part::Rope, || {
+        time(Part::Rope, || {
+            spans.iter().try_for_each(|&(start, len, offset)| {
                 self.rope
                     .apply_host(&mut qv[start * w..(start + len) * w], nh, hd, offset)?;
                 self.rope
                     .apply_host(&mut kv[start * kw..(start + len) * kw], nkv, hd, offset)
-            })?;
-            time(Part::Attention, || {
-                let (kall, vall) = s.cache.append_host(
-                    layer,
-                    &kv[start * kw..(start + len) * kw],
-                    &vv[start * kw..(start + len) * kw],
-                );
-                crate::ops::attention::causal_attention_host(
-                    &qv[start * w..(start + len) * w],
-                    kall,
-                    vall,
-                    nh,
-                    nkv,
-                    hd,
-                    &mut out[start * w..(start + len) * w],
-                );
-            });
+            })
+        })?;
+        // Sequences are independent: one task each (their rows are contiguous and in order).
+        let mut outs: Vec<&mut [f32]> = Vec::with_capacity(spans.len());
+        let mut rest = out.as_mut_slice();
+        for &(_, len, _) in spans {
+            let (head, tail) = rest.split_at_mut(len * w);
+            outs.push(head);
+            rest = tail;
         }
+        time(Part::Attention, || {
+            use rayon::prelude::*;
+            seqs.par_iter_mut()
+                .zip(outs)
+                .zip(spans)
+                .with_min_len(2)
+                .for_each(|((s, o), &(start, len, _))| {
+                    let (kall, vall) = s.cache.append_host(
+                        layer,
+                        &kv[start * kw..(start + len) * kw],
+                        &vv[start * kw..(start + len) * kw],
+                    );
+                    crate::ops::attention::causal_attention_host(
+                        &qv[start * w..(start + len) * w],
+                        kall,
+                        vall,
+                        nh,
+                        nkv,
+                        hd,
+                        o,
+                    );
+                })
+        });
         Tensor::from_vec(out, (tokens, w), &self.device)
     }
 }
