@@ -55,6 +55,11 @@ fn gguf_name(hf: &str) -> String {
 }
 
 pub fn write_tiny_gguf(path: &Path, architecture: &str) {
+    write_tiny_gguf_with(path, architecture, |_| GgmlDType::F32)
+}
+
+/// The tiny model as GGUF with each tensor stored as `ty(gguf name)` says.
+pub fn write_tiny_gguf_with(path: &Path, architecture: &str, ty: impl Fn(&str) -> GgmlDType) {
     let dir = tiny_dir();
     let tensors =
         candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
@@ -67,10 +72,9 @@ pub fn write_tiny_gguf(path: &Path, architecture: &str) {
         } else {
             t.clone()
         };
-        q.push((
-            gguf_name(name),
-            QTensor::quantize(&t, GgmlDType::F32).unwrap(),
-        ));
+        let gname = gguf_name(name);
+        let qt = QTensor::quantize(&t, ty(&gname)).unwrap();
+        q.push((gname, qt));
     }
     let tok = read_json(dir.join("tokenizer.json"));
     let vocab = tok["model"]["vocab"].as_object().unwrap();
@@ -194,6 +198,110 @@ fn gguf_of_another_architecture_is_refused_by_field() {
     .to_string();
     assert!(
         err.contains("gpt2.gguf") && err.contains("`general.architecture`") && err.contains("gpt2"),
+        "{err}"
+    );
+}
+
+/// The tiny model's GGUF with Q4_1 projections (those whose rows are whole 32-value blocks; the
+/// 176-wide down projection stays f32) and a Q8_0 embedding, served natively: the same weights
+/// dequantized to f32 are the reference, the difference is the 8-bit activations only.
+#[test]
+fn a_quantized_gguf_serves_natively_close_to_its_dequantized_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("tiny-q.gguf");
+    write_tiny_gguf_with(&path, "llama", |name| {
+        if name == "token_embd.weight" {
+            GgmlDType::Q8_0
+        } else if name.ends_with("ffn_down.weight")
+            || !name.starts_with("blk.")
+            || name.contains("norm")
+        {
+            GgmlDType::F32
+        } else {
+            GgmlDType::Q4_1
+        }
+    });
+    let resolved = ResolvedModel::Gguf {
+        id: "tiny-q".into(),
+        path: path.clone(),
+    };
+    let dense = load_model(&resolved, &ModelOptions::default()).unwrap();
+    let native = load_model(
+        &resolved,
+        &ModelOptions {
+            native_quant: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(matches!(
+        native
+            .model
+            .linear(0, loraplex::model::Proj::Q)
+            .unwrap()
+            .base(),
+        loraplex::model::BaseWeight::Quant(_)
+    ));
+    assert!(matches!(
+        native.model.embed_tokens,
+        loraplex::model::Embedding::Quant(_)
+    ));
+    let expected = read_json(tiny_dir().join("expected_logits.json"));
+    let (mut worst, mut scale, mut same, mut total) = (0f32, 0f32, 0, 0);
+    for case in expected["cases"].as_array().unwrap() {
+        let ids = as_u32_vec(&case["input_ids"]);
+        let run = |m: &loraplex::model::LoadedModel| -> Vec<Vec<f32>> {
+            let mut cache = m.model.new_cache();
+            m.model
+                .forward(&mut BatchInput {
+                    seqs: vec![SeqInput::new(&ids, &mut cache)],
+                    logits: LogitsRows::All,
+                })
+                .unwrap()
+                .to_vec2()
+                .unwrap()
+        };
+        for (a, b) in run(&native).iter().zip(&run(&dense)) {
+            worst = worst.max(max_abs_diff(a, b));
+            scale = scale.max(b.iter().fold(0f32, |m, v| m.max(v.abs())));
+            let top = |r: &[f32]| (0..r.len()).max_by(|x, y| r[*x].total_cmp(&r[*y])).unwrap();
+            same += usize::from(top(a) == top(b));
+            total += 1;
+        }
+    }
+    eprintln!("tiny Q4_1 native vs dequantized: max |logit diff| {worst} (logits up to {scale}); top-1 same at {same} of {total}");
+    assert!(worst < 0.05 * scale, "{worst} vs logits up to {scale}");
+    assert!(same * 10 >= total * 9, "{same} of {total}");
+}
+
+#[test]
+fn a_tensor_type_not_served_natively_is_named_with_the_supported_list() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("tiny-q8_1.gguf");
+    write_tiny_gguf_with(&path, "llama", |name| {
+        if name == "blk.0.attn_q.weight" {
+            GgmlDType::Q8_1
+        } else {
+            GgmlDType::F32
+        }
+    });
+    let err = load_model(
+        &ResolvedModel::Gguf {
+            id: "x".into(),
+            path: path.clone(),
+        },
+        &ModelOptions {
+            native_quant: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("blk.0.attn_q.weight")
+            && err.contains("Q8_1")
+            && err.contains("Q4_1")
+            && err.contains("Q6K"),
         "{err}"
     );
 }

@@ -213,7 +213,12 @@ pub fn load(id: &str, path: &Path, opts: &ModelOptions) -> Result<LoadedModel, M
             .map_err(|e| ModelError::Tensor {
                 path: path.to_path_buf(),
                 name: name.clone(),
-                problem: format!("cannot be read: {e}"),
+                problem: format!(
+                    "({:?}) cannot be read: {}; the types served are F32, F16, BF16 and {}",
+                    content.tensor_infos[name].ggml_dtype,
+                    e.to_string().lines().next().unwrap_or_default(),
+                    crate::quant::gguf::supported_names()
+                ),
             })?;
         let heads = if name.ends_with("attn_q.weight") {
             Some(config.num_attention_heads)
