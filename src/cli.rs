@@ -223,6 +223,9 @@ pub struct ModelArgs {
     /// Quantize the base model's projections (`nf4`: 4-bit NormalFloat, double-quantized).
     #[arg(long, value_enum)]
     pub quantize: Option<QuantizeArg>,
+    /// Threads of the one compute pool (kernels, attention, gemm); default: the cores.
+    #[arg(long)]
+    pub threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -316,6 +319,12 @@ impl ModelArgs {
         let nf4 = opts.nf4;
         let loaded = tokio::task::spawn_blocking(move || load_model(&resolved, &opts)).await??;
         let (bytes, bits) = crate::model::projection_footprint(&loaded.model);
+        // Stated once: which kernels this CPU runs (a CPU without AVX2 takes the portable ones).
+        eprintln!(
+            "CPU kernels: {}; {} threads",
+            crate::ops::cpu_features::describe(),
+            rayon::current_num_threads()
+        );
         if nf4 {
             eprintln!(
                 "base projections in NF4: {:.1} MB, {bits:.3} bits per parameter",
@@ -684,6 +693,18 @@ pub async fn run_train(args: TrainArgs) -> Result<()> {
         eprintln!("registered as `{name}` at {url}");
     }
     Ok(())
+}
+
+impl Cli {
+    /// `--threads` of whichever command runs.
+    pub fn threads(&self) -> Option<usize> {
+        match &self.command {
+            Some(Command::Train(a)) => a.model.threads,
+            Some(Command::Generate(a)) => a.model.threads,
+            Some(Command::Merge(a)) => a.model.threads,
+            None => self.serve.model.threads,
+        }
+    }
 }
 
 pub async fn run(cli: Cli) -> Result<()> {

@@ -60,3 +60,16 @@ pub fn f16c() -> bool {
 pub fn on_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     rayon::join(f, || ()).0
 }
+
+/// The kernels this CPU runs, in words (stated once at start-up).
+pub fn describe() -> &'static str {
+    if avx512_vnni() {
+        "AVX-512 VNNI integer kernels, AVX2 + FMA float kernels"
+    } else if f16c() {
+        "AVX2 integer and float kernels"
+    } else if avx2_fma() {
+        "AVX2 + FMA float kernels, portable integer kernels (no F16C)"
+    } else {
+        "portable kernels (no AVX2 + FMA here, or LORAPLEX_NO_SIMD=1): slower"
+    }
+}
