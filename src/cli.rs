@@ -319,8 +319,7 @@ impl ModelArgs {
         let nf4 = opts.nf4;
         let loaded = tokio::task::spawn_blocking(move || load_model(&resolved, &opts)).await??;
         let (bytes, bits) = crate::model::projection_footprint(&loaded.model);
-        // Stated once: which kernels this CPU runs (a CPU without AVX2 takes the portable ones).
-        eprintln!(
+        tracing::info!(
             "CPU kernels: {}; {} threads",
             crate::ops::cpu_features::describe(),
             rayon::current_num_threads()
@@ -525,6 +524,12 @@ pub async fn run_server(args: ServeArgs) -> Result<()> {
     if state.keys.is_none() {
         eprintln!("no --api-keys: the server is open to anyone who can reach {addr}");
     }
+    // Stated once: which kernels this CPU runs (a CPU without AVX2 takes the portable ones).
+    eprintln!(
+        "CPU kernels: {}; {} threads",
+        crate::ops::cpu_features::describe(),
+        rayon::current_num_threads()
+    );
     eprintln!(
         "serving {} on http://{} ({} adapters in {})",
         state.base_id(),

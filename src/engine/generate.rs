@@ -114,7 +114,7 @@ pub fn generate(
             seqs: vec![SeqInput::new(&input, &mut seq.cache).with_adapter(adapter)],
             logits: LogitsRows::Last,
         };
-        let logits = crate::ops::cpu_features::on_pool(|| model.forward(&mut batch))?;
+        let logits = model.forward(&mut batch)?;
         if seq.generated.is_empty() {
             prefill_time = start.elapsed();
         }

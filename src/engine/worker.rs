@@ -121,12 +121,10 @@ pub(crate) fn run(model: Arc<LoadedModel>, rx: Receiver<Submitted>, shared: Arc<
                 seqs,
                 logits: LogitsRows::Last,
             };
-            crate::ops::cpu_features::on_pool(|| {
-                model
-                    .model
-                    .forward(&mut batch)
-                    .and_then(|l| l.to_vec2::<f32>())
-            })
+            model
+                .model
+                .forward(&mut batch)
+                .and_then(|l| l.to_vec2::<f32>())
         };
         let rows = match result {
             Ok(rows) => rows,

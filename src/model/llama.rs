@@ -161,6 +161,11 @@ impl Llama {
     /// Runs one step over the batch; returns f32 logits `[rows, vocab]` for the rows chosen by
     /// `input.logits`.
     pub fn forward(&self, input: &mut BatchInput<'_>) -> Result<Tensor> {
+        crate::ops::cpu_features::on_pool(|| self.forward_here(input))
+    }
+
+    /// `forward` on the calling thread.
+    fn forward_here(&self, input: &mut BatchInput<'_>) -> Result<Tensor> {
         let c = &self.config;
         let mut spans = Vec::with_capacity(input.seqs.len());
         let mut ids = Vec::new();
