@@ -8,6 +8,7 @@
 //! cargo run --release --example step_profile -- f32          # dequantized to f32
 //! cargo run --release --example step_profile -- nf4
 //! cargo run --release --example step_profile -- q4_1 adapters   # 8 distinct rank-16 adapters
+//! cargo run --release --example step_profile -- q4_1 adapters-bf16   # the same, A/B in bf16
 //! ```
 
 use std::time::Instant;
@@ -49,7 +50,9 @@ fn main() {
     loraplex::init_threads();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mode = args.first().map(String::as_str).unwrap_or("q4_1");
-    let with_adapters = args.iter().any(|a| a == "adapters");
+    let with_adapters = args.iter().any(|a| a.starts_with("adapters"));
+    // `adapters-bf16`: A and B kept in bf16 (`--adapter-dtype bf16`).
+    let adapters_bf16 = args.iter().any(|a| a == "adapters-bf16");
     let opts = ModelOptions {
         native_quant: mode != "f32",
         nf4: mode == "nf4",
@@ -65,11 +68,22 @@ fn main() {
         .unwrap();
     let loaded = load_model(&resolved, &opts).unwrap();
     let model = &loaded.model;
-    let adapters: Vec<AdapterWeights> = if with_adapters {
+    let mut adapters: Vec<AdapterWeights> = if with_adapters {
         (0..8).map(|i| random_adapter(model, 16, i)).collect()
     } else {
         Vec::new()
     };
+    if adapters_bf16 {
+        for s in adapters
+            .iter_mut()
+            .flat_map(|a| a.layers.iter_mut())
+            .flatten()
+            .flatten()
+        {
+            s.a_t = s.a_t.to_dtype(candle_core::DType::BF16).unwrap();
+            s.b_t = s.b_t.to_dtype(candle_core::DType::BF16).unwrap();
+        }
+    }
     let ctx: Vec<u32> = (100..132).collect();
     let row_counts = [1usize, 8, 32];
     let steps = 8;

@@ -226,6 +226,18 @@ pub struct ModelArgs {
     /// Threads of the one compute pool (kernels, attention, gemm); default: the cores.
     #[arg(long)]
     pub threads: Option<usize>,
+    /// How adapters' A and B are kept for serving: `auto` as the file has them (16-bit files stay
+    /// 16-bit), or `f32`, `bf16`, `f16` (16 bits halve the bytes each step streams).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub adapter_dtype: AdapterDTypeArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AdapterDTypeArg {
+    Auto,
+    F32,
+    Bf16,
+    F16,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -305,6 +317,20 @@ impl ModelArgs {
         })
     }
 
+    /// How adapters are bound to this model (`--max-lora-rank`, `--adapter-dtype`).
+    pub fn bind_options(&self) -> BindOptions {
+        use crate::adapters::AdapterDType as D;
+        BindOptions {
+            max_rank: self.max_lora_rank,
+            adapter_dtype: match self.adapter_dtype {
+                AdapterDTypeArg::Auto => D::Auto,
+                AdapterDTypeArg::F32 => D::F32,
+                AdapterDTypeArg::Bf16 => D::Bf16,
+                AdapterDTypeArg::F16 => D::F16,
+            },
+        }
+    }
+
     /// Reads the adapter `spec` (a directory, or a name in `--adapters`).
     pub fn peft_adapter(&self, spec: &str) -> Result<PeftAdapter> {
         let dir = locate(spec, &Registry::new(&self.adapters))?;
@@ -376,9 +402,7 @@ pub async fn run_generate(args: GenerateArgs) -> Result<()> {
     let adapter: Option<AdapterWeights> = match &args.adapter {
         Some(spec) => {
             let peft = args.model.peft_adapter(spec)?;
-            let opts = BindOptions {
-                max_rank: args.model.max_lora_rank,
-            };
+            let opts = args.model.bind_options();
             Some(bind(&peft, &loaded.model, &opts)?)
         }
         None => None,
@@ -486,9 +510,7 @@ pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::serve
             max_tokens_cap: args.max_tokens_cap,
             context,
         },
-        bind: BindOptions {
-            max_rank: args.model.max_lora_rank,
-        },
+        bind: args.model.bind_options(),
         sources: SourceConfig::from_env(),
         policy: crate::server::policy::PolicyConfig {
             path_allow: args.adapter_path_allow.clone(),

@@ -23,9 +23,16 @@ fn load_and_bind(dir: &Path, max_rank: usize) -> String {
     let loaded = load_tiny();
     match PeftAdapter::load(dir) {
         Err(e) => e.to_string(),
-        Ok(p) => bind(&p, &loaded.model, &BindOptions { max_rank })
-            .map(|_| String::from("ok"))
-            .unwrap_or_else(|e| e.to_string()),
+        Ok(p) => bind(
+            &p,
+            &loaded.model,
+            &BindOptions {
+                max_rank,
+                ..Default::default()
+            },
+        )
+        .map(|_| String::from("ok"))
+        .unwrap_or_else(|e| e.to_string()),
     }
 }
 

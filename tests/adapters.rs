@@ -227,3 +227,56 @@ fn four_adapters_leased_at_once_with_room_for_two() {
     cache.trim();
     assert_eq!(cache.resident().len(), 2);
 }
+
+/// Adapters kept in 16 bits (`--adapter-dtype bf16|f16`) are read by the serving kernel as
+/// stored: the result equals the same adapter rounded to 16 bits and held in f32, and stays
+/// within the rounding of 16-bit weights of PEFT's f32 logits.
+#[test]
+fn sixteen_bit_adapters_serve_their_rounded_values() {
+    use loraplex::adapters::AdapterDType;
+    let loaded = load_tiny();
+    let expected = read_json(tiny_dir().join("expected_logits.json"));
+    let case = &expected["cases"][0];
+    let ids = as_u32_vec(&case["input_ids"]);
+    for (dtype, candle_dtype, tolerance) in [
+        (AdapterDType::Bf16, candle_core::DType::BF16, 2e-2f32),
+        (AdapterDType::F16, candle_core::DType::F16, 2e-3),
+    ] {
+        for name in ["lora-r8-all", "rslora-r16-pattern"] {
+            let peft = PeftAdapter::load(&adapter_dir(name)).unwrap();
+            let opts = BindOptions {
+                adapter_dtype: dtype,
+                ..Default::default()
+            };
+            let w16 = bind(&peft, &loaded.model, &opts).unwrap();
+            let site = w16.layers[0].iter().flatten().next().unwrap();
+            assert_eq!(site.a_t.dtype(), candle_dtype);
+            assert!(w16.bytes() * 2 <= bound(&loaded, name).bytes() + 64);
+            // The same rounded values held in f32 (the f32 kernel).
+            let mut rounded = w16.clone();
+            for s in rounded.layers.iter_mut().flatten().flatten() {
+                s.a_t = s.a_t.to_dtype(candle_core::DType::F32).unwrap();
+                s.b_t = s.b_t.to_dtype(candle_core::DType::F32).unwrap();
+            }
+            let got = run(&loaded, &[(&ids, Some(&w16))]);
+            let reference = run(&loaded, &[(&ids, Some(&rounded))]);
+            let kernel_err = got
+                .iter()
+                .zip(&reference)
+                .map(|(a, b)| max_abs_diff(a, b))
+                .fold(0f32, f32::max);
+            assert!(
+                kernel_err < 1e-4,
+                "{name} {dtype:?}: kernel vs rounded {kernel_err}"
+            );
+            let want = case["adapters"][name].as_array().unwrap();
+            let peft_err = got
+                .iter()
+                .zip(want)
+                .map(|(g, w)| max_abs_diff(g, &as_f32_vec(w)))
+                .fold(0f32, f32::max);
+            eprintln!("{name} {dtype:?}: vs PEFT f32 {peft_err}");
+            assert!(peft_err < tolerance, "{name} {dtype:?}: vs PEFT {peft_err}");
+        }
+    }
+}

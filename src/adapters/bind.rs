@@ -12,15 +12,45 @@ use super::error::AdapterError;
 use super::peft::{AdapterHeader, ModuleShapes, PeftAdapter};
 use crate::model::{AdapterWeights, Llama, LoraSite, Proj};
 
+/// `--adapter-dtype`: how A and B are kept for serving on a CPU f32 model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AdapterDType {
+    /// As the file has them: 16-bit files stay 16-bit, f32 files stay f32.
+    #[default]
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
 #[derive(Debug, Clone)]
 pub struct BindOptions {
     /// `--max-lora-rank`: adapters of a higher rank are refused.
     pub max_rank: usize,
+    /// `--adapter-dtype`.
+    pub adapter_dtype: AdapterDType,
 }
 
 impl Default for BindOptions {
     fn default() -> Self {
-        Self { max_rank: 256 }
+        Self {
+            max_rank: 256,
+            adapter_dtype: AdapterDType::Auto,
+        }
+    }
+}
+
+/// The element type A and B are kept in: 16 bits (half the bytes streamed per step) where the
+/// file has them so or `--adapter-dtype` asks, on a CPU f32 model whose kernels read them;
+/// else the model's type.
+fn storage_dtype(opts: &BindOptions, file: DType, model: &Llama) -> DType {
+    let cpu_f32 = model.dtype() == DType::F32 && matches!(model.device(), candle_core::Device::Cpu);
+    match (cpu_f32, opts.adapter_dtype) {
+        (false, _) | (true, AdapterDType::F32) => model.dtype(),
+        (true, AdapterDType::Bf16) => DType::BF16,
+        (true, AdapterDType::F16) => DType::F16,
+        (true, AdapterDType::Auto) if matches!(file, DType::BF16 | DType::F16) => file,
+        (true, AdapterDType::Auto) => model.dtype(),
     }
 }
 
@@ -186,10 +216,11 @@ pub fn bind(
             }
         };
         let device = model.device();
+        let keep = storage_dtype(opts, a.dtype(), model);
         layers[layer][proj as usize] = Some(LoraSite {
-            a_t: a.to_dtype(dtype)?.to_device(device)?.t()?.contiguous()?,
+            a_t: a.to_dtype(keep)?.to_device(device)?.t()?.contiguous()?,
             b_t: (b.to_dtype(DType::F32)? * scale)?
-                .to_dtype(dtype)?
+                .to_dtype(keep)?
                 .to_device(device)?
                 .t()?
                 .contiguous()?,

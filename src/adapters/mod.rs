@@ -11,7 +11,7 @@ pub mod merge;
 pub mod peft;
 pub mod registry;
 
-pub use bind::{bind, BindOptions};
+pub use bind::{bind, AdapterDType, BindOptions};
 pub use cache::{AdapterCache, CacheConfig, Lease};
 pub use config::{AdapterConfig, TargetModules};
 pub use error::AdapterError;

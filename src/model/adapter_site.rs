@@ -106,9 +106,11 @@ impl LoraSite {
 
     /// `s·B(A x)` for `x` of shape `[rows, in]`.
     pub fn lora_delta(&self, x: &Tensor) -> Result<Tensor> {
+        // A/B may be kept in 16 bits for serving; the candle path computes in x's type.
+        let (a, b) = (self.a_t.to_dtype(x.dtype())?, self.b_t.to_dtype(x.dtype())?);
         match &self.dropout {
-            Some(d) if d.p > 0.0 => d.apply(x)?.matmul(&self.a_t)?.matmul(&self.b_t),
-            _ => x.matmul(&self.a_t)?.matmul(&self.b_t),
+            Some(d) if d.p > 0.0 => d.apply(x)?.matmul(&a)?.matmul(&b),
+            _ => x.matmul(&a)?.matmul(&b),
         }
     }
 

@@ -23,28 +23,64 @@ pub struct RowSite<'a> {
     pub rows: Vec<usize>,
 }
 
-/// Whether the fast path applies: f32 on CPU, nothing tracking gradients.
+/// Whether the fast path applies: f32 activations on CPU (A and B in f32, bf16 or f16),
+/// nothing tracking gradients.
 pub fn applies(x: &Tensor, sites: &[RowSite<'_>]) -> bool {
-    let ok = |t: &Tensor| {
+    let ok = |t: &Tensor, types: &[DType]| {
         matches!(t.device(), Device::Cpu)
-            && t.dtype() == DType::F32
+            && types.contains(&t.dtype())
             && !t.track_op()
             && t.is_contiguous()
     };
-    ok(x)
-        && sites
-            .iter()
-            .all(|s| ok(s.a_t) && ok(s.b_t) && s.dora_scale.is_none_or(ok))
+    let f32_only = [DType::F32];
+    let weights = [DType::F32, DType::BF16, DType::F16];
+    ok(x, &f32_only)
+        && sites.iter().all(|s| {
+            ok(s.a_t, &weights)
+                && s.b_t.dtype() == s.a_t.dtype()
+                && ok(s.b_t, &weights)
+                && s.dora_scale.is_none_or(|d| ok(d, &f32_only))
+        })
+}
+
+fn offsets(t: &Tensor) -> Result<(usize, usize)> {
+    t.layout()
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("lora_cpu: tensor is not contiguous".into()))
 }
 
 fn slice<'g>(storage: &'g Storage, t: &Tensor) -> Result<&'g [f32]> {
-    let (start, end) = t
-        .layout()
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("lora_cpu: tensor is not contiguous".into()))?;
+    let (start, end) = offsets(t)?;
     match storage {
         Storage::Cpu(CpuStorage::F32(v)) => Ok(&v[start..end]),
         _ => candle_core::bail!("lora_cpu: expected f32 CPU storage"),
+    }
+}
+
+/// A's or B's values as stored.
+enum Elems<'g> {
+    F32(&'g [f32]),
+    Bf16(&'g [half::bf16]),
+    F16(&'g [half::f16]),
+}
+
+impl Elems<'_> {
+    fn of<'g>(storage: &'g Storage, t: &Tensor) -> Result<Elems<'g>> {
+        let (start, end) = offsets(t)?;
+        Ok(match storage {
+            Storage::Cpu(CpuStorage::F32(v)) => Elems::F32(&v[start..end]),
+            Storage::Cpu(CpuStorage::BF16(v)) => Elems::Bf16(&v[start..end]),
+            Storage::Cpu(CpuStorage::F16(v)) => Elems::F16(&v[start..end]),
+            _ => candle_core::bail!("lora_cpu: expected f32, bf16 or f16 CPU storage"),
+        })
+    }
+
+    fn to_f32(&self) -> std::borrow::Cow<'_, [f32]> {
+        match self {
+            Elems::F32(v) => std::borrow::Cow::Borrowed(v),
+            Elems::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
+            Elems::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
+        }
     }
 }
 
@@ -61,10 +97,23 @@ fn site_delta(
     let r = site.a_t.dim(1)?;
     let (ag, _) = site.a_t.storage_and_layout();
     let (bg, _) = site.b_t.storage_and_layout();
-    let (a, b) = (slice(&ag, site.a_t)?, slice(&bg, site.b_t)?);
+    let (ae, be) = (Elems::of(&ag, site.a_t)?, Elems::of(&bg, site.b_t)?);
     if lora_avx2::supports(r) {
-        return Ok(lora_avx2::rows_delta(xv, inp, rows, a, b, r, out));
+        match (&ae, &be) {
+            (Elems::F32(a), Elems::F32(b)) => {
+                return Ok(lora_avx2::rows_delta(xv, inp, rows, a, b, r, out))
+            }
+            (Elems::Bf16(a), Elems::Bf16(b)) => {
+                return Ok(lora_avx2::rows_delta(xv, inp, rows, a, b, r, out))
+            }
+            (Elems::F16(a), Elems::F16(b)) => {
+                return Ok(lora_avx2::rows_delta(xv, inp, rows, a, b, r, out))
+            }
+            _ => {}
+        }
     }
+    let (a, b) = (ae.to_f32(), be.to_f32());
+    let (a, b): (&[f32], &[f32]) = (&a, &b);
     let first = rows[0];
     let gathered: Vec<f32>;
     let xg: &[f32] = if rows.windows(2).all(|w| w[1] == w[0] + 1) {
