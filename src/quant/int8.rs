@@ -134,7 +134,7 @@ pub fn matmul_tiles<T: Sync>(
     let kb = cols / QK;
     let row_tiles = rows.div_ceil(TILE);
     // Enough tiles per task that a task outweighs its hand-off.
-    let per_task = ((1 << 20) / (kb * QK * TILE * n.max(1))).clamp(1, row_tiles.max(1));
+    let per_task = ((1 << 18) / (kb * QK * TILE * n.max(1))).clamp(1, row_tiles.max(1));
     let chunks: Vec<(usize, Vec<f32>)> = (0..row_tiles)
         .step_by(per_task)
         .collect::<Vec<_>>()
