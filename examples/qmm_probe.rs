@@ -67,7 +67,12 @@ fn main() {
             let ti = time(
                 || {
                     for q in &ours {
-                        q.matmul_t_int(&xv, m);
+                        loraplex::quant::int8::matmul_t_int(
+                            q,
+                            &xv,
+                            m,
+                            loraplex::quant::int8::Kernel::detect(),
+                        );
                     }
                 },
                 n,

@@ -110,6 +110,45 @@ impl Kernel {
     }
 }
 
+/// A weight format repacked into row tiles, with one kernel per instruction set.
+pub trait TileWeight: Sync {
+    type Tile: Sync;
+    fn dims(&self) -> (usize, usize);
+    fn tiles(&self) -> &[Self::Tile];
+    /// Rows `ids` as f32, `[ids.len(), cols]`.
+    fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32>;
+    /// Accumulates activation rows `i..i + rows` (≤ 4) against one row tile with `kernel`.
+    fn run(
+        kernel: Kernel,
+        tiles: &[Self::Tile],
+        act: &Activations,
+        i: usize,
+        rows: usize,
+        acc: &mut [[f32; TILE]; 4],
+    );
+}
+
+/// `x · Wᵀ` for `x` of `[n, cols]` → `[n, rows]`: the integer kernels, or for large batches
+/// dequantized tiles and gemm.
+pub fn matmul_t<W: TileWeight>(w: &W, x: &[f32], n: usize) -> Vec<f32> {
+    let (rows, cols) = w.dims();
+    if n >= DENSE_FROM_ROWS {
+        return matmul_dense_tiles(rows, cols, x, n, |start, count| {
+            w.dequantize_rows(&(start as u32..(start + count) as u32).collect::<Vec<_>>())
+        });
+    }
+    matmul_t_int(w, x, n, Kernel::detect())
+}
+
+/// The integer path at any batch size, with a given kernel (tests and benchmarks compare them).
+pub fn matmul_t_int<W: TileWeight>(w: &W, x: &[f32], n: usize, kernel: Kernel) -> Vec<f32> {
+    let (rows, cols) = w.dims();
+    let act = Activations::quantize(x, n, cols);
+    matmul_tiles(w.tiles(), rows, cols, &act, |tiles, act, i, k, acc| {
+        W::run(kernel, tiles, act, i, k, acc)
+    })
+}
+
 /// Four bytes of `x` from `at` as one little-endian `i32` (to broadcast to every lane).
 #[inline]
 pub fn broadcast4(x: &[i8], at: usize) -> i32 {
@@ -218,4 +257,68 @@ pub fn matmul_dense_tiles(
         }
     }
     y
+}
+
+/// Checks shared by the kernels' tests: against the exact product of the dequantized weight
+/// within the activations' rounding bound, and every SIMD kernel against the portable one.
+#[cfg(test)]
+pub(crate) mod checks {
+    use super::*;
+
+    pub fn activations(n: usize, cols: usize) -> Vec<f32> {
+        (0..n * cols)
+            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0)
+            .collect()
+    }
+
+    /// `|y - x·Wᵀ| <= Σ_blocks xd/2 · Σ|w|` (plus float rounding) at 1, 3, 8, 9 and 32 rows.
+    pub fn within_rounding_bound<W: TileWeight>(w: &W) {
+        let (rows, cols) = w.dims();
+        let dense = w.dequantize_rows(&(0..rows as u32).collect::<Vec<_>>());
+        for n in [1, 3, 8, 9, 32] {
+            let x = activations(n, cols);
+            let act = Activations::quantize(&x, n, cols);
+            let y = matmul_t(w, &x, n);
+            for i in 0..n {
+                for r in 0..rows {
+                    let wr = &dense[r * cols..(r + 1) * cols];
+                    let xr = &x[i * cols..(i + 1) * cols];
+                    let exact: f64 = wr.iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum();
+                    let bound: f64 = (0..cols / QK)
+                        .map(|b| {
+                            act.scale(i, b).0 as f64 / 2.0
+                                * wr[b * QK..(b + 1) * QK]
+                                    .iter()
+                                    .map(|v| v.abs() as f64)
+                                    .sum::<f64>()
+                        })
+                        .sum();
+                    let err = (y[i * rows + r] as f64 - exact).abs();
+                    assert!(
+                        err <= bound + 1e-4 * (1.0 + exact.abs()),
+                        "{rows}x{cols} n={n} [{i},{r}]: {} vs {exact} (bound {bound})",
+                        y[i * rows + r]
+                    );
+                }
+            }
+        }
+    }
+
+    /// Every kernel this CPU runs gives the portable kernel's results.
+    pub fn simd_matches_portable<W: TileWeight>(w: &W) {
+        let cols = w.dims().1;
+        for n in [1, 3, 8, 9] {
+            let x = activations(n, cols);
+            let reference = matmul_t_int(w, &x, n, Kernel::Portable);
+            for k in Kernel::available() {
+                let y = matmul_t_int(w, &x, n, k);
+                for (a, b) in y.iter().zip(&reference) {
+                    assert!(
+                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                        "{k:?} n={n}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
 }

@@ -20,16 +20,14 @@
 use half::f16;
 
 pub use super::int8::QK;
-use super::int8::{
-    broadcast4, matmul_dense_tiles, matmul_tiles, Activations, Kernel, DENSE_FROM_ROWS, TILE,
-};
+use super::int8::{self, broadcast4, Activations, Kernel, TileWeight, TILE};
 /// Bytes of one GGUF Q4_1 block.
 pub const BLOCK_BYTES: usize = 20;
 
 /// One block of 32 values for 16 output rows.
 #[repr(C, align(64))]
 #[derive(Clone, Copy)]
-struct Tile {
+pub struct Tile {
     /// `[group of 8 values (4)][row (16)][4 bytes]`, byte j = q[8g+j] | q[8g+j+4] << 4.
     qs: [u8; 256],
     d: [u16; TILE],
@@ -141,37 +139,41 @@ impl Q41Weight {
 
     /// `x · Wᵀ` for `x` of `[n, cols]` (row-major) → `[n, rows]`.
     pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
-        if n >= DENSE_FROM_ROWS {
-            return matmul_dense_tiles(self.rows, self.cols, x, n, |start, count| {
-                self.dequantize_rows(&(start as u32..(start + count) as u32).collect::<Vec<_>>())
-            });
+        int8::matmul_t(self, x, n)
+    }
+}
+
+impl TileWeight for Q41Weight {
+    type Tile = Tile;
+
+    fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    fn tiles(&self) -> &[Tile] {
+        &self.tiles
+    }
+
+    fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32> {
+        Q41Weight::dequantize_rows(self, ids)
+    }
+
+    fn run(
+        kernel: Kernel,
+        tiles: &[Tile],
+        act: &Activations,
+        i: usize,
+        rows: usize,
+        acc: &mut [[f32; TILE]; 4],
+    ) {
+        match kernel {
+            Kernel::Portable => portable(tiles, act, i, rows, acc),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: chosen only where the CPU reports the features.
+            Kernel::Avx2 => unsafe { avx2(tiles, act, i, rows, acc) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { avx512(tiles, act, i, rows, acc) },
         }
-        self.matmul_t_int(x, n)
-    }
-
-    /// The integer path at any batch size (benchmarks compare the two paths).
-    pub fn matmul_t_int(&self, x: &[f32], n: usize) -> Vec<f32> {
-        self.matmul_t_with(x, n, Kernel::detect())
-    }
-
-    fn matmul_t_with(&self, x: &[f32], n: usize, kernel: Kernel) -> Vec<f32> {
-        let act = Activations::quantize(x, n, self.cols);
-        matmul_tiles(
-            &self.tiles,
-            self.rows,
-            self.cols,
-            &act,
-            |tiles, act, i, rows, acc| {
-                match kernel {
-                    Kernel::Portable => portable(tiles, act, i, rows, acc),
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: chosen only where the CPU reports the features.
-                    Kernel::Avx2 => unsafe { avx2(tiles, act, i, rows, acc) },
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx512Vnni => unsafe { avx512(tiles, act, i, rows, acc) },
-                }
-            },
-        )
     }
 }
 
@@ -294,6 +296,7 @@ unsafe fn avx2(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::int8::checks;
 
     /// GGUF Q4_1 bytes of `rows × cols` pseudo-random blocks.
     pub(crate) fn random_q4_1(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
@@ -319,70 +322,21 @@ mod tests {
         out
     }
 
-    fn activations(n: usize, cols: usize) -> Vec<f32> {
-        (0..n * cols)
-            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0)
-            .collect()
-    }
-
     #[test]
     fn matches_dequantized_matmul_within_the_activation_rounding_bound() {
         for (rows, cols) in [(16, 32), (37, 64), (100, 96), (576, 1536), (48, 576)] {
             let w =
                 Q41Weight::from_gguf(&random_q4_1(rows, cols, rows as u64), rows, cols).unwrap();
-            let dense = w.dequantize();
-            for n in [1, 3, 8, 9, 32] {
-                let x = activations(n, cols);
-                let act = Activations::quantize(&x, n, cols);
-                let y = w.matmul_t(&x, n);
-                for i in 0..n {
-                    for r in 0..rows {
-                        let wr = &dense[r * cols..(r + 1) * cols];
-                        let xr = &x[i * cols..(i + 1) * cols];
-                        let exact: f64 =
-                            wr.iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum();
-                        // The activations' rounding: at most xd/2 per value, per block.
-                        let bound: f64 = (0..cols / QK)
-                            .map(|b| {
-                                let (xd, _) = act.scale(i, b);
-                                xd as f64 / 2.0
-                                    * wr[b * QK..(b + 1) * QK]
-                                        .iter()
-                                        .map(|v| v.abs() as f64)
-                                        .sum::<f64>()
-                            })
-                            .sum();
-                        let err = (y[i * rows + r] as f64 - exact).abs();
-                        assert!(
-                            err <= bound + 1e-4 * (1.0 + exact.abs()),
-                            "{rows}x{cols} n={n} [{i},{r}]: {} vs {exact} (bound {bound})",
-                            y[i * rows + r]
-                        );
-                    }
-                }
-            }
+            checks::within_rounding_bound(&w);
         }
     }
 
     #[test]
     fn simd_and_portable_paths_agree() {
         let (rows, cols) = (45, 320);
-        let w = Q41Weight::from_gguf(&random_q4_1(rows, cols, 3), rows, cols).unwrap();
-        let kernels = Kernel::available();
-        for n in [1, 3, 8, 9] {
-            let x = activations(n, cols);
-            let reference = w.matmul_t_with(&x, n, Kernel::Portable);
-            for &k in &kernels[1..] {
-                let y = w.matmul_t_with(&x, n, k);
-                for (a, b) in y.iter().zip(&reference) {
-                    assert!(
-                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
-                        "{k:?} n={n}: {a} vs {b}"
-                    );
-                }
-            }
-        }
-        eprintln!("compared {kernels:?}");
+        checks::simd_matches_portable(
+            &Q41Weight::from_gguf(&random_q4_1(rows, cols, 3), rows, cols).unwrap(),
+        );
     }
 
     #[test]

@@ -10,16 +10,14 @@
 
 use half::f16;
 
-use super::int8::{
-    broadcast4, matmul_dense_tiles, matmul_tiles, Activations, Kernel, DENSE_FROM_ROWS, QK, TILE,
-};
+use super::int8::{self, broadcast4, Activations, Kernel, TileWeight, QK, TILE};
 
 /// Bytes of one GGUF Q8_0 block.
 pub const BLOCK_BYTES: usize = 34;
 
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct Tile {
+pub struct Tile {
     qs: [i8; 512],
     d: [u16; TILE],
 }
@@ -110,32 +108,41 @@ impl Q80Weight {
 
     /// `x · Wᵀ` for `x` of `[n, cols]` (row-major) → `[n, rows]`.
     pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
-        if n >= DENSE_FROM_ROWS {
-            return matmul_dense_tiles(self.rows, self.cols, x, n, |start, count| {
-                self.dequantize_rows(&(start as u32..(start + count) as u32).collect::<Vec<_>>())
-            });
-        }
-        self.matmul_t_with(x, n, Kernel::detect())
+        int8::matmul_t(self, x, n)
+    }
+}
+
+impl TileWeight for Q80Weight {
+    type Tile = Tile;
+
+    fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
     }
 
-    fn matmul_t_with(&self, x: &[f32], n: usize, kernel: Kernel) -> Vec<f32> {
-        let act = Activations::quantize(x, n, self.cols);
-        matmul_tiles(
-            &self.tiles,
-            self.rows,
-            self.cols,
-            &act,
-            |tiles, act, i, rows, acc| {
-                match kernel {
-                    Kernel::Portable => portable(tiles, act, i, rows, acc),
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: chosen only where the CPU reports the features.
-                    Kernel::Avx2 => unsafe { avx2(tiles, act, i, rows, acc) },
-                    #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx512Vnni => unsafe { avx512(tiles, act, i, rows, acc) },
-                }
-            },
-        )
+    fn tiles(&self) -> &[Tile] {
+        &self.tiles
+    }
+
+    fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32> {
+        Q80Weight::dequantize_rows(self, ids)
+    }
+
+    fn run(
+        kernel: Kernel,
+        tiles: &[Tile],
+        act: &Activations,
+        i: usize,
+        rows: usize,
+        acc: &mut [[f32; TILE]; 4],
+    ) {
+        match kernel {
+            Kernel::Portable => portable(tiles, act, i, rows, acc),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: chosen only where the CPU reports the features.
+            Kernel::Avx2 => unsafe { avx2(tiles, act, i, rows, acc) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { avx512(tiles, act, i, rows, acc) },
+        }
     }
 }
 
@@ -248,6 +255,7 @@ unsafe fn avx2(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::int8::checks;
 
     fn random_q8_0(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
         let mut state = seed.wrapping_add(99);
@@ -273,65 +281,20 @@ mod tests {
         out
     }
 
-    fn activations(n: usize, cols: usize) -> Vec<f32> {
-        (0..n * cols)
-            .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0)
-            .collect()
-    }
-
     #[test]
     fn matches_dequantized_matmul_within_the_activation_rounding_bound() {
         for (rows, cols) in [(16, 32), (37, 64), (100, 96), (49, 576)] {
             let w =
                 Q80Weight::from_gguf(&random_q8_0(rows, cols, rows as u64), rows, cols).unwrap();
-            let dense = w.dequantize();
-            for n in [1, 3, 8, 9, 32] {
-                let x = activations(n, cols);
-                let act = Activations::quantize(&x, n, cols);
-                let y = w.matmul_t(&x, n);
-                for i in 0..n {
-                    for r in 0..rows {
-                        let wr = &dense[r * cols..(r + 1) * cols];
-                        let xr = &x[i * cols..(i + 1) * cols];
-                        let exact: f64 =
-                            wr.iter().zip(xr).map(|(a, b)| *a as f64 * *b as f64).sum();
-                        let bound: f64 = (0..cols / QK)
-                            .map(|b| {
-                                act.scale(i, b).0 as f64 / 2.0
-                                    * wr[b * QK..(b + 1) * QK]
-                                        .iter()
-                                        .map(|v| v.abs() as f64)
-                                        .sum::<f64>()
-                            })
-                            .sum();
-                        let err = (y[i * rows + r] as f64 - exact).abs();
-                        assert!(
-                            err <= bound + 1e-4 * (1.0 + exact.abs()),
-                            "{rows}x{cols} n={n} [{i},{r}]: {} vs {exact} (bound {bound})",
-                            y[i * rows + r]
-                        );
-                    }
-                }
-            }
+            checks::within_rounding_bound(&w);
         }
     }
 
     #[test]
     fn simd_and_portable_paths_agree() {
         let (rows, cols) = (45, 320);
-        let w = Q80Weight::from_gguf(&random_q8_0(rows, cols, 5), rows, cols).unwrap();
-        for n in [1, 3, 8, 9] {
-            let x = activations(n, cols);
-            let reference = w.matmul_t_with(&x, n, Kernel::Portable);
-            for k in Kernel::available() {
-                let y = w.matmul_t_with(&x, n, k);
-                for (a, b) in y.iter().zip(&reference) {
-                    assert!(
-                        (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
-                        "{k:?} n={n}: {a} vs {b}"
-                    );
-                }
-            }
-        }
+        checks::simd_matches_portable(
+            &Q80Weight::from_gguf(&random_q8_0(rows, cols, 5), rows, cols).unwrap(),
+        );
     }
 }
