@@ -299,8 +299,12 @@ pub struct GenerateArgs {
 
 impl ModelArgs {
     fn options(&self) -> Result<ModelOptions> {
+        // On CPU, `bf16` means bf16 weights with f32 activations (the bf16 kernels); elsewhere
+        // candle runs the whole model in bf16.
+        let bf16_weights = self.dtype == DTypeArg::Bf16 && self.device == DeviceArg::Cpu;
         let dtype = match self.dtype {
             DTypeArg::Auto | DTypeArg::F32 => DType::F32,
+            DTypeArg::Bf16 if bf16_weights => DType::F32,
             DTypeArg::Bf16 => DType::BF16,
             DTypeArg::F16 => DType::F16,
         };
@@ -313,7 +317,9 @@ impl ModelArgs {
             dtype,
             device,
             nf4: self.quantize == Some(QuantizeArg::Nf4),
-            native_quant: self.dtype == DTypeArg::Auto,
+            bf16_weights,
+            // A GGUF read as stored, then each weight widened to bf16 in turn: no f32 model.
+            native_quant: self.dtype == DTypeArg::Auto || bf16_weights,
         })
     }
 

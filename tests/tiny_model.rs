@@ -165,3 +165,50 @@ fn gradients_flow_through_the_model_to_a_trainable_input() {
         .unwrap();
     assert!(norm > 0.0);
 }
+
+/// `--dtype bf16` on CPU: projections and lm_head in bf16 (f32 activations, bf16 dot products),
+/// against the f32 reference logits: within bf16's rounding, same top-1 token everywhere.
+#[test]
+fn bf16_weights_stay_close_to_f32() {
+    let resolved = loraplex::model::source::ResolvedModel::HfDir {
+        id: "tiny-llama".into(),
+        path: tiny_dir(),
+    };
+    let m = loraplex::model::load_model(
+        &resolved,
+        &loraplex::model::ModelOptions {
+            bf16_weights: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(matches!(
+        m.model.linear(0, loraplex::model::Proj::Up).unwrap().base(),
+        loraplex::model::BaseWeight::Bf16(_)
+    ));
+    let expected = read_json(tiny_dir().join("expected_logits.json"));
+    let (mut worst, mut same, mut total) = (0f32, 0, 0);
+    for case in expected["cases"].as_array().unwrap() {
+        let ids = as_u32_vec(&case["input_ids"]);
+        let mut cache = m.model.new_cache();
+        let got: Vec<Vec<f32>> = m
+            .model
+            .forward(&mut loraplex::model::BatchInput {
+                seqs: vec![loraplex::model::llama::SeqInput::new(&ids, &mut cache)],
+                logits: loraplex::model::LogitsRows::All,
+            })
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        for (g, w) in got.iter().zip(case["base_logits"].as_array().unwrap()) {
+            let w = as_f32_vec(w);
+            worst = worst.max(max_abs_diff(g, &w));
+            let top = |r: &[f32]| (0..r.len()).max_by(|a, b| r[*a].total_cmp(&r[*b])).unwrap();
+            same += usize::from(top(g) == top(&w));
+            total += 1;
+        }
+    }
+    eprintln!("tiny bf16 weights vs transformers f32: max |logit diff| {worst}, top-1 same at {same} of {total}");
+    assert!(worst < 0.05, "{worst}");
+    assert_eq!(same, total);
+}

@@ -9,6 +9,7 @@ use candle_core::{DType, Result, Tensor};
 
 use super::adapter_site::{LoraSite, Rows};
 use crate::ops::lora_cpu::{self, RowSite};
+use crate::quant::bf16::Bf16Weight;
 use crate::quant::gguf::QuantLinear;
 use crate::quant::nf4_matmul::Nf4Linear;
 
@@ -21,6 +22,8 @@ pub enum BaseWeight {
     Nf4(Nf4Linear),
     /// A GGUF quantized tensor as stored, integer dot products against 8-bit activations.
     Quant(QuantLinear),
+    /// bf16 weights, f32 activations and accumulation (`--dtype bf16` on CPU).
+    Bf16(std::sync::Arc<Bf16Weight>),
 }
 
 impl BaseWeight {
@@ -29,13 +32,14 @@ impl BaseWeight {
             Self::Dense(w) => w.dims2(),
             Self::Nf4(q) => Ok(q.dims()),
             Self::Quant(q) => Ok(q.dims()),
+            Self::Bf16(w) => Ok(w.dims()),
         }
     }
 
     pub fn dtype(&self) -> DType {
         match self {
             Self::Dense(w) => w.dtype(),
-            Self::Nf4(_) | Self::Quant(_) => DType::F32,
+            Self::Nf4(_) | Self::Quant(_) | Self::Bf16(_) => DType::F32,
         }
     }
 
@@ -45,6 +49,7 @@ impl BaseWeight {
             Self::Dense(w) => Ok(w.clone()),
             Self::Nf4(q) => Tensor::from_vec(q.dequantize(), q.dims(), &candle_core::Device::Cpu),
             Self::Quant(q) => q.dequantize(),
+            Self::Bf16(w) => Tensor::from_vec(w.dequantize(), w.dims(), &candle_core::Device::Cpu),
         }
     }
 
@@ -54,6 +59,7 @@ impl BaseWeight {
             Self::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
             Self::Nf4(q) => q.weight.bytes(),
             Self::Quant(q) => q.bytes(),
+            Self::Bf16(w) => w.bytes(),
         }
     }
 
@@ -68,6 +74,14 @@ impl BaseWeight {
             Self::Dense(w) => w.matmul(&x.t()?)?.t()?.contiguous(),
             Self::Nf4(q) => q.matmul_t(x),
             Self::Quant(q) => q.matmul_t(x),
+            Self::Bf16(w) => {
+                if x.track_op() {
+                    candle_core::bail!("a bf16 base has no backward; train with `--dtype f32`");
+                }
+                let n = x.dim(0)?;
+                let xs: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+                Tensor::from_vec(w.matmul_t(&xs, n), (n, w.dims().0), x.device())
+            }
         }
     }
 }

@@ -23,6 +23,9 @@ pub struct ModelOptions {
     pub dtype: DType,
     pub device: Device,
     pub nf4: bool,
+    /// Projections and lm_head in bf16 with f32 activations (`--dtype bf16` on CPU): the model
+    /// loads in f32 and each weight is rounded in turn.
+    pub bf16_weights: bool,
     /// GGUF quantized tensors stay in their quantization and are served as stored (the CLI's
     /// default, `--dtype auto`); off, they are dequantized to `dtype` (exact reference work).
     pub native_quant: bool,
@@ -34,6 +37,7 @@ impl Default for ModelOptions {
             dtype: DType::F32,
             device: Device::Cpu,
             nf4: false,
+            bf16_weights: false,
             native_quant: false,
         }
     }
@@ -56,6 +60,26 @@ pub fn quantize_nf4(model: &mut Llama) -> Result<(), ModelError> {
 }
 
 /// Bytes and bits per parameter of the seven projections of every layer.
+/// Rounds every projection and the lm_head to bf16 weights (f32 activations), one at a time.
+pub fn to_bf16_weights(model: &mut Llama) -> Result<(), ModelError> {
+    use crate::model::Proj;
+    let convert = |linear: &mut Linear| -> Result<(), ModelError> {
+        let w = linear.base().dense()?.to_dtype(DType::F32)?;
+        let (rows, cols) = w.dims2()?;
+        let values: Vec<f32> = w.flatten_all()?.to_vec1()?;
+        linear.set_base(BaseWeight::Bf16(std::sync::Arc::new(
+            crate::quant::bf16::Bf16Weight::from_f32(&values, rows, cols),
+        )));
+        Ok(())
+    };
+    for layer in 0..model.layers.len() {
+        for proj in Proj::ALL {
+            convert(model.linear_mut(layer, proj).expect("layer exists"))?;
+        }
+    }
+    convert(&mut model.lm_head)
+}
+
 pub fn projection_footprint(model: &Llama) -> (usize, f64) {
     use crate::model::Proj;
     let (mut bytes, mut params) = (0usize, 0usize);
@@ -292,6 +316,8 @@ pub fn load_model(
             ));
         }
         quantize_nf4(&mut loaded.model)?;
+    } else if opts.bf16_weights {
+        to_bf16_weights(&mut loaded.model)?;
     }
     Ok(loaded)
 }

@@ -22,5 +22,7 @@ pub use error::ModelError;
 pub use kv_cache::KvCache;
 pub use linear::{BaseWeight, Linear};
 pub use llama::{BatchInput, Llama, LogitsRows};
-pub use loaded::{load_model, projection_footprint, quantize_nf4, LoadedModel, ModelOptions};
+pub use loaded::{
+    load_model, projection_footprint, quantize_nf4, to_bf16_weights, LoadedModel, ModelOptions,
+};
 pub use source::{ModelSource, DEFAULT_MODEL_ID};

@@ -73,3 +73,21 @@ pub fn describe() -> &'static str {
         "portable kernels (no AVX2 + FMA here, or LORAPLEX_NO_SIMD=1): slower"
     }
 }
+
+/// Whether the AVX-512 BF16 dot products (`vdpbf16ps`) run here.
+pub fn avx512_bf16() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        if !avx2_fma() {
+            return false;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}

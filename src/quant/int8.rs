@@ -144,7 +144,7 @@ pub fn matmul_t<W: TileWeight>(w: &W, x: &[f32], n: usize) -> Vec<f32> {
 pub fn matmul_t_int<W: TileWeight>(w: &W, x: &[f32], n: usize, kernel: Kernel) -> Vec<f32> {
     let (rows, cols) = w.dims();
     let act = Activations::quantize(x, n, cols);
-    matmul_tiles(w.tiles(), rows, cols, &act, |tiles, act, i, k, acc| {
+    matmul_tiles(w.tiles(), rows, cols, n, &act, |tiles, act, i, k, acc| {
         W::run(kernel, tiles, act, i, k, acc)
     })
 }
@@ -160,17 +160,18 @@ pub fn broadcast4(x: &[i8], at: usize) -> i32 {
     ])
 }
 
-/// `x · Wᵀ` over `tiles` (`[row tile][block]`) of a `[rows, cols]` weight: `run(tiles of one
-/// row tile, act, i, n, acc)` accumulates activation rows `i..i + n` (n ≤ 4) into `acc`.
-pub fn matmul_tiles<T: Sync>(
+/// `x · Wᵀ` over `tiles` (`[row tile][block of 32 columns]`) of a `[rows, cols]` weight, for `n`
+/// activation rows held in `act` (in whatever form the kernel reads): `run(tiles of one row
+/// tile, act, i, k, acc)` accumulates activation rows `i..i + k` (k ≤ 4) into `acc`.
+pub fn matmul_tiles<T: Sync, A: Sync>(
     tiles: &[T],
     rows: usize,
     cols: usize,
-    act: &Activations,
-    run: impl Fn(&[T], &Activations, usize, usize, &mut [[f32; TILE]; 4]) + Sync,
+    n: usize,
+    act: &A,
+    run: impl Fn(&[T], &A, usize, usize, &mut [[f32; TILE]; 4]) + Sync,
 ) -> Vec<f32> {
-    let n = act.q.len() / cols.max(1);
-    let kb = cols / QK;
+    let kb = cols.div_ceil(QK);
     let row_tiles = rows.div_ceil(TILE);
     // Enough tiles per task that a task outweighs its hand-off.
     let per_task = ((1 << 18) / (kb * QK * TILE * n.max(1))).clamp(1, row_tiles.max(1));
