@@ -33,10 +33,15 @@ impl SamplingParams {
         }
     }
 
+    /// Temperatures below `GREEDY_BELOW` are greedy: dividing by them only turns rounding noise
+    /// into certainty (and `1e-38` used to overflow into NaN probabilities).
     pub fn is_greedy(&self) -> bool {
-        self.temperature <= 0.0 || self.top_k == 1
+        self.temperature < GREEDY_BELOW || self.top_k == 1
     }
 }
+
+/// See `SamplingParams::is_greedy`.
+pub const GREEDY_BELOW: f32 = 1e-5;
 
 pub struct Sampler {
     params: SamplingParams,
@@ -68,11 +73,17 @@ impl Sampler {
             return argmax(logits);
         }
         let t = self.params.temperature;
+        // Scaled relative to the largest logit: (v − max) / t ≤ 0 never overflows.
+        let top = logits
+            .iter()
+            .copied()
+            .filter(|v| v.is_finite())
+            .fold(f32::NEG_INFINITY, f32::max);
         let mut cand: Vec<(u32, f32)> = logits
             .iter()
             .enumerate()
             .filter(|(_, v)| v.is_finite())
-            .map(|(i, &v)| (i as u32, v / t))
+            .map(|(i, &v)| (i as u32, (v - top) / t))
             .collect();
         if cand.is_empty() {
             return argmax(logits);
@@ -114,6 +125,31 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tiny_temperatures_are_greedy_and_huge_logits_do_not_overflow() {
+        let logits = [0.1, 30.0, 29.0, -5.0];
+        for t in [1e-38f32, 1e-20, 1e-6] {
+            let mut s = Sampler::new(SamplingParams {
+                temperature: t,
+                seed: Some(3),
+                ..SamplingParams::default()
+            });
+            for _ in 0..50 {
+                assert_eq!(s.sample(&logits), 1, "temperature {t}");
+            }
+        }
+        // Above the greedy cut, logits whose quotient by t would overflow f32.
+        let big = [1e35f32, 3e35, 2e35];
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 1e-4,
+            seed: Some(3),
+            ..SamplingParams::default()
+        });
+        for _ in 0..50 {
+            assert_eq!(s.sample(&big), 1);
+        }
+    }
 
     #[test]
     fn greedy_takes_first_maximum() {
