@@ -67,10 +67,118 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// Query rows × keys at or below which one task per sequence computes attention row by row
+/// (decode steps, short prompts); above, tiles with an online softmax.
+const ROW_BY_ROW_UP_TO: usize = 64 * 256;
+/// Query rows and keys per tile of the tiled path.
+const Q_TILE: usize = 64;
+const K_TILE: usize = 256;
+
 /// Causal attention on host data for one sequence: `q` `[len, heads · head_dim]` (positions
 /// `total - len .. total`), `k`, `v` `[total, kv_heads · head_dim]`; writes `[len, heads ·
-/// head_dim]` into `out`. The serving path on CPU: no tensor ops, no copies of the cache.
+/// head_dim]` into `out`. The serving path on CPU: no tensor ops, no copies of the cache. Long
+/// prompts go by tiles (`Q_TILE` queries × `K_TILE` keys through gemm, online softmax), so memory
+/// is bounded by a tile, not by `len × total`, and tiles of different heads run in parallel.
 pub fn causal_attention_host(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    out: &mut [f32],
+) {
+    let len = q.len() / (heads * head_dim);
+    let total = k.len() / (kv_heads * head_dim);
+    if len * total <= ROW_BY_ROW_UP_TO {
+        row_by_row(q, k, v, heads, kv_heads, head_dim, out);
+    } else {
+        tiled(q, k, v, heads, kv_heads, head_dim, out);
+    }
+}
+
+fn tiled(q: &[f32], k: &[f32], v: &[f32], heads: usize, kv_heads: usize, hd: usize, out: &mut [f32]) {
+    use super::gemm::{gemm_f32, Mat};
+    use rayon::prelude::*;
+    let (width, kv_width) = (heads * hd, kv_heads * hd);
+    let len = q.len() / width;
+    let total = k.len() / kv_width;
+    let offset = total - len;
+    let group = heads / kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let tasks: Vec<(usize, usize)> = (0..heads)
+        .flat_map(|h| (0..len).step_by(Q_TILE).map(move |i0| (h, i0)))
+        .collect();
+    let results: Vec<(usize, usize, Vec<f32>)> = tasks
+        .into_par_iter()
+        .map(|(h, i0)| {
+            let g = h / group;
+            let qt = Q_TILE.min(len - i0);
+            let mut m = vec![f32::NEG_INFINITY; qt];
+            let mut l = vec![0f32; qt];
+            let mut o = vec![0f32; qt * hd];
+            let mut s = vec![0f32; qt * K_TILE];
+            let last = offset + i0 + qt - 1; // the last position this tile's queries see
+            for j0 in (0..=last).step_by(K_TILE) {
+                let kt = K_TILE.min(last + 1 - j0);
+                // s[qt, kt] = Q[qt, hd] · K[kt, hd]ᵀ
+                gemm_f32(
+                    (qt, kt, hd),
+                    &mut s,
+                    kt,
+                    false,
+                    Mat::rows(&q[i0 * width + h * hd..], width),
+                    Mat {
+                        data: &k[j0 * kv_width + g * hd..],
+                        rs: 1,
+                        cs: kv_width,
+                    },
+                    gemm::Parallelism::None,
+                );
+                for a in 0..qt {
+                    let row = &mut s[a * kt..(a + 1) * kt];
+                    let pos = offset + i0 + a;
+                    let mut max = m[a];
+                    for (b, x) in row.iter_mut().enumerate() {
+                        *x = if j0 + b <= pos { *x * scale } else { f32::NEG_INFINITY };
+                        max = max.max(*x);
+                    }
+                    let factor = (m[a] - max).exp();
+                    let mut sum = 0f32;
+                    for x in row.iter_mut() {
+                        *x = (*x - max).exp();
+                        sum += *x;
+                    }
+                    l[a] = l[a] * factor + sum;
+                    m[a] = max;
+                    o[a * hd..(a + 1) * hd].iter_mut().for_each(|y| *y *= factor);
+                }
+                // o[qt, hd] += P[qt, kt] · V[kt, hd]
+                gemm_f32(
+                    (qt, hd, kt),
+                    &mut o,
+                    hd,
+                    true,
+                    Mat::rows(&s, kt),
+                    Mat::rows(&v[j0 * kv_width + g * hd..], kv_width),
+                    gemm::Parallelism::None,
+                );
+            }
+            for a in 0..qt {
+                let inv = 1.0 / l[a];
+                o[a * hd..(a + 1) * hd].iter_mut().for_each(|y| *y *= inv);
+            }
+            (h, i0, o)
+        })
+        .collect();
+    for (h, i0, o) in results {
+        for (a, row) in o.chunks_exact(hd).enumerate() {
+            out[(i0 + a) * width + h * hd..][..hd].copy_from_slice(row);
+        }
+    }
+}
+
+fn row_by_row(
     q: &[f32],
     k: &[f32],
     v: &[f32],
