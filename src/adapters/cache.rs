@@ -159,7 +159,20 @@ impl AdapterCache {
         drop(inner);
         core.stats.misses.fetch_add(1, Ordering::Relaxed);
         let start = Instant::now();
-        let result = load();
+        // A loader that panics must not leave the name in `loading` (every later request for it
+        // would wait forever): it becomes this caller's error.
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(load)).unwrap_or_else(|p| {
+                let what = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(AdapterError::LoadFailed {
+                    name: name.key(),
+                    message: format!("the loader panicked: {what}"),
+                })
+            });
         core.stats
             .load_micros
             .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
@@ -435,6 +448,24 @@ mod tests {
             })
             .unwrap();
         assert!(Arc::ptr_eq(&again.weights, &new.weights));
+    }
+
+    #[test]
+    fn a_panicking_load_fails_its_caller_and_blocks_nobody() {
+        let c = cache(4);
+        let err = c
+            .acquire(&k("boom", 1), false, || panic!("corrupt file"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("boom") && err.contains("corrupt file"),
+            "{err}"
+        );
+        // The next request for the same adapter loads it (it used to wait forever).
+        let lease = c
+            .acquire(&k("boom", 1), false, || Ok(weights(1.0)))
+            .unwrap();
+        assert_eq!(lease.key.version, 1);
     }
 
     #[test]

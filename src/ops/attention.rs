@@ -97,7 +97,15 @@ pub fn causal_attention_host(
     }
 }
 
-fn tiled(q: &[f32], k: &[f32], v: &[f32], heads: usize, kv_heads: usize, hd: usize, out: &mut [f32]) {
+fn tiled(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    heads: usize,
+    kv_heads: usize,
+    hd: usize,
+    out: &mut [f32],
+) {
     use super::gemm::{gemm_f32, Mat};
     use rayon::prelude::*;
     let (width, kv_width) = (heads * hd, kv_heads * hd);
@@ -140,7 +148,11 @@ fn tiled(q: &[f32], k: &[f32], v: &[f32], heads: usize, kv_heads: usize, hd: usi
                     let pos = offset + i0 + a;
                     let mut max = m[a];
                     for (b, x) in row.iter_mut().enumerate() {
-                        *x = if j0 + b <= pos { *x * scale } else { f32::NEG_INFINITY };
+                        *x = if j0 + b <= pos {
+                            *x * scale
+                        } else {
+                            f32::NEG_INFINITY
+                        };
                         max = max.max(*x);
                     }
                     let factor = (m[a] - max).exp();
@@ -151,7 +163,9 @@ fn tiled(q: &[f32], k: &[f32], v: &[f32], heads: usize, kv_heads: usize, hd: usi
                     }
                     l[a] = l[a] * factor + sum;
                     m[a] = max;
-                    o[a * hd..(a + 1) * hd].iter_mut().for_each(|y| *y *= factor);
+                    o[a * hd..(a + 1) * hd]
+                        .iter_mut()
+                        .for_each(|y| *y *= factor);
                 }
                 // o[qt, hd] += P[qt, kt] · V[kt, hd]
                 gemm_f32(
