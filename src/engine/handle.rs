@@ -110,10 +110,10 @@ impl Engine {
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let needed = request.prompt.len() + request.config.max_tokens;
-        self.shared
-            .scheduler
-            .lock()
-            .expect("scheduler lock")
+        // The request is queued and sent under one lock: the worker admits only under that lock,
+        // so whenever it admits an id, the request is already in the channel.
+        let mut sched = self.shared.scheduler.lock().expect("scheduler lock");
+        sched
             .enqueue(id, request.tenant.as_deref().unwrap_or(""), needed)
             .map_err(|r| match r {
                 Refusal::QueueFull => EngineError::QueueFull,
@@ -129,13 +129,10 @@ impl Engine {
             })
             .is_err()
         {
-            self.shared
-                .scheduler
-                .lock()
-                .expect("scheduler lock")
-                .remove(id);
+            sched.remove(id);
             return Err(EngineError::Draining);
         }
+        drop(sched);
         Ok(rx)
     }
 

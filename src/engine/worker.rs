@@ -68,6 +68,13 @@ pub(crate) fn run(model: Arc<LoadedModel>, rx: Receiver<Submitted>, shared: Arc<
             sched.admit()
         };
         for id in admitted {
+            // Admitted after the last drain of the channel: it is in the channel now (`submit`
+            // sends under the scheduler lock), so drain again rather than drop it.
+            if !pending.contains_key(&id) {
+                while let Ok(s) = rx.try_recv() {
+                    pending.insert(s.id, s);
+                }
+            }
             let Some(s) = pending.remove(&id) else {
                 shared.scheduler.lock().expect("scheduler lock").remove(id);
                 continue;
