@@ -280,6 +280,30 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// The bytes token `id` stands for, even when they are part of a multi-byte character (a
+    /// byte-level BPE token, or sentencepiece's `<0xNN>`); decoding the token alone would give
+    /// U+FFFD there. Special tokens give their text.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let Some(piece) = self.inner.id_to_token(id) else {
+            return Vec::new();
+        };
+        if self.specials.iter().any(|(_, sid)| *sid == id) {
+            return piece.into_bytes();
+        }
+        if matches!(
+            self.inner.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        ) {
+            return piece.chars().map(byte_level_byte).collect();
+        }
+        if let Some(hex) = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
+            if let Ok(b) = u8::from_str_radix(hex, 16) {
+                return vec![b];
+            }
+        }
+        piece.replace('\u{2581}', " ").into_bytes()
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, TokenizerError> {
         self.inner
             .decode(ids, skip_special)
@@ -293,6 +317,23 @@ impl Tokenizer {
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
+}
+
+/// The byte a byte-level BPE character stands for (GPT-2's table: printable bytes map to
+/// themselves, the other 68 to U+0100 onwards, in byte order).
+fn byte_level_byte(c: char) -> u8 {
+    let direct =
+        |b: u32| (33..=126).contains(&b) || (161..=172).contains(&b) || (174..=255).contains(&b);
+    let code = c as u32;
+    if code < 256 && direct(code) {
+        return code as u8;
+    }
+    let n = code.saturating_sub(256) as usize;
+    (0u32..256)
+        .filter(|b| !direct(*b))
+        .nth(n)
+        .map(|b| b as u8)
+        .unwrap_or(b'?')
 }
 
 /// Turns a stream of token ids into text pieces that are always whole UTF-8 characters.
@@ -373,6 +414,22 @@ mod tests {
         // Without user content the two encoders agree.
         let markup = "<|im_start|>user\nhello there<|im_end|>\n<|im_start|>assistant\n";
         assert_eq!(t.encode_escaped(markup).unwrap(), t.encode(markup).unwrap());
+    }
+
+    #[test]
+    fn token_bytes_concatenate_to_the_text_across_multibyte_characters() {
+        let t = tiny();
+        for text in ["é", "naïve café 😀 ok", "日本"] {
+            let ids = t.encode(text).unwrap();
+            let bytes: Vec<u8> = ids.iter().flat_map(|&i| t.token_bytes(i)).collect();
+            assert_eq!(bytes, text.as_bytes(), "{text}: {ids:?}");
+        }
+        // Decoding a piece of a character alone gives U+FFFD; its bytes stay exact.
+        let ids = t.encode("😀").unwrap();
+        assert!(ids.len() > 1);
+        assert!(t.decode(&ids[..1], false).unwrap().contains('\u{FFFD}'));
+        let start = t.token_id("<|im_start|>").unwrap();
+        assert_eq!(t.token_bytes(start), b"<|im_start|>");
     }
 
     #[test]

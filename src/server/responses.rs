@@ -32,14 +32,16 @@ pub struct Meta {
     pub echo: Option<String>,
 }
 
+/// A token's text as OpenAI reports it: its true bytes (a piece of a multi-byte character stays
+/// that piece), shown lossily as text.
 fn token_text(tok: &Tokenizer, id: u32) -> String {
-    tok.decode(&[id], false).unwrap_or_default()
+    String::from_utf8_lossy(&tok.token_bytes(id)).into_owned()
 }
 
 fn chat_logprob(tok: &Tokenizer, lp: &TokenLogprob) -> Value {
     let entry = |id: u32, logprob: f32| {
-        let t = token_text(tok, id);
-        json!({"token": t, "logprob": logprob, "bytes": t.as_bytes()})
+        let bytes = tok.token_bytes(id);
+        json!({"token": String::from_utf8_lossy(&bytes), "logprob": logprob, "bytes": bytes})
     };
     let mut v = entry(lp.id, lp.logprob);
     v["top_logprobs"] = Value::Array(lp.top.iter().map(|(id, l)| entry(*id, *l)).collect());
@@ -51,10 +53,10 @@ fn completion_logprobs(tok: &Tokenizer, lps: &[TokenLogprob], offset0: usize) ->
     let mut tokens = Vec::new();
     let mut offsets = Vec::new();
     for lp in lps {
-        let t = token_text(tok, lp.id);
         offsets.push(offset);
-        offset += t.len();
-        tokens.push(t);
+        // Offsets count the token's true bytes, so they add up to the returned text's length.
+        offset += tok.token_bytes(lp.id).len();
+        tokens.push(token_text(tok, lp.id));
     }
     json!({
         "tokens": tokens,
