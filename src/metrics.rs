@@ -37,6 +37,7 @@ pub struct Metrics {
     pub adapter_requests: IntCounterVec,
     pub adapter_tokens: IntCounterVec,
     pub lora_info: GaugeVec,
+    pub engine_restarts: IntCounter,
     adapter_labels: Mutex<HashSet<String>>,
 }
 
@@ -164,6 +165,11 @@ impl Metrics {
                 &["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
             )
             .expect("valid"),
+            engine_restarts: IntCounter::new(
+                "loraplex_engine_restarts_total",
+                "Model steps that panicked (their requests failed; serving went on)",
+            )
+            .expect("valid"),
             adapter_labels: Mutex::new(HashSet::new()),
         };
         let r = &m.registry;
@@ -187,6 +193,7 @@ impl Metrics {
             Box::new(m.adapter_requests.clone()),
             Box::new(m.adapter_tokens.clone()),
             Box::new(m.lora_info.clone()),
+            Box::new(m.engine_restarts.clone()),
         ];
         for c in regs {
             r.register(c).expect("unique metric names");

@@ -128,10 +128,25 @@ pub(crate) fn run(model: Arc<LoadedModel>, rx: Receiver<Submitted>, shared: Arc<
                 seqs,
                 logits: LogitsRows::Last,
             };
-            model
-                .model
-                .forward(&mut batch)
-                .and_then(|l| l.to_vec2::<f32>())
+            // A panic in the step (a kernel's invariant, a bad adapter) fails the requests of this
+            // step, not the worker: their sequences are dropped and serving goes on.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                model
+                    .model
+                    .forward(&mut batch)
+                    .and_then(|l| l.to_vec2::<f32>())
+            }))
+            .unwrap_or_else(|p| {
+                metrics.engine_restarts.inc();
+                let what = p
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| p.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                Err(candle_core::Error::Msg(format!(
+                    "the model step panicked: {what}"
+                )))
+            })
         };
         let rows = match result {
             Ok(rows) => rows,
