@@ -101,7 +101,7 @@ async fn main() {
                 match ev {
                     Event::Token { text: t, .. } => text.push_str(&t),
                     Event::Done { .. } => break,
-                    Event::Error(e) => panic!("{e}"),
+                    Event::Error(e) | Event::Aborted(e) => panic!("{e}"),
                 }
             }
             let expected: Value = serde_json::from_str(ex["output"].as_str().unwrap()).unwrap();

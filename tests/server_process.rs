@@ -334,3 +334,46 @@ fn quantized_serving_keeps_no_f32_copy_of_the_model() {
         "NF4 {nf4_kb} kB vs f32 {f32_kb} kB"
     );
 }
+
+#[test]
+fn sigterm_past_the_timeout_cancels_long_streams_and_exits_promptly() {
+    let (mut child, port) = start(&["--adapters", "adapters", "--shutdown-timeout-secs", "1"]);
+    let body = r#"{"messages":[{"role":"user","content":"Write a long story."}],"max_tokens":4000,"temperature":0,"ignore_eos":true,"stream":true}"#;
+    let mut reader = BufReader::new(post(port, "/v1/chat/completions", body));
+    let mut seen = String::new();
+    while !seen.contains("\"content\":\"") || seen.matches("data: ").count() < 2 {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).unwrap() > 0);
+        seen.push_str(&line);
+    }
+    let signaled = Instant::now();
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    // While draining, /health tells load balancers to stop sending.
+    std::thread::sleep(Duration::from_millis(200));
+    let mut h = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        h,
+        "GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut health = String::new();
+    h.read_to_string(&mut health).unwrap();
+    assert!(health.starts_with("HTTP/1.1 503"), "{health}");
+    let mut rest = String::new();
+    reader.read_to_string(&mut rest).unwrap();
+    assert!(
+        rest.contains("shutting down") && rest.contains("data: [DONE]"),
+        "{rest}"
+    );
+    let exit = wait_exit(&mut child, Duration::from_secs(10));
+    let took = signaled.elapsed();
+    assert!(exit.success(), "serve exited with {exit}");
+    assert!(
+        took < Duration::from_secs(3),
+        "exited {took:?} after SIGTERM (timeout 1 s)"
+    );
+}

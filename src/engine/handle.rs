@@ -42,6 +42,8 @@ pub enum Event {
         completion_tokens: usize,
     },
     Error(String),
+    /// Ended by the server, not by a fault (shutdown past its timeout); the message says why.
+    Aborted(String),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -64,6 +66,8 @@ pub(crate) struct Shared {
     pub scheduler: Mutex<Scheduler>,
     pub metrics: Arc<Metrics>,
     pub draining: AtomicBool,
+    /// Set at the end of a drain: the worker fails everything still running or waiting.
+    pub cancel: AtomicBool,
     pub max_running: usize,
 }
 
@@ -83,6 +87,7 @@ impl Engine {
             scheduler: Mutex::new(Scheduler::new(config)),
             metrics,
             draining: AtomicBool::new(false),
+            cancel: AtomicBool::new(false),
         });
         let worker_shared = shared.clone();
         let worker_model = model.clone();
@@ -155,6 +160,15 @@ impl Engine {
     /// Stops accepting requests; running ones go on.
     pub fn drain(&self) {
         self.shared.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.shared.draining.load(Ordering::SeqCst)
+    }
+
+    /// Ends every running and waiting request with an error event (shutdown past its timeout).
+    pub fn cancel_all(&self) {
+        self.shared.cancel.store(true, Ordering::SeqCst);
     }
 
     pub fn is_idle(&self) -> bool {

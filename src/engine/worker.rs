@@ -49,6 +49,19 @@ pub(crate) fn run(model: Arc<LoadedModel>, rx: Receiver<Submitted>, shared: Arc<
         while let Ok(s) = rx.try_recv() {
             pending.insert(s.id, s);
         }
+        if shared.cancel.load(std::sync::atomic::Ordering::SeqCst) {
+            let mut sched = shared.scheduler.lock().expect("scheduler lock");
+            let cancelled = "the server is shutting down; the request was cancelled";
+            for a in active.drain(..) {
+                let _ = a.events.send(Event::Aborted(cancelled.into()));
+                sched.remove(a.id);
+            }
+            for (id, s) in pending.drain() {
+                let _ = s.events.send(Event::Aborted(cancelled.into()));
+                sched.remove(id);
+            }
+            continue;
+        }
         let admitted = {
             let mut sched = shared.scheduler.lock().expect("scheduler lock");
             pending.retain(|id, s| {

@@ -85,23 +85,41 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Serves until SIGTERM or Ctrl-C; then stops accepting, lets running sequences finish (at most
-/// `shutdown_timeout`), and returns.
+/// Serves until SIGTERM or Ctrl-C; then stops accepting (`/health` answers 503 from the
+/// signal on), lets running sequences finish for at most `shutdown_timeout`, cancels what is
+/// left (an error event, then `[DONE]` on streams), and returns within two more seconds even if
+/// a client keeps its connection open.
 pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> std::io::Result<()> {
     let app = router(state.clone());
     let drained = state.clone();
+    let signaled = Arc::new(tokio::sync::Notify::new());
+    let notify = signaled.clone();
     let shutdown = async move {
         wait_for_signal().await;
         tracing::info!("shutting down: draining running requests");
         drained.engine.drain();
+        notify.notify_one();
         let deadline = tokio::time::Instant::now() + drained.config.shutdown_timeout;
         while !drained.engine.is_idle() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        if !drained.engine.is_idle() {
+            tracing::warn!("shutdown timeout: cancelling the requests still running");
+            drained.engine.cancel_all();
+        }
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await
+    let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+    let limit = state.config.shutdown_timeout + Duration::from_secs(2);
+    tokio::select! {
+        r = std::future::IntoFuture::into_future(server) => r,
+        _ = async {
+            signaled.notified().await;
+            tokio::time::sleep(limit).await;
+        } => {
+            tracing::warn!("connections still open {} s after the signal; exiting", limit.as_secs());
+            Ok(())
+        }
+    }
 }
 
 async fn wait_for_signal() {

@@ -89,6 +89,7 @@ pub async fn collect(
                 lps.extend(logprob);
             }
             Event::Error(e) => return Err(ApiError::Internal(e)),
+            Event::Aborted(e) => return Err(ApiError::Unavailable(e)),
             Event::Done {
                 finish_reason,
                 prompt_tokens,
@@ -194,6 +195,13 @@ pub fn stream(meta: Meta, rx: UnboundedReceiver<Event>) -> Response {
             }
             Some(Event::Error(e)) => {
                 let body = ApiError::Internal(e).body();
+                vec![
+                    SseEvent::default().data(body.to_string()),
+                    SseEvent::default().data("[DONE]"),
+                ]
+            }
+            Some(Event::Aborted(e)) => {
+                let body = ApiError::Unavailable(e).body();
                 vec![
                     SseEvent::default().data(body.to_string()),
                     SseEvent::default().data("[DONE]"),

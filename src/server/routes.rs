@@ -304,8 +304,13 @@ pub async fn vllm_unload(
     remove(&st, &caller, &req.lora_name).await
 }
 
-pub async fn health() -> &'static str {
-    "ok"
+/// `ok`, or 503 once the server drains for shutdown (so load balancers stop sending).
+pub async fn health(State(st): St) -> Response {
+    if st.engine.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else {
+        "ok".into_response()
+    }
 }
 
 /// Outside the key middleware: the policy decides (admin key, `--metrics-key`, or open).
