@@ -51,6 +51,7 @@ async fn main() {
             kv_cache_tokens: 1 << 20,
             max_queue: 1024,
             max_queue_per_tenant: 1024,
+            max_batched_tokens: 0,
         },
         metrics,
     );

@@ -49,6 +49,10 @@ pub struct ServeArgs {
     /// Requests waiting beyond this get 429.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
+    /// Tokens one step feeds the model: running streams one each, prompts share the rest in
+    /// chunks, so a long prompt does not stall the streams (0: whole prompts at once).
+    #[arg(long, default_value_t = 512)]
+    pub max_batched_tokens: usize,
     #[arg(long, default_value_t = 64)]
     pub max_resident_adapters: usize,
     #[arg(long, default_value_t = 2 << 30)]
@@ -501,6 +505,7 @@ pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::serve
                 keys.as_ref(),
                 args.max_queue,
             ),
+            max_batched_tokens: args.max_batched_tokens,
         },
         metrics.clone(),
     );

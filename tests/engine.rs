@@ -22,6 +22,7 @@ fn every_one_of_many_concurrent_submissions_finishes() {
             kv_cache_tokens: 1 << 16,
             max_queue: 4096,
             max_queue_per_tenant: 4096,
+            max_batched_tokens: 0,
         },
         Arc::new(loraplex::metrics::Metrics::new()),
     ));
@@ -96,6 +97,7 @@ fn a_panicking_step_fails_its_requests_and_the_next_request_succeeds() {
             kv_cache_tokens: 1 << 16,
             max_queue: 16,
             max_queue_per_tenant: 16,
+            max_batched_tokens: 0,
         },
         metrics.clone(),
     );

@@ -160,8 +160,21 @@ async fn streamed_and_plain_chat_agree_and_usage_is_right() {
 
 #[tokio::test]
 async fn sixteen_concurrent_requests_over_four_adapters_equal_each_alone() {
-    let st = state(&[]).await;
+    sixteen_concurrent_equal_alone(&[]).await;
+}
+
+/// The same with a step budget of 5 tokens: prompts are fed in chunks of a few tokens next to
+/// running streams, and every answer is still the one it gets alone without chunks.
+#[tokio::test]
+async fn chunked_prefill_changes_no_answer() {
+    sixteen_concurrent_equal_alone(&["--max-batched-tokens", "5"]).await;
+}
+
+async fn sixteen_concurrent_equal_alone(extra: &[&str]) {
+    let unchunked = state(&["--max-batched-tokens", "0"]).await;
+    let st = state(extra).await;
     let app = router(st.clone());
+    let reference = router(unchunked);
     let adapters = [
         None,
         Some("lora-r8-all"),
@@ -180,7 +193,14 @@ async fn sixteen_concurrent_requests_over_four_adapters_equal_each_alone() {
         .collect();
     let mut alone = Vec::new();
     for r in &reqs {
-        let (s, v, _) = call(&app, "POST", "/v1/chat/completions", Some(r.clone()), None).await;
+        let (s, v, _) = call(
+            &reference,
+            "POST",
+            "/v1/chat/completions",
+            Some(r.clone()),
+            None,
+        )
+        .await;
         assert_eq!(s, StatusCode::OK, "{v}");
         alone.push(
             v["choices"][0]["message"]["content"]

@@ -69,6 +69,7 @@ pub(crate) struct Shared {
     /// Set at the end of a drain: the worker fails everything still running or waiting.
     pub cancel: AtomicBool,
     pub max_running: usize,
+    pub max_batched_tokens: usize,
 }
 
 pub struct Engine {
@@ -84,6 +85,7 @@ impl Engine {
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
             max_running: config.max_running,
+            max_batched_tokens: config.max_batched_tokens,
             scheduler: Mutex::new(Scheduler::new(config)),
             metrics,
             draining: AtomicBool::new(false),

@@ -16,6 +16,9 @@ pub struct SchedulerConfig {
     pub max_queue: usize,
     /// `max_queue_per_tenant` of the keys file (default: a fair share of `max_queue`).
     pub max_queue_per_tenant: usize,
+    /// `--max-batched-tokens`: tokens one step feeds; decode rows take one each, prompts share
+    /// the rest in chunks (0: no limit).
+    pub max_batched_tokens: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -169,6 +172,7 @@ mod tests {
             kv_cache_tokens: kv,
             max_queue: queue,
             max_queue_per_tenant: queue,
+            max_batched_tokens: 0,
         })
     }
 
@@ -212,6 +216,7 @@ mod tests {
             kv_cache_tokens: 1000,
             max_queue: 10,
             max_queue_per_tenant: 4,
+            max_batched_tokens: 0,
         });
         for id in 0..6 {
             let r = s.enqueue(id, "a", 1);

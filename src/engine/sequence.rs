@@ -109,9 +109,20 @@ impl SequenceState {
         })
     }
 
-    /// Tokens for the next forward: the whole prompt first, then the last sampled token.
+    /// Tokens for the next forward: the (rest of the) prompt first, then the last sampled token.
     pub fn next_input(&self) -> &[u32] {
         &self.next_input
+    }
+
+    /// Whether prompt tokens remain to be fed (a decode step has exactly one input token).
+    pub fn prefilling(&self) -> bool {
+        self.generated.is_empty() && !self.next_input.is_empty()
+    }
+
+    /// Records that the first `n` tokens of `next_input` went through the model without
+    /// sampling (a chunk of a long prompt); the rest follow in later steps.
+    pub fn fed(&mut self, n: usize) {
+        self.next_input.drain(..n.min(self.next_input.len()));
     }
 
     /// Positions this sequence will occupy at most (for KV budgeting).

@@ -125,12 +125,15 @@ pub(crate) fn run(model: Arc<LoadedModel>, rx: Receiver<Submitted>, shared: Arc<
             continue;
         }
         active.sort_by_key(adapter_key);
-        let inputs: Vec<Vec<u32>> = active.iter().map(|a| a.seq.next_input().to_vec()).collect();
-        metrics.batch_size.observe(active.len() as f64);
+        let inputs = step_inputs(&active, shared.max_batched_tokens);
+        metrics
+            .batch_size
+            .observe(inputs.iter().filter(|t| !t.is_empty()).count() as f64);
         let result = {
             let seqs = active
                 .iter_mut()
                 .zip(&inputs)
+                .filter(|(_, tokens)| !tokens.is_empty())
                 .map(|(a, tokens)| {
                     let Active { seq, request, .. } = a;
                     SeqInput::new(tokens, &mut seq.cache)
@@ -176,7 +179,16 @@ pub(crate) fn run(model: Arc<LoadedModel>, rx: Receiver<Submitted>, shared: Arc<
             }
         };
         let mut finished = Vec::new();
-        for (i, (a, row)) in active.iter_mut().zip(rows).enumerate() {
+        let mut rows = rows.into_iter();
+        for (i, (a, tokens)) in active.iter_mut().zip(&inputs).enumerate() {
+            if tokens.is_empty() {
+                continue; // no room in this step's token budget
+            }
+            let row = rows.next().expect("one logits row per fed sequence");
+            if tokens.len() < a.seq.next_input().len() {
+                a.seq.fed(tokens.len()); // a chunk of the prompt: nothing to sample yet
+                continue;
+            }
             let now = Instant::now();
             match a.seq.step(row, &model.tokenizer) {
                 Ok(out) => {
@@ -221,6 +233,35 @@ pub(crate) fn run(model: Arc<LoadedModel>, rx: Receiver<Submitted>, shared: Arc<
             sched.remove(active.swap_remove(i).id);
         }
     }
+}
+
+/// What each running sequence feeds this step, within `budget` tokens (0: no limit): decode rows
+/// one token each, always; prompts, in order, as much of their rest as the budget leaves (at
+/// least one token for the first waiting prompt, so a prompt never starves). Empty: skip.
+fn step_inputs(active: &[Active], budget: usize) -> Vec<Vec<u32>> {
+    let decode = active.iter().filter(|a| !a.seq.prefilling()).count();
+    let mut left = if budget == 0 {
+        usize::MAX
+    } else {
+        budget.saturating_sub(decode)
+    };
+    let mut first_prompt = true;
+    active
+        .iter()
+        .map(|a| {
+            let input = a.seq.next_input();
+            if !a.seq.prefilling() {
+                return input.to_vec();
+            }
+            let mut n = input.len().min(left);
+            if n == 0 && first_prompt {
+                n = 1;
+            }
+            first_prompt = false;
+            left = left.saturating_sub(n);
+            input[..n].to_vec()
+        })
+        .collect()
 }
 
 fn publish_gauges(shared: &Shared, active: &[Active], pending: &HashMap<u64, Submitted>) {
