@@ -51,7 +51,9 @@ pub struct ServeArgs {
     pub max_queue: usize,
     /// Tokens one step feeds the model: running streams one each, prompts share the rest in
     /// chunks, so a long prompt does not stall the streams (0: whole prompts at once).
-    #[arg(long, default_value_t = 512)]
+    /// Measured (8 streams, a 2,001-token prompt arriving): 0 → streams stall 5.0 s; 512 → 1.5 s;
+    /// 256 → 0.8 s with the prompt as fast as unchunked; 128 → 0.44 s, the prompt 14 % slower.
+    #[arg(long, default_value_t = 256)]
     pub max_batched_tokens: usize,
     #[arg(long, default_value_t = 64)]
     pub max_resident_adapters: usize,
