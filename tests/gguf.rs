@@ -305,3 +305,46 @@ fn a_tensor_type_not_served_natively_is_named_with_the_supported_list() {
         "{err}"
     );
 }
+
+/// A quantized q projection whose rows are not whole (even-sized) heads cannot be un-permuted:
+/// named, not silently mis-ordered.
+#[test]
+fn a_quantized_q_projection_that_is_not_whole_heads_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("tiny-bad-heads.gguf");
+    write_tiny_gguf_with(&path, "llama", |name| {
+        if name.starts_with("blk.")
+            && name.ends_with("weight")
+            && !name.contains("norm")
+            && !name.contains("ffn_down")
+        {
+            GgmlDType::Q4_1
+        } else {
+            GgmlDType::F32
+        }
+    });
+    // Claim 6 heads: 64 rows of q are not 6 heads of even size.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let key = b"llama.attention.head_count";
+    let at = bytes.windows(key.len()).position(|w| w == key).unwrap() + key.len();
+    // value type (u32 = 4) then the value
+    assert_eq!(u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()), 4);
+    bytes[at + 4..at + 8].copy_from_slice(&6u32.to_le_bytes());
+    std::fs::write(&path, bytes).unwrap();
+    let err = load_model(
+        &ResolvedModel::Gguf {
+            id: "x".into(),
+            path: path.clone(),
+        },
+        &ModelOptions {
+            native_quant: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("blk.0.attn_q.weight") && err.contains("heads"),
+        "{err}"
+    );
+}

@@ -184,8 +184,9 @@ pub fn load_checked(
     model: &Llama,
     opts: &BindOptions,
 ) -> Result<AdapterWeights, AdapterError> {
-    check(&PeftAdapter::inspect(dir)?, model, opts)?;
-    bind(&PeftAdapter::load(dir)?, model, opts)
+    let header = PeftAdapter::inspect(dir)?;
+    check(&header, model, opts)?;
+    bind(&PeftAdapter::load_tensors(header)?, model, opts)
 }
 
 pub fn bind(

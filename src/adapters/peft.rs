@@ -249,8 +249,12 @@ impl PeftAdapter {
 
     /// Reads an adapter directory (its header is checked before any tensor is read).
     pub fn load(dir: &Path) -> Result<Self, AdapterError> {
-        let header = Self::inspect(dir)?;
-        let config = header.config;
+        Self::load_tensors(Self::inspect(dir)?)
+    }
+
+    /// Reads the tensors of an adapter whose header was already read and checked.
+    pub fn load_tensors(header: AdapterHeader) -> Result<Self, AdapterError> {
+        let AdapterHeader { dir, config, .. } = header;
         let weights = dir.join(WEIGHTS_FILE);
         let tensors = candle_core::safetensors::load(&weights, &Device::Cpu).map_err(|e| {
             AdapterError::weights(&weights, format!("not a readable safetensors file: {e}"))
@@ -269,7 +273,7 @@ impl PeftAdapter {
             })
             .collect();
         Ok(Self {
-            dir: dir.to_path_buf(),
+            dir,
             config,
             modules,
         })

@@ -233,6 +233,15 @@ pub fn load(id: &str, path: &Path, opts: &ModelOptions) -> Result<LoadedModel, M
             let q = match heads {
                 Some(h) => {
                     let rows = q.shape().dims()[0];
+                    if h == 0 || rows % (2 * h) != 0 {
+                        return Err(ModelError::Tensor {
+                            path: path.to_path_buf(),
+                            name: name.clone(),
+                            problem: format!(
+                                "has {rows} rows, not a whole number of {h} heads of even size"
+                            ),
+                        });
+                    }
                     crate::quant::gguf::permute_rows(&q, &unpermuted_order(rows, h))?
                 }
                 None => q,

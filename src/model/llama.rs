@@ -404,9 +404,11 @@ impl Llama {
                         &qv[start * w..(start + len) * w],
                         kall,
                         vall,
-                        nh,
-                        nkv,
-                        hd,
+                        crate::ops::attention::Heads {
+                            heads: nh,
+                            kv_heads: nkv,
+                            head_dim: hd,
+                        },
                         o,
                     );
                 })

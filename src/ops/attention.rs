@@ -74,38 +74,35 @@ const ROW_BY_ROW_UP_TO: usize = 64 * 256;
 const Q_TILE: usize = 64;
 const K_TILE: usize = 256;
 
+/// The head layout of a model's attention.
+#[derive(Debug, Clone, Copy)]
+pub struct Heads {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
 /// Causal attention on host data for one sequence: `q` `[len, heads · head_dim]` (positions
 /// `total - len .. total`), `k`, `v` `[total, kv_heads · head_dim]`; writes `[len, heads ·
 /// head_dim]` into `out`. The serving path on CPU: no tensor ops, no copies of the cache. Long
 /// prompts go by tiles (`Q_TILE` queries × `K_TILE` keys through gemm, online softmax), so memory
 /// is bounded by a tile, not by `len × total`, and tiles of different heads run in parallel.
-pub fn causal_attention_host(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    out: &mut [f32],
-) {
-    let len = q.len() / (heads * head_dim);
-    let total = k.len() / (kv_heads * head_dim);
+pub fn causal_attention_host(q: &[f32], k: &[f32], v: &[f32], shape: Heads, out: &mut [f32]) {
+    let len = q.len() / (shape.heads * shape.head_dim);
+    let total = k.len() / (shape.kv_heads * shape.head_dim);
     if len * total <= ROW_BY_ROW_UP_TO {
-        row_by_row(q, k, v, heads, kv_heads, head_dim, out);
+        row_by_row(q, k, v, shape, out);
     } else {
-        tiled(q, k, v, heads, kv_heads, head_dim, out);
+        tiled(q, k, v, shape, out);
     }
 }
 
-fn tiled(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    heads: usize,
-    kv_heads: usize,
-    hd: usize,
-    out: &mut [f32],
-) {
+fn tiled(q: &[f32], k: &[f32], v: &[f32], shape: Heads, out: &mut [f32]) {
+    let Heads {
+        heads,
+        kv_heads,
+        head_dim: hd,
+    } = shape;
     use super::gemm::{gemm_f32, Mat};
     use rayon::prelude::*;
     let (width, kv_width) = (heads * hd, kv_heads * hd);
@@ -192,15 +189,12 @@ fn tiled(
     }
 }
 
-fn row_by_row(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    out: &mut [f32],
-) {
+fn row_by_row(q: &[f32], k: &[f32], v: &[f32], shape: Heads, out: &mut [f32]) {
+    let Heads {
+        heads,
+        kv_heads,
+        head_dim,
+    } = shape;
     let width = heads * head_dim;
     let kv_width = kv_heads * head_dim;
     let len = q.len() / width;
@@ -243,33 +237,39 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
+    /// The host path (row by row for short inputs, by tiles for long prompts with earlier
+    /// context in the cache, including partial last tiles) equals the tensor path.
     #[test]
     fn host_attention_equals_the_tensor_path() -> Result<()> {
         let dev = Device::Cpu;
-        let (heads, kv_heads, hd, len, total) = (6, 2, 8, 3, 7);
-        let q = Tensor::randn(0f32, 1.0, (heads, len, hd), &dev)?;
-        let k = Tensor::randn(0f32, 1.0, (kv_heads, total, hd), &dev)?;
-        let v = Tensor::randn(0f32, 1.0, (kv_heads, total, hd), &dev)?;
-        let want: Vec<f32> = causal_attention(&q, &k, &v)?.flatten_all()?.to_vec1()?;
+        let shape = Heads {
+            heads: 6,
+            kv_heads: 2,
+            head_dim: 8,
+        };
         let rows = |t: &Tensor| -> Result<Vec<f32>> {
             t.transpose(0, 1)?.contiguous()?.flatten_all()?.to_vec1()
         };
-        let mut got = vec![0f32; len * heads * hd];
-        causal_attention_host(
-            &rows(&q)?,
-            &rows(&k)?,
-            &rows(&v)?,
-            heads,
-            kv_heads,
-            hd,
-            &mut got,
-        );
-        let worst = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        assert!(worst < 1e-5, "{worst}");
+        for (len, total, tiled) in [
+            (3, 7, false),
+            (1, 300, false),
+            (300, 333, true),
+            (160, 200, true),
+        ] {
+            assert_eq!(len * total > ROW_BY_ROW_UP_TO, tiled);
+            let q = Tensor::randn(0f32, 1.0, (shape.heads, len, shape.head_dim), &dev)?;
+            let k = Tensor::randn(0f32, 1.0, (shape.kv_heads, total, shape.head_dim), &dev)?;
+            let v = Tensor::randn(0f32, 1.0, (shape.kv_heads, total, shape.head_dim), &dev)?;
+            let want: Vec<f32> = causal_attention(&q, &k, &v)?.flatten_all()?.to_vec1()?;
+            let mut got = vec![0f32; len * shape.heads * shape.head_dim];
+            causal_attention_host(&rows(&q)?, &rows(&k)?, &rows(&v)?, shape, &mut got);
+            let worst = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 1e-4, "len {len} total {total}: {worst}");
+        }
         Ok(())
     }
 

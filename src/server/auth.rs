@@ -286,6 +286,13 @@ mod tests {
         assert_eq!((c.limits.max_adapters, c.limits.allow_hub), (2, true));
         assert_eq!(k.max_queue_per_tenant, Some(5));
         assert!(k.caller("sk-secret-").is_none());
+        let e = ApiKeys::from_toml(
+            "keys.toml",
+            "max_queue_per_tenant = 0\n[keys.\"x\"]\ntenant = \"a\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("max_queue_per_tenant"), "{e}");
         assert_eq!(bearer("bEaReR  sk-x"), Some("sk-x"));
         assert_eq!(bearer("Basic sk-x"), None);
         assert_eq!(bearer("Bearer "), None);

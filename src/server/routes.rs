@@ -216,23 +216,24 @@ async fn register(
         }
     };
     let (check_caller, check_name, check_dir) = (caller.clone(), name.clone(), dir.clone());
-    let (header, weights) = st
+    let (bytes, weights) = st
         .blocking(
             |s| &s.loads,
             move |st| {
                 let header = PeftAdapter::inspect(&check_dir)?;
                 bind::check(&header, &st.engine.model().model, &st.config.bind)?;
                 Policy::check_quota(&check_caller, &st.registry, &check_name, header.bytes)?;
+                let bytes = header.bytes;
                 let weights = bind::bind(
-                    &PeftAdapter::load(&check_dir)?,
+                    &PeftAdapter::load_tensors(header)?,
                     &st.engine.model().model,
                     &st.config.bind,
                 )?;
-                Ok((header, weights))
+                Ok((bytes, weights))
             },
         )
         .await?;
-    let entry = st.registry.add(&name, &dir, reg.pinned, header.bytes)?;
+    let entry = st.registry.add(&name, &dir, reg.pinned, bytes)?;
     st.lease(&entry, Some(weights)).await?;
     Ok((
         StatusCode::CREATED,
