@@ -43,9 +43,20 @@ pub struct ServeArgs {
     /// Sequences decoded together in one step.
     #[arg(long, default_value_t = 32)]
     pub max_running: usize,
-    /// KV positions all running sequences may reserve together (prompt + max_tokens each).
-    #[arg(long, default_value_t = 65536)]
+    /// KV positions all running sequences may reserve together (prompt + max_tokens each): the
+    /// block pool is allocated for this many at start-up (its bytes are logged; the default
+    /// model takes 46 KiB per position in f32, so the default is 1.4 GiB).
+    #[arg(long, default_value_t = 32768)]
     pub kv_cache_tokens: usize,
+    /// How the KV pool stores keys and values: f32 (exact), bf16 or f16 (half the memory).
+    #[arg(long, default_value = "f32", value_parser = parse_kv_dtype)]
+    pub kv_cache_dtype: crate::model::KvDtype,
+    /// Positions per KV block (the unit of allocation and of prefix reuse).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub kv_block_size: u16,
+    /// Do not reuse the KV of cached prompt prefixes (reuse is per adapter and version).
+    #[arg(long)]
+    pub no_prefix_cache: bool,
     /// Requests waiting beyond this get 429.
     #[arg(long, default_value_t = 256)]
     pub max_queue: usize,
@@ -497,7 +508,7 @@ pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::serve
     )?;
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let context = loaded.model.config.max_position_embeddings;
-    let engine = crate::engine::Engine::start(
+    let engine = crate::engine::Engine::start_with(
         loaded,
         crate::engine::SchedulerConfig {
             max_running: args.max_running,
@@ -509,8 +520,13 @@ pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::serve
             ),
             max_batched_tokens: args.max_batched_tokens,
         },
+        crate::engine::KvConfig {
+            block_size: args.kv_block_size as usize,
+            dtype: args.kv_cache_dtype,
+            prefix_caching: !args.no_prefix_cache,
+        },
         metrics.clone(),
-    );
+    )?;
     let cache = crate::adapters::AdapterCache::new(crate::adapters::CacheConfig {
         max_resident: args.max_resident_adapters,
         max_bytes: args.adapter_cache_bytes,
@@ -754,4 +770,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Some(Command::Merge(args)) => run_merge(args).await,
         None => run_server(cli.serve).await,
     }
+}
+
+fn parse_kv_dtype(s: &str) -> std::result::Result<crate::model::KvDtype, String> {
+    s.parse()
 }

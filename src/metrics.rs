@@ -38,6 +38,9 @@ pub struct Metrics {
     pub adapter_tokens: IntCounterVec,
     pub lora_info: GaugeVec,
     pub engine_restarts: IntCounter,
+    pub prefix_cache_queries: IntCounter,
+    pub prefix_cache_hits: IntCounter,
+    pub kv_pool_bytes: IntGauge,
     adapter_labels: Mutex<HashSet<String>>,
 }
 
@@ -170,6 +173,21 @@ impl Metrics {
                 "Model steps that panicked (their requests failed; serving went on)",
             )
             .expect("valid"),
+            prefix_cache_queries: IntCounter::new(
+                "loraplex_prefix_cache_queries_total",
+                "Prompt tokens looked up in the prefix cache",
+            )
+            .expect("valid"),
+            prefix_cache_hits: IntCounter::new(
+                "loraplex_prefix_cache_hits_total",
+                "Prompt tokens whose KV came from the prefix cache (same adapter and version)",
+            )
+            .expect("valid"),
+            kv_pool_bytes: IntGauge::new(
+                "loraplex_kv_pool_bytes",
+                "Bytes of the KV block pool allocated at start-up",
+            )
+            .expect("valid"),
             adapter_labels: Mutex::new(HashSet::new()),
         };
         let r = &m.registry;
@@ -194,6 +212,9 @@ impl Metrics {
             Box::new(m.adapter_tokens.clone()),
             Box::new(m.lora_info.clone()),
             Box::new(m.engine_restarts.clone()),
+            Box::new(m.prefix_cache_queries.clone()),
+            Box::new(m.prefix_cache_hits.clone()),
+            Box::new(m.kv_pool_bytes.clone()),
         ];
         for c in regs {
             r.register(c).expect("unique metric names");

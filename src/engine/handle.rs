@@ -1,18 +1,20 @@
 //! The `Engine` handle the server sees: `submit(ValidRequest)` → a stream of `Event`s. A worker
-//! thread owns the model and runs continuous batching (see `worker.rs`).
+//! thread owns the model, the scheduler and the KV cache, and runs continuous batching (see
+//! `worker.rs`); the handle only sends it requests.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::generate::{FinishReason, GenerationConfig};
-use super::scheduler::{Refusal, Scheduler, SchedulerConfig};
+use super::scheduler::{QueueGate, SchedulerConfig};
 use super::sequence::TokenLogprob;
+use super::worker::Worker;
 use crate::adapters::Lease;
 use crate::metrics::Metrics;
-use crate::model::LoadedModel;
+use crate::model::{KvDtype, LoadedModel};
 
 /// A request that passed validation: token ids, generation settings, its adapter lease.
 #[derive(Debug)]
@@ -34,7 +36,8 @@ pub enum Event {
     Token {
         token: u32,
         text: String,
-        logprob: Option<TokenLogprob>,
+        /// Those of the tokens whose text is released with this event (see `StepOutput`).
+        logprobs: Vec<TokenLogprob>,
     },
     Done {
         finish_reason: FinishReason,
@@ -54,6 +57,27 @@ pub enum EngineError {
     TooLarge { needed: usize, budget: usize },
     #[error("the server is shutting down")]
     Draining,
+    #[error("KV cache: {0}")]
+    Pool(String),
+}
+
+/// The KV cache's form: a pool of `--kv-cache-tokens` positions in blocks of `block_size`,
+/// stored as `dtype`, with prefix caching on or off.
+#[derive(Debug, Clone, Copy)]
+pub struct KvConfig {
+    pub block_size: usize,
+    pub dtype: KvDtype,
+    pub prefix_caching: bool,
+}
+
+impl Default for KvConfig {
+    fn default() -> Self {
+        Self {
+            block_size: 16,
+            dtype: KvDtype::F32,
+            prefix_caching: true,
+        }
+    }
 }
 
 pub(crate) struct Submitted {
@@ -62,14 +86,27 @@ pub(crate) struct Submitted {
     pub events: UnboundedSender<Event>,
 }
 
+/// What the handle and the worker share: the queue bound (the only thing `submit` checks),
+/// counters the worker publishes, and flags.
 pub(crate) struct Shared {
-    pub scheduler: Mutex<Scheduler>,
+    pub gate: Mutex<QueueGate>,
+    /// Sequences the worker runs (it alone writes this).
+    pub running: AtomicUsize,
     pub metrics: Arc<Metrics>,
     pub draining: AtomicBool,
     /// Set at the end of a drain: the worker fails everything still running or waiting.
     pub cancel: AtomicBool,
-    pub max_running: usize,
-    pub max_batched_tokens: usize,
+    /// The worker is rebuilding its state after a fault.
+    pub rebuilding: AtomicBool,
+    /// Test hook: the next model step panics.
+    pub inject_panic: AtomicBool,
+    pub kv_cache_tokens: usize,
+}
+
+impl Shared {
+    pub fn leave_queue(&self, tenant: &str) {
+        self.gate.lock().expect("gate lock").leave(tenant);
+    }
 }
 
 pub struct Engine {
@@ -80,29 +117,55 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts the worker thread that owns `model`.
+    /// Starts the worker thread that owns `model`, with the default KV cache form.
     pub fn start(model: Arc<LoadedModel>, config: SchedulerConfig, metrics: Arc<Metrics>) -> Self {
+        Self::start_with(model, config, KvConfig::default(), metrics)
+            .expect("the KV pool is allocated")
+    }
+
+    /// Starts the worker thread that owns `model`; allocates the KV pool first.
+    pub fn start_with(
+        model: Arc<LoadedModel>,
+        config: SchedulerConfig,
+        kv: KvConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, EngineError> {
+        let (engine, worker) = Self::manual(model, config, kv, metrics)?;
+        std::thread::Builder::new()
+            .name("loraplex-engine".into())
+            .spawn(move || worker.run())
+            .expect("spawn engine thread");
+        Ok(engine)
+    }
+
+    /// The handle and its worker, not started: a test drives the worker with `Worker::step`.
+    pub fn manual(
+        model: Arc<LoadedModel>,
+        config: SchedulerConfig,
+        kv: KvConfig,
+        metrics: Arc<Metrics>,
+    ) -> Result<(Self, Worker), EngineError> {
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
-            max_running: config.max_running,
-            max_batched_tokens: config.max_batched_tokens,
-            scheduler: Mutex::new(Scheduler::new(config)),
+            gate: Mutex::new(QueueGate::new(&config)),
+            running: AtomicUsize::new(0),
+            kv_cache_tokens: config.kv_cache_tokens,
             metrics,
             draining: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
+            rebuilding: AtomicBool::new(false),
+            inject_panic: AtomicBool::new(false),
         });
-        let worker_shared = shared.clone();
-        let worker_model = model.clone();
-        std::thread::Builder::new()
-            .name("loraplex-engine".into())
-            .spawn(move || super::worker::run(worker_model, rx, worker_shared))
-            .expect("spawn engine thread");
-        Self {
-            tx,
-            shared,
-            next_id: AtomicU64::new(0),
-            model,
-        }
+        let worker = Worker::new(model.clone(), rx, shared.clone(), config, kv)?;
+        Ok((
+            Self {
+                tx,
+                shared,
+                next_id: AtomicU64::new(0),
+                model,
+            },
+            worker,
+        ))
     }
 
     pub fn model(&self) -> &Arc<LoadedModel> {
@@ -110,53 +173,46 @@ impl Engine {
     }
 
     /// Queues a request; its events arrive on the returned receiver. Dropping the receiver
-    /// cancels the request at the next step.
+    /// cancels the request at the next step. Checks only the bounds known here (draining, the
+    /// KV budget, the queue's share) and sends: the worker owns the scheduling.
     pub fn submit(&self, request: ValidRequest) -> Result<UnboundedReceiver<Event>, EngineError> {
         if self.shared.draining.load(Ordering::SeqCst) {
             return Err(EngineError::Draining);
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let needed = request.prompt.len() + request.config.max_tokens;
-        // The request is queued and sent under one lock: the worker admits only under that lock,
-        // so whenever it admits an id, the request is already in the channel.
-        let mut sched = self.shared.scheduler.lock().expect("scheduler lock");
-        sched
-            .enqueue(id, request.tenant.as_deref().unwrap_or(""), needed)
-            .map_err(|r| match r {
-                Refusal::QueueFull => EngineError::QueueFull,
-                Refusal::TooLarge { needed, budget } => EngineError::TooLarge { needed, budget },
-            })?;
+        if needed > self.shared.kv_cache_tokens {
+            return Err(EngineError::TooLarge {
+                needed,
+                budget: self.shared.kv_cache_tokens,
+            });
+        }
+        let tenant = request.tenant.clone().unwrap_or_default();
+        self.shared
+            .gate
+            .lock()
+            .expect("gate lock")
+            .enter(&tenant)
+            .map_err(|_| EngineError::QueueFull)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (events, rx) = unbounded_channel();
-        if self
-            .tx
-            .send(Submitted {
-                id,
-                request,
-                events,
-            })
-            .is_err()
-        {
-            sched.remove(id);
+        let sent = self.tx.send(Submitted {
+            id,
+            request,
+            events,
+        });
+        if sent.is_err() {
+            self.shared.leave_queue(&tenant);
             return Err(EngineError::Draining);
         }
-        drop(sched);
         Ok(rx)
     }
 
     pub fn running(&self) -> usize {
-        self.shared
-            .scheduler
-            .lock()
-            .expect("scheduler lock")
-            .running_len()
+        self.shared.running.load(Ordering::SeqCst)
     }
 
     pub fn waiting(&self) -> usize {
-        self.shared
-            .scheduler
-            .lock()
-            .expect("scheduler lock")
-            .waiting_len()
+        self.shared.gate.lock().expect("gate lock").waiting()
     }
 
     /// Stops accepting requests; running ones go on.
@@ -168,13 +224,24 @@ impl Engine {
         self.shared.draining.load(Ordering::SeqCst)
     }
 
+    /// Neither draining nor rebuilding after a fault.
+    pub fn is_healthy(&self) -> bool {
+        !self.is_draining() && !self.shared.rebuilding.load(Ordering::SeqCst)
+    }
+
     /// Ends every running and waiting request with an error event (shutdown past its timeout).
     pub fn cancel_all(&self) {
         self.shared.cancel.store(true, Ordering::SeqCst);
     }
 
     pub fn is_idle(&self) -> bool {
-        let s = self.shared.scheduler.lock().expect("scheduler lock");
-        s.running_len() == 0 && s.waiting_len() == 0
+        // `running` goes up before a request leaves the queue, so no request is between.
+        self.waiting() == 0 && self.running() == 0
+    }
+
+    /// Test hook: the next model step panics (the worker's recovery is what is tested).
+    #[doc(hidden)]
+    pub fn inject_panic_in_next_step(&self) {
+        self.shared.inject_panic.store(true, Ordering::SeqCst);
     }
 }

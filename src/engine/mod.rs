@@ -4,13 +4,15 @@
 
 pub mod generate;
 pub mod handle;
+pub mod kv_blocks;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
 pub mod stop;
-mod worker;
+pub mod worker;
 
 pub use generate::{generate, FinishReason, GenerateError, Generation, GenerationConfig};
-pub use handle::{Engine, EngineError, Event, ValidRequest};
+pub use handle::{Engine, EngineError, Event, KvConfig, ValidRequest};
 pub use sampling::{Sampler, SamplingParams};
 pub use scheduler::SchedulerConfig;
+pub use worker::Worker;

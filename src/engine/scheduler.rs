@@ -1,10 +1,11 @@
 //! Admission policy, pure: one waiting queue per tenant, admitted round-robin across tenants
 //! (FIFO within each), a cap on running sequences and a KV budget in tokens. A sequence
 //! reserves `prompt + max_tokens` positions when admitted, so a running sequence can always
-//! finish. Each tenant may hold at most `max_queue_per_tenant` waiting requests, so one tenant
-//! cannot fill the queue for everyone. No tensors here; unit-tested alone.
+//! finish. The worker owns the `Scheduler`; `submit` passes only the `QueueGate`, where each
+//! tenant may hold at most `max_queue_per_tenant` waiting requests, so one tenant cannot fill
+//! the queue for everyone. No tensors here; unit-tested alone.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -68,9 +69,6 @@ impl Scheduler {
                 budget: self.cfg.kv_cache_tokens,
             });
         }
-        if self.waiting >= self.cfg.max_queue {
-            return Err(Refusal::QueueFull);
-        }
         let pos = match self.queues.iter().position(|q| q.tenant == tenant) {
             Some(p) => p,
             None => {
@@ -81,11 +79,7 @@ impl Scheduler {
                 self.queues.len() - 1
             }
         };
-        let q = &mut self.queues[pos];
-        if q.waiting.len() >= self.cfg.max_queue_per_tenant {
-            return Err(Refusal::QueueFull);
-        }
-        q.waiting.push_back((id, tokens));
+        self.queues[pos].waiting.push_back((id, tokens));
         self.waiting += 1;
         Ok(())
     }
@@ -121,8 +115,9 @@ impl Scheduler {
         admitted
     }
 
-    /// Removes `id` wherever it is (finished, failed or cancelled).
-    pub fn remove(&mut self, id: u64) {
+    /// Removes `id` wherever it is (finished, failed or cancelled); whether it was waiting.
+    pub fn remove(&mut self, id: u64) -> bool {
+        let mut was_waiting = false;
         if let Some(qi) = self
             .queues
             .iter()
@@ -130,6 +125,7 @@ impl Scheduler {
         {
             self.queues[qi].waiting.retain(|(w, _)| *w != id);
             self.waiting -= 1;
+            was_waiting = true;
             if self.queues[qi].waiting.is_empty() {
                 self.queues.remove(qi);
                 if self.next > qi {
@@ -140,6 +136,7 @@ impl Scheduler {
         if let Some(pos) = self.running.iter().position(|(r, _)| *r == id) {
             self.reserved -= self.running.swap_remove(pos).1;
         }
+        was_waiting
     }
 
     pub fn waiting_len(&self) -> usize {
@@ -159,6 +156,52 @@ impl Scheduler {
     /// Reserved fraction of the KV budget.
     pub fn kv_usage(&self) -> f64 {
         self.reserved as f64 / self.cfg.kv_cache_tokens.max(1) as f64
+    }
+}
+
+/// The bound on waiting requests, checked when a request is submitted (before the worker sees
+/// it): `max_queue` in all, `max_queue_per_tenant` for each tenant. A request leaves when the
+/// worker admits or drops it.
+#[derive(Debug)]
+pub struct QueueGate {
+    max_queue: usize,
+    per_tenant: usize,
+    waiting: usize,
+    by_tenant: HashMap<String, usize>,
+}
+
+impl QueueGate {
+    pub fn new(cfg: &SchedulerConfig) -> Self {
+        Self {
+            max_queue: cfg.max_queue,
+            per_tenant: cfg.max_queue_per_tenant,
+            waiting: 0,
+            by_tenant: HashMap::new(),
+        }
+    }
+
+    pub fn enter(&mut self, tenant: &str) -> Result<(), Refusal> {
+        let mine = self.by_tenant.get(tenant).copied().unwrap_or(0);
+        if self.waiting >= self.max_queue || mine >= self.per_tenant {
+            return Err(Refusal::QueueFull);
+        }
+        self.waiting += 1;
+        *self.by_tenant.entry(tenant.to_string()).or_default() += 1;
+        Ok(())
+    }
+
+    pub fn leave(&mut self, tenant: &str) {
+        if let Some(n) = self.by_tenant.get_mut(tenant) {
+            *n -= 1;
+            self.waiting -= 1;
+            if *n == 0 {
+                self.by_tenant.remove(tenant);
+            }
+        }
+    }
+
+    pub fn waiting(&self) -> usize {
+        self.waiting
     }
 }
 
@@ -218,8 +261,9 @@ mod tests {
             max_queue_per_tenant: 4,
             max_batched_tokens: 0,
         });
+        let mut gate = QueueGate::new(&s.cfg);
         for id in 0..6 {
-            let r = s.enqueue(id, "a", 1);
+            let r = gate.enter("a").and_then(|_| s.enqueue(id, "a", 1));
             assert_eq!(r.is_ok(), id < 4, "{id}");
         }
         s.enqueue(10, "b", 1).unwrap();
@@ -246,11 +290,30 @@ mod tests {
     #[test]
     fn queue_bound_refuses() {
         let mut s = sched(1, 100, 2);
-        s.enqueue(1, "", 1).unwrap();
-        s.enqueue(2, "", 1).unwrap();
-        assert_eq!(s.enqueue(3, "", 1), Err(Refusal::QueueFull));
-        s.remove(2);
+        let mut gate = QueueGate::new(&s.cfg);
+        for id in [1, 2] {
+            gate.enter("").unwrap();
+            s.enqueue(id, "", 1).unwrap();
+        }
+        assert_eq!(gate.enter(""), Err(Refusal::QueueFull));
+        assert!(s.remove(2));
+        gate.leave("");
+        gate.enter("").unwrap();
         s.enqueue(3, "", 1).unwrap();
         assert_eq!(s.waiting_ids().collect::<Vec<_>>(), vec![1, 3]);
+        assert_eq!(gate.waiting(), 2);
+        // Another tenant has its own share; the total bound still holds.
+        let mut gate = QueueGate::new(&SchedulerConfig {
+            max_queue: 3,
+            max_queue_per_tenant: 2,
+            ..s.cfg.clone()
+        });
+        gate.enter("a").unwrap();
+        gate.enter("a").unwrap();
+        assert_eq!(gate.enter("a"), Err(Refusal::QueueFull));
+        gate.enter("b").unwrap();
+        assert_eq!(gate.enter("b"), Err(Refusal::QueueFull));
+        gate.leave("a");
+        gate.enter("b").unwrap();
     }
 }

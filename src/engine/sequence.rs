@@ -23,7 +23,10 @@ pub struct StepOutput {
     pub token: u32,
     /// Text that became final with this token (may be empty).
     pub text: String,
-    pub logprob: Option<TokenLogprob>,
+    /// Log-probabilities of the tokens whose text is released with this step (a token's text
+    /// may be held back while it could begin a stop string; tokens a stop string cuts off
+    /// entirely never get theirs reported).
+    pub logprobs: Vec<TokenLogprob>,
     pub finished: Option<FinishReason>,
 }
 
@@ -41,6 +44,8 @@ pub struct SequenceState {
     emitted: usize,
     /// `Some(k)`: report log-probabilities with `k` alternatives.
     logprobs: Option<usize>,
+    /// Log-probabilities not yet released, with the byte range of their token's text.
+    held: std::collections::VecDeque<(usize, usize, TokenLogprob)>,
     pub finished: Option<FinishReason>,
 }
 
@@ -105,6 +110,7 @@ impl SequenceState {
             next_input: prompt,
             cfg,
             logprobs,
+            held: Default::default(),
             finished: None,
         })
     }
@@ -155,17 +161,20 @@ impl SequenceState {
         let mut out = StepOutput {
             token,
             text: String::new(),
-            logprob,
+            logprobs: Vec::new(),
             finished: None,
         };
+        let before = self.text.len();
+        let (mut eos, mut cut) = (false, false);
         if !self.cfg.ignore_eos && self.cfg.eos_token_ids.contains(&token) {
             out.finished = Some(FinishReason::Stop);
+            eos = true;
         } else {
-            let before = self.text.len();
             self.text.push_str(&self.decoder.push(tokenizer, token)?);
             if !early {
                 if let Some(at) = self.stops.find(&self.text, before) {
                     self.text.truncate(at);
+                    cut = true;
                     out.finished = Some(FinishReason::Stop);
                 }
             }
@@ -182,6 +191,26 @@ impl SequenceState {
         if safe > self.emitted {
             out.text = self.text[self.emitted..safe].to_string();
             self.emitted = safe;
+        }
+        if let Some(lp) = logprob {
+            self.held
+                .push_back((before, self.text.len().max(before), lp));
+        }
+        // Released: tokens whose text is out in full; at the end, every token with any text
+        // before the cut (and the end-of-sequence token).
+        let end = self.text.len();
+        while let Some(&(start, stop, _)) = self.held.front() {
+            let release = match out.finished {
+                None => stop <= safe,
+                Some(_) => eos || !cut || start < end,
+            };
+            if !release {
+                break;
+            }
+            out.logprobs.push(self.held.pop_front().expect("front").2);
+        }
+        if out.finished.is_some() {
+            self.held.clear();
         }
         self.finished = out.finished;
         Ok(out)

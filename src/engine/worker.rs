@@ -1,19 +1,31 @@
-//! The engine's worker thread: each step admits waiting sequences and runs ONE batched forward
-//! over every running sequence (new ones with their whole prompt, the others with their last
-//! token), each with its own adapter; rows are ordered by adapter so each adapter's rows are
-//! contiguous. A sequence whose client went away is dropped at the next step.
+//! The engine's worker: the one owner of scheduling. Each `step()` takes in what was submitted,
+//! drops what clients abandoned, admits waiting sequences and runs ONE batched forward over the
+//! running ones (decode rows one token each, prompts in chunks within `--max-batched-tokens`),
+//! each with its own adapter; rows are ordered by adapter so each adapter's rows are contiguous.
+//!
+//! On CPU the KV cache is the block pool (`model::KvPool`): a sequence's blocks are allocated
+//! here before the step that fills them, full blocks enter the prefix cache
+//! (`kv_blocks::KvBlocks`) keyed by adapter and tokens, and a new sequence starts from the
+//! longest cached prefix of its prompt under the same adapter.
+//!
+//! `run` calls `step` under `catch_unwind`: a panic fails the requests in flight (an error
+//! event each), rebuilds the scheduler and the block bookkeeping, is counted
+//! (`loraplex_engine_restarts_total`), and serving goes on with the requests still waiting.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::handle::{Event, Shared, Submitted, ValidRequest};
+use super::handle::{EngineError, Event, KvConfig, Shared, Submitted, ValidRequest};
+use super::kv_blocks::{chain_seed, next_hash, BlockHash, KvBlocks};
+use super::scheduler::{Scheduler, SchedulerConfig};
 use super::sequence::SequenceState;
 use crate::model::llama::SeqInput;
-use crate::model::{BatchInput, LoadedModel, LogitsRows};
+use crate::model::{BatchInput, KvCache, KvPool, LoadedModel, LogitsRows};
 
 struct Active {
     id: u64,
@@ -22,115 +34,298 @@ struct Active {
     events: UnboundedSender<Event>,
     started: Instant,
     last_token: Option<Instant>,
+    /// Hashes of the sequence's full blocks so far (paged caches).
+    chain: Vec<BlockHash>,
+    seed: BlockHash,
 }
 
-fn adapter_key(a: &Active) -> usize {
-    a.request
-        .adapter
-        .as_ref()
-        .map(|l| Arc::as_ptr(&l.weights) as usize)
-        .unwrap_or(0)
+impl Active {
+    fn adapter_ptr(&self) -> usize {
+        self.request
+            .adapter
+            .as_ref()
+            .map(|l| Arc::as_ptr(&l.weights) as usize)
+            .unwrap_or(0)
+    }
+
+    /// The token at position `p` of the sequence (prompt, then generated).
+    fn token_at(&self, p: usize) -> u32 {
+        let prompt = &self.request.prompt;
+        if p < prompt.len() {
+            prompt[p]
+        } else {
+            self.seq.generated[p - prompt.len()]
+        }
+    }
 }
 
-pub(crate) fn run(model: Arc<LoadedModel>, rx: Receiver<Submitted>, shared: Arc<Shared>) {
-    let metrics = shared.metrics.clone();
-    let mut pending: HashMap<u64, Submitted> = HashMap::new();
-    let mut active: Vec<Active> = Vec::new();
-    let context = model.model.config.max_position_embeddings;
-    loop {
-        if active.is_empty() && pending.is_empty() {
-            match rx.recv() {
-                Ok(s) => {
-                    pending.insert(s.id, s);
-                }
-                Err(_) => return,
+/// The KV pool and who holds which of its blocks.
+struct Paged {
+    pool: KvPool,
+    blocks: KvBlocks,
+}
+
+pub struct Worker {
+    model: Arc<LoadedModel>,
+    rx: Receiver<Submitted>,
+    shared: Arc<Shared>,
+    config: SchedulerConfig,
+    scheduler: Scheduler,
+    /// Received, not yet admitted.
+    pending: HashMap<u64, Submitted>,
+    active: Vec<Active>,
+    /// `None` where the model cannot run paged (not the CPU f32 path): per-sequence caches.
+    paged: Option<Paged>,
+}
+
+impl Worker {
+    pub(crate) fn new(
+        model: Arc<LoadedModel>,
+        rx: Receiver<Submitted>,
+        shared: Arc<Shared>,
+        config: SchedulerConfig,
+        kv: KvConfig,
+    ) -> Result<Self, EngineError> {
+        let paged = if model.model.supports_paged() {
+            if kv.block_size == 0 {
+                return Err(EngineError::Pool(
+                    "the block size must be at least 1".into(),
+                ));
             }
-        }
-        while let Ok(s) = rx.try_recv() {
-            pending.insert(s.id, s);
-        }
-        if shared.cancel.load(std::sync::atomic::Ordering::SeqCst) {
-            let mut sched = shared.scheduler.lock().expect("scheduler lock");
-            let cancelled = "the server is shutting down; the request was cancelled";
-            for a in active.drain(..) {
-                let _ = a.events.send(Event::Aborted(cancelled.into()));
-                sched.remove(a.id);
-            }
-            for (id, s) in pending.drain() {
-                let _ = s.events.send(Event::Aborted(cancelled.into()));
-                sched.remove(id);
-            }
-            continue;
-        }
-        let admitted = {
-            let mut sched = shared.scheduler.lock().expect("scheduler lock");
-            pending.retain(|id, s| {
-                let keep = !s.events.is_closed();
-                if !keep {
-                    sched.remove(*id);
-                }
-                keep
-            });
-            active.retain(|a| {
-                let keep = !a.events.is_closed();
-                if !keep {
-                    sched.remove(a.id);
-                }
-                keep
-            });
-            sched.admit()
+            // Each running sequence may leave its last block part-full: room for that on top of
+            // the budget, so reservations in tokens always find blocks.
+            let tokens = config.kv_cache_tokens + config.max_running * kv.block_size;
+            let shape = model.model.pool_shape(tokens, kv.block_size, kv.dtype);
+            let pool = KvPool::new(shape).map_err(EngineError::Pool)?;
+            let bytes = shape.bytes().unwrap_or(0);
+            tracing::info!(
+                "KV cache: {} blocks of {} positions ({} in all), {}, {:.1} MiB, prefix caching {}",
+                shape.blocks,
+                shape.block_size,
+                shape.blocks * shape.block_size,
+                kv.dtype.as_str(),
+                bytes as f64 / (1u64 << 20) as f64,
+                if kv.prefix_caching { "on" } else { "off" }
+            );
+            shared.metrics.kv_pool_bytes.set(bytes as i64);
+            Some(Paged {
+                blocks: KvBlocks::new(shape.blocks, kv.block_size, kv.prefix_caching),
+                pool,
+            })
+        } else {
+            None
         };
-        for id in admitted {
-            // Admitted after the last drain of the channel: it is in the channel now (`submit`
-            // sends under the scheduler lock), so drain again rather than drop it.
-            if !pending.contains_key(&id) {
-                while let Ok(s) = rx.try_recv() {
-                    pending.insert(s.id, s);
+        Ok(Self {
+            model,
+            rx,
+            shared,
+            scheduler: Scheduler::new(config.clone()),
+            config,
+            pending: HashMap::new(),
+            active: Vec::new(),
+            paged,
+        })
+    }
+
+    fn idle(&self) -> bool {
+        self.active.is_empty() && self.pending.is_empty()
+    }
+
+    /// Runs until every handle is gone; a panicking step is recovered from, not fatal.
+    pub fn run(mut self) {
+        loop {
+            if self.idle() {
+                match self.rx.recv() {
+                    Ok(s) => self.receive(s),
+                    Err(_) => return,
                 }
             }
-            let Some(s) = pending.remove(&id) else {
-                shared.scheduler.lock().expect("scheduler lock").remove(id);
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
+            if let Err(p) = r {
+                self.recover(p);
+            }
+        }
+    }
+
+    /// One step of the engine; returns whether requests remain (running or waiting).
+    pub fn step(&mut self) -> bool {
+        while let Ok(s) = self.rx.try_recv() {
+            self.receive(s);
+        }
+        if self.shared.cancel.load(Ordering::SeqCst) {
+            self.cancel_everything();
+            return false;
+        }
+        self.drop_abandoned();
+        self.admit();
+        self.publish_gauges();
+        if !self.active.is_empty() {
+            self.forward_and_sample();
+        }
+        !self.idle()
+    }
+
+    fn receive(&mut self, s: Submitted) {
+        let tenant = s.request.tenant.clone().unwrap_or_default();
+        let needed = s.request.prompt.len() + s.request.config.max_tokens;
+        match self.scheduler.enqueue(s.id, &tenant, needed) {
+            Ok(()) => {
+                self.pending.insert(s.id, s);
+            }
+            Err(_) => {
+                let _ = s.events.send(Event::Error(
+                    "the request needs more KV positions than the server holds".into(),
+                ));
+                self.shared.leave_queue(&tenant);
+            }
+        }
+    }
+
+    fn tenant(r: &ValidRequest) -> &str {
+        r.tenant.as_deref().unwrap_or("")
+    }
+
+    fn cancel_everything(&mut self) {
+        let cancelled = "the server is shutting down; the request was cancelled";
+        for i in (0..self.active.len()).rev() {
+            let _ = self.active[i].events.send(Event::Aborted(cancelled.into()));
+            self.finish(i);
+        }
+        for (id, s) in std::mem::take(&mut self.pending) {
+            let _ = s.events.send(Event::Aborted(cancelled.into()));
+            self.scheduler.remove(id);
+            self.shared.leave_queue(Self::tenant(&s.request));
+        }
+    }
+
+    /// Ends running sequence `i`: its blocks go back, the scheduler forgets it.
+    fn finish(&mut self, i: usize) {
+        let mut a = self.active.swap_remove(i);
+        self.scheduler.remove(a.id);
+        self.shared.running.fetch_sub(1, Ordering::SeqCst);
+        if let Some(p) = &mut self.paged {
+            p.blocks.release(&a.seq.cache.take_table());
+        }
+    }
+
+    fn drop_abandoned(&mut self) {
+        let gone: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, s)| s.events.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            let s = self.pending.remove(&id).expect("pending");
+            self.scheduler.remove(id);
+            self.shared.leave_queue(Self::tenant(&s.request));
+        }
+        for i in (0..self.active.len()).rev() {
+            if self.active[i].events.is_closed() {
+                self.finish(i);
+            }
+        }
+    }
+
+    fn admit(&mut self) {
+        let context = self.model.model.config.max_position_embeddings;
+        for id in self.scheduler.admit() {
+            let Some(s) = self.pending.remove(&id) else {
+                self.scheduler.remove(id);
                 continue;
             };
-            let cache = model.model.new_cache();
-            match SequenceState::new(
+            // Counted running before it leaves the queue: `Engine::is_idle` never sees a gap.
+            self.shared.running.fetch_add(1, Ordering::SeqCst);
+            self.shared.leave_queue(Self::tenant(&s.request));
+            let seed = chain_seed(
+                s.request
+                    .adapter
+                    .as_ref()
+                    .map(|l| format!("{:?}", l.key))
+                    .as_deref(),
+            );
+            let (mut cache, mut chain, mut reused) = (self.model.model.new_cache(), vec![], 0);
+            if let Some(p) = &mut self.paged {
+                cache = KvCache::paged();
+                let (blocks, hashes) = p.blocks.lookup(&seed, &s.request.prompt);
+                reused = blocks.len() * p.blocks.block_size();
+                let m = &self.shared.metrics;
+                if p.blocks.prefix_caching() {
+                    m.prefix_cache_queries.inc_by(s.request.prompt.len() as u64);
+                    m.prefix_cache_hits.inc_by(reused as u64);
+                }
+                cache.start_from(blocks, reused);
+                chain = hashes;
+            }
+            let created = SequenceState::new(
                 s.request.prompt.clone(),
                 s.request.config.clone(),
                 context,
                 cache,
                 s.request.logprobs,
-            ) {
-                Ok(seq) => {
+            );
+            let metrics = &self.shared.metrics;
+            match created {
+                Ok(mut seq) => {
+                    seq.fed(reused);
                     metrics.prompt_tokens.observe(seq.prompt_len as f64);
                     if let Some(label) = &s.request.adapter_label {
                         metrics.adapter_requests.with_label_values(&[label]).inc();
                     }
-                    active.push(Active {
+                    self.active.push(Active {
                         id,
                         request: s.request,
                         seq,
                         events: s.events,
                         started: Instant::now(),
                         last_token: None,
+                        chain,
+                        seed,
                     });
                 }
                 Err(e) => {
                     let _ = s.events.send(Event::Error(e.to_string()));
-                    shared.scheduler.lock().expect("scheduler lock").remove(id);
+                    self.scheduler.remove(id);
+                    self.shared.running.fetch_sub(1, Ordering::SeqCst);
                 }
             }
         }
-        publish_gauges(&shared, &active, &pending);
-        if active.is_empty() {
-            continue;
+    }
+
+    fn forward_and_sample(&mut self) {
+        let metrics = self.shared.metrics.clone();
+        self.active.sort_by_key(Active::adapter_ptr);
+        let mut inputs = step_inputs(&self.active, self.config.max_batched_tokens);
+        let mut finished = Vec::new();
+        if let Some(p) = &mut self.paged {
+            let bs = p.blocks.block_size();
+            for (i, (a, tokens)) in self.active.iter_mut().zip(&mut inputs).enumerate() {
+                let need = (a.seq.cache.len() + tokens.len()).div_ceil(bs);
+                while !tokens.is_empty() && a.seq.cache.table().map_or(0, <[u32]>::len) < need {
+                    match p.blocks.allocate() {
+                        Some(b) => a.seq.cache.push_block(b),
+                        None => {
+                            // Reservations make this unreachable; fail the one request if not.
+                            tracing::error!("KV pool has no free block");
+                            let _ = a.events.send(Event::Error(
+                                "the KV cache has no room for this request".into(),
+                            ));
+                            tokens.clear();
+                            finished.push(i);
+                        }
+                    }
+                }
+            }
         }
-        active.sort_by_key(adapter_key);
-        let inputs = step_inputs(&active, shared.max_batched_tokens);
         metrics
             .batch_size
             .observe(inputs.iter().filter(|t| !t.is_empty()).count() as f64);
+        if inputs.iter().all(Vec::is_empty) {
+            return self.end(finished);
+        }
         let result = {
-            let seqs = active
+            let seqs = self
+                .active
                 .iter_mut()
                 .zip(&inputs)
                 .filter(|(_, tokens)| !tokens.is_empty())
@@ -144,43 +339,31 @@ pub(crate) fn run(model: Arc<LoadedModel>, rx: Receiver<Submitted>, shared: Arc<
                 seqs,
                 logits: LogitsRows::Last,
             };
-            // A panic in the step (a kernel's invariant, a bad adapter) fails the requests of this
-            // step, not the worker: their sequences are dropped and serving goes on.
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                model
-                    .model
-                    .forward(&mut batch)
-                    .and_then(|l| l.to_vec2::<f32>())
-            }))
-            .unwrap_or_else(|p| {
-                metrics.engine_restarts.inc();
-                let what = p
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                Err(candle_core::Error::Msg(format!(
-                    "the model step panicked: {what}"
-                )))
-            })
+            if self.shared.inject_panic.swap(false, Ordering::SeqCst) {
+                panic!("a fault injected by a test");
+            }
+            match &mut self.paged {
+                Some(p) => self.model.model.forward_paged(&mut batch, &mut p.pool),
+                None => self.model.model.forward(&mut batch),
+            }
+            .and_then(|l| l.to_vec2::<f32>())
         };
         let rows = match result {
             Ok(rows) => rows,
             Err(e) => {
                 tracing::error!("forward step failed: {e}");
-                let mut sched = shared.scheduler.lock().expect("scheduler lock");
-                for a in active.drain(..) {
+                for a in &self.active {
                     let _ = a
                         .events
                         .send(Event::Error("internal error in the model step".into()));
-                    sched.remove(a.id);
                 }
-                continue;
+                return self.end((0..self.active.len()).collect());
             }
         };
-        let mut finished = Vec::new();
+        self.register_full_blocks(&inputs);
         let mut rows = rows.into_iter();
-        for (i, (a, tokens)) in active.iter_mut().zip(&inputs).enumerate() {
+        let tokenizer = &self.model.tokenizer;
+        for (i, (a, tokens)) in self.active.iter_mut().zip(&inputs).enumerate() {
             if tokens.is_empty() {
                 continue; // no room in this step's token budget
             }
@@ -190,7 +373,7 @@ pub(crate) fn run(model: Arc<LoadedModel>, rx: Receiver<Submitted>, shared: Arc<
                 continue;
             }
             let now = Instant::now();
-            match a.seq.step(row, &model.tokenizer) {
+            match a.seq.step(row, tokenizer) {
                 Ok(out) => {
                     match a.last_token {
                         None => metrics.ttft.observe((now - a.started).as_secs_f64()),
@@ -200,7 +383,7 @@ pub(crate) fn run(model: Arc<LoadedModel>, rx: Receiver<Submitted>, shared: Arc<
                     let _ = a.events.send(Event::Token {
                         token: out.token,
                         text: out.text,
-                        logprob: out.logprob,
+                        logprobs: out.logprobs,
                     });
                     if let Some(reason) = out.finished {
                         let completion = a.seq.generated.len();
@@ -228,10 +411,105 @@ pub(crate) fn run(model: Arc<LoadedModel>, rx: Receiver<Submitted>, shared: Arc<
                 }
             }
         }
-        let mut sched = shared.scheduler.lock().expect("scheduler lock");
+        self.end(finished);
+    }
+
+    fn end(&mut self, mut finished: Vec<usize>) {
+        finished.sort_unstable();
+        finished.dedup();
         for i in finished.into_iter().rev() {
-            sched.remove(active.swap_remove(i).id);
+            self.finish(i);
         }
+    }
+
+    /// Full blocks that this step completed enter the prefix cache.
+    fn register_full_blocks(&mut self, inputs: &[Vec<u32>]) {
+        let Some(p) = &mut self.paged else { return };
+        if !p.blocks.prefix_caching() {
+            return;
+        }
+        let bs = p.blocks.block_size();
+        for (a, tokens) in self.active.iter_mut().zip(inputs) {
+            if tokens.is_empty() {
+                continue;
+            }
+            let full = a.seq.cache.len() / bs;
+            while a.chain.len() < full {
+                let i = a.chain.len();
+                let block: Vec<u32> = (i * bs..(i + 1) * bs).map(|p| a.token_at(p)).collect();
+                let h = next_hash(a.chain.last().unwrap_or(&a.seed), &block);
+                let b = a.seq.cache.table().expect("paged")[i];
+                p.blocks.register(b, h);
+                a.chain.push(h);
+            }
+        }
+    }
+
+    /// After a panicking step: the requests in flight fail, the scheduler and the block
+    /// bookkeeping start over, the requests still waiting stay queued.
+    fn recover(&mut self, panic: Box<dyn std::any::Any + Send>) {
+        self.shared.rebuilding.store(true, Ordering::SeqCst);
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        tracing::error!(
+            "the engine step panicked ({what}); failing the running requests and rebuilding"
+        );
+        self.shared.metrics.engine_restarts.inc();
+        for a in self.active.drain(..) {
+            let _ = a.events.send(Event::Error(
+                "internal error in the model step; the engine restarted".into(),
+            ));
+            self.shared.running.fetch_sub(1, Ordering::SeqCst);
+        }
+        self.scheduler = Scheduler::new(self.config.clone());
+        if let Some(p) = &mut self.paged {
+            p.blocks.reset();
+        }
+        let mut waiting: Vec<_> = self
+            .pending
+            .values()
+            .map(|s| {
+                let r = &s.request;
+                (
+                    s.id,
+                    Self::tenant(r).to_string(),
+                    r.prompt.len() + r.config.max_tokens,
+                )
+            })
+            .collect();
+        waiting.sort_unstable_by_key(|w| w.0);
+        for (id, tenant, needed) in waiting {
+            if self.scheduler.enqueue(id, &tenant, needed).is_err() {
+                let s = self.pending.remove(&id).expect("pending");
+                let _ = s.events.send(Event::Error("internal error".into()));
+                self.shared.leave_queue(&tenant);
+            }
+        }
+        self.shared.rebuilding.store(false, Ordering::SeqCst);
+    }
+
+    fn publish_gauges(&self) {
+        let m = &self.shared.metrics;
+        m.waiting.set(self.pending.len() as i64);
+        m.running.set(self.active.len() as i64);
+        m.kv_usage.set(match &self.paged {
+            Some(p) => p.blocks.used() as f64 / p.blocks.total().max(1) as f64,
+            None => self.scheduler.kv_usage(),
+        });
+        let names = |it: &mut dyn Iterator<Item = &ValidRequest>| {
+            let mut v: Vec<String> = it
+                .filter_map(|r| r.adapter.as_ref().map(|l| l.key.name.key()))
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let running = names(&mut self.active.iter().map(|a| &a.request));
+        let waiting = names(&mut self.pending.values().map(|s| &s.request));
+        m.set_lora_info(self.config.max_running, &running, &waiting);
     }
 }
 
@@ -262,24 +540,4 @@ fn step_inputs(active: &[Active], budget: usize) -> Vec<Vec<u32>> {
             input[..n].to_vec()
         })
         .collect()
-}
-
-fn publish_gauges(shared: &Shared, active: &[Active], pending: &HashMap<u64, Submitted>) {
-    let m = &shared.metrics;
-    let sched = shared.scheduler.lock().expect("scheduler lock");
-    m.waiting.set(sched.waiting_len() as i64);
-    m.running.set(sched.running_len() as i64);
-    m.kv_usage.set(sched.kv_usage());
-    drop(sched);
-    let names = |it: &mut dyn Iterator<Item = &ValidRequest>| {
-        let mut v: Vec<String> = it
-            .filter_map(|r| r.adapter.as_ref().map(|l| l.key.name.key()))
-            .collect();
-        v.sort();
-        v.dedup();
-        v
-    };
-    let running = names(&mut active.iter().map(|a| &a.request));
-    let waiting = names(&mut pending.values().map(|s| &s.request));
-    m.set_lora_info(shared.max_running, &running, &waiting);
 }

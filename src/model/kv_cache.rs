@@ -1,7 +1,8 @@
-//! Per-sequence key/value cache. Two forms: for the differentiable path (training, other
-//! devices) per layer `[kv_heads, len, head_dim]` tensors; for CPU serving, host vectors of
-//! `[len, kv_heads · head_dim]` that grow by appending rows (no copy of the history per step),
-//! read by the fused attention in `ops::attention`.
+//! Per-sequence key/value cache. Three forms: for the differentiable path (training, other
+//! devices) per layer `[kv_heads, len, head_dim]` tensors; on CPU, host vectors of
+//! `[len, kv_heads · head_dim]` that grow by appending rows (`serve generate`, scoring); and for
+//! the serving engine a block table into the shared `KvPool` (`KvCache::paged`), whose blocks
+//! the engine allocates. Neither host form copies the history per step.
 
 use candle_core::{Result, Tensor};
 
@@ -9,6 +10,8 @@ use candle_core::{Result, Tensor};
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     host: Vec<(Vec<f32>, Vec<f32>)>,
+    /// `Some`: paged — the pool blocks holding positions `i · block_size ..` in order.
+    table: Option<Vec<u32>>,
     len: usize,
 }
 
@@ -17,8 +20,39 @@ impl KvCache {
         Self {
             layers: vec![None; num_layers],
             host: vec![(Vec::new(), Vec::new()); num_layers],
+            table: None,
             len: 0,
         }
+    }
+
+    /// A cache kept in the engine's `KvPool`: starts with no blocks.
+    pub fn paged() -> Self {
+        Self {
+            table: Some(Vec::new()),
+            ..Self::default()
+        }
+    }
+
+    /// The block table of a paged cache.
+    pub fn table(&self) -> Option<&[u32]> {
+        self.table.as_deref()
+    }
+
+    /// Adds a block at the end of a paged cache's table.
+    pub fn push_block(&mut self, block: u32) {
+        self.table.get_or_insert_with(Vec::new).push(block);
+    }
+
+    /// Starts a paged cache from cached blocks that already hold its first `len` positions
+    /// (a prefix-cache hit).
+    pub fn start_from(&mut self, blocks: Vec<u32>, len: usize) {
+        self.table = Some(blocks);
+        self.len = len;
+    }
+
+    /// Takes the block table out (the sequence ended; its blocks go back to the engine).
+    pub fn take_table(&mut self) -> Vec<u32> {
+        self.table.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Number of positions already cached (the position of the next token).
@@ -48,16 +82,20 @@ impl KvCache {
         Ok(entry)
     }
 
-    /// Appends this step's key/value rows for `layer` (host form) and returns the whole
-    /// history, `[len, kv_heads · head_dim]` each.
-    pub(crate) fn append_host(&mut self, layer: usize, k: &[f32], v: &[f32]) -> (&[f32], &[f32]) {
+    /// Appends this step's key/value rows for `layer` (host form).
+    pub(crate) fn append_host(&mut self, layer: usize, k: &[f32], v: &[f32]) {
         if self.host.len() <= layer {
             self.host.resize(layer + 1, (Vec::new(), Vec::new()));
         }
         let (hk, hv) = &mut self.host[layer];
         hk.extend_from_slice(k);
         hv.extend_from_slice(v);
-        (hk, hv)
+    }
+
+    /// The host form's whole history of `layer`, `[len, kv_heads · head_dim]` each.
+    pub(crate) fn host_rows(&self, layer: usize) -> (&[f32], &[f32]) {
+        let (k, v) = &self.host[layer];
+        (k, v)
     }
 
     /// Whether this cache holds tensors (it then stays on the tensor path).
@@ -77,5 +115,8 @@ impl KvCache {
             v.clear();
         });
         self.len = 0;
+        if let Some(t) = &mut self.table {
+            t.clear();
+        }
     }
 }

@@ -10,6 +10,7 @@ use super::adapter_site::{AdapterGroup, AdapterWeights, Proj, Rows};
 use super::config::LlamaConfig;
 use super::embedding::Embedding;
 use super::kv_cache::KvCache;
+use super::kv_pool::{KvDtype, KvPool, PoolShape};
 use super::linear::Linear;
 use crate::ops::profile::{time, Part};
 use crate::ops::{causal_attention, rms_norm, Rope};
@@ -161,11 +162,38 @@ impl Llama {
     /// Runs one step over the batch; returns f32 logits `[rows, vocab]` for the rows chosen by
     /// `input.logits`.
     pub fn forward(&self, input: &mut BatchInput<'_>) -> Result<Tensor> {
-        crate::ops::cpu_features::on_pool(|| self.forward_here(input))
+        crate::ops::cpu_features::on_pool(|| self.forward_here(input, None))
+    }
+
+    /// `forward` for a batch whose paged caches (`KvCache::paged`) live in `pool`; each paged
+    /// cache's table must already cover its new positions.
+    pub fn forward_paged(&self, input: &mut BatchInput<'_>, pool: &mut KvPool) -> Result<Tensor> {
+        crate::ops::cpu_features::on_pool(|| self.forward_here(input, Some(pool)))
+    }
+
+    /// Whether `forward_paged` can run: the host attention path (CPU, f32 activations).
+    pub fn supports_paged(&self) -> bool {
+        matches!(self.device, Device::Cpu) && self.dtype == DType::F32
+    }
+
+    /// The pool shape for `tokens` positions of this model in blocks of `block_size`.
+    pub fn pool_shape(&self, tokens: usize, block_size: usize, dtype: KvDtype) -> PoolShape {
+        let c = &self.config;
+        PoolShape {
+            layers: c.num_hidden_layers,
+            kv_width: c.num_key_value_heads * c.head_dim,
+            block_size,
+            blocks: tokens.div_ceil(block_size.max(1)),
+            dtype,
+        }
     }
 
     /// `forward` on the calling thread.
-    fn forward_here(&self, input: &mut BatchInput<'_>) -> Result<Tensor> {
+    fn forward_here(
+        &self,
+        input: &mut BatchInput<'_>,
+        mut pool: Option<&mut KvPool>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let mut spans = Vec::with_capacity(input.seqs.len());
         let mut ids = Vec::new();
@@ -187,6 +215,23 @@ impl Llama {
                     c.vocab_size
                 );
             }
+            if let Some(table) = s.cache.table() {
+                let Some(p) = pool.as_deref() else {
+                    candle_core::bail!("a paged KV cache needs its pool (`forward_paged`)");
+                };
+                if table.len() * p.block_size() < offset + s.tokens.len()
+                    || table.iter().any(|&b| b as usize >= p.blocks())
+                {
+                    candle_core::bail!(
+                        "a paged KV cache's {} blocks do not hold {} positions",
+                        table.len(),
+                        offset + s.tokens.len()
+                    );
+                }
+                if !self.supports_paged() {
+                    candle_core::bail!("a paged KV cache needs the CPU f32 path");
+                }
+            }
             spans.push((ids.len(), s.tokens.len(), offset));
             ids.extend_from_slice(s.tokens);
         }
@@ -202,7 +247,14 @@ impl Llama {
             let h = time(Part::Norm, || {
                 rms_norm(&x, &block.input_layernorm, c.rms_norm_eps)
             })?;
-            let attn = self.attention(&sites, &block.self_attn, &h, &spans, &mut input.seqs)?;
+            let attn = self.attention(
+                &sites,
+                &block.self_attn,
+                &h,
+                &spans,
+                &mut input.seqs,
+                pool.as_deref_mut(),
+            )?;
             let o = time(Part::OProj, || {
                 block
                     .self_attn
@@ -302,6 +354,7 @@ impl Llama {
         h: &Tensor,
         spans: &[(usize, usize, usize)],
         seqs: &mut [SeqInput<'_>],
+        pool: Option<&mut KvPool>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (hd, nh, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
@@ -318,7 +371,7 @@ impl Llama {
             && q.dtype() == DType::F32
             && seqs.iter().all(|s| !s.cache.has_tensors());
         if host {
-            return self.attention_host(&q, &k, &v, layer, spans, seqs);
+            return self.attention_host(&q, &k, &v, layer, spans, seqs, pool);
         }
         let mut outs = Vec::with_capacity(spans.len());
         for (s, &(start, len, offset)) in seqs.iter_mut().zip(spans) {
@@ -359,6 +412,7 @@ impl Llama {
         layer: usize,
         spans: &[(usize, usize, usize)],
         seqs: &mut [SeqInput<'_>],
+        mut pool: Option<&mut KvPool>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (hd, nh, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
@@ -389,28 +443,41 @@ impl Llama {
             rest = tail;
         }
         time(Part::Attention, || {
+            use crate::ops::attention::{causal_attention_host, Contiguous, Heads};
             use rayon::prelude::*;
-            seqs.par_iter_mut()
+            // The new rows go in first (one writer), then sequences read in parallel.
+            for (s, &(start, len, offset)) in seqs.iter_mut().zip(spans) {
+                let (k_rows, v_rows) = (
+                    &kv[start * kw..(start + len) * kw],
+                    &vv[start * kw..(start + len) * kw],
+                );
+                match (s.cache.table(), pool.as_deref_mut()) {
+                    (Some(table), Some(p)) => p.write(layer, table, offset, k_rows, v_rows),
+                    _ => s.cache.append_host(layer, k_rows, v_rows),
+                }
+            }
+            let pool = pool.as_deref();
+            let shape = Heads {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+            };
+            seqs.par_iter()
                 .zip(outs)
                 .zip(spans)
                 .with_min_len(2)
-                .for_each(|((s, o), &(start, len, _))| {
-                    let (kall, vall) = s.cache.append_host(
-                        layer,
-                        &kv[start * kw..(start + len) * kw],
-                        &vv[start * kw..(start + len) * kw],
-                    );
-                    crate::ops::attention::causal_attention_host(
-                        &qv[start * w..(start + len) * w],
-                        kall,
-                        vall,
-                        crate::ops::attention::Heads {
-                            heads: nh,
-                            kv_heads: nkv,
-                            head_dim: hd,
-                        },
-                        o,
-                    );
+                .for_each(|((s, o), &(start, len, offset))| {
+                    let q = &qv[start * w..(start + len) * w];
+                    match (s.cache.table(), pool) {
+                        (Some(table), Some(p)) => {
+                            causal_attention_host(q, &p.view(layer, table, offset + len), shape, o)
+                        }
+                        _ => {
+                            let (k, v) = s.cache.host_rows(layer);
+                            let kv = Contiguous { k, v, kv_width: kw };
+                            causal_attention_host(q, &kv, shape, o)
+                        }
+                    }
                 })
         });
         Tensor::from_vec(out, (tokens, w), &self.device)

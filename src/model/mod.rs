@@ -8,6 +8,7 @@ pub mod error;
 pub mod export;
 pub mod gguf;
 pub mod kv_cache;
+pub mod kv_pool;
 pub mod linear;
 pub mod llama;
 pub mod loaded;
@@ -20,6 +21,7 @@ pub use config::LlamaConfig;
 pub use embedding::Embedding;
 pub use error::ModelError;
 pub use kv_cache::KvCache;
+pub use kv_pool::{KvDtype, KvPool, PoolShape};
 pub use linear::{BaseWeight, Linear};
 pub use llama::{BatchInput, Llama, LogitsRows};
 pub use loaded::{

@@ -82,22 +82,82 @@ pub struct Heads {
     pub head_dim: usize,
 }
 
-/// Causal attention on host data for one sequence: `q` `[len, heads · head_dim]` (positions
-/// `total - len .. total`), `k`, `v` `[total, kv_heads · head_dim]`; writes `[len, heads ·
-/// head_dim]` into `out`. The serving path on CPU: no tensor ops, no copies of the cache. Long
-/// prompts go by tiles (`Q_TILE` queries × `K_TILE` keys through gemm, online softmax), so memory
-/// is bounded by a tile, not by `len × total`, and tiles of different heads run in parallel.
-pub fn causal_attention_host(q: &[f32], k: &[f32], v: &[f32], shape: Heads, out: &mut [f32]) {
-    let len = q.len() / (shape.heads * shape.head_dim);
-    let total = k.len() / (shape.kv_heads * shape.head_dim);
-    if len * total <= ROW_BY_ROW_UP_TO {
-        row_by_row(q, k, v, shape, out);
-    } else {
-        tiled(q, k, v, shape, out);
+/// Where one sequence's keys and values live: blocks of `block_rows()` positions, each
+/// `[rows, kv_heads · head_dim]` row-major, read as f32 (a source stored in another dtype widens
+/// a block into `scratch`). A contiguous history is one block; the paged KV pool is many.
+pub trait KvSource: Sync {
+    /// Positions held (the cache plus this step's rows).
+    fn total(&self) -> usize;
+    fn block_rows(&self) -> usize;
+    fn keys<'s>(&'s self, block: usize, scratch: &'s mut Vec<f32>) -> &'s [f32];
+    fn values<'s>(&'s self, block: usize, scratch: &'s mut Vec<f32>) -> &'s [f32];
+}
+
+/// A history in one piece: `k`, `v` `[total, kv_heads · head_dim]`.
+pub struct Contiguous<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub kv_width: usize,
+}
+
+impl KvSource for Contiguous<'_> {
+    fn total(&self) -> usize {
+        self.k.len() / self.kv_width
+    }
+    fn block_rows(&self) -> usize {
+        self.total().max(1)
+    }
+    fn keys<'s>(&'s self, _: usize, _: &'s mut Vec<f32>) -> &'s [f32] {
+        self.k
+    }
+    fn values<'s>(&'s self, _: usize, _: &'s mut Vec<f32>) -> &'s [f32] {
+        self.v
     }
 }
 
-fn tiled(q: &[f32], k: &[f32], v: &[f32], shape: Heads, out: &mut [f32]) {
+/// Causal attention on host data for one sequence: `q` `[len, heads · head_dim]` (positions
+/// `total - len .. total`) against the keys and values of `kv`; writes `[len, heads ·
+/// head_dim]` into `out`. The serving path on CPU: no tensor ops, no copies of the cache. Long
+/// prompts go by tiles (`Q_TILE` queries × `K_TILE` keys through gemm, online softmax), so memory
+/// is bounded by a tile, not by `len × total`, and tiles of different heads run in parallel.
+pub fn causal_attention_host(q: &[f32], kv: &dyn KvSource, shape: Heads, out: &mut [f32]) {
+    let len = q.len() / (shape.heads * shape.head_dim);
+    let total = kv.total();
+    assert!(len <= total, "attention: more queries than positions");
+    if len * total <= ROW_BY_ROW_UP_TO {
+        row_by_row(q, kv, shape, out);
+    } else {
+        tiled(q, kv, shape, out);
+    }
+}
+
+/// Copies rows `j0 .. j0 + n` of kv head `g` (keys or values) into `out` `[n, head_dim]`.
+fn gather(
+    kv: &dyn KvSource,
+    values: bool,
+    (j0, n, g, hd, kv_width): (usize, usize, usize, usize, usize),
+    scratch: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let bs = kv.block_rows();
+    let mut j = j0;
+    while j < j0 + n {
+        let (b, r0) = (j / bs, j % bs);
+        let take = (bs - r0).min(j0 + n - j);
+        let block = if values {
+            kv.values(b, scratch)
+        } else {
+            kv.keys(b, scratch)
+        };
+        for r in 0..take {
+            out[(j - j0 + r) * hd..][..hd]
+                .copy_from_slice(&block[(r0 + r) * kv_width + g * hd..][..hd]);
+        }
+        j += take;
+    }
+}
+
+fn tiled(q: &[f32], kv: &dyn KvSource, shape: Heads, out: &mut [f32]) {
     let Heads {
         heads,
         kv_heads,
@@ -105,9 +165,9 @@ fn tiled(q: &[f32], k: &[f32], v: &[f32], shape: Heads, out: &mut [f32]) {
     } = shape;
     use super::gemm::{gemm_f32, Mat};
     use rayon::prelude::*;
-    let (width, kv_width) = (heads * hd, kv_heads * hd);
+    let width = heads * hd;
     let len = q.len() / width;
-    let total = k.len() / kv_width;
+    let total = kv.total();
     let offset = total - len;
     let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
@@ -123,9 +183,14 @@ fn tiled(q: &[f32], k: &[f32], v: &[f32], shape: Heads, out: &mut [f32]) {
             let mut l = vec![0f32; qt];
             let mut o = vec![0f32; qt * hd];
             let mut s = vec![0f32; qt * K_TILE];
+            let (mut kt_rows, mut vt_rows) = (vec![0f32; K_TILE * hd], vec![0f32; K_TILE * hd]);
+            let mut scratch = Vec::new();
             let last = offset + i0 + qt - 1; // the last position this tile's queries see
             for j0 in (0..=last).step_by(K_TILE) {
                 let kt = K_TILE.min(last + 1 - j0);
+                let at = (j0, kt, g, hd, kv_heads * hd);
+                gather(kv, false, at, &mut scratch, &mut kt_rows);
+                gather(kv, true, at, &mut scratch, &mut vt_rows);
                 // s[qt, kt] = Q[qt, hd] · K[kt, hd]ᵀ
                 gemm_f32(
                     (qt, kt, hd),
@@ -134,9 +199,9 @@ fn tiled(q: &[f32], k: &[f32], v: &[f32], shape: Heads, out: &mut [f32]) {
                     false,
                     Mat::rows(&q[i0 * width + h * hd..], width),
                     Mat {
-                        data: &k[j0 * kv_width + g * hd..],
+                        data: &kt_rows,
                         rs: 1,
-                        cs: kv_width,
+                        cs: hd,
                     },
                     gemm::Parallelism::None,
                 );
@@ -171,7 +236,7 @@ fn tiled(q: &[f32], k: &[f32], v: &[f32], shape: Heads, out: &mut [f32]) {
                     hd,
                     true,
                     Mat::rows(&s, kt),
-                    Mat::rows(&v[j0 * kv_width + g * hd..], kv_width),
+                    Mat::rows(&vt_rows, hd),
                     gemm::Parallelism::None,
                 );
             }
@@ -189,43 +254,63 @@ fn tiled(q: &[f32], k: &[f32], v: &[f32], shape: Heads, out: &mut [f32]) {
     }
 }
 
-fn row_by_row(q: &[f32], k: &[f32], v: &[f32], shape: Heads, out: &mut [f32]) {
+/// Query row by query row, block by block: each block of keys/values is read (and widened, if
+/// stored narrower) once per query row for all heads.
+fn row_by_row(q: &[f32], kv: &dyn KvSource, shape: Heads, out: &mut [f32]) {
     let Heads {
         heads,
         kv_heads,
-        head_dim,
+        head_dim: hd,
     } = shape;
-    let width = heads * head_dim;
-    let kv_width = kv_heads * head_dim;
+    let (width, kv_width) = (heads * hd, kv_heads * hd);
     let len = q.len() / width;
-    let total = k.len() / kv_width;
+    let total = kv.total();
+    let bs = kv.block_rows();
     let group = heads / kv_heads;
-    let scale = 1.0 / (head_dim as f32).sqrt();
-    let mut scores = vec![0f32; total];
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut scores = vec![0f32; heads * total];
+    let mut scratch = Vec::new();
     for i in 0..len {
         let visible = total - len + i + 1;
-        for h in 0..heads {
-            let g = h / group;
-            let qh = &q[i * width + h * head_dim..][..head_dim];
-            let mut max = f32::NEG_INFINITY;
-            for (j, s) in scores.iter_mut().enumerate().take(visible) {
-                let kj = &k[j * kv_width + g * head_dim..][..head_dim];
-                let dot = dot(qh, kj);
-                *s = dot * scale;
-                max = max.max(*s);
+        let blocks = visible.div_ceil(bs);
+        for b in 0..blocks {
+            let kb = kv.keys(b, &mut scratch);
+            let n = bs.min(visible - b * bs);
+            for h in 0..heads {
+                let g = h / group;
+                let qh = &q[i * width + h * hd..][..hd];
+                let sh = &mut scores[h * total + b * bs..][..n];
+                for (r, s) in sh.iter_mut().enumerate() {
+                    *s = dot(qh, &kb[r * kv_width + g * hd..][..hd]) * scale;
+                }
             }
+        }
+        for h in 0..heads {
+            let sh = &mut scores[h * total..][..visible];
+            let max = sh.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let mut sum = 0f32;
-            for s in scores.iter_mut().take(visible) {
+            for s in sh.iter_mut() {
                 *s = (*s - max).exp();
                 sum += *s;
             }
-            let o = &mut out[i * width + h * head_dim..][..head_dim];
-            o.iter_mut().for_each(|x| *x = 0.0);
-            for (j, s) in scores.iter().enumerate().take(visible) {
-                let p = s / sum;
-                let vj = &v[j * kv_width + g * head_dim..][..head_dim];
-                for (x, y) in o.iter_mut().zip(vj) {
-                    *x += p * y;
+            let inv = 1.0 / sum;
+            sh.iter_mut().for_each(|s| *s *= inv);
+            out[i * width + h * hd..][..hd]
+                .iter_mut()
+                .for_each(|x| *x = 0.0);
+        }
+        for b in 0..blocks {
+            let vb = kv.values(b, &mut scratch);
+            let n = bs.min(visible - b * bs);
+            for h in 0..heads {
+                let g = h / group;
+                let o = &mut out[i * width + h * hd..][..hd];
+                for r in 0..n {
+                    let p = scores[h * total + b * bs + r];
+                    let vj = &vb[r * kv_width + g * hd..][..hd];
+                    for (x, y) in o.iter_mut().zip(vj) {
+                        *x += p * y;
+                    }
                 }
             }
         }
@@ -262,7 +347,32 @@ mod tests {
             let v = Tensor::randn(0f32, 1.0, (shape.kv_heads, total, shape.head_dim), &dev)?;
             let want: Vec<f32> = causal_attention(&q, &k, &v)?.flatten_all()?.to_vec1()?;
             let mut got = vec![0f32; len * shape.heads * shape.head_dim];
-            causal_attention_host(&rows(&q)?, &rows(&k)?, &rows(&v)?, shape, &mut got);
+            let (kr, vr) = (rows(&k)?, rows(&v)?);
+            let kv_width = shape.kv_heads * shape.head_dim;
+            causal_attention_host(
+                &rows(&q)?,
+                &Contiguous {
+                    k: &kr,
+                    v: &vr,
+                    kv_width,
+                },
+                shape,
+                &mut got,
+            );
+            // The same history in blocks of 7 rows (a paged cache's view) gives the same result.
+            let blocks = Blocks7 {
+                k: &kr,
+                v: &vr,
+                kv_width,
+            };
+            let mut paged = vec![0f32; got.len()];
+            causal_attention_host(&rows(&q)?, &blocks, shape, &mut paged);
+            let apart = got
+                .iter()
+                .zip(&paged)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(apart < 1e-5, "len {len} total {total} paged: {apart}");
             let worst = got
                 .iter()
                 .zip(&want)
@@ -271,6 +381,39 @@ mod tests {
             assert!(worst < 1e-4, "len {len} total {total}: {worst}");
         }
         Ok(())
+    }
+
+    /// A history cut into blocks of 7 rows, each handed out through the scratch buffer (as a
+    /// narrower stored dtype would be).
+    struct Blocks7<'a> {
+        k: &'a [f32],
+        v: &'a [f32],
+        kv_width: usize,
+    }
+
+    impl Blocks7<'_> {
+        fn block<'s>(&self, data: &[f32], b: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
+            let rows = 7.min(self.total() - b * 7);
+            scratch.clear();
+            scratch.extend_from_slice(&data[b * 7 * self.kv_width..][..rows * self.kv_width]);
+            scratch.resize(7 * self.kv_width, f32::NAN); // rows past the end must not be read
+            scratch
+        }
+    }
+
+    impl KvSource for Blocks7<'_> {
+        fn total(&self) -> usize {
+            self.k.len() / self.kv_width
+        }
+        fn block_rows(&self) -> usize {
+            7
+        }
+        fn keys<'s>(&'s self, b: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
+            self.block(self.k, b, scratch)
+        }
+        fn values<'s>(&'s self, b: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
+            self.block(self.v, b, scratch)
+        }
     }
 
     #[test]

@@ -137,6 +137,7 @@ impl From<EngineError> for ApiError {
             EngineError::QueueFull => Self::TooManyRequests,
             EngineError::TooLarge { .. } => Self::bad("max_tokens", e.to_string()),
             EngineError::Draining => Self::Unavailable(e.to_string()),
+            EngineError::Pool(_) => Self::Internal(e.to_string()),
         }
     }
 }

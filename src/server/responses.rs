@@ -82,11 +82,11 @@ pub async fn collect(
         match ev {
             Event::Token {
                 text: piece,
-                logprob,
+                logprobs,
                 ..
             } => {
                 text.push_str(&piece);
-                lps.extend(logprob);
+                lps.extend(logprobs);
             }
             Event::Error(e) => return Err(ApiError::Internal(e)),
             Event::Aborted(e) => return Err(ApiError::Unavailable(e)),
@@ -146,18 +146,19 @@ fn chunk(meta: &Meta, choices: Value, usage: Option<Value>) -> SseEvent {
 fn delta_choice(
     meta: &Meta,
     text: &str,
-    logprob: Option<&TokenLogprob>,
+    logprobs: &[TokenLogprob],
     finish: Option<&str>,
     offset: usize,
 ) -> Value {
+    let some = (!logprobs.is_empty()).then_some(logprobs);
     match meta.kind {
         Kind::Chat => {
             json!([{"index": 0, "delta": if text.is_empty() && finish.is_some() { json!({}) } else { json!({"content": text}) },
-            "logprobs": logprob.map(|l| json!({"content": [chat_logprob(&meta.tokenizer, l)]})),
+            "logprobs": some.map(|l| json!({"content": l.iter().map(|l| chat_logprob(&meta.tokenizer, l)).collect::<Vec<_>>()})),
             "finish_reason": finish}])
         }
         Kind::Completion => json!([{"index": 0, "text": text,
-            "logprobs": logprob.map(|l| completion_logprobs(&meta.tokenizer, std::slice::from_ref(l), offset)),
+            "logprobs": some.map(|l| completion_logprobs(&meta.tokenizer, l, offset)),
             "finish_reason": finish}]),
     }
 }
@@ -170,7 +171,7 @@ pub fn stream(meta: Meta, rx: UnboundedReceiver<Event>) -> Response {
         Kind::Chat => first.push(chunk(&meta, json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), None)),
         Kind::Completion => {
             if let Some(e) = &meta.echo {
-                first.push(chunk(&meta, delta_choice(&meta, e, None, None, 0), None));
+                first.push(chunk(&meta, delta_choice(&meta, e, &[], None, 0), None));
             }
         }
     }
@@ -182,13 +183,13 @@ pub fn stream(meta: Meta, rx: UnboundedReceiver<Event>) -> Response {
         }
         let events: Vec<SseEvent> = match rx.recv().await {
             None => return None,
-            Some(Event::Token { text, logprob, .. }) => {
-                if text.is_empty() && logprob.is_none() {
+            Some(Event::Token { text, logprobs, .. }) => {
+                if text.is_empty() && logprobs.is_empty() {
                     return Some((Vec::new(), (meta, rx, false, offset)));
                 }
                 let ev = chunk(
                     &meta,
-                    delta_choice(&meta, &text, logprob.as_ref(), None, offset),
+                    delta_choice(&meta, &text, &logprobs, None, offset),
                     None,
                 );
                 return Some((vec![ev], (meta, rx, false, offset + text.len())));
@@ -214,7 +215,7 @@ pub fn stream(meta: Meta, rx: UnboundedReceiver<Event>) -> Response {
             }) => {
                 let mut v = vec![chunk(
                     &meta,
-                    delta_choice(&meta, "", None, Some(finish_reason.as_str()), offset),
+                    delta_choice(&meta, "", &[], Some(finish_reason.as_str()), offset),
                     None,
                 )];
                 if meta.include_usage {

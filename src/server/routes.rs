@@ -305,10 +305,13 @@ pub async fn vllm_unload(
     remove(&st, &caller, &req.lora_name).await
 }
 
-/// `ok`, or 503 once the server drains for shutdown (so load balancers stop sending).
+/// `ok`, or 503 once the server drains for shutdown (so load balancers stop sending) and while
+/// the engine rebuilds after a fault.
 pub async fn health(State(st): St) -> Response {
     if st.engine.is_draining() {
         (StatusCode::SERVICE_UNAVAILABLE, "draining").into_response()
+    } else if !st.engine.is_healthy() {
+        (StatusCode::SERVICE_UNAVAILABLE, "rebuilding").into_response()
     } else {
         "ok".into_response()
     }
