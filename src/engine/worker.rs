@@ -140,15 +140,21 @@ impl Worker {
                     Err(_) => return,
                 }
             }
-            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
-            if let Err(p) = r {
-                self.recover(p);
-            }
+            self.step();
         }
     }
 
-    /// One step of the engine; returns whether requests remain (running or waiting).
+    /// One step of the engine, under `catch_unwind` (a panic is recovered from: see
+    /// `recover`); returns whether requests remain (running or waiting).
     pub fn step(&mut self) -> bool {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step_inner()));
+        r.unwrap_or_else(|p| {
+            self.recover(p);
+            !self.idle()
+        })
+    }
+
+    fn step_inner(&mut self) -> bool {
         while let Ok(s) = self.rx.try_recv() {
             self.receive(s);
         }
