@@ -377,3 +377,90 @@ fn sigterm_past_the_timeout_cancels_long_streams_and_exits_promptly() {
         "exited {took:?} after SIGTERM (timeout 1 s)"
     );
 }
+
+/// An 8,000-token prompt on the default model: the server's peak RSS stays below 1.5 GB (the
+/// KV pool, not a `len²` score matrix, bounds it), and two running streams keep producing
+/// tokens while it prefills in chunks.
+#[cfg(target_os = "linux")]
+#[test]
+fn an_8000_token_prompt_keeps_memory_bounded_and_streams_going() {
+    use std::sync::{Arc, Mutex};
+    let (mut child, port) = start(&["--adapters", "adapters"]);
+    let stamps: Vec<Arc<Mutex<Vec<Instant>>>> = (0..2).map(|_| Arc::default()).collect();
+    let streams: Vec<_> = stamps
+        .iter()
+        .map(|s| {
+            let s = s.clone();
+            std::thread::spawn(move || {
+                let body = r#"{"messages":[{"role":"user","content":"Tell me a story."}],"max_tokens":1500,"temperature":0,"ignore_eos":true,"stream":true}"#;
+                let reader = BufReader::new(post(port, "/v1/chat/completions", body));
+                for line in reader.lines() {
+                    let Ok(line) = line else { break };
+                    if line.contains("\"content\":\"") {
+                        s.lock().unwrap().push(Instant::now());
+                    }
+                    if line.contains("[DONE]") {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    while stamps.iter().any(|s| s.lock().unwrap().len() < 3) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ids: Vec<String> = (0..8000u32)
+        .map(|i| (1000 + i * 7919 % 39000).to_string())
+        .collect();
+    let body = format!(
+        r#"{{"prompt":[{}],"max_tokens":1,"temperature":0}}"#,
+        ids.join(",")
+    );
+    let began = Instant::now();
+    let mut answer = String::new();
+    post(port, "/v1/completions", &body)
+        .read_to_string(&mut answer)
+        .unwrap();
+    let ended = Instant::now();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"prompt_tokens\":8000"), "{answer}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let peak_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    child.kill().unwrap();
+    let _ = child.wait();
+    for s in streams {
+        let _ = s.join();
+    }
+    // The longest gap between tokens of each stream while the prompt prefilled.
+    let gaps: Vec<Duration> = stamps
+        .iter()
+        .map(|s| {
+            let s = s.lock().unwrap();
+            let during: Vec<Instant> = s
+                .iter()
+                .copied()
+                .filter(|&t| t >= began && t <= ended)
+                .collect();
+            let mut edges = vec![began];
+            edges.extend(during);
+            edges.push(ended);
+            edges.windows(2).map(|w| w[1] - w[0]).max().unwrap()
+        })
+        .collect();
+    eprintln!(
+        "8,000-token prompt: {:?}; peak RSS {peak_kb} kB; streams' longest gaps {gaps:?}",
+        ended - began
+    );
+    assert!(peak_kb < 1_464_843, "peak RSS {peak_kb} kB ≥ 1.5 GB");
+    for g in gaps {
+        assert!(
+            g < Duration::from_secs(5) && g * 4 < ended - began,
+            "a stream stalled {g:?} during a {:?} prefill",
+            ended - began
+        );
+    }
+}
