@@ -2,6 +2,8 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+use super::vexp;
+
 /// `q`: `[heads, len, head_dim]` for positions `total - len .. total`;
 /// `k`, `v`: `[kv_heads, total, head_dim]` (cache plus the new rows).
 /// Returns `[len, heads * head_dim]`.
@@ -49,7 +51,7 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 
 /// A dot product in 8 independent lanes (so the compiler vectorizes it; one running sum cannot
 /// be reordered).
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
@@ -158,94 +160,16 @@ fn gather(
 }
 
 fn tiled(q: &[f32], kv: &dyn KvSource, shape: Heads, out: &mut [f32]) {
-    let Heads {
-        heads,
-        kv_heads,
-        head_dim: hd,
-    } = shape;
-    use super::gemm::{gemm_f32, Mat};
     use rayon::prelude::*;
+    let (heads, hd) = (shape.heads, shape.head_dim);
     let width = heads * hd;
     let len = q.len() / width;
-    let total = kv.total();
-    let offset = total - len;
-    let group = heads / kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
     let tasks: Vec<(usize, usize)> = (0..heads)
         .flat_map(|h| (0..len).step_by(Q_TILE).map(move |i0| (h, i0)))
         .collect();
     let results: Vec<(usize, usize, Vec<f32>)> = tasks
         .into_par_iter()
-        .map(|(h, i0)| {
-            let g = h / group;
-            let qt = Q_TILE.min(len - i0);
-            let mut m = vec![f32::NEG_INFINITY; qt];
-            let mut l = vec![0f32; qt];
-            let mut o = vec![0f32; qt * hd];
-            let mut s = vec![0f32; qt * K_TILE];
-            let (mut kt_rows, mut vt_rows) = (vec![0f32; K_TILE * hd], vec![0f32; K_TILE * hd]);
-            let mut scratch = Vec::new();
-            let last = offset + i0 + qt - 1; // the last position this tile's queries see
-            for j0 in (0..=last).step_by(K_TILE) {
-                let kt = K_TILE.min(last + 1 - j0);
-                let at = (j0, kt, g, hd, kv_heads * hd);
-                gather(kv, false, at, &mut scratch, &mut kt_rows);
-                gather(kv, true, at, &mut scratch, &mut vt_rows);
-                // s[qt, kt] = Q[qt, hd] · K[kt, hd]ᵀ
-                gemm_f32(
-                    (qt, kt, hd),
-                    &mut s,
-                    kt,
-                    false,
-                    Mat::rows(&q[i0 * width + h * hd..], width),
-                    Mat {
-                        data: &kt_rows,
-                        rs: 1,
-                        cs: hd,
-                    },
-                    gemm::Parallelism::None,
-                );
-                for a in 0..qt {
-                    let row = &mut s[a * kt..(a + 1) * kt];
-                    let pos = offset + i0 + a;
-                    let mut max = m[a];
-                    for (b, x) in row.iter_mut().enumerate() {
-                        *x = if j0 + b <= pos {
-                            *x * scale
-                        } else {
-                            f32::NEG_INFINITY
-                        };
-                        max = max.max(*x);
-                    }
-                    let factor = (m[a] - max).exp();
-                    let mut sum = 0f32;
-                    for x in row.iter_mut() {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
-                    l[a] = l[a] * factor + sum;
-                    m[a] = max;
-                    o[a * hd..(a + 1) * hd]
-                        .iter_mut()
-                        .for_each(|y| *y *= factor);
-                }
-                // o[qt, hd] += P[qt, kt] · V[kt, hd]
-                gemm_f32(
-                    (qt, hd, kt),
-                    &mut o,
-                    hd,
-                    true,
-                    Mat::rows(&s, kt),
-                    Mat::rows(&vt_rows, hd),
-                    gemm::Parallelism::None,
-                );
-            }
-            for a in 0..qt {
-                let inv = 1.0 / l[a];
-                o[a * hd..(a + 1) * hd].iter_mut().for_each(|y| *y *= inv);
-            }
-            (h, i0, o)
-        })
+        .map(|(h, i0)| (h, i0, tile(q, kv, shape, h, i0)))
         .collect();
     for (h, i0, o) in results {
         for (a, row) in o.chunks_exact(hd).enumerate() {
@@ -254,9 +178,183 @@ fn tiled(q: &[f32], kv: &dyn KvSource, shape: Heads, out: &mut [f32]) {
     }
 }
 
-/// Query row by query row, block by block: each block of keys/values is read (and widened, if
-/// stored narrower) once per query row for all heads.
+/// Query head `h`, queries `i0 .. i0 + Q_TILE` against every key they see, tile by tile:
+/// `[rows, head_dim]`.
+fn tile(q: &[f32], kv: &dyn KvSource, shape: Heads, h: usize, i0: usize) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu_features::avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+        return unsafe { tile_avx2(q, kv, shape, h, i0) };
+    }
+    tile_body::<false>(q, kv, shape, h, i0)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2(q: &[f32], kv: &dyn KvSource, shape: Heads, h: usize, i0: usize) -> Vec<f32> {
+    tile_body::<true>(q, kv, shape, h, i0)
+}
+
+/// `AVX`: compiled into `tile_avx2` (so its intrinsics may be used).
+#[inline(always)]
+fn tile_body<const AVX: bool>(
+    q: &[f32],
+    kv: &dyn KvSource,
+    shape: Heads,
+    h: usize,
+    i0: usize,
+) -> Vec<f32> {
+    use super::gemm::{gemm_f32, Mat};
+    let Heads {
+        heads,
+        kv_heads,
+        head_dim: hd,
+    } = shape;
+    let width = heads * hd;
+    let len = q.len() / width;
+    let offset = kv.total() - len;
+    let group = heads / kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let g = h / group;
+    let qt = Q_TILE.min(len - i0);
+    let mut m = vec![f32::NEG_INFINITY; qt];
+    let mut l = vec![0f32; qt];
+    let mut o = vec![0f32; qt * hd];
+    let mut s = vec![0f32; qt * K_TILE];
+    let (mut kt_rows, mut vt_rows) = (vec![0f32; K_TILE * hd], vec![0f32; K_TILE * hd]);
+    let mut scratch = Vec::new();
+    let last = offset + i0 + qt - 1; // the last position this tile's queries see
+    for j0 in (0..=last).step_by(K_TILE) {
+        let kt = K_TILE.min(last + 1 - j0);
+        let at = (j0, kt, g, hd, kv_heads * hd);
+        gather(kv, false, at, &mut scratch, &mut kt_rows);
+        gather(kv, true, at, &mut scratch, &mut vt_rows);
+        // s[qt, kt] = Q[qt, hd] · K[kt, hd]ᵀ
+        gemm_f32(
+            (qt, kt, hd),
+            &mut s,
+            kt,
+            false,
+            Mat::rows(&q[i0 * width + h * hd..], width),
+            Mat {
+                data: &kt_rows,
+                rs: 1,
+                cs: hd,
+            },
+            gemm::Parallelism::None,
+        );
+        for a in 0..qt {
+            let row = &mut s[a * kt..(a + 1) * kt];
+            let pos = offset + i0 + a;
+            // Keys j0 .. j0 + visible are at or before this query's position.
+            let visible = (pos + 1).saturating_sub(j0).min(kt);
+            row[..visible].iter_mut().for_each(|x| *x *= scale);
+            row[visible..].fill(f32::NEG_INFINITY);
+            let max = max_of(&row[..visible], m[a]);
+            let factor = vexp::exp(m[a] - max);
+            let sum = exp_sub_sum::<AVX>(row, max);
+            l[a] = l[a] * factor + sum;
+            m[a] = max;
+            o[a * hd..(a + 1) * hd]
+                .iter_mut()
+                .for_each(|y| *y *= factor);
+        }
+        // o[qt, hd] += P[qt, kt] · V[kt, hd]
+        gemm_f32(
+            (qt, hd, kt),
+            &mut o,
+            hd,
+            true,
+            Mat::rows(&s, kt),
+            Mat::rows(&vt_rows, hd),
+            gemm::Parallelism::None,
+        );
+    }
+    for a in 0..qt {
+        let inv = 1.0 / l[a];
+        o[a * hd..(a + 1) * hd].iter_mut().for_each(|y| *y *= inv);
+    }
+    o
+}
+
+/// `vexp::exp_sub_sum`, with AVX2 where the caller is compiled for it.
+#[inline(always)]
+fn exp_sub_sum<const AVX: bool>(xs: &mut [f32], max: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if AVX {
+        // SAFETY: `AVX` is true only in functions compiled for (and run on) AVX2 + FMA.
+        return unsafe { vexp::exp_sub_sum_avx2(xs, max) };
+    }
+    vexp::exp_sub_sum(xs, max)
+}
+
+/// The largest of `xs` and `init` (8 lanes, so it vectorizes).
+#[inline(always)]
+fn max_of(xs: &[f32], init: f32) -> f32 {
+    let mut acc = [init; 8];
+    let chunks = xs.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(init, |a, &b| a.max(b));
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] = if c[l] > acc[l] { c[l] } else { acc[l] };
+        }
+    }
+    acc.iter().fold(tail, |a, &b| a.max(b))
+}
+
+/// Query row by query row, block by block, one task per kv head (its group of query heads):
+/// each block of keys/values is read (and widened, if stored narrower) once per query row.
 fn row_by_row(q: &[f32], kv: &dyn KvSource, shape: Heads, out: &mut [f32]) {
+    use rayon::prelude::*;
+    let Heads {
+        heads,
+        kv_heads,
+        head_dim: hd,
+    } = shape;
+    let width = heads * hd;
+    let len = q.len() / width;
+    let group = heads / kv_heads;
+    let gw = group * hd;
+    let parts: Vec<Vec<f32>> = (0..kv_heads)
+        .into_par_iter()
+        .map(|g| {
+            let mut part = vec![0f32; len * gw];
+            one_group(q, kv, shape, g, &mut part);
+            part
+        })
+        .collect();
+    for (g, part) in parts.iter().enumerate() {
+        for i in 0..len {
+            out[i * width + g * gw..][..gw].copy_from_slice(&part[i * gw..][..gw]);
+        }
+    }
+}
+
+/// `row_by_row` for the query heads of kv head `g`: writes `[len, group · head_dim]`.
+fn one_group(q: &[f32], kv: &dyn KvSource, shape: Heads, g: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu_features::avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
+        return unsafe { one_group_avx2(q, kv, shape, g, out) };
+    }
+    one_group_body::<false>(q, kv, shape, g, out)
+}
+
+/// `one_group` compiled for AVX2 (the loops in its body vectorize 8 wide).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn one_group_avx2(q: &[f32], kv: &dyn KvSource, shape: Heads, g: usize, out: &mut [f32]) {
+    one_group_body::<true>(q, kv, shape, g, out)
+}
+
+#[inline(always)]
+fn one_group_body<const AVX: bool>(
+    q: &[f32],
+    kv: &dyn KvSource,
+    shape: Heads,
+    g: usize,
+    out: &mut [f32],
+) {
     let Heads {
         heads,
         kv_heads,
@@ -268,7 +366,7 @@ fn row_by_row(q: &[f32], kv: &dyn KvSource, shape: Heads, out: &mut [f32]) {
     let bs = kv.block_rows();
     let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut scores = vec![0f32; heads * total];
+    let mut scores = vec![0f32; group * total];
     let mut scratch = Vec::new();
     for i in 0..len {
         let visible = total - len + i + 1;
@@ -276,42 +374,118 @@ fn row_by_row(q: &[f32], kv: &dyn KvSource, shape: Heads, out: &mut [f32]) {
         for b in 0..blocks {
             let kb = kv.keys(b, &mut scratch);
             let n = bs.min(visible - b * bs);
-            for h in 0..heads {
-                let g = h / group;
-                let qh = &q[i * width + h * hd..][..hd];
-                let sh = &mut scores[h * total + b * bs..][..n];
-                for (r, s) in sh.iter_mut().enumerate() {
+            for j in 0..group {
+                let qh = &q[i * width + (g * group + j) * hd..][..hd];
+                let sc = &mut scores[j * total + b * bs..][..n];
+                #[cfg(target_arch = "x86_64")]
+                if AVX && hd % 8 == 0 {
+                    // SAFETY: AVX2 + FMA (see `AVX`); `kb` holds `n` rows of `kv_width`, and
+                    // head `g`'s `hd` columns lie inside each.
+                    unsafe { avx2::scores(qh, &kb[g * hd..], kv_width, scale, sc) };
+                    continue;
+                }
+                for (r, s) in sc.iter_mut().enumerate() {
                     *s = dot(qh, &kb[r * kv_width + g * hd..][..hd]) * scale;
                 }
             }
         }
-        for h in 0..heads {
-            let sh = &mut scores[h * total..][..visible];
-            let max = sh.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in sh.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
+        for j in 0..group {
+            let sh = &mut scores[j * total..][..visible];
+            let max = max_of(sh, f32::NEG_INFINITY);
+            let inv = 1.0 / exp_sub_sum::<AVX>(sh, max);
             sh.iter_mut().for_each(|s| *s *= inv);
-            out[i * width + h * hd..][..hd]
-                .iter_mut()
-                .for_each(|x| *x = 0.0);
         }
+        let o = &mut out[i * group * hd..][..group * hd];
+        o.fill(0.0);
         for b in 0..blocks {
             let vb = kv.values(b, &mut scratch);
             let n = bs.min(visible - b * bs);
-            for h in 0..heads {
-                let g = h / group;
-                let o = &mut out[i * width + h * hd..][..hd];
-                for r in 0..n {
-                    let p = scores[h * total + b * bs + r];
+            for j in 0..group {
+                let p = &scores[j * total + b * bs..][..n];
+                let oj = &mut o[j * hd..][..hd];
+                #[cfg(target_arch = "x86_64")]
+                if AVX && hd % 64 == 0 {
+                    // SAFETY: as for the scores.
+                    unsafe { avx2::weighted_sum(p, &vb[g * hd..], kv_width, oj) };
+                    continue;
+                }
+                for (r, &pr) in p.iter().enumerate() {
                     let vj = &vb[r * kv_width + g * hd..][..hd];
-                    for (x, y) in o.iter_mut().zip(vj) {
-                        *x += p * y;
+                    for (x, y) in oj.iter_mut().zip(vj) {
+                        *x += pr * y;
                     }
                 }
+            }
+        }
+    }
+}
+
+/// The decode kernels with AVX2 + FMA: scores of four keys at a time (four independent
+/// accumulators, reduced together), and the weighted sum of value rows with the output in
+/// registers across rows.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    /// `out[r] = scale · q · k_r` for `r < out.len()`, `k_r = k[r · stride ..][..q.len()]`;
+    /// `q.len()` a multiple of 8.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scores(q: &[f32], k: &[f32], stride: usize, scale: f32, out: &mut [f32]) {
+        let (n, hd) = (out.len(), q.len());
+        assert!(hd % 8 == 0 && (n == 0 || k.len() >= (n - 1) * stride + hd));
+        let (qp, kp) = (q.as_ptr(), k.as_ptr());
+        let mut r = 0;
+        while r + 4 <= n {
+            let rows = [0, 1, 2, 3].map(|i| kp.add((r + i) * stride));
+            let mut acc = [_mm256_setzero_ps(); 4];
+            for c in (0..hd).step_by(8) {
+                let qc = _mm256_loadu_ps(qp.add(c));
+                for i in 0..4 {
+                    acc[i] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(rows[i].add(c)), acc[i]);
+                }
+            }
+            let s = _mm256_hadd_ps(
+                _mm256_hadd_ps(acc[0], acc[1]),
+                _mm256_hadd_ps(acc[2], acc[3]),
+            );
+            let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s));
+            _mm_storeu_ps(out.as_mut_ptr().add(r), _mm_mul_ps(s, _mm_set1_ps(scale)));
+            r += 4;
+        }
+        for (i, o) in out.iter_mut().enumerate().skip(r) {
+            let row = &k[i * stride..][..hd];
+            let mut acc = _mm256_setzero_ps();
+            for c in (0..hd).step_by(8) {
+                acc = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(qp.add(c)),
+                    _mm256_loadu_ps(row.as_ptr().add(c)),
+                    acc,
+                );
+            }
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+            *o = lanes.iter().sum::<f32>() * scale;
+        }
+    }
+
+    /// `o += Σ_r p[r] · v_r`, `v_r = v[r · stride ..][..o.len()]`; `o.len()` a multiple of 64
+    /// (each 64 columns stay in eight registers across all rows).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_sum(p: &[f32], v: &[f32], stride: usize, o: &mut [f32]) {
+        let (n, hd) = (p.len(), o.len());
+        assert!(hd % 64 == 0 && (n == 0 || v.len() >= (n - 1) * stride + hd));
+        for c0 in (0..hd).step_by(64) {
+            let op = o.as_mut_ptr().add(c0);
+            let mut acc = [0, 1, 2, 3, 4, 5, 6, 7].map(|i| _mm256_loadu_ps(op.add(8 * i)));
+            for (r, &pr) in p.iter().enumerate() {
+                let w = _mm256_set1_ps(pr);
+                let row = v.as_ptr().add(r * stride + c0);
+                for (i, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(row.add(8 * i)), *a);
+                }
+            }
+            for (i, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(op.add(8 * i), *a);
             }
         }
     }
@@ -327,20 +501,25 @@ mod tests {
     #[test]
     fn host_attention_equals_the_tensor_path() -> Result<()> {
         let dev = Device::Cpu;
-        let shape = Heads {
-            heads: 6,
-            kv_heads: 2,
-            head_dim: 8,
-        };
         let rows = |t: &Tensor| -> Result<Vec<f32>> {
             t.transpose(0, 1)?.contiguous()?.flatten_all()?.to_vec1()
         };
-        for (len, total, tiled) in [
-            (3, 7, false),
-            (1, 300, false),
-            (300, 333, true),
-            (160, 200, true),
+        // Head sizes 8 (the AVX2 scores kernel), 64 (its weighted sum too), 12 (portable).
+        for (len, total, tiled, head_dim) in [
+            (3, 7, false, 8),
+            (1, 300, false, 8),
+            (300, 333, true, 8),
+            (160, 200, true, 8),
+            (1, 301, false, 64),
+            (5, 42, false, 64),
+            (100, 230, true, 64),
+            (2, 37, false, 12),
         ] {
+            let shape = Heads {
+                heads: 6,
+                kv_heads: 2,
+                head_dim,
+            };
             assert_eq!(len * total > ROW_BY_ROW_UP_TO, tiled);
             let q = Tensor::randn(0f32, 1.0, (shape.heads, len, shape.head_dim), &dev)?;
             let k = Tensor::randn(0f32, 1.0, (shape.kv_heads, total, shape.head_dim), &dev)?;

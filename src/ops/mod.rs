@@ -14,6 +14,7 @@ pub mod lora_cpu;
 pub mod profile;
 pub mod rms_norm;
 pub mod rope;
+pub mod vexp;
 
 pub use attention::causal_attention;
 pub use rms_norm::rms_norm;
