@@ -9,20 +9,25 @@ use half::{bf16, f16};
 
 use crate::ops::attention::KvSource;
 
-/// How the pool stores keys and values (attention widens to f32 as it reads).
+/// How the pool stores keys and values (attention widens to f32 as it reads). `Int8`: each
+/// head's row of a key or value is scaled by its absolute maximum to ±127 and rounded (one f32
+/// scale per row and head): a quarter of f32's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvDtype {
     #[default]
     F32,
     Bf16,
     F16,
+    Int8,
 }
 
 impl KvDtype {
+    /// Bytes per stored element (an int8 row also has a 4-byte scale per head).
     pub fn bytes(self) -> usize {
         match self {
             Self::F32 => 4,
             Self::Bf16 | Self::F16 => 2,
+            Self::Int8 => 1,
         }
     }
 
@@ -31,6 +36,7 @@ impl KvDtype {
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
             Self::F16 => "f16",
+            Self::Int8 => "int8",
         }
     }
 }
@@ -42,8 +48,9 @@ impl std::str::FromStr for KvDtype {
             "f32" => Ok(Self::F32),
             "bf16" => Ok(Self::Bf16),
             "f16" => Ok(Self::F16),
+            "int8" => Ok(Self::Int8),
             other => Err(format!(
-                "KV cache dtype `{other}`: expected f32, bf16 or f16"
+                "KV cache dtype `{other}`: expected f32, bf16, f16 or int8"
             )),
         }
     }
@@ -53,14 +60,17 @@ enum Store {
     F32(Vec<f32>),
     /// bf16 or f16 bit patterns.
     Half(Vec<u16>),
+    /// Values, and one scale per row and head.
+    Int8(Vec<i8>, Vec<f32>),
 }
 
 /// The shape of a pool: `blocks` blocks of `block_size` positions for `layers` layers of
-/// `kv_width` (= kv_heads · head_dim) keys and as many values.
+/// `kv_heads` heads of `head_dim` keys and as many values.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolShape {
     pub layers: usize,
-    pub kv_width: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
     pub block_size: usize,
     pub blocks: usize,
     pub dtype: KvDtype,
@@ -69,7 +79,16 @@ pub struct PoolShape {
 impl PoolShape {
     /// Bytes the pool takes (`None`: does not fit in an address space).
     pub fn bytes(&self) -> Option<usize> {
-        self.elements()?.checked_mul(self.dtype.bytes())
+        let values = self.elements()?.checked_mul(self.dtype.bytes())?;
+        let scales = match self.dtype {
+            KvDtype::Int8 => (self.elements()? / self.head_dim.max(1)).checked_mul(4)?,
+            _ => 0,
+        };
+        values.checked_add(scales)
+    }
+
+    pub fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim
     }
 
     fn elements(&self) -> Option<usize> {
@@ -77,7 +96,8 @@ impl PoolShape {
             .checked_mul(2)?
             .checked_mul(self.blocks)?
             .checked_mul(self.block_size)?
-            .checked_mul(self.kv_width)
+            .checked_mul(self.kv_heads)?
+            .checked_mul(self.head_dim)
     }
 }
 
@@ -95,7 +115,7 @@ impl std::fmt::Debug for KvPool {
 impl KvPool {
     /// Allocates the whole pool (zeroed; the OS commits pages as blocks are first written).
     pub fn new(shape: PoolShape) -> Result<Self, String> {
-        if shape.block_size == 0 || shape.blocks == 0 || shape.kv_width == 0 {
+        if shape.block_size == 0 || shape.blocks == 0 || shape.kv_width() == 0 {
             return Err(format!("KV pool: empty shape {shape:?}"));
         }
         let n = shape
@@ -105,6 +125,7 @@ impl KvPool {
         let store = match shape.dtype {
             KvDtype::F32 => Store::F32(vec![0f32; n]),
             KvDtype::Bf16 | KvDtype::F16 => Store::Half(vec![0u16; n]),
+            KvDtype::Int8 => Store::Int8(vec![0i8; n], vec![0f32; n / shape.head_dim]),
         };
         Ok(Self { shape, store })
     }
@@ -124,7 +145,7 @@ impl KvPool {
     /// Offset of row 0 of `block` (keys: `which` 0, values: 1) of `layer`.
     fn base(&self, layer: usize, which: usize, block: u32) -> usize {
         let s = &self.shape;
-        ((layer * 2 + which) * s.blocks + block as usize) * s.block_size * s.kv_width
+        ((layer * 2 + which) * s.blocks + block as usize) * s.block_size * s.kv_width()
     }
 
     /// Writes `k`, `v` (`[n, kv_width]`) at positions `start .. start + n` of the sequence whose
@@ -138,7 +159,11 @@ impl KvPool {
         k: &[f32],
         v: &[f32],
     ) {
-        let (bs, w) = (self.shape.block_size, self.shape.kv_width);
+        let (bs, w, hd) = (
+            self.shape.block_size,
+            self.shape.kv_width(),
+            self.shape.head_dim,
+        );
         let n = k.len() / w;
         let dtype = self.shape.dtype;
         let mut pos = start;
@@ -148,16 +173,28 @@ impl KvPool {
             let src = (pos - start) * w..(pos - start + take) * w;
             for (which, data) in [(0, k), (1, v)] {
                 let at = self.base(layer, which, table[b]) + r0 * w;
+                let data = &data[src.clone()];
                 match &mut self.store {
-                    Store::F32(d) => d[at..at + take * w].copy_from_slice(&data[src.clone()]),
+                    Store::F32(d) => d[at..at + take * w].copy_from_slice(data),
                     Store::Half(d) => {
                         let dst = &mut d[at..at + take * w];
                         if dtype == KvDtype::Bf16 {
                             dst.reinterpret_cast_mut::<bf16>()
-                                .convert_from_f32_slice(&data[src.clone()]);
+                                .convert_from_f32_slice(data);
                         } else {
                             dst.reinterpret_cast_mut::<f16>()
-                                .convert_from_f32_slice(&data[src.clone()]);
+                                .convert_from_f32_slice(data);
+                        }
+                    }
+                    Store::Int8(d, scales) => {
+                        for (j, x) in data.chunks_exact(hd).enumerate() {
+                            let absmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+                            let scale = absmax / 127.0;
+                            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                            scales[at / hd + j] = scale;
+                            for (q, v) in d[at + j * hd..][..hd].iter_mut().zip(x) {
+                                *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                            }
                         }
                     }
                 }
@@ -181,28 +218,69 @@ impl KvPool {
         }
     }
 
-    fn block<'s>(
+    /// Head `head` of `block`'s rows (keys: `which` 0, values: 1) as f32 with their row stride:
+    /// f32 straight from the pool, other dtypes widened into `scratch` (`[block_size, head_dim]`).
+    fn head<'s>(
         &'s self,
-        layer: usize,
-        which: usize,
-        block: u32,
+        (layer, which, block, head): (usize, usize, u32, usize),
         scratch: &'s mut Vec<f32>,
-    ) -> &'s [f32] {
-        let len = self.shape.block_size * self.shape.kv_width;
-        let at = self.base(layer, which, block);
+    ) -> (&'s [f32], usize) {
+        let (bs, hd, w) = (
+            self.shape.block_size,
+            self.shape.head_dim,
+            self.shape.kv_width(),
+        );
+        let at = self.base(layer, which, block) + head * hd;
         match &self.store {
-            Store::F32(d) => &d[at..at + len],
+            Store::F32(d) => (&d[at..at + (bs - 1) * w + hd], w),
             Store::Half(d) => {
-                scratch.resize(len, 0.0);
-                let src = &d[at..at + len];
-                if self.shape.dtype == KvDtype::Bf16 {
-                    src.reinterpret_cast::<bf16>().convert_to_f32_slice(scratch);
-                } else {
-                    src.reinterpret_cast::<f16>().convert_to_f32_slice(scratch);
+                scratch.resize(bs * hd, 0.0);
+                for r in 0..bs {
+                    let src = &d[at + r * w..][..hd];
+                    let dst = &mut scratch[r * hd..][..hd];
+                    if self.shape.dtype == KvDtype::Bf16 {
+                        src.reinterpret_cast::<bf16>().convert_to_f32_slice(dst);
+                    } else {
+                        src.reinterpret_cast::<f16>().convert_to_f32_slice(dst);
+                    }
                 }
-                &scratch[..]
+                (&scratch[..], hd)
+            }
+            Store::Int8(d, scales) => {
+                scratch.resize(bs * hd, 0.0);
+                for r in 0..bs {
+                    let src = &d[at + r * w..][..hd];
+                    widen_i8(src, scales[(at + r * w) / hd], &mut scratch[r * hd..][..hd]);
+                }
+                (&scratch[..], hd)
             }
         }
+    }
+}
+
+/// `dst = scale · src`.
+fn widen_i8(src: &[i8], scale: f32, dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::ops::cpu_features::avx2_fma() && src.len() % 8 == 0 {
+        // SAFETY: AVX2 checked at run time; each step reads 8 bytes of `src` and writes 8 floats
+        // of `dst`, both whole chunks.
+        unsafe { widen_i8_avx2(src, scale, dst) };
+        return;
+    }
+    for (o, &q) in dst.iter_mut().zip(src) {
+        *o = q as f32 * scale;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn widen_i8_avx2(src: &[i8], scale: f32, dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let s = _mm256_set1_ps(scale);
+    for (c, o) in src.chunks_exact(8).zip(dst.chunks_exact_mut(8)) {
+        let b = _mm_loadl_epi64(c.as_ptr() as *const __m128i);
+        let f = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
+        _mm256_storeu_ps(o.as_mut_ptr(), _mm256_mul_ps(f, s));
     }
 }
 
@@ -223,12 +301,24 @@ impl KvSource for PagedView<'_> {
         self.pool.shape.block_size
     }
 
-    fn keys<'s>(&'s self, block: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
-        self.pool.block(self.layer, 0, self.table[block], scratch)
+    fn keys<'s>(
+        &'s self,
+        block: usize,
+        head: usize,
+        scratch: &'s mut Vec<f32>,
+    ) -> (&'s [f32], usize) {
+        let at = (self.layer, 0, self.table[block], head);
+        self.pool.head(at, scratch)
     }
 
-    fn values<'s>(&'s self, block: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
-        self.pool.block(self.layer, 1, self.table[block], scratch)
+    fn values<'s>(
+        &'s self,
+        block: usize,
+        head: usize,
+        scratch: &'s mut Vec<f32>,
+    ) -> (&'s [f32], usize) {
+        let at = (self.layer, 1, self.table[block], head);
+        self.pool.head(at, scratch)
     }
 }
 
@@ -238,49 +328,65 @@ mod tests {
 
     #[test]
     fn rows_written_through_a_table_read_back_in_each_dtype() {
-        for dtype in [KvDtype::F32, KvDtype::Bf16, KvDtype::F16] {
+        for dtype in [KvDtype::F32, KvDtype::Bf16, KvDtype::F16, KvDtype::Int8] {
             let shape = PoolShape {
                 layers: 2,
-                kv_width: 3,
+                kv_heads: 2,
+                head_dim: 3,
                 block_size: 4,
                 blocks: 5,
                 dtype,
             };
             let mut pool = KvPool::new(shape).unwrap();
-            assert_eq!(shape.bytes(), Some(2 * 2 * 5 * 4 * 3 * dtype.bytes()));
+            let scales = if dtype == KvDtype::Int8 {
+                2 * 2 * 5 * 4 * 2 * 4
+            } else {
+                0
+            };
+            assert_eq!(
+                shape.bytes(),
+                Some(2 * 2 * 5 * 4 * 6 * dtype.bytes() + scales)
+            );
             let table = [3u32, 0, 4];
-            let k: Vec<f32> = (0..9 * 3).map(|i| i as f32 * 0.5).collect();
+            let k: Vec<f32> = (0..9 * 6)
+                .map(|i| (i as f32 * 0.37).sin() * (1 + i % 5) as f32)
+                .collect();
             let v: Vec<f32> = k.iter().map(|x| -x).collect();
             // Positions 0..2, then 2..9, crossing block boundaries.
-            pool.write(1, &table, 0, &k[..6], &v[..6]);
-            pool.write(1, &table, 2, &k[6..], &v[6..]);
+            pool.write(1, &table, 0, &k[..12], &v[..12]);
+            pool.write(1, &table, 2, &k[12..], &v[12..]);
             let view = pool.view(1, &table, 9);
             let mut scratch = Vec::new();
             for pos in 0..9 {
                 let (b, r) = (pos / 4, pos % 4);
-                let kb = view.keys(b, &mut scratch)[r * 3..r * 3 + 3].to_vec();
-                let vb = view.values(b, &mut scratch)[r * 3..r * 3 + 3].to_vec();
-                for c in 0..3 {
-                    let want = k[pos * 3 + c];
-                    let tol = if dtype == KvDtype::F32 {
-                        0.0
-                    } else {
-                        want.abs() / 128.0
-                    };
-                    assert!((kb[c] - want).abs() <= tol, "{dtype:?} pos {pos}");
-                    assert!((vb[c] + want).abs() <= tol, "{dtype:?} pos {pos}");
+                for head in 0..2 {
+                    let want = &k[pos * 6 + head * 3..][..3];
+                    let row_max = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    let (kb, ks) = view.keys(b, head, &mut scratch);
+                    let got_k = kb[r * ks..r * ks + 3].to_vec();
+                    let (vb, vs) = view.values(b, head, &mut scratch);
+                    let got_v = vb[r * vs..r * vs + 3].to_vec();
+                    for c in 0..3 {
+                        let tol = match dtype {
+                            KvDtype::F32 => 0.0,
+                            // Within half a step of the row's scale.
+                            KvDtype::Int8 => row_max / 254.0 * 1.001,
+                            _ => want[c].abs() / 128.0,
+                        };
+                        assert!((got_k[c] - want[c]).abs() <= tol, "{dtype:?} pos {pos}");
+                        assert!((got_v[c] + want[c]).abs() <= tol, "{dtype:?} pos {pos}");
+                    }
                 }
             }
             // Layer 0 was not touched.
-            assert!(pool
-                .view(0, &table, 9)
-                .keys(0, &mut scratch)
-                .iter()
-                .all(|&x| x == 0.0));
+            let layer0 = pool.view(0, &table, 9);
+            let (untouched, _) = layer0.keys(0, 1, &mut scratch);
+            assert!(untouched.iter().all(|&x| x == 0.0));
         }
         let huge = PoolShape {
             layers: 1 << 20,
-            kv_width: 1 << 20,
+            kv_heads: 1 << 10,
+            head_dim: 1 << 10,
             block_size: 1 << 20,
             blocks: 1 << 20,
             dtype: KvDtype::F32,

@@ -181,7 +181,8 @@ impl Llama {
         let c = &self.config;
         PoolShape {
             layers: c.num_hidden_layers,
-            kv_width: c.num_key_value_heads * c.head_dim,
+            kv_heads: c.num_key_value_heads,
+            head_dim: c.head_dim,
             block_size,
             blocks: tokens.div_ceil(block_size.max(1)),
             dtype,
@@ -474,7 +475,12 @@ impl Llama {
                         }
                         _ => {
                             let (k, v) = s.cache.host_rows(layer);
-                            let kv = Contiguous { k, v, kv_width: kw };
+                            let kv = Contiguous {
+                                k,
+                                v,
+                                kv_width: kw,
+                                head_dim: hd,
+                            };
                             causal_attention_host(q, &kv, shape, o)
                         }
                     }

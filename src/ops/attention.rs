@@ -84,15 +84,26 @@ pub struct Heads {
     pub head_dim: usize,
 }
 
-/// Where one sequence's keys and values live: blocks of `block_rows()` positions, each
-/// `[rows, kv_heads · head_dim]` row-major, read as f32 (a source stored in another dtype widens
-/// a block into `scratch`). A contiguous history is one block; the paged KV pool is many.
+/// Where one sequence's keys and values live: blocks of `block_rows()` positions. `keys(b, g)`
+/// is kv head `g`'s rows of block `b` as f32 and their row stride (`head_dim` columns from each
+/// row's start; a source stored in another dtype widens them into `scratch`). A contiguous
+/// history is one block; the paged KV pool is many.
 pub trait KvSource: Sync {
     /// Positions held (the cache plus this step's rows).
     fn total(&self) -> usize;
     fn block_rows(&self) -> usize;
-    fn keys<'s>(&'s self, block: usize, scratch: &'s mut Vec<f32>) -> &'s [f32];
-    fn values<'s>(&'s self, block: usize, scratch: &'s mut Vec<f32>) -> &'s [f32];
+    fn keys<'s>(
+        &'s self,
+        block: usize,
+        head: usize,
+        scratch: &'s mut Vec<f32>,
+    ) -> (&'s [f32], usize);
+    fn values<'s>(
+        &'s self,
+        block: usize,
+        head: usize,
+        scratch: &'s mut Vec<f32>,
+    ) -> (&'s [f32], usize);
 }
 
 /// A history in one piece: `k`, `v` `[total, kv_heads · head_dim]`.
@@ -100,6 +111,7 @@ pub struct Contiguous<'a> {
     pub k: &'a [f32],
     pub v: &'a [f32],
     pub kv_width: usize,
+    pub head_dim: usize,
 }
 
 impl KvSource for Contiguous<'_> {
@@ -109,11 +121,11 @@ impl KvSource for Contiguous<'_> {
     fn block_rows(&self) -> usize {
         self.total().max(1)
     }
-    fn keys<'s>(&'s self, _: usize, _: &'s mut Vec<f32>) -> &'s [f32] {
-        self.k
+    fn keys<'s>(&'s self, _: usize, head: usize, _: &'s mut Vec<f32>) -> (&'s [f32], usize) {
+        (&self.k[head * self.head_dim..], self.kv_width)
     }
-    fn values<'s>(&'s self, _: usize, _: &'s mut Vec<f32>) -> &'s [f32] {
-        self.v
+    fn values<'s>(&'s self, _: usize, head: usize, _: &'s mut Vec<f32>) -> (&'s [f32], usize) {
+        (&self.v[head * self.head_dim..], self.kv_width)
     }
 }
 
@@ -137,7 +149,7 @@ pub fn causal_attention_host(q: &[f32], kv: &dyn KvSource, shape: Heads, out: &m
 fn gather(
     kv: &dyn KvSource,
     values: bool,
-    (j0, n, g, hd, kv_width): (usize, usize, usize, usize, usize),
+    (j0, n, g, hd): (usize, usize, usize, usize),
     scratch: &mut Vec<f32>,
     out: &mut [f32],
 ) {
@@ -146,14 +158,13 @@ fn gather(
     while j < j0 + n {
         let (b, r0) = (j / bs, j % bs);
         let take = (bs - r0).min(j0 + n - j);
-        let block = if values {
-            kv.values(b, scratch)
+        let (block, stride) = if values {
+            kv.values(b, g, scratch)
         } else {
-            kv.keys(b, scratch)
+            kv.keys(b, g, scratch)
         };
         for r in 0..take {
-            out[(j - j0 + r) * hd..][..hd]
-                .copy_from_slice(&block[(r0 + r) * kv_width + g * hd..][..hd]);
+            out[(j - j0 + r) * hd..][..hd].copy_from_slice(&block[(r0 + r) * stride..][..hd]);
         }
         j += take;
     }
@@ -226,7 +237,7 @@ fn tile_body<const AVX: bool>(
     let last = offset + i0 + qt - 1; // the last position this tile's queries see
     for j0 in (0..=last).step_by(K_TILE) {
         let kt = K_TILE.min(last + 1 - j0);
-        let at = (j0, kt, g, hd, kv_heads * hd);
+        let at = (j0, kt, g, hd);
         gather(kv, false, at, &mut scratch, &mut kt_rows);
         gather(kv, true, at, &mut scratch, &mut vt_rows);
         // s[qt, kt] = Q[qt, hd] · K[kt, hd]ᵀ
@@ -315,36 +326,107 @@ fn row_by_row(q: &[f32], kv: &dyn KvSource, shape: Heads, out: &mut [f32]) {
     let len = q.len() / width;
     let group = heads / kv_heads;
     let gw = group * hd;
-    let parts: Vec<Vec<f32>> = (0..kv_heads)
-        .into_par_iter()
-        .map(|g| {
-            let mut part = vec![0f32; len * gw];
-            one_group(q, kv, shape, g, &mut part);
-            part
+    let total = kv.total();
+    let blocks = total.div_ceil(kv.block_rows());
+    // Enough tasks for every thread (a model with 3 kv heads on 2 threads would leave one thread
+    // idle a third of the time): long histories are split into ranges of whole blocks, each
+    // task's partial softmax merged after (by its max and sum, as in flash decoding).
+    let threads = rayon::current_num_threads().max(1);
+    let splits = (2 * threads)
+        .div_ceil(kv_heads)
+        .min(total / MIN_KEYS_PER_TASK)
+        .min(blocks)
+        .max(1);
+    let tasks: Vec<Share> = (0..kv_heads)
+        .flat_map(|g| {
+            (0..splits).map(move |s| Share {
+                g,
+                b0: s * blocks / splits,
+                b1: (s + 1) * blocks / splits,
+            })
         })
         .collect();
-    for (g, part) in parts.iter().enumerate() {
+    let parts: Vec<(Share, Vec<f32>, Vec<(f32, f32)>)> = tasks
+        .into_par_iter()
+        .map(|share| {
+            let mut o = vec![0f32; len * gw];
+            let mut stats = vec![(f32::NEG_INFINITY, 0f32); len * group];
+            one_group(q, kv, shape, share, &mut o, &mut stats);
+            (share, o, stats)
+        })
+        .collect();
+    for g in 0..kv_heads {
+        let mine: Vec<_> = parts.iter().filter(|(s, ..)| s.g == g).collect();
         for i in 0..len {
-            out[i * width + g * gw..][..gw].copy_from_slice(&part[i * gw..][..gw]);
+            for j in 0..group {
+                let at = i * group + j;
+                let m = mine
+                    .iter()
+                    .map(|(_, _, st)| st[at].0)
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let dst = &mut out[i * width + g * gw + j * hd..][..hd];
+                dst.fill(0.0);
+                let mut l = 0f32;
+                for (_, o, st) in &mine {
+                    let (mt, lt) = st[at];
+                    if lt == 0.0 {
+                        continue;
+                    }
+                    let w = (mt - m).exp();
+                    l += lt * w;
+                    for (x, y) in dst.iter_mut().zip(&o[at * hd..][..hd]) {
+                        *x += w * y;
+                    }
+                }
+                let inv = 1.0 / l;
+                dst.iter_mut().for_each(|x| *x *= inv);
+            }
         }
     }
 }
 
-/// `row_by_row` for the query heads of kv head `g`: writes `[len, group · head_dim]`.
-fn one_group(q: &[f32], kv: &dyn KvSource, shape: Heads, g: usize, out: &mut [f32]) {
+/// Keys below which a history is not split between tasks.
+const MIN_KEYS_PER_TASK: usize = 512;
+
+/// A task of `row_by_row`: kv head `g` (its group of query heads), key blocks `b0 .. b1`.
+#[derive(Debug, Clone, Copy)]
+struct Share {
+    g: usize,
+    b0: usize,
+    b1: usize,
+}
+
+/// `row_by_row` for one share: for each query row and head of the group, the softmax weights'
+/// max and sum over the share's keys (`stats`, `[len, group]`) and the value rows weighted by
+/// `exp(score - max)` (`out`, `[len, group · head_dim]`), unnormalized.
+fn one_group(
+    q: &[f32],
+    kv: &dyn KvSource,
+    shape: Heads,
+    share: Share,
+    out: &mut [f32],
+    stats: &mut [(f32, f32)],
+) {
     #[cfg(target_arch = "x86_64")]
     if super::cpu_features::avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked at run time).
-        return unsafe { one_group_avx2(q, kv, shape, g, out) };
+        return unsafe { one_group_avx2(q, kv, shape, share, out, stats) };
     }
-    one_group_body::<false>(q, kv, shape, g, out)
+    one_group_body::<false>(q, kv, shape, share, out, stats)
 }
 
 /// `one_group` compiled for AVX2 (the loops in its body vectorize 8 wide).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn one_group_avx2(q: &[f32], kv: &dyn KvSource, shape: Heads, g: usize, out: &mut [f32]) {
-    one_group_body::<true>(q, kv, shape, g, out)
+unsafe fn one_group_avx2(
+    q: &[f32],
+    kv: &dyn KvSource,
+    shape: Heads,
+    share: Share,
+    out: &mut [f32],
+    stats: &mut [(f32, f32)],
+) {
+    one_group_body::<true>(q, kv, shape, share, out, stats)
 }
 
 #[inline(always)]
@@ -352,65 +434,70 @@ fn one_group_body<const AVX: bool>(
     q: &[f32],
     kv: &dyn KvSource,
     shape: Heads,
-    g: usize,
+    Share { g, b0, b1 }: Share,
     out: &mut [f32],
+    stats: &mut [(f32, f32)],
 ) {
     let Heads {
         heads,
         kv_heads,
         head_dim: hd,
     } = shape;
-    let (width, kv_width) = (heads * hd, kv_heads * hd);
+    let width = heads * hd;
     let len = q.len() / width;
     let total = kv.total();
     let bs = kv.block_rows();
     let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut scores = vec![0f32; group * total];
+    let span = (b1 - b0) * bs;
+    let mut scores = vec![0f32; group * span];
     let mut scratch = Vec::new();
     for i in 0..len {
         let visible = total - len + i + 1;
-        let blocks = visible.div_ceil(bs);
-        for b in 0..blocks {
-            let kb = kv.keys(b, &mut scratch);
-            let n = bs.min(visible - b * bs);
+        let (start, end) = (b0 * bs, visible.min(b1 * bs));
+        if start >= end {
+            continue; // every key of the share is after this query (stats stay empty)
+        }
+        let blocks = b0..end.div_ceil(bs);
+        for b in blocks.clone() {
+            let (kb, ks) = kv.keys(b, g, &mut scratch);
+            let n = bs.min(end - b * bs);
             for j in 0..group {
                 let qh = &q[i * width + (g * group + j) * hd..][..hd];
-                let sc = &mut scores[j * total + b * bs..][..n];
+                let sc = &mut scores[j * span + (b - b0) * bs..][..n];
                 #[cfg(target_arch = "x86_64")]
                 if AVX && hd % 8 == 0 {
-                    // SAFETY: AVX2 + FMA (see `AVX`); `kb` holds `n` rows of `kv_width`, and
-                    // head `g`'s `hd` columns lie inside each.
-                    unsafe { avx2::scores(qh, &kb[g * hd..], kv_width, scale, sc) };
+                    // SAFETY: AVX2 + FMA (see `AVX`); `kb` holds `n` rows of stride `ks`, each
+                    // with `hd` columns.
+                    unsafe { avx2::scores(qh, kb, ks, scale, sc) };
                     continue;
                 }
                 for (r, s) in sc.iter_mut().enumerate() {
-                    *s = dot(qh, &kb[r * kv_width + g * hd..][..hd]) * scale;
+                    *s = dot(qh, &kb[r * ks..][..hd]) * scale;
                 }
             }
         }
         for j in 0..group {
-            let sh = &mut scores[j * total..][..visible];
+            let sh = &mut scores[j * span..][..end - start];
             let max = max_of(sh, f32::NEG_INFINITY);
-            let inv = 1.0 / exp_sub_sum::<AVX>(sh, max);
-            sh.iter_mut().for_each(|s| *s *= inv);
+            stats[i * group + j] = (max, exp_sub_sum::<AVX>(sh, max));
         }
         let o = &mut out[i * group * hd..][..group * hd];
         o.fill(0.0);
-        for b in 0..blocks {
-            let vb = kv.values(b, &mut scratch);
-            let n = bs.min(visible - b * bs);
+        for b in blocks {
+            let (vb, vs) = kv.values(b, g, &mut scratch);
+            let n = bs.min(end - b * bs);
             for j in 0..group {
-                let p = &scores[j * total + b * bs..][..n];
+                let p = &scores[j * span + (b - b0) * bs..][..n];
                 let oj = &mut o[j * hd..][..hd];
                 #[cfg(target_arch = "x86_64")]
                 if AVX && hd % 64 == 0 {
                     // SAFETY: as for the scores.
-                    unsafe { avx2::weighted_sum(p, &vb[g * hd..], kv_width, oj) };
+                    unsafe { avx2::weighted_sum(p, vb, vs, oj) };
                     continue;
                 }
                 for (r, &pr) in p.iter().enumerate() {
-                    let vj = &vb[r * kv_width + g * hd..][..hd];
+                    let vj = &vb[r * vs..][..hd];
                     for (x, y) in oj.iter_mut().zip(vj) {
                         *x += pr * y;
                     }
@@ -514,6 +601,9 @@ mod tests {
             (5, 42, false, 64),
             (100, 230, true, 64),
             (2, 37, false, 12),
+            // Long enough to be split between tasks (when read in blocks).
+            (1, 1500, false, 64),
+            (3, 2000, false, 8),
         ] {
             let shape = Heads {
                 heads: 6,
@@ -534,6 +624,7 @@ mod tests {
                     k: &kr,
                     v: &vr,
                     kv_width,
+                    head_dim,
                 },
                 shape,
                 &mut got,
@@ -543,6 +634,7 @@ mod tests {
                 k: &kr,
                 v: &vr,
                 kv_width,
+                head_dim,
             };
             let mut paged = vec![0f32; got.len()];
             causal_attention_host(&rows(&q)?, &blocks, shape, &mut paged);
@@ -568,15 +660,26 @@ mod tests {
         k: &'a [f32],
         v: &'a [f32],
         kv_width: usize,
+        head_dim: usize,
     }
 
     impl Blocks7<'_> {
-        fn block<'s>(&self, data: &[f32], b: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
+        /// Head `g`'s rows of block `b`, `[7, head_dim]`.
+        fn block<'s>(
+            &self,
+            data: &[f32],
+            b: usize,
+            g: usize,
+            scratch: &'s mut Vec<f32>,
+        ) -> (&'s [f32], usize) {
             let rows = 7.min(self.total() - b * 7);
             scratch.clear();
-            scratch.extend_from_slice(&data[b * 7 * self.kv_width..][..rows * self.kv_width]);
-            scratch.resize(7 * self.kv_width, f32::NAN); // rows past the end must not be read
-            scratch
+            for r in 0..rows {
+                let at = (b * 7 + r) * self.kv_width + g * self.head_dim;
+                scratch.extend_from_slice(&data[at..][..self.head_dim]);
+            }
+            scratch.resize(7 * self.head_dim, f32::NAN); // rows past the end must not be read
+            (scratch, self.head_dim)
         }
     }
 
@@ -587,11 +690,11 @@ mod tests {
         fn block_rows(&self) -> usize {
             7
         }
-        fn keys<'s>(&'s self, b: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
-            self.block(self.k, b, scratch)
+        fn keys<'s>(&'s self, b: usize, g: usize, s: &'s mut Vec<f32>) -> (&'s [f32], usize) {
+            self.block(self.k, b, g, s)
         }
-        fn values<'s>(&'s self, b: usize, scratch: &'s mut Vec<f32>) -> &'s [f32] {
-            self.block(self.v, b, scratch)
+        fn values<'s>(&'s self, b: usize, g: usize, s: &'s mut Vec<f32>) -> (&'s [f32], usize) {
+            self.block(self.v, b, g, s)
         }
     }
 
