@@ -164,14 +164,15 @@ async fn sixteen_concurrent_requests_over_four_adapters_equal_each_alone() {
 }
 
 /// The same with a step budget of 5 tokens: prompts are fed in chunks of a few tokens next to
-/// running streams, and every answer is still the one it gets alone without chunks.
+/// running streams, and every answer is still the one it gets alone without chunks (and
+/// without the prefix cache).
 #[tokio::test]
 async fn chunked_prefill_changes_no_answer() {
     sixteen_concurrent_equal_alone(&["--max-batched-tokens", "5"]).await;
 }
 
 async fn sixteen_concurrent_equal_alone(extra: &[&str]) {
-    let unchunked = state(&["--max-batched-tokens", "0"]).await;
+    let unchunked = state(&["--max-batched-tokens", "0", "--no-prefix-cache"]).await;
     let st = state(extra).await;
     let app = router(st.clone());
     let reference = router(unchunked);
@@ -186,7 +187,12 @@ async fn sixteen_concurrent_equal_alone(extra: &[&str]) {
         .map(|i| {
             chat_body(
                 adapters[i % 5],
-                &format!("request number {i} learns"),
+                // A shared lead: with the prefix cache on, later requests of an adapter reuse
+                // the KV of the earlier ones' first blocks.
+                &format!(
+                    "Please answer briefly and kindly, and think about the question first: \
+                     request number {i} learns"
+                ),
                 10 + (i as u32 % 4) * 3,
             )
         })
@@ -209,6 +215,13 @@ async fn sixteen_concurrent_equal_alone(extra: &[&str]) {
                 .to_string(),
         );
     }
+    // One request per adapter first, so the concurrent ones find cached prefixes.
+    for (i, r) in reqs.iter().enumerate().take(5) {
+        let (s, v, _) = call(&app, "POST", "/v1/chat/completions", Some(r.clone()), None).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(v["choices"][0]["message"]["content"], alone[i], "request {i}");
+    }
+    let hits_before = st.metrics.prefix_cache_hits.get();
     let handles: Vec<_> = reqs
         .iter()
         .cloned()
@@ -228,6 +241,10 @@ async fn sixteen_concurrent_equal_alone(extra: &[&str]) {
             "request {i}"
         );
     }
+    assert!(
+        st.metrics.prefix_cache_hits.get() >= hits_before + 11 * 16,
+        "the concurrent requests reused no cached prefix"
+    );
     // Different adapters really give different texts (otherwise the test proves nothing).
     let distinct: std::collections::HashSet<_> = alone.iter().take(5).collect();
     assert!(distinct.len() >= 3, "{alone:?}");
