@@ -121,18 +121,30 @@ fn main() {
     } else {
         32
     };
-    println!("\n| context | decode tokens/s |\n|---|---|");
+    println!("\n| context | decode tokens/s | attention per step |\n|---|---|---|");
     let mut rates = Vec::new();
     for ctx in [64usize, 2048] {
         let mut next = 0u32;
         let mut cache = prefill(model, &mut pool, &mut next, &prompt[..ctx.min(len)], 256);
+        profile::reset();
+        profile::enable(true);
         let t = Instant::now();
         for i in 0..steps {
             feed(model, &mut pool, &mut next, &mut cache, &[2000 + i], 16);
         }
-        let rate = steps as f64 / t.elapsed().as_secs_f64();
+        let took = t.elapsed().as_secs_f64();
+        profile::enable(false);
+        let attention = profile::totals()
+            .into_iter()
+            .find(|(p, _)| *p == Part::Attention)
+            .map_or(0.0, |(_, ns)| ns as f64 / 1e6 / steps as f64);
+        let rate = steps as f64 / took;
         rates.push(rate);
-        println!("| {ctx} | {rate:.1} |");
+        println!(
+            "| {ctx} | {rate:.1} | {:.2} ms of {:.2} ms |",
+            attention,
+            took * 1e3 / steps as f64
+        );
     }
     println!("\ndecode at 2,048 / at 64: {:.2}x", rates[1] / rates[0]);
 }

@@ -7,11 +7,13 @@
 use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use half::{bf16, f16};
 
-use crate::ops::attention::KvSource;
+use crate::ops::attention::{Int8Rows, KvSource};
 
 /// How the pool stores keys and values (attention widens to f32 as it reads). `Int8`: each
 /// head's row of a key or value is scaled by its absolute maximum to ±127 and rounded (one f32
-/// scale per row and head): a quarter of f32's bytes.
+/// scale per row and head): a quarter of f32's bytes. Int8 keys are kept offset by 128 and, per
+/// block and head, in groups of 16 rows × 4 columns (`k4_offset`), the layout `vpdpbusd` reads:
+/// attention's scores then come from integer dot products (`ops::attention::Int8Rows`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvDtype {
     #[default]
@@ -89,6 +91,18 @@ impl PoolShape {
 
     pub fn kv_width(&self) -> usize {
         self.kv_heads * self.head_dim
+    }
+
+    /// Whether int8 keys use the 16-row × 4-column layout (whole groups of 16 rows and 4 columns).
+    fn k4(&self) -> bool {
+        self.dtype == KvDtype::Int8 && self.block_size % 16 == 0 && self.head_dim % 4 == 0
+    }
+
+    /// Where key (row `r`, column `c`) of head `head` lies in its block: heads one after another,
+    /// each in groups of 16 rows; within a group, 4 columns of each of the 16 rows in turn.
+    pub fn k4_offset(&self, head: usize, r: usize, c: usize) -> usize {
+        let hd = self.head_dim;
+        head * self.block_size * hd + ((r / 16) * (hd / 4) + c / 4) * 64 + (r % 16) * 4 + c % 4
     }
 
     fn elements(&self) -> Option<usize> {
@@ -173,6 +187,8 @@ impl KvPool {
             let src = (pos - start) * w..(pos - start + take) * w;
             for (which, data) in [(0, k), (1, v)] {
                 let at = self.base(layer, which, table[b]) + r0 * w;
+                let block_base = self.base(layer, which, table[b]);
+                let shape = self.shape;
                 let data = &data[src.clone()];
                 match &mut self.store {
                     Store::F32(d) => d[at..at + take * w].copy_from_slice(data),
@@ -187,13 +203,23 @@ impl KvPool {
                         }
                     }
                     Store::Int8(d, scales) => {
+                        let k4 = which == 0 && shape.k4();
                         for (j, x) in data.chunks_exact(hd).enumerate() {
                             let absmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
                             let scale = absmax / 127.0;
                             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
                             scales[at / hd + j] = scale;
-                            for (q, v) in d[at + j * hd..][..hd].iter_mut().zip(x) {
-                                *q = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                            let q = |v: &f32| (v * inv).round().clamp(-127.0, 127.0) as i8;
+                            if k4 {
+                                let (r, head) = (r0 + j / shape.kv_heads, j % shape.kv_heads);
+                                for (c, v) in x.iter().enumerate() {
+                                    let o = block_base + shape.k4_offset(head, r, c);
+                                    d[o] = (q(v) as i16 + 128) as u8 as i8;
+                                }
+                            } else {
+                                for (o, v) in d[at + j * hd..][..hd].iter_mut().zip(x) {
+                                    *o = q(v);
+                                }
                             }
                         }
                     }
@@ -248,12 +274,57 @@ impl KvPool {
             }
             Store::Int8(d, scales) => {
                 scratch.resize(bs * hd, 0.0);
-                for r in 0..bs {
-                    let src = &d[at + r * w..][..hd];
-                    widen_i8(src, scales[(at + r * w) / hd], &mut scratch[r * hd..][..hd]);
+                if which == 0 && self.shape.k4() {
+                    let block_base = self.base(layer, 0, block);
+                    for r in 0..bs {
+                        let scale = scales[(at + r * w) / hd];
+                        for (c, o) in scratch[r * hd..][..hd].iter_mut().enumerate() {
+                            let u = d[block_base + self.shape.k4_offset(head, r, c)] as u8;
+                            *o = (u as i32 - 128) as f32 * scale;
+                        }
+                    }
+                } else {
+                    for r in 0..bs {
+                        let src = &d[at + r * w..][..hd];
+                        widen_i8(src, scales[(at + r * w) / hd], &mut scratch[r * hd..][..hd]);
+                    }
                 }
                 (&scratch[..], hd)
             }
+        }
+    }
+
+    /// Head `head` of `block`'s int8 rows as stored, for the integer kernels (`None`: the pool is
+    /// not int8, or its keys are not in the 16 × 4 layout).
+    fn int8_rows(
+        &self,
+        (layer, which, block, head): (usize, usize, u32, usize),
+    ) -> Option<Int8Rows<'_>> {
+        let Store::Int8(d, scales) = &self.store else {
+            return None;
+        };
+        let (bs, hd, w, kvh) = (
+            self.shape.block_size,
+            self.shape.head_dim,
+            self.shape.kv_width(),
+            self.shape.kv_heads,
+        );
+        let base = self.base(layer, which, block);
+        let scales = &scales[base / hd + head..][..(bs - 1) * kvh + 1];
+        if which == 0 {
+            self.shape.k4().then(|| Int8Rows {
+                data: &d[base + head * bs * hd..][..bs * hd],
+                row_stride: 0,
+                scales,
+                scale_stride: kvh,
+            })
+        } else {
+            Some(Int8Rows {
+                data: &d[base + head * hd..][..(bs - 1) * w + hd],
+                row_stride: w,
+                scales,
+                scale_stride: kvh,
+            })
         }
     }
 }
@@ -320,11 +391,86 @@ impl KvSource for PagedView<'_> {
         let at = (self.layer, 1, self.table[block], head);
         self.pool.head(at, scratch)
     }
+
+    fn int8_keys(&self, block: usize, head: usize) -> Option<Int8Rows<'_>> {
+        self.pool
+            .int8_rows((self.layer, 0, self.table[block], head))
+    }
+
+    fn int8_values(&self, block: usize, head: usize) -> Option<Int8Rows<'_>> {
+        self.pool
+            .int8_rows((self.layer, 1, self.table[block], head))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::attention::{causal_attention_host, Heads};
+
+    /// A pool's view with its int8 bytes hidden: attention widens every block instead.
+    struct Widened<'a>(PagedView<'a>);
+
+    impl KvSource for Widened<'_> {
+        fn total(&self) -> usize {
+            self.0.total()
+        }
+        fn block_rows(&self) -> usize {
+            self.0.block_rows()
+        }
+        fn keys<'s>(&'s self, b: usize, h: usize, s: &'s mut Vec<f32>) -> (&'s [f32], usize) {
+            self.0.keys(b, h, s)
+        }
+        fn values<'s>(&'s self, b: usize, h: usize, s: &'s mut Vec<f32>) -> (&'s [f32], usize) {
+            self.0.values(b, h, s)
+        }
+    }
+
+    /// Decode attention over int8 keys and values: the integer kernels (where the CPU has
+    /// AVX-512 VNNI) agree with widening the same bytes to f32, for long histories split
+    /// between tasks and short ones.
+    #[test]
+    fn int8_kernels_agree_with_widened_int8() {
+        let heads = Heads {
+            heads: 9,
+            kv_heads: 3,
+            head_dim: 64,
+        };
+        for total in [37usize, 700, 2100] {
+            let shape = PoolShape {
+                layers: 1,
+                kv_heads: 3,
+                head_dim: 64,
+                block_size: 16,
+                blocks: total.div_ceil(16),
+                dtype: KvDtype::Int8,
+            };
+            let mut pool = KvPool::new(shape).unwrap();
+            let table: Vec<u32> = (0..shape.blocks as u32).rev().collect();
+            let w = shape.kv_width();
+            let k: Vec<f32> = (0..total * w)
+                .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 2.0)
+                .collect();
+            let v: Vec<f32> = (0..total * w)
+                .map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0))
+                .collect();
+            pool.write(0, &table, 0, &k, &v);
+            let q: Vec<f32> = (0..9 * 64)
+                .map(|i| ((i * 31 % 113) as f32 / 56.5 - 1.0) * 3.0)
+                .collect();
+            let view = pool.view(0, &table, total);
+            let (mut fast, mut wide) = (vec![0f32; 9 * 64], vec![0f32; 9 * 64]);
+            causal_attention_host(&q, &view, heads, &mut fast);
+            causal_attention_host(&q, &Widened(pool.view(0, &table, total)), heads, &mut wide);
+            let worst = fast
+                .iter()
+                .zip(&wide)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            eprintln!("total {total}: int8 kernels within {worst} of widened");
+            assert!(worst < 0.01, "total {total}: {worst}");
+        }
+    }
 
     #[test]
     fn rows_written_through_a_table_read_back_in_each_dtype() {
@@ -382,6 +528,35 @@ mod tests {
             let layer0 = pool.view(0, &table, 9);
             let (untouched, _) = layer0.keys(0, 1, &mut scratch);
             assert!(untouched.iter().all(|&x| x == 0.0));
+        }
+        // Int8 keys in the 16 × 4 layout read back through `head` and `int8_rows`.
+        let shape = PoolShape {
+            layers: 1,
+            kv_heads: 2,
+            head_dim: 8,
+            block_size: 16,
+            blocks: 3,
+            dtype: KvDtype::Int8,
+        };
+        let mut pool = KvPool::new(shape).unwrap();
+        let k: Vec<f32> = (0..20 * 16)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        pool.write(0, &[2, 0], 0, &k, &k);
+        let view = pool.view(0, &[2, 0], 20);
+        let mut scratch = Vec::new();
+        for (b, head) in [(0, 0), (0, 1), (1, 1)] {
+            let (rows, stride) = view.keys(b, head, &mut scratch);
+            let raw = view.int8_keys(b, head).expect("k4 layout");
+            for r in 0..4usize.min(20 - b * 16) {
+                for c in 0..8 {
+                    let want = k[(b * 16 + r) * 16 + head * 8 + c];
+                    let scale = raw.scales[r * raw.scale_stride];
+                    assert!((rows[r * stride + c] - want).abs() <= scale * 0.5 + 1e-6);
+                    let byte = raw.data[shape.k4_offset(0, r, c)] as u8;
+                    assert_eq!((byte as i32 - 128) as f32 * scale, rows[r * stride + c]);
+                }
+            }
         }
         let huge = PoolShape {
             layers: 1 << 20,

@@ -104,6 +104,24 @@ pub trait KvSource: Sync {
         head: usize,
         scratch: &'s mut Vec<f32>,
     ) -> (&'s [f32], usize);
+    /// The keys as stored, where they are int8 in the 16 × 4 layout.
+    fn int8_keys(&self, _block: usize, _head: usize) -> Option<Int8Rows<'_>> {
+        None
+    }
+    /// The values as stored, where they are int8.
+    fn int8_values(&self, _block: usize, _head: usize) -> Option<Int8Rows<'_>> {
+        None
+    }
+}
+
+/// One kv head's int8 rows of a block as stored: values (`row_stride` apart, `head_dim` each)
+/// or keys (`row_stride` 0: offset by 128, in groups of 16 rows × 4 columns, see
+/// `model::KvPool`), and the rows' scales (`scale_stride` apart).
+pub struct Int8Rows<'a> {
+    pub data: &'a [i8],
+    pub row_stride: usize,
+    pub scales: &'a [f32],
+    pub scale_stride: usize,
 }
 
 /// A history in one piece: `k`, `v` `[total, kv_heads · head_dim]`.
@@ -408,11 +426,35 @@ fn one_group(
     stats: &mut [(f32, f32)],
 ) {
     #[cfg(target_arch = "x86_64")]
+    if super::cpu_features::avx512_vnni()
+        && shape.head_dim % 64 == 0
+        && shape.heads / shape.kv_heads <= 4
+        && kv.int8_keys(share.b0, share.g).is_some()
+        && kv.int8_values(share.b0, share.g).is_some()
+    {
+        // SAFETY: the CPU has AVX-512 (F, BW, VNNI), AVX2 and FMA (checked at run time).
+        return unsafe { one_group_vnni(q, kv, shape, share, out, stats) };
+    }
+    #[cfg(target_arch = "x86_64")]
     if super::cpu_features::avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked at run time).
         return unsafe { one_group_avx2(q, kv, shape, share, out, stats) };
     }
-    one_group_body::<false>(q, kv, shape, share, out, stats)
+    one_group_body::<false, false>(q, kv, shape, share, out, stats)
+}
+
+/// `one_group` over int8 keys and values with AVX-512: scores by `vpdpbusd` on the stored bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni,avx2,fma")]
+unsafe fn one_group_vnni(
+    q: &[f32],
+    kv: &dyn KvSource,
+    shape: Heads,
+    share: Share,
+    out: &mut [f32],
+    stats: &mut [(f32, f32)],
+) {
+    one_group_body::<true, true>(q, kv, shape, share, out, stats)
 }
 
 /// `one_group` compiled for AVX2 (the loops in its body vectorize 8 wide).
@@ -426,11 +468,12 @@ unsafe fn one_group_avx2(
     out: &mut [f32],
     stats: &mut [(f32, f32)],
 ) {
-    one_group_body::<true>(q, kv, shape, share, out, stats)
+    one_group_body::<true, false>(q, kv, shape, share, out, stats)
 }
 
+/// `VNNI`: compiled into `one_group_vnni`, and the source holds int8 keys and values.
 #[inline(always)]
-fn one_group_body<const AVX: bool>(
+fn one_group_body<const AVX: bool, const VNNI: bool>(
     q: &[f32],
     kv: &dyn KvSource,
     shape: Heads,
@@ -452,6 +495,7 @@ fn one_group_body<const AVX: bool>(
     let span = (b1 - b0) * bs;
     let mut scores = vec![0f32; group * span];
     let mut scratch = Vec::new();
+    let mut qi8 = QueryI8::default();
     for i in 0..len {
         let visible = total - len + i + 1;
         let (start, end) = (b0 * bs, visible.min(b1 * bs));
@@ -459,7 +503,18 @@ fn one_group_body<const AVX: bool>(
             continue; // every key of the share is after this query (stats stay empty)
         }
         let blocks = b0..end.div_ceil(bs);
+        if VNNI {
+            qi8.set(&q[i * width + g * group * hd..][..group * hd], hd, scale);
+        }
         for b in blocks.clone() {
+            #[cfg(target_arch = "x86_64")]
+            if VNNI {
+                let n = bs.min(end - b * bs);
+                let kr = kv.int8_keys(b, g).expect("int8 keys (checked)");
+                // SAFETY: compiled for AVX-512 VNNI (see `VNNI`); the kernel checks its bounds.
+                unsafe { avx512::scores_k4(&qi8, hd, &kr, n, &mut scores[(b - b0) * bs..], span) };
+                continue;
+            }
             let (kb, ks) = kv.keys(b, g, &mut scratch);
             let n = bs.min(end - b * bs);
             for j in 0..group {
@@ -485,8 +540,16 @@ fn one_group_body<const AVX: bool>(
         let o = &mut out[i * group * hd..][..group * hd];
         o.fill(0.0);
         for b in blocks {
-            let (vb, vs) = kv.values(b, g, &mut scratch);
             let n = bs.min(end - b * bs);
+            #[cfg(target_arch = "x86_64")]
+            if VNNI {
+                let vr = kv.int8_values(b, g).expect("int8 values (checked)");
+                let p = &scores[(b - b0) * bs..];
+                // SAFETY: compiled for AVX-512 (see `VNNI`); the kernel checks its bounds.
+                unsafe { avx512::weighted_sum_i8(p, span, n, &vr, hd, o) };
+                continue;
+            }
+            let (vb, vs) = kv.values(b, g, &mut scratch);
             for j in 0..group {
                 let p = &scores[j * span + (b - b0) * bs..][..n];
                 let oj = &mut o[j * hd..][..hd];
@@ -501,6 +564,140 @@ fn one_group_body<const AVX: bool>(
                     for (x, y) in oj.iter_mut().zip(vj) {
                         *x += pr * y;
                     }
+                }
+            }
+        }
+    }
+}
+
+/// One query row's heads of a group, rounded to int8 for `vpdpbusd`: values, their sums (for the
+/// keys' offset of 128) and scales (times the softmax scale).
+#[derive(Default)]
+struct QueryI8 {
+    values: Vec<i8>,
+    sums: Vec<i32>,
+    scales: Vec<f32>,
+}
+
+impl QueryI8 {
+    fn set(&mut self, q: &[f32], hd: usize, softmax_scale: f32) {
+        let heads = q.len() / hd;
+        self.values.resize(q.len(), 0);
+        self.sums.clear();
+        self.scales.clear();
+        for (j, row) in q.chunks_exact(hd).enumerate() {
+            let absmax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let s = absmax / 127.0;
+            let inv = if s > 0.0 { 1.0 / s } else { 0.0 };
+            let mut sum = 0i32;
+            for (o, v) in self.values[j * hd..][..hd].iter_mut().zip(row) {
+                *o = (v * inv).round().clamp(-127.0, 127.0) as i8;
+                sum += *o as i32;
+            }
+            self.sums.push(sum);
+            self.scales.push(s * softmax_scale);
+        }
+        debug_assert_eq!(self.sums.len(), heads);
+    }
+}
+
+/// The int8 decode kernels with AVX-512: scores of 16 keys per `vpdpbusd` chain (keys in the
+/// 16 × 4 layout, offset by 128; the query rounded to int8), and weighted sums of int8 value
+/// rows widened in registers, each row shared by the group's heads.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::QueryI8;
+    use crate::ops::attention::Int8Rows;
+    use std::arch::x86_64::*;
+
+    /// `out[j · out_stride + r]` = score of query head `j` with key `r < n`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn scores_k4(
+        q: &QueryI8,
+        hd: usize,
+        k: &Int8Rows<'_>,
+        n: usize,
+        out: &mut [f32],
+        out_stride: usize,
+    ) {
+        let group = q.sums.len();
+        assert!(group <= 4 && hd % 4 == 0 && n > 0);
+        assert!(k.data.len() >= n.div_ceil(16) * 16 * hd);
+        assert!(k.scales.len() > (n - 1) * k.scale_stride);
+        assert!(out.len() >= (group - 1) * out_stride + n);
+        let qp = q.values.as_ptr();
+        for sb in 0..n.div_ceil(16) {
+            let mut acc = [_mm512_setzero_si512(); 4];
+            let kp = k.data.as_ptr().add(sb * (hd / 4) * 64);
+            for c in 0..hd / 4 {
+                let kv = _mm512_loadu_si512(kp.add(c * 64) as *const _);
+                for (j, a) in acc.iter_mut().enumerate().take(group) {
+                    let q4 = (qp.add(j * hd + c * 4) as *const i32).read_unaligned();
+                    *a = _mm512_dpbusd_epi32(*a, kv, _mm512_set1_epi32(q4));
+                }
+            }
+            let rows = 16.min(n - sb * 16);
+            let mut ks = [0f32; 16];
+            for (r, x) in ks.iter_mut().enumerate().take(rows) {
+                *x = k.scales[(sb * 16 + r) * k.scale_stride];
+            }
+            let ks = _mm512_loadu_ps(ks.as_ptr());
+            let mask: __mmask16 = if rows == 16 {
+                0xffff
+            } else {
+                (1u16 << rows) - 1
+            };
+            for (j, a) in acc.iter().enumerate().take(group) {
+                let dot = _mm512_sub_epi32(*a, _mm512_set1_epi32(128 * q.sums[j]));
+                let f = _mm512_mul_ps(
+                    _mm512_cvtepi32_ps(dot),
+                    _mm512_mul_ps(ks, _mm512_set1_ps(q.scales[j])),
+                );
+                _mm512_mask_storeu_ps(out.as_mut_ptr().add(j * out_stride + sb * 16), mask, f);
+            }
+        }
+    }
+
+    /// `o[j · hd ..] += Σ_r p[j · p_stride + r] · scale_r · v_r` for `r < n`; `hd` a multiple
+    /// of 64, at most 4 heads.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn weighted_sum_i8(
+        p: &[f32],
+        p_stride: usize,
+        n: usize,
+        v: &Int8Rows<'_>,
+        hd: usize,
+        o: &mut [f32],
+    ) {
+        let group = o.len() / hd;
+        assert!(group <= 4 && hd % 64 == 0 && n > 0);
+        assert!(p.len() >= (group - 1) * p_stride + n);
+        assert!(v.data.len() >= (n - 1) * v.row_stride + hd);
+        assert!(v.scales.len() > (n - 1) * v.scale_stride);
+        for c0 in (0..hd).step_by(64) {
+            let mut acc = [[_mm512_setzero_ps(); 4]; 4];
+            for (j, a) in acc.iter_mut().enumerate().take(group) {
+                for (i, x) in a.iter_mut().enumerate() {
+                    *x = _mm512_loadu_ps(o.as_ptr().add(j * hd + c0 + 16 * i));
+                }
+            }
+            for r in 0..n {
+                let row = v.data.as_ptr().add(r * v.row_stride + c0);
+                let vr = [0, 1, 2, 3].map(|i| {
+                    let b = _mm_loadu_si128(row.add(16 * i) as *const __m128i);
+                    _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b))
+                });
+                let s = v.scales[r * v.scale_stride];
+                for (j, a) in acc.iter_mut().enumerate().take(group) {
+                    let w = _mm512_set1_ps(p[j * p_stride + r] * s);
+                    for (x, y) in a.iter_mut().zip(&vr) {
+                        *x = _mm512_fmadd_ps(w, *y, *x);
+                    }
+                }
+            }
+            for (j, a) in acc.iter().enumerate().take(group) {
+                for (i, x) in a.iter().enumerate() {
+                    _mm512_storeu_ps(o.as_mut_ptr().add(j * hd + c0 + 16 * i), *x);
                 }
             }
         }
