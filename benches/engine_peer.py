@@ -106,10 +106,31 @@ def ttft(a):
             "first_s": times[0], "rest_mean_s": statistics.mean(times[1:]), "all_s": times}
 
 
+def decode(a):
+    """One stream, a prompt of 64 and then of N token ids: decode tokens/s after the first token."""
+    rates = {}
+    for ctx in (64, a.tokens):
+        got = []
+        for r in range(a.runs):
+            body = {"prompt": ids(ctx, 3000 + r + int(time.time()) % 1000), "max_tokens": 129,
+                    "temperature": 0, "ignore_eos": True, "stream": True, **model(a)}
+            stamps = []
+            for line in post(a.url + "/v1/completions", body):
+                line = line.decode().strip()
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    stamps.append(time.perf_counter())
+                if line == "data: [DONE]":
+                    break
+            got.append((len(stamps) - 2) / (stamps[-2] - stamps[0]))  # the last event is usage/finish
+        rates[ctx] = statistics.median(got)
+    return {"test": "decode", "tokens_per_s": {str(k): v for k, v in rates.items()},
+            "ratio": rates[a.tokens] / rates[64]}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("url")
-    p.add_argument("test", choices=["prefill", "itl", "ttft"])
+    p.add_argument("test", choices=["prefill", "itl", "ttft", "decode"])
     p.add_argument("--tokens", type=int)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--streams", type=int, default=8)
@@ -118,8 +139,8 @@ def main():
     p.add_argument("--flavor", default="ours")
     a = p.parse_args()
     a.url = a.url.rstrip("/")
-    a.tokens = a.tokens or {"prefill": 3000, "itl": 2000, "ttft": 500}[a.test]
-    out = {"prefill": prefill, "itl": itl, "ttft": ttft}[a.test](a)
+    a.tokens = a.tokens or {"prefill": 3000, "itl": 2000, "ttft": 500, "decode": 2048}[a.test]
+    out = {"prefill": prefill, "itl": itl, "ttft": ttft, "decode": decode}[a.test](a)
     out["flavor"] = a.flavor
     print(json.dumps(out))
 

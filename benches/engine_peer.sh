@@ -5,6 +5,7 @@
 #     --max-batched-tokens 0;
 #   time to first token of 16 requests sharing a 500-token system prompt under one adapter:
 #     prefix cache on (default) vs --no-prefix-cache.
+#   single-stream decode tokens/s at context 64 and 2,048: ours (f32 and int8 KV) vs llama.cpp.
 # Needs: target/release/serve, llama.cpp (../shared/bench/llamacpp.sh build), python3.
 #   benches/engine_peer.sh [ROUNDS]   -> JSON lines on stdout
 set -euo pipefail
@@ -29,7 +30,11 @@ llama() {
 }
 for _ in $(seq "$ROUNDS"); do
   ours;   python3 "$BENCH" http://127.0.0.1:8080 prefill --runs 2
+          python3 "$BENCH" http://127.0.0.1:8080 decode --runs 3 | sed 's/"flavor": "ours"/"flavor": "ours, f32 KV"/'
   llama;  python3 "$BENCH" http://127.0.0.1:8091 prefill --runs 2 --flavor llamacpp
+          python3 "$BENCH" http://127.0.0.1:8091 decode --runs 3 --flavor llamacpp
+  ours --kv-cache-dtype int8
+          python3 "$BENCH" http://127.0.0.1:8080 decode --runs 3 | sed 's/"flavor": "ours"/"flavor": "ours, int8 KV"/'
   ours;   python3 "$BENCH" http://127.0.0.1:8080 itl | sed 's/"flavor": "ours"/"flavor": "ours, chunked 256"/'
   ours --max-batched-tokens 0
           python3 "$BENCH" http://127.0.0.1:8080 itl | sed 's/"flavor": "ours"/"flavor": "ours, unchunked"/'

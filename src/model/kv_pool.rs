@@ -98,11 +98,10 @@ impl PoolShape {
         self.dtype == KvDtype::Int8 && self.block_size % 16 == 0 && self.head_dim % 4 == 0
     }
 
-    /// Where key (row `r`, column `c`) of head `head` lies in its block: heads one after another,
-    /// each in groups of 16 rows; within a group, 4 columns of each of the 16 rows in turn.
-    pub fn k4_offset(&self, head: usize, r: usize, c: usize) -> usize {
-        let hd = self.head_dim;
-        head * self.block_size * hd + ((r / 16) * (hd / 4) + c / 4) * 64 + (r % 16) * 4 + c % 4
+    /// Where key (row `r`, column `c`) lies in its head's run of a block: groups of 16 rows,
+    /// and within a group, 4 columns of each of the 16 rows in turn.
+    pub fn k4_offset(&self, r: usize, c: usize) -> usize {
+        ((r / 16) * (self.head_dim / 4) + c / 4) * 64 + (r % 16) * 4 + c % 4
     }
 
     fn elements(&self) -> Option<usize> {
@@ -156,10 +155,14 @@ impl KvPool {
         self.shape.blocks
     }
 
-    /// Offset of row 0 of `block` (keys: `which` 0, values: 1) of `layer`.
-    fn base(&self, layer: usize, which: usize, block: u32) -> usize {
+    /// Offset of row 0 of `block` of kv head `head` (keys: `which` 0, values: 1) of `layer`.
+    /// Each head's rows of a block are one run of `block_size · head_dim` elements, and a
+    /// head's blocks follow one another, so a task reading one head streams through memory.
+    fn base(&self, layer: usize, which: usize, head: usize, block: u32) -> usize {
         let s = &self.shape;
-        ((layer * 2 + which) * s.blocks + block as usize) * s.block_size * s.kv_width()
+        (((layer * 2 + which) * s.kv_heads + head) * s.blocks + block as usize)
+            * s.block_size
+            * s.head_dim
     }
 
     /// Writes `k`, `v` (`[n, kv_width]`) at positions `start .. start + n` of the sequence whose
@@ -173,51 +176,40 @@ impl KvPool {
         k: &[f32],
         v: &[f32],
     ) {
-        let (bs, w, hd) = (
-            self.shape.block_size,
-            self.shape.kv_width(),
-            self.shape.head_dim,
-        );
+        let shape = self.shape;
+        let (bs, w, hd) = (shape.block_size, shape.kv_width(), shape.head_dim);
         let n = k.len() / w;
-        let dtype = self.shape.dtype;
-        let mut pos = start;
-        while pos < start + n {
-            let (b, r0) = (pos / bs, pos % bs);
-            let take = (bs - r0).min(start + n - pos);
-            let src = (pos - start) * w..(pos - start + take) * w;
+        for i in 0..n {
+            let pos = start + i;
+            let (b, r) = (pos / bs, pos % bs);
             for (which, data) in [(0, k), (1, v)] {
-                let at = self.base(layer, which, table[b]) + r0 * w;
-                let block_base = self.base(layer, which, table[b]);
-                let shape = self.shape;
-                let data = &data[src.clone()];
-                match &mut self.store {
-                    Store::F32(d) => d[at..at + take * w].copy_from_slice(data),
-                    Store::Half(d) => {
-                        let dst = &mut d[at..at + take * w];
-                        if dtype == KvDtype::Bf16 {
-                            dst.reinterpret_cast_mut::<bf16>()
-                                .convert_from_f32_slice(data);
-                        } else {
-                            dst.reinterpret_cast_mut::<f16>()
-                                .convert_from_f32_slice(data);
+                for head in 0..shape.kv_heads {
+                    let base = self.base(layer, which, head, table[b]);
+                    let x = &data[i * w + head * hd..][..hd];
+                    let at = base + r * hd;
+                    match &mut self.store {
+                        Store::F32(d) => d[at..at + hd].copy_from_slice(x),
+                        Store::Half(d) => {
+                            let dst = &mut d[at..at + hd];
+                            if shape.dtype == KvDtype::Bf16 {
+                                dst.reinterpret_cast_mut::<bf16>().convert_from_f32_slice(x);
+                            } else {
+                                dst.reinterpret_cast_mut::<f16>().convert_from_f32_slice(x);
+                            }
                         }
-                    }
-                    Store::Int8(d, scales) => {
-                        let k4 = which == 0 && shape.k4();
-                        for (j, x) in data.chunks_exact(hd).enumerate() {
+                        Store::Int8(d, scales) => {
                             let absmax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
                             let scale = absmax / 127.0;
                             let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-                            scales[at / hd + j] = scale;
+                            scales[base / hd + r] = scale;
                             let q = |v: &f32| (v * inv).round().clamp(-127.0, 127.0) as i8;
-                            if k4 {
-                                let (r, head) = (r0 + j / shape.kv_heads, j % shape.kv_heads);
+                            if which == 0 && shape.k4() {
                                 for (c, v) in x.iter().enumerate() {
-                                    let o = block_base + shape.k4_offset(head, r, c);
-                                    d[o] = (q(v) as i16 + 128) as u8 as i8;
+                                    d[base + shape.k4_offset(r, c)] =
+                                        (q(v) as i16 + 128) as u8 as i8;
                                 }
                             } else {
-                                for (o, v) in d[at + j * hd..][..hd].iter_mut().zip(x) {
+                                for (o, v) in d[at..at + hd].iter_mut().zip(x) {
                                     *o = q(v);
                                 }
                             }
@@ -225,7 +217,6 @@ impl KvPool {
                     }
                 }
             }
-            pos += take;
         }
     }
 
@@ -251,42 +242,34 @@ impl KvPool {
         (layer, which, block, head): (usize, usize, u32, usize),
         scratch: &'s mut Vec<f32>,
     ) -> (&'s [f32], usize) {
-        let (bs, hd, w) = (
-            self.shape.block_size,
-            self.shape.head_dim,
-            self.shape.kv_width(),
-        );
-        let at = self.base(layer, which, block) + head * hd;
+        let (bs, hd) = (self.shape.block_size, self.shape.head_dim);
+        let base = self.base(layer, which, head, block);
         match &self.store {
-            Store::F32(d) => (&d[at..at + (bs - 1) * w + hd], w),
+            Store::F32(d) => (&d[base..base + bs * hd], hd),
             Store::Half(d) => {
                 scratch.resize(bs * hd, 0.0);
-                for r in 0..bs {
-                    let src = &d[at + r * w..][..hd];
-                    let dst = &mut scratch[r * hd..][..hd];
-                    if self.shape.dtype == KvDtype::Bf16 {
-                        src.reinterpret_cast::<bf16>().convert_to_f32_slice(dst);
-                    } else {
-                        src.reinterpret_cast::<f16>().convert_to_f32_slice(dst);
-                    }
+                let src = &d[base..base + bs * hd];
+                if self.shape.dtype == KvDtype::Bf16 {
+                    src.reinterpret_cast::<bf16>().convert_to_f32_slice(scratch);
+                } else {
+                    src.reinterpret_cast::<f16>().convert_to_f32_slice(scratch);
                 }
                 (&scratch[..], hd)
             }
             Store::Int8(d, scales) => {
                 scratch.resize(bs * hd, 0.0);
+                let scales = &scales[base / hd..][..bs];
                 if which == 0 && self.shape.k4() {
-                    let block_base = self.base(layer, 0, block);
-                    for r in 0..bs {
-                        let scale = scales[(at + r * w) / hd];
+                    for (r, &scale) in scales.iter().enumerate() {
                         for (c, o) in scratch[r * hd..][..hd].iter_mut().enumerate() {
-                            let u = d[block_base + self.shape.k4_offset(head, r, c)] as u8;
+                            let u = d[base + self.shape.k4_offset(r, c)] as u8;
                             *o = (u as i32 - 128) as f32 * scale;
                         }
                     }
                 } else {
-                    for r in 0..bs {
-                        let src = &d[at + r * w..][..hd];
-                        widen_i8(src, scales[(at + r * w) / hd], &mut scratch[r * hd..][..hd]);
+                    for (r, &scale) in scales.iter().enumerate() {
+                        let src = &d[base + r * hd..][..hd];
+                        widen_i8(src, scale, &mut scratch[r * hd..][..hd]);
                     }
                 }
                 (&scratch[..], hd)
@@ -303,29 +286,17 @@ impl KvPool {
         let Store::Int8(d, scales) = &self.store else {
             return None;
         };
-        let (bs, hd, w, kvh) = (
-            self.shape.block_size,
-            self.shape.head_dim,
-            self.shape.kv_width(),
-            self.shape.kv_heads,
-        );
-        let base = self.base(layer, which, block);
-        let scales = &scales[base / hd + head..][..(bs - 1) * kvh + 1];
-        if which == 0 {
-            self.shape.k4().then(|| Int8Rows {
-                data: &d[base + head * bs * hd..][..bs * hd],
-                row_stride: 0,
-                scales,
-                scale_stride: kvh,
-            })
-        } else {
-            Some(Int8Rows {
-                data: &d[base + head * hd..][..(bs - 1) * w + hd],
-                row_stride: w,
-                scales,
-                scale_stride: kvh,
-            })
+        let (bs, hd) = (self.shape.block_size, self.shape.head_dim);
+        let base = self.base(layer, which, head, block);
+        if which == 0 && !self.shape.k4() {
+            return None;
         }
+        Some(Int8Rows {
+            data: &d[base..][..bs * hd],
+            row_stride: if which == 0 { 0 } else { hd },
+            scales: &scales[base / hd..][..bs],
+            scale_stride: 1,
+        })
     }
 }
 
@@ -553,7 +524,7 @@ mod tests {
                     let want = k[(b * 16 + r) * 16 + head * 8 + c];
                     let scale = raw.scales[r * raw.scale_stride];
                     assert!((rows[r * stride + c] - want).abs() <= scale * 0.5 + 1e-6);
-                    let byte = raw.data[shape.k4_offset(0, r, c)] as u8;
+                    let byte = raw.data[shape.k4_offset(r, c)] as u8;
                     assert_eq!((byte as i32 - 128) as f32 * scale, rows[r * stride + c]);
                 }
             }
