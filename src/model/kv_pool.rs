@@ -300,6 +300,36 @@ impl KvPool {
     }
 }
 
+impl KvPool {
+    /// Asks for the keys (into L1) and values (into L2: they are read after all the scores) of
+    /// one head's block.
+    fn prefetch(&self, (layer, block, head): (usize, u32, usize)) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
+            let run = self.shape.block_size * self.shape.head_dim;
+            let bytes = run * self.shape.dtype.bytes();
+            let (k, v) = (
+                self.base(layer, 0, head, block),
+                self.base(layer, 1, head, block),
+            );
+            let (kp, vp): (*const i8, *const i8) = match &self.store {
+                Store::F32(d) => (d[k..].as_ptr().cast(), d[v..].as_ptr().cast()),
+                Store::Half(d) => (d[k..].as_ptr().cast(), d[v..].as_ptr().cast()),
+                Store::Int8(d, _) => (d[k..].as_ptr(), d[v..].as_ptr()),
+            };
+            // SAFETY: a prefetch reads nothing architecturally; both runs lie inside the store
+            // (`base` of an existing block, `run` elements each).
+            unsafe {
+                for at in (0..bytes).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(kp.add(at));
+                    _mm_prefetch::<_MM_HINT_T1>(vp.add(at));
+                }
+            }
+        }
+    }
+}
+
 /// `dst = scale · src`.
 fn widen_i8(src: &[i8], scale: f32, dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -361,6 +391,10 @@ impl KvSource for PagedView<'_> {
     ) -> (&'s [f32], usize) {
         let at = (self.layer, 1, self.table[block], head);
         self.pool.head(at, scratch)
+    }
+
+    fn prefetch(&self, block: usize, head: usize) {
+        self.pool.prefetch((self.layer, self.table[block], head));
     }
 
     fn int8_keys(&self, block: usize, head: usize) -> Option<Int8Rows<'_>> {

@@ -112,6 +112,8 @@ pub trait KvSource: Sync {
     fn int8_values(&self, _block: usize, _head: usize) -> Option<Int8Rows<'_>> {
         None
     }
+    /// Asks for kv head `head`'s keys and values of `block` into the cache (a hint).
+    fn prefetch(&self, _block: usize, _head: usize) {}
 }
 
 /// One kv head's int8 rows of a block as stored: values (`row_stride` apart, `head_dim` each)
@@ -510,18 +512,14 @@ fn one_group_body<const AVX: bool, const VNNI: bool>(
             qi8.set(&q[i * width + g * group * hd..][..group * hd], hd, scale);
         }
         for b in blocks.clone() {
+            if b + PREFETCH_AHEAD < blocks.end {
+                // Later blocks' keys and values are elsewhere in the pool: ask for them now (the
+                // values are read after all the scores, from L2).
+                kv.prefetch(b + PREFETCH_AHEAD, g);
+            }
             #[cfg(target_arch = "x86_64")]
             if VNNI {
                 let n = bs.min(end - b * bs);
-                if b + PREFETCH_AHEAD < blocks.end {
-                    // Later blocks' keys and values are elsewhere in the pool: ask for them now
-                    // (the values are read after all the scores, from L2).
-                    let at = b + PREFETCH_AHEAD;
-                    let next = (kv.int8_keys(at, g), kv.int8_values(at, g));
-                    if let (Some(k), Some(v)) = next {
-                        avx512::prefetch(&k, &v, bs);
-                    }
-                }
                 let kr = kv.int8_keys(b, g).expect("int8 keys (checked)");
                 // SAFETY: compiled for AVX-512 VNNI (see `VNNI`); the kernel checks its bounds.
                 unsafe { avx512::scores_k4(&qi8, hd, &kr, n, &mut scores[(b - b0) * bs..], span) };
@@ -621,23 +619,6 @@ mod avx512 {
     use super::QueryI8;
     use crate::ops::attention::Int8Rows;
     use std::arch::x86_64::*;
-
-    /// Asks for `rows` rows of keys (16 × 4 layout) and values into the cache.
-    pub fn prefetch(k: &Int8Rows<'_>, v: &Int8Rows<'_>, rows: usize) {
-        // SAFETY: prefetching reads nothing architecturally; the addresses lie inside the
-        // slices (or the prefetch is skipped).
-        unsafe {
-            for at in (0..k.data.len()).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(k.data.as_ptr().add(at));
-            }
-            for r in 0..rows {
-                let at = r * v.row_stride;
-                if at < v.data.len() {
-                    _mm_prefetch::<_MM_HINT_T1>(v.data.as_ptr().add(at));
-                }
-            }
-        }
-    }
 
     /// `out[j · out_stride + r]` = score of query head `j` with key `r < n`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
