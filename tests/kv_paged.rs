@@ -368,3 +368,43 @@ fn logprobs_match_the_text_sent_when_a_stop_string_cuts_it() {
     assert_eq!(cut_ids, ids[..5], "only the tokens whose text was sent");
     assert_eq!(bytes(&cut_ids), cut.as_bytes());
 }
+
+/// The attacker's view: tenant B sends the prompt tenant A sent (same base model, same shared
+/// adapter). A prefix-cache hit would give B a faster first token — a timing channel telling B
+/// what A asked. Cached blocks are per tenant, so B gets none of A's; A itself still does.
+#[test]
+fn one_tenant_never_reuses_another_tenants_prompt_prefix() {
+    let model = Arc::new(load_tiny());
+    let adapters = AdapterCache::new(CacheConfig::default());
+    let shared = lease(&adapters, &model, "lora-r8-all", 1);
+    let metrics = Arc::new(Metrics::new());
+    let (engine, mut worker) = Engine::manual(
+        model.clone(),
+        config(4, 0),
+        KvConfig::default(),
+        metrics.clone(),
+    )
+    .unwrap();
+    let secret: Vec<u32> = (0..40).map(|i| 9 + (i * 13 % 200) as u32).collect();
+    let run = |worker: &mut Worker, tenant: &str, l: Option<Lease>| {
+        let mut r = request(secret.clone(), l, 2);
+        r.tenant = Some(tenant.to_string());
+        let rx = engine.submit(r).unwrap();
+        let before = metrics.prefix_cache_hits.get();
+        drive(worker, vec![rx]).remove(0).unwrap();
+        metrics.prefix_cache_hits.get() - before
+    };
+    for adapter in [None, Some(shared)] {
+        assert_eq!(run(&mut worker, "a", adapter.clone()), 0);
+        assert_eq!(
+            run(&mut worker, "b", adapter.clone()),
+            0,
+            "B reused A's prompt"
+        );
+        assert_eq!(
+            run(&mut worker, "a", adapter.clone()),
+            32,
+            "A reuses its own"
+        );
+    }
+}

@@ -219,7 +219,10 @@ async fn sixteen_concurrent_equal_alone(extra: &[&str]) {
     for (i, r) in reqs.iter().enumerate().take(5) {
         let (s, v, _) = call(&app, "POST", "/v1/chat/completions", Some(r.clone()), None).await;
         assert_eq!(s, StatusCode::OK, "{v}");
-        assert_eq!(v["choices"][0]["message"]["content"], alone[i], "request {i}");
+        assert_eq!(
+            v["choices"][0]["message"]["content"], alone[i],
+            "request {i}"
+        );
     }
     let hits_before = st.metrics.prefix_cache_hits.get();
     let handles: Vec<_> = reqs

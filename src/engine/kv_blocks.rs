@@ -1,10 +1,12 @@
 //! Which KV pool block belongs to whom: allocation, reference counts, and the prefix cache.
 //!
-//! A full block is content-addressed by a hash chain that starts from the adapter's identity
-//! (its key and version, or the base model) and folds in the token ids of every block up to it,
-//! so a block is found again only by a sequence with the same adapter AND the same tokens before
-//! it. KV computed under one adapter is never reused under another (llama.cpp's slot cache
-//! matches tokens only). Cached blocks nobody references stay until the pool needs room, and go
+//! A full block is content-addressed by a hash chain that starts from the tenant and the
+//! adapter's identity (its key and version, or the base model) and folds in the token ids of
+//! every block up to it, so a block is found again only by a sequence of the same tenant with
+//! the same adapter AND the same tokens before it. KV computed under one adapter is never reused
+//! under another (llama.cpp's slot cache matches tokens only), and one tenant never gets a
+//! faster first token because another sent the same prompt (a timing channel that would tell
+//! it what the other asked). Cached blocks nobody references stay until the pool needs room, and go
 //! least recently used first. Pure bookkeeping: no tensors; unit-tested alone.
 
 use std::collections::{BTreeSet, HashMap};
@@ -15,11 +17,13 @@ use sha2::{Digest, Sha256};
 /// prompt's KV to another request).
 pub type BlockHash = [u8; 32];
 
-/// Where a sequence's hash chain starts: `adapter` is its identity (key and version), `None`
-/// the base model.
-pub fn chain_seed(adapter: Option<&str>) -> BlockHash {
+/// Where a sequence's hash chain starts: its tenant (`""`: none), and `adapter`, the adapter's
+/// identity (key and version; `None`: the base model).
+pub fn chain_seed(tenant: &str, adapter: Option<&str>) -> BlockHash {
     let mut h = Sha256::new();
     h.update(b"loraplex-kv-prefix\0");
+    h.update((tenant.len() as u64).to_le_bytes());
+    h.update(tenant.as_bytes());
     match adapter {
         Some(a) => {
             h.update(b"adapter\0");
@@ -202,7 +206,7 @@ mod tests {
     #[test]
     fn a_prefix_is_found_under_the_same_adapter_only() {
         let mut kv = KvBlocks::new(16, 4, true);
-        let (a, b) = (chain_seed(Some("t1/x@1")), chain_seed(Some("t1/x@2")));
+        let (a, b) = (chain_seed("t1", Some("x@1")), chain_seed("t1", Some("x@2")));
         let prompt: Vec<u32> = (0..11).collect();
         let blocks = fill(&mut kv, &a, &prompt);
         kv.release(&blocks);
@@ -213,7 +217,16 @@ mod tests {
         kv.release(&hit);
         // Another version of the adapter, or the base model: nothing.
         assert!(kv.lookup(&b, &prompt).0.is_empty());
-        assert!(kv.lookup(&chain_seed(None), &prompt).0.is_empty());
+        assert!(kv.lookup(&chain_seed("t1", None), &prompt).0.is_empty());
+        // The same adapter for another tenant: nothing either.
+        assert!(kv
+            .lookup(&chain_seed("t2", Some("x@1")), &prompt)
+            .0
+            .is_empty());
+        assert!(kv
+            .lookup(&chain_seed("", Some("x@1")), &prompt)
+            .0
+            .is_empty());
         // A prompt that differs in its first block shares nothing after it either.
         let mut other = prompt.clone();
         other[0] = 99;
@@ -225,7 +238,7 @@ mod tests {
     #[test]
     fn idle_cached_blocks_are_evicted_least_recently_used_first() {
         let mut kv = KvBlocks::new(3, 2, true);
-        let s = chain_seed(None);
+        let s = chain_seed("", None);
         let x = fill(&mut kv, &s, &[1, 2]);
         let y = fill(&mut kv, &s, &[3, 4]);
         kv.release(&x);
@@ -246,7 +259,7 @@ mod tests {
     #[test]
     fn shared_blocks_stay_until_the_last_reference_and_off_means_off() {
         let mut kv = KvBlocks::new(4, 2, true);
-        let s = chain_seed(None);
+        let s = chain_seed("", None);
         let x = fill(&mut kv, &s, &[1, 2]);
         let (hit, _) = kv.lookup(&s, &[1, 2, 3]);
         assert_eq!(hit, x);

@@ -6,7 +6,7 @@
 //! On CPU the KV cache is the block pool (`model::KvPool`): a sequence's blocks are allocated
 //! here before the step that fills them, full blocks enter the prefix cache
 //! (`kv_blocks::KvBlocks`) keyed by adapter and tokens, and a new sequence starts from the
-//! longest cached prefix of its prompt under the same adapter.
+//! longest cached prefix of its prompt under the same adapter (and for the same tenant).
 //!
 //! `run` calls `step` under `catch_unwind`: a panic fails the requests in flight (an error
 //! event each), rebuilds the scheduler and the block bookkeeping, is counted
@@ -244,6 +244,7 @@ impl Worker {
             self.shared.running.fetch_add(1, Ordering::SeqCst);
             self.shared.leave_queue(Self::tenant(&s.request));
             let seed = chain_seed(
+                Self::tenant(&s.request),
                 s.request
                     .adapter
                     .as_ref()
