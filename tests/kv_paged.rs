@@ -147,6 +147,14 @@ fn config(max_running: usize, batched: usize) -> SchedulerConfig {
     }
 }
 
+/// An engine with the default KV cache and its worker, not started, and its metrics.
+fn manual(model: &Arc<LoadedModel>, config: SchedulerConfig) -> (Engine, Worker, Arc<Metrics>) {
+    let metrics = Arc::new(Metrics::new());
+    let (engine, worker) =
+        Engine::manual(model.clone(), config, KvConfig::default(), metrics.clone()).unwrap();
+    (engine, worker, metrics)
+}
+
 fn request(prompt: Vec<u32>, adapter: Option<Lease>, max_tokens: usize) -> ValidRequest {
     ValidRequest {
         prompt,
@@ -259,14 +267,7 @@ fn kv_is_never_reused_under_another_adapter_or_another_version() {
     let a1 = lease(&adapters, &model, "lora-r8-all", 1);
     let a2 = lease(&adapters, &model, "lora-r8-all", 2);
     let b = lease(&adapters, &model, "lora-r4-qv", 1);
-    let metrics = Arc::new(Metrics::new());
-    let (engine, mut worker) = Engine::manual(
-        model.clone(),
-        config(4, 0),
-        KvConfig::default(),
-        metrics.clone(),
-    )
-    .unwrap();
+    let (engine, mut worker, metrics) = manual(&model, config(4, 0));
     let prompt: Vec<u32> = (0..50).map(|i| 5 + i as u32).collect();
     let run = |worker: &mut Worker, l: Option<Lease>| {
         let rx = engine.submit(request(prompt.clone(), l, 3)).unwrap();
@@ -290,14 +291,7 @@ fn kv_is_never_reused_under_another_adapter_or_another_version() {
 #[test]
 fn a_panicking_step_fails_what_runs_and_the_waiting_requests_still_succeed() {
     let model = Arc::new(load_tiny());
-    let metrics = Arc::new(Metrics::new());
-    let (engine, mut worker) = Engine::manual(
-        model.clone(),
-        config(1, 0),
-        KvConfig::default(),
-        metrics.clone(),
-    )
-    .unwrap();
+    let (engine, mut worker, metrics) = manual(&model, config(1, 0));
     let first = engine.submit(request(vec![5, 6, 7], None, 4)).unwrap();
     let second = engine.submit(request(vec![8, 9, 10], None, 4)).unwrap();
     engine.inject_panic_in_next_step();
@@ -326,13 +320,7 @@ fn a_panicking_step_fails_what_runs_and_the_waiting_requests_still_succeed() {
 #[test]
 fn logprobs_match_the_text_sent_when_a_stop_string_cuts_it() {
     let model = Arc::new(load_tiny());
-    let (engine, mut worker) = Engine::manual(
-        model.clone(),
-        config(2, 0),
-        KvConfig::default(),
-        Arc::new(Metrics::new()),
-    )
-    .unwrap();
+    let (engine, mut worker, _) = manual(&model, config(2, 0));
     let tok = &model.tokenizer;
     let run = |worker: &mut Worker, stop: Vec<String>| {
         let mut r = request(vec![5, 17, 42, 9], None, 12);
@@ -377,14 +365,7 @@ fn one_tenant_never_reuses_another_tenants_prompt_prefix() {
     let model = Arc::new(load_tiny());
     let adapters = AdapterCache::new(CacheConfig::default());
     let shared = lease(&adapters, &model, "lora-r8-all", 1);
-    let metrics = Arc::new(Metrics::new());
-    let (engine, mut worker) = Engine::manual(
-        model.clone(),
-        config(4, 0),
-        KvConfig::default(),
-        metrics.clone(),
-    )
-    .unwrap();
+    let (engine, mut worker, metrics) = manual(&model, config(4, 0));
     let secret: Vec<u32> = (0..40).map(|i| 9 + (i * 13 % 200) as u32).collect();
     let run = |worker: &mut Worker, tenant: &str, l: Option<Lease>| {
         let mut r = request(secret.clone(), l, 2);
