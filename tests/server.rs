@@ -302,6 +302,66 @@ async fn a_client_that_disconnects_frees_its_sequence() {
     assert_eq!(st.metrics.generation_tokens.get_sample_count(), 0);
 }
 
+/// A model step that panics mid-stream (the test hook): the stream ends with an error event
+/// and `[DONE]`, a plain request in the same step gets a 500, the restart is counted, and the
+/// server answers the next request and `/health` as before.
+#[tokio::test]
+async fn a_panicking_step_ends_streams_with_an_error_and_serving_goes_on() {
+    let st = default_model_state(&[]).await;
+    let app = router(st.clone());
+    let mut body = chat_body(None, "a long answer please", 200);
+    body["stream"] = json!(true);
+    body["ignore_eos"] = json!(true);
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut stream = resp.into_body();
+    for _ in 0..2 {
+        assert!(stream.frame().await.unwrap().unwrap().is_data());
+    }
+    let mut plain = chat_body(None, "and another", 100);
+    plain["ignore_eos"] = json!(true);
+    let plain = tokio::spawn({
+        let app = app.clone();
+        async move { call(&app, "POST", "/v1/chat/completions", Some(plain), None).await }
+    });
+    wait_until(|| st.engine.running() == 2).await;
+    st.engine.inject_panic_in_next_step();
+    let mut rest = String::new();
+    while let Some(frame) = stream.frame().await {
+        if let Ok(data) = frame.unwrap().into_data() {
+            rest.push_str(&String::from_utf8_lossy(&data));
+        }
+    }
+    let events: Vec<&str> = rest
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .collect();
+    let n = events.len();
+    assert!(n >= 2, "{rest}");
+    assert_eq!(events[n - 1], "[DONE]");
+    assert!(events[n - 2].contains("\"error\""), "{rest}");
+    let (status, v, _) = plain.await.unwrap();
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{v}");
+    assert_eq!(st.metrics.engine_restarts.get(), 1);
+    let (status, v, _) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(chat_body(None, "still there?", 3)),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (status, _, _) = call(&app, "GET", "/health", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
 #[tokio::test]
 async fn a_full_queue_answers_429_with_retry_after() {
     let st = default_model_state(&["--max-running", "1", "--max-queue", "1"]).await;
