@@ -87,7 +87,7 @@ fn random_adapter(model: &Llama, rank: usize) -> AdapterWeights {
             })
         })
         .collect();
-    AdapterWeights { layers }
+    AdapterWeights::from_lora(layers)
 }
 
 fn prefilled(model: &Llama, rows: usize) -> Vec<KvCache> {

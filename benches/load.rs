@@ -85,12 +85,14 @@ fn make_adapters(
                             lora_a: Some(Tensor::from_vec(a, (r, inp), &Device::Cpu).unwrap()),
                             lora_b: Some(Tensor::from_vec(b, (out, r), &Device::Cpu).unwrap()),
                             magnitude: None,
+                            ia3: None,
                         },
                     );
                 }
             }
             let name = format!("synthetic-{i}-r{r}");
             let config = AdapterConfig {
+                method: loraplex::adapters::config::Method::Lora,
                 r,
                 lora_alpha: 2.0 * r as f64,
                 target_modules: TargetModules::AllLinear,

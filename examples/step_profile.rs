@@ -43,7 +43,7 @@ fn random_adapter(model: &Llama, rank: usize, seed: u64) -> AdapterWeights {
             })
         })
         .collect();
-    AdapterWeights { layers }
+    AdapterWeights::from_lora(layers)
 }
 
 fn main() {

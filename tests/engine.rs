@@ -119,7 +119,7 @@ fn a_panicking_step_fails_its_requests_and_the_next_request_succeeds() {
                 version: 1,
             },
             false,
-            || Ok(AdapterWeights { layers }),
+            || Ok(AdapterWeights::from_lora(layers)),
         )
         .unwrap();
     let request = |adapter| ValidRequest {

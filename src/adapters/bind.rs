@@ -7,10 +7,10 @@ use std::path::Path;
 
 use candle_core::{DType, Tensor, D};
 
-use super::config::{AdapterConfig, TargetModules};
+use super::config::{AdapterConfig, Method, TargetModules};
 use super::error::AdapterError;
 use super::peft::{AdapterHeader, ModuleShapes, PeftAdapter};
-use crate::model::{AdapterWeights, Llama, LoraSite, Proj};
+use crate::model::{AdapterWeights, Ia3Site, Llama, LoraSite, Proj};
 
 /// `--adapter-dtype`: how A and B are kept for serving on a CPU f32 model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -118,6 +118,34 @@ fn check_module(
         .ok_or_else(|| err("the base model has no such module".into()))?;
     let linear = model.linear(layer, proj).expect("layer checked");
     let (out, inp) = linear.base().dims()?;
+    if let Method::Ia3 { .. } = cfg.method {
+        let want = if cfg.is_feedforward(module) {
+            vec![1, inp]
+        } else {
+            vec![out, 1]
+        };
+        return match (
+            &shapes.ia3,
+            &shapes.lora_a,
+            &shapes.lora_b,
+            &shapes.magnitude,
+        ) {
+            (Some(l), None, None, None) if *l == want => Ok((layer, proj)),
+            (Some(l), None, None, None) => Err(err(format!(
+                "ia3_l {l:?} does not fit the base weight [{out}, {inp}] (expected {want:?}{})",
+                if cfg.is_feedforward(module) {
+                    ", a feed-forward module: its input is scaled"
+                } else {
+                    ""
+                }
+            ))),
+            (None, ..) => Err(err("ia3_l is missing (peft_type is IA3)".into())),
+            _ => Err(err("has LoRA tensors, but peft_type is IA3".into())),
+        };
+    }
+    if shapes.ia3.is_some() {
+        return Err(err("has an IA³ vector, but peft_type is LORA".into()));
+    }
     let a = shapes
         .lora_a
         .as_ref()
@@ -201,8 +229,24 @@ pub fn bind(
     let mut layers: Vec<[Option<LoraSite>; 7]> = (0..model.layers.len())
         .map(|_| Default::default())
         .collect();
+    let mut ia3: Vec<[Option<Ia3Site>; 7]> = Vec::new();
     for (module, w) in &adapter.modules {
         let (layer, proj) = check_module(cfg, &path, module, &w.shapes(), model, opts)?;
+        if let Some(l) = &w.ia3 {
+            if ia3.is_empty() {
+                ia3 = (0..model.layers.len())
+                    .map(|_| Default::default())
+                    .collect();
+            }
+            ia3[layer][proj as usize] = Some(Ia3Site {
+                scale: l
+                    .flatten_all()?
+                    .to_dtype(dtype)?
+                    .to_device(model.device())?,
+                on_input: cfg.is_feedforward(module),
+            });
+            continue;
+        }
         let linear = model.linear(layer, proj).expect("layer checked");
         let (Some(a), Some(b)) = (&w.lora_a, &w.lora_b) else {
             unreachable!("check_module requires lora_A and lora_B")
@@ -232,7 +276,7 @@ pub fn bind(
             dropout: None,
         });
     }
-    Ok(AdapterWeights { layers })
+    Ok(AdapterWeights { layers, ia3 })
 }
 
 #[cfg(test)]

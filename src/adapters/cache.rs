@@ -312,6 +312,7 @@ mod tests {
                 None,
                 None,
             ]],
+            ia3: Vec::new(),
         }
     }
 

@@ -19,8 +19,20 @@ pub enum TargetModules {
     AllLinear,
 }
 
+/// Which PEFT method an adapter is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Method {
+    /// LoRA (with optional DoRA, rsLoRA, patterns).
+    Lora,
+    /// IA³: learned vectors scaling the targeted modules' outputs, or the inputs of the
+    /// `feedforward_modules` among them.
+    Ia3 { feedforward_modules: TargetModules },
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterConfig {
+    pub method: Method,
+    /// LoRA's rank (0 for IA³).
     pub r: usize,
     pub lora_alpha: f64,
     pub target_modules: TargetModules,
@@ -51,6 +63,7 @@ struct RawConfig {
     bias: Option<String>,
     #[serde(default)]
     fan_in_fan_out: bool,
+    feedforward_modules: Option<Value>,
     modules_to_save: Option<Value>,
     layers_to_transform: Option<Value>,
     base_model_name_or_path: Option<String>,
@@ -75,47 +88,63 @@ impl AdapterConfig {
         let raw: RawConfig = serde_json::from_str(text)
             .map_err(|e| AdapterError::config(path, "(file)", format!("is not valid JSON: {e}")))?;
         let bad = |field: &str, problem: &str| AdapterError::config(path, field, problem);
-        if let Some(t) = raw.peft_type.as_deref() {
-            if t != "LORA" {
+        let modules = |field: &str, v: &Option<Value>| -> Result<TargetModules, AdapterError> {
+            Ok(match v {
+                Some(Value::String(s)) if s == "all-linear" => TargetModules::AllLinear,
+                Some(Value::String(s)) => {
+                    Regex::new(&format!("^(?:{s})$"))
+                        .map_err(|e| bad(field, &format!("is not a valid regex: {e}")))?;
+                    TargetModules::Regex(s.clone())
+                }
+                Some(Value::Array(items)) => TargetModules::List(
+                    items
+                        .iter()
+                        .map(|v| v.as_str().map(str::to_string))
+                        .collect::<Option<Vec<_>>>()
+                        .ok_or_else(|| bad(field, "must be a list of strings"))?,
+                ),
+                _ => {
+                    return Err(bad(
+                        field,
+                        "is missing (a list, a regex string or \"all-linear\")",
+                    ))
+                }
+            })
+        };
+        let method = match raw.peft_type.as_deref() {
+            None | Some("LORA") => Method::Lora,
+            Some("IA3") => Method::Ia3 {
+                feedforward_modules: match &raw.feedforward_modules {
+                    None | Some(Value::Null) => TargetModules::List(Vec::new()),
+                    v => modules("feedforward_modules", v)?,
+                },
+            },
+            Some(t) => {
                 return Err(bad(
                     "peft_type",
-                    &format!("is `{t}`; only `LORA` (with optional DoRA) is supported"),
-                ));
-            }
-        }
-        let r = raw
-            .r
-            .as_ref()
-            .and_then(Value::as_u64)
-            .filter(|&r| r > 0)
-            .ok_or_else(|| bad("r", "must be a positive integer"))? as usize;
-        let lora_alpha = match &raw.lora_alpha {
-            None => 8.0,
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| bad("lora_alpha", "must be a number"))?,
-        };
-        let target_modules = match &raw.target_modules {
-            Some(Value::String(s)) if s == "all-linear" => TargetModules::AllLinear,
-            Some(Value::String(s)) => {
-                Regex::new(&format!("^(?:{s})$"))
-                    .map_err(|e| bad("target_modules", &format!("is not a valid regex: {e}")))?;
-                TargetModules::Regex(s.clone())
-            }
-            Some(Value::Array(items)) => TargetModules::List(
-                items
-                    .iter()
-                    .map(|v| v.as_str().map(str::to_string))
-                    .collect::<Option<Vec<_>>>()
-                    .ok_or_else(|| bad("target_modules", "must be a list of strings"))?,
-            ),
-            _ => {
-                return Err(bad(
-                    "target_modules",
-                    "is missing (a list, a regex string or \"all-linear\")",
+                    &format!("is `{t}`; supported: `LORA` (with optional DoRA), `IA3`"),
                 ))
             }
         };
+        let (r, lora_alpha) = if method == Method::Lora {
+            let r = raw
+                .r
+                .as_ref()
+                .and_then(Value::as_u64)
+                .filter(|&r| r > 0)
+                .ok_or_else(|| bad("r", "must be a positive integer"))?
+                as usize;
+            let lora_alpha = match &raw.lora_alpha {
+                None => 8.0,
+                Some(v) => v
+                    .as_f64()
+                    .ok_or_else(|| bad("lora_alpha", "must be a number"))?,
+            };
+            (r, lora_alpha)
+        } else {
+            (0, 0.0)
+        };
+        let target_modules = modules("target_modules", &raw.target_modules)?;
         if let Some(b) = raw.bias.as_deref() {
             if b != "none" {
                 return Err(bad(
@@ -176,6 +205,7 @@ impl AdapterConfig {
             alpha_pattern.push((k, a));
         }
         Ok(Self {
+            method,
             r,
             lora_alpha,
             target_modules,
@@ -196,7 +226,22 @@ impl AdapterConfig {
                 return false;
             }
         }
-        match &self.target_modules {
+        Self::matches(&self.target_modules, module)
+    }
+
+    /// Whether `module` is one of an IA³ adapter's feed-forward modules (its vector scales the
+    /// module's input).
+    pub fn is_feedforward(&self, module: &str) -> bool {
+        match &self.method {
+            Method::Ia3 {
+                feedforward_modules,
+            } => Self::matches(feedforward_modules, module),
+            Method::Lora => false,
+        }
+    }
+
+    fn matches(targets: &TargetModules, module: &str) -> bool {
+        match targets {
             TargetModules::AllLinear => true,
             TargetModules::List(names) => names
                 .iter()
@@ -247,6 +292,24 @@ impl AdapterConfig {
             TargetModules::Regex(r) => serde_json::json!(r),
             TargetModules::AllLinear => serde_json::json!(proj_names),
         };
+        if let Method::Ia3 {
+            feedforward_modules,
+        } = &self.method
+        {
+            let ff = match feedforward_modules {
+                TargetModules::List(l) => serde_json::json!(l),
+                TargetModules::Regex(r) => serde_json::json!(r),
+                TargetModules::AllLinear => serde_json::json!(proj_names),
+            };
+            return serde_json::json!({
+                "peft_type": "IA3",
+                "task_type": "CAUSAL_LM",
+                "target_modules": targets,
+                "feedforward_modules": ff,
+                "fan_in_fan_out": false,
+                "base_model_name_or_path": self.base_model_name_or_path,
+            });
+        }
         serde_json::json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",

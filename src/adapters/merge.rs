@@ -1,5 +1,6 @@
 //! Merging an adapter into the base weights: LoRA `W + s·B A`; DoRA
-//! `(m / ‖W + s·B A‖) ⊙ (W + s·B A)` row-wise. The result is an ordinary Llama.
+//! `(m / ‖W + s·B A‖) ⊙ (W + s·B A)` row-wise; IA³ `l ⊙ W` row-wise (columns for a
+//! feed-forward module). The result is an ordinary Llama.
 
 use candle_core::{DType, Tensor};
 
@@ -18,6 +19,15 @@ pub fn merge(model: &Llama, adapter: &PeftAdapter) -> Result<Llama, AdapterError
         let linear = merged.linear_mut(layer, proj).expect("validated by bind");
         let base = linear.base().dense()?;
         let dtype = base.dtype();
+        if let Some(l) = &w.ia3 {
+            let l = l.to_dtype(DType::F32)?;
+            // `[out, 1]` scales rows, `[1, in]` (feed-forward) columns: a broadcast either way.
+            let new = base.to_dtype(DType::F32)?.broadcast_mul(&l)?;
+            linear.set_base(BaseWeight::Dense(
+                new.to_dtype(dtype)?.to_device(base.device())?,
+            ));
+            continue;
+        }
         let (a, b) = (
             w.lora_a.as_ref().expect("bound"),
             w.lora_b.as_ref().expect("bound"),

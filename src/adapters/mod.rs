@@ -13,7 +13,7 @@ pub mod registry;
 
 pub use bind::{bind, AdapterDType, BindOptions};
 pub use cache::{AdapterCache, CacheConfig, Lease};
-pub use config::{AdapterConfig, TargetModules};
+pub use config::{AdapterConfig, Method, TargetModules};
 pub use error::AdapterError;
 pub use peft::PeftAdapter;
 pub use registry::{locate, AdapterKey, AdapterName, Registry};

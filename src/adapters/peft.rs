@@ -1,6 +1,7 @@
 //! The PEFT on-disk format: `adapter_config.json` + `adapter_model.safetensors` with keys
 //! `base_model.model.<module>.lora_A.weight` `[r, in]`, `.lora_B.weight` `[out, r]` and, for
-//! DoRA, `.lora_magnitude_vector` `[out]`. Read and written; pickle `.bin` files are refused.
+//! DoRA, `.lora_magnitude_vector` `[out]`; for IA³, `.ia3_l` (`[out, 1]`, or `[1, in]` on a
+//! feed-forward module). Read and written; pickle `.bin` files are refused.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -23,6 +24,7 @@ pub struct ModuleWeights {
     pub lora_a: Option<Tensor>,
     pub lora_b: Option<Tensor>,
     pub magnitude: Option<Tensor>,
+    pub ia3: Option<Tensor>,
 }
 
 impl ModuleWeights {
@@ -32,6 +34,7 @@ impl ModuleWeights {
             lora_a: dims(&self.lora_a),
             lora_b: dims(&self.lora_b),
             magnitude: dims(&self.magnitude),
+            ia3: dims(&self.ia3),
         }
     }
 }
@@ -42,6 +45,7 @@ pub struct ModuleShapes {
     pub lora_a: Option<Vec<usize>>,
     pub lora_b: Option<Vec<usize>>,
     pub magnitude: Option<Vec<usize>>,
+    pub ia3: Option<Vec<usize>>,
 }
 
 /// An adapter known from its config and its safetensors header only: nothing of the tensor
@@ -139,30 +143,33 @@ fn read_safetensors_header(
     parse_safetensors_header(path, &json, file_len - 8 - n)
 }
 
-/// Groups tensors (or their shapes) by module: `[lora_A, lora_B, magnitude]` each.
+/// Groups tensors (or their shapes) by module: `[lora_A, lora_B, magnitude, ia3_l]` each.
 fn by_module<T>(
     path: &Path,
     items: impl IntoIterator<Item = (String, T)>,
-) -> Result<BTreeMap<String, [Option<T>; 3]>, AdapterError> {
-    let mut modules: BTreeMap<String, [Option<T>; 3]> = BTreeMap::new();
+) -> Result<BTreeMap<String, [Option<T>; 4]>, AdapterError> {
+    let mut modules: BTreeMap<String, [Option<T>; 4]> = BTreeMap::new();
     for (key, item) in items {
         let (module, role) = parse_key(&key).ok_or_else(|| {
             AdapterError::weights(
                 path,
                 format!(
-                    "unexpected tensor `{key}` (only LoRA A/B and DoRA magnitudes are supported)"
+                    "unexpected tensor `{key}` (only LoRA A/B, DoRA magnitudes and IA³ vectors are supported)"
                 ),
             )
         })?;
         let slot = match role {
             "A" => 0,
             "B" => 1,
-            _ => 2,
+            "M" => 2,
+            _ => 3,
         };
-        modules.entry(module).or_insert_with(|| [None, None, None])[slot] = Some(item);
+        modules
+            .entry(module)
+            .or_insert_with(|| [None, None, None, None])[slot] = Some(item);
     }
     if modules.is_empty() {
-        return Err(AdapterError::weights(path, "holds no LoRA tensors"));
+        return Err(AdapterError::weights(path, "holds no adapter tensors"));
     }
     Ok(modules)
 }
@@ -174,13 +181,14 @@ pub fn module_shapes(
 ) -> Result<BTreeMap<String, ModuleShapes>, AdapterError> {
     Ok(by_module(path, tensors)?
         .into_iter()
-        .map(|(m, [lora_a, lora_b, magnitude])| {
+        .map(|(m, [lora_a, lora_b, magnitude, ia3])| {
             (
                 m,
                 ModuleShapes {
                     lora_a,
                     lora_b,
                     magnitude,
+                    ia3,
                 },
             )
         })
@@ -208,6 +216,8 @@ fn parse_key(key: &str) -> Option<(String, &'static str)> {
         (".lora_B.default.weight", "B"),
         (".lora_magnitude_vector.default.weight", "M"),
         (".lora_magnitude_vector.default", "M"),
+        (".ia3_l", "I"),
+        (".ia3_l.default", "I"),
     ] {
         if let Some(module) = rest.strip_suffix(suffix) {
             return Some((module.to_string(), role));
@@ -261,13 +271,14 @@ impl PeftAdapter {
         })?;
         let modules = by_module(&weights, tensors)?
             .into_iter()
-            .map(|(m, [lora_a, lora_b, magnitude])| {
+            .map(|(m, [lora_a, lora_b, magnitude, ia3])| {
                 (
                     m,
                     ModuleWeights {
                         lora_a,
                         lora_b,
                         magnitude,
+                        ia3,
                     },
                 )
             })
@@ -304,6 +315,9 @@ impl PeftAdapter {
             if let Some(m) = &w.magnitude {
                 tensors.insert(key("lora_magnitude_vector"), m.contiguous()?);
             }
+            if let Some(l) = &w.ia3 {
+                tensors.insert(key("ia3_l"), l.contiguous()?);
+            }
         }
         candle_core::safetensors::save(&tensors, dir.join(WEIGHTS_FILE))?;
         Ok(())
@@ -313,7 +327,7 @@ impl PeftAdapter {
     pub fn weight_bytes(&self) -> usize {
         self.modules
             .values()
-            .flat_map(|m| [&m.lora_a, &m.lora_b, &m.magnitude])
+            .flat_map(|m| [&m.lora_a, &m.lora_b, &m.magnitude, &m.ia3])
             .flatten()
             .map(|t| t.elem_count() * t.dtype().size_in_bytes())
             .sum()
@@ -337,6 +351,10 @@ mod tests {
         assert_eq!(
             parse_key("base_model.model.model.layers.1.mlp.up_proj.lora_B.default.weight"),
             Some(("model.layers.1.mlp.up_proj".to_string(), "B"))
+        );
+        assert_eq!(
+            parse_key("base_model.model.model.layers.0.mlp.down_proj.ia3_l"),
+            Some(("model.layers.0.mlp.down_proj".to_string(), "I"))
         );
         assert_eq!(parse_key("base_model.model.lm_head.weight"), None);
     }

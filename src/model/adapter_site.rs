@@ -3,6 +3,7 @@
 //!
 //! LoRA: `y = W x + s·B(A x)`. DoRA (PEFT): `y = (m/n) ⊙ (W x + s·B A x) + b` with
 //! `n = ‖W + s·B A‖` per output row; at serving time `m/n` is one constant vector per site.
+//! IA³: `y = l ⊙ (W x)` (attention modules), or `y = W (l ⊙ x)` (feed-forward modules).
 
 use candle_core::{Result, Tensor};
 
@@ -130,28 +131,58 @@ impl LoraSite {
     }
 }
 
-/// An adapter's sites for every layer: `layers[l][proj as usize]`.
+/// One IA³ vector on one projection: it scales the projection's output (`[out]`) or, for a
+/// feed-forward module, its input (`[in]`).
+#[derive(Debug, Clone)]
+pub struct Ia3Site {
+    pub scale: Tensor,
+    pub on_input: bool,
+}
+
+/// An adapter's sites for every layer: `layers[l][proj as usize]` (LoRA / DoRA) and
+/// `ia3[l][proj as usize]` (empty for an adapter without IA³ vectors).
 #[derive(Debug, Clone, Default)]
 pub struct AdapterWeights {
     pub layers: Vec<[Option<LoraSite>; 7]>,
+    pub ia3: Vec<[Option<Ia3Site>; 7]>,
 }
 
 impl AdapterWeights {
+    /// An adapter of LoRA / DoRA sites only.
+    pub fn from_lora(layers: Vec<[Option<LoraSite>; 7]>) -> Self {
+        Self {
+            layers,
+            ia3: Vec::new(),
+        }
+    }
+
+    pub fn ia3_site(&self, layer: usize, proj: Proj) -> Option<&Ia3Site> {
+        self.ia3.get(layer)?[proj as usize].as_ref()
+    }
+
     pub fn site(&self, layer: usize, proj: Proj) -> Option<&LoraSite> {
         self.layers.get(layer)?[proj as usize].as_ref()
     }
 
     pub fn bytes(&self) -> usize {
-        self.layers
+        let ia3: usize = self
+            .ia3
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|s| s.scale.elem_count() * s.scale.dtype().size_in_bytes())
+            .sum();
+        ia3 + self
+            .layers
             .iter()
             .flatten()
             .flatten()
             .map(LoraSite::bytes)
-            .sum()
+            .sum::<usize>()
     }
 
     pub fn site_count(&self) -> usize {
-        self.layers.iter().flatten().flatten().count()
+        self.layers.iter().flatten().flatten().count() + self.ia3.iter().flatten().flatten().count()
     }
 }
 

@@ -257,10 +257,7 @@ impl Llama {
                 pool.as_deref_mut(),
             )?;
             let o = time(Part::OProj, || {
-                block
-                    .self_attn
-                    .o_proj
-                    .forward_with(&attn, &sites.of(Proj::O))
+                sites.project(&block.self_attn.o_proj, Proj::O, &attn)
             })?;
             x = time(Part::Activation, || x + o)?;
             let h = time(Part::Norm, || {
@@ -269,13 +266,13 @@ impl Llama {
             let mlp = &block.mlp;
             let (gate, up) = time(Part::GateUpProj, || {
                 Ok::<_, candle_core::Error>((
-                    mlp.gate_proj.forward_with(&h, &sites.of(Proj::Gate))?,
-                    mlp.up_proj.forward_with(&h, &sites.of(Proj::Up))?,
+                    sites.project(&mlp.gate_proj, Proj::Gate, &h)?,
+                    sites.project(&mlp.up_proj, Proj::Up, &h)?,
                 ))
             })?;
             let act = time(Part::Activation, || gate.silu()? * up)?;
             let down = time(Part::DownProj, || {
-                mlp.down_proj.forward_with(&act, &sites.of(Proj::Down))
+                sites.project(&mlp.down_proj, Proj::Down, &act)
             })?;
             x = time(Part::Activation, || x + down)?;
         }
@@ -362,9 +359,9 @@ impl Llama {
         let layer = sites.layer;
         let (q, k, v) = time(Part::QkvProj, || {
             Ok::<_, candle_core::Error>((
-                attn.q_proj.forward_with(h, &sites.of(Proj::Q))?,
-                attn.k_proj.forward_with(h, &sites.of(Proj::K))?,
-                attn.v_proj.forward_with(h, &sites.of(Proj::V))?,
+                sites.project(&attn.q_proj, Proj::Q, h)?,
+                sites.project(&attn.k_proj, Proj::K, h)?,
+                sites.project(&attn.v_proj, Proj::V, h)?,
             ))
         })?;
         let host = !q.track_op()
@@ -502,5 +499,41 @@ impl<'g> Sites<'g, '_> {
             .iter()
             .filter_map(|g| Some((&g.rows, g.adapter.site(self.layer, proj)?)))
             .collect()
+    }
+
+    /// `linear` on `x` with this batch's sites of `proj`: IA³ input scaling of its groups' rows,
+    /// the base product and LoRA / DoRA deltas, IA³ output scaling.
+    fn project(&self, linear: &Linear, proj: Proj, x: &Tensor) -> Result<Tensor> {
+        let ia3: Vec<(&Rows, &super::adapter_site::Ia3Site)> = self
+            .groups
+            .iter()
+            .filter_map(|g| Some((&g.rows, g.adapter.ia3_site(self.layer, proj)?)))
+            .collect();
+        if ia3.is_empty() {
+            return linear.forward_with(x, &self.of(proj));
+        }
+        let scaled = |t: &Tensor, input: bool| -> Result<Tensor> {
+            let mut t = t.clone();
+            for (rows, site) in ia3.iter().filter(|(_, s)| s.on_input == input) {
+                t = scale_rows(&t, rows, &site.scale)?;
+            }
+            Ok(t)
+        };
+        let y = linear.forward_with(&scaled(x, true)?, &self.of(proj))?;
+        scaled(&y, false)
+    }
+}
+
+/// `t` with the rows of `rows` multiplied elementwise by `v`.
+fn scale_rows(t: &Tensor, rows: &Rows, v: &Tensor) -> Result<Tensor> {
+    match rows {
+        Rows::All => t.broadcast_mul(v),
+        Rows::Range(start, len) => {
+            t.slice_scatter0(&t.narrow(0, *start, *len)?.broadcast_mul(v)?, *start)
+        }
+        Rows::Index(_, idx) => {
+            let sel = t.index_select(idx, 0)?;
+            t.index_add(idx, &sel.broadcast_mul(&(v - 1.0)?)?, 0)
+        }
     }
 }

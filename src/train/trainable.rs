@@ -109,6 +109,7 @@ impl TrainableAdapter {
         let mut targets: Vec<String> = spec.targets.iter().map(|p| p.short().to_string()).collect();
         targets.dedup();
         let config = AdapterConfig {
+            method: crate::adapters::config::Method::Lora,
             r: spec.rank,
             lora_alpha: spec.alpha,
             target_modules: TargetModules::List(targets),
@@ -207,7 +208,7 @@ impl TrainableAdapter {
                 dropout,
             });
         }
-        Ok(AdapterWeights { layers })
+        Ok(AdapterWeights::from_lora(layers))
     }
 
     /// Every trainable tensor under its PEFT key.
@@ -238,6 +239,7 @@ impl TrainableAdapter {
                         lora_a: Some(s.a.as_tensor().clone()),
                         lora_b: Some(s.b.as_tensor().clone()),
                         magnitude: s.m.as_ref().map(|m| m.as_tensor().clone()),
+                        ia3: None,
                     },
                 )
             })

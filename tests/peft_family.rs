@@ -1,0 +1,165 @@
+//! PEFT methods beyond LoRA/DoRA on the tiny model, against PEFT 0.21.2 itself
+//! (`tests/fixtures/tiny-llama/peft-family/`, made by `make_ia3.py` there): IA³ served unmerged
+//! per row in mixed batches with LoRA, DoRA and base rows, merged into the weights, and bad
+//! configs refused by name.
+
+mod common;
+
+use common::*;
+use loraplex::adapters::{bind, merge::merge, BindOptions, PeftAdapter};
+use loraplex::model::llama::SeqInput;
+use loraplex::model::{AdapterWeights, BatchInput, LoadedModel, LogitsRows};
+
+fn family_dir() -> std::path::PathBuf {
+    tiny_dir().join("peft-family")
+}
+
+fn bound(loaded: &LoadedModel, dir: &std::path::Path) -> AdapterWeights {
+    let peft = PeftAdapter::load(dir).unwrap();
+    bind(&peft, &loaded.model, &BindOptions::default()).unwrap()
+}
+
+fn run(loaded: &LoadedModel, seqs: &[(&[u32], Option<&AdapterWeights>)]) -> Vec<Vec<f32>> {
+    let mut caches: Vec<_> = seqs.iter().map(|_| loaded.model.new_cache()).collect();
+    loaded
+        .model
+        .forward(&mut BatchInput {
+            seqs: seqs
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|((t, a), c)| SeqInput::new(t, c).with_adapter(*a))
+                .collect(),
+            logits: LogitsRows::All,
+        })
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
+
+#[test]
+fn ia3_matches_peft_at_every_position() {
+    let loaded = load_tiny();
+    let ia3 = bound(&loaded, &family_dir().join("adapters/ia3-kvd"));
+    assert_eq!(ia3.site_count(), 6);
+    let expected = read_json(family_dir().join("expected_ia3.json"));
+    let base = read_json(tiny_dir().join("expected_logits.json"));
+    let (mut worst, mut moved) = (0f32, 0f32);
+    for (case, base_case) in expected["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(base["cases"].as_array().unwrap())
+    {
+        let ids = as_u32_vec(&case["input_ids"]);
+        let got = run(&loaded, &[(&ids, Some(&ia3))]);
+        let want = case["logits"].as_array().unwrap();
+        assert_eq!(got.len(), want.len());
+        for (pos, (g, w)) in got.iter().zip(want).enumerate() {
+            worst = worst.max(max_abs_diff(g, &as_f32_vec(w)));
+            moved = moved.max(max_abs_diff(g, &as_f32_vec(&base_case["base_logits"][pos])));
+        }
+    }
+    eprintln!("IA³ vs PEFT: worst {worst}; the adapter moves logits by up to {moved}");
+    assert!(worst < 1e-4, "{worst}");
+    assert!(
+        moved > 0.1,
+        "the adapter changes nothing ({moved}): the test proves nothing"
+    );
+}
+
+/// A batch with an IA³ row, LoRA and DoRA rows and base rows, interleaved (so IA³ rows are
+/// scattered): every row equals its sequence alone.
+#[test]
+fn a_mixed_batch_with_ia3_rows_equals_each_row_alone() {
+    let loaded = load_tiny();
+    let ia3 = bound(&loaded, &family_dir().join("adapters/ia3-kvd"));
+    let lora = bound(&loaded, &tiny_dir().join("adapters/lora-r8-all"));
+    let dora = bound(&loaded, &tiny_dir().join("adapters/dora-r8-all"));
+    let seqs: Vec<Vec<u32>> = (0..6)
+        .map(|i| {
+            (0..5 + i)
+                .map(|j| (3 + i * 31 + j * 7) as u32 % 500)
+                .collect()
+        })
+        .collect();
+    let adapters = [Some(&ia3), Some(&lora), None, Some(&ia3), Some(&dora), None];
+    let batch: Vec<(&[u32], Option<&AdapterWeights>)> = seqs
+        .iter()
+        .zip(adapters)
+        .map(|(s, a)| (s.as_slice(), a))
+        .collect();
+    let together = run(&loaded, &batch);
+    let mut at = 0;
+    let mut worst = 0f32;
+    for (s, a) in &batch {
+        let alone = run(&loaded, &[(s, *a)]);
+        for row in &alone {
+            worst = worst.max(max_abs_diff(row, &together[at]));
+            at += 1;
+        }
+    }
+    assert!(worst < 1e-5, "{worst}");
+}
+
+#[test]
+fn ia3_merges_into_the_weights_as_peft_merges_it() {
+    let loaded = load_tiny();
+    let peft = PeftAdapter::load(&family_dir().join("adapters/ia3-kvd")).unwrap();
+    let merged = merge(&loaded.model, &peft).unwrap();
+    let expected = read_json(family_dir().join("expected_ia3.json"));
+    let ids = as_u32_vec(&expected["cases"][0]["input_ids"]);
+    let mut cache = merged.new_cache();
+    let got = merged
+        .forward(&mut BatchInput {
+            seqs: vec![SeqInput::new(&ids, &mut cache)],
+            logits: LogitsRows::Last,
+        })
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap()
+        .remove(0);
+    let worst = max_abs_diff(&got, &as_f32_vec(&expected["merged_last_logits"]));
+    assert!(worst < 1e-4, "{worst}");
+}
+
+#[test]
+fn unsupported_methods_and_misfit_vectors_are_refused_by_name() {
+    let loaded = load_tiny();
+    let dir = tempfile::tempdir().unwrap();
+    let src = family_dir().join("adapters/ia3-kvd");
+    std::fs::copy(
+        src.join("adapter_model.safetensors"),
+        dir.path().join("adapter_model.safetensors"),
+    )
+    .unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap())
+            .unwrap();
+    let with = |edit: &dyn Fn(&mut serde_json::Value)| {
+        let mut c = config.clone();
+        edit(&mut c);
+        std::fs::write(dir.path().join("adapter_config.json"), c.to_string()).unwrap();
+        PeftAdapter::load(dir.path())
+            .and_then(|p| bind(&p, &loaded.model, &BindOptions::default()))
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    let e = with(&|c| c["peft_type"] = "LOHA".into());
+    assert!(
+        e.contains("peft_type") && e.contains("LOHA") && e.contains("LORA") && e.contains("IA3"),
+        "{e}"
+    );
+    // down_proj no longer a feed-forward module: its [1, 176] vector does not fit [64, 1].
+    let e = with(&|c| c["feedforward_modules"] = serde_json::json!([]));
+    assert!(
+        e.contains("down_proj") && e.contains("ia3_l") && e.contains("[1, 176]"),
+        "{e}"
+    );
+    // The same vectors under a LoRA config.
+    let e = with(&|c| {
+        c["peft_type"] = "LORA".into();
+        c["r"] = 4.into();
+    });
+    assert!(e.contains("IA³") && e.contains("LORA"), "{e}");
+}
