@@ -486,7 +486,7 @@ mod tests {
                 .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 2.0)
                 .collect();
             let v: Vec<f32> = (0..total * w)
-                .map(|i| ((i * 104729 % 997) as f32 / 498.5 - 1.0))
+                .map(|i| (i * 104729 % 997) as f32 / 498.5 - 1.0)
                 .collect();
             pool.write(0, &table, 0, &k, &v);
             let q: Vec<f32> = (0..9 * 64)
