@@ -163,3 +163,169 @@ fn unsupported_methods_and_misfit_vectors_are_refused_by_name() {
     });
     assert!(e.contains("IA³") && e.contains("LORA"), "{e}");
 }
+
+/// Prefix tuning (with and without PEFT's projection: the saved rows are the projected ones):
+/// every real position within 1e-4 of PEFT's own `forward()`, alone and in a mixed batch.
+#[test]
+fn prefix_tuning_matches_peft_at_every_position() {
+    let loaded = load_tiny();
+    let expected = read_json(family_dir().join("expected_prompt_learning.json"));
+    let cases = read_json(tiny_dir().join("expected_logits.json"));
+    let lora = bound(&loaded, &tiny_dir().join("adapters/lora-r8-all"));
+    for name in ["prefix-n4", "prefix-proj-n3"] {
+        let prefix = bound(&loaded, &family_dir().join("adapters").join(name));
+        assert!(prefix.virtual_tokens() > 0);
+        let mut worst = 0f32;
+        for (c, want) in cases["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(expected["adapters"][name].as_array().unwrap())
+        {
+            let ids = as_u32_vec(&c["input_ids"]);
+            let want: Vec<Vec<f32>> = want.as_array().unwrap().iter().map(as_f32_vec).collect();
+            let alone = run(&loaded, &[(&ids, Some(&prefix))]);
+            // In a batch between a LoRA row and a base row.
+            let (first, last) = ([5u32, 6, 7], [9u32, 10]);
+            let mixed = run(
+                &loaded,
+                &[(&first, Some(&lora)), (&ids, Some(&prefix)), (&last, None)],
+            );
+            assert_eq!(alone.len(), want.len());
+            for (pos, w) in want.iter().enumerate() {
+                worst = worst.max(max_abs_diff(&alone[pos], w));
+                worst = worst.max(max_abs_diff(&mixed[3 + pos], w));
+            }
+        }
+        eprintln!("{name} vs PEFT: worst {worst}");
+        assert!(worst < 1e-4, "{name}: {worst}");
+    }
+}
+
+/// Prefix tuning through the paged KV pool (as the server runs it): the prefix rows go into
+/// the sequence's first blocks, the answer is the unpaged one.
+#[test]
+fn prefix_tuning_through_the_paged_pool_equals_the_unpaged_path() {
+    use loraplex::model::{KvCache, KvDtype, KvPool};
+    let loaded = load_tiny();
+    let prefix = bound(&loaded, &family_dir().join("adapters/prefix-n4"));
+    let ids: Vec<u32> = (0..20).map(|i| 7 + i * 11 % 400).collect();
+    let want = run(&loaded, &[(&ids, Some(&prefix))]);
+    let mut pool = KvPool::new(loaded.model.pool_shape(64, 8, KvDtype::F32)).unwrap();
+    let mut cache = KvCache::paged();
+    for b in [5, 1, 6] {
+        cache.push_block(b); // 24 positions: 4 virtual + 20 real
+    }
+    let got: Vec<Vec<f32>> = loaded
+        .model
+        .forward_paged(
+            &mut BatchInput {
+                seqs: vec![SeqInput::new(&ids, &mut cache).with_adapter(Some(&prefix))],
+                logits: LogitsRows::All,
+            },
+            &mut pool,
+        )
+        .unwrap()
+        .to_vec2()
+        .unwrap();
+    assert_eq!(cache.len(), 24);
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(g, w)| max_abs_diff(g, w))
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-5, "{worst}");
+}
+
+/// Prefix tuning in the engine: greedy answers equal a plain greedy loop over the model, for
+/// a first request and for a second one that takes its virtual rows and prompt from the prefix
+/// cache; `prompt_tokens` counts the real tokens only. Merging it is refused by name.
+#[test]
+fn the_engine_serves_prefix_tuning_and_merge_refuses_it() {
+    use loraplex::adapters::{AdapterCache, AdapterKey, AdapterName, CacheConfig};
+    use loraplex::engine::{
+        Engine, Event, GenerationConfig, KvConfig, SamplingParams, SchedulerConfig, ValidRequest,
+    };
+    use std::sync::Arc;
+    let loaded = Arc::new(load_tiny());
+    let dir = family_dir().join("adapters/prefix-n4");
+    let cache = AdapterCache::new(CacheConfig::default());
+    let lease = cache
+        .acquire(
+            &AdapterKey {
+                name: AdapterName::parse("prefix-n4").unwrap(),
+                version: 1,
+            },
+            false,
+            || bind(&PeftAdapter::load(&dir)?, &loaded.model, &BindOptions::default()),
+        )
+        .unwrap();
+    let prompt: Vec<u32> = (0..30).map(|i| 3 + i * 13 % 300).collect();
+    // The reference: a greedy loop over the model, unpaged.
+    let mut want = Vec::new();
+    let mut kv = loaded.model.new_cache();
+    let mut next = prompt.clone();
+    for _ in 0..5 {
+        let row = loaded
+            .model
+            .forward(&mut BatchInput {
+                seqs: vec![SeqInput::new(&next, &mut kv).with_adapter(Some(&*lease.weights))],
+                logits: LogitsRows::Last,
+            })
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+            .remove(0);
+        let t = (0..row.len()).max_by(|a, b| row[*a].total_cmp(&row[*b])).unwrap() as u32;
+        want.push(t);
+        next = vec![t];
+    }
+    let metrics = Arc::new(loraplex::metrics::Metrics::new());
+    let (engine, mut worker) = Engine::manual(
+        loaded.clone(),
+        SchedulerConfig {
+            max_running: 4,
+            kv_cache_tokens: 4096,
+            max_queue: 16,
+            max_queue_per_tenant: 16,
+            max_batched_tokens: 0,
+        },
+        KvConfig::default(),
+        metrics.clone(),
+    )
+    .unwrap();
+    for round in 0..2 {
+        let mut rx = engine
+            .submit(ValidRequest {
+                prompt: prompt.clone(),
+                config: GenerationConfig {
+                    max_tokens: 5,
+                    ignore_eos: true,
+                    sampling: SamplingParams::greedy(),
+                    ..Default::default()
+                },
+                logprobs: None,
+                adapter: Some(lease.clone()),
+                adapter_label: None,
+                tenant: None,
+            })
+            .unwrap();
+        while worker.step() {}
+        let (mut got, mut prompt_tokens) = (Vec::new(), 0);
+        while let Ok(e) = rx.try_recv() {
+            match e {
+                Event::Token { token, .. } => got.push(token),
+                Event::Done { prompt_tokens: n, .. } => prompt_tokens = n,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(got, want, "round {round}");
+        assert_eq!(prompt_tokens, 30);
+    }
+    // The second round reused 2 blocks of 16: the 4 virtual rows and 28 prompt tokens.
+    assert_eq!(metrics.prefix_cache_hits.get(), 32);
+    let e = merge(&loaded.model, &PeftAdapter::load(&dir).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("PREFIX_TUNING") && e.contains("cannot be merged"), "{e}");
+}

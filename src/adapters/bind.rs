@@ -10,7 +10,7 @@ use candle_core::{DType, Tensor, D};
 use super::config::{AdapterConfig, Method, TargetModules};
 use super::error::AdapterError;
 use super::peft::{AdapterHeader, ModuleShapes, PeftAdapter};
-use crate::model::{AdapterWeights, Ia3Site, Llama, LoraSite, Proj};
+use crate::model::{AdapterWeights, Ia3Site, KvPrefix, Llama, LoraSite, Proj};
 
 /// `--adapter-dtype`: how A and B are kept for serving on a CPU f32 model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -191,6 +191,57 @@ fn check_module(
     Ok((layer, proj))
 }
 
+/// Checks prefix tuning's `prompt_embeddings` shape against the model: `[num_virtual_tokens,
+/// layers · 2 · kv_heads · head_dim]`.
+fn check_prefix(
+    cfg: &AdapterConfig,
+    path: &Path,
+    shape: Option<&[usize]>,
+    model: &Llama,
+) -> Result<(), AdapterError> {
+    let c = &model.config;
+    let width = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim;
+    let err = |problem: String| AdapterError::weights(path, problem);
+    match (&cfg.method, shape) {
+        (Method::PrefixTuning { num_virtual_tokens }, Some(s)) => {
+            let want = [*num_virtual_tokens, width];
+            if s != want {
+                return Err(err(format!(
+                    "`prompt_embeddings` is {s:?}; prefix tuning of this model needs {want:?} (num_virtual_tokens, layers · 2 · kv_heads · head_dim = {} · 2 · {} · {})",
+                    c.num_hidden_layers, c.num_key_value_heads, c.head_dim
+                )));
+            }
+            Ok(())
+        }
+        (Method::PrefixTuning { .. }, None) => Err(err(
+            "`prompt_embeddings` is missing (peft_type is PREFIX_TUNING)".into(),
+        )),
+        (_, Some(_)) => Err(err(
+            "has `prompt_embeddings`, but peft_type is not PREFIX_TUNING".into(),
+        )),
+        (_, None) => Ok(()),
+    }
+}
+
+/// Prefix tuning's rows for the cache: per layer, keys then values from each row of `p`.
+fn kv_prefix(p: &Tensor, model: &Llama) -> Result<KvPrefix, AdapterError> {
+    let c = &model.config;
+    let w = c.num_key_value_heads * c.head_dim;
+    let (n, _) = p.dims2()?;
+    let rows: Vec<Vec<f32>> = p.to_dtype(DType::F32)?.to_vec2()?;
+    let part = |l: usize, kv: usize| -> Vec<f32> {
+        rows.iter()
+            .flat_map(|r| r[(l * 2 + kv) * w..(l * 2 + kv + 1) * w].iter().copied())
+            .collect()
+    };
+    Ok(KvPrefix {
+        tokens: n,
+        layers: (0..c.num_hidden_layers)
+            .map(|l| (part(l, 0), part(l, 1)))
+            .collect(),
+    })
+}
+
 /// Checks an adapter known from its header against the model, before any tensor is read.
 pub fn check(
     header: &AdapterHeader,
@@ -199,6 +250,15 @@ pub fn check(
 ) -> Result<(), AdapterError> {
     check_config(&header.config, &header.dir, opts)?;
     let path = header.dir.join(super::peft::WEIGHTS_FILE);
+    if header.modules.is_empty() && header.prompt_embeddings.is_none() {
+        return Err(AdapterError::weights(&path, "holds no adapter tensors"));
+    }
+    check_prefix(
+        &header.config,
+        &path,
+        header.prompt_embeddings.as_deref(),
+        model,
+    )?;
     for (module, shapes) in &header.modules {
         check_module(&header.config, &path, module, shapes, model, opts)?;
     }
@@ -230,6 +290,15 @@ pub fn bind(
         .map(|_| Default::default())
         .collect();
     let mut ia3: Vec<[Option<Ia3Site>; 7]> = Vec::new();
+    let shape = adapter
+        .prompt_embeddings
+        .as_ref()
+        .map(|p| p.dims().to_vec());
+    check_prefix(cfg, &path, shape.as_deref(), model)?;
+    let prefix = match &adapter.prompt_embeddings {
+        Some(p) => Some(kv_prefix(p, model)?),
+        None => None,
+    };
     for (module, w) in &adapter.modules {
         let (layer, proj) = check_module(cfg, &path, module, &w.shapes(), model, opts)?;
         if let Some(l) = &w.ia3 {
@@ -276,7 +345,11 @@ pub fn bind(
             dropout: None,
         });
     }
-    Ok(AdapterWeights { layers, ia3 })
+    Ok(AdapterWeights {
+        layers,
+        ia3,
+        prefix,
+    })
 }
 
 #[cfg(test)]

@@ -313,6 +313,7 @@ mod tests {
                 None,
             ]],
             ia3: Vec::new(),
+            prefix: None,
         }
     }
 

@@ -27,6 +27,9 @@ pub enum Method {
     /// IA³: learned vectors scaling the targeted modules' outputs, or the inputs of the
     /// `feedforward_modules` among them.
     Ia3 { feedforward_modules: TargetModules },
+    /// Prefix tuning: `num_virtual_tokens` trained key/value rows at every layer, attended to
+    /// before the prompt (the stored `prompt_embeddings` are those rows, after any projection).
+    PrefixTuning { num_virtual_tokens: usize },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -64,6 +67,7 @@ struct RawConfig {
     #[serde(default)]
     fan_in_fan_out: bool,
     feedforward_modules: Option<Value>,
+    num_virtual_tokens: Option<Value>,
     modules_to_save: Option<Value>,
     layers_to_transform: Option<Value>,
     base_model_name_or_path: Option<String>,
@@ -119,10 +123,21 @@ impl AdapterConfig {
                     v => modules("feedforward_modules", v)?,
                 },
             },
+            Some("PREFIX_TUNING") => Method::PrefixTuning {
+                num_virtual_tokens: raw
+                    .num_virtual_tokens
+                    .as_ref()
+                    .and_then(Value::as_u64)
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| bad("num_virtual_tokens", "must be a positive integer"))?
+                    as usize,
+            },
             Some(t) => {
                 return Err(bad(
                     "peft_type",
-                    &format!("is `{t}`; supported: `LORA` (with optional DoRA), `IA3`"),
+                    &format!(
+                        "is `{t}`; supported: `LORA` (with optional DoRA), `IA3`, `PREFIX_TUNING`"
+                    ),
                 ))
             }
         };
@@ -144,7 +159,11 @@ impl AdapterConfig {
         } else {
             (0, 0.0)
         };
-        let target_modules = modules("target_modules", &raw.target_modules)?;
+        let target_modules = match method {
+            // Prefix tuning targets no module: its rows enter every layer's attention.
+            Method::PrefixTuning { .. } => TargetModules::List(Vec::new()),
+            _ => modules("target_modules", &raw.target_modules)?,
+        };
         if let Some(b) = raw.bias.as_deref() {
             if b != "none" {
                 return Err(bad(
@@ -236,7 +255,7 @@ impl AdapterConfig {
             Method::Ia3 {
                 feedforward_modules,
             } => Self::matches(feedforward_modules, module),
-            Method::Lora => false,
+            Method::Lora | Method::PrefixTuning { .. } => false,
         }
     }
 

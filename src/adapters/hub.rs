@@ -130,7 +130,7 @@ pub async fn fetch(
     let repo = PathBuf::from(id);
     let weights_path = repo.join(WEIGHTS_FILE);
     let room = opts.max_bytes - 8 - n;
-    let (tensors, data_bytes) =
+    let (mut tensors, data_bytes) =
         parse_safetensors_header(&weights_path, &json, room).map_err(|e| {
             failed(format!(
                 "{e} (downloads are limited to {} bytes)",
@@ -141,6 +141,7 @@ pub async fn fetch(
     check(&AdapterHeader {
         dir: repo.clone(),
         config: AdapterConfig::from_json(&repo.join(CONFIG_FILE), &config_text)?,
+        prompt_embeddings: tensors.remove(super::peft::PROMPT_EMBEDDINGS),
         modules: module_shapes(&weights_path, tensors)?,
         bytes: data_bytes,
     })?;

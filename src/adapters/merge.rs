@@ -12,8 +12,15 @@ use crate::model::{BaseWeight, Llama};
 pub fn merge(model: &Llama, adapter: &PeftAdapter) -> Result<Llama, AdapterError> {
     // Bind first: it validates every module, shape and rank the same way serving does.
     super::bind::bind(adapter, model, &super::bind::BindOptions::default())?;
-    let mut merged = model.clone();
     let cfg = &adapter.config;
+    if let super::config::Method::PrefixTuning { .. } = cfg.method {
+        return Err(AdapterError::config(
+            adapter.dir.join(super::peft::CONFIG_FILE),
+            "peft_type",
+            "is PREFIX_TUNING, which cannot be merged into the weights: its key/value rows are extra positions every sequence attends to, not a change of any W (serve it unmerged)",
+        ));
+    }
+    let mut merged = model.clone();
     for (module, w) in &adapter.modules {
         let (layer, proj) = parse_module(module).expect("validated by bind");
         let linear = merged.linear_mut(layer, proj).expect("validated by bind");

@@ -14,6 +14,9 @@ use super::error::AdapterError;
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const KEY_PREFIX: &str = "base_model.model.";
+/// Prompt learning's one tensor (prefix tuning: `[virtual tokens, layers · 2 · kv_heads ·
+/// head_dim]`, per layer the keys then the values, each `[kv_heads, tokens, head_dim]`).
+pub const PROMPT_EMBEDDINGS: &str = "prompt_embeddings";
 
 /// Longest safetensors header read (the JSON before the data).
 const MAX_HEADER_BYTES: u64 = 16 << 20;
@@ -55,6 +58,8 @@ pub struct AdapterHeader {
     pub dir: PathBuf,
     pub config: AdapterConfig,
     pub modules: BTreeMap<String, ModuleShapes>,
+    /// The shape of `prompt_embeddings`, if the file has it.
+    pub prompt_embeddings: Option<Vec<usize>>,
     /// Bytes of tensor data the header declares.
     pub bytes: u64,
 }
@@ -168,9 +173,6 @@ fn by_module<T>(
             .entry(module)
             .or_insert_with(|| [None, None, None, None])[slot] = Some(item);
     }
-    if modules.is_empty() {
-        return Err(AdapterError::weights(path, "holds no adapter tensors"));
-    }
     Ok(modules)
 }
 
@@ -202,6 +204,8 @@ pub struct PeftAdapter {
     pub config: AdapterConfig,
     /// Module path (`model.layers.0.self_attn.q_proj`) → tensors.
     pub modules: BTreeMap<String, ModuleWeights>,
+    /// Prompt learning's trained rows (prefix tuning).
+    pub prompt_embeddings: Option<Tensor>,
 }
 
 /// Splits a PEFT key into module path and tensor role.
@@ -248,11 +252,17 @@ impl PeftAdapter {
     pub fn inspect(dir: &Path) -> Result<AdapterHeader, AdapterError> {
         let config = AdapterConfig::from_file(&dir.join(CONFIG_FILE))?;
         let weights = weights_file(dir)?;
-        let (tensors, bytes) = read_safetensors_header(&weights)?;
+        let (mut tensors, bytes) = read_safetensors_header(&weights)?;
+        let prompt_embeddings = tensors.remove(PROMPT_EMBEDDINGS);
+        let modules = module_shapes(&weights, tensors)?;
+        if modules.is_empty() && prompt_embeddings.is_none() {
+            return Err(AdapterError::weights(&weights, "holds no adapter tensors"));
+        }
         Ok(AdapterHeader {
             dir: dir.to_path_buf(),
             config,
-            modules: module_shapes(&weights, tensors)?,
+            modules,
+            prompt_embeddings,
             bytes,
         })
     }
@@ -266,9 +276,10 @@ impl PeftAdapter {
     pub fn load_tensors(header: AdapterHeader) -> Result<Self, AdapterError> {
         let AdapterHeader { dir, config, .. } = header;
         let weights = dir.join(WEIGHTS_FILE);
-        let tensors = candle_core::safetensors::load(&weights, &Device::Cpu).map_err(|e| {
+        let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).map_err(|e| {
             AdapterError::weights(&weights, format!("not a readable safetensors file: {e}"))
         })?;
+        let prompt_embeddings = tensors.remove(PROMPT_EMBEDDINGS);
         let modules = by_module(&weights, tensors)?
             .into_iter()
             .map(|(m, [lora_a, lora_b, magnitude, ia3])| {
@@ -287,6 +298,7 @@ impl PeftAdapter {
             dir,
             config,
             modules,
+            prompt_embeddings,
         })
     }
 
@@ -319,6 +331,9 @@ impl PeftAdapter {
                 tensors.insert(key("ia3_l"), l.contiguous()?);
             }
         }
+        if let Some(p) = &self.prompt_embeddings {
+            tensors.insert(PROMPT_EMBEDDINGS.to_string(), p.contiguous()?);
+        }
         candle_core::safetensors::save(&tensors, dir.join(WEIGHTS_FILE))?;
         Ok(())
     }
@@ -328,6 +343,7 @@ impl PeftAdapter {
         self.modules
             .values()
             .flat_map(|m| [&m.lora_a, &m.lora_b, &m.magnitude, &m.ia3])
+            .chain([&self.prompt_embeddings])
             .flatten()
             .map(|t| t.elem_count() * t.dtype().size_in_bytes())
             .sum()

@@ -30,6 +30,20 @@ pub struct ValidRequest {
     pub tenant: Option<String>,
 }
 
+impl ValidRequest {
+    /// Positions of the adapter's virtual tokens (prefix tuning) before the prompt.
+    pub fn virtual_tokens(&self) -> usize {
+        self.adapter
+            .as_ref()
+            .map_or(0, |l| l.weights.virtual_tokens())
+    }
+
+    /// KV positions the request may occupy: virtual tokens, prompt, `max_tokens`.
+    pub fn kv_positions(&self) -> usize {
+        self.virtual_tokens() + self.prompt.len() + self.config.max_tokens
+    }
+}
+
 /// What a request's stream carries.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -179,7 +193,7 @@ impl Engine {
         if self.shared.draining.load(Ordering::SeqCst) {
             return Err(EngineError::Draining);
         }
-        let needed = request.prompt.len() + request.config.max_tokens;
+        let needed = request.kv_positions();
         if needed > self.shared.kv_cache_tokens {
             return Err(EngineError::TooLarge {
                 needed,

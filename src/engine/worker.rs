@@ -48,13 +48,16 @@ impl Active {
             .unwrap_or(0)
     }
 
-    /// The token at position `p` of the sequence (prompt, then generated).
+    /// The token at position `p` of the sequence: the adapter's virtual tokens (prefix
+    /// tuning; marked by ids no vocabulary has), the prompt, then what was generated.
     fn token_at(&self, p: usize) -> u32 {
-        let prompt = &self.request.prompt;
-        if p < prompt.len() {
-            prompt[p]
+        let (v, prompt) = (self.request.virtual_tokens(), &self.request.prompt);
+        if p < v {
+            u32::MAX - p as u32
+        } else if p - v < prompt.len() {
+            prompt[p - v]
         } else {
-            self.seq.generated[p - prompt.len()]
+            self.seq.generated[p - v - prompt.len()]
         }
     }
 }
@@ -173,7 +176,7 @@ impl Worker {
 
     fn receive(&mut self, s: Submitted) {
         let tenant = s.request.tenant.clone().unwrap_or_default();
-        let needed = s.request.prompt.len() + s.request.config.max_tokens;
+        let needed = s.request.kv_positions();
         match self.scheduler.enqueue(s.id, &tenant, needed) {
             Ok(()) => {
                 self.pending.insert(s.id, s);
@@ -254,7 +257,17 @@ impl Worker {
             let (mut cache, mut chain, mut reused) = (self.model.model.new_cache(), vec![], 0);
             if let Some(p) = &mut self.paged {
                 cache = KvCache::paged();
-                let (blocks, hashes) = p.blocks.lookup(&seed, &s.request.prompt);
+                let v = s.request.virtual_tokens();
+                let known: Vec<u32> = (0..v as u32)
+                    .map(|i| u32::MAX - i)
+                    .chain(s.request.prompt.iter().copied())
+                    .collect();
+                let (mut blocks, mut hashes) = p.blocks.lookup(&seed, &known);
+                if blocks.len() * p.blocks.block_size() < v {
+                    // Part of the virtual rows only: start afresh (the model writes them all).
+                    p.blocks.release(&blocks);
+                    (blocks, hashes) = (Vec::new(), Vec::new());
+                }
                 reused = blocks.len() * p.blocks.block_size();
                 let m = &self.shared.metrics;
                 if p.blocks.prefix_caching() {
@@ -264,17 +277,21 @@ impl Worker {
                 cache.start_from(blocks, reused);
                 chain = hashes;
             }
+            // Positions the sequence holds before its prompt's first uncached token, and the
+            // context left for the prompt and the answer.
+            let virtual_tokens = s.request.virtual_tokens();
+            let fed = reused.saturating_sub(virtual_tokens);
             let created = SequenceState::new(
                 s.request.prompt.clone(),
                 s.request.config.clone(),
-                context,
+                context.saturating_sub(virtual_tokens),
                 cache,
                 s.request.logprobs,
             );
             let metrics = &self.shared.metrics;
             match created {
                 Ok(mut seq) => {
-                    seq.fed(reused);
+                    seq.fed(fed);
                     metrics.prompt_tokens.observe(seq.prompt_len as f64);
                     if let Some(label) = &s.request.adapter_label {
                         metrics.adapter_requests.with_label_values(&[label]).inc();
@@ -307,7 +324,12 @@ impl Worker {
         if let Some(p) = &mut self.paged {
             let bs = p.blocks.block_size();
             for (i, (a, tokens)) in self.active.iter_mut().zip(&mut inputs).enumerate() {
-                let need = (a.seq.cache.len() + tokens.len()).div_ceil(bs);
+                let prefix = if a.seq.cache.is_empty() {
+                    a.request.virtual_tokens()
+                } else {
+                    0
+                };
+                let need = (prefix + a.seq.cache.len() + tokens.len()).div_ceil(bs);
                 while !tokens.is_empty() && a.seq.cache.table().map_or(0, <[u32]>::len) < need {
                     match p.blocks.allocate() {
                         Some(b) => a.seq.cache.push_block(b),
@@ -480,11 +502,7 @@ impl Worker {
             .values()
             .map(|s| {
                 let r = &s.request;
-                (
-                    s.id,
-                    Self::tenant(r).to_string(),
-                    r.prompt.len() + r.config.max_tokens,
-                )
+                (s.id, Self::tenant(r).to_string(), r.kv_positions())
             })
             .collect();
         waiting.sort_unstable_by_key(|w| w.0);

@@ -139,12 +139,23 @@ pub struct Ia3Site {
     pub on_input: bool,
 }
 
+/// Prefix tuning's trained rows for every layer: keys and values `[tokens, kv_heads ·
+/// head_dim]` each (the keys as stored: no RoPE is applied to them). A sequence attends to them
+/// before its first token, whose position is `tokens`.
+#[derive(Debug, Clone)]
+pub struct KvPrefix {
+    pub tokens: usize,
+    pub layers: Vec<(Vec<f32>, Vec<f32>)>,
+}
+
 /// An adapter's sites for every layer: `layers[l][proj as usize]` (LoRA / DoRA) and
-/// `ia3[l][proj as usize]` (empty for an adapter without IA³ vectors).
+/// `ia3[l][proj as usize]` (empty for an adapter without IA³ vectors), and prefix tuning's
+/// key/value rows.
 #[derive(Debug, Clone, Default)]
 pub struct AdapterWeights {
     pub layers: Vec<[Option<LoraSite>; 7]>,
     pub ia3: Vec<[Option<Ia3Site>; 7]>,
+    pub prefix: Option<KvPrefix>,
 }
 
 impl AdapterWeights {
@@ -153,7 +164,13 @@ impl AdapterWeights {
         Self {
             layers,
             ia3: Vec::new(),
+            prefix: None,
         }
+    }
+
+    /// Positions the adapter takes before a sequence's first token (prefix tuning's rows).
+    pub fn virtual_tokens(&self) -> usize {
+        self.prefix.as_ref().map_or(0, |p| p.tokens)
     }
 
     pub fn ia3_site(&self, layer: usize, proj: Proj) -> Option<&Ia3Site> {
@@ -172,13 +189,18 @@ impl AdapterWeights {
             .flatten()
             .map(|s| s.scale.elem_count() * s.scale.dtype().size_in_bytes())
             .sum();
-        ia3 + self
-            .layers
-            .iter()
-            .flatten()
-            .flatten()
-            .map(LoraSite::bytes)
-            .sum::<usize>()
+        let prefix: usize = self.prefix.as_ref().map_or(0, |p| {
+            p.layers.iter().map(|(k, v)| (k.len() + v.len()) * 4).sum()
+        });
+        prefix
+            + ia3
+            + self
+                .layers
+                .iter()
+                .flatten()
+                .flatten()
+                .map(LoraSite::bytes)
+                .sum::<usize>()
     }
 
     pub fn site_count(&self) -> usize {

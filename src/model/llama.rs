@@ -189,6 +189,60 @@ impl Llama {
         }
     }
 
+    /// Puts prefix tuning's rows at positions `0 .. prefix.tokens` of an empty cache (paged: its
+    /// table must hold them and the `then` tokens after them).
+    fn insert_prefix(
+        &self,
+        cache: &mut KvCache,
+        prefix: &super::adapter_site::KvPrefix,
+        pool: Option<&mut KvPool>,
+        then: usize,
+    ) -> Result<()> {
+        let c = &self.config;
+        if prefix.layers.len() != c.num_hidden_layers {
+            candle_core::bail!(
+                "a prefix for {} layers, the model has {}",
+                prefix.layers.len(),
+                c.num_hidden_layers
+            );
+        }
+        match (cache.table(), pool) {
+            (Some(table), Some(pool)) => {
+                if table.len() * pool.block_size() < prefix.tokens + then {
+                    candle_core::bail!(
+                        "a paged KV cache's {} blocks do not hold {} positions",
+                        table.len(),
+                        prefix.tokens + then
+                    );
+                }
+                let table = table.to_vec();
+                for (l, (k, v)) in prefix.layers.iter().enumerate() {
+                    pool.write(l, &table, 0, k, v);
+                }
+            }
+            (Some(_), None) => candle_core::bail!("a paged KV cache needs its pool"),
+            (None, _) if self.supports_paged() => {
+                for (l, (k, v)) in prefix.layers.iter().enumerate() {
+                    cache.append_host(l, k, v);
+                }
+            }
+            (None, _) => {
+                let (n, kvh, hd) = (prefix.tokens, c.num_key_value_heads, c.head_dim);
+                for (l, (k, v)) in prefix.layers.iter().enumerate() {
+                    let t = |x: &[f32]| -> Result<Tensor> {
+                        Tensor::from_slice(x, (n, kvh, hd), &self.device)?
+                            .transpose(0, 1)?
+                            .contiguous()?
+                            .to_dtype(self.dtype)
+                    };
+                    cache.append(l, t(k)?, t(v)?)?;
+                }
+            }
+        }
+        cache.advance(prefix.tokens);
+        Ok(())
+    }
+
     /// `forward` on the calling thread.
     fn forward_here(
         &self,
@@ -198,9 +252,15 @@ impl Llama {
         let c = &self.config;
         let mut spans = Vec::with_capacity(input.seqs.len());
         let mut ids = Vec::new();
-        for s in &input.seqs {
+        for s in input.seqs.iter_mut() {
             if s.tokens.is_empty() {
                 candle_core::bail!("a sequence in the batch has no tokens");
+            }
+            // Prefix tuning: a new sequence's cache starts with the adapter's rows.
+            if let Some(prefix) = s.adapter.and_then(|a| a.prefix.as_ref()) {
+                if s.cache.is_empty() {
+                    self.insert_prefix(s.cache, prefix, pool.as_deref_mut(), s.tokens.len())?;
+                }
             }
             let offset = s.cache.len();
             if offset + s.tokens.len() > c.max_position_embeddings {

@@ -248,6 +248,7 @@ impl TrainableAdapter {
             dir: dir.to_path_buf(),
             config: self.config.clone(),
             modules,
+            prompt_embeddings: None,
         }
     }
 }
