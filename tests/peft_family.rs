@@ -164,15 +164,16 @@ fn unsupported_methods_and_misfit_vectors_are_refused_by_name() {
     assert!(e.contains("IA³") && e.contains("LORA"), "{e}");
 }
 
-/// Prefix tuning (with and without PEFT's projection: the saved rows are the projected ones):
-/// every real position within 1e-4 of PEFT's own `forward()`, alone and in a mixed batch.
+/// Prefix tuning (with and without PEFT's projection: the saved rows are the projected ones)
+/// and prompt tuning: every real position within 1e-4 of PEFT's own `forward()`, alone and in a
+/// mixed batch.
 #[test]
-fn prefix_tuning_matches_peft_at_every_position() {
+fn prefix_and_prompt_tuning_match_peft_at_every_position() {
     let loaded = load_tiny();
     let expected = read_json(family_dir().join("expected_prompt_learning.json"));
     let cases = read_json(tiny_dir().join("expected_logits.json"));
     let lora = bound(&loaded, &tiny_dir().join("adapters/lora-r8-all"));
-    for name in ["prefix-n4", "prefix-proj-n3"] {
+    for name in ["prefix-n4", "prefix-proj-n3", "prompt-n5"] {
         let prefix = bound(&loaded, &family_dir().join("adapters").join(name));
         assert!(prefix.virtual_tokens() > 0);
         let mut worst = 0f32;
@@ -237,27 +238,39 @@ fn prefix_tuning_through_the_paged_pool_equals_the_unpaged_path() {
     assert!(worst < 1e-5, "{worst}");
 }
 
-/// Prefix tuning in the engine: greedy answers equal a plain greedy loop over the model, for
-/// a first request and for a second one that takes its virtual rows and prompt from the prefix
-/// cache; `prompt_tokens` counts the real tokens only. Merging it is refused by name.
+/// Prefix and prompt tuning in the engine: greedy answers equal a plain greedy loop over the
+/// model, for a first request and for a second one that takes its virtual rows and prompt from
+/// the prefix cache; `prompt_tokens` counts the real tokens only. Merging them is refused by
+/// name.
 #[test]
-fn the_engine_serves_prefix_tuning_and_merge_refuses_it() {
+fn the_engine_serves_prefix_and_prompt_tuning_and_merge_refuses_them() {
+    engine_serves("prefix-n4", "PREFIX_TUNING");
+    engine_serves("prompt-n5", "PROMPT_TUNING");
+}
+
+fn engine_serves(name: &str, peft_type: &str) {
     use loraplex::adapters::{AdapterCache, AdapterKey, AdapterName, CacheConfig};
     use loraplex::engine::{
         Engine, Event, GenerationConfig, KvConfig, SamplingParams, SchedulerConfig, ValidRequest,
     };
     use std::sync::Arc;
     let loaded = Arc::new(load_tiny());
-    let dir = family_dir().join("adapters/prefix-n4");
+    let dir = family_dir().join("adapters").join(name);
     let cache = AdapterCache::new(CacheConfig::default());
     let lease = cache
         .acquire(
             &AdapterKey {
-                name: AdapterName::parse("prefix-n4").unwrap(),
+                name: AdapterName::parse(name).unwrap(),
                 version: 1,
             },
             false,
-            || bind(&PeftAdapter::load(&dir)?, &loaded.model, &BindOptions::default()),
+            || {
+                bind(
+                    &PeftAdapter::load(&dir)?,
+                    &loaded.model,
+                    &BindOptions::default(),
+                )
+            },
         )
         .unwrap();
     let prompt: Vec<u32> = (0..30).map(|i| 3 + i * 13 % 300).collect();
@@ -276,7 +289,9 @@ fn the_engine_serves_prefix_tuning_and_merge_refuses_it() {
             .to_vec2::<f32>()
             .unwrap()
             .remove(0);
-        let t = (0..row.len()).max_by(|a, b| row[*a].total_cmp(&row[*b])).unwrap() as u32;
+        let t = (0..row.len())
+            .max_by(|a, b| row[*a].total_cmp(&row[*b]))
+            .unwrap() as u32;
         want.push(t);
         next = vec![t];
     }
@@ -315,17 +330,22 @@ fn the_engine_serves_prefix_tuning_and_merge_refuses_it() {
         while let Ok(e) = rx.try_recv() {
             match e {
                 Event::Token { token, .. } => got.push(token),
-                Event::Done { prompt_tokens: n, .. } => prompt_tokens = n,
+                Event::Done {
+                    prompt_tokens: n, ..
+                } => prompt_tokens = n,
                 other => panic!("{other:?}"),
             }
         }
         assert_eq!(got, want, "round {round}");
         assert_eq!(prompt_tokens, 30);
     }
-    // The second round reused 2 blocks of 16: the 4 virtual rows and 28 prompt tokens.
+    // The second round reused 2 blocks of 16: the virtual rows and the prompt's first tokens.
     assert_eq!(metrics.prefix_cache_hits.get(), 32);
     let e = merge(&loaded.model, &PeftAdapter::load(&dir).unwrap())
         .unwrap_err()
         .to_string();
-    assert!(e.contains("PREFIX_TUNING") && e.contains("cannot be merged"), "{e}");
+    assert!(
+        e.contains(peft_type) && e.contains("cannot be merged"),
+        "{e}"
+    );
 }

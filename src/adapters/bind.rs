@@ -191,8 +191,9 @@ fn check_module(
     Ok((layer, proj))
 }
 
-/// Checks prefix tuning's `prompt_embeddings` shape against the model: `[num_virtual_tokens,
-/// layers · 2 · kv_heads · head_dim]`.
+/// Checks prompt learning's `prompt_embeddings` shape against the model: prefix tuning
+/// `[num_virtual_tokens, layers · 2 · kv_heads · head_dim]`, prompt tuning
+/// `[num_virtual_tokens, hidden]`.
 fn check_prefix(
     cfg: &AdapterConfig,
     path: &Path,
@@ -213,11 +214,21 @@ fn check_prefix(
             }
             Ok(())
         }
-        (Method::PrefixTuning { .. }, None) => Err(err(
-            "`prompt_embeddings` is missing (peft_type is PREFIX_TUNING)".into(),
+        (Method::PromptTuning { num_virtual_tokens }, Some(s)) => {
+            let want = [*num_virtual_tokens, c.hidden_size];
+            if s != want {
+                return Err(err(format!(
+                    "`prompt_embeddings` is {s:?}; prompt tuning of this model needs {want:?} (num_virtual_tokens, hidden size)"
+                )));
+            }
+            Ok(())
+        }
+        (Method::PrefixTuning { .. } | Method::PromptTuning { .. }, None) => Err(err(
+            "`prompt_embeddings` is missing (peft_type is a prompt-learning method)".into(),
         )),
         (_, Some(_)) => Err(err(
-            "has `prompt_embeddings`, but peft_type is not PREFIX_TUNING".into(),
+            "has `prompt_embeddings`, but peft_type is neither PREFIX_TUNING nor PROMPT_TUNING"
+                .into(),
         )),
         (_, None) => Ok(()),
     }
@@ -295,10 +306,14 @@ pub fn bind(
         .as_ref()
         .map(|p| p.dims().to_vec());
     check_prefix(cfg, &path, shape.as_deref(), model)?;
-    let prefix = match &adapter.prompt_embeddings {
-        Some(p) => Some(kv_prefix(p, model)?),
-        None => None,
-    };
+    let (mut prefix, mut soft_prompt) = (None, None);
+    if let Some(p) = &adapter.prompt_embeddings {
+        if let Method::PromptTuning { .. } = cfg.method {
+            soft_prompt = Some(p.to_dtype(dtype)?.to_device(model.device())?);
+        } else {
+            prefix = Some(kv_prefix(p, model)?);
+        }
+    }
     for (module, w) in &adapter.modules {
         let (layer, proj) = check_module(cfg, &path, module, &w.shapes(), model, opts)?;
         if let Some(l) = &w.ia3 {
@@ -349,6 +364,7 @@ pub fn bind(
         layers,
         ia3,
         prefix,
+        soft_prompt,
     })
 }
 

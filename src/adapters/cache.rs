@@ -314,6 +314,7 @@ mod tests {
             ]],
             ia3: Vec::new(),
             prefix: None,
+            soft_prompt: None,
         }
     }
 

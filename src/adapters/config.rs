@@ -30,6 +30,8 @@ pub enum Method {
     /// Prefix tuning: `num_virtual_tokens` trained key/value rows at every layer, attended to
     /// before the prompt (the stored `prompt_embeddings` are those rows, after any projection).
     PrefixTuning { num_virtual_tokens: usize },
+    /// Prompt tuning: `num_virtual_tokens` trained input embeddings before the prompt.
+    PromptTuning { num_virtual_tokens: usize },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -123,20 +125,25 @@ impl AdapterConfig {
                     v => modules("feedforward_modules", v)?,
                 },
             },
-            Some("PREFIX_TUNING") => Method::PrefixTuning {
-                num_virtual_tokens: raw
+            Some(t @ ("PREFIX_TUNING" | "PROMPT_TUNING")) => {
+                let num_virtual_tokens = raw
                     .num_virtual_tokens
                     .as_ref()
                     .and_then(Value::as_u64)
                     .filter(|&n| n > 0)
                     .ok_or_else(|| bad("num_virtual_tokens", "must be a positive integer"))?
-                    as usize,
-            },
+                    as usize;
+                if t == "PREFIX_TUNING" {
+                    Method::PrefixTuning { num_virtual_tokens }
+                } else {
+                    Method::PromptTuning { num_virtual_tokens }
+                }
+            }
             Some(t) => {
                 return Err(bad(
                     "peft_type",
                     &format!(
-                        "is `{t}`; supported: `LORA` (with optional DoRA), `IA3`, `PREFIX_TUNING`"
+                        "is `{t}`; supported: `LORA` (with optional DoRA), `IA3`, `PREFIX_TUNING`, `PROMPT_TUNING`"
                     ),
                 ))
             }
@@ -160,8 +167,10 @@ impl AdapterConfig {
             (0, 0.0)
         };
         let target_modules = match method {
-            // Prefix tuning targets no module: its rows enter every layer's attention.
-            Method::PrefixTuning { .. } => TargetModules::List(Vec::new()),
+            // Prompt learning targets no module: its rows enter every layer's attention.
+            Method::PrefixTuning { .. } | Method::PromptTuning { .. } => {
+                TargetModules::List(Vec::new())
+            }
             _ => modules("target_modules", &raw.target_modules)?,
         };
         if let Some(b) = raw.bias.as_deref() {
@@ -255,7 +264,7 @@ impl AdapterConfig {
             Method::Ia3 {
                 feedforward_modules,
             } => Self::matches(feedforward_modules, module),
-            Method::Lora | Method::PrefixTuning { .. } => false,
+            Method::Lora | Method::PrefixTuning { .. } | Method::PromptTuning { .. } => false,
         }
     }
 
@@ -311,6 +320,23 @@ impl AdapterConfig {
             TargetModules::Regex(r) => serde_json::json!(r),
             TargetModules::AllLinear => serde_json::json!(proj_names),
         };
+        let prompt_learning = match self.method {
+            Method::PrefixTuning { num_virtual_tokens } => {
+                Some(("PREFIX_TUNING", num_virtual_tokens))
+            }
+            Method::PromptTuning { num_virtual_tokens } => {
+                Some(("PROMPT_TUNING", num_virtual_tokens))
+            }
+            _ => None,
+        };
+        if let Some((kind, n)) = prompt_learning {
+            return serde_json::json!({
+                "peft_type": kind,
+                "task_type": "CAUSAL_LM",
+                "num_virtual_tokens": n,
+                "base_model_name_or_path": self.base_model_name_or_path,
+            });
+        }
         if let Method::Ia3 {
             feedforward_modules,
         } = &self.method

@@ -13,11 +13,17 @@ pub fn merge(model: &Llama, adapter: &PeftAdapter) -> Result<Llama, AdapterError
     // Bind first: it validates every module, shape and rank the same way serving does.
     super::bind::bind(adapter, model, &super::bind::BindOptions::default())?;
     let cfg = &adapter.config;
-    if let super::config::Method::PrefixTuning { .. } = cfg.method {
+    use super::config::Method;
+    let why = match cfg.method {
+        Method::PrefixTuning { .. } => Some("is PREFIX_TUNING, which cannot be merged into the weights: its key/value rows are extra positions every sequence attends to, not a change of any W (serve it unmerged)"),
+        Method::PromptTuning { .. } => Some("is PROMPT_TUNING, which cannot be merged into the weights: its virtual tokens are extra input rows before every prompt, not a change of any W (serve it unmerged)"),
+        Method::Lora | Method::Ia3 { .. } => None,
+    };
+    if let Some(why) = why {
         return Err(AdapterError::config(
             adapter.dir.join(super::peft::CONFIG_FILE),
             "peft_type",
-            "is PREFIX_TUNING, which cannot be merged into the weights: its key/value rows are extra positions every sequence attends to, not a change of any W (serve it unmerged)",
+            why,
         ));
     }
     let mut merged = model.clone();

@@ -156,6 +156,9 @@ pub struct AdapterWeights {
     pub layers: Vec<[Option<LoraSite>; 7]>,
     pub ia3: Vec<[Option<Ia3Site>; 7]>,
     pub prefix: Option<KvPrefix>,
+    /// Prompt tuning's soft prompt, `[virtual tokens, hidden]`: input rows before a sequence's
+    /// first token.
+    pub soft_prompt: Option<Tensor>,
 }
 
 impl AdapterWeights {
@@ -165,12 +168,14 @@ impl AdapterWeights {
             layers,
             ia3: Vec::new(),
             prefix: None,
+            soft_prompt: None,
         }
     }
 
     /// Positions the adapter takes before a sequence's first token (prefix tuning's rows).
     pub fn virtual_tokens(&self) -> usize {
         self.prefix.as_ref().map_or(0, |p| p.tokens)
+            + self.soft_prompt.as_ref().map_or(0, |t| t.dims()[0])
     }
 
     pub fn ia3_site(&self, layer: usize, proj: Proj) -> Option<&Ia3Site> {

@@ -243,6 +243,30 @@ impl Llama {
         Ok(())
     }
 
+    /// The batch's rows with each new prompt-tuning sequence's soft prompt before its tokens:
+    /// `x` holds the token rows in batch order; `spans` the rows with the soft prompts.
+    fn with_soft_prompts(
+        &self,
+        x: &Tensor,
+        spans: &[(usize, usize, usize)],
+        soft: &[Option<&Tensor>],
+    ) -> Result<Tensor> {
+        let mut pieces = Vec::with_capacity(2 * spans.len());
+        let mut at = 0;
+        for (&(_, len, _), p) in spans.iter().zip(soft) {
+            let v = match p {
+                Some(t) => {
+                    pieces.push((*t).to_dtype(x.dtype())?);
+                    t.dim(0)?
+                }
+                None => 0,
+            };
+            pieces.push(x.narrow(0, at, len - v)?);
+            at += len - v;
+        }
+        Tensor::cat(&pieces, 0)
+    }
+
     /// `forward` on the calling thread.
     fn forward_here(
         &self,
@@ -252,10 +276,18 @@ impl Llama {
         let c = &self.config;
         let mut spans = Vec::with_capacity(input.seqs.len());
         let mut ids = Vec::new();
+        // Prompt tuning: the soft prompt rows a new sequence starts with (before its tokens).
+        let mut soft: Vec<Option<&Tensor>> = Vec::with_capacity(input.seqs.len());
+        let mut rows = 0usize;
         for s in input.seqs.iter_mut() {
             if s.tokens.is_empty() {
                 candle_core::bail!("a sequence in the batch has no tokens");
             }
+            let prompt_rows = s
+                .adapter
+                .and_then(|a| a.soft_prompt.as_ref())
+                .filter(|_| s.cache.is_empty());
+            let virtual_rows = prompt_rows.map_or(Ok(0), |t| t.dim(0))?;
             // Prefix tuning: a new sequence's cache starts with the adapter's rows.
             if let Some(prefix) = s.adapter.and_then(|a| a.prefix.as_ref()) {
                 if s.cache.is_empty() {
@@ -263,10 +295,11 @@ impl Llama {
                 }
             }
             let offset = s.cache.len();
-            if offset + s.tokens.len() > c.max_position_embeddings {
+            let len = virtual_rows + s.tokens.len();
+            if offset + len > c.max_position_embeddings {
                 candle_core::bail!(
                     "sequence of {} tokens exceeds the context of {} tokens",
-                    offset + s.tokens.len(),
+                    offset + len,
                     c.max_position_embeddings
                 );
             }
@@ -280,26 +313,31 @@ impl Llama {
                 let Some(p) = pool.as_deref() else {
                     candle_core::bail!("a paged KV cache needs its pool (`forward_paged`)");
                 };
-                if table.len() * p.block_size() < offset + s.tokens.len()
+                if table.len() * p.block_size() < offset + len
                     || table.iter().any(|&b| b as usize >= p.blocks())
                 {
                     candle_core::bail!(
                         "a paged KV cache's {} blocks do not hold {} positions",
                         table.len(),
-                        offset + s.tokens.len()
+                        offset + len
                     );
                 }
                 if !self.supports_paged() {
                     candle_core::bail!("a paged KV cache needs the CPU f32 path");
                 }
             }
-            spans.push((ids.len(), s.tokens.len(), offset));
+            spans.push((rows, len, offset));
+            rows += len;
+            soft.push(prompt_rows);
             ids.extend_from_slice(s.tokens);
         }
-        let total = ids.len();
+        let total = rows;
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let groups = self.adapter_groups(&input.seqs, &spans, total)?;
         let mut x = time(Part::Embed, || self.embed_tokens.lookup(&ids))?;
+        if soft.iter().any(Option::is_some) {
+            x = self.with_soft_prompts(&x, &spans, &soft)?;
+        }
         for (li, block) in self.layers.iter().enumerate() {
             let sites = Sites {
                 groups: &groups,
@@ -340,6 +378,21 @@ impl Llama {
             s.cache.advance(len);
         }
         let x = match &input.logits {
+            LogitsRows::All if soft.iter().any(Option::is_some) => {
+                // The soft prompt's rows are not positions of the text: no logits for them.
+                let keep: Vec<u32> = spans
+                    .iter()
+                    .zip(&soft)
+                    .flat_map(|(&(start, len, _), p)| {
+                        let v = p.map_or(0, |t| t.dim(0).unwrap_or(0));
+                        (start + v) as u32..(start + len) as u32
+                    })
+                    .collect();
+                x.index_select(&Tensor::new(keep.as_slice(), &self.device)?, 0)?
+            }
+            LogitsRows::Select(_) if soft.iter().any(Option::is_some) => {
+                candle_core::bail!("prompt tuning is not trained here (rows to select)")
+            }
             LogitsRows::All => x,
             LogitsRows::Select(rows) => {
                 x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?
