@@ -847,3 +847,144 @@ async fn metrics_parse_and_counters_move() {
             && after.contains("loraplex_kv_cache_usage_perc")
     );
 }
+
+/// The PEFT family over HTTP: an adapters folder with LoRA, DoRA, IA³, prefix and prompt
+/// tuning adapters; `/v1/adapters` names each one's method; 10 concurrent requests over all of
+/// them (and the base) answer as each alone; `usage.prompt_tokens` counts the real tokens; a
+/// prompt that with the adapter's virtual tokens overflows the context is a 400 naming
+/// `messages`.
+#[tokio::test]
+async fn every_served_peft_method_mixes_in_one_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let family = tiny_dir().join("peft-family/adapters");
+    let plain = tiny_dir().join("adapters");
+    for (src, name) in [
+        (plain.join("lora-r4-qv"), "lora-r4-qv"),
+        (plain.join("dora-r8-all"), "dora-r8-all"),
+        (family.join("ia3-kvd"), "ia3-kvd"),
+        (family.join("prefix-n4"), "prefix-n4"),
+        (family.join("prompt-n5"), "prompt-n5"),
+    ] {
+        let to = dir.path().join(name);
+        std::fs::create_dir_all(&to).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            std::fs::copy(src.join(f), to.join(f)).unwrap();
+        }
+    }
+    let st = state(&["--adapters", dir.path().to_str().unwrap()]).await;
+    let app = router(st.clone());
+    let (s, v, _) = call(&app, "GET", "/v1/adapters", None, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let methods: std::collections::BTreeMap<String, String> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_string(),
+                e["method"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(methods["lora-r4-qv"], "lora");
+    assert_eq!(methods["dora-r8-all"], "dora");
+    assert_eq!(methods["ia3-kvd"], "ia3");
+    assert_eq!(methods["prefix-n4"], "prefix_tuning");
+    assert_eq!(methods["prompt-n5"], "prompt_tuning");
+    let names = [
+        None,
+        Some("lora-r4-qv"),
+        Some("dora-r8-all"),
+        Some("ia3-kvd"),
+        Some("prefix-n4"),
+        Some("prompt-n5"),
+    ];
+    let reqs: Vec<Value> = (0..10)
+        .map(|i| chat_body(names[i % 6], &format!("family member {i} says"), 8))
+        .collect();
+    let mut alone = Vec::new();
+    for r in &reqs {
+        let (s, v, _) = call(&app, "POST", "/v1/chat/completions", Some(r.clone()), None).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        alone.push(v);
+    }
+    // Real prompt tokens only: the same text counts the same with or without virtual tokens.
+    let mut counts = Vec::new();
+    for name in [None, Some("prefix-n4"), Some("prompt-n5")] {
+        let body = chat_body(name, "the same words", 1);
+        let (_, v, _) = call(&app, "POST", "/v1/chat/completions", Some(body), None).await;
+        counts.push(v["usage"]["prompt_tokens"].as_u64().unwrap());
+    }
+    assert!(
+        counts[0] > 5 && counts.iter().all(|&n| n == counts[0]),
+        "{counts:?}"
+    );
+    let handles: Vec<_> = reqs
+        .iter()
+        .cloned()
+        .map(|r| {
+            let app = app.clone();
+            tokio::spawn(
+                async move { call(&app, "POST", "/v1/chat/completions", Some(r), None).await },
+            )
+        })
+        .collect();
+    for (i, h) in handles.into_iter().enumerate() {
+        let (s, v, _) = h.await.unwrap();
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!(
+            v["choices"][0]["message"]["content"], alone[i]["choices"][0]["message"]["content"],
+            "request {i}"
+        );
+        assert_eq!(
+            v["usage"]["prompt_tokens"],
+            alone[i]["usage"]["prompt_tokens"]
+        );
+    }
+    let distinct: std::collections::HashSet<String> = alone
+        .iter()
+        .take(6)
+        .map(|v| v["choices"][0]["message"]["content"].to_string())
+        .collect();
+    assert!(distinct.len() >= 4, "{distinct:?}");
+    // The tiny model's context is 256 tokens: a prompt that fits alone but not after the
+    // prompt-tuning adapter's 5 virtual tokens.
+    let mut long = None;
+    for words in 100..260 {
+        let text = vec!["a"; words].join(" ");
+        let (s, v, _) = call(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            Some(chat_body(None, &text, 1)),
+            None,
+        )
+        .await;
+        if s != StatusCode::OK {
+            break;
+        }
+        let n = v["usage"]["prompt_tokens"].as_u64().unwrap();
+        if n >= 252 && n <= 255 {
+            long = Some(text);
+            break;
+        }
+    }
+    let text = long.expect("a prompt of 252-255 tokens");
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(chat_body(Some("prompt-n5"), &text, 1)),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["param"], "messages", "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("virtual tokens"),
+        "{v}"
+    );
+}

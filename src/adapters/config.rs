@@ -257,6 +257,17 @@ impl AdapterConfig {
         Self::matches(&self.target_modules, module)
     }
 
+    /// The method as `/v1/adapters` names it.
+    pub fn method_name(&self) -> &'static str {
+        match self.method {
+            Method::Lora if self.use_dora => "dora",
+            Method::Lora => "lora",
+            Method::Ia3 { .. } => "ia3",
+            Method::PrefixTuning { .. } => "prefix_tuning",
+            Method::PromptTuning { .. } => "prompt_tuning",
+        }
+    }
+
     /// Whether `module` is one of an IA³ adapter's feed-forward modules (its vector scales the
     /// module's input).
     pub fn is_feedforward(&self, module: &str) -> bool {

@@ -70,6 +70,22 @@ async fn generate(
         ),
         None => (None, None),
     };
+    // Prompt and prefix tuning put virtual tokens before the prompt: they share its context.
+    let virtual_tokens = adapter.as_ref().map_or(0, |l| l.weights.virtual_tokens());
+    let context = st.config.limits.context;
+    if virtual_tokens > 0 && p.prompt.len() + virtual_tokens >= context {
+        let field = match kind {
+            Kind::Chat => "messages",
+            Kind::Completion => "prompt",
+        };
+        return Err(ApiError::bad(
+            field,
+            format!(
+                "`{field}` is {} tokens and the adapter puts {virtual_tokens} virtual tokens before it; the model's context is {context} tokens",
+                p.prompt.len()
+            ),
+        ));
+    }
     let loaded = st.engine.model().clone();
     let rx = st.engine.submit(ValidRequest {
         prompt: p.prompt,
@@ -155,13 +171,25 @@ pub async fn list_adapters(
     let entries = st
         .blocking(
             |s| &s.prepare,
-            move |st| Ok(Policy::listing(&caller, &st.registry)),
+            move |st| {
+                // With each adapter's method, from its config (off the async threads).
+                Ok(Policy::listing(&caller, &st.registry)
+                    .into_iter()
+                    .map(|e| {
+                        let cfg = e.dir.join(crate::adapters::peft::CONFIG_FILE);
+                        let method = crate::adapters::AdapterConfig::from_file(&cfg)
+                            .ok()
+                            .map(|c| c.method_name());
+                        (e, method)
+                    })
+                    .collect::<Vec<_>>())
+            },
         )
         .await?;
     let data: Vec<_> = entries
         .into_iter()
-        .map(|e| {
-            let mut v = json!({"name": e.name.key(), "pinned": e.pinned, "version": st.registry.revision(&e.name)});
+        .map(|(e, method)| {
+            let mut v = json!({"name": e.name.key(), "pinned": e.pinned, "version": st.registry.revision(&e.name), "method": method});
             if shows_cache {
                 v["resident"] = json!(resident.contains(&e.name));
             }
