@@ -123,7 +123,14 @@ fn peft_adapters_on_the_real_model_give_the_reference_greedy_ids() {
     // adapter_expected.json: transformers + PEFT float32 greedy answers with each adapter.
     let m = model();
     let template = ChatTemplate::select(None, m.chat_template.as_deref()).unwrap();
-    let expected = read_json(fixtures().join("smollm2").join("adapter_expected.json"));
+    // peft_family_expected.json: the same for IA³, prefix tuning and prompt tuning
+    // (make_peft_family.py next to it).
+    let mut expected = read_json(fixtures().join("smollm2").join("adapter_expected.json"));
+    let family = read_json(fixtures().join("smollm2").join("peft_family_expected.json"));
+    for (name, answers) in family["adapters"].as_object().unwrap() {
+        expected["adapters"][name] = answers.clone();
+    }
+    assert_eq!(expected["adapters"].as_object().unwrap().len(), 5);
     let chats = self::expected();
     for (name, answers) in expected["adapters"].as_object().unwrap() {
         let dir = fixtures().join("smollm2").join("adapters").join(name);
