@@ -1,8 +1,9 @@
 //! One decode step of a batch on the default model's shapes (SmolLM2-135M: hidden 576,
 //! intermediate 1536, 30 layers, 9 heads / 3 KV heads, vocab 49152), f32, random weights:
 //! base only vs one adapter for all rows vs 8 distinct adapters, rank 16 on all seven
-//! projections. Each sequence has 32 tokens of context. Reported as step time; the ratios
-//! adapter/base are what matter. `LORAPLEX_BENCH_NF4=1` quantizes the base projections to NF4
+//! projections, and 8 adapters of mixed methods (LoRA, DoRA, IA³, prefix and prompt tuning).
+//! Each sequence has 32 tokens of context. Reported as step time; the ratios adapter/base are
+//! what matter. `LORAPLEX_BENCH_NF4=1` quantizes the base projections to NF4
 //! first (the adapters stay f32).
 
 use candle_core::{DType, Device, Tensor};
@@ -90,6 +91,72 @@ fn random_adapter(model: &Llama, rank: usize) -> AdapterWeights {
     AdapterWeights::from_lora(layers)
 }
 
+/// One adapter of each kind for the mixed-methods case: LoRA and DoRA (rank 16, all seven
+/// projections), IA³ (k, v, down), prefix tuning (8 virtual tokens), prompt tuning (5).
+fn mixed_methods(model: &Llama) -> Vec<AdapterWeights> {
+    let c = &model.config;
+    let (kv, layers) = (c.num_key_value_heads * c.head_dim, c.num_hidden_layers);
+    let lora = random_adapter(model, 16);
+    let mut dora = random_adapter(model, 16);
+    for site in dora.layers.iter_mut().flatten().flatten() {
+        let out = site.b_t.dims()[1];
+        site.dora_scale = Some((randn(&[out], 0.05) + 1.0).unwrap());
+    }
+    let mut ia3 = AdapterWeights::from_lora(vec![Default::default(); layers]);
+    ia3.ia3 = (0..layers)
+        .map(|_| {
+            let mut row: [Option<loraplex::model::Ia3Site>; 7] = Default::default();
+            for (p, n, on_input) in [
+                (Proj::K, kv, false),
+                (Proj::V, kv, false),
+                (Proj::Down, c.intermediate_size, true),
+            ] {
+                row[p as usize] = Some(loraplex::model::Ia3Site {
+                    scale: (randn(&[n], 0.1) + 1.0).unwrap(),
+                    on_input,
+                });
+            }
+            row
+        })
+        .collect();
+    let mut prefix = AdapterWeights::from_lora(vec![Default::default(); layers]);
+    let rows = |n: usize| randn(&[n * kv], 0.5).to_vec1::<f32>().unwrap();
+    prefix.prefix = Some(loraplex::model::KvPrefix {
+        tokens: 8,
+        layers: (0..layers).map(|_| (rows(8), rows(8))).collect(),
+    });
+    let mut prompt = AdapterWeights::from_lora(vec![Default::default(); layers]);
+    prompt.soft_prompt = Some(randn(&[5, c.hidden_size], 0.02));
+    vec![
+        lora.clone(),
+        lora,
+        dora.clone(),
+        dora,
+        ia3.clone(),
+        ia3,
+        prefix,
+        prompt,
+    ]
+}
+
+/// Caches with 32 tokens of context, each prefilled under its row's adapter.
+fn prefilled_with(model: &Llama, adapters: &[Option<&AdapterWeights>]) -> Vec<KvCache> {
+    let ctx: Vec<u32> = (100..132).collect();
+    adapters
+        .iter()
+        .map(|a| {
+            let mut c = model.new_cache();
+            model
+                .forward(&mut BatchInput {
+                    seqs: vec![SeqInput::new(&ctx, &mut c).with_adapter(*a)],
+                    logits: LogitsRows::Last,
+                })
+                .unwrap();
+            c
+        })
+        .collect()
+}
+
 fn prefilled(model: &Llama, rows: usize) -> Vec<KvCache> {
     let ctx: Vec<u32> = (100..132).collect();
     (0..rows)
@@ -155,6 +222,14 @@ fn bench(c: &mut Criterion) {
             b.iter(|| step(&model, &caches, &interleaved))
         });
     }
+    // 8 rows, 8 adapters of mixed methods (two each of LoRA, DoRA, IA³, one prefix, one prompt
+    // tuning), each row its own.
+    let family = mixed_methods(&model);
+    let mixed: Vec<Option<&AdapterWeights>> = family.iter().map(Some).collect();
+    let caches = prefilled_with(&model, &mixed);
+    group.bench_function("rows8/8_mixed_methods", |b| {
+        b.iter(|| step(&model, &caches, &mixed))
+    });
     group.finish();
 }
 
