@@ -112,6 +112,8 @@ pub enum Command {
 pub enum MethodArg {
     Lora,
     Dora,
+    /// IA³ vectors on the target modules (`down_proj`'s scales its input, as PEFT does).
+    Ia3,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -658,10 +660,10 @@ pub async fn run_train(args: TrainArgs) -> Result<()> {
         overwrite: args.overwrite,
         resume: args.resume,
         spec: TrainSpec {
-            method: if args.method == MethodArg::Dora {
-                Method::Dora
-            } else {
-                Method::Lora
+            method: match args.method {
+                MethodArg::Lora => Method::Lora,
+                MethodArg::Dora => Method::Dora,
+                MethodArg::Ia3 => Method::Ia3,
             },
             rank: args.rank,
             alpha: args.alpha,

@@ -1,5 +1,6 @@
-//! Trainable adapter sites: A, B (and DoRA's m) as `Var`s on the base model's projections,
-//! initialised as PEFT does, turned each step into the `AdapterWeights` the one forward uses.
+//! Trainable adapter sites: A, B (and DoRA's m) as `Var`s on the base model's projections, or
+//! IA³'s vectors, initialised as PEFT does, turned each step into the `AdapterWeights` the one
+//! forward uses.
 
 use std::collections::BTreeMap;
 
@@ -16,6 +17,9 @@ use crate::model::{AdapterWeights, Llama, LoraSite, Proj};
 pub enum Method {
     Lora,
     Dora,
+    /// IA³: a vector per targeted projection (its input for `down_proj`, PEFT's feed-forward
+    /// module of Llama; its output otherwise), starting at ones.
+    Ia3,
 }
 
 #[derive(Debug, Clone)]
@@ -49,10 +53,27 @@ impl TrainSite {
     }
 }
 
+/// An IA³ vector on one projection.
+#[derive(Debug, Clone)]
+pub struct Ia3TrainSite {
+    pub layer: usize,
+    pub proj: Proj,
+    /// `[out]`, or `[in]` when it scales the input.
+    pub l: Var,
+    pub on_input: bool,
+}
+
+impl Ia3TrainSite {
+    pub fn module(&self) -> String {
+        format!("model.layers.{}.{}", self.layer, self.proj.module())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TrainableAdapter {
     pub config: AdapterConfig,
     pub sites: Vec<TrainSite>,
+    pub ia3: Vec<Ia3TrainSite>,
     pub dropout: f32,
     pub seed: u64,
 }
@@ -65,6 +86,9 @@ impl TrainableAdapter {
     /// PEFT's initialisation: A ~ U(±1/sqrt(in)) (kaiming-uniform, a = sqrt(5)), B = 0,
     /// DoRA m = ‖W‖ per output row.
     pub fn init(model: &Llama, spec: &TrainSpec) -> Result<Self, TrainError> {
+        if spec.method == Method::Ia3 {
+            return Self::init_ia3(model, spec);
+        }
         if spec.rank == 0 {
             return Err(TrainError::config("--rank", "must be at least 1"));
         }
@@ -94,7 +118,7 @@ impl TrainableAdapter {
                     .collect();
                 let m = match spec.method {
                     Method::Dora => Some(Var::from_tensor(&row_norm(&w)?)?),
-                    Method::Lora => None,
+                    Method::Lora | Method::Ia3 => None,
                 };
                 sites.push(TrainSite {
                     layer,
@@ -124,7 +148,59 @@ impl TrainableAdapter {
         Ok(Self {
             config,
             sites,
+            ia3: Vec::new(),
             dropout: spec.dropout,
+            seed: spec.seed,
+        })
+    }
+
+    /// IA³ as PEFT starts it: every vector ones (the model unchanged).
+    fn init_ia3(model: &Llama, spec: &TrainSpec) -> Result<Self, TrainError> {
+        let mut ia3 = Vec::new();
+        for layer in 0..model.layers.len() {
+            for &proj in &spec.targets {
+                let (out, inp) = model
+                    .linear(layer, proj)
+                    .expect("layer exists")
+                    .base()
+                    .dims()?;
+                let on_input = proj == Proj::Down;
+                let n = if on_input { inp } else { out };
+                ia3.push(Ia3TrainSite {
+                    layer,
+                    proj,
+                    l: Var::from_tensor(&Tensor::ones(n, DType::F32, model.device())?)?,
+                    on_input,
+                });
+            }
+        }
+        let mut targets: Vec<String> = spec.targets.iter().map(|p| p.short().to_string()).collect();
+        targets.dedup();
+        let feedforward: Vec<String> = targets
+            .iter()
+            .filter(|t| *t == "down_proj")
+            .cloned()
+            .collect();
+        let config = AdapterConfig {
+            method: crate::adapters::config::Method::Ia3 {
+                feedforward_modules: TargetModules::List(feedforward),
+            },
+            r: 0,
+            lora_alpha: 0.0,
+            target_modules: TargetModules::List(targets),
+            use_rslora: false,
+            use_dora: false,
+            rank_pattern: vec![],
+            alpha_pattern: vec![],
+            lora_dropout: 0.0,
+            layers_to_transform: None,
+            base_model_name_or_path: Some(spec.base_model.clone()),
+        };
+        Ok(Self {
+            config,
+            sites: Vec::new(),
+            ia3,
+            dropout: 0.0,
             seed: spec.seed,
         })
     }
@@ -137,10 +213,23 @@ impl TrainableAdapter {
         seed: u64,
     ) -> Result<Self, TrainError> {
         crate::adapters::bind(peft, model, &Default::default())?;
-        let mut sites = Vec::new();
+        let (mut sites, mut ia3) = (Vec::new(), Vec::new());
         for (module, w) in &peft.modules {
             let (layer, proj) =
                 crate::adapters::bind::parse_module(module).expect("validated by bind");
+            if let Some(l) = &w.ia3 {
+                ia3.push(Ia3TrainSite {
+                    layer,
+                    proj,
+                    l: Var::from_tensor(
+                        &l.flatten_all()?
+                            .to_dtype(DType::F32)?
+                            .to_device(model.device())?,
+                    )?,
+                    on_input: peft.config.is_feedforward(module),
+                });
+                continue;
+            }
             let var = |t: &Option<Tensor>| -> Result<Option<Var>, TrainError> {
                 Ok(match t {
                     Some(t) => Some(Var::from_tensor(
@@ -161,6 +250,7 @@ impl TrainableAdapter {
         Ok(Self {
             config: peft.config.clone(),
             sites,
+            ia3,
             dropout,
             seed,
         })
@@ -208,7 +298,19 @@ impl TrainableAdapter {
                 dropout,
             });
         }
-        Ok(AdapterWeights::from_lora(layers))
+        let mut weights = AdapterWeights::from_lora(layers);
+        if !self.ia3.is_empty() {
+            weights.ia3 = (0..model.layers.len())
+                .map(|_| Default::default())
+                .collect();
+            for s in &self.ia3 {
+                weights.ia3[s.layer][s.proj as usize] = Some(crate::model::Ia3Site {
+                    scale: s.l.as_tensor().clone(),
+                    on_input: s.on_input,
+                });
+            }
+        }
+        Ok(weights)
     }
 
     /// Every trainable tensor under its PEFT key.
@@ -224,6 +326,9 @@ impl TrainableAdapter {
                     m,
                 ));
             }
+        }
+        for s in &self.ia3 {
+            out.push((format!("base_model.model.{}.ia3_l", s.module()), &s.l));
         }
         out
     }
@@ -243,6 +348,23 @@ impl TrainableAdapter {
                     },
                 )
             })
+            .chain(self.ia3.iter().map(|s| {
+                let l = s.l.as_tensor();
+                // PEFT's shapes: `[1, in]` on a feed-forward module, `[out, 1]` otherwise.
+                let shaped = if s.on_input {
+                    l.unsqueeze(0)
+                } else {
+                    l.unsqueeze(1)
+                }
+                .expect("a vector");
+                (
+                    s.module(),
+                    ModuleWeights {
+                        ia3: Some(shaped),
+                        ..Default::default()
+                    },
+                )
+            }))
             .collect();
         PeftAdapter {
             dir: dir.to_path_buf(),
