@@ -109,6 +109,7 @@ fn make_adapters(
                 dir: dir.join(&name),
                 config,
                 modules,
+                prompt_embeddings: None,
             }
             .save(&dir.join(&name), &names)
             .unwrap();

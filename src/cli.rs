@@ -114,6 +114,8 @@ pub enum MethodArg {
     Dora,
     /// IA³ vectors on the target modules (`down_proj`'s scales its input, as PEFT does).
     Ia3,
+    /// Prompt tuning: `--num-virtual-tokens` trained input embeddings before every prompt.
+    PromptTuning,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -156,6 +158,9 @@ pub struct TrainArgs {
     pub resume: bool,
     #[arg(long, value_enum, default_value = "lora")]
     pub method: MethodArg,
+    /// Virtual tokens of `--method prompt-tuning`.
+    #[arg(long, default_value_t = 8)]
+    pub num_virtual_tokens: usize,
     #[arg(long, default_value_t = 16)]
     pub rank: usize,
     #[arg(long, default_value_t = 32.0)]
@@ -664,7 +669,9 @@ pub async fn run_train(args: TrainArgs) -> Result<()> {
                 MethodArg::Lora => Method::Lora,
                 MethodArg::Dora => Method::Dora,
                 MethodArg::Ia3 => Method::Ia3,
+                MethodArg::PromptTuning => Method::PromptTuning,
             },
+            virtual_tokens: args.num_virtual_tokens,
             rank: args.rank,
             alpha: args.alpha,
             dropout: args.dropout,

@@ -59,6 +59,21 @@ fn small_dataset(m: &LoadedModel, dir: &Path) -> Dataset {
     Dataset::load(&path, &tok(m, &template, &special, 64), false).unwrap()
 }
 
+/// Prompts that all want one answer: what a soft prompt can learn (it steers the model; it
+/// cannot teach a random two-layer model `small_dataset`'s number → color mapping).
+fn steering_dataset(m: &LoadedModel, dir: &Path) -> Dataset {
+    let lines: Vec<String> = (0..24)
+        .map(|i| {
+            serde_json::json!({"prompt": format!("question {i}: "), "completion": "the red one"})
+                .to_string()
+        })
+        .collect();
+    let path = write_data(dir, &lines);
+    let template = ChatTemplate::select(None, m.chat_template.as_deref()).unwrap();
+    let special = m.special_tokens();
+    Dataset::load(&path, &tok(m, &template, &special, 64), false).unwrap()
+}
+
 fn spec(method: Method, dropout: f32) -> TrainSpec {
     TrainSpec {
         method,
@@ -69,6 +84,7 @@ fn spec(method: Method, dropout: f32) -> TrainSpec {
         rslora: false,
         seed: 11,
         base_model: "tiny-llama".into(),
+        virtual_tokens: 6,
     }
 }
 
@@ -422,6 +438,61 @@ fn ia3_training_lowers_the_loss_and_its_export_serves_the_same_logits() {
             .unwrap()
     };
     let (a, b) = (run(&served), run(&in_memory));
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| max_abs_diff(x, y))
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-5, "{worst}");
+}
+
+/// `serve train --method prompt-tuning`: on prompts that all want one answer, the loss falls
+/// below half its start on the tiny model; the export is a PEFT prompt-tuning adapter (`prompt_embeddings` `[16, hidden]`), and
+/// serving it from disk gives the trained logits.
+#[test]
+fn prompt_tuning_training_lowers_the_loss_and_its_export_serves_the_same_logits() {
+    let m = load_tiny();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = steering_dataset(&m, tmp.path());
+    let out = tmp.path().join("prompt");
+    let mut cfg = config(out.clone(), Method::PromptTuning, 200);
+    cfg.spec.virtual_tokens = 16;
+    cfg.lr = 0.3;
+    let report = train(&m.model, &data, None, &cfg).unwrap();
+    eprintln!(
+        "prompt tuning: loss {} -> {}",
+        report.first_loss, report.final_loss
+    );
+    assert!(
+        report.final_loss < 0.5 * report.first_loss,
+        "{} -> {}",
+        report.first_loss,
+        report.final_loss
+    );
+    let config: serde_json::Value = read_json(out.join("adapter_config.json"));
+    assert_eq!(config["peft_type"], "PROMPT_TUNING");
+    assert_eq!(config["num_virtual_tokens"], 16);
+    let peft = PeftAdapter::load(&out).unwrap();
+    assert_eq!(
+        peft.prompt_embeddings.as_ref().unwrap().dims(),
+        &[16, m.model.config.hidden_size]
+    );
+    let served = bind(&peft, &m.model, &BindOptions::default()).unwrap();
+    let in_memory = report.adapter.weights(&m.model, None).unwrap();
+    let ids: Vec<u32> = data.examples[0].ids.clone();
+    let run = |w: &loraplex::model::AdapterWeights| -> Vec<Vec<f32>> {
+        let mut c = m.model.new_cache();
+        m.model
+            .forward(&mut BatchInput {
+                seqs: vec![SeqInput::new(&ids, &mut c).with_adapter(Some(w))],
+                logits: LogitsRows::All,
+            })
+            .unwrap()
+            .to_vec2()
+            .unwrap()
+    };
+    let (a, b) = (run(&served), run(&in_memory));
+    assert_eq!(a.len(), ids.len());
     let worst = a
         .iter()
         .zip(&b)

@@ -22,7 +22,8 @@ pub enum LogitsRows {
     Last,
     /// Every position of every sequence, in batch order (scoring).
     All,
-    /// These rows of the flattened batch (training: only the positions with a target).
+    /// These rows of the flattened batch (training: only the positions with a target; a new
+    /// prompt-tuning sequence's rows start with its soft prompt's).
     Select(Vec<u32>),
 }
 
@@ -389,9 +390,6 @@ impl Llama {
                     })
                     .collect();
                 x.index_select(&Tensor::new(keep.as_slice(), &self.device)?, 0)?
-            }
-            LogitsRows::Select(_) if soft.iter().any(Option::is_some) => {
-                candle_core::bail!("prompt tuning is not trained here (rows to select)")
             }
             LogitsRows::All => x,
             LogitsRows::Select(rows) => {

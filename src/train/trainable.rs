@@ -20,6 +20,9 @@ pub enum Method {
     /// IA³: a vector per targeted projection (its input for `down_proj`, PEFT's feed-forward
     /// module of Llama; its output otherwise), starting at ones.
     Ia3,
+    /// Prompt tuning: `virtual_tokens` input embeddings before every prompt, starting as the
+    /// embeddings of tokens drawn from the vocabulary (PEFT's `SAMPLE_VOCAB`).
+    PromptTuning,
 }
 
 #[derive(Debug, Clone)]
@@ -32,6 +35,8 @@ pub struct TrainSpec {
     pub rslora: bool,
     pub seed: u64,
     pub base_model: String,
+    /// Prompt tuning's virtual tokens.
+    pub virtual_tokens: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -74,6 +79,8 @@ pub struct TrainableAdapter {
     pub config: AdapterConfig,
     pub sites: Vec<TrainSite>,
     pub ia3: Vec<Ia3TrainSite>,
+    /// Prompt tuning's soft prompt, `[virtual tokens, hidden]`.
+    pub soft_prompt: Option<Var>,
     pub dropout: f32,
     pub seed: u64,
 }
@@ -88,6 +95,9 @@ impl TrainableAdapter {
     pub fn init(model: &Llama, spec: &TrainSpec) -> Result<Self, TrainError> {
         if spec.method == Method::Ia3 {
             return Self::init_ia3(model, spec);
+        }
+        if spec.method == Method::PromptTuning {
+            return Self::init_prompt(model, spec);
         }
         if spec.rank == 0 {
             return Err(TrainError::config("--rank", "must be at least 1"));
@@ -118,7 +128,7 @@ impl TrainableAdapter {
                     .collect();
                 let m = match spec.method {
                     Method::Dora => Some(Var::from_tensor(&row_norm(&w)?)?),
-                    Method::Lora | Method::Ia3 => None,
+                    Method::Lora | Method::Ia3 | Method::PromptTuning => None,
                 };
                 sites.push(TrainSite {
                     layer,
@@ -149,7 +159,50 @@ impl TrainableAdapter {
             config,
             sites,
             ia3: Vec::new(),
+            soft_prompt: None,
             dropout: spec.dropout,
+            seed: spec.seed,
+        })
+    }
+
+    /// Prompt tuning started from the embeddings of `virtual_tokens` tokens drawn (seeded) from
+    /// the vocabulary.
+    fn init_prompt(model: &Llama, spec: &TrainSpec) -> Result<Self, TrainError> {
+        if spec.virtual_tokens == 0 {
+            return Err(TrainError::config(
+                "--num-virtual-tokens",
+                "must be at least 1",
+            ));
+        }
+        let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
+        let ids: Vec<u32> = (0..spec.virtual_tokens)
+            .map(|_| rng.random_range(0..model.config.vocab_size as u32))
+            .collect();
+        let rows = model
+            .embed_tokens
+            .lookup(&Tensor::new(ids.as_slice(), model.device())?)?
+            .to_dtype(DType::F32)?;
+        let config = AdapterConfig {
+            method: crate::adapters::config::Method::PromptTuning {
+                num_virtual_tokens: spec.virtual_tokens,
+            },
+            r: 0,
+            lora_alpha: 0.0,
+            target_modules: TargetModules::List(Vec::new()),
+            use_rslora: false,
+            use_dora: false,
+            rank_pattern: vec![],
+            alpha_pattern: vec![],
+            lora_dropout: 0.0,
+            layers_to_transform: None,
+            base_model_name_or_path: Some(spec.base_model.clone()),
+        };
+        Ok(Self {
+            config,
+            sites: Vec::new(),
+            ia3: Vec::new(),
+            soft_prompt: Some(Var::from_tensor(&rows)?),
+            dropout: 0.0,
             seed: spec.seed,
         })
     }
@@ -200,6 +253,7 @@ impl TrainableAdapter {
             config,
             sites: Vec::new(),
             ia3,
+            soft_prompt: None,
             dropout: 0.0,
             seed: spec.seed,
         })
@@ -247,10 +301,17 @@ impl TrainableAdapter {
                 scale: peft.config.scale_for(module),
             });
         }
+        let soft_prompt = match (&peft.config.method, &peft.prompt_embeddings) {
+            (crate::adapters::config::Method::PromptTuning { .. }, Some(p)) => Some(
+                Var::from_tensor(&p.to_dtype(DType::F32)?.to_device(model.device())?)?,
+            ),
+            _ => None,
+        };
         Ok(Self {
             config: peft.config.clone(),
             sites,
             ia3,
+            soft_prompt,
             dropout,
             seed,
         })
@@ -299,6 +360,7 @@ impl TrainableAdapter {
             });
         }
         let mut weights = AdapterWeights::from_lora(layers);
+        weights.soft_prompt = self.soft_prompt.as_ref().map(|v| v.as_tensor().clone());
         if !self.ia3.is_empty() {
             weights.ia3 = (0..model.layers.len())
                 .map(|_| Default::default())
@@ -329,6 +391,9 @@ impl TrainableAdapter {
         }
         for s in &self.ia3 {
             out.push((format!("base_model.model.{}.ia3_l", s.module()), &s.l));
+        }
+        if let Some(p) = &self.soft_prompt {
+            out.push((crate::adapters::peft::PROMPT_EMBEDDINGS.to_string(), p));
         }
         out
     }
@@ -370,7 +435,7 @@ impl TrainableAdapter {
             dir: dir.to_path_buf(),
             config: self.config.clone(),
             modules,
-            prompt_embeddings: None,
+            prompt_embeddings: self.soft_prompt.as_ref().map(|v| v.as_tensor().clone()),
         }
     }
 }

@@ -64,14 +64,16 @@ pub fn batch_loss(
     let mut rows = Vec::new();
     let mut targets = Vec::new();
     let mut offset = 0u32;
+    // Prompt tuning's soft prompt rows come first in each sequence's rows.
+    let soft = weights.soft_prompt.as_ref().map_or(0, |t| t.dims()[0]) as u32;
     for ex in examples {
         for (t, label) in ex.labels.iter().enumerate() {
             if let Some(l) = label {
-                rows.push(offset + t as u32);
+                rows.push(offset + soft + t as u32);
                 targets.push(*l);
             }
         }
-        offset += ex.ids.len() as u32;
+        offset += soft + ex.ids.len() as u32;
     }
     let logits = model.forward(&mut BatchInput {
         seqs: examples
