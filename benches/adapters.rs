@@ -124,6 +124,7 @@ fn mixed_methods(model: &Llama) -> Vec<AdapterWeights> {
     prefix.prefix = Some(loraplex::model::KvPrefix {
         tokens: 8,
         layers: (0..layers).map(|_| (rows(8), rows(8))).collect(),
+        tensor: None,
     });
     let mut prompt = AdapterWeights::from_lora(vec![Default::default(); layers]);
     prompt.soft_prompt = Some(randn(&[5, c.hidden_size], 0.02));

@@ -116,6 +116,8 @@ pub enum MethodArg {
     Ia3,
     /// Prompt tuning: `--num-virtual-tokens` trained input embeddings before every prompt.
     PromptTuning,
+    /// Prefix tuning: `--num-virtual-tokens` trained key/value rows at every layer.
+    PrefixTuning,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -158,7 +160,7 @@ pub struct TrainArgs {
     pub resume: bool,
     #[arg(long, value_enum, default_value = "lora")]
     pub method: MethodArg,
-    /// Virtual tokens of `--method prompt-tuning`.
+    /// Virtual tokens of `--method prompt-tuning` and `prefix-tuning`.
     #[arg(long, default_value_t = 8)]
     pub num_virtual_tokens: usize,
     #[arg(long, default_value_t = 16)]
@@ -670,6 +672,7 @@ pub async fn run_train(args: TrainArgs) -> Result<()> {
                 MethodArg::Dora => Method::Dora,
                 MethodArg::Ia3 => Method::Ia3,
                 MethodArg::PromptTuning => Method::PromptTuning,
+                MethodArg::PrefixTuning => Method::PrefixTuning,
             },
             virtual_tokens: args.num_virtual_tokens,
             rank: args.rank,

@@ -250,6 +250,7 @@ fn kv_prefix(p: &Tensor, model: &Llama) -> Result<KvPrefix, AdapterError> {
         layers: (0..c.num_hidden_layers)
             .map(|l| (part(l, 0), part(l, 1)))
             .collect(),
+        tensor: None,
     })
 }
 

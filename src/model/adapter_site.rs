@@ -146,6 +146,9 @@ pub struct Ia3Site {
 pub struct KvPrefix {
     pub tokens: usize,
     pub layers: Vec<(Vec<f32>, Vec<f32>)>,
+    /// Training: the same rows as one tensor `[tokens, layers · 2 · kv_heads · head_dim]` (a
+    /// variable), put into the cache as tensors so gradients reach it (`layers` is then empty).
+    pub tensor: Option<Tensor>,
 }
 
 /// An adapter's sites for every layer: `layers[l][proj as usize]` (LoRA / DoRA) and

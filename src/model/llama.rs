@@ -200,6 +200,23 @@ impl Llama {
         then: usize,
     ) -> Result<()> {
         let c = &self.config;
+        if let Some(rows) = &prefix.tensor {
+            // Training: tensors all the way, so the gradient reaches the rows.
+            let (n, kvh, hd) = (prefix.tokens, c.num_key_value_heads, c.head_dim);
+            let w = kvh * hd;
+            for l in 0..c.num_hidden_layers {
+                let part = |kv: usize| -> Result<Tensor> {
+                    rows.narrow(1, (l * 2 + kv) * w, w)?
+                        .reshape((n, kvh, hd))?
+                        .transpose(0, 1)?
+                        .contiguous()?
+                        .to_dtype(self.dtype)
+                };
+                cache.append(l, part(0)?, part(1)?)?;
+            }
+            cache.advance(n);
+            return Ok(());
+        }
         if prefix.layers.len() != c.num_hidden_layers {
             candle_core::bail!(
                 "a prefix for {} layers, the model has {}",

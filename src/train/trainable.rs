@@ -23,6 +23,9 @@ pub enum Method {
     /// Prompt tuning: `virtual_tokens` input embeddings before every prompt, starting as the
     /// embeddings of tokens drawn from the vocabulary (PEFT's `SAMPLE_VOCAB`).
     PromptTuning,
+    /// Prefix tuning: `virtual_tokens` key/value rows at every layer, starting small
+    /// (N(0, 0.02²)), without PEFT's projection MLP.
+    PrefixTuning,
 }
 
 #[derive(Debug, Clone)]
@@ -81,6 +84,8 @@ pub struct TrainableAdapter {
     pub ia3: Vec<Ia3TrainSite>,
     /// Prompt tuning's soft prompt, `[virtual tokens, hidden]`.
     pub soft_prompt: Option<Var>,
+    /// Prefix tuning's rows, `[virtual tokens, layers · 2 · kv_heads · head_dim]`.
+    pub prefix: Option<Var>,
     pub dropout: f32,
     pub seed: u64,
 }
@@ -96,7 +101,7 @@ impl TrainableAdapter {
         if spec.method == Method::Ia3 {
             return Self::init_ia3(model, spec);
         }
-        if spec.method == Method::PromptTuning {
+        if matches!(spec.method, Method::PromptTuning | Method::PrefixTuning) {
             return Self::init_prompt(model, spec);
         }
         if spec.rank == 0 {
@@ -128,7 +133,9 @@ impl TrainableAdapter {
                     .collect();
                 let m = match spec.method {
                     Method::Dora => Some(Var::from_tensor(&row_norm(&w)?)?),
-                    Method::Lora | Method::Ia3 | Method::PromptTuning => None,
+                    Method::Lora | Method::Ia3 | Method::PromptTuning | Method::PrefixTuning => {
+                        None
+                    }
                 };
                 sites.push(TrainSite {
                     layer,
@@ -160,13 +167,14 @@ impl TrainableAdapter {
             sites,
             ia3: Vec::new(),
             soft_prompt: None,
+            prefix: None,
             dropout: spec.dropout,
             seed: spec.seed,
         })
     }
 
     /// Prompt tuning started from the embeddings of `virtual_tokens` tokens drawn (seeded) from
-    /// the vocabulary.
+    /// the vocabulary; prefix tuning from small random rows.
     fn init_prompt(model: &Llama, spec: &TrainSpec) -> Result<Self, TrainError> {
         if spec.virtual_tokens == 0 {
             return Err(TrainError::config(
@@ -174,18 +182,42 @@ impl TrainableAdapter {
                 "must be at least 1",
             ));
         }
+        let n = spec.virtual_tokens;
         let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
-        let ids: Vec<u32> = (0..spec.virtual_tokens)
-            .map(|_| rng.random_range(0..model.config.vocab_size as u32))
-            .collect();
-        let rows = model
-            .embed_tokens
-            .lookup(&Tensor::new(ids.as_slice(), model.device())?)?
-            .to_dtype(DType::F32)?;
+        let c = &model.config;
+        let (mut soft_prompt, mut prefix) = (None, None);
+        let method = if spec.method == Method::PrefixTuning {
+            let width = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim;
+            let rows: Vec<f32> = (0..n * width)
+                .map(|_| {
+                    // Box-Muller from two uniforms.
+                    let (u, v): (f64, f64) = (rng.random_range(1e-12..1.0), rng.random());
+                    (0.02 * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+                })
+                .collect();
+            prefix = Some(Var::from_tensor(&Tensor::from_vec(
+                rows,
+                (n, width),
+                model.device(),
+            )?)?);
+            crate::adapters::config::Method::PrefixTuning {
+                num_virtual_tokens: n,
+            }
+        } else {
+            let ids: Vec<u32> = (0..n)
+                .map(|_| rng.random_range(0..c.vocab_size as u32))
+                .collect();
+            let rows = model
+                .embed_tokens
+                .lookup(&Tensor::new(ids.as_slice(), model.device())?)?
+                .to_dtype(DType::F32)?;
+            soft_prompt = Some(Var::from_tensor(&rows)?);
+            crate::adapters::config::Method::PromptTuning {
+                num_virtual_tokens: n,
+            }
+        };
         let config = AdapterConfig {
-            method: crate::adapters::config::Method::PromptTuning {
-                num_virtual_tokens: spec.virtual_tokens,
-            },
+            method,
             r: 0,
             lora_alpha: 0.0,
             target_modules: TargetModules::List(Vec::new()),
@@ -201,7 +233,8 @@ impl TrainableAdapter {
             config,
             sites: Vec::new(),
             ia3: Vec::new(),
-            soft_prompt: Some(Var::from_tensor(&rows)?),
+            soft_prompt,
+            prefix,
             dropout: 0.0,
             seed: spec.seed,
         })
@@ -254,6 +287,7 @@ impl TrainableAdapter {
             sites: Vec::new(),
             ia3,
             soft_prompt: None,
+            prefix: None,
             dropout: 0.0,
             seed: spec.seed,
         })
@@ -301,17 +335,27 @@ impl TrainableAdapter {
                 scale: peft.config.scale_for(module),
             });
         }
-        let soft_prompt = match (&peft.config.method, &peft.prompt_embeddings) {
-            (crate::adapters::config::Method::PromptTuning { .. }, Some(p)) => Some(
-                Var::from_tensor(&p.to_dtype(DType::F32)?.to_device(model.device())?)?,
-            ),
-            _ => None,
+        let var = |p: &Tensor| -> Result<Var, TrainError> {
+            Ok(Var::from_tensor(
+                &p.to_dtype(DType::F32)?.to_device(model.device())?,
+            )?)
         };
+        let (mut soft_prompt, mut prefix) = (None, None);
+        match (&peft.config.method, &peft.prompt_embeddings) {
+            (crate::adapters::config::Method::PromptTuning { .. }, Some(p)) => {
+                soft_prompt = Some(var(p)?)
+            }
+            (crate::adapters::config::Method::PrefixTuning { .. }, Some(p)) => {
+                prefix = Some(var(p)?)
+            }
+            _ => {}
+        }
         Ok(Self {
             config: peft.config.clone(),
             sites,
             ia3,
             soft_prompt,
+            prefix,
             dropout,
             seed,
         })
@@ -361,6 +405,11 @@ impl TrainableAdapter {
         }
         let mut weights = AdapterWeights::from_lora(layers);
         weights.soft_prompt = self.soft_prompt.as_ref().map(|v| v.as_tensor().clone());
+        weights.prefix = self.prefix.as_ref().map(|v| crate::model::KvPrefix {
+            tokens: v.as_tensor().dims()[0],
+            layers: Vec::new(),
+            tensor: Some(v.as_tensor().clone()),
+        });
         if !self.ia3.is_empty() {
             weights.ia3 = (0..model.layers.len())
                 .map(|_| Default::default())
@@ -392,7 +441,7 @@ impl TrainableAdapter {
         for s in &self.ia3 {
             out.push((format!("base_model.model.{}.ia3_l", s.module()), &s.l));
         }
-        if let Some(p) = &self.soft_prompt {
+        if let Some(p) = self.soft_prompt.as_ref().or(self.prefix.as_ref()) {
             out.push((crate::adapters::peft::PROMPT_EMBEDDINGS.to_string(), p));
         }
         out
@@ -435,7 +484,11 @@ impl TrainableAdapter {
             dir: dir.to_path_buf(),
             config: self.config.clone(),
             modules,
-            prompt_embeddings: self.soft_prompt.as_ref().map(|v| v.as_tensor().clone()),
+            prompt_embeddings: self
+                .soft_prompt
+                .as_ref()
+                .or(self.prefix.as_ref())
+                .map(|v| v.as_tensor().clone()),
         }
     }
 }
