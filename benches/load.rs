@@ -85,7 +85,7 @@ fn make_adapters(
                             lora_a: Some(Tensor::from_vec(a, (r, inp), &Device::Cpu).unwrap()),
                             lora_b: Some(Tensor::from_vec(b, (out, r), &Device::Cpu).unwrap()),
                             magnitude: None,
-                            ia3: None,
+                            ..Default::default()
                         },
                     );
                 }

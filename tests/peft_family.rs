@@ -349,3 +349,55 @@ fn engine_serves(name: &str, peft_type: &str) {
         "{e}"
     );
 }
+
+/// Bottleneck adapters in AdapterHub's format (`adapters` 1.3.0; `make_bottleneck.py`):
+/// `seq_bn`, `double_seq_bn` and `par_bn` within 1e-4 of the library at every position, alone
+/// and interleaved in one batch with LoRA, IA³ and base rows; merging one is refused by name.
+#[test]
+fn bottleneck_adapters_match_adapterhub_at_every_position() {
+    let loaded = load_tiny();
+    let expected = read_json(family_dir().join("expected_bottleneck.json"));
+    let cases = read_json(tiny_dir().join("expected_logits.json"));
+    let lora = bound(&loaded, &tiny_dir().join("adapters/lora-r8-all"));
+    let ia3 = bound(&loaded, &family_dir().join("adapters/ia3-kvd"));
+    for name in ["bn-seq-bn", "bn-double-seq-bn", "bn-par-bn"] {
+        let dir = family_dir().join("adapters").join(name);
+        let bn = bound(&loaded, &dir);
+        let mut worst = 0f32;
+        for (c, want) in cases["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(expected["adapters"][name].as_array().unwrap())
+        {
+            let ids = as_u32_vec(&c["input_ids"]);
+            let want: Vec<Vec<f32>> = want.as_array().unwrap().iter().map(as_f32_vec).collect();
+            let alone = run(&loaded, &[(&ids, Some(&bn))]);
+            let (first, last) = ([5u32, 6, 7], [9u32, 10]);
+            let mixed = run(
+                &loaded,
+                &[
+                    (&first, Some(&lora)),
+                    (&ids, Some(&bn)),
+                    (&last, Some(&ia3)),
+                    (&ids, Some(&bn)),
+                    (&last, None),
+                ],
+            );
+            for (pos, w) in want.iter().enumerate() {
+                worst = worst.max(max_abs_diff(&alone[pos], w));
+                worst = worst.max(max_abs_diff(&mixed[3 + pos], w));
+                worst = worst.max(max_abs_diff(&mixed[3 + ids.len() + 2 + pos], w));
+            }
+        }
+        eprintln!("{name} vs AdapterHub: worst {worst}");
+        assert!(worst < 1e-4, "{name}: {worst}");
+        let e = merge(&loaded.model, &PeftAdapter::load(&dir).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("bottleneck") && e.contains("cannot be merged"),
+            "{e}"
+        );
+    }
+}

@@ -10,7 +10,7 @@ use candle_core::{DType, Tensor, D};
 use super::config::{AdapterConfig, Method, TargetModules};
 use super::error::AdapterError;
 use super::peft::{AdapterHeader, ModuleShapes, PeftAdapter};
-use crate::model::{AdapterWeights, Ia3Site, KvPrefix, Llama, LoraSite, Proj};
+use crate::model::{AdapterWeights, BnSite, Ia3Site, KvPrefix, Llama, LoraSite, Proj};
 
 /// `--adapter-dtype`: how A and B are kept for serving on a CPU f32 model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -254,6 +254,53 @@ fn kv_prefix(p: &Tensor, model: &Llama) -> Result<KvPrefix, AdapterError> {
     })
 }
 
+/// Checks one bottleneck adapter module (`model.layers.L.attention_adapters` or
+/// `.output_adapters`): down `[r, hidden]` + bias `[r]`, up `[hidden, r]` + bias `[hidden]`.
+/// Returns its layer and place (0: after attention, 1: after the MLP).
+fn check_bn_module(
+    path: &Path,
+    module: &str,
+    shapes: &ModuleShapes,
+    model: &Llama,
+) -> Result<(usize, usize), AdapterError> {
+    let err = |problem: String| AdapterError::Module {
+        path: path.to_path_buf(),
+        module: module.to_string(),
+        problem,
+    };
+    let place = module
+        .strip_prefix("model.layers.")
+        .and_then(|r| r.split_once('.'))
+        .and_then(|(l, site)| {
+            let at = match site {
+                "attention_adapters" => 0,
+                "output_adapters" => 1,
+                _ => return None,
+            };
+            Some((l.parse::<usize>().ok()?, at))
+        })
+        .filter(|(l, _)| *l < model.layers.len())
+        .ok_or_else(|| err("the base model has no such adapter place".into()))?;
+    let h = model.config.hidden_size;
+    let (Some(d), Some(u), Some(db), Some(ub)) = (
+        &shapes.lora_a,
+        &shapes.lora_b,
+        &shapes.down_bias,
+        &shapes.up_bias,
+    ) else {
+        return Err(err(
+            "needs adapter_down.0.weight/bias and adapter_up.weight/bias".into(),
+        ));
+    };
+    let r = d.first().copied().unwrap_or(0);
+    if d[..] != [r, h] || u[..] != [h, r] || db[..] != [r] || ub[..] != [h] {
+        return Err(err(format!(
+            "adapter_down {d:?} + {db:?} and adapter_up {u:?} + {ub:?} do not fit hidden size {h} (expected [{r}, {h}] + [{r}], [{h}, {r}] + [{h}])"
+        )));
+    }
+    Ok(place)
+}
+
 /// Checks an adapter known from its header against the model, before any tensor is read.
 pub fn check(
     header: &AdapterHeader,
@@ -272,7 +319,11 @@ pub fn check(
         model,
     )?;
     for (module, shapes) in &header.modules {
-        check_module(&header.config, &path, module, shapes, model, opts)?;
+        if let Method::Bottleneck(_) = header.config.method {
+            check_bn_module(&path, module, shapes, model)?;
+        } else {
+            check_module(&header.config, &path, module, shapes, model, opts)?;
+        }
     }
     Ok(())
 }
@@ -302,6 +353,30 @@ pub fn bind(
         .map(|_| Default::default())
         .collect();
     let mut ia3: Vec<[Option<Ia3Site>; 7]> = Vec::new();
+    let mut bottleneck: Vec<[Option<BnSite>; 2]> = Vec::new();
+    if let Method::Bottleneck(bn) = cfg.method {
+        bottleneck = (0..model.layers.len())
+            .map(|_| Default::default())
+            .collect();
+        for (module, w) in &adapter.modules {
+            let (layer, at) = check_bn_module(&path, module, &w.shapes(), model)?;
+            let t = |x: &Option<Tensor>| -> Result<Tensor, AdapterError> {
+                Ok(x.as_ref()
+                    .expect("checked")
+                    .to_dtype(dtype)?
+                    .to_device(model.device())?)
+            };
+            bottleneck[layer][at] = Some(BnSite {
+                down_t: t(&w.lora_a)?.t()?.contiguous()?,
+                down_b: t(&w.down_bias)?,
+                up_t: t(&w.lora_b)?.t()?.contiguous()?,
+                up_b: t(&w.up_bias)?,
+                scaling: bn.scaling,
+                act: bn.act,
+                input: bn.input,
+            });
+        }
+    }
     let shape = adapter
         .prompt_embeddings
         .as_ref()
@@ -315,7 +390,7 @@ pub fn bind(
             prefix = Some(kv_prefix(p, model)?);
         }
     }
-    for (module, w) in &adapter.modules {
+    for (module, w) in adapter.modules.iter().filter(|_| bottleneck.is_empty()) {
         let (layer, proj) = check_module(cfg, &path, module, &w.shapes(), model, opts)?;
         if let Some(l) = &w.ia3 {
             if ia3.is_empty() {
@@ -366,6 +441,7 @@ pub fn bind(
         ia3,
         prefix,
         soft_prompt,
+        bottleneck,
     })
 }
 

@@ -315,6 +315,7 @@ mod tests {
             ia3: Vec::new(),
             prefix: None,
             soft_prompt: None,
+            bottleneck: Vec::new(),
         }
     }
 

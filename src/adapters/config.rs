@@ -32,6 +32,97 @@ pub enum Method {
     PrefixTuning { num_virtual_tokens: usize },
     /// Prompt tuning: `num_virtual_tokens` trained input embeddings before the prompt.
     PromptTuning { num_virtual_tokens: usize },
+    /// A bottleneck adapter in AdapterHub's format (`adapters` 1.3.0: `seq_bn`,
+    /// `double_seq_bn`, `par_bn` and the options they set).
+    Bottleneck(BnConfig),
+}
+
+/// What a bottleneck adapter's configuration decides, as AdapterHub's `adapters` runs it on
+/// Llama (whose adapter layers get no layer norm).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BnConfig {
+    pub input: crate::model::BnInput,
+    pub act: crate::model::BnActivation,
+    pub scaling: f64,
+}
+
+impl BnConfig {
+    /// Reads AdapterHub's `adapter_config.json` (`{"config": {...}}`); options whose numbers we
+    /// do not reproduce are refused by name.
+    pub fn from_adapterhub(path: &Path, v: &Value) -> Result<Self, AdapterError> {
+        use crate::model::{BnActivation, BnInput};
+        let c = v.get("config").filter(|c| c.is_object()).ok_or_else(|| {
+            AdapterError::config(path, "config", "is missing (AdapterHub format)")
+        })?;
+        let bad = |field: &str, problem: &str| {
+            AdapterError::config(path, &format!("config.{field}"), problem)
+        };
+        let flag = |k: &str| c.get(k).and_then(Value::as_bool).unwrap_or(false);
+        for k in [
+            "ln_before",
+            "ln_after",
+            "use_gating",
+            "phm_layer",
+            "adapter_residual_before_ln",
+        ] {
+            if flag(k) {
+                return Err(bad(
+                    k,
+                    "is true; not supported (supported: seq_bn, double_seq_bn, par_bn)",
+                ));
+            }
+        }
+        if c.get("architecture")
+            .and_then(Value::as_str)
+            .is_some_and(|a| a != "bottleneck")
+        {
+            return Err(bad(
+                "architecture",
+                "is not `bottleneck`; only bottleneck adapters are read in AdapterHub format",
+            ));
+        }
+        if !flag("original_ln_after") {
+            return Err(bad("original_ln_after", "is false; not supported"));
+        }
+        let input = if flag("is_parallel") {
+            BnInput::BeforeSublayer
+        } else if c.get("residual_before_ln") != Some(&Value::Bool(true)) {
+            return Err(bad(
+                "residual_before_ln",
+                "must be true for a sequential adapter",
+            ));
+        } else if flag("original_ln_before") {
+            BnInput::AfterResidual
+        } else {
+            BnInput::SublayerOutput
+        };
+        let act = match c
+            .get("non_linearity")
+            .and_then(Value::as_str)
+            .map(str::to_lowercase)
+            .as_deref()
+        {
+            Some("relu") => BnActivation::Relu,
+            Some("swish" | "silu") => BnActivation::Silu,
+            other => {
+                return Err(bad(
+                    "non_linearity",
+                    &format!("is {other:?}; supported: relu, swish/silu"),
+                ))
+            }
+        };
+        let scaling = c.get("scaling").and_then(Value::as_f64).ok_or_else(|| {
+            bad(
+                "scaling",
+                "must be a number (learned scalings are not supported)",
+            )
+        })?;
+        Ok(Self {
+            input,
+            act,
+            scaling,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -88,6 +179,28 @@ impl AdapterConfig {
             source,
         })?;
         Self::from_json(path, &text)
+    }
+
+    /// An AdapterHub bottleneck adapter's config as an `AdapterConfig`.
+    pub fn from_adapterhub(path: &Path, text: &str) -> Result<Self, AdapterError> {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| AdapterError::config(path, "(file)", format!("is not valid JSON: {e}")))?;
+        Ok(Self {
+            method: Method::Bottleneck(BnConfig::from_adapterhub(path, &v)?),
+            r: 0,
+            lora_alpha: 0.0,
+            target_modules: TargetModules::List(Vec::new()),
+            use_rslora: false,
+            use_dora: false,
+            rank_pattern: vec![],
+            alpha_pattern: vec![],
+            lora_dropout: 0.0,
+            layers_to_transform: None,
+            base_model_name_or_path: v
+                .get("model_name")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        })
     }
 
     pub fn from_json(path: &Path, text: &str) -> Result<Self, AdapterError> {
@@ -265,6 +378,7 @@ impl AdapterConfig {
             Method::Ia3 { .. } => "ia3",
             Method::PrefixTuning { .. } => "prefix_tuning",
             Method::PromptTuning { .. } => "prompt_tuning",
+            Method::Bottleneck(_) => "bottleneck",
         }
     }
 
@@ -275,7 +389,10 @@ impl AdapterConfig {
             Method::Ia3 {
                 feedforward_modules,
             } => Self::matches(feedforward_modules, module),
-            Method::Lora | Method::PrefixTuning { .. } | Method::PromptTuning { .. } => false,
+            Method::Lora
+            | Method::PrefixTuning { .. }
+            | Method::PromptTuning { .. }
+            | Method::Bottleneck(_) => false,
         }
     }
 

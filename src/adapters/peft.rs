@@ -28,6 +28,10 @@ pub struct ModuleWeights {
     pub lora_b: Option<Tensor>,
     pub magnitude: Option<Tensor>,
     pub ia3: Option<Tensor>,
+    /// A bottleneck adapter's biases (its weights are `lora_a`: down `[r, hidden]` and
+    /// `lora_b`: up `[hidden, r]`).
+    pub down_bias: Option<Tensor>,
+    pub up_bias: Option<Tensor>,
 }
 
 impl ModuleWeights {
@@ -38,6 +42,8 @@ impl ModuleWeights {
             lora_b: dims(&self.lora_b),
             magnitude: dims(&self.magnitude),
             ia3: dims(&self.ia3),
+            down_bias: dims(&self.down_bias),
+            up_bias: dims(&self.up_bias),
         }
     }
 }
@@ -49,6 +55,8 @@ pub struct ModuleShapes {
     pub lora_b: Option<Vec<usize>>,
     pub magnitude: Option<Vec<usize>>,
     pub ia3: Option<Vec<usize>>,
+    pub down_bias: Option<Vec<usize>>,
+    pub up_bias: Option<Vec<usize>>,
 }
 
 /// An adapter known from its config and its safetensors header only: nothing of the tensor
@@ -148,12 +156,13 @@ fn read_safetensors_header(
     parse_safetensors_header(path, &json, file_len - 8 - n)
 }
 
-/// Groups tensors (or their shapes) by module: `[lora_A, lora_B, magnitude, ia3_l]` each.
+/// Groups tensors (or their shapes) by module: `[lora_A, lora_B, magnitude, ia3_l, down bias,
+/// up bias]` each.
 fn by_module<T>(
     path: &Path,
     items: impl IntoIterator<Item = (String, T)>,
-) -> Result<BTreeMap<String, [Option<T>; 4]>, AdapterError> {
-    let mut modules: BTreeMap<String, [Option<T>; 4]> = BTreeMap::new();
+) -> Result<BTreeMap<String, [Option<T>; 6]>, AdapterError> {
+    let mut modules: BTreeMap<String, [Option<T>; 6]> = BTreeMap::new();
     for (key, item) in items {
         let (module, role) = parse_key(&key).ok_or_else(|| {
             AdapterError::weights(
@@ -167,11 +176,13 @@ fn by_module<T>(
             "A" => 0,
             "B" => 1,
             "M" => 2,
-            _ => 3,
+            "I" => 3,
+            "DB" => 4,
+            _ => 5,
         };
         modules
             .entry(module)
-            .or_insert_with(|| [None, None, None, None])[slot] = Some(item);
+            .or_insert_with(|| [None, None, None, None, None, None])[slot] = Some(item);
     }
     Ok(modules)
 }
@@ -183,17 +194,21 @@ pub fn module_shapes(
 ) -> Result<BTreeMap<String, ModuleShapes>, AdapterError> {
     Ok(by_module(path, tensors)?
         .into_iter()
-        .map(|(m, [lora_a, lora_b, magnitude, ia3])| {
-            (
-                m,
-                ModuleShapes {
-                    lora_a,
-                    lora_b,
-                    magnitude,
-                    ia3,
-                },
-            )
-        })
+        .map(
+            |(m, [lora_a, lora_b, magnitude, ia3, down_bias, up_bias])| {
+                (
+                    m,
+                    ModuleShapes {
+                        lora_a,
+                        lora_b,
+                        magnitude,
+                        ia3,
+                        down_bias,
+                        up_bias,
+                    },
+                )
+            },
+        )
         .collect())
 }
 
@@ -208,8 +223,20 @@ pub struct PeftAdapter {
     pub prompt_embeddings: Option<Tensor>,
 }
 
-/// Splits a PEFT key into module path and tensor role.
+/// Splits a PEFT key (or an AdapterHub bottleneck key,
+/// `model.layers.L.output_adapters.adapters.NAME.adapter_down.0.weight`) into module path and
+/// tensor role.
 fn parse_key(key: &str) -> Option<(String, &'static str)> {
+    if let Some((module, rest)) = key.split_once(".adapters.") {
+        let role = match rest.split_once('.').map(|(_, r)| r) {
+            Some("adapter_down.0.weight") => "A",
+            Some("adapter_up.weight") => "B",
+            Some("adapter_down.0.bias") => "DB",
+            Some("adapter_up.bias") => "UB",
+            _ => return None,
+        };
+        return Some((module.to_string(), role));
+    }
     let rest = key.strip_prefix(KEY_PREFIX).unwrap_or(key);
     for (suffix, role) in [
         (".lora_A.weight", "A"),
@@ -230,9 +257,22 @@ fn parse_key(key: &str) -> Option<(String, &'static str)> {
     None
 }
 
-/// The weights file of `dir`, refusing pickle files.
+/// AdapterHub's weights file (a bottleneck adapter saved by `adapters`).
+pub const ADAPTERHUB_WEIGHTS_FILE: &str = "adapter.safetensors";
+
+/// The weights file of `dir` (PEFT's, else AdapterHub's), refusing pickle files.
 fn weights_file(dir: &Path) -> Result<PathBuf, AdapterError> {
     let weights = dir.join(WEIGHTS_FILE);
+    if !weights.is_file() && dir.join(ADAPTERHUB_WEIGHTS_FILE).is_file() {
+        return Ok(dir.join(ADAPTERHUB_WEIGHTS_FILE));
+    }
+    let hub_pickle = dir.join("pytorch_adapter.bin");
+    if !weights.is_file() && hub_pickle.is_file() {
+        return Err(AdapterError::weights(
+            hub_pickle,
+            "pickle `.bin` weights are refused (they can run code); save the adapter with `model.save_adapter(dir, name, use_safetensors=True)`, or convert it: `safetensors.torch.save_file(torch.load(\"pytorch_adapter.bin\"), \"adapter.safetensors\")`",
+        ));
+    }
     if !weights.is_file() {
         let pickle = dir.join("adapter_model.bin");
         return Err(if pickle.is_file() {
@@ -250,8 +290,17 @@ fn weights_file(dir: &Path) -> Result<PathBuf, AdapterError> {
 impl PeftAdapter {
     /// Reads the config and the safetensors header of an adapter directory, not its tensors.
     pub fn inspect(dir: &Path) -> Result<AdapterHeader, AdapterError> {
-        let config = AdapterConfig::from_file(&dir.join(CONFIG_FILE))?;
         let weights = weights_file(dir)?;
+        let config = if weights.ends_with(ADAPTERHUB_WEIGHTS_FILE) {
+            let path = dir.join(CONFIG_FILE);
+            let text = std::fs::read_to_string(&path).map_err(|source| AdapterError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            AdapterConfig::from_adapterhub(&path, &text)?
+        } else {
+            AdapterConfig::from_file(&dir.join(CONFIG_FILE))?
+        };
         let (mut tensors, bytes) = read_safetensors_header(&weights)?;
         let prompt_embeddings = tensors.remove(PROMPT_EMBEDDINGS);
         let modules = module_shapes(&weights, tensors)?;
@@ -275,24 +324,28 @@ impl PeftAdapter {
     /// Reads the tensors of an adapter whose header was already read and checked.
     pub fn load_tensors(header: AdapterHeader) -> Result<Self, AdapterError> {
         let AdapterHeader { dir, config, .. } = header;
-        let weights = dir.join(WEIGHTS_FILE);
+        let weights = weights_file(&dir)?;
         let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).map_err(|e| {
             AdapterError::weights(&weights, format!("not a readable safetensors file: {e}"))
         })?;
         let prompt_embeddings = tensors.remove(PROMPT_EMBEDDINGS);
         let modules = by_module(&weights, tensors)?
             .into_iter()
-            .map(|(m, [lora_a, lora_b, magnitude, ia3])| {
-                (
-                    m,
-                    ModuleWeights {
-                        lora_a,
-                        lora_b,
-                        magnitude,
-                        ia3,
-                    },
-                )
-            })
+            .map(
+                |(m, [lora_a, lora_b, magnitude, ia3, down_bias, up_bias])| {
+                    (
+                        m,
+                        ModuleWeights {
+                            lora_a,
+                            lora_b,
+                            magnitude,
+                            ia3,
+                            down_bias,
+                            up_bias,
+                        },
+                    )
+                },
+            )
             .collect();
         Ok(Self {
             dir,

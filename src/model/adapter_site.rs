@@ -139,6 +139,48 @@ pub struct Ia3Site {
     pub on_input: bool,
 }
 
+/// Which hidden state a bottleneck adapter reads (AdapterHub's configurations on Llama): the
+/// residual stream after the sublayer is added (`seq_bn`), the sublayer's output (`double_seq_bn`),
+/// or the residual stream before the sublayer (`par_bn`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BnInput {
+    AfterResidual,
+    SublayerOutput,
+    BeforeSublayer,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BnActivation {
+    Relu,
+    Silu,
+}
+
+/// A bottleneck adapter after one sublayer (attention or MLP): adds
+/// `scaling · (act(z Dᵀ + d) Uᵀ + u)` to the residual stream, `z` per `input`.
+#[derive(Debug, Clone)]
+pub struct BnSite {
+    /// `Dᵀ`, `[hidden, r]`.
+    pub down_t: Tensor,
+    pub down_b: Tensor,
+    /// `Uᵀ`, `[r, hidden]`.
+    pub up_t: Tensor,
+    pub up_b: Tensor,
+    pub scaling: f64,
+    pub act: BnActivation,
+    pub input: BnInput,
+}
+
+impl BnSite {
+    pub fn delta(&self, z: &Tensor) -> Result<Tensor> {
+        let h = z.matmul(&self.down_t)?.broadcast_add(&self.down_b)?;
+        let h = match self.act {
+            BnActivation::Relu => h.relu()?,
+            BnActivation::Silu => h.silu()?,
+        };
+        h.matmul(&self.up_t)?.broadcast_add(&self.up_b)? * self.scaling
+    }
+}
+
 /// Prefix tuning's trained rows for every layer: keys and values `[tokens, kv_heads ·
 /// head_dim]` each (the keys as stored: no RoPE is applied to them). A sequence attends to them
 /// before its first token, whose position is `tokens`.
@@ -162,6 +204,8 @@ pub struct AdapterWeights {
     /// Prompt tuning's soft prompt, `[virtual tokens, hidden]`: input rows before a sequence's
     /// first token.
     pub soft_prompt: Option<Tensor>,
+    /// Bottleneck adapters per layer: `[after attention, after the MLP]`.
+    pub bottleneck: Vec<[Option<BnSite>; 2]>,
 }
 
 impl AdapterWeights {
@@ -172,7 +216,13 @@ impl AdapterWeights {
             ia3: Vec::new(),
             prefix: None,
             soft_prompt: None,
+            bottleneck: Vec::new(),
         }
+    }
+
+    /// The bottleneck adapter after sublayer `at` (0: attention, 1: MLP) of `layer`.
+    pub fn bn_site(&self, layer: usize, at: usize) -> Option<&BnSite> {
+        self.bottleneck.get(layer)?[at].as_ref()
     }
 
     /// Positions the adapter takes before a sequence's first token (prefix tuning's rows).

@@ -375,7 +375,9 @@ impl Llama {
             let o = time(Part::OProj, || {
                 sites.project(&block.self_attn.o_proj, Proj::O, &attn)
             })?;
-            x = time(Part::Activation, || x + o)?;
+            let before = x.clone();
+            x = time(Part::Activation, || x + &o)?;
+            x = add_bottlenecks(&groups, li, 0, x, &before, &o)?;
             let h = time(Part::Norm, || {
                 rms_norm(&x, &block.post_attention_layernorm, c.rms_norm_eps)
             })?;
@@ -390,7 +392,9 @@ impl Llama {
             let down = time(Part::DownProj, || {
                 sites.project(&mlp.down_proj, Proj::Down, &act)
             })?;
-            x = time(Part::Activation, || x + down)?;
+            let before = x.clone();
+            x = time(Part::Activation, || x + &down)?;
+            x = add_bottlenecks(&groups, li, 1, x, &before, &down)?;
         }
         for (s, &(_, len, _)) in input.seqs.iter_mut().zip(&spans) {
             s.cache.advance(len);
@@ -650,6 +654,37 @@ impl<'g> Sites<'g, '_> {
         let y = linear.forward_with(&scaled(x, true)?, &self.of(proj))?;
         scaled(&y, false)
     }
+}
+
+/// The bottleneck adapters after sublayer `at` of layer `layer`, each on its group's rows:
+/// `x` is the residual stream after the sublayer's output `out` was added to `before`.
+fn add_bottlenecks(
+    groups: &[AdapterGroup<'_>],
+    layer: usize,
+    at: usize,
+    mut x: Tensor,
+    before: &Tensor,
+    out: &Tensor,
+) -> Result<Tensor> {
+    for g in groups {
+        let Some(site) = g.adapter.bn_site(layer, at) else {
+            continue;
+        };
+        let z = match site.input {
+            super::adapter_site::BnInput::AfterResidual => &x,
+            super::adapter_site::BnInput::SublayerOutput => out,
+            super::adapter_site::BnInput::BeforeSublayer => before,
+        };
+        x = match &g.rows {
+            Rows::All => (&x + site.delta(z)?)?,
+            Rows::Range(start, len) => {
+                let d = site.delta(&z.narrow(0, *start, *len)?)?;
+                x.slice_scatter0(&(x.narrow(0, *start, *len)? + d)?, *start)?
+            }
+            Rows::Index(_, idx) => x.index_add(idx, &site.delta(&z.index_select(idx, 0)?)?, 0)?,
+        };
+    }
+    Ok(x)
 }
 
 /// `t` with the rows of `rows` multiplied elementwise by `v`.

@@ -16,7 +16,10 @@ pub mod pypi;
 pub mod safetensors_dir;
 pub mod source;
 
-pub use adapter_site::{AdapterGroup, AdapterWeights, Ia3Site, KvPrefix, LoraSite, Proj, Rows};
+pub use adapter_site::{
+    AdapterGroup, AdapterWeights, BnActivation, BnInput, BnSite, Ia3Site, KvPrefix, LoraSite, Proj,
+    Rows,
+};
 pub use config::LlamaConfig;
 pub use embedding::Embedding;
 pub use error::ModelError;

@@ -458,7 +458,7 @@ impl TrainableAdapter {
                         lora_a: Some(s.a.as_tensor().clone()),
                         lora_b: Some(s.b.as_tensor().clone()),
                         magnitude: s.m.as_ref().map(|m| m.as_tensor().clone()),
-                        ia3: None,
+                        ..Default::default()
                     },
                 )
             })
