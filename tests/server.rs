@@ -849,8 +849,8 @@ async fn metrics_parse_and_counters_move() {
 }
 
 /// The PEFT family over HTTP: an adapters folder with LoRA, DoRA, IA³, prefix and prompt
-/// tuning adapters; `/v1/adapters` names each one's method; 10 concurrent requests over all of
-/// them (and the base) answer as each alone; `usage.prompt_tokens` counts the real tokens; a
+/// tuning adapters and an AdapterHub bottleneck adapter; `/v1/adapters` names each one's
+/// method; 12 concurrent requests over all of them (and the base) answer as each alone; `usage.prompt_tokens` counts the real tokens; a
 /// prompt that with the adapter's virtual tokens overflows the context is a 400 naming
 /// `messages`.
 #[tokio::test]
@@ -864,11 +864,13 @@ async fn every_served_peft_method_mixes_in_one_server() {
         (family.join("ia3-kvd"), "ia3-kvd"),
         (family.join("prefix-n4"), "prefix-n4"),
         (family.join("prompt-n5"), "prompt-n5"),
+        (family.join("bn-seq-bn"), "bn-seq-bn"),
     ] {
         let to = dir.path().join(name);
         std::fs::create_dir_all(&to).unwrap();
-        for f in ["adapter_config.json", "adapter_model.safetensors"] {
-            std::fs::copy(src.join(f), to.join(f)).unwrap();
+        for f in std::fs::read_dir(&src).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
         }
     }
     let st = state(&["--adapters", dir.path().to_str().unwrap()]).await;
@@ -891,6 +893,7 @@ async fn every_served_peft_method_mixes_in_one_server() {
     assert_eq!(methods["ia3-kvd"], "ia3");
     assert_eq!(methods["prefix-n4"], "prefix_tuning");
     assert_eq!(methods["prompt-n5"], "prompt_tuning");
+    assert_eq!(methods["bn-seq-bn"], "bottleneck");
     let names = [
         None,
         Some("lora-r4-qv"),
@@ -898,9 +901,10 @@ async fn every_served_peft_method_mixes_in_one_server() {
         Some("ia3-kvd"),
         Some("prefix-n4"),
         Some("prompt-n5"),
+        Some("bn-seq-bn"),
     ];
-    let reqs: Vec<Value> = (0..10)
-        .map(|i| chat_body(names[i % 6], &format!("family member {i} says"), 8))
+    let reqs: Vec<Value> = (0..12)
+        .map(|i| chat_body(names[i % 7], &format!("family member {i} says"), 8))
         .collect();
     let mut alone = Vec::new();
     for r in &reqs {
@@ -943,7 +947,7 @@ async fn every_served_peft_method_mixes_in_one_server() {
     }
     let distinct: std::collections::HashSet<String> = alone
         .iter()
-        .take(6)
+        .take(7)
         .map(|v| v["choices"][0]["message"]["content"].to_string())
         .collect();
     assert!(distinct.len() >= 4, "{distinct:?}");

@@ -291,16 +291,7 @@ impl PeftAdapter {
     /// Reads the config and the safetensors header of an adapter directory, not its tensors.
     pub fn inspect(dir: &Path) -> Result<AdapterHeader, AdapterError> {
         let weights = weights_file(dir)?;
-        let config = if weights.ends_with(ADAPTERHUB_WEIGHTS_FILE) {
-            let path = dir.join(CONFIG_FILE);
-            let text = std::fs::read_to_string(&path).map_err(|source| AdapterError::Io {
-                path: path.clone(),
-                source,
-            })?;
-            AdapterConfig::from_adapterhub(&path, &text)?
-        } else {
-            AdapterConfig::from_file(&dir.join(CONFIG_FILE))?
-        };
+        let config = Self::read_config(dir)?;
         let (mut tensors, bytes) = read_safetensors_header(&weights)?;
         let prompt_embeddings = tensors.remove(PROMPT_EMBEDDINGS);
         let modules = module_shapes(&weights, tensors)?;
@@ -314,6 +305,19 @@ impl PeftAdapter {
             prompt_embeddings,
             bytes,
         })
+    }
+
+    /// An adapter directory's config: PEFT's, or AdapterHub's where its weights file is there.
+    pub fn read_config(dir: &Path) -> Result<AdapterConfig, AdapterError> {
+        let path = dir.join(CONFIG_FILE);
+        if dir.join(WEIGHTS_FILE).is_file() || !dir.join(ADAPTERHUB_WEIGHTS_FILE).is_file() {
+            return AdapterConfig::from_file(&path);
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| AdapterError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        AdapterConfig::from_adapterhub(&path, &text)
     }
 
     /// Reads an adapter directory (its header is checked before any tensor is read).

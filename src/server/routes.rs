@@ -176,8 +176,7 @@ pub async fn list_adapters(
                 Ok(Policy::listing(&caller, &st.registry)
                     .into_iter()
                     .map(|e| {
-                        let cfg = e.dir.join(crate::adapters::peft::CONFIG_FILE);
-                        let method = crate::adapters::AdapterConfig::from_file(&cfg)
+                        let method = crate::adapters::PeftAdapter::read_config(&e.dir)
                             .ok()
                             .map(|c| c.method_name());
                         (e, method)
