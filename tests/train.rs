@@ -423,27 +423,7 @@ fn ia3_training_lowers_the_loss_and_its_export_serves_the_same_logits() {
         &[1, m.model.config.intermediate_size]
     );
     assert_eq!(k.ia3.as_ref().unwrap().dims()[1], 1);
-    let served = bind(&peft, &m.model, &BindOptions::default()).unwrap();
-    let in_memory = report.adapter.weights(&m.model, None).unwrap();
-    let ids: Vec<u32> = data.examples[0].ids.clone();
-    let run = |w: &loraplex::model::AdapterWeights| -> Vec<Vec<f32>> {
-        let mut c = m.model.new_cache();
-        m.model
-            .forward(&mut BatchInput {
-                seqs: vec![SeqInput::new(&ids, &mut c).with_adapter(Some(w))],
-                logits: LogitsRows::All,
-            })
-            .unwrap()
-            .to_vec2()
-            .unwrap()
-    };
-    let (a, b) = (run(&served), run(&in_memory));
-    let worst = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| max_abs_diff(x, y))
-        .fold(0f32, f32::max);
-    assert!(worst < 1e-5, "{worst}");
+    served_gives_the_trained_logits(&m, &peft, &report, &data.examples[0].ids);
 }
 
 /// `serve train --method prompt-tuning`: on prompts that all want one answer, the loss falls
@@ -477,28 +457,7 @@ fn prompt_tuning_training_lowers_the_loss_and_its_export_serves_the_same_logits(
         peft.prompt_embeddings.as_ref().unwrap().dims(),
         &[16, m.model.config.hidden_size]
     );
-    let served = bind(&peft, &m.model, &BindOptions::default()).unwrap();
-    let in_memory = report.adapter.weights(&m.model, None).unwrap();
-    let ids: Vec<u32> = data.examples[0].ids.clone();
-    let run = |w: &loraplex::model::AdapterWeights| -> Vec<Vec<f32>> {
-        let mut c = m.model.new_cache();
-        m.model
-            .forward(&mut BatchInput {
-                seqs: vec![SeqInput::new(&ids, &mut c).with_adapter(Some(w))],
-                logits: LogitsRows::All,
-            })
-            .unwrap()
-            .to_vec2()
-            .unwrap()
-    };
-    let (a, b) = (run(&served), run(&in_memory));
-    assert_eq!(a.len(), ids.len());
-    let worst = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| max_abs_diff(x, y))
-        .fold(0f32, f32::max);
-    assert!(worst < 1e-5, "{worst}");
+    served_gives_the_trained_logits(&m, &peft, &report, &data.examples[0].ids);
 }
 
 /// `serve train --method prefix-tuning`: the gradient reaches every layer's key/value rows
@@ -535,22 +494,32 @@ fn prefix_tuning_training_lowers_the_loss_and_its_export_serves_the_same_logits(
             c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim
         ]
     );
-    let served = bind(&peft, &m.model, &BindOptions::default()).unwrap();
+    served_gives_the_trained_logits(&m, &peft, &report, &data.examples[0].ids);
+}
+
+/// The export read back and bound by the serving code gives the logits of the adapter as it
+/// was in memory at the end of training, at every real position.
+fn served_gives_the_trained_logits(
+    m: &LoadedModel,
+    peft: &PeftAdapter,
+    report: &loraplex::train::TrainReport,
+    ids: &[u32],
+) {
+    let served = bind(peft, &m.model, &BindOptions::default()).unwrap();
     let in_memory = report.adapter.weights(&m.model, None).unwrap();
-    let ids: Vec<u32> = data.examples[0].ids.clone();
     let run = |w: &loraplex::model::AdapterWeights| -> Vec<Vec<f32>> {
         let mut c = m.model.new_cache();
         m.model
             .forward(&mut BatchInput {
-                seqs: vec![SeqInput::new(&ids, &mut c).with_adapter(Some(w))],
+                seqs: vec![SeqInput::new(ids, &mut c).with_adapter(Some(w))],
                 logits: LogitsRows::All,
             })
             .unwrap()
             .to_vec2()
             .unwrap()
     };
-    // Served: host rows; in memory: the tensor form. The same numbers.
     let (a, b) = (run(&served), run(&in_memory));
+    assert_eq!(a.len(), ids.len());
     let worst = a
         .iter()
         .zip(&b)

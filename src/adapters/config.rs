@@ -181,26 +181,38 @@ impl AdapterConfig {
         Self::from_json(path, &text)
     }
 
-    /// An AdapterHub bottleneck adapter's config as an `AdapterConfig`.
-    pub fn from_adapterhub(path: &Path, text: &str) -> Result<Self, AdapterError> {
-        let v: Value = serde_json::from_str(text)
-            .map_err(|e| AdapterError::config(path, "(file)", format!("is not valid JSON: {e}")))?;
-        Ok(Self {
-            method: Method::Bottleneck(BnConfig::from_adapterhub(path, &v)?),
+    /// A config of `method` (not LoRA: its rank and alpha fields are zero) on `target_modules`.
+    pub fn of(
+        method: Method,
+        target_modules: TargetModules,
+        base_model_name_or_path: Option<String>,
+    ) -> Self {
+        Self {
+            method,
             r: 0,
             lora_alpha: 0.0,
-            target_modules: TargetModules::List(Vec::new()),
+            target_modules,
             use_rslora: false,
             use_dora: false,
             rank_pattern: vec![],
             alpha_pattern: vec![],
             lora_dropout: 0.0,
             layers_to_transform: None,
-            base_model_name_or_path: v
-                .get("model_name")
+            base_model_name_or_path,
+        }
+    }
+
+    /// An AdapterHub bottleneck adapter's config as an `AdapterConfig`.
+    pub fn from_adapterhub(path: &Path, text: &str) -> Result<Self, AdapterError> {
+        let v: Value = serde_json::from_str(text)
+            .map_err(|e| AdapterError::config(path, "(file)", format!("is not valid JSON: {e}")))?;
+        Ok(Self::of(
+            Method::Bottleneck(BnConfig::from_adapterhub(path, &v)?),
+            TargetModules::List(Vec::new()),
+            v.get("model_name")
                 .and_then(Value::as_str)
                 .map(str::to_string),
-        })
+        ))
     }
 
     pub fn from_json(path: &Path, text: &str) -> Result<Self, AdapterError> {

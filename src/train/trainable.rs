@@ -216,19 +216,11 @@ impl TrainableAdapter {
                 num_virtual_tokens: n,
             }
         };
-        let config = AdapterConfig {
+        let config = AdapterConfig::of(
             method,
-            r: 0,
-            lora_alpha: 0.0,
-            target_modules: TargetModules::List(Vec::new()),
-            use_rslora: false,
-            use_dora: false,
-            rank_pattern: vec![],
-            alpha_pattern: vec![],
-            lora_dropout: 0.0,
-            layers_to_transform: None,
-            base_model_name_or_path: Some(spec.base_model.clone()),
-        };
+            TargetModules::List(Vec::new()),
+            Some(spec.base_model.clone()),
+        );
         Ok(Self {
             config,
             sites: Vec::new(),
@@ -267,21 +259,13 @@ impl TrainableAdapter {
             .filter(|t| *t == "down_proj")
             .cloned()
             .collect();
-        let config = AdapterConfig {
-            method: crate::adapters::config::Method::Ia3 {
+        let config = AdapterConfig::of(
+            crate::adapters::config::Method::Ia3 {
                 feedforward_modules: TargetModules::List(feedforward),
             },
-            r: 0,
-            lora_alpha: 0.0,
-            target_modules: TargetModules::List(targets),
-            use_rslora: false,
-            use_dora: false,
-            rank_pattern: vec![],
-            alpha_pattern: vec![],
-            lora_dropout: 0.0,
-            layers_to_transform: None,
-            base_model_name_or_path: Some(spec.base_model.clone()),
-        };
+            TargetModules::List(targets),
+            Some(spec.base_model.clone()),
+        );
         Ok(Self {
             config,
             sites: Vec::new(),
