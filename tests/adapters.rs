@@ -7,8 +7,7 @@ use std::sync::Arc;
 
 use common::*;
 use loraplex::adapters::{bind, AdapterCache, BindOptions, CacheConfig, PeftAdapter};
-use loraplex::model::llama::SeqInput;
-use loraplex::model::{AdapterWeights, BatchInput, LoadedModel, LogitsRows};
+use loraplex::model::{AdapterWeights, LoadedModel};
 
 const ADAPTERS: [&str; 4] = [
     "lora-r8-all",
@@ -22,25 +21,11 @@ fn adapter_dir(name: &str) -> std::path::PathBuf {
 }
 
 fn bound(loaded: &LoadedModel, name: &str) -> AdapterWeights {
-    let peft = PeftAdapter::load(&adapter_dir(name)).unwrap();
-    bind(&peft, &loaded.model, &BindOptions::default()).unwrap()
+    bind_dir(loaded, &adapter_dir(name))
 }
 
 fn run(loaded: &LoadedModel, seqs: &[(&[u32], Option<&AdapterWeights>)]) -> Vec<Vec<f32>> {
-    let mut caches: Vec<_> = seqs.iter().map(|_| loaded.model.new_cache()).collect();
-    loaded
-        .model
-        .forward(&mut BatchInput {
-            seqs: seqs
-                .iter()
-                .zip(caches.iter_mut())
-                .map(|((t, a), c)| SeqInput::new(t, c).with_adapter(*a))
-                .collect(),
-            logits: LogitsRows::All,
-        })
-        .unwrap()
-        .to_vec2()
-        .unwrap()
+    logits_all(loaded, seqs)
 }
 
 #[test]

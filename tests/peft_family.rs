@@ -15,25 +15,11 @@ fn family_dir() -> std::path::PathBuf {
 }
 
 fn bound(loaded: &LoadedModel, dir: &std::path::Path) -> AdapterWeights {
-    let peft = PeftAdapter::load(dir).unwrap();
-    bind(&peft, &loaded.model, &BindOptions::default()).unwrap()
+    bind_dir(loaded, dir)
 }
 
 fn run(loaded: &LoadedModel, seqs: &[(&[u32], Option<&AdapterWeights>)]) -> Vec<Vec<f32>> {
-    let mut caches: Vec<_> = seqs.iter().map(|_| loaded.model.new_cache()).collect();
-    loaded
-        .model
-        .forward(&mut BatchInput {
-            seqs: seqs
-                .iter()
-                .zip(caches.iter_mut())
-                .map(|((t, a), c)| SeqInput::new(t, c).with_adapter(*a))
-                .collect(),
-            logits: LogitsRows::All,
-        })
-        .unwrap()
-        .to_vec2()
-        .unwrap()
+    logits_all(loaded, seqs)
 }
 
 #[test]

@@ -426,75 +426,47 @@ fn ia3_training_lowers_the_loss_and_its_export_serves_the_same_logits() {
     served_gives_the_trained_logits(&m, &peft, &report, &data.examples[0].ids);
 }
 
-/// `serve train --method prompt-tuning`: on prompts that all want one answer, the loss falls
-/// below half its start on the tiny model; the export is a PEFT prompt-tuning adapter (`prompt_embeddings` `[16, hidden]`), and
+/// `serve train --method prompt-tuning` and `prefix-tuning` (whose key/value rows enter the
+/// cache as tensors, so the gradient reaches them): on prompts that all want one answer, the
+/// loss falls below half its start on the tiny model; the export is a PEFT adapter of that type
+/// with `prompt_embeddings` `[16, hidden]` / `[16, layers · 2 · kv_heads · head_dim]`, and
 /// serving it from disk gives the trained logits.
 #[test]
-fn prompt_tuning_training_lowers_the_loss_and_its_export_serves_the_same_logits() {
+fn prompt_and_prefix_tuning_training_lower_the_loss_and_their_exports_serve_the_same_logits() {
     let m = load_tiny();
-    let tmp = tempfile::tempdir().unwrap();
-    let data = steering_dataset(&m, tmp.path());
-    let out = tmp.path().join("prompt");
-    let mut cfg = config(out.clone(), Method::PromptTuning, 200);
-    cfg.spec.virtual_tokens = 16;
-    cfg.lr = 0.3;
-    let report = train(&m.model, &data, None, &cfg).unwrap();
-    eprintln!(
-        "prompt tuning: loss {} -> {}",
-        report.first_loss, report.final_loss
-    );
-    assert!(
-        report.final_loss < 0.5 * report.first_loss,
-        "{} -> {}",
-        report.first_loss,
-        report.final_loss
-    );
-    let config: serde_json::Value = read_json(out.join("adapter_config.json"));
-    assert_eq!(config["peft_type"], "PROMPT_TUNING");
-    assert_eq!(config["num_virtual_tokens"], 16);
-    let peft = PeftAdapter::load(&out).unwrap();
-    assert_eq!(
-        peft.prompt_embeddings.as_ref().unwrap().dims(),
-        &[16, m.model.config.hidden_size]
-    );
-    served_gives_the_trained_logits(&m, &peft, &report, &data.examples[0].ids);
-}
-
-/// `serve train --method prefix-tuning`: the gradient reaches every layer's key/value rows
-/// (they enter the cache as tensors); on prompts that all want one answer the loss falls below
-/// half its start; the export is a PEFT prefix-tuning adapter and serves the trained logits.
-#[test]
-fn prefix_tuning_training_lowers_the_loss_and_its_export_serves_the_same_logits() {
-    let m = load_tiny();
-    let tmp = tempfile::tempdir().unwrap();
-    let data = steering_dataset(&m, tmp.path());
-    let out = tmp.path().join("prefix");
-    let mut cfg = config(out.clone(), Method::PrefixTuning, 200);
-    cfg.spec.virtual_tokens = 16;
-    cfg.lr = 0.3;
-    let report = train(&m.model, &data, None, &cfg).unwrap();
-    eprintln!(
-        "prefix tuning: loss {} -> {}",
-        report.first_loss, report.final_loss
-    );
-    assert!(
-        report.final_loss < 0.5 * report.first_loss,
-        "{} -> {}",
-        report.first_loss,
-        report.final_loss
-    );
-    let config: serde_json::Value = read_json(out.join("adapter_config.json"));
-    assert_eq!(config["peft_type"], "PREFIX_TUNING");
-    let peft = PeftAdapter::load(&out).unwrap();
     let c = &m.model.config;
-    assert_eq!(
-        peft.prompt_embeddings.as_ref().unwrap().dims(),
-        &[
-            16,
-            c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim
-        ]
-    );
-    served_gives_the_trained_logits(&m, &peft, &report, &data.examples[0].ids);
+    let prefix_width = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim;
+    for (method, peft_type, width) in [
+        (Method::PromptTuning, "PROMPT_TUNING", c.hidden_size),
+        (Method::PrefixTuning, "PREFIX_TUNING", prefix_width),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = steering_dataset(&m, tmp.path());
+        let out = tmp.path().join(peft_type);
+        let mut cfg = config(out.clone(), method, 200);
+        cfg.spec.virtual_tokens = 16;
+        cfg.lr = 0.3;
+        let report = train(&m.model, &data, None, &cfg).unwrap();
+        eprintln!(
+            "{peft_type}: loss {} -> {}",
+            report.first_loss, report.final_loss
+        );
+        assert!(
+            report.final_loss < 0.5 * report.first_loss,
+            "{peft_type}: {} -> {}",
+            report.first_loss,
+            report.final_loss
+        );
+        let config: serde_json::Value = read_json(out.join("adapter_config.json"));
+        assert_eq!(config["peft_type"], peft_type);
+        assert_eq!(config["num_virtual_tokens"], 16);
+        let peft = PeftAdapter::load(&out).unwrap();
+        assert_eq!(
+            peft.prompt_embeddings.as_ref().unwrap().dims(),
+            &[16, width]
+        );
+        served_gives_the_trained_logits(&m, &peft, &report, &data.examples[0].ids);
+    }
 }
 
 /// The export read back and bound by the serving code gives the logits of the adapter as it

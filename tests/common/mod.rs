@@ -70,3 +70,33 @@ pub fn as_u32_vec(v: &serde_json::Value) -> Vec<u32> {
         .map(|x| x.as_u64().unwrap() as u32)
         .collect()
 }
+
+/// An adapter directory read and bound to `loaded` as the server binds it.
+pub fn bind_dir(loaded: &LoadedModel, dir: &std::path::Path) -> loraplex::model::AdapterWeights {
+    let peft = loraplex::adapters::PeftAdapter::load(dir).unwrap();
+    loraplex::adapters::bind(&peft, &loaded.model, &Default::default()).unwrap()
+}
+
+/// One forward of a batch of fresh sequences, each with its adapter: the logits of every real
+/// position, in batch order.
+pub fn logits_all(
+    loaded: &LoadedModel,
+    seqs: &[(&[u32], Option<&loraplex::model::AdapterWeights>)],
+) -> Vec<Vec<f32>> {
+    use loraplex::model::llama::SeqInput;
+    use loraplex::model::{BatchInput, LogitsRows};
+    let mut caches: Vec<_> = seqs.iter().map(|_| loaded.model.new_cache()).collect();
+    loaded
+        .model
+        .forward(&mut BatchInput {
+            seqs: seqs
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|((t, a), c)| SeqInput::new(t, c).with_adapter(*a))
+                .collect(),
+            logits: LogitsRows::All,
+        })
+        .unwrap()
+        .to_vec2()
+        .unwrap()
+}
