@@ -110,6 +110,7 @@ fn make_adapters(
                 config,
                 modules,
                 prompt_embeddings: None,
+                fusion: None,
             }
             .save(&dir.join(&name), &names)
             .unwrap();

@@ -387,3 +387,64 @@ fn bottleneck_adapters_match_adapterhub_at_every_position() {
         );
     }
 }
+
+/// AdapterFusion in AdapterHub's format (`make_fusion.py`: `save_adapter_setup` of a `Fuse`
+/// over two `seq_bn` adapters, a `dynamic` fusion layer): within 1e-4 of the library at every
+/// position, alone and interleaved with LoRA and base rows; a setup naming an adapter that is
+/// not there is refused naming it; merging is refused.
+#[test]
+fn adapter_fusion_matches_adapterhub_at_every_position() {
+    let loaded = load_tiny();
+    let dir = family_dir().join("adapters/fuse-ab");
+    let fuse = bound(&loaded, &dir);
+    let lora = bound(&loaded, &tiny_dir().join("adapters/lora-r4-qv"));
+    let expected = read_json(family_dir().join("expected_fusion.json"));
+    let cases = read_json(tiny_dir().join("expected_logits.json"));
+    let mut worst = 0f32;
+    for (c, want) in cases["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(expected["logits"].as_array().unwrap())
+    {
+        let ids = as_u32_vec(&c["input_ids"]);
+        let want: Vec<Vec<f32>> = want.as_array().unwrap().iter().map(as_f32_vec).collect();
+        let alone = run(&loaded, &[(&ids, Some(&fuse))]);
+        let first = [5u32, 6, 7];
+        let mixed = run(
+            &loaded,
+            &[(&first, Some(&lora)), (&ids, Some(&fuse)), (&first, None)],
+        );
+        for (pos, w) in want.iter().enumerate() {
+            worst = worst.max(max_abs_diff(&alone[pos], w));
+            worst = worst.max(max_abs_diff(&mixed[3 + pos], w));
+        }
+    }
+    eprintln!("fusion vs AdapterHub: worst {worst}");
+    assert!(worst < 1e-4, "{worst}");
+    let e = merge(&loaded.model, &PeftAdapter::load(&dir).unwrap())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("AdapterFusion") && e.contains("cannot be merged"),
+        "{e}"
+    );
+    // The same setup without one of its adapters.
+    let tmp = tempfile::tempdir().unwrap();
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        std::fs::create_dir_all(to).unwrap();
+        for f in std::fs::read_dir(from).unwrap() {
+            let f = f.unwrap();
+            std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+        }
+    };
+    std::fs::copy(
+        dir.join("adapter_setup.json"),
+        tmp.path().join("adapter_setup.json"),
+    )
+    .unwrap();
+    copy(&dir.join("bn-a"), &tmp.path().join("bn-a"));
+    copy(&dir.join("bn-a,bn-b"), &tmp.path().join("bn-a,bn-b"));
+    let e = PeftAdapter::inspect(tmp.path()).unwrap_err().to_string();
+    assert!(e.contains("`bn-b`") && e.contains("adapter_setup"), "{e}");
+}

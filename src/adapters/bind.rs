@@ -10,7 +10,7 @@ use candle_core::{DType, Tensor, D};
 use super::config::{AdapterConfig, Method, TargetModules};
 use super::error::AdapterError;
 use super::peft::{AdapterHeader, ModuleShapes, PeftAdapter};
-use crate::model::{AdapterWeights, BnSite, Ia3Site, KvPrefix, Llama, LoraSite, Proj};
+use crate::model::{AdapterWeights, BnSite, FusionSite, Ia3Site, KvPrefix, Llama, LoraSite, Proj};
 
 /// `--adapter-dtype`: how A and B are kept for serving on a CPU f32 model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -309,7 +309,8 @@ pub fn check(
 ) -> Result<(), AdapterError> {
     check_config(&header.config, &header.dir, opts)?;
     let path = header.dir.join(super::peft::WEIGHTS_FILE);
-    if header.modules.is_empty() && header.prompt_embeddings.is_none() {
+    let fusion = matches!(header.config.method, Method::Fusion { .. });
+    if header.modules.is_empty() && header.prompt_embeddings.is_none() && !fusion {
         return Err(AdapterError::weights(&path, "holds no adapter tensors"));
     }
     check_prefix(
@@ -436,13 +437,119 @@ pub fn bind(
             dropout: None,
         });
     }
+    let fusion = match (&cfg.method, &adapter.fusion) {
+        (Method::Fusion { .. }, Some(parts)) => bind_fusion(parts, &path, model, opts)?,
+        _ => Vec::new(),
+    };
     Ok(AdapterWeights {
         layers,
         ia3,
         prefix,
         soft_prompt,
         bottleneck,
+        fusion,
     })
+}
+
+/// `model.layers.L.attention_adapters` / `.output_adapters` → (L, 0 | 1).
+fn bn_place(module: &str, layers: usize) -> Option<(usize, usize)> {
+    let (l, site) = module.strip_prefix("model.layers.")?.split_once('.')?;
+    let at = match site {
+        "attention_adapters" => 0,
+        "output_adapters" => 1,
+        _ => return None,
+    };
+    let l: usize = l.parse().ok()?;
+    (l < layers).then_some((l, at))
+}
+
+/// The fused adapters bound (bottleneck adapters reading one input, all present at every place
+/// the fusion has a layer) and each fusion layer checked and laid out.
+fn bind_fusion(
+    parts: &super::peft::FusionParts,
+    path: &Path,
+    model: &Llama,
+    opts: &BindOptions,
+) -> Result<Vec<[Option<FusionSite>; 2]>, AdapterError> {
+    let bound = parts
+        .adapters
+        .iter()
+        .map(|a| {
+            if !matches!(a.config.method, Method::Bottleneck(_)) {
+                return Err(AdapterError::config(
+                    a.dir.join(super::peft::CONFIG_FILE),
+                    "config",
+                    "a fused adapter must be a bottleneck adapter",
+                ));
+            }
+            bind(a, model, opts)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let h = model.config.hidden_size;
+    let dtype = model.dtype();
+    let mut out: Vec<[Option<FusionSite>; 2]> = (0..model.layers.len())
+        .map(|_| Default::default())
+        .collect();
+    for (module, t) in &parts.layers {
+        let err = |problem: String| AdapterError::Module {
+            path: path.to_path_buf(),
+            module: module.to_string(),
+            problem,
+        };
+        let (layer, at) = bn_place(module, model.layers.len())
+            .ok_or_else(|| err("the base model has no such adapter place".into()))?;
+        let sites = bound
+            .iter()
+            .zip(&parts.adapters)
+            .map(|(w, a)| {
+                w.bn_site(layer, at).cloned().ok_or_else(|| {
+                    err(format!(
+                        "the fused adapter {} has no adapter here",
+                        a.dir.display()
+                    ))
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if sites
+            .iter()
+            .any(|s| s.input != sites[0].input || s.input == crate::model::BnInput::BeforeSublayer)
+        {
+            return Err(err("the fused adapters must be sequential bottleneck adapters of one kind (seq_bn or double_seq_bn)".into()));
+        }
+        let square = |name: &str, w: &Tensor| -> Result<Tensor, AdapterError> {
+            if w.dims() != [h, h] {
+                return Err(err(format!(
+                    "fusion {name} is {:?}, expected [{h}, {h}]",
+                    w.dims()
+                )));
+            }
+            Ok(w.to_dtype(dtype)?
+                .to_device(model.device())?
+                .t()?
+                .contiguous()?)
+        };
+        let bias = |name: &str, b: &Tensor| -> Result<Tensor, AdapterError> {
+            if b.dims() != [h] {
+                return Err(err(format!(
+                    "fusion {name} bias is {:?}, expected [{h}]",
+                    b.dims()
+                )));
+            }
+            Ok(b.to_dtype(dtype)?.to_device(model.device())?)
+        };
+        out[layer][at] = Some(FusionSite {
+            adapters: sites,
+            query_t: square("query", &t.query_w)?,
+            query_b: bias("query", &t.query_b)?,
+            key_t: square("key", &t.key_w)?,
+            key_b: bias("key", &t.key_b)?,
+            value_t: match &t.value_w {
+                Some(v) => Some(square("value", v)?),
+                None => None,
+            },
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -316,6 +316,7 @@ mod tests {
             prefix: None,
             soft_prompt: None,
             bottleneck: Vec::new(),
+            fusion: Vec::new(),
         }
     }
 

@@ -35,6 +35,9 @@ pub enum Method {
     /// A bottleneck adapter in AdapterHub's format (`adapters` 1.3.0: `seq_bn`,
     /// `double_seq_bn`, `par_bn` and the options they set).
     Bottleneck(BnConfig),
+    /// AdapterHub's AdapterFusion (`Fuse`) over the named bottleneck adapters; `value`: the
+    /// fusion layer has a value matrix (`dynamic`) or not (`static`).
+    Fusion { adapters: Vec<String>, value: bool },
 }
 
 /// What a bottleneck adapter's configuration decides, as AdapterHub's `adapters` runs it on
@@ -179,6 +182,77 @@ impl AdapterConfig {
             source,
         })?;
         Self::from_json(path, &text)
+    }
+
+    /// An AdapterHub setup (`adapter_setup.json`, a `Fuse` of single adapters) and its fusion
+    /// layer's config (`adapter_fusion_config.json`): which adapters, and a value matrix or not.
+    /// Fusion options whose numbers we do not reproduce are refused by name.
+    pub fn from_adapterhub_fusion(
+        setup_path: &Path,
+        setup: &str,
+        fusion_path: &Path,
+        fusion: &str,
+    ) -> Result<Self, AdapterError> {
+        let parse = |path: &Path, text: &str| -> Result<Value, AdapterError> {
+            serde_json::from_str(text).map_err(|e| {
+                AdapterError::config(path, "(file)", format!("is not valid JSON: {e}"))
+            })
+        };
+        let (v, f) = (parse(setup_path, setup)?, parse(fusion_path, fusion)?);
+        let s = &v["adapter_setup"];
+        if s["type"] != "Fuse" {
+            return Err(AdapterError::config(
+                setup_path,
+                "adapter_setup.type",
+                format!("is {}; only a Fuse of single adapters is served", s["type"]),
+            ));
+        }
+        let adapters = s["children"]
+            .as_array()
+            .map(|c| {
+                c.iter()
+                    .map(|child| match (&child["type"], &child["children"]) {
+                        (t, Value::Array(names)) if t == "single" && names.len() == 1 => {
+                            names[0].as_str().map(str::to_string)
+                        }
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>()
+            })
+            .flatten()
+            .filter(|a| a.len() >= 2)
+            .ok_or_else(|| {
+                AdapterError::config(
+                    setup_path,
+                    "adapter_setup.children",
+                    "must name two or more single adapters",
+                )
+            })?;
+        let c = &f["config"];
+        let bad = |k: &str, p: &str| AdapterError::config(fusion_path, &format!("config.{k}"), p);
+        for (k, want) in [
+            ("key", true),
+            ("query", true),
+            ("query_before_ln", false),
+            ("residual_before", false),
+            ("temperature", false),
+            ("value_before_softmax", true),
+        ] {
+            if c.get(k).and_then(Value::as_bool) != Some(want) {
+                return Err(bad(
+                    k,
+                    &format!("must be {want} (the dynamic and static fusions)"),
+                ));
+            }
+        }
+        let value = c.get("value").and_then(Value::as_bool).unwrap_or(false);
+        Ok(Self::of(
+            Method::Fusion { adapters, value },
+            TargetModules::List(Vec::new()),
+            f.get("model_name")
+                .and_then(Value::as_str)
+                .map(str::to_string),
+        ))
     }
 
     /// A config of `method` (not LoRA: its rank and alpha fields are zero) on `target_modules`.
@@ -391,6 +465,7 @@ impl AdapterConfig {
             Method::PrefixTuning { .. } => "prefix_tuning",
             Method::PromptTuning { .. } => "prompt_tuning",
             Method::Bottleneck(_) => "bottleneck",
+            Method::Fusion { .. } => "adapter_fusion",
         }
     }
 
@@ -404,7 +479,8 @@ impl AdapterConfig {
             Method::Lora
             | Method::PrefixTuning { .. }
             | Method::PromptTuning { .. }
-            | Method::Bottleneck(_) => false,
+            | Method::Bottleneck(_)
+            | Method::Fusion { .. } => false,
         }
     }
 

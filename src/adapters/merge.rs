@@ -18,6 +18,7 @@ pub fn merge(model: &Llama, adapter: &PeftAdapter) -> Result<Llama, AdapterError
         Method::PrefixTuning { .. } => Some("is PREFIX_TUNING, which cannot be merged into the weights: its key/value rows are extra positions every sequence attends to, not a change of any W (serve it unmerged)"),
         Method::PromptTuning { .. } => Some("is PROMPT_TUNING, which cannot be merged into the weights: its virtual tokens are extra input rows before every prompt, not a change of any W (serve it unmerged)"),
         Method::Bottleneck(_) => Some("is a bottleneck adapter, which cannot be merged into the weights: its down/up projections with a non-linearity are a new layer, not a change of any W (serve it unmerged)"),
+        Method::Fusion { .. } => Some("is an AdapterFusion, which cannot be merged into the weights: it mixes its adapters' outputs per token by attention (serve it unmerged)"),
         Method::Lora | Method::Ia3 { .. } => None,
     };
     if let Some(why) = why {

@@ -8,10 +8,14 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
-use super::config::AdapterConfig;
+use super::config::{AdapterConfig, Method};
 use super::error::AdapterError;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
+/// AdapterHub's saved setup (`save_adapter_setup`): a composition of adapters in subfolders.
+pub const SETUP_FILE: &str = "adapter_setup.json";
+const FUSION_CONFIG_FILE: &str = "adapter_fusion_config.json";
+const FUSION_WEIGHTS_FILE: &str = "model_adapter_fusion.safetensors";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 const KEY_PREFIX: &str = "base_model.model.";
 /// Prompt learning's one tensor (prefix tuning: `[virtual tokens, layers · 2 · kv_heads ·
@@ -221,6 +225,26 @@ pub struct PeftAdapter {
     pub modules: BTreeMap<String, ModuleWeights>,
     /// Prompt learning's trained rows (prefix tuning).
     pub prompt_embeddings: Option<Tensor>,
+    /// AdapterFusion: the fused adapters and the fusion layers.
+    pub fusion: Option<Box<FusionParts>>,
+}
+
+/// One AdapterFusion layer (`[hidden, hidden]` each; `value` absent in a static fusion).
+#[derive(Debug, Clone)]
+pub struct FusionTensors {
+    pub query_w: Tensor,
+    pub query_b: Tensor,
+    pub key_w: Tensor,
+    pub key_b: Tensor,
+    pub value_w: Option<Tensor>,
+}
+
+#[derive(Debug, Clone)]
+pub struct FusionParts {
+    /// The fused bottleneck adapters, in the setup's order.
+    pub adapters: Vec<PeftAdapter>,
+    /// Place (`model.layers.L.output_adapters`) → its fusion layer.
+    pub layers: BTreeMap<String, FusionTensors>,
 }
 
 /// Splits a PEFT key (or an AdapterHub bottleneck key,
@@ -290,6 +314,9 @@ fn weights_file(dir: &Path) -> Result<PathBuf, AdapterError> {
 impl PeftAdapter {
     /// Reads the config and the safetensors header of an adapter directory, not its tensors.
     pub fn inspect(dir: &Path) -> Result<AdapterHeader, AdapterError> {
+        if dir.join(SETUP_FILE).is_file() && !dir.join(CONFIG_FILE).is_file() {
+            return Self::inspect_fusion(dir);
+        }
         let weights = weights_file(dir)?;
         let config = Self::read_config(dir)?;
         let (mut tensors, bytes) = read_safetensors_header(&weights)?;
@@ -307,8 +334,75 @@ impl PeftAdapter {
         })
     }
 
+    /// An AdapterHub fusion setup: its config, and every fused adapter's header checked to be
+    /// there (the first one missing is named).
+    fn inspect_fusion(dir: &Path) -> Result<AdapterHeader, AdapterError> {
+        let config = Self::read_config(dir)?;
+        let Method::Fusion { adapters, .. } = &config.method else {
+            unreachable!("a setup directory reads as a fusion")
+        };
+        let mut bytes =
+            std::fs::metadata(Self::fusion_dir(dir, adapters).join(FUSION_WEIGHTS_FILE))
+                .map(|m| m.len())
+                .unwrap_or(0);
+        for name in adapters {
+            let sub = dir.join(name);
+            if !sub.is_dir() {
+                return Err(AdapterError::config(
+                    dir.join(SETUP_FILE),
+                    "adapter_setup.children",
+                    format!(
+                        "names the adapter `{name}`, which is not in {}",
+                        dir.display()
+                    ),
+                ));
+            }
+            bytes += Self::inspect(&sub)?.bytes;
+        }
+        Ok(AdapterHeader {
+            dir: dir.to_path_buf(),
+            config,
+            modules: BTreeMap::new(),
+            prompt_embeddings: None,
+            bytes,
+        })
+    }
+
+    fn fusion_dir(dir: &Path, adapters: &[String]) -> PathBuf {
+        dir.join(adapters.join(","))
+    }
+
     /// An adapter directory's config: PEFT's, or AdapterHub's where its weights file is there.
     pub fn read_config(dir: &Path) -> Result<AdapterConfig, AdapterError> {
+        if dir.join(SETUP_FILE).is_file() && !dir.join(CONFIG_FILE).is_file() {
+            let setup_path = dir.join(SETUP_FILE);
+            let read = |p: &Path| {
+                std::fs::read_to_string(p).map_err(|source| AdapterError::Io {
+                    path: p.to_path_buf(),
+                    source,
+                })
+            };
+            let setup = read(&setup_path)?;
+            // The fusion layer's folder is named after the fused adapters.
+            let names: Vec<String> = serde_json::from_str::<serde_json::Value>(&setup)
+                .ok()
+                .and_then(|v| {
+                    v["adapter_setup"]["children"].as_array().map(|c| {
+                        c.iter()
+                            .filter_map(|ch| ch["children"][0].as_str().map(str::to_string))
+                            .collect()
+                    })
+                })
+                .unwrap_or_default();
+            let fusion_path = Self::fusion_dir(dir, &names).join(FUSION_CONFIG_FILE);
+            let fusion = read(&fusion_path)?;
+            return AdapterConfig::from_adapterhub_fusion(
+                &setup_path,
+                &setup,
+                &fusion_path,
+                &fusion,
+            );
+        }
         let path = dir.join(CONFIG_FILE);
         if dir.join(WEIGHTS_FILE).is_file() || !dir.join(ADAPTERHUB_WEIGHTS_FILE).is_file() {
             return AdapterConfig::from_file(&path);
@@ -327,6 +421,9 @@ impl PeftAdapter {
 
     /// Reads the tensors of an adapter whose header was already read and checked.
     pub fn load_tensors(header: AdapterHeader) -> Result<Self, AdapterError> {
+        if let Method::Fusion { adapters, .. } = &header.config.method {
+            return Self::load_fusion(&header.dir, adapters.clone(), header.config.clone());
+        }
         let AdapterHeader { dir, config, .. } = header;
         let weights = weights_file(&dir)?;
         let mut tensors = candle_core::safetensors::load(&weights, &Device::Cpu).map_err(|e| {
@@ -356,6 +453,57 @@ impl PeftAdapter {
             config,
             modules,
             prompt_embeddings,
+            fusion: None,
+        })
+    }
+
+    /// The fused adapters and the fusion layers of a setup directory.
+    fn load_fusion(
+        dir: &Path,
+        names: Vec<String>,
+        config: AdapterConfig,
+    ) -> Result<Self, AdapterError> {
+        let adapters = names
+            .iter()
+            .map(|n| Self::load(&dir.join(n)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let weights = Self::fusion_dir(dir, &names).join(FUSION_WEIGHTS_FILE);
+        let tensors = candle_core::safetensors::load(&weights, &Device::Cpu).map_err(|e| {
+            AdapterError::weights(&weights, format!("not a readable safetensors file: {e}"))
+        })?;
+        let mut parts: BTreeMap<String, BTreeMap<String, Tensor>> = BTreeMap::new();
+        for (key, t) in tensors {
+            let (place, rest) = key.split_once(".adapter_fusion_layer.").ok_or_else(|| {
+                AdapterError::weights(&weights, format!("unexpected tensor `{key}`"))
+            })?;
+            let role = rest.split_once('.').map(|(_, r)| r).unwrap_or_default();
+            parts
+                .entry(place.to_string())
+                .or_default()
+                .insert(role.to_string(), t);
+        }
+        let mut layers = BTreeMap::new();
+        for (place, mut p) in parts {
+            let mut take = |role: &str| {
+                p.remove(role).ok_or_else(|| {
+                    AdapterError::weights(&weights, format!("`{place}` lacks its fusion `{role}`"))
+                })
+            };
+            let t = FusionTensors {
+                query_w: take("query.weight")?,
+                query_b: take("query.bias")?,
+                key_w: take("key.weight")?,
+                key_b: take("key.bias")?,
+                value_w: take("value.weight").ok(),
+            };
+            layers.insert(place, t);
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            config,
+            modules: BTreeMap::new(),
+            prompt_embeddings: None,
+            fusion: Some(Box::new(FusionParts { adapters, layers })),
         })
     }
 

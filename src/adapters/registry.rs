@@ -126,7 +126,7 @@ pub struct Registry {
 }
 
 fn is_adapter_dir(dir: &Path) -> bool {
-    dir.join(CONFIG_FILE).is_file()
+    dir.join(CONFIG_FILE).is_file() || dir.join(super::peft::SETUP_FILE).is_file()
 }
 
 impl Registry {

@@ -181,6 +181,52 @@ impl BnSite {
     }
 }
 
+/// AdapterFusion after one sublayer: the fused bottleneck adapters (all reading the same
+/// input), and the attention over their outputs: scores `(z Qᵀ + q) · (upᵢ Kᵀ + k)`, softmax
+/// over the adapters, `Σ pᵢ · upᵢ Vᵀ` (`V` absent: identity) added to the residual stream.
+#[derive(Debug, Clone)]
+pub struct FusionSite {
+    pub adapters: Vec<BnSite>,
+    pub query_t: Tensor,
+    pub query_b: Tensor,
+    pub key_t: Tensor,
+    pub key_b: Tensor,
+    pub value_t: Option<Tensor>,
+}
+
+impl FusionSite {
+    /// What the fusion adds for rows whose adapters read `z`.
+    pub fn delta(&self, z: &Tensor) -> Result<Tensor> {
+        let q = z.matmul(&self.query_t)?.broadcast_add(&self.query_b)?;
+        let ups = self
+            .adapters
+            .iter()
+            .map(|a| a.delta(z))
+            .collect::<Result<Vec<_>>>()?;
+        let scores = ups
+            .iter()
+            .map(|u| {
+                let k = u.matmul(&self.key_t)?.broadcast_add(&self.key_b)?;
+                (&q * &k)?.sum_keepdim(1)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let probs = candle_nn::ops::softmax(&Tensor::cat(&scores, 1)?, 1)?;
+        let mut out: Option<Tensor> = None;
+        for (i, u) in ups.iter().enumerate() {
+            let v = match &self.value_t {
+                Some(w) => u.matmul(w)?,
+                None => u.clone(),
+            };
+            let part = v.broadcast_mul(&probs.narrow(1, i, 1)?)?;
+            out = Some(match out {
+                None => part,
+                Some(o) => (o + part)?,
+            });
+        }
+        Ok(out.expect("two or more adapters"))
+    }
+}
+
 /// Prefix tuning's trained rows for every layer: keys and values `[tokens, kv_heads ·
 /// head_dim]` each (the keys as stored: no RoPE is applied to them). A sequence attends to them
 /// before its first token, whose position is `tokens`.
@@ -206,6 +252,8 @@ pub struct AdapterWeights {
     pub soft_prompt: Option<Tensor>,
     /// Bottleneck adapters per layer: `[after attention, after the MLP]`.
     pub bottleneck: Vec<[Option<BnSite>; 2]>,
+    /// AdapterFusion per layer, the same places.
+    pub fusion: Vec<[Option<FusionSite>; 2]>,
 }
 
 impl AdapterWeights {
@@ -217,7 +265,12 @@ impl AdapterWeights {
             prefix: None,
             soft_prompt: None,
             bottleneck: Vec::new(),
+            fusion: Vec::new(),
         }
+    }
+
+    pub fn fusion_site(&self, layer: usize, at: usize) -> Option<&FusionSite> {
+        self.fusion.get(layer)?[at].as_ref()
     }
 
     /// The bottleneck adapter after sublayer `at` (0: attention, 1: MLP) of `layer`.

@@ -667,8 +667,17 @@ fn add_bottlenecks(
     out: &Tensor,
 ) -> Result<Tensor> {
     for g in groups {
-        let Some(site) = g.adapter.bn_site(layer, at) else {
+        let fusion = g.adapter.fusion_site(layer, at);
+        let Some(site) = g
+            .adapter
+            .bn_site(layer, at)
+            .or(fusion.map(|f| &f.adapters[0]))
+        else {
             continue;
+        };
+        let delta = |z: &Tensor| match fusion {
+            Some(f) => f.delta(z),
+            None => site.delta(z),
         };
         let z = match site.input {
             super::adapter_site::BnInput::AfterResidual => &x,
@@ -676,12 +685,12 @@ fn add_bottlenecks(
             super::adapter_site::BnInput::BeforeSublayer => before,
         };
         x = match &g.rows {
-            Rows::All => (&x + site.delta(z)?)?,
+            Rows::All => (&x + delta(z)?)?,
             Rows::Range(start, len) => {
-                let d = site.delta(&z.narrow(0, *start, *len)?)?;
+                let d = delta(&z.narrow(0, *start, *len)?)?;
                 x.slice_scatter0(&(x.narrow(0, *start, *len)? + d)?, *start)?
             }
-            Rows::Index(_, idx) => x.index_add(idx, &site.delta(&z.index_select(idx, 0)?)?, 0)?,
+            Rows::Index(_, idx) => x.index_add(idx, &delta(&z.index_select(idx, 0)?)?, 0)?,
         };
     }
     Ok(x)

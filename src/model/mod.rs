@@ -17,8 +17,8 @@ pub mod safetensors_dir;
 pub mod source;
 
 pub use adapter_site::{
-    AdapterGroup, AdapterWeights, BnActivation, BnInput, BnSite, Ia3Site, KvPrefix, LoraSite, Proj,
-    Rows,
+    AdapterGroup, AdapterWeights, BnActivation, BnInput, BnSite, FusionSite, Ia3Site, KvPrefix,
+    LoraSite, Proj, Rows,
 };
 pub use config::LlamaConfig;
 pub use embedding::Embedding;

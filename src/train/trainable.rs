@@ -473,6 +473,7 @@ impl TrainableAdapter {
                 .as_ref()
                 .or(self.prefix.as_ref())
                 .map(|v| v.as_tensor().clone()),
+            fusion: None,
         }
     }
 }
