@@ -849,7 +849,7 @@ async fn metrics_parse_and_counters_move() {
 }
 
 /// The PEFT family over HTTP: an adapters folder with LoRA, DoRA, IA³, prefix and prompt
-/// tuning adapters and an AdapterHub bottleneck adapter; `/v1/adapters` names each one's
+/// tuning adapters, an AdapterHub bottleneck adapter and an AdapterFusion; `/v1/adapters` names each one's
 /// method; 12 concurrent requests over all of them (and the base) answer as each alone; `usage.prompt_tokens` counts the real tokens; a
 /// prompt that with the adapter's virtual tokens overflows the context is a 400 naming
 /// `messages`.
@@ -865,13 +865,9 @@ async fn every_served_peft_method_mixes_in_one_server() {
         (family.join("prefix-n4"), "prefix-n4"),
         (family.join("prompt-n5"), "prompt-n5"),
         (family.join("bn-seq-bn"), "bn-seq-bn"),
+        (family.join("fuse-ab"), "fuse-ab"),
     ] {
-        let to = dir.path().join(name);
-        std::fs::create_dir_all(&to).unwrap();
-        for f in std::fs::read_dir(&src).unwrap() {
-            let f = f.unwrap();
-            std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
-        }
+        copy_tree(&src, &dir.path().join(name));
     }
     let st = state(&["--adapters", dir.path().to_str().unwrap()]).await;
     let app = router(st.clone());
@@ -894,6 +890,7 @@ async fn every_served_peft_method_mixes_in_one_server() {
     assert_eq!(methods["prefix-n4"], "prefix_tuning");
     assert_eq!(methods["prompt-n5"], "prompt_tuning");
     assert_eq!(methods["bn-seq-bn"], "bottleneck");
+    assert_eq!(methods["fuse-ab"], "adapter_fusion");
     let names = [
         None,
         Some("lora-r4-qv"),
@@ -902,9 +899,10 @@ async fn every_served_peft_method_mixes_in_one_server() {
         Some("prefix-n4"),
         Some("prompt-n5"),
         Some("bn-seq-bn"),
+        Some("fuse-ab"),
     ];
     let reqs: Vec<Value> = (0..12)
-        .map(|i| chat_body(names[i % 7], &format!("family member {i} says"), 8))
+        .map(|i| chat_body(names[i % 8], &format!("family member {i} says"), 8))
         .collect();
     let mut alone = Vec::new();
     for r in &reqs {
@@ -947,7 +945,7 @@ async fn every_served_peft_method_mixes_in_one_server() {
     }
     let distinct: std::collections::HashSet<String> = alone
         .iter()
-        .take(7)
+        .take(8)
         .map(|v| v["choices"][0]["message"]["content"].to_string())
         .collect();
     assert!(distinct.len() >= 4, "{distinct:?}");
@@ -991,4 +989,17 @@ async fn every_served_peft_method_mixes_in_one_server() {
             .contains("virtual tokens"),
         "{v}"
     );
+}
+
+/// Copies a folder with its subfolders.
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in std::fs::read_dir(from).unwrap() {
+        let f = f.unwrap();
+        if f.path().is_dir() {
+            copy_tree(&f.path(), &to.join(f.file_name()));
+        } else {
+            std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+        }
+    }
 }
