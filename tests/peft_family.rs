@@ -448,3 +448,48 @@ fn adapter_fusion_matches_adapterhub_at_every_position() {
     let e = PeftAdapter::inspect(tmp.path()).unwrap_err().to_string();
     assert!(e.contains("`bn-b`") && e.contains("adapter_setup"), "{e}");
 }
+
+/// One batch holding a row of every served method — LoRA, DoRA, IA³, prefix tuning, prompt
+/// tuning, seq_bn, double_seq_bn, par_bn, AdapterFusion — and base rows, interleaved: every
+/// row equals its sequence alone within 1e-5.
+#[test]
+fn one_batch_of_every_method_equals_each_row_alone() {
+    let loaded = load_tiny();
+    let fam = |n: &str| bound(&loaded, &family_dir().join("adapters").join(n));
+    let all = [
+        bound(&loaded, &tiny_dir().join("adapters/lora-r8-all")),
+        bound(&loaded, &tiny_dir().join("adapters/dora-r8-all")),
+        fam("ia3-kvd"),
+        fam("prefix-n4"),
+        fam("prompt-n5"),
+        fam("bn-seq-bn"),
+        fam("bn-double-seq-bn"),
+        fam("bn-par-bn"),
+        fam("fuse-ab"),
+    ];
+    let mut adapters: Vec<Option<&AdapterWeights>> = all.iter().map(Some).collect();
+    adapters.insert(4, None);
+    adapters.push(None);
+    let seqs: Vec<Vec<u32>> = (0..adapters.len())
+        .map(|i| {
+            (0..3 + i % 5)
+                .map(|j| (11 + i * 29 + j * 13) as u32 % 500)
+                .collect()
+        })
+        .collect();
+    let batch: Vec<(&[u32], Option<&AdapterWeights>)> = seqs
+        .iter()
+        .zip(&adapters)
+        .map(|(s, a)| (s.as_slice(), *a))
+        .collect();
+    let together = run(&loaded, &batch);
+    let (mut at, mut worst) = (0, 0f32);
+    for (s, a) in &batch {
+        for row in run(&loaded, &[(s, *a)]) {
+            worst = worst.max(max_abs_diff(&row, &together[at]));
+            at += 1;
+        }
+    }
+    assert_eq!(at, together.len());
+    assert!(worst < 1e-5, "{worst}");
+}
