@@ -128,7 +128,10 @@ fn peft_adapters_on_the_real_model_give_the_reference_greedy_ids() {
     let mut expected = read_json(fixtures().join("smollm2").join("adapter_expected.json"));
     // adapterhub_family_expected.json: AdapterHub bottleneck adapters (seq_bn, double_seq_bn,
     // par_bn), the same way (make_adapterhub_family.py).
-    for file in ["peft_family_expected.json", "adapterhub_family_expected.json"] {
+    for file in [
+        "peft_family_expected.json",
+        "adapterhub_family_expected.json",
+    ] {
         let family = read_json(fixtures().join("smollm2").join(file));
         for (name, answers) in family["adapters"].as_object().unwrap() {
             expected["adapters"][name] = answers.clone();
