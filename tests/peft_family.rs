@@ -447,6 +447,38 @@ fn adapter_fusion_matches_adapterhub_at_every_position() {
     copy(&dir.join("bn-a,bn-b"), &tmp.path().join("bn-a,bn-b"));
     let e = PeftAdapter::inspect(tmp.path()).unwrap_err().to_string();
     assert!(e.contains("`bn-b`") && e.contains("adapter_setup"), "{e}");
+    // Hostile setups: names that leave the folder, or that point back at the setup itself
+    // (which would recurse without end), are refused, not followed.
+    let setup: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("adapter_setup.json")).unwrap())
+            .unwrap();
+    for (bad, why) in [
+        ("../bn-a", "not allowed"),
+        (".", "not allowed"),
+        ("bn-a/x", "not allowed"),
+    ] {
+        let mut s = setup.clone();
+        s["adapter_setup"]["children"][1]["children"][0] = bad.into();
+        std::fs::write(tmp.path().join("adapter_setup.json"), s.to_string()).unwrap();
+        let e = PeftAdapter::inspect(tmp.path()).unwrap_err().to_string();
+        assert!(
+            e.contains("adapter_setup.children") && e.contains(why),
+            "{bad}: {e}"
+        );
+    }
+    let nested = tmp.path().join("inner");
+    std::fs::create_dir_all(&nested).unwrap();
+    std::fs::copy(
+        dir.join("adapter_setup.json"),
+        nested.join("adapter_setup.json"),
+    )
+    .unwrap();
+    copy(&dir.join("bn-a,bn-b"), &tmp.path().join("bn-a,inner"));
+    let mut s = setup.clone();
+    s["adapter_setup"]["children"][1]["children"][0] = "inner".into();
+    std::fs::write(tmp.path().join("adapter_setup.json"), s.to_string()).unwrap();
+    let e = PeftAdapter::inspect(tmp.path()).unwrap_err().to_string();
+    assert!(e.contains("fusions of fusions"), "{e}");
 }
 
 /// One batch holding a row of every served method — LoRA, DoRA, IA³, prefix tuning, prompt

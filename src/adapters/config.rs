@@ -184,21 +184,15 @@ impl AdapterConfig {
         Self::from_json(path, &text)
     }
 
-    /// An AdapterHub setup (`adapter_setup.json`, a `Fuse` of single adapters) and its fusion
-    /// layer's config (`adapter_fusion_config.json`): which adapters, and a value matrix or not.
-    /// Fusion options whose numbers we do not reproduce are refused by name.
-    pub fn from_adapterhub_fusion(
+    /// The adapters an AdapterHub setup (`adapter_setup.json`) fuses: a `Fuse` of two or more
+    /// single adapters with plain names (they are its subfolders: no `..`, `/`, `.`).
+    pub fn adapterhub_setup_names(
         setup_path: &Path,
         setup: &str,
-        fusion_path: &Path,
-        fusion: &str,
-    ) -> Result<Self, AdapterError> {
-        let parse = |path: &Path, text: &str| -> Result<Value, AdapterError> {
-            serde_json::from_str(text).map_err(|e| {
-                AdapterError::config(path, "(file)", format!("is not valid JSON: {e}"))
-            })
-        };
-        let (v, f) = (parse(setup_path, setup)?, parse(fusion_path, fusion)?);
+    ) -> Result<Vec<String>, AdapterError> {
+        let v: Value = serde_json::from_str(setup).map_err(|e| {
+            AdapterError::config(setup_path, "(file)", format!("is not valid JSON: {e}"))
+        })?;
         let s = &v["adapter_setup"];
         if s["type"] != "Fuse" {
             return Err(AdapterError::config(
@@ -228,6 +222,30 @@ impl AdapterConfig {
                     "must name two or more single adapters",
                 )
             })?;
+        // The names become subfolders of the setup: plain names only (no `..`, `/`, `.`).
+        for name in &adapters {
+            super::registry::valid_part(name).map_err(|reason| {
+                AdapterError::config(
+                    setup_path,
+                    "adapter_setup.children",
+                    format!("names `{name}`: {reason}"),
+                )
+            })?;
+        }
+        Ok(adapters)
+    }
+
+    /// An AdapterHub fusion of `adapters` (from `adapterhub_setup_names`) and its layer's config
+    /// (`adapter_fusion_config.json`): a value matrix or not. Fusion options whose numbers we do
+    /// not reproduce are refused by name.
+    pub fn from_adapterhub_fusion(
+        adapters: Vec<String>,
+        fusion_path: &Path,
+        fusion: &str,
+    ) -> Result<Self, AdapterError> {
+        let f: Value = serde_json::from_str(fusion).map_err(|e| {
+            AdapterError::config(fusion_path, "(file)", format!("is not valid JSON: {e}"))
+        })?;
         let c = &f["config"];
         let bad = |k: &str, p: &str| AdapterError::config(fusion_path, &format!("config.{k}"), p);
         for (k, want) in [

@@ -347,6 +347,13 @@ impl PeftAdapter {
                 .unwrap_or(0);
         for name in adapters {
             let sub = dir.join(name);
+            if sub.join(SETUP_FILE).is_file() {
+                return Err(AdapterError::config(
+                    dir.join(SETUP_FILE),
+                    "adapter_setup.children",
+                    format!("names `{name}`, itself a setup: fusions of fusions are not served"),
+                ));
+            }
             if !sub.is_dir() {
                 return Err(AdapterError::config(
                     dir.join(SETUP_FILE),
@@ -384,24 +391,10 @@ impl PeftAdapter {
             };
             let setup = read(&setup_path)?;
             // The fusion layer's folder is named after the fused adapters.
-            let names: Vec<String> = serde_json::from_str::<serde_json::Value>(&setup)
-                .ok()
-                .and_then(|v| {
-                    v["adapter_setup"]["children"].as_array().map(|c| {
-                        c.iter()
-                            .filter_map(|ch| ch["children"][0].as_str().map(str::to_string))
-                            .collect()
-                    })
-                })
-                .unwrap_or_default();
+            let names = AdapterConfig::adapterhub_setup_names(&setup_path, &setup)?;
             let fusion_path = Self::fusion_dir(dir, &names).join(FUSION_CONFIG_FILE);
             let fusion = read(&fusion_path)?;
-            return AdapterConfig::from_adapterhub_fusion(
-                &setup_path,
-                &setup,
-                &fusion_path,
-                &fusion,
-            );
+            return AdapterConfig::from_adapterhub_fusion(names, &fusion_path, &fusion);
         }
         let path = dir.join(CONFIG_FILE);
         if dir.join(WEIGHTS_FILE).is_file() || !dir.join(ADAPTERHUB_WEIGHTS_FILE).is_file() {

@@ -20,7 +20,7 @@ pub struct AdapterName {
     pub name: String,
 }
 
-fn valid_part(part: &str) -> Result<(), String> {
+pub(crate) fn valid_part(part: &str) -> Result<(), String> {
     if part.is_empty() || part.len() > 64 {
         return Err("each part must be 1 to 64 characters".into());
     }
