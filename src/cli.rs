@@ -49,8 +49,8 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 32768)]
     pub kv_cache_tokens: usize,
     /// How the KV pool stores keys and values: f32 (exact), bf16 or f16 (half the memory),
-    /// int8 (a quarter, one scale per row and head; decode at long contexts reads a quarter of the
-    /// bytes: measured 1.35x f32's tokens/s at context 2,048 on the default model).
+    /// int8 (a quarter, one scale per row and head). README's Long contexts gives decode speeds
+    /// at context 2,048 for each, beside llama.cpp's.
     #[arg(long, default_value = "f32", value_parser = parse_kv_dtype)]
     pub kv_cache_dtype: crate::model::KvDtype,
     /// Positions per KV block (the unit of allocation and of prefix reuse).
