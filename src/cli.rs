@@ -49,10 +49,11 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 32768)]
     pub kv_cache_tokens: usize,
     /// How the KV pool stores keys and values: f32 (exact), bf16 or f16 (half the memory),
-    /// int8 (a quarter, one scale per row and head). README's Long contexts gives decode speeds
-    /// at context 2,048 for each, beside llama.cpp's.
-    #[arg(long, default_value = "f32", value_parser = parse_kv_dtype)]
-    pub kv_cache_dtype: crate::model::KvDtype,
+    /// int8 (a quarter: rows rotated, one scale per row and head); auto: int8 when the model's
+    /// projections run integer kernels (a GGUF served as stored, the default model), else f32.
+    /// README's Long contexts gives decode speeds at context 2,048 for each, beside llama.cpp's.
+    #[arg(long, default_value = "auto", value_parser = parse_kv_dtype)]
+    pub kv_cache_dtype: KvDtypeChoice,
     /// Positions per KV block (the unit of allocation and of prefix reuse).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub kv_block_size: u16,
@@ -513,6 +514,10 @@ pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::serve
         None => None,
     };
     let loaded = Arc::new(args.model.load().await?);
+    let kv_dtype = args
+        .kv_cache_dtype
+        .0
+        .unwrap_or_else(|| loaded.model.auto_kv_dtype());
     let template = ChatTemplate::select(
         args.model.chat_template.as_deref(),
         loaded.chat_template.as_deref(),
@@ -533,7 +538,7 @@ pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::serve
         },
         crate::engine::KvConfig {
             block_size: args.kv_block_size as usize,
-            dtype: args.kv_cache_dtype,
+            dtype: kv_dtype,
             prefix_caching: !args.no_prefix_cache,
         },
         metrics.clone(),
@@ -786,6 +791,16 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn parse_kv_dtype(s: &str) -> std::result::Result<crate::model::KvDtype, String> {
+/// `--kv-cache-dtype`: a dtype, or `auto` (`None`), chosen for the model once it is loaded
+/// (`Llama::auto_kv_dtype`).
+#[derive(Debug, Clone, Copy)]
+pub struct KvDtypeChoice(pub Option<crate::model::KvDtype>);
+
+fn parse_kv_dtype(s: &str) -> std::result::Result<KvDtypeChoice, String> {
+    if s == "auto" {
+        return Ok(KvDtypeChoice(None));
+    }
     s.parse()
+        .map(|d| KvDtypeChoice(Some(d)))
+        .map_err(|e: String| e.replace("expected", "expected auto,"))
 }

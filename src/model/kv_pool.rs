@@ -93,6 +93,12 @@ impl PoolShape {
         self.kv_heads * self.head_dim
     }
 
+    /// Whether rows are stored rotated (`ops::hadamard`): int8 rows whose head width is a power of
+    /// two. Attention over such a pool rotates its queries and un-rotates its outputs.
+    pub fn rotated(&self) -> bool {
+        self.dtype == KvDtype::Int8 && crate::ops::hadamard::rotates(self.head_dim)
+    }
+
     /// Whether int8 keys use the 16-row × 4-column layout (whole groups of 16 rows and 4 columns).
     fn k4(&self) -> bool {
         self.dtype == KvDtype::Int8 && self.block_size % 16 == 0 && self.head_dim % 4 == 0
@@ -179,13 +185,19 @@ impl KvPool {
         let shape = self.shape;
         let (bs, w, hd) = (shape.block_size, shape.kv_width(), shape.head_dim);
         let n = k.len() / w;
+        let mut turned = vec![0f32; if shape.rotated() { hd } else { 0 }];
         for i in 0..n {
             let pos = start + i;
             let (b, r) = (pos / bs, pos % bs);
             for (which, data) in [(0, k), (1, v)] {
                 for head in 0..shape.kv_heads {
                     let base = self.base(layer, which, head, table[b]);
-                    let x = &data[i * w + head * hd..][..hd];
+                    let mut x = &data[i * w + head * hd..][..hd];
+                    if shape.rotated() {
+                        turned.copy_from_slice(x);
+                        crate::ops::hadamard::rotate(&mut turned);
+                        x = &turned;
+                    }
                     let at = base + r * hd;
                     match &mut self.store {
                         Store::F32(d) => d[at..at + hd].copy_from_slice(x),
@@ -563,7 +575,8 @@ mod tests {
             let (untouched, _) = layer0.keys(0, 1, &mut scratch);
             assert!(untouched.iter().all(|&x| x == 0.0));
         }
-        // Int8 keys in the 16 × 4 layout read back through `head` and `int8_rows`.
+        // Int8 keys in the 16 × 4 layout read back through `head` and `int8_rows`; a power-of-two
+        // head width, so the rows are stored rotated (the first part's width 3 is not).
         let shape = PoolShape {
             layers: 1,
             kv_heads: 2,
@@ -576,7 +589,10 @@ mod tests {
         let k: Vec<f32> = (0..20 * 16)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
             .collect();
+        assert!(shape.rotated());
         pool.write(0, &[2, 0], 0, &k, &k);
+        let mut turned = k.clone();
+        crate::ops::hadamard::rotate_heads(&mut turned, 8);
         let view = pool.view(0, &[2, 0], 20);
         let mut scratch = Vec::new();
         for (b, head) in [(0, 0), (0, 1), (1, 1)] {
@@ -584,7 +600,7 @@ mod tests {
             let raw = view.int8_keys(b, head).expect("k4 layout");
             for r in 0..4usize.min(20 - b * 16) {
                 for c in 0..8 {
-                    let want = k[(b * 16 + r) * 16 + head * 8 + c];
+                    let want = turned[(b * 16 + r) * 16 + head * 8 + c];
                     let scale = raw.scales[r * raw.scale_stride];
                     assert!((rows[r * stride + c] - want).abs() <= scale * 0.5 + 1e-6);
                     let byte = raw.data[shape.k4_offset(r, c)] as u8;

@@ -9,6 +9,7 @@ pub mod attention;
 pub mod cpu_features;
 pub mod frozen_matmul;
 pub mod gemm;
+pub mod hadamard;
 pub mod lora_avx2;
 pub mod lora_cpu;
 pub mod profile;
