@@ -22,7 +22,14 @@ ADAPTERS="${ADAPTERS:-/tmp/loraplex-engine-bench-adapters}"
 PID=""
 stop() { [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null || true; PID=""; }
 trap stop EXIT
-wait_up() { # ONLY=decode (or prefill, itl, ttft) runs one measure.
+wait_up() { for _ in $(seq 600); do curl -sf "$1/health" >/dev/null && return; sleep 0.2; done; exit 1; }
+ours() { stop; target/release/serve --port 8080 --adapters "$ADAPTERS" "$@" 2>/dev/null & PID=$!; wait_up http://127.0.0.1:8080; }
+llama() {
+  stop
+  (cd "$BIN" && LD_LIBRARY_PATH=. exec ./llama-server -m "$GGUF" -np 9 -c 36864 -t 2 --port 8091) >/dev/null 2>&1 &
+  PID=$!; wait_up http://127.0.0.1:8091
+}
+# ONLY=decode (or prefill, itl, ttft) runs one measure.
 on() { [ -z "${ONLY:-}" ] || [ "$ONLY" = "$1" ]; }
 for _ in $(seq "$ROUNDS"); do
   if on prefill; then
