@@ -119,6 +119,19 @@ pub enum MethodArg {
     PromptTuning,
     /// Prefix tuning: `--num-virtual-tokens` trained key/value rows at every layer.
     PrefixTuning,
+    /// A bottleneck adapter in every layer (`--bn-config`, `--reduction-factor`), exported in
+    /// AdapterHub's format (`adapters` loads it with `load_adapter`).
+    Bottleneck,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BnConfigArg {
+    /// AdapterHub's `seq_bn` (Pfeiffer).
+    Seq,
+    /// `double_seq_bn` (Houlsby).
+    Double,
+    /// `par_bn`.
+    Parallel,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -164,6 +177,13 @@ pub struct TrainArgs {
     /// Virtual tokens of `--method prompt-tuning` and `prefix-tuning`.
     #[arg(long, default_value_t = 8)]
     pub num_virtual_tokens: usize,
+    /// The preset of `--method bottleneck`.
+    #[arg(long, value_enum, default_value = "seq")]
+    pub bn_config: BnConfigArg,
+    /// `--method bottleneck`: the adapter's width is the hidden size over this (default: the
+    /// preset's, 16 for seq and double, 2 for parallel).
+    #[arg(long, default_value_t = 0)]
+    pub reduction_factor: usize,
     #[arg(long, default_value_t = 16)]
     pub rank: usize,
     #[arg(long, default_value_t = 32.0)]
@@ -678,8 +698,17 @@ pub async fn run_train(args: TrainArgs) -> Result<()> {
                 MethodArg::Ia3 => Method::Ia3,
                 MethodArg::PromptTuning => Method::PromptTuning,
                 MethodArg::PrefixTuning => Method::PrefixTuning,
+                MethodArg::Bottleneck => {
+                    use crate::adapters::config::BnKind;
+                    Method::Bottleneck(match args.bn_config {
+                        BnConfigArg::Seq => BnKind::Seq,
+                        BnConfigArg::Double => BnKind::Double,
+                        BnConfigArg::Parallel => BnKind::Parallel,
+                    })
+                }
             },
             virtual_tokens: args.num_virtual_tokens,
+            reduction_factor: args.reduction_factor,
             rank: args.rank,
             alpha: args.alpha,
             dropout: args.dropout,

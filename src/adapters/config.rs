@@ -128,6 +128,123 @@ impl BnConfig {
     }
 }
 
+/// The three AdapterHub presets `serve train --bn-config` makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BnKind {
+    /// `seq_bn` (Pfeiffer): after the MLP, reading the residual stream; ReLU; reduction 16.
+    Seq,
+    /// `double_seq_bn` (Houlsby): after attention and after the MLP, reading the sublayer's
+    /// output; swish; reduction 16.
+    Double,
+    /// `par_bn`: beside the MLP, reading its input; ReLU; scaling 4; reduction 2.
+    Parallel,
+}
+
+impl BnKind {
+    pub fn config(self) -> BnConfig {
+        use crate::model::{BnActivation, BnInput};
+        match self {
+            Self::Seq => BnConfig {
+                input: BnInput::AfterResidual,
+                act: BnActivation::Relu,
+                scaling: 1.0,
+            },
+            Self::Double => BnConfig {
+                input: BnInput::SublayerOutput,
+                act: BnActivation::Silu,
+                scaling: 1.0,
+            },
+            Self::Parallel => BnConfig {
+                input: BnInput::BeforeSublayer,
+                act: BnActivation::Relu,
+                scaling: 4.0,
+            },
+        }
+    }
+
+    /// Places it takes in each layer (0: after attention, 1: after the MLP).
+    pub fn places(self) -> &'static [usize] {
+        match self {
+            Self::Double => &[0, 1],
+            Self::Seq | Self::Parallel => &[1],
+        }
+    }
+
+    pub fn default_reduction_factor(self) -> usize {
+        match self {
+            Self::Parallel => 2,
+            Self::Seq | Self::Double => 16,
+        }
+    }
+}
+
+impl BnConfig {
+    /// AdapterHub's `adapter_config.json` for this adapter as `adapters` 1.3.0 writes it: `r` its
+    /// bottleneck width, `places` those it takes (0: after attention, 1: after the MLP).
+    pub fn to_adapterhub_json(
+        &self,
+        name: &str,
+        hidden: usize,
+        r: usize,
+        places: &[usize],
+        model_name: Option<&str>,
+    ) -> Value {
+        use crate::model::{BnActivation, BnInput};
+        let parallel = self.input == BnInput::BeforeSublayer;
+        let reduction = if r > 0 && hidden % r == 0 {
+            serde_json::json!(hidden / r)
+        } else {
+            serde_json::json!(hidden as f64 / r.max(1) as f64)
+        };
+        serde_json::json!({
+            "config": {
+                "adapter_residual_before_ln": false,
+                "cross_adapter": false,
+                "dropout": 0.0,
+                "factorized_phm_W": true,
+                "factorized_phm_rule": false,
+                "hypercomplex_nonlinearity": "glorot-uniform",
+                "init_weights": if parallel { "mam_adapter" } else { "bert" },
+                "init_weights_seed": null,
+                "inv_adapter": null,
+                "inv_adapter_reduction_factor": null,
+                "is_parallel": parallel,
+                "learn_phm": true,
+                "leave_out": [],
+                "ln_after": false,
+                "ln_before": false,
+                "mh_adapter": places.contains(&0),
+                "non_linearity": match self.act {
+                    BnActivation::Relu => "relu",
+                    BnActivation::Silu => "swish",
+                },
+                "original_ln_after": true,
+                "original_ln_before": self.input == BnInput::AfterResidual,
+                "output_adapter": places.contains(&1),
+                "phm_bias": true,
+                "phm_c_init": "normal",
+                "phm_dim": 4,
+                "phm_init_range": 0.0001,
+                "phm_layer": false,
+                "phm_rank": 1,
+                "reduction_factor": reduction,
+                "residual_before_ln": true,
+                "scaling": self.scaling,
+                "shared_W_phm": false,
+                "shared_phm_rule": true,
+                "stochastic_depth": 0.0,
+                "use_gating": false
+            },
+            "hidden_size": hidden,
+            "model_class": "LlamaForCausalLM",
+            "model_name": model_name,
+            "model_type": "llama",
+            "name": name,
+            "version": "adapters.1.3.0"
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct AdapterConfig {
     pub method: Method,

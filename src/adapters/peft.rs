@@ -500,12 +500,17 @@ impl PeftAdapter {
         })
     }
 
-    /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir`.
+    /// Writes `adapter_config.json` and `adapter_model.safetensors` into `dir` (a bottleneck
+    /// adapter: AdapterHub's `adapter_config.json` and `adapter.safetensors`, as `adapters`
+    /// saves them, named after `dir`).
     pub fn save(&self, dir: &Path, proj_names: &[&str]) -> Result<(), AdapterError> {
         std::fs::create_dir_all(dir).map_err(|source| AdapterError::Io {
             path: dir.to_path_buf(),
             source,
         })?;
+        if let super::config::Method::Bottleneck(bn) = &self.config.method {
+            return self.save_adapterhub(dir, bn);
+        }
         let cfg_path = dir.join(CONFIG_FILE);
         let text = serde_json::to_string_pretty(&self.config.to_json(proj_names))
             .expect("config serializes");
@@ -533,6 +538,56 @@ impl PeftAdapter {
             tensors.insert(PROMPT_EMBEDDINGS.to_string(), p.contiguous()?);
         }
         candle_core::safetensors::save(&tensors, dir.join(WEIGHTS_FILE))?;
+        Ok(())
+    }
+
+    fn save_adapterhub(
+        &self,
+        dir: &Path,
+        bn: &super::config::BnConfig,
+    ) -> Result<(), AdapterError> {
+        let name = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| !n.is_empty())
+            .unwrap_or("adapter");
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        let (mut hidden, mut r, mut places) = (0, 0, Vec::new());
+        for (module, w) in &self.modules {
+            let key = |s: &str| format!("{module}.adapters.{name}.{s}");
+            let (Some(d), Some(u), Some(db), Some(ub)) =
+                (&w.lora_a, &w.lora_b, &w.down_bias, &w.up_bias)
+            else {
+                return Err(AdapterError::Module {
+                    path: dir.join(ADAPTERHUB_WEIGHTS_FILE),
+                    module: module.clone(),
+                    problem: "a bottleneck module needs down and up weights and biases".into(),
+                });
+            };
+            (r, hidden) = d.dims2()?;
+            let place = usize::from(module.ends_with(".output_adapters"));
+            if !places.contains(&place) {
+                places.push(place);
+            }
+            tensors.insert(key("adapter_down.0.weight"), d.contiguous()?);
+            tensors.insert(key("adapter_down.0.bias"), db.contiguous()?);
+            tensors.insert(key("adapter_up.weight"), u.contiguous()?);
+            tensors.insert(key("adapter_up.bias"), ub.contiguous()?);
+        }
+        let cfg_path = dir.join(CONFIG_FILE);
+        let json = bn.to_adapterhub_json(
+            name,
+            hidden,
+            r,
+            &places,
+            self.config.base_model_name_or_path.as_deref(),
+        );
+        let text = serde_json::to_string_pretty(&json).expect("config serializes");
+        std::fs::write(&cfg_path, text).map_err(|source| AdapterError::Io {
+            path: cfg_path,
+            source,
+        })?;
+        candle_core::safetensors::save(&tensors, dir.join(ADAPTERHUB_WEIGHTS_FILE))?;
         Ok(())
     }
 

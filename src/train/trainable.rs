@@ -8,6 +8,7 @@ use candle_core::{DType, Tensor, Var, D};
 use rand::{Rng, SeedableRng};
 
 use super::error::TrainError;
+use crate::adapters::config::BnKind;
 use crate::adapters::peft::ModuleWeights;
 use crate::adapters::{AdapterConfig, PeftAdapter, TargetModules};
 use crate::model::adapter_site::Dropout;
@@ -26,6 +27,10 @@ pub enum Method {
     /// Prefix tuning: `virtual_tokens` key/value rows at every layer, starting small
     /// (N(0, 0.02²)), without PEFT's projection MLP.
     PrefixTuning,
+    /// An AdapterHub bottleneck adapter of one preset in every layer: down-projection to
+    /// `hidden / reduction_factor`, non-linearity, up-projection (starting at zero, so the model
+    /// starts unchanged), biases.
+    Bottleneck(BnKind),
 }
 
 #[derive(Debug, Clone)]
@@ -40,6 +45,8 @@ pub struct TrainSpec {
     pub base_model: String,
     /// Prompt tuning's virtual tokens.
     pub virtual_tokens: usize,
+    /// A bottleneck adapter's width is the hidden size over this (0: the preset's).
+    pub reduction_factor: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -77,6 +84,32 @@ impl Ia3TrainSite {
     }
 }
 
+/// A bottleneck adapter at one place of one layer.
+#[derive(Debug, Clone)]
+pub struct BnTrainSite {
+    pub layer: usize,
+    /// 0: after attention, 1: after the MLP.
+    pub place: usize,
+    /// `[r, hidden]`, `[r]`
+    pub down: Var,
+    pub down_b: Var,
+    /// `[hidden, r]`, `[hidden]`
+    pub up: Var,
+    pub up_b: Var,
+}
+
+impl BnTrainSite {
+    /// AdapterHub's module path (`model.layers.L.output_adapters`).
+    pub fn module(&self) -> String {
+        let place = if self.place == 0 {
+            "attention_adapters"
+        } else {
+            "output_adapters"
+        };
+        format!("model.layers.{}.{place}", self.layer)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TrainableAdapter {
     pub config: AdapterConfig,
@@ -86,6 +119,8 @@ pub struct TrainableAdapter {
     pub soft_prompt: Option<Var>,
     /// Prefix tuning's rows, `[virtual tokens, layers · 2 · kv_heads · head_dim]`.
     pub prefix: Option<Var>,
+    /// Bottleneck adapters (their preset is `config.method`'s).
+    pub bn: Vec<BnTrainSite>,
     pub dropout: f32,
     pub seed: u64,
 }
@@ -103,6 +138,9 @@ impl TrainableAdapter {
         }
         if matches!(spec.method, Method::PromptTuning | Method::PrefixTuning) {
             return Self::init_prompt(model, spec);
+        }
+        if let Method::Bottleneck(kind) = spec.method {
+            return Self::init_bn(model, spec, kind);
         }
         if spec.rank == 0 {
             return Err(TrainError::config("--rank", "must be at least 1"));
@@ -133,9 +171,7 @@ impl TrainableAdapter {
                     .collect();
                 let m = match spec.method {
                     Method::Dora => Some(Var::from_tensor(&row_norm(&w)?)?),
-                    Method::Lora | Method::Ia3 | Method::PromptTuning | Method::PrefixTuning => {
-                        None
-                    }
+                    _ => None,
                 };
                 sites.push(TrainSite {
                     layer,
@@ -168,6 +204,7 @@ impl TrainableAdapter {
             ia3: Vec::new(),
             soft_prompt: None,
             prefix: None,
+            bn: Vec::new(),
             dropout: spec.dropout,
             seed: spec.seed,
         })
@@ -227,6 +264,62 @@ impl TrainableAdapter {
             ia3: Vec::new(),
             soft_prompt,
             prefix,
+            bn: Vec::new(),
+            dropout: 0.0,
+            seed: spec.seed,
+        })
+    }
+
+    /// Bottleneck adapters of `kind`: down ~ U(±1/sqrt(hidden)), up and biases zero, so the
+    /// model starts unchanged and the up-projection gets the first gradient (as LoRA's B).
+    fn init_bn(model: &Llama, spec: &TrainSpec, kind: BnKind) -> Result<Self, TrainError> {
+        let h = model.config.hidden_size;
+        let factor = if spec.reduction_factor == 0 {
+            kind.default_reduction_factor()
+        } else {
+            spec.reduction_factor
+        };
+        if h % factor != 0 || factor > h {
+            return Err(TrainError::config(
+                "--reduction-factor",
+                format!("{factor} does not divide the hidden size {h}"),
+            ));
+        }
+        let r = h / factor;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
+        let dev = model.device();
+        let bound = 1.0 / (h as f64).sqrt();
+        let mut bn = Vec::new();
+        for layer in 0..model.layers.len() {
+            for &place in kind.places() {
+                let down: Vec<f32> = (0..r * h)
+                    .map(|_| rng.random_range(-bound..bound) as f32)
+                    .collect();
+                let zeros = |shape: &[usize]| -> Result<Var, TrainError> {
+                    Ok(Var::from_tensor(&Tensor::zeros(shape, DType::F32, dev)?)?)
+                };
+                bn.push(BnTrainSite {
+                    layer,
+                    place,
+                    down: Var::from_tensor(&Tensor::from_vec(down, (r, h), dev)?)?,
+                    down_b: zeros(&[r])?,
+                    up: zeros(&[h, r])?,
+                    up_b: zeros(&[h])?,
+                });
+            }
+        }
+        let config = AdapterConfig::of(
+            crate::adapters::config::Method::Bottleneck(kind.config()),
+            TargetModules::List(Vec::new()),
+            Some(spec.base_model.clone()),
+        );
+        Ok(Self {
+            config,
+            sites: Vec::new(),
+            ia3: Vec::new(),
+            soft_prompt: None,
+            prefix: None,
+            bn,
             dropout: 0.0,
             seed: spec.seed,
         })
@@ -272,6 +365,7 @@ impl TrainableAdapter {
             ia3,
             soft_prompt: None,
             prefix: None,
+            bn: Vec::new(),
             dropout: 0.0,
             seed: spec.seed,
         })
@@ -285,8 +379,30 @@ impl TrainableAdapter {
         seed: u64,
     ) -> Result<Self, TrainError> {
         crate::adapters::bind(peft, model, &Default::default())?;
-        let (mut sites, mut ia3) = (Vec::new(), Vec::new());
+        let (mut sites, mut ia3, mut bn) = (Vec::new(), Vec::new(), Vec::new());
+        let f32_var = |t: &Option<Tensor>| -> Result<Var, TrainError> {
+            let t = t.as_ref().expect("validated by bind");
+            Ok(Var::from_tensor(
+                &t.to_dtype(DType::F32)?.to_device(model.device())?,
+            )?)
+        };
         for (module, w) in &peft.modules {
+            if let crate::adapters::config::Method::Bottleneck(_) = peft.config.method {
+                let (layer, place) = module
+                    .strip_prefix("model.layers.")
+                    .and_then(|r| r.split_once('.'))
+                    .and_then(|(l, p)| Some((l.parse().ok()?, usize::from(p == "output_adapters"))))
+                    .expect("validated by bind");
+                bn.push(BnTrainSite {
+                    layer,
+                    place,
+                    down: f32_var(&w.lora_a)?,
+                    down_b: f32_var(&w.down_bias)?,
+                    up: f32_var(&w.lora_b)?,
+                    up_b: f32_var(&w.up_bias)?,
+                });
+                continue;
+            }
             let (layer, proj) =
                 crate::adapters::bind::parse_module(module).expect("validated by bind");
             if let Some(l) = &w.ia3 {
@@ -340,6 +456,7 @@ impl TrainableAdapter {
             ia3,
             soft_prompt,
             prefix,
+            bn,
             dropout,
             seed,
         })
@@ -394,6 +511,22 @@ impl TrainableAdapter {
             layers: Vec::new(),
             tensor: Some(v.as_tensor().clone()),
         });
+        if let crate::adapters::config::Method::Bottleneck(cfg) = self.config.method {
+            weights.bottleneck = (0..model.layers.len())
+                .map(|_| Default::default())
+                .collect();
+            for s in &self.bn {
+                weights.bottleneck[s.layer][s.place] = Some(crate::model::BnSite {
+                    down_t: s.down.as_tensor().t()?,
+                    down_b: s.down_b.as_tensor().clone(),
+                    up_t: s.up.as_tensor().t()?,
+                    up_b: s.up_b.as_tensor().clone(),
+                    scaling: cfg.scaling,
+                    act: cfg.act,
+                    input: cfg.input,
+                });
+            }
+        }
         if !self.ia3.is_empty() {
             weights.ia3 = (0..model.layers.len())
                 .map(|_| Default::default())
@@ -428,6 +561,13 @@ impl TrainableAdapter {
         if let Some(p) = self.soft_prompt.as_ref().or(self.prefix.as_ref()) {
             out.push((crate::adapters::peft::PROMPT_EMBEDDINGS.to_string(), p));
         }
+        for s in &self.bn {
+            let key = |t: &str| format!("{}.adapters.adapter.{t}", s.module());
+            out.push((key("adapter_down.0.weight"), &s.down));
+            out.push((key("adapter_down.0.bias"), &s.down_b));
+            out.push((key("adapter_up.weight"), &s.up));
+            out.push((key("adapter_up.bias"), &s.up_b));
+        }
         out
     }
 
@@ -459,6 +599,18 @@ impl TrainableAdapter {
                     s.module(),
                     ModuleWeights {
                         ia3: Some(shaped),
+                        ..Default::default()
+                    },
+                )
+            }))
+            .chain(self.bn.iter().map(|s| {
+                (
+                    s.module(),
+                    ModuleWeights {
+                        lora_a: Some(s.down.as_tensor().clone()),
+                        lora_b: Some(s.up.as_tensor().clone()),
+                        down_bias: Some(s.down_b.as_tensor().clone()),
+                        up_bias: Some(s.up_b.as_tensor().clone()),
                         ..Default::default()
                     },
                 )
