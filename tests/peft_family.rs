@@ -525,3 +525,55 @@ fn one_batch_of_every_method_equals_each_row_alone() {
     assert_eq!(at, together.len());
     assert!(worst < 1e-5, "{worst}");
 }
+
+/// What `serve train` exports is read by the reference libraries as we mean it: IA³, prompt and
+/// prefix tuning adapters trained by `serve train` on the tiny model and loaded in PEFT 0.21.2,
+/// and bottleneck adapters of the three presets loaded in `adapters` 1.3.0 (`load_adapter` of
+/// the folder, then `set_active_adapters`), give our logits within 1e-4 at every position
+/// (`peft-family/make_trained_check.py` made both the exports and the libraries' logits).
+#[test]
+fn trained_exports_give_our_logits_in_the_reference_libraries() {
+    let loaded = load_tiny();
+    let cases = read_json(tiny_dir().join("expected_logits.json"));
+    for lib in ["peft", "adapters"] {
+        let expected = read_json(family_dir().join(format!("trained/expected_{lib}.json")));
+        let names: Vec<String> = expected["adapters"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(names.len(), 3, "{lib}: {names:?}");
+        for name in names {
+            let adapter = bound(&loaded, &family_dir().join("trained").join(&name));
+            let mut worst = 0f32;
+            for (c, want) in cases["cases"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .zip(expected["adapters"][&name].as_array().unwrap())
+            {
+                let ids = as_u32_vec(&c["input_ids"]);
+                let got = run(&loaded, &[(&ids, Some(&adapter))]);
+                let want: Vec<Vec<f32>> = want.as_array().unwrap().iter().map(as_f32_vec).collect();
+                assert_eq!(got.len(), want.len());
+                for (g, w) in got.iter().zip(&want) {
+                    worst = worst.max(max_abs_diff(g, w));
+                }
+                // The adapter matters: the library did not answer with the base model.
+                let base = run(&loaded, &[(&ids, None)]);
+                let moved = want
+                    .iter()
+                    .zip(&base)
+                    .map(|(w, b)| max_abs_diff(w, b))
+                    .fold(0f32, f32::max);
+                assert!(
+                    moved > 0.05,
+                    "{lib} {name}: the adapter moves logits by {moved}"
+                );
+            }
+            eprintln!("{lib} {name}: within {worst}");
+            assert!(worst < 1e-4, "{lib} {name}: {worst}");
+        }
+    }
+}
