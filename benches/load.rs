@@ -103,6 +103,7 @@ fn make_adapters(
                 lora_dropout: 0.0,
                 layers_to_transform: None,
                 base_model_name_or_path: None,
+                prefix_encoder_hidden: None,
             };
             let names: Vec<&str> = Proj::ALL.iter().map(|p| p.short()).collect();
             PeftAdapter {

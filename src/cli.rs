@@ -177,6 +177,14 @@ pub struct TrainArgs {
     /// Virtual tokens of `--method prompt-tuning` and `prefix-tuning`.
     #[arg(long, default_value_t = 8)]
     pub num_virtual_tokens: usize,
+    /// `--method prefix-tuning` through PEFT's projection MLP (an embedding per virtual token,
+    /// `Linear → tanh → Linear` to every layer's key/value rows); the export holds the projected
+    /// rows, as PEFT saves them.
+    #[arg(long)]
+    pub prefix_projection: bool,
+    /// The projection's hidden size (0: the key/value width, PEFT's `token_dim`).
+    #[arg(long, default_value_t = 0)]
+    pub encoder_hidden_size: usize,
     /// The preset of `--method bottleneck`.
     #[arg(long, value_enum, default_value = "seq")]
     pub bn_config: BnConfigArg,
@@ -709,6 +717,7 @@ pub async fn run_train(args: TrainArgs) -> Result<()> {
             },
             virtual_tokens: args.num_virtual_tokens,
             reduction_factor: args.reduction_factor,
+            prefix_projection: args.prefix_projection.then_some(args.encoder_hidden_size),
             rank: args.rank,
             alpha: args.alpha,
             dropout: args.dropout,

@@ -214,6 +214,7 @@ fn qlora_training_lowers_the_loss_and_serves_on_the_nf4_base() {
             base_model: "tiny".into(),
             virtual_tokens: 0,
             reduction_factor: 0,
+            prefix_projection: None,
         },
         lr: 1e-2,
         weight_decay: 0.0,

@@ -86,6 +86,7 @@ fn spec(method: Method, dropout: f32) -> TrainSpec {
         base_model: "tiny-llama".into(),
         virtual_tokens: 6,
         reduction_factor: 0,
+        prefix_projection: None,
     }
 }
 
@@ -427,7 +428,9 @@ fn ia3_training_lowers_the_loss_and_its_export_serves_the_same_logits() {
     served_gives_the_trained_logits(&m, &peft, &report, &data.examples[0].ids);
 }
 
-/// `serve train --method prompt-tuning` and `prefix-tuning` (whose key/value rows enter the
+/// `serve train --method prompt-tuning` and `prefix-tuning`, the latter also through PEFT's
+/// projection MLP (`--prefix-projection`; the export holds the projected rows and says
+/// `prefix_projection`) (the key/value rows enter the
 /// cache as tensors, so the gradient reaches them): on prompts that all want one answer, the
 /// loss falls below half its start on the tiny model; the export is a PEFT adapter of that type
 /// with `prompt_embeddings` `[16, hidden]` / `[16, layers · 2 · kv_heads · head_dim]`, and
@@ -437,19 +440,27 @@ fn prompt_and_prefix_tuning_training_lower_the_loss_and_their_exports_serve_the_
     let m = load_tiny();
     let c = &m.model.config;
     let prefix_width = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim;
-    for (method, peft_type, width) in [
-        (Method::PromptTuning, "PROMPT_TUNING", c.hidden_size),
-        (Method::PrefixTuning, "PREFIX_TUNING", prefix_width),
+    for (method, peft_type, width, projection) in [
+        (Method::PromptTuning, "PROMPT_TUNING", c.hidden_size, None),
+        (Method::PrefixTuning, "PREFIX_TUNING", prefix_width, None),
+        (
+            Method::PrefixTuning,
+            "PREFIX_TUNING",
+            prefix_width,
+            Some(24),
+        ),
     ] {
         let tmp = tempfile::tempdir().unwrap();
         let data = steering_dataset(&m, tmp.path());
         let out = tmp.path().join(peft_type);
         let mut cfg = config(out.clone(), method, 200);
         cfg.spec.virtual_tokens = 16;
-        cfg.lr = 0.3;
+        cfg.spec.prefix_projection = projection;
+        // Through the projection the rows move faster per step (PEFT's reparameterization).
+        cfg.lr = if projection.is_some() { 0.01 } else { 0.3 };
         let report = train(&m.model, &data, None, &cfg).unwrap();
         eprintln!(
-            "{peft_type}: loss {} -> {}",
+            "{peft_type} (projection {projection:?}): loss {} -> {}",
             report.first_loss, report.final_loss
         );
         assert!(
@@ -461,6 +472,13 @@ fn prompt_and_prefix_tuning_training_lower_the_loss_and_their_exports_serve_the_
         let config: serde_json::Value = read_json(out.join("adapter_config.json"));
         assert_eq!(config["peft_type"], peft_type);
         assert_eq!(config["num_virtual_tokens"], 16);
+        assert_eq!(
+            config["prefix_projection"].as_bool(),
+            projection.map(|_| true)
+        );
+        if let Some(e) = projection {
+            assert_eq!(config["encoder_hidden_size"], e);
+        }
         let peft = PeftAdapter::load(&out).unwrap();
         assert_eq!(
             peft.prompt_embeddings.as_ref().unwrap().dims(),

@@ -259,6 +259,9 @@ pub struct AdapterConfig {
     pub lora_dropout: f64,
     pub layers_to_transform: Option<Vec<usize>>,
     pub base_model_name_or_path: Option<String>,
+    /// Prefix tuning trained through PEFT's projection MLP (`prefix_projection`): the encoder's
+    /// hidden size. The weights file holds the projected rows either way, as PEFT saves them.
+    pub prefix_encoder_hidden: Option<usize>,
 }
 
 #[derive(Deserialize, Serialize, Default)]
@@ -408,6 +411,7 @@ impl AdapterConfig {
             lora_dropout: 0.0,
             layers_to_transform: None,
             base_model_name_or_path,
+            prefix_encoder_hidden: None,
         }
     }
 
@@ -578,6 +582,7 @@ impl AdapterConfig {
             lora_dropout: raw.lora_dropout.unwrap_or(0.0),
             layers_to_transform,
             base_model_name_or_path: raw.base_model_name_or_path,
+            prefix_encoder_hidden: None,
         })
     }
 
@@ -681,12 +686,18 @@ impl AdapterConfig {
             _ => None,
         };
         if let Some((kind, n)) = prompt_learning {
-            return serde_json::json!({
+            let mut v = serde_json::json!({
                 "peft_type": kind,
                 "task_type": "CAUSAL_LM",
                 "num_virtual_tokens": n,
                 "base_model_name_or_path": self.base_model_name_or_path,
             });
+            if let Some(e) = self.prefix_encoder_hidden {
+                v["prefix_projection"] = serde_json::json!(true);
+                v["encoder_hidden_size"] = serde_json::json!(e);
+                v["inference_mode"] = serde_json::json!(true);
+            }
+            return v;
         }
         if let Method::Ia3 {
             feedforward_modules,

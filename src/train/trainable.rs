@@ -47,6 +47,9 @@ pub struct TrainSpec {
     pub virtual_tokens: usize,
     /// A bottleneck adapter's width is the hidden size over this (0: the preset's).
     pub reduction_factor: usize,
+    /// Prefix tuning through PEFT's projection (`--prefix-projection`): the encoder's hidden
+    /// size (0: the key/value width, PEFT's `token_dim`).
+    pub prefix_projection: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -110,6 +113,29 @@ impl BnTrainSite {
     }
 }
 
+/// PEFT's prefix projection: rows = `W2 · tanh(W1 · e + b1) + b2` for each virtual token's
+/// embedding `e` (`[kv width]`), giving all layers' key/value rows.
+#[derive(Debug, Clone)]
+pub struct PrefixMlp {
+    /// `[encoder hidden, kv width]`, `[encoder hidden]`
+    pub w1: Var,
+    pub b1: Var,
+    /// `[layers · 2 · kv width, encoder hidden]`, `[layers · 2 · kv width]`
+    pub w2: Var,
+    pub b2: Var,
+}
+
+impl PrefixMlp {
+    fn rows(&self, e: &Tensor) -> candle_core::Result<Tensor> {
+        let h = e
+            .matmul(&self.w1.as_tensor().t()?)?
+            .broadcast_add(self.b1.as_tensor())?
+            .tanh()?;
+        h.matmul(&self.w2.as_tensor().t()?)?
+            .broadcast_add(self.b2.as_tensor())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TrainableAdapter {
     pub config: AdapterConfig,
@@ -117,8 +143,10 @@ pub struct TrainableAdapter {
     pub ia3: Vec<Ia3TrainSite>,
     /// Prompt tuning's soft prompt, `[virtual tokens, hidden]`.
     pub soft_prompt: Option<Var>,
-    /// Prefix tuning's rows, `[virtual tokens, layers · 2 · kv_heads · head_dim]`.
+    /// Prefix tuning's rows, `[virtual tokens, layers · 2 · kv_heads · head_dim]` (with
+    /// `prefix_mlp`: its input embeddings, `[virtual tokens, kv_heads · head_dim]`).
     pub prefix: Option<Var>,
+    pub prefix_mlp: Option<PrefixMlp>,
     /// Bottleneck adapters (their preset is `config.method`'s).
     pub bn: Vec<BnTrainSite>,
     pub dropout: f32,
@@ -197,6 +225,7 @@ impl TrainableAdapter {
             lora_dropout: spec.dropout as f64,
             layers_to_transform: None,
             base_model_name_or_path: Some(spec.base_model.clone()),
+            prefix_encoder_hidden: None,
         };
         Ok(Self {
             config,
@@ -205,6 +234,7 @@ impl TrainableAdapter {
             soft_prompt: None,
             prefix: None,
             bn: Vec::new(),
+            prefix_mlp: None,
             dropout: spec.dropout,
             seed: spec.seed,
         })
@@ -222,8 +252,45 @@ impl TrainableAdapter {
         let n = spec.virtual_tokens;
         let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
         let c = &model.config;
-        let (mut soft_prompt, mut prefix) = (None, None);
-        let method = if spec.method == Method::PrefixTuning {
+        let (mut soft_prompt, mut prefix, mut prefix_mlp) = (None, None, None);
+        let dev = model.device();
+        let method = if let (Method::PrefixTuning, Some(e)) = (spec.method, spec.prefix_projection)
+        {
+            // PEFT's PrefixEncoder with projection: embedding N(0, 1), then torch's Linear
+            // initialisation (weights and biases U(±1/sqrt(in))).
+            let d = c.num_key_value_heads * c.head_dim;
+            let e = if e == 0 { d } else { e };
+            let out = c.num_hidden_layers * 2 * d;
+            let mut uniform = |n: usize, fan_in: usize| -> Vec<f32> {
+                let b = 1.0 / (fan_in as f64).sqrt();
+                (0..n).map(|_| rng.random_range(-b..b) as f32).collect()
+            };
+            let (w1, b1, w2, b2) = (
+                uniform(e * d, d),
+                uniform(e, d),
+                uniform(out * e, e),
+                uniform(out, e),
+            );
+            let var = |v: Vec<f32>, shape: &[usize]| -> Result<Var, TrainError> {
+                Ok(Var::from_tensor(&Tensor::from_vec(v, shape, dev)?)?)
+            };
+            prefix_mlp = Some(PrefixMlp {
+                w1: var(w1, &[e, d])?,
+                b1: var(b1, &[e])?,
+                w2: var(w2, &[out, e])?,
+                b2: var(b2, &[out])?,
+            });
+            let emb: Vec<f32> = (0..n * d)
+                .map(|_| {
+                    let (u, v): (f64, f64) = (rng.random_range(1e-12..1.0), rng.random());
+                    ((-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+                })
+                .collect();
+            prefix = Some(var(emb, &[n, d])?);
+            crate::adapters::config::Method::PrefixTuning {
+                num_virtual_tokens: n,
+            }
+        } else if spec.method == Method::PrefixTuning {
             let width = c.num_hidden_layers * 2 * c.num_key_value_heads * c.head_dim;
             let rows: Vec<f32> = (0..n * width)
                 .map(|_| {
@@ -253,11 +320,12 @@ impl TrainableAdapter {
                 num_virtual_tokens: n,
             }
         };
-        let config = AdapterConfig::of(
+        let mut config = AdapterConfig::of(
             method,
             TargetModules::List(Vec::new()),
             Some(spec.base_model.clone()),
         );
+        config.prefix_encoder_hidden = prefix_mlp.as_ref().map(|m| m.b1.as_tensor().dims()[0]);
         Ok(Self {
             config,
             sites: Vec::new(),
@@ -265,6 +333,7 @@ impl TrainableAdapter {
             soft_prompt,
             prefix,
             bn: Vec::new(),
+            prefix_mlp,
             dropout: 0.0,
             seed: spec.seed,
         })
@@ -320,6 +389,7 @@ impl TrainableAdapter {
             soft_prompt: None,
             prefix: None,
             bn,
+            prefix_mlp: None,
             dropout: 0.0,
             seed: spec.seed,
         })
@@ -366,6 +436,7 @@ impl TrainableAdapter {
             soft_prompt: None,
             prefix: None,
             bn: Vec::new(),
+            prefix_mlp: None,
             dropout: 0.0,
             seed: spec.seed,
         })
@@ -457,6 +528,7 @@ impl TrainableAdapter {
             soft_prompt,
             prefix,
             bn,
+            prefix_mlp: None,
             dropout,
             seed,
         })
@@ -506,11 +578,13 @@ impl TrainableAdapter {
         }
         let mut weights = AdapterWeights::from_lora(layers);
         weights.soft_prompt = self.soft_prompt.as_ref().map(|v| v.as_tensor().clone());
-        weights.prefix = self.prefix.as_ref().map(|v| crate::model::KvPrefix {
-            tokens: v.as_tensor().dims()[0],
-            layers: Vec::new(),
-            tensor: Some(v.as_tensor().clone()),
-        });
+        if let Some(rows) = self.prefix_rows()? {
+            weights.prefix = Some(crate::model::KvPrefix {
+                tokens: rows.dims()[0],
+                layers: Vec::new(),
+                tensor: Some(rows),
+            });
+        }
         if let crate::adapters::config::Method::Bottleneck(cfg) = self.config.method {
             weights.bottleneck = (0..model.layers.len())
                 .map(|_| Default::default())
@@ -541,6 +615,17 @@ impl TrainableAdapter {
         Ok(weights)
     }
 
+    /// Prefix tuning's key/value rows (through the projection when there is one).
+    fn prefix_rows(&self) -> candle_core::Result<Option<Tensor>> {
+        let Some(p) = &self.prefix else {
+            return Ok(None);
+        };
+        Ok(Some(match &self.prefix_mlp {
+            Some(mlp) => mlp.rows(p.as_tensor())?,
+            None => p.as_tensor().clone(),
+        }))
+    }
+
     /// Every trainable tensor under its PEFT key.
     pub fn vars(&self) -> Vec<(String, &Var)> {
         let mut out = Vec::new();
@@ -560,6 +645,12 @@ impl TrainableAdapter {
         }
         if let Some(p) = self.soft_prompt.as_ref().or(self.prefix.as_ref()) {
             out.push((crate::adapters::peft::PROMPT_EMBEDDINGS.to_string(), p));
+        }
+        if let Some(m) = &self.prefix_mlp {
+            out.push(("prompt_encoder.transform.0.weight".into(), &m.w1));
+            out.push(("prompt_encoder.transform.0.bias".into(), &m.b1));
+            out.push(("prompt_encoder.transform.2.weight".into(), &m.w2));
+            out.push(("prompt_encoder.transform.2.bias".into(), &m.b2));
         }
         for s in &self.bn {
             let key = |t: &str| format!("{}.adapters.adapter.{t}", s.module());
@@ -620,11 +711,13 @@ impl TrainableAdapter {
             dir: dir.to_path_buf(),
             config: self.config.clone(),
             modules,
-            prompt_embeddings: self
-                .soft_prompt
-                .as_ref()
-                .or(self.prefix.as_ref())
-                .map(|v| v.as_tensor().clone()),
+            prompt_embeddings: match self.soft_prompt.as_ref() {
+                Some(v) => Some(v.as_tensor().clone()),
+                None => self
+                    .prefix_rows()
+                    .expect("the projection's shapes were set at init")
+                    .map(|t| t.detach()),
+            },
             fusion: None,
         }
     }
