@@ -579,3 +579,31 @@ fn trained_exports_give_our_logits_in_the_reference_libraries() {
         }
     }
 }
+
+/// AdapterFusion over adapters with AdapterHub's `leave_out` (`make_fusion_leave_out.py`): the
+/// library saves a fusion layer for layer 1 too, where neither fused adapter is, and skips it
+/// there; so do we (it was refused as "the fused adapter has no adapter here"). Within 1e-4 of
+/// the library at every position.
+#[test]
+fn adapter_fusion_over_adapters_that_leave_a_layer_out_matches_adapterhub() {
+    let loaded = load_tiny();
+    let fuse = bound(&loaded, &family_dir().join("adapters/fuse-cd-leave-out"));
+    let expected = read_json(family_dir().join("expected_fusion_leave_out.json"));
+    let cases = read_json(tiny_dir().join("expected_logits.json"));
+    let mut worst = 0f32;
+    for (c, want) in cases["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(expected["logits"].as_array().unwrap())
+    {
+        let ids = as_u32_vec(&c["input_ids"]);
+        let want: Vec<Vec<f32>> = want.as_array().unwrap().iter().map(as_f32_vec).collect();
+        let got = run(&loaded, &[(&ids, Some(&fuse))]);
+        for (g, w) in got.iter().zip(&want) {
+            worst = worst.max(max_abs_diff(g, w));
+        }
+    }
+    eprintln!("fusion with leave_out vs AdapterHub: worst {worst}");
+    assert!(worst < 1e-4, "{worst}");
+}

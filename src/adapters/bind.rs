@@ -438,7 +438,10 @@ pub fn bind(
         });
     }
     let fusion = match (&cfg.method, &adapter.fusion) {
-        (Method::Fusion { .. }, Some(parts)) => bind_fusion(parts, &path, model, opts)?,
+        (Method::Fusion { .. }, Some(parts)) => {
+            let file = adapter.fusion_weights_file().unwrap_or(path);
+            bind_fusion(parts, &file, model, opts)?
+        }
         _ => Vec::new(),
     };
     Ok(AdapterWeights {
@@ -498,6 +501,11 @@ fn bind_fusion(
         };
         let (layer, at) = bn_place(module, model.layers.len())
             .ok_or_else(|| err("the base model has no such adapter place".into()))?;
+        if bound.iter().all(|w| w.bn_site(layer, at).is_none()) {
+            // No fused adapter is here (AdapterHub's `leave_out`): the library adds the fusion
+            // layer to every layer but skips those without its adapters, and so do we.
+            continue;
+        }
         let sites = bound
             .iter()
             .zip(&parts.adapters)

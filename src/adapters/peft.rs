@@ -379,6 +379,17 @@ impl PeftAdapter {
         dir.join(adapters.join(","))
     }
 
+    /// A fusion setup's fusion-layer weights file (`NAME,NAME/model_adapter_fusion.safetensors`).
+    pub fn fusion_weights_file(&self) -> Option<PathBuf> {
+        let parts = self.fusion.as_ref()?;
+        let names: Vec<String> = parts
+            .adapters
+            .iter()
+            .filter_map(|a| a.dir.file_name()?.to_str().map(str::to_string))
+            .collect();
+        Some(Self::fusion_dir(&self.dir, &names).join(FUSION_WEIGHTS_FILE))
+    }
+
     /// An adapter directory's config: PEFT's, or AdapterHub's where its weights file is there.
     pub fn read_config(dir: &Path) -> Result<AdapterConfig, AdapterError> {
         if dir.join(SETUP_FILE).is_file() && !dir.join(CONFIG_FILE).is_file() {
