@@ -127,17 +127,20 @@ fn peft_adapters_on_the_real_model_give_the_reference_greedy_ids() {
     // (make_peft_family.py next to it).
     let mut expected = read_json(fixtures().join("smollm2").join("adapter_expected.json"));
     // adapterhub_family_expected.json: AdapterHub bottleneck adapters (seq_bn, double_seq_bn,
-    // par_bn), the same way (make_adapterhub_family.py).
+    // par_bn), the same way (make_adapterhub_family.py); adapterhub_fusion_expected.json: an
+    // AdapterFusion of two seq_bn adapters that leave out all layers but one
+    // (make_adapterhub_fusion.py).
     for file in [
         "peft_family_expected.json",
         "adapterhub_family_expected.json",
+        "adapterhub_fusion_expected.json",
     ] {
         let family = read_json(fixtures().join("smollm2").join(file));
         for (name, answers) in family["adapters"].as_object().unwrap() {
             expected["adapters"][name] = answers.clone();
         }
     }
-    assert_eq!(expected["adapters"].as_object().unwrap().len(), 8);
+    assert_eq!(expected["adapters"].as_object().unwrap().len(), 9);
     let chats = self::expected();
     for (name, answers) in expected["adapters"].as_object().unwrap() {
         let dir = fixtures().join("smollm2").join("adapters").join(name);
