@@ -122,6 +122,9 @@ pub enum MethodArg {
     /// A bottleneck adapter in every layer (`--bn-config`, `--reduction-factor`), exported in
     /// AdapterHub's format (`adapters` loads it with `load_adapter`).
     Bottleneck,
+    /// AdapterFusion over the `--fuse` bottleneck adapters (frozen), exported as AdapterHub's
+    /// fusion setup (`adapters` loads it with `load_adapter_setup`).
+    Fusion,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -185,6 +188,9 @@ pub struct TrainArgs {
     /// The projection's hidden size (0: the key/value width, PEFT's `token_dim`).
     #[arg(long, default_value_t = 0)]
     pub encoder_hidden_size: usize,
+    /// `--method fusion`: a bottleneck adapter's folder to fuse (repeat, in order; at least two).
+    #[arg(long)]
+    pub fuse: Vec<PathBuf>,
     /// The preset of `--method bottleneck`.
     #[arg(long, value_enum, default_value = "seq")]
     pub bn_config: BnConfigArg,
@@ -714,10 +720,12 @@ pub async fn run_train(args: TrainArgs) -> Result<()> {
                         BnConfigArg::Parallel => BnKind::Parallel,
                     })
                 }
+                MethodArg::Fusion => Method::Fusion,
             },
             virtual_tokens: args.num_virtual_tokens,
             reduction_factor: args.reduction_factor,
             prefix_projection: args.prefix_projection.then_some(args.encoder_hidden_size),
+            fuse: args.fuse.clone(),
             rank: args.rank,
             alpha: args.alpha,
             dropout: args.dropout,

@@ -215,6 +215,7 @@ fn qlora_training_lowers_the_loss_and_serves_on_the_nf4_base() {
             virtual_tokens: 0,
             reduction_factor: 0,
             prefix_projection: None,
+            fuse: Vec::new(),
         },
         lr: 1e-2,
         weight_decay: 0.0,

@@ -529,8 +529,8 @@ fn one_batch_of_every_method_equals_each_row_alone() {
 /// What `serve train` exports is read by the reference libraries as we mean it: IA³, prompt and
 /// prefix tuning (with and without the projection) adapters trained by `serve train` on the tiny
 /// model and loaded in PEFT 0.21.2,
-/// and bottleneck adapters of the three presets loaded in `adapters` 1.3.0 (`load_adapter` of
-/// the folder, then `set_active_adapters`), give our logits within 1e-4 at every position
+/// and bottleneck adapters of the three presets and an AdapterFusion loaded in `adapters` 1.3.0
+/// (`load_adapter` / `load_adapter_setup` of the folder, then `set_active_adapters`), give our logits within 1e-4 at every position
 /// (`peft-family/make_trained_check.py` made both the exports and the libraries' logits).
 #[test]
 fn trained_exports_give_our_logits_in_the_reference_libraries() {
@@ -544,7 +544,7 @@ fn trained_exports_give_our_logits_in_the_reference_libraries() {
             .keys()
             .cloned()
             .collect();
-        let want = if lib == "peft" { 4 } else { 3 };
+        let want = 4; // peft: ia3, prompt, prefix, prefix-proj; adapters: 3 bottlenecks, fusion
         assert_eq!(names.len(), want, "{lib}: {names:?}");
         for name in names {
             let adapter = bound(&loaded, &family_dir().join("trained").join(&name));

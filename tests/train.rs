@@ -87,6 +87,7 @@ fn spec(method: Method, dropout: f32) -> TrainSpec {
         virtual_tokens: 6,
         reduction_factor: 0,
         prefix_projection: None,
+        fuse: Vec::new(),
     }
 }
 
@@ -545,6 +546,85 @@ fn bottleneck_training_lowers_the_loss_and_its_adapterhub_export_serves_the_same
     cfg.spec.reduction_factor = 7;
     let e = train(&m.model, &data, None, &cfg).unwrap_err().to_string();
     assert!(e.contains("--reduction-factor") && e.contains("7"), "{e}");
+}
+
+/// `serve train --method fusion` over two existing `seq_bn` adapters (frozen): on prompts that
+/// all want one answer, the loss falls below half its start on the tiny model (on the number →
+/// color data it went 6.40 → 3.41, 0.53×: two random rank-4 adapters give it little to work with); the export is AdapterHub's fusion setup
+/// (`adapter_setup.json`, the two adapters, `bn-seq-bn,bn-a/` with the fusion layers), the fused
+/// adapters are unchanged, and serving the setup from disk gives the trained logits.
+#[test]
+fn fusion_training_lowers_the_loss_and_its_setup_serves_the_same_logits() {
+    let m = load_tiny();
+    let family = tiny_dir()
+        .join("..")
+        .join("tiny-llama/peft-family/adapters");
+    let (a, b) = (family.join("bn-seq-bn"), family.join("fuse-ab/bn-a"));
+    let tmp = tempfile::tempdir().unwrap();
+    // A fusion layer re-weighs and maps the fused adapters' outputs (here two rank-4 random
+    // ones): like a soft prompt it can steer the model, as on prompts that all want one answer.
+    let data = steering_dataset(&m, tmp.path());
+    let out = tmp.path().join("fused");
+    let mut cfg = config(out.clone(), Method::Fusion, 200);
+    cfg.spec.fuse = vec![a.clone(), b.clone()];
+    cfg.lr = 1e-2;
+    let report = train(&m.model, &data, None, &cfg).unwrap();
+    eprintln!(
+        "fusion: loss {} -> {}",
+        report.first_loss, report.final_loss
+    );
+    assert!(
+        report.final_loss < 0.5 * report.first_loss,
+        "{} -> {}",
+        report.first_loss,
+        report.final_loss
+    );
+    let setup: serde_json::Value = read_json(out.join("adapter_setup.json"));
+    assert_eq!(setup["adapter_setup"]["type"], "Fuse");
+    let fusion_dir = out.join("bn-seq-bn,bn-a");
+    let fcfg: serde_json::Value = read_json(fusion_dir.join("adapter_fusion_config.json"));
+    assert_eq!(fcfg["config"]["value"], true);
+    let raw = candle_core::safetensors::load(
+        fusion_dir.join("model_adapter_fusion.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(raw.len(), 5 * m.model.layers.len());
+    // The fused adapters went in as they were.
+    for (name, src) in [("bn-seq-bn", &a), ("bn-a", &b)] {
+        let before = PeftAdapter::load(src).unwrap();
+        let after = PeftAdapter::load(&out.join(name)).unwrap();
+        for (module, w) in &before.modules {
+            let (x, y) = (
+                w.lora_b.as_ref().unwrap(),
+                after.modules[module].lora_b.as_ref().unwrap(),
+            );
+            let d: f32 = (x - y)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert_eq!(d, 0.0, "{name} {module}");
+        }
+    }
+    let peft = PeftAdapter::load(&out).unwrap();
+    served_gives_the_trained_logits(&m, &peft, &report, &data.examples[0].ids);
+    // Bad input: one adapter, a parallel one, and a LoRA adapter are refused naming --fuse.
+    for fuse in [
+        vec![a.clone()],
+        vec![a.clone(), family.join("bn-par-bn")],
+        vec![a.clone(), tiny_dir().join("adapters/lora-r4-qv")],
+    ] {
+        let mut cfg = config(tmp.path().join("bad"), Method::Fusion, 2);
+        cfg.spec.fuse = fuse;
+        let e = train(&m.model, &data, None, &cfg).unwrap_err().to_string();
+        assert!(e.contains("--fuse"), "{e}");
+        // Refused before the output folder is made.
+        assert!(!tmp.path().join("bad").exists());
+    }
 }
 
 /// The export read back and bound by the serving code gives the logits of the adapter as it

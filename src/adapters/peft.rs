@@ -552,6 +552,81 @@ impl PeftAdapter {
         Ok(())
     }
 
+    /// Writes a fusion setup as AdapterHub's `save_adapter_setup` does: `adapter_setup.json`, a
+    /// folder per fused adapter (AdapterHub format, named as in the setup), and
+    /// `NAME,NAME/` with `adapter_fusion_config.json` (`dynamic`) and the fusion layers.
+    pub fn save_fusion_setup(
+        dir: &Path,
+        adapters: &[(String, PeftAdapter)],
+        layers: &BTreeMap<String, FusionTensors>,
+        hidden: usize,
+        model_name: Option<&str>,
+    ) -> Result<(), AdapterError> {
+        let io = |path: PathBuf| move |source| AdapterError::Io { path, source };
+        let names: Vec<String> = adapters.iter().map(|(n, _)| n.clone()).collect();
+        for (name, a) in adapters {
+            a.save(&dir.join(name), &[])?;
+        }
+        let setup = serde_json::json!({
+            "adapter_setup": {
+                "type": "Fuse",
+                "children": names.iter().map(|n| serde_json::json!({"type": "single", "children": [n]})).collect::<Vec<_>>(),
+            },
+            "head_setup": null,
+            "version": "adapters.1.3.0",
+        });
+        let setup_path = dir.join(SETUP_FILE);
+        std::fs::write(
+            &setup_path,
+            serde_json::to_string_pretty(&setup).expect("json"),
+        )
+        .map_err(io(setup_path.clone()))?;
+        let fusion_name = names.join(",");
+        let fdir = Self::fusion_dir(dir, &names);
+        std::fs::create_dir_all(&fdir).map_err(io(fdir.clone()))?;
+        let value = layers.values().any(|t| t.value_w.is_some());
+        let config = serde_json::json!({
+            "adapter_names": names,
+            "config": {
+                "dropout_prob": null,
+                "key": true,
+                "query": true,
+                "query_before_ln": false,
+                "regularization": value,
+                "residual_before": false,
+                "temperature": false,
+                "value": value,
+                "value_before_softmax": true,
+                "value_initialized": value,
+            },
+            "hidden_size": hidden,
+            "model_class": "LlamaForCausalLM",
+            "model_name": model_name,
+            "model_type": "llama",
+            "name": fusion_name,
+            "version": "adapters.1.3.0",
+        });
+        let cfg_path = fdir.join("adapter_fusion_config.json");
+        std::fs::write(
+            &cfg_path,
+            serde_json::to_string_pretty(&config).expect("json"),
+        )
+        .map_err(io(cfg_path.clone()))?;
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        for (place, t) in layers {
+            let key = |s: &str| format!("{place}.adapter_fusion_layer.{fusion_name}.{s}");
+            tensors.insert(key("query.weight"), t.query_w.contiguous()?);
+            tensors.insert(key("query.bias"), t.query_b.contiguous()?);
+            tensors.insert(key("key.weight"), t.key_w.contiguous()?);
+            tensors.insert(key("key.bias"), t.key_b.contiguous()?);
+            if let Some(v) = &t.value_w {
+                tensors.insert(key("value.weight"), v.contiguous()?);
+            }
+        }
+        candle_core::safetensors::save(&tensors, fdir.join(FUSION_WEIGHTS_FILE))?;
+        Ok(())
+    }
+
     fn save_adapterhub(
         &self,
         dir: &Path,

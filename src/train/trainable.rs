@@ -31,6 +31,10 @@ pub enum Method {
     /// `hidden / reduction_factor`, non-linearity, up-projection (starting at zero, so the model
     /// starts unchanged), biases.
     Bottleneck(BnKind),
+    /// AdapterHub's AdapterFusion (`dynamic`) over existing sequential bottleneck adapters
+    /// (`TrainSpec::fuse`), which stay frozen: query, key (N(0, 0.02²), biases zero) and value
+    /// (the identity) of every place they share are trained, as `train_adapter_fusion` does.
+    Fusion,
 }
 
 #[derive(Debug, Clone)]
@@ -50,6 +54,8 @@ pub struct TrainSpec {
     /// Prefix tuning through PEFT's projection (`--prefix-projection`): the encoder's hidden
     /// size (0: the key/value width, PEFT's `token_dim`).
     pub prefix_projection: Option<usize>,
+    /// `Method::Fusion`: the bottleneck adapters' folders, in the order fused.
+    pub fuse: Vec<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -136,6 +142,40 @@ impl PrefixMlp {
     }
 }
 
+/// One fusion layer being trained.
+#[derive(Debug, Clone)]
+pub struct FusionTrainSite {
+    pub layer: usize,
+    /// 0: after attention, 1: after the MLP.
+    pub place: usize,
+    /// `[hidden, hidden]` each (torch's `Linear` layout), biases `[hidden]`.
+    pub query: Var,
+    pub query_b: Var,
+    pub key: Var,
+    pub key_b: Var,
+    pub value: Var,
+}
+
+impl FusionTrainSite {
+    fn module(&self) -> String {
+        let place = if self.place == 0 {
+            "attention_adapters"
+        } else {
+            "output_adapters"
+        };
+        format!("model.layers.{}.{place}", self.layer)
+    }
+}
+
+/// AdapterFusion training: the frozen fused adapters and the fusion layers.
+#[derive(Debug, Clone)]
+pub struct FusionTrain {
+    /// The fused adapters' names (their folders' names) and contents, in order.
+    pub adapters: Vec<(String, PeftAdapter)>,
+    bound: Vec<AdapterWeights>,
+    pub sites: Vec<FusionTrainSite>,
+}
+
 #[derive(Debug, Clone)]
 pub struct TrainableAdapter {
     pub config: AdapterConfig,
@@ -147,6 +187,7 @@ pub struct TrainableAdapter {
     /// `prefix_mlp`: its input embeddings, `[virtual tokens, kv_heads · head_dim]`).
     pub prefix: Option<Var>,
     pub prefix_mlp: Option<PrefixMlp>,
+    pub fusion: Option<FusionTrain>,
     /// Bottleneck adapters (their preset is `config.method`'s).
     pub bn: Vec<BnTrainSite>,
     pub dropout: f32,
@@ -169,6 +210,9 @@ impl TrainableAdapter {
         }
         if let Method::Bottleneck(kind) = spec.method {
             return Self::init_bn(model, spec, kind);
+        }
+        if spec.method == Method::Fusion {
+            return Self::init_fusion(model, spec);
         }
         if spec.rank == 0 {
             return Err(TrainError::config("--rank", "must be at least 1"));
@@ -235,6 +279,7 @@ impl TrainableAdapter {
             prefix: None,
             bn: Vec::new(),
             prefix_mlp: None,
+            fusion: None,
             dropout: spec.dropout,
             seed: spec.seed,
         })
@@ -334,6 +379,7 @@ impl TrainableAdapter {
             prefix,
             bn: Vec::new(),
             prefix_mlp,
+            fusion: None,
             dropout: 0.0,
             seed: spec.seed,
         })
@@ -390,6 +436,128 @@ impl TrainableAdapter {
             prefix: None,
             bn,
             prefix_mlp: None,
+            fusion: None,
+            dropout: 0.0,
+            seed: spec.seed,
+        })
+    }
+
+    /// AdapterFusion over `spec.fuse`, initialised as AdapterHub's `dynamic` fusion layer.
+    fn init_fusion(model: &Llama, spec: &TrainSpec) -> Result<Self, TrainError> {
+        use crate::model::BnInput;
+        if spec.fuse.len() < 2 {
+            return Err(TrainError::config(
+                "--fuse",
+                "names fewer than two bottleneck adapters",
+            ));
+        }
+        let mut adapters: Vec<(String, PeftAdapter)> = Vec::new();
+        let mut bound = Vec::new();
+        let mut input = None;
+        for dir in &spec.fuse {
+            let name = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .filter(|n| !n.is_empty() && !n.contains(','))
+                .ok_or_else(|| {
+                    TrainError::config(
+                        "--fuse",
+                        format!("{}: the folder's name is the adapter's", dir.display()),
+                    )
+                })?
+                .to_string();
+            if adapters.iter().any(|(n, _)| *n == name) {
+                return Err(TrainError::config(
+                    "--fuse",
+                    format!("names `{name}` twice"),
+                ));
+            }
+            let peft = PeftAdapter::load(dir)?;
+            let crate::adapters::config::Method::Bottleneck(bn) = peft.config.method else {
+                return Err(TrainError::config(
+                    "--fuse",
+                    format!("{} is not a bottleneck adapter", dir.display()),
+                ));
+            };
+            if bn.input == BnInput::BeforeSublayer || input.is_some_and(|i| i != bn.input) {
+                return Err(TrainError::config(
+                    "--fuse",
+                    format!(
+                        "{}: the fused adapters must be sequential bottleneck adapters of one kind (seq or double)",
+                        dir.display()
+                    ),
+                ));
+            }
+            input = Some(bn.input);
+            bound.push(crate::adapters::bind(&peft, model, &Default::default())?);
+            adapters.push((name, peft));
+        }
+        let h = model.config.hidden_size;
+        let dev = model.device();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(spec.seed);
+        let mut normal = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    let (u, v): (f64, f64) = (rng.random_range(1e-12..1.0), rng.random());
+                    (0.02 * (-2.0 * u.ln()).sqrt() * (std::f64::consts::TAU * v).cos()) as f32
+                })
+                .collect()
+        };
+        let mut eye = vec![1e-6f32; h * h];
+        for i in 0..h {
+            eye[i * h + i] = 1.0;
+        }
+        let var = |v: Vec<f32>, shape: &[usize]| -> Result<Var, TrainError> {
+            Ok(Var::from_tensor(&Tensor::from_vec(v, shape, dev)?)?)
+        };
+        let mut sites = Vec::new();
+        for layer in 0..model.layers.len() {
+            for place in 0..2 {
+                let here = bound
+                    .iter()
+                    .filter(|w| w.bn_site(layer, place).is_some())
+                    .count();
+                if here == 0 {
+                    continue;
+                }
+                if here < bound.len() {
+                    return Err(TrainError::config(
+                        "--fuse",
+                        format!("the adapters do not all have a bottleneck at layer {layer}"),
+                    ));
+                }
+                sites.push(FusionTrainSite {
+                    layer,
+                    place,
+                    query: var(normal(h * h), &[h, h])?,
+                    query_b: var(vec![0.0; h], &[h])?,
+                    key: var(normal(h * h), &[h, h])?,
+                    key_b: var(vec![0.0; h], &[h])?,
+                    value: var(eye.clone(), &[h, h])?,
+                });
+            }
+        }
+        let config = AdapterConfig::of(
+            crate::adapters::config::Method::Fusion {
+                adapters: adapters.iter().map(|(n, _)| n.clone()).collect(),
+                value: true,
+            },
+            TargetModules::List(Vec::new()),
+            Some(spec.base_model.clone()),
+        );
+        Ok(Self {
+            config,
+            sites: Vec::new(),
+            ia3: Vec::new(),
+            soft_prompt: None,
+            prefix: None,
+            bn: Vec::new(),
+            prefix_mlp: None,
+            fusion: Some(FusionTrain {
+                adapters,
+                bound,
+                sites,
+            }),
             dropout: 0.0,
             seed: spec.seed,
         })
@@ -437,6 +605,7 @@ impl TrainableAdapter {
             prefix: None,
             bn: Vec::new(),
             prefix_mlp: None,
+            fusion: None,
             dropout: 0.0,
             seed: spec.seed,
         })
@@ -529,6 +698,7 @@ impl TrainableAdapter {
             prefix,
             bn,
             prefix_mlp: None,
+            fusion: None,
             dropout,
             seed,
         })
@@ -601,6 +771,30 @@ impl TrainableAdapter {
                 });
             }
         }
+        if let Some(f) = &self.fusion {
+            weights.fusion = (0..model.layers.len())
+                .map(|_| Default::default())
+                .collect();
+            for s in &f.sites {
+                let adapters = f
+                    .bound
+                    .iter()
+                    .map(|w| {
+                        w.bn_site(s.layer, s.place)
+                            .cloned()
+                            .expect("checked at init")
+                    })
+                    .collect();
+                weights.fusion[s.layer][s.place] = Some(crate::model::FusionSite {
+                    adapters,
+                    query_t: s.query.as_tensor().t()?,
+                    query_b: s.query_b.as_tensor().clone(),
+                    key_t: s.key.as_tensor().t()?,
+                    key_b: s.key_b.as_tensor().clone(),
+                    value_t: Some(s.value.as_tensor().t()?),
+                });
+            }
+        }
         if !self.ia3.is_empty() {
             weights.ia3 = (0..model.layers.len())
                 .map(|_| Default::default())
@@ -652,6 +846,14 @@ impl TrainableAdapter {
             out.push(("prompt_encoder.transform.2.weight".into(), &m.w2));
             out.push(("prompt_encoder.transform.2.bias".into(), &m.b2));
         }
+        for s in self.fusion.iter().flat_map(|f| &f.sites) {
+            let key = |t: &str| format!("{}.adapter_fusion_layer.fusion.{t}", s.module());
+            out.push((key("query.weight"), &s.query));
+            out.push((key("query.bias"), &s.query_b));
+            out.push((key("key.weight"), &s.key));
+            out.push((key("key.bias"), &s.key_b));
+            out.push((key("value.weight"), &s.value));
+        }
         for s in &self.bn {
             let key = |t: &str| format!("{}.adapters.adapter.{t}", s.module());
             out.push((key("adapter_down.0.weight"), &s.down));
@@ -660,6 +862,42 @@ impl TrainableAdapter {
             out.push((key("adapter_up.bias"), &s.up_b));
         }
         out
+    }
+
+    /// Writes the adapter into `dir`: PEFT's format, AdapterHub's for bottleneck adapters, an
+    /// AdapterHub fusion setup (the fused adapters copied in) for a fusion.
+    pub fn export(
+        &self,
+        dir: &std::path::Path,
+        model: &Llama,
+        proj_names: &[&str],
+    ) -> Result<(), TrainError> {
+        let Some(f) = &self.fusion else {
+            return Ok(self.to_peft(dir).save(dir, proj_names)?);
+        };
+        let layers = f
+            .sites
+            .iter()
+            .map(|s| {
+                (
+                    s.module(),
+                    crate::adapters::peft::FusionTensors {
+                        query_w: s.query.as_tensor().clone(),
+                        query_b: s.query_b.as_tensor().clone(),
+                        key_w: s.key.as_tensor().clone(),
+                        key_b: s.key_b.as_tensor().clone(),
+                        value_w: Some(s.value.as_tensor().clone()),
+                    },
+                )
+            })
+            .collect();
+        Ok(PeftAdapter::save_fusion_setup(
+            dir,
+            &f.adapters,
+            &layers,
+            model.config.hidden_size,
+            self.config.base_model_name_or_path.as_deref(),
+        )?)
     }
 
     pub fn to_peft(&self, dir: &std::path::Path) -> PeftAdapter {

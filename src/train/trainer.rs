@@ -205,6 +205,8 @@ pub fn train(
             "and `--grad-accum` must be at least 1",
         ));
     }
+    // The adapter first: a spec it refuses leaves `--output` as it was.
+    let adapter = TrainableAdapter::init(model, &cfg.spec)?;
     let resuming = cfg.resume && checkpoint_dir(&cfg.output).join("state.json").is_file();
     if cfg.output.exists() && !cfg.overwrite && !cfg.resume {
         return Err(TrainError::output(
@@ -225,7 +227,6 @@ pub fn train(
         .max(1);
     let warmup = (total as f64 * cfg.warmup_ratio).ceil() as usize;
 
-    let adapter = TrainableAdapter::init(model, &cfg.spec)?;
     let vars: Vec<&Var> = adapter.vars().into_iter().map(|(_, v)| v).collect();
     let mut opt = AdamW::new(&vars, cfg.betas.0, cfg.betas.1, cfg.weight_decay)?;
     let start_step = if resuming {
@@ -344,7 +345,7 @@ pub fn train(
         _ => None,
     };
     let names: Vec<&str> = Proj::ALL.iter().map(|p| p.short()).collect();
-    adapter.to_peft(&cfg.output).save(&cfg.output, &names)?;
+    adapter.export(&cfg.output, model, &names)?;
     let _ = std::fs::remove_dir_all(checkpoint_dir(&cfg.output));
     let seconds = started.elapsed().as_secs_f64();
     Ok(TrainReport {
