@@ -1,7 +1,8 @@
 //! One decode step of a batch on the default model's shapes (SmolLM2-135M: hidden 576,
 //! intermediate 1536, 30 layers, 9 heads / 3 KV heads, vocab 49152), f32, random weights:
 //! base only vs one adapter for all rows vs 8 distinct adapters, rank 16 on all seven
-//! projections, and 8 adapters of mixed methods (LoRA, DoRA, IA³, prefix and prompt tuning).
+//! projections, 8 adapters of mixed methods (LoRA, DoRA, IA³, prefix and prompt tuning), and 8 of
+//! every method (those, `seq_bn`, `double_seq_bn`, AdapterFusion).
 //! Each sequence has 32 tokens of context. Reported as step time; the ratios adapter/base are
 //! what matter. `LORAPLEX_BENCH_NF4=1` quantizes the base projections to NF4
 //! first (the adapters stay f32).
@@ -140,6 +141,72 @@ fn mixed_methods(model: &Llama) -> Vec<AdapterWeights> {
     ]
 }
 
+/// Every method once (8 distinct adapters): LoRA, DoRA, IA³, prefix and prompt tuning as in
+/// `mixed_methods`, and AdapterHub's `seq_bn` and `double_seq_bn` (reduction factor 16) and a
+/// dynamic AdapterFusion over two `seq_bn` adapters.
+fn every_method(model: &Llama) -> Vec<AdapterWeights> {
+    use loraplex::model::{BnActivation, BnInput, BnSite, FusionSite};
+    let c = &model.config;
+    let (h, layers) = (c.hidden_size, c.num_hidden_layers);
+    let r = h / 16;
+    let bn = |input: BnInput, act: BnActivation| BnSite {
+        down_t: randn(&[h, r], 0.02),
+        down_b: randn(&[r], 0.01),
+        up_t: randn(&[r, h], 0.02),
+        up_b: randn(&[h], 0.01),
+        scaling: 1.0,
+        act,
+        input,
+    };
+    let with_bn = |places: &[usize], input: BnInput, act: BnActivation| {
+        let mut w = AdapterWeights::from_lora(vec![Default::default(); layers]);
+        w.bottleneck = (0..layers)
+            .map(|_| {
+                let mut row: [Option<BnSite>; 2] = Default::default();
+                for &p in places {
+                    row[p] = Some(bn(input, act));
+                }
+                row
+            })
+            .collect();
+        w
+    };
+    let seq = with_bn(&[1], BnInput::AfterResidual, BnActivation::Relu);
+    let double = with_bn(&[0, 1], BnInput::SublayerOutput, BnActivation::Silu);
+    let mut fusion = AdapterWeights::from_lora(vec![Default::default(); layers]);
+    fusion.fusion = (0..layers)
+        .map(|_| {
+            let mut row: [Option<FusionSite>; 2] = Default::default();
+            row[1] = Some(FusionSite {
+                adapters: vec![
+                    bn(BnInput::AfterResidual, BnActivation::Relu),
+                    bn(BnInput::AfterResidual, BnActivation::Relu),
+                ],
+                query_t: randn(&[h, h], 0.02),
+                query_b: randn(&[h], 0.01),
+                key_t: randn(&[h, h], 0.02),
+                key_b: randn(&[h], 0.01),
+                value_t: Some(
+                    (randn(&[h, h], 0.01) + Tensor::eye(h, DType::F32, &Device::Cpu).unwrap())
+                        .unwrap(),
+                ),
+            });
+            row
+        })
+        .collect();
+    let m = mixed_methods(model);
+    vec![
+        m[0].clone(),
+        m[2].clone(),
+        m[4].clone(),
+        m[6].clone(),
+        m[7].clone(),
+        seq,
+        double,
+        fusion,
+    ]
+}
+
 /// Caches with 32 tokens of context, each prefilled under its row's adapter.
 fn prefilled_with(model: &Llama, adapters: &[Option<&AdapterWeights>]) -> Vec<KvCache> {
     let ctx: Vec<u32> = (100..132).collect();
@@ -230,6 +297,13 @@ fn bench(c: &mut Criterion) {
     let caches = prefilled_with(&model, &mixed);
     group.bench_function("rows8/8_mixed_methods", |b| {
         b.iter(|| step(&model, &caches, &mixed))
+    });
+    // 8 rows, every method once: LoRA, DoRA, IA³, prefix, prompt, seq_bn, double_seq_bn, fusion.
+    let family = every_method(&model);
+    let every: Vec<Option<&AdapterWeights>> = family.iter().map(Some).collect();
+    let caches = prefilled_with(&model, &every);
+    group.bench_function("rows8/8_every_method", |b| {
+        b.iter(|| step(&model, &caches, &every))
     });
     group.finish();
 }
