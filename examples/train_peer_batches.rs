@@ -21,7 +21,11 @@ fn main() {
     let seed: u64 = args[3].parse().unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let resolved = rt
-        .block_on(ModelSource::parse(None).unwrap().resolve(&SourceConfig::from_env()))
+        .block_on(
+            ModelSource::parse(None)
+                .unwrap()
+                .resolve(&SourceConfig::from_env()),
+        )
         .unwrap();
     let loaded = load_model(&resolved, &ModelOptions::default()).unwrap();
     let template = ChatTemplate::select(None, loaded.chat_template.as_deref()).unwrap();
@@ -47,6 +51,9 @@ fn main() {
                 serde_json::json!({"ids": e.ids, "labels": e.labels})
             })
             .collect();
-        println!("{}", serde_json::json!({"step": step, "examples": examples}));
+        println!(
+            "{}",
+            serde_json::json!({"step": step, "examples": examples})
+        );
     }
 }

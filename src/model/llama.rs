@@ -407,7 +407,13 @@ impl Llama {
                     sites.project(&mlp.up_proj, Proj::Up, &h)?,
                 ))
             })?;
-            let act = time(Part::Activation, || gate.silu()? * up)?;
+            let act = time(Part::Activation, || {
+                if (gate.track_op() || up.track_op()) && crate::ops::fused::applies(&gate) {
+                    crate::ops::fused::silu_mul(&gate, &up)
+                } else {
+                    gate.silu()? * up
+                }
+            })?;
             let down = time(Part::DownProj, || {
                 sites.project(&mlp.down_proj, Proj::Down, &act)
             })?;

@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod cpu_features;
 pub mod frozen_matmul;
+pub mod fused;
 pub mod gemm;
 pub mod hadamard;
 pub mod lora_avx2;

@@ -142,6 +142,11 @@ impl Rope {
             return candle_nn::rotary_emb::rope(&x.unsqueeze(0)?.contiguous()?, &cos, &sin)?
                 .squeeze(0);
         }
+        if super::fused::applies(x) {
+            let cos = self.cos_half.narrow(0, offset, len)?;
+            let sin = self.sin_half.narrow(0, offset, len)?;
+            return super::fused::rope(x, &cos, &sin);
+        }
         let cos = self.cos.narrow(0, offset, len)?;
         let sin = self.sin.narrow(0, offset, len)?;
         let x1 = x.narrow(D::Minus1, 0, dim / 2)?;
