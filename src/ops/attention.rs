@@ -16,6 +16,15 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     // batched matmul per key head serves them all, with no copy of the keys.
     let qg = q.reshape((kv_heads, group * len, head_dim))?;
     let scale = 1.0 / (head_dim as f64).sqrt();
+    if q.track_op() && len > 1 && super::fused::applies(q) {
+        // Training on the CPU: scale, mask and softmax as one node with its derivative.
+        let probs = super::fused::causal_softmax(&qg.matmul(&k.t()?)?, scale, len)?;
+        return probs
+            .matmul(v)?
+            .reshape((heads, len, head_dim))?
+            .transpose(0, 1)?
+            .reshape((len, heads * head_dim));
+    }
     let scores = (qg.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
     let scores = if len > 1 {
         let offset = total - len;

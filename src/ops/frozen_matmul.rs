@@ -4,9 +4,29 @@
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
+use super::gemm::{gemm_f32, Mat};
+
 struct FrozenMatmul {
     /// `[out, in]`
     w: Tensor,
+}
+
+/// Runs `f` on `t`'s elements (f32, CPU), contiguous in row-major order.
+fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+    let t = t.to_dtype(DType::F32)?.contiguous()?;
+    let (guard, layout) = t.storage_and_layout();
+    let (a, b) = layout.contiguous_offsets().expect("contiguous");
+    match &*guard {
+        Storage::Cpu(CpuStorage::F32(v)) => f(&v[a..b]),
+        _ => candle_core::bail!("frozen-matmul: CPU f32 tensors only"),
+    }
+}
+
+fn threads() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
 }
 
 impl CustomOp1 for FrozenMatmul {
@@ -14,34 +34,60 @@ impl CustomOp1 for FrozenMatmul {
         "frozen-matmul"
     }
 
+    /// `y[n, out] = x[n, in] · Wᵀ`, straight from the two buffers into the output (the strides
+    /// read W transposed in place).
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
             candle_core::Error::Msg("frozen-matmul: input must be contiguous".into())
         })?;
         let x = match storage {
-            CpuStorage::F32(v) => {
-                Tensor::from_slice(&v[start..end], layout.shape(), &candle_core::Device::Cpu)?
-            }
+            CpuStorage::F32(v) => &v[start..end],
             _ => candle_core::bail!("frozen-matmul: only f32 is supported for training"),
         };
-        let y = self
-            .w
-            .to_dtype(DType::F32)?
-            .matmul(&x.t()?)?
-            .t()?
-            .contiguous()?;
-        let (guard, y_layout) = y.storage_and_layout();
-        let (s, e) = y_layout.contiguous_offsets().expect("contiguous");
-        match &*guard {
-            Storage::Cpu(CpuStorage::F32(v)) => {
-                Ok((CpuStorage::F32(v[s..e].to_vec()), y.shape().clone()))
-            }
-            _ => candle_core::bail!("frozen-matmul: unexpected storage"),
-        }
+        let (out, inp) = self.w.dims2()?;
+        let n = x.len() / inp.max(1);
+        let mut y = vec![0f32; n * out];
+        with_f32(&self.w, |w| {
+            gemm_f32(
+                (n, out, inp),
+                &mut y,
+                out,
+                false,
+                Mat::rows(x, inp),
+                Mat {
+                    data: w,
+                    rs: 1,
+                    cs: inp,
+                },
+                threads(),
+            );
+            Ok(())
+        })?;
+        let mut dims = layout.shape().dims().to_vec();
+        *dims.last_mut().expect("a matrix") = out;
+        Ok((CpuStorage::F32(y), Shape::from(dims)))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.w.to_dtype(grad.dtype())?)?))
+    /// `dx[n, in] = grad[n, out] · W`.
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (out, inp) = self.w.dims2()?;
+        let n = grad.elem_count() / out.max(1);
+        let mut dx = vec![0f32; n * inp];
+        with_f32(grad, |g| {
+            with_f32(&self.w, |w| {
+                gemm_f32(
+                    (n, inp, out),
+                    &mut dx,
+                    inp,
+                    false,
+                    Mat::rows(g, out),
+                    Mat::rows(w, inp),
+                    threads(),
+                );
+                Ok(())
+            })
+        })?;
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
 

@@ -1,10 +1,20 @@
 //! Training-time ops with hand-written backward, for f32 on the CPU: RMSNorm (frozen weight),
-//! RoPE and `silu(gate) · up`. Built from candle primitives these are 5–10 graph nodes each, and
-//! candle's backward pays an allocation, a zero-fill and an add per node; one node each with its
-//! derivative written out costs one pass. The primitive paths stay for other devices and dtypes
-//! (`rms_norm`, `Rope::apply` and the MLP choose), and the tests hold both to the same gradients.
+//! RoPE, `silu(gate) · up` and the causal softmax of attention. Built from candle primitives
+//! these are 5–10 graph nodes each, and candle's backward pays an allocation, a zero-fill and an
+//! add per node; one node each with its derivative written out costs one pass, split over the
+//! threads by rows. The primitive paths stay for other devices and dtypes (`rms_norm`,
+//! `Rope::apply`, the MLP and `causal_attention` choose), and the tests hold both to the same
+//! gradients. `exp` is `ops::vexp`'s (within 3e-7 of the library's).
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use super::vexp::exp;
+
+/// Elements per parallel task: enough work to be worth a task, in whole rows of `row`.
+fn per_task(row: usize) -> usize {
+    (16_384 / row.max(1)).max(1) * row.max(1)
+}
 
 /// The f32 slice a contiguous CPU storage holds, or an error naming `op`.
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
@@ -37,31 +47,20 @@ impl RmsNorm {
         let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
         1.0 / (ms + self.eps).sqrt()
     }
-}
 
-impl CustomOp1 for RmsNorm {
-    fn name(&self) -> &'static str {
-        "rms-norm-trainable"
-    }
-
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s, l, self.name())?;
+    fn forward_rows(&self, x: &[f32], y: &mut [f32]) {
         let h = self.weight.len();
-        let mut y = vec![0f32; x.len()];
         for (xr, yr) in x.chunks_exact(h).zip(y.chunks_exact_mut(h)) {
             let r = self.inv_rms(xr);
             for ((o, v), w) in yr.iter_mut().zip(xr).zip(&self.weight) {
                 *o = w * v * r;
             }
         }
-        Ok((CpuStorage::F32(y), l.shape().clone()))
     }
 
     /// `dx = r·(g⊙w) − x · r³ · Σ(g⊙w⊙x) / h`.
-    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (x, g) = (host(arg)?, host(grad)?);
+    fn backward_rows(&self, x: &[f32], g: &[f32], dx: &mut [f32]) {
         let h = self.weight.len();
-        let mut dx = vec![0f32; x.len()];
         for ((xr, gr), dr) in x
             .chunks_exact(h)
             .zip(g.chunks_exact(h))
@@ -79,6 +78,31 @@ impl CustomOp1 for RmsNorm {
                 *d = r * g * w - k * x;
             }
         }
+    }
+}
+
+impl CustomOp1 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm-trainable"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let mut y = vec![0f32; x.len()];
+        let t = per_task(self.weight.len());
+        y.par_chunks_mut(t)
+            .zip(x.par_chunks(t))
+            .for_each(|(yc, xc)| self.forward_rows(xc, yc));
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (x, g) = (host(arg)?, host(grad)?);
+        let mut dx = vec![0f32; x.len()];
+        let t = per_task(self.weight.len());
+        dx.par_chunks_mut(t)
+            .zip(x.par_chunks(t).zip(g.par_chunks(t)))
+            .for_each(|(dc, (xc, gc))| self.backward_rows(xc, gc, dc));
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }
 }
@@ -105,7 +129,7 @@ impl Rope {
         let (_, len, hd) = shape.dims3()?;
         let half = hd / 2;
         let mut y = vec![0f32; x.len()];
-        for (xh, yh) in x.chunks_exact(len * hd).zip(y.chunks_exact_mut(len * hd)) {
+        let head = |(xh, yh): (&[f32], &mut [f32])| {
             for t in 0..len {
                 let (c, s) = (&self.cos[t * half..][..half], &self.sin[t * half..][..half]);
                 let (xr, yr) = (&xh[t * hd..][..hd], &mut yh[t * hd..][..hd]);
@@ -115,7 +139,10 @@ impl Rope {
                     yr[d + half] = b * c[d] + a * sn;
                 }
             }
-        }
+        };
+        x.par_chunks(len * hd)
+            .zip(y.par_chunks_mut(len * hd))
+            .for_each(head);
         Ok(y)
     }
 }
@@ -159,8 +186,10 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 struct SiluMul;
 
 fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + (-v).exp())
+    1.0 / (1.0 + exp(-v))
 }
+
+const ELEMS_PER_TASK: usize = 16_384;
 
 impl CustomOp2 for SiluMul {
     fn name(&self) -> &'static str {
@@ -178,7 +207,15 @@ impl CustomOp2 for SiluMul {
         if g.len() != u.len() {
             candle_core::bail!("silu-mul: shapes differ");
         }
-        let y = g.iter().zip(u).map(|(g, u)| g * sigmoid(*g) * u).collect();
+        let n = ELEMS_PER_TASK;
+        let mut y = vec![0f32; g.len()];
+        y.par_chunks_mut(n)
+            .zip(g.par_chunks(n).zip(u.par_chunks(n)))
+            .for_each(|(yc, (gc, uc))| {
+                for ((o, g), u) in yc.iter_mut().zip(gc).zip(uc) {
+                    *o = g * sigmoid(*g) * u;
+                }
+            });
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -191,13 +228,19 @@ impl CustomOp2 for SiluMul {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let (g, u, d) = (host(gate)?, host(up)?, host(grad)?);
+        let n = ELEMS_PER_TASK;
         let mut dg = vec![0f32; g.len()];
         let mut du = vec![0f32; g.len()];
-        for i in 0..g.len() {
-            let s = sigmoid(g[i]);
-            dg[i] = d[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
-            du[i] = d[i] * g[i] * s;
-        }
+        dg.par_chunks_mut(n)
+            .zip(du.par_chunks_mut(n))
+            .zip(g.par_chunks(n).zip(u.par_chunks(n)).zip(d.par_chunks(n)))
+            .for_each(|((dgc, duc), ((gc, uc), dc))| {
+                for i in 0..gc.len() {
+                    let s = sigmoid(gc[i]);
+                    dgc[i] = dc[i] * uc[i] * s * (1.0 + gc[i] * (1.0 - s));
+                    duc[i] = dc[i] * gc[i] * s;
+                }
+            });
         Ok((
             Some(Tensor::from_vec(dg, gate.shape(), gate.device())?),
             Some(Tensor::from_vec(du, up.shape(), up.device())?),
@@ -207,6 +250,86 @@ impl CustomOp2 for SiluMul {
 
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
     gate.contiguous()?.apply_op2(&up.contiguous()?, SiluMul)
+}
+
+/// `softmax(scale · s + causal mask)` over the last dimension of scores `[b, rows, total]`, row
+/// `r` being query `r % len` (the group's heads are folded into the rows) at position
+/// `total − len + r % len`, which sees keys `0 ..= position`.
+struct CausalSoftmax {
+    scale: f32,
+    len: usize,
+}
+
+impl CausalSoftmax {
+    /// Rows `first ..` of the scores.
+    fn forward_rows(&self, first: usize, x: &[f32], p: &mut [f32], total: usize) {
+        for (i, (xr, pr)) in x
+            .chunks_exact(total)
+            .zip(p.chunks_exact_mut(total))
+            .enumerate()
+        {
+            let seen = total - self.len + (first + i) % self.len + 1;
+            let max = xr[..seen]
+                .iter()
+                .fold(f32::NEG_INFINITY, |m, v| m.max(v * self.scale));
+            let mut sum = 0f32;
+            for (o, v) in pr[..seen].iter_mut().zip(&xr[..seen]) {
+                *o = exp(v * self.scale - max);
+                sum += *o;
+            }
+            let inv = 1.0 / sum;
+            pr[..seen].iter_mut().for_each(|o| *o *= inv);
+        }
+    }
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax-trainable"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let total = *l.shape().dims().last().expect("scores");
+        let mut p = vec![0f32; x.len()];
+        let t = per_task(total);
+        p.par_chunks_mut(t)
+            .zip(x.par_chunks(t))
+            .enumerate()
+            .for_each(|(c, (pc, xc))| self.forward_rows(c * t / total, xc, pc, total));
+        Ok((CpuStorage::F32(p), l.shape().clone()))
+    }
+
+    /// `ds = scale · p ⊙ (dp − Σ dp⊙p)` per row (masked entries have p = 0).
+    fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let (p, g) = (host(res)?, host(grad)?);
+        let total = *arg.dims().last().expect("scores");
+        let mut ds = vec![0f32; p.len()];
+        let t = per_task(total);
+        ds.par_chunks_mut(t)
+            .zip(p.par_chunks(t).zip(g.par_chunks(t)))
+            .for_each(|(dc, (pc, gc))| {
+                for ((pr, gr), dr) in pc
+                    .chunks_exact(total)
+                    .zip(gc.chunks_exact(total))
+                    .zip(dc.chunks_exact_mut(total))
+                {
+                    let dot: f32 = pr.iter().zip(gr).map(|(p, g)| p * g).sum();
+                    for ((d, p), g) in dr.iter_mut().zip(pr).zip(gr) {
+                        *d = self.scale * p * (g - dot);
+                    }
+                }
+            });
+        Ok(Some(Tensor::from_vec(ds, arg.shape(), arg.device())?))
+    }
+}
+
+/// Causal attention weights from raw scores `[b, group · len, total]` (see `CausalSoftmax`).
+pub fn causal_softmax(scores: &Tensor, scale: f64, len: usize) -> Result<Tensor> {
+    scores.contiguous()?.apply_op1(CausalSoftmax {
+        scale: scale as f32,
+        len,
+    })
 }
 
 #[cfg(test)]
@@ -285,6 +408,42 @@ mod tests {
                 let x2 = t[0].narrow(D::Minus1, hd / 2, hd / 2)?;
                 let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
                 t[0].broadcast_mul(&c)? + rotated.broadcast_mul(&s)?
+            },
+        );
+    }
+
+    #[test]
+    fn causal_softmax_gradient_equals_the_primitive_path() {
+        // Small, and large enough to be split into tasks (rows 0.. of each task offset right).
+        for (b, group, len, total) in [(2, 3, 4, 6), (2, 3, 120, 130)] {
+            causal_softmax_case(b, group, len, total);
+        }
+    }
+
+    fn causal_softmax_case(b: usize, group: usize, len: usize, total: usize) {
+        let dev = Device::Cpu;
+        let scores = Tensor::randn(0f32, 2.0, (b, group * len, total), &dev).unwrap();
+        let mask: Vec<f32> = (0..len)
+            .flat_map(|i| {
+                (0..total).map(move |j| {
+                    if j <= total - len + i {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (len, total), &dev).unwrap();
+        check(
+            &[scores],
+            |t| causal_softmax(t[0], 0.3, len),
+            |t| {
+                let s = (t[0] * 0.3)?
+                    .reshape((b, group, len, total))?
+                    .broadcast_add(&mask)?
+                    .reshape((b, group * len, total))?;
+                candle_nn::ops::softmax(&s, D::Minus1)
             },
         );
     }
