@@ -6,6 +6,7 @@
 //! ```sh
 //! cargo run --release --example train_profile -- 4 64      # batch 4 × 64 tokens
 //! cargo run --release --example train_profile -- 1 512     # batch 1 × 512 tokens
+//! cargo run --release --example train_profile -- 4 85 0.05 # with LoRA dropout 0.05
 //! ```
 //! For the backward by op kind, run it under `perf record -g` and read `perf report`.
 
@@ -24,10 +25,9 @@ const STEPS: usize = 6;
 
 fn main() {
     loraplex::init_threads();
-    let args: Vec<usize> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect();
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<usize> = raw.iter().take(2).filter_map(|a| a.parse().ok()).collect();
+    let dropout: f32 = raw.get(2).and_then(|a| a.parse().ok()).unwrap_or(0.0);
     let (batch, len) = (
         args.first().copied().unwrap_or(4),
         args.get(1).copied().unwrap_or(64),
@@ -46,7 +46,7 @@ fn main() {
         method: Method::Lora,
         rank: 8,
         alpha: 16.0,
-        dropout: 0.0,
+        dropout,
         targets: Proj::ALL.to_vec(),
         rslora: false,
         seed: 1,
@@ -111,7 +111,7 @@ fn main() {
     }
     let n = STEPS as f64;
     let total = (fwd + bwd + collect + clip + adam) / n;
-    println!("LoRA r8 all 7 projections, batch {batch} × {len} tokens, f32, mean of {STEPS} steps: {:.0} ms a step (fastest {:.0} ms), {:.0} tokens/s", total * 1e3, fastest * 1e3, (batch * len) as f64 / total);
+    println!("LoRA r8 all 7 projections (dropout {dropout}), batch {batch} × {len} tokens, f32, mean of {STEPS} steps: {:.0} ms a step (fastest {:.0} ms), {:.0} tokens/s", total * 1e3, fastest * 1e3, (batch * len) as f64 / total);
     println!("| part | ms | share |");
     println!("|---|---|---|");
     let parts = profile::totals();

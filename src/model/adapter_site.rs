@@ -5,7 +5,7 @@
 //! `n = ‖W + s·B A‖` per output row; at serving time `m/n` is one constant vector per site.
 //! IA³: `y = l ⊙ (W x)` (attention modules), or `y = W (l ⊙ x)` (feed-forward modules).
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// The seven projections of a Llama block, in a fixed order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -69,21 +69,79 @@ fn splitmix64(mut z: u64) -> u64 {
 }
 
 impl Dropout {
+    /// The factor element `i` is multiplied by: 0 with probability `p`, else `1/(1-p)`; a pure
+    /// function of the seed and the index, so forward and backward agree and threads may split
+    /// the work.
+    #[inline]
+    fn factor(&self, i: u64, threshold: u64, keep: f32) -> f32 {
+        if splitmix64(self.seed ^ i.wrapping_mul(0xD6E8_FEB8_6659_FD93)) < threshold {
+            0.0
+        } else {
+            keep
+        }
+    }
+
+    fn threshold(&self) -> u64 {
+        (self.p as f64 * u64::MAX as f64) as u64
+    }
+
+    /// `v[i] ← v[i] · factor(i)` for the elements `first ..` that `v` holds.
+    fn scale_from(&self, first: usize, v: &mut [f32]) {
+        let (threshold, keep) = (self.threshold(), 1.0 / (1.0 - self.p));
+        for (j, x) in v.iter_mut().enumerate() {
+            *x *= self.factor((first + j) as u64, threshold, keep);
+        }
+    }
+
     /// Zeroes each element with probability `p`, scales the rest by `1/(1-p)`.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() == DType::F32 && matches!(x.device(), candle_core::Device::Cpu) {
+            // One node, applied in place over threads, its backward the same mask.
+            return x.contiguous()?.apply_op1(*self);
+        }
         let keep = 1.0 / (1.0 - self.p);
-        let threshold = (self.p as f64 * u64::MAX as f64) as u64;
+        let threshold = self.threshold();
         let mask: Vec<f32> = (0..x.elem_count() as u64)
-            .map(|i| {
-                if splitmix64(self.seed ^ i.wrapping_mul(0xD6E8_FEB8_6659_FD93)) < threshold {
-                    0.0
-                } else {
-                    keep
-                }
-            })
+            .map(|i| self.factor(i, threshold, keep))
             .collect();
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x * mask
+    }
+}
+
+const DROPOUT_TASK: usize = 16_384;
+
+impl candle_core::CustomOp1 for Dropout {
+    fn name(&self) -> &'static str {
+        "lora-dropout"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let (a, b) = layout
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("dropout: input must be contiguous".into()))?;
+        let candle_core::CpuStorage::F32(v) = storage else {
+            candle_core::bail!("dropout: f32 only");
+        };
+        let mut y = v[a..b].to_vec();
+        y.par_chunks_mut(DROPOUT_TASK)
+            .enumerate()
+            .for_each(|(c, chunk)| self.scale_from(c * DROPOUT_TASK, chunk));
+        Ok((candle_core::CpuStorage::F32(y), layout.shape().clone()))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        use rayon::prelude::*;
+        let mut g: Vec<f32> = grad.contiguous()?.flatten_all()?.to_vec1()?;
+        g.par_chunks_mut(DROPOUT_TASK)
+            .enumerate()
+            .for_each(|(c, chunk)| self.scale_from(c * DROPOUT_TASK, chunk));
+        Ok(Some(Tensor::from_vec(g, arg.shape(), arg.device())?))
     }
 }
 

@@ -332,6 +332,71 @@ pub fn causal_softmax(scores: &Tensor, scale: f64, len: usize) -> Result<Tensor>
     })
 }
 
+/// Mean cross-entropy of logits `[n, vocab]` against `targets`: `mean(logsumexp(row) −
+/// row[target])`; its derivative `(softmax(row) − onehot(target)) / n`.
+struct CrossEntropy {
+    targets: Vec<u32>,
+}
+
+impl CrossEntropy {
+    /// Each row's max and `Σ exp(x − max)`.
+    fn row_stats(row: &[f32]) -> (f32, f32) {
+        let max = row.iter().fold(f32::NEG_INFINITY, |m, v| m.max(*v));
+        (max, row.iter().map(|v| exp(v - max)).sum())
+    }
+}
+
+impl CustomOp1 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        "cross-entropy-trainable"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let (n, vocab) = l.shape().dims2()?;
+        if n != self.targets.len() || self.targets.iter().any(|&t| t as usize >= vocab) {
+            candle_core::bail!("cross-entropy: targets do not fit the logits");
+        }
+        let total: f64 = x
+            .par_chunks(vocab)
+            .zip(self.targets.par_iter())
+            .map(|(row, &t)| {
+                let (max, sum) = Self::row_stats(row);
+                (max + sum.ln() - row[t as usize]) as f64
+            })
+            .sum();
+        Ok((
+            CpuStorage::F32(vec![(total / n.max(1) as f64) as f32]),
+            Shape::from(()),
+        ))
+    }
+
+    fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let x = host(arg)?;
+        let (n, vocab) = arg.dims2()?;
+        let g = grad.to_scalar::<f32>()? / n.max(1) as f32;
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(vocab)
+            .zip(x.par_chunks(vocab).zip(self.targets.par_iter()))
+            .for_each(|(dr, (row, &t))| {
+                let (max, sum) = Self::row_stats(row);
+                let inv = g / sum;
+                for (d, v) in dr.iter_mut().zip(row) {
+                    *d = exp(v - max) * inv;
+                }
+                dr[t as usize] -= g;
+            });
+        Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
+    }
+}
+
+/// Mean cross-entropy of `logits` `[n, vocab]` (f32, CPU) against `targets` `[n]`.
+pub fn cross_entropy(logits: &Tensor, targets: &[u32]) -> Result<Tensor> {
+    logits.contiguous()?.apply_op1(CrossEntropy {
+        targets: targets.to_vec(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -445,6 +510,19 @@ mod tests {
                     .reshape((b, group * len, total))?;
                 candle_nn::ops::softmax(&s, D::Minus1)
             },
+        );
+    }
+
+    #[test]
+    fn cross_entropy_gradient_equals_candle_nn() {
+        let dev = Device::Cpu;
+        let logits = Tensor::randn(0f32, 3.0, (5, 40), &dev).unwrap();
+        let targets = [3u32, 0, 39, 17, 17];
+        let t = Tensor::new(&targets[..], &dev).unwrap();
+        check(
+            &[logits],
+            |x| cross_entropy(x[0], &targets),
+            |x| candle_nn::loss::cross_entropy(x[0], &t),
         );
     }
 

@@ -83,6 +83,10 @@ pub fn batch_loss(
             .collect(),
         logits: LogitsRows::Select(rows),
     })?;
+    if crate::ops::fused::applies(&logits) {
+        // One node, its derivative written out (candle_nn's is six over [rows, vocab]).
+        return Ok(crate::ops::fused::cross_entropy(&logits, &targets)?);
+    }
     let targets = Tensor::new(targets.as_slice(), model.device())?;
     Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
 }
