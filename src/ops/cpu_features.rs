@@ -64,7 +64,7 @@ pub fn on_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
 /// The kernels this CPU runs, in words (stated once at start-up).
 pub fn describe() -> &'static str {
     if avx512_vnni() {
-        "AVX-512 VNNI integer kernels, AVX2 + FMA float kernels"
+        "AVX-512 VNNI integer kernels, AVX-512 f32 matmuls, AVX2 + FMA float kernels"
     } else if f16c() {
         "AVX2 integer and float kernels"
     } else if avx2_fma() {
