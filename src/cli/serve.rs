@@ -1,0 +1,191 @@
+//! `serve` (the default command): the server's flags, and building its state.
+
+use super::*;
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// TOML file of API keys (key → tenant, admin); without it the server is open.
+    #[arg(long)]
+    pub api_keys: Option<PathBuf>,
+    /// Sequences decoded together in one step.
+    #[arg(long, default_value_t = 32)]
+    pub max_running: usize,
+    /// KV positions all running sequences may reserve together (prompt + max_tokens each): the
+    /// block pool is allocated for this many at start-up (its bytes are logged; the default
+    /// model takes 46 KiB per position in f32, so the default is 1.4 GiB).
+    #[arg(long, default_value_t = 32768)]
+    pub kv_cache_tokens: usize,
+    /// How the KV pool stores keys and values: f32 (exact), bf16 or f16 (half the memory),
+    /// int8 (a quarter: rows rotated, one scale per row and head); auto: int8 when the model's
+    /// projections run integer kernels (a GGUF served as stored, the default model), else f32.
+    /// README's Long contexts gives decode speeds at context 2,048 for each, beside llama.cpp's.
+    #[arg(long, default_value = "auto", value_parser = parse_kv_dtype)]
+    pub kv_cache_dtype: KvDtypeChoice,
+    /// Positions per KV block (the unit of allocation and of prefix reuse).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub kv_block_size: u16,
+    /// Do not reuse the KV of cached prompt prefixes (reuse is per adapter and version).
+    #[arg(long)]
+    pub no_prefix_cache: bool,
+    /// Requests waiting beyond this get 429.
+    #[arg(long, default_value_t = 256)]
+    pub max_queue: usize,
+    /// Tokens one step feeds the model: running streams one each, prompts share the rest in
+    /// chunks, so a long prompt does not stall the streams (0: whole prompts at once).
+    /// Measured (8 streams, a 2,001-token prompt arriving): 0 → streams stall 5.0 s; 512 → 1.5 s;
+    /// 256 → 0.8 s with the prompt as fast as unchunked; 128 → 0.44 s, the prompt 14 % slower.
+    #[arg(long, default_value_t = 256)]
+    pub max_batched_tokens: usize,
+    #[arg(long, default_value_t = 64)]
+    pub max_resident_adapters: usize,
+    #[arg(long, default_value_t = 2 << 30)]
+    pub adapter_cache_bytes: usize,
+    /// Upper bound for `max_tokens`.
+    #[arg(long, default_value_t = 4096)]
+    pub max_tokens_cap: usize,
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    /// A request body must arrive within this many seconds.
+    #[arg(long, default_value_t = 30)]
+    pub body_timeout_secs: u64,
+    /// On SIGTERM, running requests get this long to finish.
+    #[arg(long, default_value_t = 30)]
+    pub shutdown_timeout_secs: u64,
+    /// Directories admins may load adapters from by path, besides the adapters directory
+    /// (repeatable; symlinks are resolved first).
+    #[arg(long = "adapter-path-allow", value_name = "DIR")]
+    pub adapter_path_allow: Vec<PathBuf>,
+    /// A key that may read `/metrics` (and nothing else); with `--api-keys`, admin keys may too.
+    #[arg(long, env = "LORAPLEX_METRICS_KEY", hide_env_values = true)]
+    pub metrics_key: Option<String>,
+    /// Adapter loads (from disk or the hub) running at once.
+    #[arg(long, default_value_t = 2)]
+    pub max_concurrent_loads: usize,
+    /// Largest adapter weights file downloaded from the hub (checked from its header first).
+    #[arg(long, default_value_t = 1 << 30)]
+    pub max_hub_adapter_bytes: u64,
+}
+
+/// Everything the server needs, built from the arguments (the model loaded, keys read).
+pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::server::AppState>> {
+    use crate::server::{auth::ApiKeys, validate::Limits, AppState, ServerConfig};
+    use std::sync::Arc;
+    let keys = match &args.api_keys {
+        Some(p) => Some(ApiKeys::from_file(p)?),
+        None => None,
+    };
+    let loaded = Arc::new(args.model.load().await?);
+    let kv_dtype = args
+        .kv_cache_dtype
+        .0
+        .unwrap_or_else(|| loaded.model.auto_kv_dtype());
+    let template = ChatTemplate::select(
+        args.model.chat_template.as_deref(),
+        loaded.chat_template.as_deref(),
+    )?;
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let context = loaded.model.config.max_position_embeddings;
+    let engine = crate::engine::Engine::start_with(
+        loaded,
+        crate::engine::SchedulerConfig {
+            max_running: args.max_running,
+            kv_cache_tokens: args.kv_cache_tokens,
+            max_queue: args.max_queue,
+            max_queue_per_tenant: crate::server::policy::Policy::queue_share(
+                keys.as_ref(),
+                args.max_queue,
+            ),
+            max_batched_tokens: args.max_batched_tokens,
+        },
+        crate::engine::KvConfig {
+            block_size: args.kv_block_size as usize,
+            dtype: kv_dtype,
+            prefix_caching: !args.no_prefix_cache,
+        },
+        metrics.clone(),
+    )?;
+    let cache = crate::adapters::AdapterCache::new(crate::adapters::CacheConfig {
+        max_resident: args.max_resident_adapters,
+        max_bytes: args.adapter_cache_bytes,
+    });
+    let config = ServerConfig {
+        max_body_bytes: args.max_body_bytes,
+        body_timeout: std::time::Duration::from_secs(args.body_timeout_secs),
+        shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout_secs),
+        limits: Limits {
+            max_tokens_cap: args.max_tokens_cap,
+            context,
+        },
+        bind: args.model.bind_options(),
+        sources: SourceConfig::from_env(),
+        policy: crate::server::policy::PolicyConfig {
+            path_allow: args.adapter_path_allow.clone(),
+            metrics_key: args
+                .metrics_key
+                .as_deref()
+                .map(crate::server::auth::MetricsKey::new),
+            max_hub_bytes: args.max_hub_adapter_bytes,
+        },
+        max_concurrent_loads: args.max_concurrent_loads,
+        max_concurrent_prepare: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .max(2),
+    };
+    Ok(Arc::new(AppState::new(crate::server::Parts {
+        engine,
+        registry: Registry::new(&args.model.adapters),
+        cache,
+        metrics,
+        keys,
+        template,
+        config,
+    })))
+}
+
+pub async fn run_server(args: ServeArgs) -> Result<()> {
+    let state = build_state(&args).await?;
+    let addr = format!("{}:{}", args.host, args.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr} (`--host`, `--port`)"))?;
+    if state.keys.is_none() {
+        eprintln!("no --api-keys: the server is open to anyone who can reach {addr}");
+    }
+    // Stated once: which kernels this CPU runs (a CPU without AVX2 takes the portable ones).
+    eprintln!(
+        "CPU kernels: {}; {} threads",
+        crate::ops::cpu_features::describe(),
+        rayon::current_num_threads()
+    );
+    eprintln!(
+        "serving {} on http://{} ({} adapters in {})",
+        state.base_id(),
+        listener.local_addr()?,
+        state.registry.list().len(),
+        args.model.adapters.display()
+    );
+    crate::server::serve(state, listener).await?;
+    eprintln!("stopped");
+    Ok(())
+}
+
+/// `--kv-cache-dtype`: a dtype, or `auto` (`None`), chosen for the model once it is loaded
+/// (`Llama::auto_kv_dtype`).
+#[derive(Debug, Clone, Copy)]
+pub struct KvDtypeChoice(pub Option<crate::model::KvDtype>);
+
+fn parse_kv_dtype(s: &str) -> std::result::Result<KvDtypeChoice, String> {
+    if s == "auto" {
+        return Ok(KvDtypeChoice(None));
+    }
+    s.parse()
+        .map(|d| KvDtypeChoice(Some(d)))
+        .map_err(|e: String| e.replace("expected", "expected auto,"))
+}
