@@ -20,6 +20,7 @@ const ALLOWED: [(&str, &[&str]); 11] = [
         "server",
         &[
             "engine",
+            "train",
             "adapters",
             "model",
             "chat",

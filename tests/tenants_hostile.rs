@@ -943,3 +943,158 @@ async fn completions_get_bos_when_the_model_asks() {
         );
     }
 }
+
+/// `POST /v1/files` as multipart, with `key`.
+async fn upload(app: &axum::Router, key: &str, purpose: &str, name: &str, content: &str) -> Resp {
+    let boundary = "xBOUNDARYx";
+    let body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n\
+         Content-Type: application/jsonl\r\n\r\n{content}\r\n--{boundary}--\r\n"
+    );
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/files")
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .header("authorization", format!("Bearer {key}"))
+        .body(Body::from(body))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    Resp {
+        status,
+        json: serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+        headers: Vec::new(),
+    }
+}
+
+// Uploaded training files: a tenant's are its own. The attacker (acme's key) tries globex's
+// file by id (read, list, delete), ids that would leave the folder, and bad uploads.
+#[tokio::test]
+async fn uploaded_files_belong_to_their_tenant() {
+    let s = setup(KEYS);
+    let state_dir = s.root.parent().unwrap().join("state");
+    let st = server(&s, &["--state-dir", state_dir.to_str().unwrap()]).await;
+    let app = router(st);
+    let data = "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"hello\"}]}\n\
+                {\"prompt\": \"2+2=\", \"completion\": \"4\"}\n\n\
+                {\"instruction\": \"name a color\", \"output\": \"red\"}\n";
+    let up = upload(&app, "sk-globex", "fine-tune", "secret.jsonl", data).await;
+    assert_eq!(up.status, StatusCode::OK, "{}", up.text);
+    let id = up.json["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("file-"), "{id}");
+    assert_eq!(up.json["bytes"], data.len());
+    assert_eq!(up.json["purpose"], "fine-tune");
+    assert!(up.json.get("owner").is_none(), "{}", up.text);
+    // The owner sees it; the attacker gets the 404 of an id that does not exist.
+    assert_eq!(
+        call(&app, "GET", &format!("/v1/files/{id}"), None, "sk-globex")
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let stolen = call(&app, "GET", &format!("/v1/files/{id}"), None, "sk-acme").await;
+    assert_eq!(stolen.status, StatusCode::NOT_FOUND, "{}", stolen.text);
+    let made_up = "file-0123456789abcdef01234567";
+    let missing = call(
+        &app,
+        "GET",
+        &format!("/v1/files/{made_up}"),
+        None,
+        "sk-acme",
+    )
+    .await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        stolen.text.replace(&id, "ID"),
+        missing.text.replace(made_up, "ID")
+    );
+    let listed = call(&app, "GET", "/v1/files", None, "sk-acme").await;
+    assert_eq!(
+        listed.json["data"].as_array().unwrap().len(),
+        0,
+        "{}",
+        listed.text
+    );
+    assert!(!listed.text.contains(&id));
+    let del = call(&app, "DELETE", &format!("/v1/files/{id}"), None, "sk-acme").await;
+    assert_eq!(del.status, StatusCode::NOT_FOUND);
+    // Ids that would name other paths are just not found.
+    for bad in [
+        "..%2F..%2Fkeys.toml",
+        "file-..%2F..%2Fx",
+        "%2Fetc%2Fpasswd",
+        "file-0123456789abcdef0123456g",
+    ] {
+        let r = call(&app, "GET", &format!("/v1/files/{bad}"), None, "sk-acme").await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{bad}: {}", r.text);
+    }
+    // The admin sees every file; the owner lists and deletes its own.
+    let all = call(&app, "GET", "/v1/files", None, "sk-root").await;
+    assert!(all.text.contains(&id));
+    let mine = call(&app, "GET", "/v1/files", None, "sk-globex").await;
+    assert_eq!(mine.json["data"][0]["id"], id.as_str());
+    let gone = call(
+        &app,
+        "DELETE",
+        &format!("/v1/files/{id}"),
+        None,
+        "sk-globex",
+    )
+    .await;
+    assert_eq!(gone.status, StatusCode::OK, "{}", gone.text);
+    assert_eq!(gone.json["deleted"], true);
+    assert_eq!(
+        call(&app, "GET", &format!("/v1/files/{id}"), None, "sk-globex")
+            .await
+            .status,
+        StatusCode::NOT_FOUND
+    );
+    // Bad uploads: named by field and line; nothing is kept.
+    let bad_line = upload(
+        &app,
+        "sk-acme",
+        "fine-tune",
+        "x.jsonl",
+        "{\"prompt\": \"a\", \"completion\": \"b\"}\n{\"prompt\": 3}\n",
+    )
+    .await;
+    assert_eq!(bad_line.status, StatusCode::BAD_REQUEST);
+    assert_eq!(param(&bad_line), "file");
+    assert!(bad_line.text.contains("line 2"), "{}", bad_line.text);
+    let not_json = upload(&app, "sk-acme", "fine-tune", "x.jsonl", "hello\n").await;
+    assert!(
+        not_json.text.contains("line 1") && not_json.text.contains("JSON"),
+        "{}",
+        not_json.text
+    );
+    let no_turn = upload(
+        &app,
+        "sk-acme",
+        "fine-tune",
+        "x.jsonl",
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n",
+    )
+    .await;
+    assert!(no_turn.text.contains("assistant"), "{}", no_turn.text);
+    let purpose = upload(&app, "sk-acme", "assistants", "x.jsonl", data).await;
+    assert_eq!(param(&purpose), "purpose", "{}", purpose.text);
+    let empty = upload(&app, "sk-acme", "fine-tune", "x.jsonl", "\n\n").await;
+    assert_eq!(param(&empty), "file");
+    let listed = call(&app, "GET", "/v1/files", None, "sk-acme").await;
+    assert_eq!(
+        listed.json["data"].as_array().unwrap().len(),
+        0,
+        "{}",
+        listed.text
+    );
+    // Without a key: 401.
+    let anon = send(&app, "GET", "/v1/files", None, None).await;
+    assert_eq!(anon.status, StatusCode::UNAUTHORIZED);
+}

@@ -70,6 +70,9 @@ pub struct ServeArgs {
     /// Largest adapter weights file downloaded from the hub (checked from its header first).
     #[arg(long, default_value_t = 1 << 30)]
     pub max_hub_adapter_bytes: u64,
+    /// Where uploaded files (`/v1/files`) are kept (default `$LORAPLEX_HOME/state`).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
 }
 
 /// Everything the server needs, built from the arguments (the model loaded, keys read).
@@ -133,6 +136,10 @@ pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::serve
             max_hub_bytes: args.max_hub_adapter_bytes,
         },
         max_concurrent_loads: args.max_concurrent_loads,
+        state_dir: args
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| SourceConfig::from_env().home.join("state")),
         max_concurrent_prepare: std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(2)

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod file_store;
 pub mod openai;
 pub mod policy;
 mod responses;
@@ -69,6 +70,14 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(routes::list_adapters).post(routes::add_adapter),
         )
         .route("/v1/adapters/{*name}", delete(routes::remove_adapter))
+        .route(
+            "/v1/files",
+            get(routes::list_files).post(routes::upload_file),
+        )
+        .route(
+            "/v1/files/{id}",
+            get(routes::get_file).delete(routes::delete_file),
+        )
         .route("/v1/load_lora_adapter", post(routes::vllm_load))
         .route("/v1/unload_lora_adapter", post(routes::vllm_unload))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));

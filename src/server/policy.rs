@@ -65,6 +65,16 @@ const TENANT_PATH: &str =
     "tenants may not name filesystem paths; register an adapter of your namespace by its name";
 
 impl Policy {
+    /// Whose files `caller` sees: an admin (or anyone on a server without keys) all of them
+    /// (`None`), a tenant only its own (`Some(Some(tenant))`).
+    pub fn file_scope(caller: &Caller) -> Option<Option<&str>> {
+        if caller.admin {
+            None
+        } else {
+            Some(caller.tenant.as_deref())
+        }
+    }
+
     pub fn new(config: PolicyConfig, adapters_root: &Path) -> Self {
         // A directory that does not exist (yet) allows nothing.
         let allow = std::iter::once(adapters_root)

@@ -360,3 +360,76 @@ pub async fn metrics(State(st): St, headers: HeaderMap) -> Result<Response, ApiE
     )
         .into_response())
 }
+
+/// `POST /v1/files` (multipart: `purpose`, `file`): checked line by line, kept for the caller.
+pub async fn upload_file(
+    State(st): St,
+    Extension(caller): Extension<Caller>,
+    mut form: axum::extract::Multipart,
+) -> Result<Response, ApiError> {
+    let bad_form = |e: axum::extract::multipart::MultipartError| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge(format!("the upload is too large: {}", e.body_text()))
+        } else {
+            ApiError::bad(
+                "file",
+                format!("cannot read the multipart form: {}", e.body_text()),
+            )
+        }
+    };
+    let (mut purpose, mut file) = (None, None);
+    while let Some(field) = form.next_field().await.map_err(bad_form)? {
+        match field.name() {
+            Some("purpose") => purpose = Some(field.text().await.map_err(bad_form)?),
+            Some("file") => {
+                let name = field.file_name().unwrap_or("upload.jsonl").to_string();
+                file = Some((name, field.bytes().await.map_err(bad_form)?));
+            }
+            _ => {}
+        }
+    }
+    let purpose = purpose.ok_or_else(|| ApiError::bad("purpose", "is missing"))?;
+    let (name, content) = file.ok_or_else(|| ApiError::bad("file", "is missing"))?;
+    let owner = caller.tenant.clone();
+    let record = st
+        .blocking(
+            |s| &s.prepare,
+            move |st| st.files.create(owner.as_deref(), &name, &purpose, &content),
+        )
+        .await?;
+    Ok((StatusCode::OK, Json(record.public())).into_response())
+}
+
+/// `GET /v1/files`: the caller's files, newest first.
+pub async fn list_files(
+    State(st): St,
+    Extension(caller): Extension<Caller>,
+) -> Result<Response, ApiError> {
+    let data: Vec<serde_json::Value> = st
+        .files
+        .list(Policy::file_scope(&caller))
+        .iter()
+        .map(|f| f.public())
+        .collect();
+    Ok(Json(json!({"object": "list", "data": data})).into_response())
+}
+
+/// `GET /v1/files/{id}`: another tenant's file is the same 404 as a missing one.
+pub async fn get_file(
+    State(st): St,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let record = st.files.get(&id, Policy::file_scope(&caller))?;
+    Ok(Json(record.public()).into_response())
+}
+
+/// `DELETE /v1/files/{id}`.
+pub async fn delete_file(
+    State(st): St,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    st.files.delete(&id, Policy::file_scope(&caller))?;
+    Ok(Json(json!({"id": id, "object": "file", "deleted": true})).into_response())
+}

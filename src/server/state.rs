@@ -32,6 +32,8 @@ pub struct ServerConfig {
     pub max_concurrent_loads: usize,
     /// Requests being parsed, rendered and tokenized at once (on blocking threads).
     pub max_concurrent_prepare: usize,
+    /// `--state-dir`: uploaded files (and, later, fine-tuning jobs) live here.
+    pub state_dir: std::path::PathBuf,
 }
 
 pub struct AppState {
@@ -48,6 +50,8 @@ pub struct AppState {
     pub loads: Semaphore,
     /// Bounds request preparation on the blocking pool.
     pub prepare: Semaphore,
+    /// Uploaded files (`/v1/files`).
+    pub files: super::file_store::FileStore,
     evictions_seen: AtomicU64,
 }
 
@@ -74,6 +78,7 @@ impl AppState {
             config,
         } = parts;
         Self {
+            files: super::file_store::FileStore::new(&config.state_dir),
             policy: Policy::new(config.policy.clone(), registry.root()),
             loads: Semaphore::new(config.max_concurrent_loads.max(1)),
             prepare: Semaphore::new(config.max_concurrent_prepare.max(1)),

@@ -125,6 +125,35 @@ fn to_example(
     Ok((ex.target_tokens() > 0).then_some(ex))
 }
 
+/// Whether one record has the shape of a training example (`messages` with an assistant turn,
+/// `prompt`/`completion`, or `instruction`/`output`), without tokenizing it: what an upload is
+/// checked against before any model reads it. The message names the field.
+pub fn check_record(v: &Value) -> Result<(), String> {
+    if !v.is_object() {
+        return Err("is not a JSON object".into());
+    }
+    if let Some(msgs) = v.get("messages") {
+        let messages: Vec<ChatMessage> =
+            serde_json::from_value(msgs.clone()).map_err(|e| format!("`messages`: {e}"))?;
+        if !messages.iter().any(|m| m.role == "assistant") {
+            return Err("`messages` has no assistant turn to learn".into());
+        }
+        return Ok(());
+    }
+    if v.get("prompt").is_some() || v.get("completion").is_some() {
+        return field(v, "prompt").and(field(v, "completion")).map(|_| ());
+    }
+    if v.get("instruction").is_some() || v.get("output").is_some() {
+        field(v, "instruction")?;
+        field(v, "output")?;
+        return match v.get("input") {
+            None | Some(Value::String(_)) | Some(Value::Null) => Ok(()),
+            Some(_) => Err("`input` must be a string".into()),
+        };
+    }
+    Err("expected `messages`, `prompt`/`completion`, or `instruction`/`output`".into())
+}
+
 fn parse_line(v: &Value, t: &Tokenization<'_>) -> Result<Option<Example>, String> {
     if let Some(msgs) = v.get("messages") {
         let messages: Vec<ChatMessage> =
