@@ -107,15 +107,20 @@ pub struct BnTrainSite {
     pub up_b: Var,
 }
 
+/// AdapterHub's module path of a place (`model.layers.L.attention_adapters` for 0, after
+/// attention; `.output_adapters` for 1, after the MLP).
+fn place_module(layer: usize, place: usize) -> String {
+    let place = if place == 0 {
+        "attention_adapters"
+    } else {
+        "output_adapters"
+    };
+    format!("model.layers.{layer}.{place}")
+}
+
 impl BnTrainSite {
-    /// AdapterHub's module path (`model.layers.L.output_adapters`).
     pub fn module(&self) -> String {
-        let place = if self.place == 0 {
-            "attention_adapters"
-        } else {
-            "output_adapters"
-        };
-        format!("model.layers.{}.{place}", self.layer)
+        place_module(self.layer, self.place)
     }
 }
 
@@ -158,12 +163,7 @@ pub struct FusionTrainSite {
 
 impl FusionTrainSite {
     fn module(&self) -> String {
-        let place = if self.place == 0 {
-            "attention_adapters"
-        } else {
-            "output_adapters"
-        };
-        format!("model.layers.{}.{place}", self.layer)
+        place_module(self.layer, self.place)
     }
 }
 
