@@ -231,6 +231,8 @@ fn qlora_training_lowers_the_loss_and_serves_on_the_nf4_base() {
         progress: false,
         args: serde_json::json!({}),
         interrupt_after: None,
+        cancel: None,
+        on_step: None,
     };
     let report = train(&m.model, &data, None, &cfg).unwrap();
     assert!(

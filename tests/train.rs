@@ -111,6 +111,8 @@ fn config(output: PathBuf, method: Method, steps: usize) -> TrainConfig {
         progress: false,
         args: serde_json::json!({"test": true}),
         interrupt_after: None,
+        cancel: None,
+        on_step: None,
     }
 }
 
@@ -320,6 +322,56 @@ fn an_interrupted_run_resumes_to_the_same_loss() {
     assert!(std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .contains("\"step\":12"));
+}
+
+/// A run can be cancelled from outside (a fine-tuning job's cancel): it stops after the step in
+/// progress with `Cancelled`, leaves a checkpoint of that step, and `resume` continues from it.
+/// Every step's metrics line reaches the hook as it is written (a job's events).
+#[test]
+fn a_cancelled_run_stops_after_its_step_and_resumes_from_it() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let m = load_tiny();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = small_dataset(&m, tmp.path());
+    let out = tmp.path().join("cancelled");
+    let cancel = Arc::new(AtomicBool::new(false));
+    let events: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let mut cfg = config(out.clone(), Method::Lora, 12);
+    cfg.save_steps = 5;
+    cfg.cancel = Some(cancel.clone());
+    let (seen, stop) = (events.clone(), cancel.clone());
+    cfg.on_step = Some(loraplex::train::trainer::StepHook(Arc::new(move |line| {
+        seen.lock().unwrap().push(line.clone());
+        if line["step"] == 3 {
+            stop.store(true, Ordering::Relaxed);
+        }
+    })));
+    let e = train(&m.model, &data, None, &cfg).unwrap_err();
+    assert!(
+        matches!(e, loraplex::train::TrainError::Cancelled { step: 3 }),
+        "{e}"
+    );
+    let steps: Vec<u64> = events
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|l| l["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [1, 2, 3]);
+    assert!(events.lock().unwrap()[0]["loss"].as_f64().unwrap() > 0.0);
+    let state: serde_json::Value = read_json(out.join("checkpoint").join("state.json"));
+    assert_eq!(state["step"], 3);
+    assert!(!out.join("adapter_model.safetensors").exists());
+    // Resumed without the flag: steps 4..12, then the export.
+    events.lock().unwrap().clear();
+    cfg.resume = true;
+    cancel.store(false, Ordering::Relaxed);
+    let report = train(&m.model, &data, None, &cfg).unwrap();
+    assert_eq!(report.steps, 12);
+    let first = events.lock().unwrap()[0]["step"].as_u64().unwrap();
+    assert_eq!(first, 4);
+    assert!(out.join("adapter_model.safetensors").exists());
 }
 
 #[test]

@@ -257,6 +257,8 @@ pub async fn run_train(args: TrainArgs) -> Result<()> {
             "base_model": loaded.id,
         }),
         interrupt_after: None,
+        cancel: None,
+        on_step: None,
     };
     let report = tokio::task::spawn_blocking(move || {
         crate::train::train(&loaded.model, &data, eval.as_ref(), &cfg)

@@ -24,6 +24,8 @@ pub enum TrainError {
         value: f32,
         checkpoint: String,
     },
+    #[error("cancelled after step {step}; a checkpoint of that step was saved")]
+    Cancelled { step: usize },
     #[error(transparent)]
     Adapter(#[from] crate::adapters::AdapterError),
     #[error(transparent)]

@@ -40,6 +40,22 @@ pub struct TrainConfig {
     pub args: serde_json::Value,
     /// Stop after this many steps as if interrupted (tests of `--resume`).
     pub interrupt_after: Option<usize>,
+    /// Set to ask the run to stop (a cancelled job): checked after every step; the run saves a
+    /// checkpoint of that step and ends with `TrainError::Cancelled`, so `resume` can continue.
+    pub cancel: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Called with each step's metrics line (`step`, `loss`, `lr`, `grad_norm`,
+    /// `tokens_per_second`) as it is written: a job's events.
+    pub on_step: Option<StepHook>,
+}
+
+/// A callback per training step (see `TrainConfig::on_step`).
+#[derive(Clone)]
+pub struct StepHook(pub std::sync::Arc<dyn Fn(&serde_json::Value) + Send + Sync>);
+
+impl std::fmt::Debug for StepHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StepHook")
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -320,16 +336,28 @@ pub fn train(
         last_loss = loss;
         tokens_done += step_tokens;
         let tps = step_tokens as f64 / step_start.elapsed().as_secs_f64();
-        append_metrics(
-            &cfg.output,
-            json!({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_second": tps}),
-        )?;
+        let line = json!({"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_second": tps});
+        append_metrics(&cfg.output, line.clone())?;
+        if let Some(hook) = &cfg.on_step {
+            (hook.0)(&line);
+        }
         bar.set_message(format!("loss {loss:.4}, lr {lr:.2e}, {tps:.0} tok/s"));
         bar.inc(1);
         let done = step + 1;
         if cfg.save_steps > 0 && done % cfg.save_steps == 0 && done < total {
             save_checkpoint(&cfg.output, &adapter, &opt, done)?;
             last_good = format!("{} (step {done})", checkpoint_dir(&cfg.output).display());
+        }
+        let cancelled = cfg
+            .cancel
+            .as_ref()
+            .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed));
+        if cancelled && done < total {
+            if !(cfg.save_steps > 0 && done % cfg.save_steps == 0) {
+                save_checkpoint(&cfg.output, &adapter, &opt, done)?;
+            }
+            bar.abandon();
+            return Err(TrainError::Cancelled { step: done });
         }
         if cfg.interrupt_after == Some(done) {
             bar.abandon();
