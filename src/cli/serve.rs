@@ -145,7 +145,7 @@ pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::serve
             .unwrap_or(2)
             .max(2),
     };
-    Ok(Arc::new(AppState::new(crate::server::Parts {
+    let state = Arc::new(AppState::new(crate::server::Parts {
         engine,
         registry: Registry::new(&args.model.adapters),
         cache,
@@ -153,7 +153,10 @@ pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::serve
         keys,
         template,
         config,
-    })))
+    }));
+    // Jobs a previous run left queued or running start again (from their checkpoints).
+    state.jobs.recover(Arc::downgrade(&state));
+    Ok(state)
 }
 
 pub async fn run_server(args: ServeArgs) -> Result<()> {

@@ -25,6 +25,8 @@ pub enum ApiError {
         param: String,
     },
     PayloadTooLarge(String),
+    /// 409: the request does not fit the resource's state (cancel of a finished job).
+    Conflict(String),
     RequestTimeout,
     TooManyRequests,
     Unavailable(String),
@@ -53,6 +55,7 @@ impl ApiError {
             Self::ModelNotFound(_) | Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Forbidden { .. } => StatusCode::FORBIDDEN,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Conflict(_) => StatusCode::CONFLICT,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -98,6 +101,7 @@ impl ApiError {
                 None,
             ),
             Self::PayloadTooLarge(m) => (m.clone(), "invalid_request_error", None, None),
+            Self::Conflict(m) => (m.clone(), "invalid_request_error", None, Some("conflict")),
             Self::RequestTimeout => (
                 "the request body did not arrive in time".into(),
                 "invalid_request_error",

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod error;
 pub mod file_store;
+pub mod jobs;
 pub mod openai;
 pub mod policy;
 mod responses;
@@ -78,6 +79,13 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/files/{id}",
             get(routes::get_file).delete(routes::delete_file),
         )
+        .route(
+            "/v1/fine_tuning/jobs",
+            get(routes::list_jobs).post(routes::create_job),
+        )
+        .route("/v1/fine_tuning/jobs/{id}", get(routes::get_job))
+        .route("/v1/fine_tuning/jobs/{id}/events", get(routes::job_events))
+        .route("/v1/fine_tuning/jobs/{id}/cancel", post(routes::cancel_job))
         .route("/v1/load_lora_adapter", post(routes::vllm_load))
         .route("/v1/unload_lora_adapter", post(routes::vllm_unload))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));

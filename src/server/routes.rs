@@ -433,3 +433,84 @@ pub async fn delete_file(
     st.files.delete(&id, Policy::file_scope(&caller))?;
     Ok(Json(json!({"id": id, "object": "file", "deleted": true})).into_response())
 }
+
+/// `POST /v1/fine_tuning/jobs`: checked, kept, queued.
+pub async fn create_job(
+    State(st): St,
+    Extension(caller): Extension<Caller>,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v: serde_json::Value = serde_json::from_slice(&body(b)?)
+        .map_err(|e| ApiError::bad("body", format!("is not valid JSON: {e}")))?;
+    let base = st.engine.model().id.clone();
+    let (job, file) = super::jobs::new_job(&v, caller.tenant.clone(), &base)?;
+    // Another tenant's file and a missing one are the same 404.
+    st.files.get(&file, Policy::file_scope(&caller))?;
+    let job = st.jobs.submit(job)?;
+    st.jobs.ensure_worker(Arc::downgrade(&st));
+    Ok(Json(job.public()).into_response())
+}
+
+#[derive(serde::Deserialize)]
+pub struct Page {
+    after: Option<String>,
+    limit: Option<usize>,
+}
+
+/// `GET /v1/fine_tuning/jobs?after=ID&limit=N`: the caller's jobs, newest first.
+pub async fn list_jobs(
+    State(st): St,
+    Extension(caller): Extension<Caller>,
+    axum::extract::Query(page): axum::extract::Query<Page>,
+) -> Result<Response, ApiError> {
+    let jobs = st.jobs.list(Policy::file_scope(&caller));
+    let start = match &page.after {
+        Some(a) => jobs
+            .iter()
+            .position(|j| &j.id == a)
+            .map_or(jobs.len(), |i| i + 1),
+        None => 0,
+    };
+    let limit = page.limit.unwrap_or(20).clamp(1, 100);
+    let data: Vec<serde_json::Value> = jobs
+        .iter()
+        .skip(start)
+        .take(limit)
+        .map(|j| j.public())
+        .collect();
+    let has_more = jobs.len() > start + data.len();
+    Ok(Json(json!({"object": "list", "data": data, "has_more": has_more})).into_response())
+}
+
+/// `GET /v1/fine_tuning/jobs/{id}`.
+pub async fn get_job(
+    State(st): St,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(st.jobs.get(&id, Policy::file_scope(&caller))?.public()).into_response())
+}
+
+/// `GET /v1/fine_tuning/jobs/{id}/events`: a line per training step, newest first.
+pub async fn job_events(
+    State(st): St,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let job = st.jobs.get(&id, Policy::file_scope(&caller))?;
+    let mut events = st.jobs.events(&job);
+    events.reverse();
+    for (i, e) in events.iter_mut().enumerate() {
+        e["id"] = json!(format!("ftevent-{}-{i}", &job.id[6..]));
+    }
+    Ok(Json(json!({"object": "list", "data": events, "has_more": false})).into_response())
+}
+
+/// `POST /v1/fine_tuning/jobs/{id}/cancel`: 409 once the job has finished.
+pub async fn cancel_job(
+    State(st): St,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(st.jobs.cancel(&id, Policy::file_scope(&caller))?.public()).into_response())
+}

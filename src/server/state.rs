@@ -52,6 +52,8 @@ pub struct AppState {
     pub prepare: Semaphore,
     /// Uploaded files (`/v1/files`).
     pub files: super::file_store::FileStore,
+    /// Fine-tuning jobs (`/v1/fine_tuning/jobs`).
+    pub jobs: super::jobs::JobStore,
     evictions_seen: AtomicU64,
 }
 
@@ -79,6 +81,7 @@ impl AppState {
         } = parts;
         Self {
             files: super::file_store::FileStore::new(&config.state_dir),
+            jobs: super::jobs::JobStore::new(&config.state_dir),
             policy: Policy::new(config.policy.clone(), registry.root()),
             loads: Semaphore::new(config.max_concurrent_loads.max(1)),
             prepare: Semaphore::new(config.max_concurrent_prepare.max(1)),

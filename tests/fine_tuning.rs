@@ -1,0 +1,227 @@
+//! Fine-tuning jobs through the OpenAI API on the tiny model (served in f32): upload, job,
+//! events, the served `ft-` adapter equal to the exported one, cancel, bad input.
+
+mod common;
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use clap::Parser;
+use common::*;
+use http_body_util::BodyExt;
+use loraplex::server::{router, AppState};
+use serde_json::{json, Value};
+use tower::ServiceExt;
+
+async fn state(state_dir: &std::path::Path) -> Arc<AppState> {
+    let tiny = tiny_dir();
+    let cli = loraplex::cli::Cli::try_parse_from([
+        "serve",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--adapters",
+        state_dir.join("adapters").to_str().unwrap(),
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+    ])
+    .unwrap();
+    loraplex::cli::build_state(&cli.serve).await.unwrap()
+}
+
+async fn send(app: &axum::Router, req: Request<Body>) -> (StatusCode, Value, String) {
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+    )
+}
+
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value, String) {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json")
+        .body(
+            body.map(|b| Body::from(b.to_string()))
+                .unwrap_or_else(Body::empty),
+        )
+        .unwrap();
+    send(app, req).await
+}
+
+async fn upload(app: &axum::Router, content: &str) -> String {
+    let b = "xBOUNDARYx";
+    let body = format!(
+        "--{b}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n--{b}\r\n\
+         Content-Disposition: form-data; name=\"file\"; filename=\"d.jsonl\"\r\n\r\n{content}\r\n--{b}--\r\n"
+    );
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/files")
+        .header("content-type", format!("multipart/form-data; boundary={b}"))
+        .body(Body::from(body))
+        .unwrap();
+    let (status, v, text) = send(app, req).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    v["id"].as_str().unwrap().to_string()
+}
+
+/// Upload → job → events → the `ft-` adapter served at once, its answers equal to the exported
+/// PEFT adapter's applied by the library; cancel of a finished job is a 409; bad requests are
+/// named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_trains_registers_and_serves_its_adapter() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("adapters")).unwrap();
+    let st = state(tmp.path()).await;
+    let base = st.engine.model().id.clone();
+    let app = router(st.clone());
+    let lines: Vec<String> = (0..24)
+        .map(|i| {
+            json!({"prompt": format!("question {i}: "), "completion": "the red one"}).to_string()
+        })
+        .collect();
+    let file = upload(&app, &lines.join("\n")).await;
+    // Bad requests first: each names its field; an unknown file is a 404.
+    let bad = |patch: Value| {
+        let mut body = json!({"training_file": file, "model": base});
+        for (k, v) in patch.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        body
+    };
+    for (patch, param) in [
+        (json!({"model": "other-model"}), "model"),
+        (
+            json!({"method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 0}}}}),
+            "method.supervised.hyperparameters.n_epochs",
+        ),
+        (
+            json!({"method": {"type": "supervised", "supervised": {"hyperparameters": {"learning_rate_multiplier": -1}}}}),
+            "method.supervised.hyperparameters.learning_rate_multiplier",
+        ),
+        (json!({"suffix": "no spaces please"}), "suffix"),
+        (json!({"adapter": {"method": "oft"}}), "adapter.method"),
+    ] {
+        let (status, v, text) = call(&app, "POST", "/v1/fine_tuning/jobs", Some(bad(patch))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+        assert_eq!(v["error"]["param"], param, "{text}");
+    }
+    let (status, _, text) = call(
+        &app,
+        "POST",
+        "/v1/fine_tuning/jobs",
+        Some(json!({"training_file": "file-0123456789abcdef01234567", "model": base})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{text}");
+    // The job.
+    let (status, job, text) = call(
+        &app,
+        "POST",
+        "/v1/fine_tuning/jobs",
+        Some(json!({"training_file": file, "model": base, "suffix": "red", "seed": 3,
+                    "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 4, "batch_size": 4, "learning_rate_multiplier": 50}}},
+                    "adapter": {"method": "lora", "rank": 8}})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(job["object"], "fine_tuning.job");
+    let id = job["id"].as_str().unwrap().to_string();
+    let mut done = Value::Null;
+    for _ in 0..600 {
+        let (_, j, _) = call(&app, "GET", &format!("/v1/fine_tuning/jobs/{id}"), None).await;
+        if matches!(
+            j["status"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        ) {
+            done = j;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let ft = done["fine_tuned_model"].as_str().unwrap().to_string();
+    assert!(
+        ft.starts_with("ft-red-") && ft.ends_with(&id[id.len() - 6..]),
+        "{ft}"
+    );
+    assert!(done["trained_tokens"].as_u64().unwrap() > 0);
+    // Events: one per step, newest first, with the loss falling.
+    let (_, ev, _) = call(
+        &app,
+        "GET",
+        &format!("/v1/fine_tuning/jobs/{id}/events"),
+        None,
+    )
+    .await;
+    let ev = ev["data"].as_array().unwrap().clone();
+    assert_eq!(ev.len(), 24); // 4 epochs × 6 batches
+    let (last, first) = (
+        &ev[0]["data"]["train_loss"],
+        &ev[ev.len() - 1]["data"]["train_loss"],
+    );
+    assert!(
+        last.as_f64().unwrap() < 0.5 * first.as_f64().unwrap(),
+        "{first} -> {last}"
+    );
+    let (_, listed, _) = call(&app, "GET", "/v1/fine_tuning/jobs?limit=5", None).await;
+    assert_eq!(listed["data"][0]["id"], id.as_str());
+    // Served at once, answering as the exported adapter does through the library.
+    let prompt = "question 99: ";
+    let (status, out, text) = call(
+        &app,
+        "POST",
+        "/v1/completions",
+        Some(json!({"model": ft, "prompt": prompt, "max_tokens": 6, "temperature": 0})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let served = out["choices"][0]["text"].as_str().unwrap().to_string();
+    let loaded = st.engine.model();
+    let peft =
+        loraplex::adapters::PeftAdapter::load(&tmp.path().join("jobs").join(&id).join("adapter"))
+            .unwrap();
+    let w = loraplex::adapters::bind(&peft, &loaded.model, &Default::default()).unwrap();
+    let ids = loaded.tokenizer.encode(prompt).unwrap();
+    let cfg = loraplex::engine::GenerationConfig {
+        max_tokens: 6,
+        sampling: loraplex::engine::SamplingParams::greedy(),
+        ignore_eos: false,
+        ..Default::default()
+    };
+    let direct = loraplex::engine::generate(
+        &loaded.model,
+        &loaded.tokenizer,
+        &ids,
+        Some(&w),
+        &cfg,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(
+        served, direct.text,
+        "served {served:?} vs library {:?}",
+        direct.text
+    );
+    assert!(served.contains("red"), "{served:?}");
+    // Cancel of a finished job: 409.
+    let (status, _, text) = call(
+        &app,
+        "POST",
+        &format!("/v1/fine_tuning/jobs/{id}/cancel"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{text}");
+}
