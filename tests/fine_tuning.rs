@@ -225,3 +225,112 @@ async fn a_job_trains_registers_and_serves_its_adapter() {
     .await;
     assert_eq!(status, StatusCode::CONFLICT, "{text}");
 }
+
+async fn wait_for(app: &axum::Router, id: &str, done: impl Fn(&Value) -> bool) -> Value {
+    for _ in 0..1200 {
+        let (_, j, _) = call(app, "GET", &format!("/v1/fine_tuning/jobs/{id}"), None).await;
+        let (_, ev, _) = call(
+            app,
+            "GET",
+            &format!("/v1/fine_tuning/jobs/{id}/events"),
+            None,
+        )
+        .await;
+        let both = json!({"job": j, "events": ev["data"]});
+        if done(&both) {
+            return both;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("job {id} did not get there");
+}
+
+/// A running job cancelled stops after its step (status `cancelled`, fewer events than steps);
+/// a job a process left running (`running` on disk, a checkpoint) is queued again when a server
+/// starts on the same state and resumes from its checkpoint, then succeeds and is served.
+/// (The process here stopped at a checkpoint of its last step; a kill between checkpoints
+/// repeats at most `save_steps` = 10 steps, as `tests/train.rs`'s resume test shows.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_job_cancels_and_an_interrupted_one_resumes_after_a_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("adapters")).unwrap();
+    let st = state(tmp.path()).await;
+    let base = st.engine.model().id.clone();
+    let app = router(st);
+    let lines: Vec<String> = (0..24)
+        .map(|i| json!({"prompt": format!("q{i}: "), "completion": "the red one"}).to_string())
+        .collect();
+    let file = upload(&app, &lines.join("\n")).await;
+    let long = json!({"training_file": file, "model": base,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 40, "batch_size": 1}}}});
+    // Cancel while running.
+    let (_, job, _) = call(&app, "POST", "/v1/fine_tuning/jobs", Some(long.clone())).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    wait_for(&app, &id, |b| {
+        b["events"].as_array().is_some_and(|e| !e.is_empty())
+    })
+    .await;
+    let (status, _, text) = call(
+        &app,
+        "POST",
+        &format!("/v1/fine_tuning/jobs/{id}/cancel"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let end = wait_for(&app, &id, |b| {
+        b["job"]["status"] != "running" && b["job"]["status"] != "queued"
+    })
+    .await;
+    assert_eq!(end["job"]["status"], "cancelled", "{end}");
+    let steps = end["events"].as_array().unwrap().len();
+    assert!(steps < 960, "{steps} events");
+    assert!(end["job"]["fine_tuned_model"].is_null());
+    // An interrupted job: train past a checkpoint, then leave it as a killed process would.
+    let (_, job, _) = call(&app, "POST", "/v1/fine_tuning/jobs", Some(long)).await;
+    let id = job["id"].as_str().unwrap().to_string();
+    let dir = tmp.path().join("jobs").join(&id);
+    wait_for(&app, &id, |b| {
+        b["events"].as_array().is_some_and(|e| e.len() >= 12)
+    })
+    .await;
+    call(
+        &app,
+        "POST",
+        &format!("/v1/fine_tuning/jobs/{id}/cancel"),
+        None,
+    )
+    .await;
+    wait_for(&app, &id, |b| b["job"]["status"] == "cancelled").await;
+    let checkpoint: Value = read_json(dir.join("adapter/checkpoint/state.json"));
+    let saved = checkpoint["step"].as_u64().unwrap();
+    assert!(saved >= 10, "{checkpoint}");
+    let mut record: Value = read_json(dir.join("job.json"));
+    record["status"] = json!("running");
+    record["finished_at"] = Value::Null;
+    std::fs::write(dir.join("job.json"), record.to_string()).unwrap();
+    // A new server on the same state: the job resumes from its checkpoint and succeeds.
+    let st2 = state(tmp.path()).await;
+    let app2 = router(st2);
+    let end = wait_for(&app2, &id, |b| {
+        b["job"]["status"] == "succeeded" || b["job"]["status"] == "failed"
+    })
+    .await;
+    assert_eq!(end["job"]["status"], "succeeded", "{end}");
+    let events = end["events"].as_array().unwrap();
+    let count = |step: u64| events.iter().filter(|e| e["data"]["step"] == step).count();
+    assert_eq!(events[0]["data"]["step"], 960);
+    // The first process stopped with a checkpoint of its last step; the second went on from
+    // the step after it: every step ran exactly once, none from scratch again.
+    assert_eq!(events.len(), 960);
+    assert!((1..=960).all(|step| count(step) == 1), "checkpoint {saved}");
+    let ft = end["job"]["fine_tuned_model"].as_str().unwrap();
+    let (status, _, text) = call(
+        &app2,
+        "POST",
+        "/v1/completions",
+        Some(json!({"model": ft, "prompt": "q1: ", "max_tokens": 3, "temperature": 0})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+}

@@ -1098,3 +1098,111 @@ async fn uploaded_files_belong_to_their_tenant() {
     let anon = send(&app, "GET", "/v1/files", None, None).await;
     assert_eq!(anon.status, StatusCode::UNAUTHORIZED);
 }
+
+// Fine-tuning jobs: the attacker (acme) tries globex's job by id (read, events, cancel), a job
+// on globex's file, and the adapter globex's job registered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fine_tuning_jobs_belong_to_their_tenant() {
+    let s = setup(KEYS);
+    let state_dir = s.root.parent().unwrap().join("state");
+    let st = server(&s, &["--state-dir", state_dir.to_str().unwrap()]).await;
+    let base = st.engine.model().id.clone();
+    let app = router(st);
+    let lines: Vec<String> = (0..8)
+        .map(|i| json!({"prompt": format!("q{i}: "), "completion": "secret"}).to_string())
+        .collect();
+    let up = upload(&app, "sk-globex", "fine-tune", "d.jsonl", &lines.join("\n")).await;
+    let file = up.json["id"].as_str().unwrap().to_string();
+    let on_theirs = call(
+        &app,
+        "POST",
+        "/v1/fine_tuning/jobs",
+        Some(json!({"training_file": file, "model": base})),
+        "sk-acme",
+    )
+    .await;
+    assert_eq!(
+        on_theirs.status,
+        StatusCode::NOT_FOUND,
+        "{}",
+        on_theirs.text
+    );
+    let job = call(&app, "POST", "/v1/fine_tuning/jobs",
+        Some(json!({"training_file": file, "model": base, "suffix": "s",
+                    "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}}})), "sk-globex").await;
+    assert_eq!(job.status, StatusCode::OK, "{}", job.text);
+    let id = job.json["id"].as_str().unwrap().to_string();
+    let mut done = Value::Null;
+    for _ in 0..600 {
+        let r = call(
+            &app,
+            "GET",
+            &format!("/v1/fine_tuning/jobs/{id}"),
+            None,
+            "sk-globex",
+        )
+        .await;
+        if r.json["status"] == "succeeded" || r.json["status"] == "failed" {
+            done = r.json;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(done["status"], "succeeded", "{done}");
+    let ft = done["fine_tuned_model"].as_str().unwrap().to_string();
+    assert!(ft.starts_with("globex/ft-s-"), "{ft}");
+    let made_up = "ftjob-0123456789abcdef01234567";
+    for path in ["", "/events"] {
+        let theirs = call(
+            &app,
+            "GET",
+            &format!("/v1/fine_tuning/jobs/{id}{path}"),
+            None,
+            "sk-acme",
+        )
+        .await;
+        let missing = call(
+            &app,
+            "GET",
+            &format!("/v1/fine_tuning/jobs/{made_up}{path}"),
+            None,
+            "sk-acme",
+        )
+        .await;
+        assert_eq!(theirs.status, StatusCode::NOT_FOUND, "{}", theirs.text);
+        assert_eq!(
+            theirs.text.replace(&id, "ID"),
+            missing.text.replace(made_up, "ID")
+        );
+    }
+    let cancel = call(
+        &app,
+        "POST",
+        &format!("/v1/fine_tuning/jobs/{id}/cancel"),
+        None,
+        "sk-acme",
+    )
+    .await;
+    assert_eq!(cancel.status, StatusCode::NOT_FOUND);
+    let list = call(&app, "GET", "/v1/fine_tuning/jobs", None, "sk-acme").await;
+    assert!(!list.text.contains(&id), "{}", list.text);
+    // The adapter globex's job made: globex's to use, the same 404 as an unknown one for acme.
+    let theirs = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(chat(&ft, "hi", 2)),
+        "sk-acme",
+    )
+    .await;
+    assert_eq!(theirs.status, StatusCode::NOT_FOUND, "{}", theirs.text);
+    let own = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(chat(&ft, "hi", 2)),
+        "sk-globex",
+    )
+    .await;
+    assert_eq!(own.status, StatusCode::OK, "{}", own.text);
+}
