@@ -161,12 +161,31 @@ async fn a_job_trains_registers_and_serves_its_adapter() {
     let (_, ev, _) = call(
         &app,
         "GET",
-        &format!("/v1/fine_tuning/jobs/{id}/events"),
+        &format!("/v1/fine_tuning/jobs/{id}/events?limit=1000"),
         None,
     )
     .await;
     let ev = ev["data"].as_array().unwrap().clone();
     assert_eq!(ev.len(), 24); // 4 epochs × 6 batches
+                              // Pages of events, as the client's `list_events(limit, after)` reads them.
+    let (_, page, _) = call(
+        &app,
+        "GET",
+        &format!("/v1/fine_tuning/jobs/{id}/events?limit=5"),
+        None,
+    )
+    .await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 5);
+    assert_eq!(page["has_more"], true);
+    let after = page["data"][4]["id"].as_str().unwrap().to_string();
+    let (_, next, _) = call(
+        &app,
+        "GET",
+        &format!("/v1/fine_tuning/jobs/{id}/events?limit=5&after={after}"),
+        None,
+    )
+    .await;
+    assert_eq!(next["data"][0]["data"]["step"], ev[5]["data"]["step"]);
     let (last, first) = (
         &ev[0]["data"]["train_loss"],
         &ev[ev.len() - 1]["data"]["train_loss"],
@@ -232,7 +251,7 @@ async fn wait_for(app: &axum::Router, id: &str, done: impl Fn(&Value) -> bool) -
         let (_, ev, _) = call(
             app,
             "GET",
-            &format!("/v1/fine_tuning/jobs/{id}/events"),
+            &format!("/v1/fine_tuning/jobs/{id}/events?limit=1000"),
             None,
         )
         .await;

@@ -491,19 +491,31 @@ pub async fn get_job(
     Ok(Json(st.jobs.get(&id, Policy::file_scope(&caller))?.public()).into_response())
 }
 
-/// `GET /v1/fine_tuning/jobs/{id}/events`: a line per training step, newest first.
+/// `GET /v1/fine_tuning/jobs/{id}/events?after=ID&limit=N`: a line per training step, newest
+/// first (ids `ftevent-JOB-N`, N counting from the first event).
 pub async fn job_events(
     State(st): St,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
+    axum::extract::Query(page): axum::extract::Query<Page>,
 ) -> Result<Response, ApiError> {
     let job = st.jobs.get(&id, Policy::file_scope(&caller))?;
     let mut events = st.jobs.events(&job);
-    events.reverse();
     for (i, e) in events.iter_mut().enumerate() {
         e["id"] = json!(format!("ftevent-{}-{i}", &job.id[6..]));
     }
-    Ok(Json(json!({"object": "list", "data": events, "has_more": false})).into_response())
+    events.reverse();
+    let start = match &page.after {
+        Some(a) => events
+            .iter()
+            .position(|e| e["id"] == a.as_str())
+            .map_or(events.len(), |i| i + 1),
+        None => 0,
+    };
+    let limit = page.limit.unwrap_or(20).clamp(1, 1000);
+    let data: Vec<serde_json::Value> = events.iter().skip(start).take(limit).cloned().collect();
+    let has_more = events.len() > start + data.len();
+    Ok(Json(json!({"object": "list", "data": data, "has_more": has_more})).into_response())
 }
 
 /// `POST /v1/fine_tuning/jobs/{id}/cancel`: 409 once the job has finished.
