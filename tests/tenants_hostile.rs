@@ -22,6 +22,8 @@ const KEYS: &str = r#"
 [keys."sk-acme"]
 tenant = "acme"
 max_adapters = 2
+max_file_bytes = 4096
+max_jobs = 1
 
 [keys."sk-globex"]
 tenant = "globex"
@@ -1094,6 +1096,13 @@ async fn uploaded_files_belong_to_their_tenant() {
         "{}",
         listed.text
     );
+    // acme's key allows 4 KiB of files: a second 3 KiB file is refused by its quota.
+    let line = "{\"prompt\": \"p\", \"completion\": \"c\"}\n".repeat(3000 / 36);
+    let first = upload(&app, "sk-acme", "fine-tune", "a.jsonl", &line).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text);
+    let second = upload(&app, "sk-acme", "fine-tune", "b.jsonl", &line).await;
+    assert_eq!(second.status, StatusCode::FORBIDDEN, "{}", second.text);
+    assert!(second.text.contains("max_file_bytes"), "{}", second.text);
     // Without a key: 401.
     let anon = send(&app, "GET", "/v1/files", None, None).await;
     assert_eq!(anon.status, StatusCode::UNAUTHORIZED);
@@ -1205,4 +1214,37 @@ async fn fine_tuning_jobs_belong_to_their_tenant() {
     )
     .await;
     assert_eq!(own.status, StatusCode::OK, "{}", own.text);
+    // acme's key allows one job queued or running at once.
+    let mine = upload(
+        &app,
+        "sk-acme",
+        "fine-tune",
+        "m.jsonl",
+        &lines[..4].join("\n"),
+    )
+    .await;
+    let mine = mine.json["id"].as_str().unwrap().to_string();
+    let long = json!({"training_file": mine, "model": base,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 1}}}});
+    let first = call(
+        &app,
+        "POST",
+        "/v1/fine_tuning/jobs",
+        Some(long.clone()),
+        "sk-acme",
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text);
+    let second = call(&app, "POST", "/v1/fine_tuning/jobs", Some(long), "sk-acme").await;
+    assert_eq!(second.status, StatusCode::FORBIDDEN, "{}", second.text);
+    assert!(second.text.contains("max_jobs"), "{}", second.text);
+    let id = first.json["id"].as_str().unwrap();
+    call(
+        &app,
+        "POST",
+        &format!("/v1/fine_tuning/jobs/{id}/cancel"),
+        None,
+        "sk-acme",
+    )
+    .await;
 }

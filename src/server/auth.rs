@@ -7,6 +7,8 @@
 //! max_adapters = 16            # run-time adapters in the tenant's namespace
 //! max_adapter_bytes = 1073741824
 //! allow_hub = false            # may add adapters by hub id
+//! max_file_bytes = 268435456   # uploaded training files together (`/v1/files`)
+//! max_jobs = 2                 # fine-tuning jobs queued or running at once
 //! ```
 //!
 //! A top-level `max_queue_per_tenant` bounds each tenant's waiting requests. Keys are kept only
@@ -34,6 +36,10 @@ pub struct TenantLimits {
     pub max_adapter_bytes: u64,
     /// `allow_hub`: may add adapters by hub id (downloaded without the operator's token).
     pub allow_hub: bool,
+    /// `max_file_bytes`: the tenant's uploaded files together.
+    pub max_file_bytes: u64,
+    /// `max_jobs`: the tenant's fine-tuning jobs queued or running at once.
+    pub max_jobs: usize,
 }
 
 impl Default for TenantLimits {
@@ -42,6 +48,8 @@ impl Default for TenantLimits {
             max_adapters: 16,
             max_adapter_bytes: 1 << 30,
             allow_hub: false,
+            max_file_bytes: 256 << 20,
+            max_jobs: 2,
         }
     }
 }
@@ -75,6 +83,8 @@ struct KeyEntry {
     max_adapter_bytes: Option<u64>,
     #[serde(default)]
     allow_hub: bool,
+    max_file_bytes: Option<u64>,
+    max_jobs: Option<usize>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,6 +180,8 @@ impl ApiKeys {
                             .max_adapter_bytes
                             .unwrap_or(defaults.max_adapter_bytes),
                         allow_hub: entry.allow_hub,
+                        max_file_bytes: entry.max_file_bytes.unwrap_or(defaults.max_file_bytes),
+                        max_jobs: entry.max_jobs.unwrap_or(defaults.max_jobs),
                     },
                 },
             ));

@@ -390,6 +390,24 @@ pub async fn upload_file(
     }
     let purpose = purpose.ok_or_else(|| ApiError::bad("purpose", "is missing"))?;
     let (name, content) = file.ok_or_else(|| ApiError::bad("file", "is missing"))?;
+    if !caller.admin {
+        let used: usize = st
+            .files
+            .list(Policy::file_scope(&caller))
+            .iter()
+            .map(|f| f.bytes)
+            .sum();
+        if (used + content.len()) as u64 > caller.limits.max_file_bytes {
+            return Err(ApiError::forbidden(
+                "file",
+                format!(
+                    "quota: {} more bytes of files would exceed `max_file_bytes` ({}); delete some first",
+                    content.len(),
+                    caller.limits.max_file_bytes
+                ),
+            ));
+        }
+    }
     let owner = caller.tenant.clone();
     let record = st
         .blocking(
@@ -446,6 +464,23 @@ pub async fn create_job(
     let (job, file) = super::jobs::new_job(&v, caller.tenant.clone(), &base)?;
     // Another tenant's file and a missing one are the same 404.
     st.files.get(&file, Policy::file_scope(&caller))?;
+    if !caller.admin {
+        let active = st
+            .jobs
+            .list(Policy::file_scope(&caller))
+            .iter()
+            .filter(|j| j.status == "queued" || j.status == "running")
+            .count();
+        if active >= caller.limits.max_jobs {
+            return Err(ApiError::forbidden(
+                "training_file",
+                format!(
+                    "quota: your key allows {} fine-tuning jobs queued or running at once (`max_jobs`)",
+                    caller.limits.max_jobs
+                ),
+            ));
+        }
+    }
     let job = st.jobs.submit(job)?;
     st.jobs.ensure_worker(Arc::downgrade(&st));
     Ok(Json(job.public()).into_response())
