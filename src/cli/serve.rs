@@ -73,6 +73,13 @@ pub struct ServeArgs {
     /// Where uploaded files (`/v1/files`) are kept (default `$LORAPLEX_HOME/state`).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// Fine-tuning jobs running at once; the rest wait in order.
+    #[arg(long, default_value_t = 1)]
+    pub max_training_jobs: usize,
+    /// Compute threads a fine-tuning job trains with (0: the cores); they run at a lower
+    /// priority (nice 10) than serving's threads.
+    #[arg(long, default_value_t = 0)]
+    pub train_threads: usize,
 }
 
 /// Everything the server needs, built from the arguments (the model loaded, keys read).
@@ -136,6 +143,8 @@ pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::serve
             max_hub_bytes: args.max_hub_adapter_bytes,
         },
         max_concurrent_loads: args.max_concurrent_loads,
+        max_training_jobs: args.max_training_jobs.max(1),
+        train_threads: args.train_threads,
         state_dir: args
             .state_dir
             .clone()

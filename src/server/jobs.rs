@@ -251,17 +251,49 @@ impl JobStore {
         self.ensure_worker(st);
     }
 
-    /// Starts the worker thread once.
+    /// Starts the workers once: `--max-training-jobs` threads, each training in its own compute
+    /// pool of `--train-threads` threads at nice 10, below serving.
     pub fn ensure_worker(&self, st: Weak<AppState>) {
         if self.started.set(()).is_err() {
             return;
         }
-        let queue = self.queue.clone();
-        let spawned = std::thread::Builder::new()
-            .name("fine-tuning".into())
-            .spawn(move || worker(queue, st));
-        if let Err(e) = spawned {
-            tracing::error!("cannot start the fine-tuning worker: {e}");
+        let Some(state) = st.upgrade() else { return };
+        let (workers, threads) = (
+            state.config.max_training_jobs.max(1),
+            state.config.train_threads,
+        );
+        drop(state);
+        for n in 0..workers {
+            let (queue, st) = (self.queue.clone(), st.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("fine-tuning-{n}"))
+                .spawn(move || {
+                    lower_priority();
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .thread_name(move |i| format!("train-{n}-{i}"))
+                        .start_handler(|_| lower_priority())
+                        .build();
+                    match pool {
+                        Ok(pool) => pool.install(|| worker(queue, st)),
+                        Err(e) => tracing::error!("cannot start the training pool: {e}"),
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::error!("cannot start the fine-tuning worker: {e}");
+            }
+        }
+    }
+}
+
+/// Nice 10 for the calling thread (Linux: per thread), so serving's threads come first.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: `setpriority` on this thread's id; it only changes its scheduling priority.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        if libc::setpriority(libc::PRIO_PROCESS, tid, 10) != 0 {
+            tracing::debug!("could not lower the training thread's priority");
         }
     }
 }

@@ -34,6 +34,11 @@ pub struct ServerConfig {
     pub max_concurrent_prepare: usize,
     /// `--state-dir`: uploaded files (and, later, fine-tuning jobs) live here.
     pub state_dir: std::path::PathBuf,
+    /// `--max-training-jobs`: fine-tuning jobs running at once (one worker thread each).
+    pub max_training_jobs: usize,
+    /// `--train-threads`: compute threads each job trains with (0: the cores), run at a lower
+    /// scheduling priority than serving's.
+    pub train_threads: usize,
 }
 
 pub struct AppState {
