@@ -352,4 +352,14 @@ async fn a_running_job_cancels_and_an_interrupted_one_resumes_after_a_restart() 
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{text}");
+    // A third server on the same state serves the adapter the finished job registered.
+    let app3 = router(state(tmp.path()).await);
+    let (status, _, text) = call(
+        &app3,
+        "POST",
+        "/v1/completions",
+        Some(json!({"model": ft, "prompt": "q1: ", "max_tokens": 3, "temperature": 0})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
 }

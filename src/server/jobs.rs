@@ -232,9 +232,37 @@ impl JobStore {
         Ok(job)
     }
 
-    /// At start-up: queues the jobs a previous run left unfinished (they resume from their
-    /// checkpoints) and starts the worker if there are any.
+    /// At start-up: registers the adapters finished jobs made, queues the jobs a previous run
+    /// left unfinished (they resume from their checkpoints) and starts the workers if there are
+    /// any.
     pub fn recover(&self, st: Weak<AppState>) {
+        // Adapters that finished jobs registered are served again.
+        if let Some(state) = st.upgrade() {
+            for job in self
+                .list(None)
+                .into_iter()
+                .filter(|j| j.status == "succeeded")
+            {
+                let Some(name) = job.fine_tuned_model.as_deref() else {
+                    continue;
+                };
+                let dir = self.job_dir(&job.id).join("adapter");
+                let added = crate::adapters::AdapterName::parse(name)
+                    .map_err(|e| e.to_string())
+                    .and_then(|n| {
+                        let bytes = crate::adapters::PeftAdapter::inspect(&dir)
+                            .map_err(|e| e.to_string())?
+                            .bytes;
+                        state
+                            .registry
+                            .add(&n, &dir, false, bytes)
+                            .map_err(|e| e.to_string())
+                    });
+                if let Err(e) = added {
+                    tracing::warn!("fine-tuned adapter {name} of job {}: {e}", job.id);
+                }
+            }
+        }
         let mut pending: Vec<JobRecord> = self
             .list(None)
             .into_iter()
