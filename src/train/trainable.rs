@@ -199,6 +199,22 @@ fn row_norm(t: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 impl TrainableAdapter {
+    /// An adapter of `config` with nothing to train yet (each method's `init_*` fills its part).
+    fn bare(config: AdapterConfig, seed: u64) -> Self {
+        Self {
+            config,
+            sites: Vec::new(),
+            ia3: Vec::new(),
+            soft_prompt: None,
+            prefix: None,
+            prefix_mlp: None,
+            bn: Vec::new(),
+            fusion: None,
+            dropout: 0.0,
+            seed,
+        }
+    }
+
     /// PEFT's initialisation: A ~ U(±1/sqrt(in)) (kaiming-uniform, a = sqrt(5)), B = 0,
     /// DoRA m = ‖W‖ per output row.
     pub fn init(model: &Llama, spec: &TrainSpec) -> Result<Self, TrainError> {
@@ -372,16 +388,10 @@ impl TrainableAdapter {
         );
         config.prefix_encoder_hidden = prefix_mlp.as_ref().map(|m| m.b1.as_tensor().dims()[0]);
         Ok(Self {
-            config,
-            sites: Vec::new(),
-            ia3: Vec::new(),
             soft_prompt,
             prefix,
-            bn: Vec::new(),
             prefix_mlp,
-            fusion: None,
-            dropout: 0.0,
-            seed: spec.seed,
+            ..Self::bare(config, spec.seed)
         })
     }
 
@@ -429,16 +439,8 @@ impl TrainableAdapter {
             Some(spec.base_model.clone()),
         );
         Ok(Self {
-            config,
-            sites: Vec::new(),
-            ia3: Vec::new(),
-            soft_prompt: None,
-            prefix: None,
             bn,
-            prefix_mlp: None,
-            fusion: None,
-            dropout: 0.0,
-            seed: spec.seed,
+            ..Self::bare(config, spec.seed)
         })
     }
 
@@ -546,20 +548,12 @@ impl TrainableAdapter {
             Some(spec.base_model.clone()),
         );
         Ok(Self {
-            config,
-            sites: Vec::new(),
-            ia3: Vec::new(),
-            soft_prompt: None,
-            prefix: None,
-            bn: Vec::new(),
-            prefix_mlp: None,
             fusion: Some(FusionTrain {
                 adapters,
                 bound,
                 sites,
             }),
-            dropout: 0.0,
-            seed: spec.seed,
+            ..Self::bare(config, spec.seed)
         })
     }
 
@@ -598,16 +592,8 @@ impl TrainableAdapter {
             Some(spec.base_model.clone()),
         );
         Ok(Self {
-            config,
-            sites: Vec::new(),
             ia3,
-            soft_prompt: None,
-            prefix: None,
-            bn: Vec::new(),
-            prefix_mlp: None,
-            fusion: None,
-            dropout: 0.0,
-            seed: spec.seed,
+            ..Self::bare(config, spec.seed)
         })
     }
 
