@@ -21,8 +21,8 @@ pub mod train;
 ///
 /// Also shortens how long candle's worker threads spin waiting for work before they sleep
 /// (`CANDLE_BARRIER_POOL_SPIN_LIMIT`, 25,000 spins by default), unless set: while a matmul runs
-/// on rayon's threads, a spinning candle worker takes a core from it. A training step on the
-/// default model: fastest of 6 steps 1.19 s → 1.09 s (`examples/train_profile`, 4 × 85 tokens).
+/// on rayon's threads, a spinning candle worker takes a core from it (README, Speed: Training,
+/// has the step profile and the figures against PEFT).
 pub fn init_threads() {
     if std::env::var_os("CANDLE_BARRIER_POOL_SPIN_LIMIT").is_none() {
         std::env::set_var("CANDLE_BARRIER_POOL_SPIN_LIMIT", "1000");

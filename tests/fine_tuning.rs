@@ -363,3 +363,41 @@ async fn a_running_job_cancels_and_an_interrupted_one_resumes_after_a_restart() 
     .await;
     assert_eq!(status, StatusCode::OK, "{text}");
 }
+
+/// An upload over `--max-body-bytes` is refused with 413 before anything is kept.
+#[tokio::test]
+async fn an_upload_over_the_body_limit_is_413_and_kept_nowhere() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("adapters")).unwrap();
+    let tiny = tiny_dir();
+    let cli = loraplex::cli::Cli::try_parse_from([
+        "serve",
+        "--model",
+        tiny.to_str().unwrap(),
+        "--adapters",
+        tmp.path().join("adapters").to_str().unwrap(),
+        "--state-dir",
+        tmp.path().to_str().unwrap(),
+        "--max-body-bytes",
+        "2048",
+    ])
+    .unwrap();
+    let app = router(loraplex::cli::build_state(&cli.serve).await.unwrap());
+    let line = json!({"prompt": "p", "completion": "c"}).to_string() + "\n";
+    let b = "xBOUNDARYx";
+    let body = format!(
+        "--{b}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n--{b}\r\n\
+         Content-Disposition: form-data; name=\"file\"; filename=\"d.jsonl\"\r\n\r\n{}\r\n--{b}--\r\n",
+        line.repeat(200)
+    );
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/files")
+        .header("content-type", format!("multipart/form-data; boundary={b}"))
+        .body(Body::from(body))
+        .unwrap();
+    let (status, _, text) = send(&app, req).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{text}");
+    let (_, listed, _) = call(&app, "GET", "/v1/files", None).await;
+    assert_eq!(listed["data"].as_array().unwrap().len(), 0);
+}

@@ -288,40 +288,50 @@ fn training_lowers_the_loss_and_the_export_serves_the_same_logits() {
     }
 }
 
+/// An interrupted run resumes from its checkpoint to the loss of an uninterrupted one: LoRA's
+/// DoRA and the methods with their own trainable parts (IA³, bottleneck, prefix tuning through
+/// its projection), whose checkpoints hold those parts under their own keys.
 #[test]
 fn an_interrupted_run_resumes_to_the_same_loss() {
+    use loraplex::adapters::config::BnKind;
     let m = load_tiny();
-    let tmp = tempfile::tempdir().unwrap();
-    let data = small_dataset(&m, tmp.path());
-    let whole = train(
-        &m.model,
-        &data,
-        None,
-        &config(tmp.path().join("whole"), Method::Dora, 12),
-    )
-    .unwrap();
-    let out = tmp.path().join("resumed");
-    let mut first = config(out.clone(), Method::Dora, 12);
-    first.interrupt_after = Some(7);
-    assert!(train(&m.model, &data, None, &first).is_err());
-    assert!(out.join("checkpoint").join("state.json").is_file());
-    let mut second = config(out.clone(), Method::Dora, 12);
-    second.resume = true;
-    let resumed = train(&m.model, &data, None, &second).unwrap();
-    eprintln!(
-        "final loss: whole {} resumed {}",
-        whole.final_loss, resumed.final_loss
-    );
-    assert!(
-        (whole.final_loss - resumed.final_loss).abs() < 1e-4,
-        "{} vs {}",
-        whole.final_loss,
-        resumed.final_loss
-    );
-    // Steps 6..12 were redone from the step-5 checkpoint; the log holds them once per run.
-    assert!(std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .contains("\"step\":12"));
+    for (method, projection) in [
+        (Method::Dora, None),
+        (Method::Ia3, None),
+        (Method::Bottleneck(BnKind::Double), None),
+        (Method::PrefixTuning, Some(24)),
+    ] {
+        let tmp = tempfile::tempdir().unwrap();
+        let data = small_dataset(&m, tmp.path());
+        let cfg = |out: PathBuf| {
+            let mut c = config(out, method, 12);
+            c.spec.prefix_projection = projection;
+            c
+        };
+        let whole = train(&m.model, &data, None, &cfg(tmp.path().join("whole"))).unwrap();
+        let out = tmp.path().join("resumed");
+        let mut first = cfg(out.clone());
+        first.interrupt_after = Some(7);
+        assert!(train(&m.model, &data, None, &first).is_err());
+        assert!(out.join("checkpoint").join("state.json").is_file());
+        let mut second = cfg(out.clone());
+        second.resume = true;
+        let resumed = train(&m.model, &data, None, &second).unwrap();
+        eprintln!(
+            "{method:?}: final loss whole {} resumed {}",
+            whole.final_loss, resumed.final_loss
+        );
+        assert!(
+            (whole.final_loss - resumed.final_loss).abs() < 1e-4,
+            "{method:?}: {} vs {}",
+            whole.final_loss,
+            resumed.final_loss
+        );
+        // Steps 6..12 were redone from the step-5 checkpoint; the log holds them once per run.
+        assert!(std::fs::read_to_string(out.join("metrics.jsonl"))
+            .unwrap()
+            .contains("\"step\":12"));
+    }
 }
 
 /// A run can be cancelled from outside (a fine-tuning job's cancel): it stops after the step in

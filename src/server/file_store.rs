@@ -96,10 +96,7 @@ impl FileStore {
             id: format!("file-{:024x}", rand::random::<u128>() >> 32),
             object: "file".into(),
             bytes: content.len(),
-            created_at: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            created_at: super::state::unix_now(),
             filename: filename.chars().take(256).collect(),
             purpose: purpose.into(),
             status: "processed".into(),

@@ -103,12 +103,7 @@ fn valid_id(id: &str) -> bool {
         .is_some_and(|h| h.len() == 24 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+use super::state::unix_now as now;
 
 fn internal(path: &Path, e: impl std::fmt::Display) -> ApiError {
     tracing::error!("job store: {}: {e}", path.display());

@@ -65,9 +65,9 @@ const TENANT_PATH: &str =
     "tenants may not name filesystem paths; register an adapter of your namespace by its name";
 
 impl Policy {
-    /// Whose files `caller` sees: an admin (or anyone on a server without keys) all of them
-    /// (`None`), a tenant only its own (`Some(Some(tenant))`).
-    pub fn file_scope(caller: &Caller) -> Option<Option<&str>> {
+    /// Whose files and fine-tuning jobs `caller` sees: an admin (or anyone on a server without
+    /// keys) all of them (`None`), a tenant only its own (`Some(Some(tenant))`).
+    pub fn owner_scope(caller: &Caller) -> Option<Option<&str>> {
         if caller.admin {
             None
         } else {

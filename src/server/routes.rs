@@ -390,29 +390,32 @@ pub async fn upload_file(
     }
     let purpose = purpose.ok_or_else(|| ApiError::bad("purpose", "is missing"))?;
     let (name, content) = file.ok_or_else(|| ApiError::bad("file", "is missing"))?;
-    if !caller.admin {
-        let used: usize = st
-            .files
-            .list(Policy::file_scope(&caller))
-            .iter()
-            .map(|f| f.bytes)
-            .sum();
-        if (used + content.len()) as u64 > caller.limits.max_file_bytes {
-            return Err(ApiError::forbidden(
-                "file",
-                format!(
-                    "quota: {} more bytes of files would exceed `max_file_bytes` ({}); delete some first",
-                    content.len(),
-                    caller.limits.max_file_bytes
-                ),
-            ));
-        }
-    }
-    let owner = caller.tenant.clone();
+    // The quota and the write off the async threads (both read or write the store's folder).
     let record = st
         .blocking(
             |s| &s.prepare,
-            move |st| st.files.create(owner.as_deref(), &name, &purpose, &content),
+            move |st| {
+                if !caller.admin {
+                    let used: usize = st
+                        .files
+                        .list(Policy::owner_scope(&caller))
+                        .iter()
+                        .map(|f| f.bytes)
+                        .sum();
+                    let limit = caller.limits.max_file_bytes;
+                    if (used + content.len()) as u64 > limit {
+                        return Err(ApiError::forbidden(
+                            "file",
+                            format!(
+                                "quota: {} more bytes of files would exceed `max_file_bytes` ({limit}); delete some first",
+                                content.len()
+                            ),
+                        ));
+                    }
+                }
+                st.files
+                    .create(caller.tenant.as_deref(), &name, &purpose, &content)
+            },
         )
         .await?;
     Ok((StatusCode::OK, Json(record.public())).into_response())
@@ -425,7 +428,7 @@ pub async fn list_files(
 ) -> Result<Response, ApiError> {
     let data: Vec<serde_json::Value> = st
         .files
-        .list(Policy::file_scope(&caller))
+        .list(Policy::owner_scope(&caller))
         .iter()
         .map(|f| f.public())
         .collect();
@@ -438,7 +441,7 @@ pub async fn get_file(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let record = st.files.get(&id, Policy::file_scope(&caller))?;
+    let record = st.files.get(&id, Policy::owner_scope(&caller))?;
     Ok(Json(record.public()).into_response())
 }
 
@@ -448,7 +451,7 @@ pub async fn delete_file(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    st.files.delete(&id, Policy::file_scope(&caller))?;
+    st.files.delete(&id, Policy::owner_scope(&caller))?;
     Ok(Json(json!({"id": id, "object": "file", "deleted": true})).into_response())
 }
 
@@ -463,11 +466,11 @@ pub async fn create_job(
     let base = st.engine.model().id.clone();
     let (job, file) = super::jobs::new_job(&v, caller.tenant.clone(), &base)?;
     // Another tenant's file and a missing one are the same 404.
-    st.files.get(&file, Policy::file_scope(&caller))?;
+    st.files.get(&file, Policy::owner_scope(&caller))?;
     if !caller.admin {
         let active = st
             .jobs
-            .list(Policy::file_scope(&caller))
+            .list(Policy::owner_scope(&caller))
             .iter()
             .filter(|j| j.status == "queued" || j.status == "running")
             .count();
@@ -498,7 +501,7 @@ pub async fn list_jobs(
     Extension(caller): Extension<Caller>,
     axum::extract::Query(page): axum::extract::Query<Page>,
 ) -> Result<Response, ApiError> {
-    let jobs = st.jobs.list(Policy::file_scope(&caller));
+    let jobs = st.jobs.list(Policy::owner_scope(&caller));
     let start = match &page.after {
         Some(a) => jobs
             .iter()
@@ -523,7 +526,7 @@ pub async fn get_job(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    Ok(Json(st.jobs.get(&id, Policy::file_scope(&caller))?.public()).into_response())
+    Ok(Json(st.jobs.get(&id, Policy::owner_scope(&caller))?.public()).into_response())
 }
 
 /// `GET /v1/fine_tuning/jobs/{id}/events?after=ID&limit=N`: a line per training step, newest
@@ -534,7 +537,7 @@ pub async fn job_events(
     Path(id): Path<String>,
     axum::extract::Query(page): axum::extract::Query<Page>,
 ) -> Result<Response, ApiError> {
-    let job = st.jobs.get(&id, Policy::file_scope(&caller))?;
+    let job = st.jobs.get(&id, Policy::owner_scope(&caller))?;
     let mut events = st.jobs.events(&job);
     for (i, e) in events.iter_mut().enumerate() {
         e["id"] = json!(format!("ftevent-{}-{i}", &job.id[6..]));
@@ -559,5 +562,5 @@ pub async fn cancel_job(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    Ok(Json(st.jobs.cancel(&id, Policy::file_scope(&caller))?.public()).into_response())
+    Ok(Json(st.jobs.cancel(&id, Policy::owner_scope(&caller))?.public()).into_response())
 }

@@ -41,6 +41,14 @@ pub struct ServerConfig {
     pub train_threads: usize,
 }
 
+/// Seconds since the Unix epoch (OpenAI's `created` / `created_at`).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 pub struct AppState {
     pub engine: Engine,
     pub registry: Registry,
@@ -97,10 +105,7 @@ impl AppState {
             keys,
             template,
             config,
-            created: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            created: unix_now(),
             evictions_seen: AtomicU64::new(0),
         }
     }
