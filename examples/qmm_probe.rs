@@ -1,5 +1,5 @@
 //! Probe: one projection's matmul by batch size — f32 (as served with `--dtype f32`), candle's
-//! QMatMul Q4_1, our Q4_1 integer kernel and our dequantize-then-gemm path — on the default
+//! QMatMul Q4_1, and our Q4_1 integer kernel — on the default
 //! model's shapes, 30 weights so they do not sit in cache (a step reads every layer once).
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{Device, Module, Tensor};
@@ -77,17 +77,7 @@ fn main() {
                 },
                 n,
             ) / 30.0;
-            let td = time(
-                || {
-                    for q in &ours {
-                        loraplex::quant::int8::matmul_dense_tiles(out, inp, &xv, m, |s, c| {
-                            q.dequantize_rows(&(s as u32..(s + c) as u32).collect::<Vec<_>>())
-                        });
-                    }
-                },
-                n,
-            ) / 30.0;
-            println!("{out}x{inp} m={m:3}: f32 {tf:.3} ms ({:.0} GFLOP/s) | candle Q4_1 {tc:.3} ({:.0}) | ours int8 {ti:.3} ({:.0}) | ours dequant+gemm {td:.3} ({:.0})", g(tf), g(tc), g(ti), g(td));
+            println!("{out}x{inp} m={m:3}: f32 {tf:.3} ms ({:.0} GFLOP/s) | candle Q4_1 {tc:.3} ({:.0}) | ours int8 {ti:.3} ({:.0})", g(tf), g(tc), g(ti));
         }
     }
 }

@@ -78,12 +78,16 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
-/// Query rows × keys at or below which one task per sequence computes attention row by row
-/// (decode steps, short prompts); above, tiles with an online softmax.
-const ROW_BY_ROW_UP_TO: usize = 64 * 256;
-/// Query rows and keys per tile of the tiled path.
-const Q_TILE: usize = 64;
-const K_TILE: usize = 256;
+/// Keys per share (at least one block): a query row's attention is computed share by share
+/// over fixed key ranges counted from position 0, and the shares' partial softmaxes are merged
+/// in order. Nothing of a row's arithmetic depends on how many rows its step holds or how far
+/// the history goes past it, so a prompt prefilled in one step, in chunks, or after a
+/// prefix-cache hit gives each position bit for bit what a decode step gives it.
+const SHARE_KEYS: usize = 512;
+/// Query rows per task (a long prompt's rows are split between tasks as well as its shares).
+const ROWS_PER_TASK: usize = 32;
+/// Rows per block of a contiguous history (shares are whole blocks).
+const CONTIGUOUS_BLOCK: usize = 64;
 
 /// The head layout of a model's attention.
 #[derive(Debug, Clone, Copy)]
@@ -135,7 +139,8 @@ pub struct Int8Rows<'a> {
     pub scale_stride: usize,
 }
 
-/// A history in one piece: `k`, `v` `[total, kv_heads · head_dim]`.
+/// A history in one piece: `k`, `v` `[total, kv_heads · head_dim]` (read in blocks of
+/// `CONTIGUOUS_BLOCK` rows, as a paged cache is).
 pub struct Contiguous<'a> {
     pub k: &'a [f32],
     pub v: &'a [f32],
@@ -148,103 +153,26 @@ impl KvSource for Contiguous<'_> {
         self.k.len() / self.kv_width
     }
     fn block_rows(&self) -> usize {
-        self.total().max(1)
+        CONTIGUOUS_BLOCK
     }
-    fn keys<'s>(&'s self, _: usize, head: usize, _: &'s mut Vec<f32>) -> (&'s [f32], usize) {
-        (&self.k[head * self.head_dim..], self.kv_width)
+    fn keys<'s>(&'s self, b: usize, head: usize, _: &'s mut Vec<f32>) -> (&'s [f32], usize) {
+        let at = b * CONTIGUOUS_BLOCK * self.kv_width + head * self.head_dim;
+        (&self.k[at..], self.kv_width)
     }
-    fn values<'s>(&'s self, _: usize, head: usize, _: &'s mut Vec<f32>) -> (&'s [f32], usize) {
-        (&self.v[head * self.head_dim..], self.kv_width)
+    fn values<'s>(&'s self, b: usize, head: usize, _: &'s mut Vec<f32>) -> (&'s [f32], usize) {
+        let at = b * CONTIGUOUS_BLOCK * self.kv_width + head * self.head_dim;
+        (&self.v[at..], self.kv_width)
     }
 }
 
 /// Causal attention on host data for one sequence: `q` `[len, heads · head_dim]` (positions
 /// `total - len .. total`) against the keys and values of `kv`; writes `[len, heads ·
-/// head_dim]` into `out`. The serving path on CPU: no tensor ops, no copies of the cache. Long
-/// prompts go by tiles (`Q_TILE` queries × `K_TILE` keys through gemm, online softmax), so memory
-/// is bounded by a tile, not by `len × total`, and tiles of different heads run in parallel.
+/// head_dim]` into `out`. The serving path on CPU: no tensor ops, no copies of the cache.
+/// Query row by query row, block by block: tasks are (kv head, up to `ROWS_PER_TASK` query
+/// rows, one share of `SHARE_KEYS` keys), so decode steps split a long history between threads
+/// and long prompts split their rows too; memory is bounded by a task's rows × its share.
 pub fn causal_attention_host(q: &[f32], kv: &dyn KvSource, shape: Heads, out: &mut [f32]) {
-    let len = q.len() / (shape.heads * shape.head_dim);
-    let total = kv.total();
-    assert!(len <= total, "attention: more queries than positions");
-    if len * total <= ROW_BY_ROW_UP_TO {
-        row_by_row(q, kv, shape, out);
-    } else {
-        tiled(q, kv, shape, out);
-    }
-}
-
-/// Copies rows `j0 .. j0 + n` of kv head `g` (keys or values) into `out` `[n, head_dim]`.
-fn gather(
-    kv: &dyn KvSource,
-    values: bool,
-    (j0, n, g, hd): (usize, usize, usize, usize),
-    scratch: &mut Vec<f32>,
-    out: &mut [f32],
-) {
-    let bs = kv.block_rows();
-    let mut j = j0;
-    while j < j0 + n {
-        let (b, r0) = (j / bs, j % bs);
-        let take = (bs - r0).min(j0 + n - j);
-        let (block, stride) = if values {
-            kv.values(b, g, scratch)
-        } else {
-            kv.keys(b, g, scratch)
-        };
-        for r in 0..take {
-            out[(j - j0 + r) * hd..][..hd].copy_from_slice(&block[(r0 + r) * stride..][..hd]);
-        }
-        j += take;
-    }
-}
-
-fn tiled(q: &[f32], kv: &dyn KvSource, shape: Heads, out: &mut [f32]) {
     use rayon::prelude::*;
-    let (heads, hd) = (shape.heads, shape.head_dim);
-    let width = heads * hd;
-    let len = q.len() / width;
-    let tasks: Vec<(usize, usize)> = (0..heads)
-        .flat_map(|h| (0..len).step_by(Q_TILE).map(move |i0| (h, i0)))
-        .collect();
-    let results: Vec<(usize, usize, Vec<f32>)> = tasks
-        .into_par_iter()
-        .map(|(h, i0)| (h, i0, tile(q, kv, shape, h, i0)))
-        .collect();
-    for (h, i0, o) in results {
-        for (a, row) in o.chunks_exact(hd).enumerate() {
-            out[(i0 + a) * width + h * hd..][..hd].copy_from_slice(row);
-        }
-    }
-}
-
-/// Query head `h`, queries `i0 .. i0 + Q_TILE` against every key they see, tile by tile:
-/// `[rows, head_dim]`.
-fn tile(q: &[f32], kv: &dyn KvSource, shape: Heads, h: usize, i0: usize) -> Vec<f32> {
-    #[cfg(target_arch = "x86_64")]
-    if super::cpu_features::avx2_fma() {
-        // SAFETY: the CPU has AVX2 and FMA (checked at run time).
-        return unsafe { tile_avx2(q, kv, shape, h, i0) };
-    }
-    tile_body::<false>(q, kv, shape, h, i0)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2(q: &[f32], kv: &dyn KvSource, shape: Heads, h: usize, i0: usize) -> Vec<f32> {
-    tile_body::<true>(q, kv, shape, h, i0)
-}
-
-/// `AVX`: compiled into `tile_avx2` (so its intrinsics may be used).
-#[inline(always)]
-fn tile_body<const AVX: bool>(
-    q: &[f32],
-    kv: &dyn KvSource,
-    shape: Heads,
-    h: usize,
-    i0: usize,
-) -> Vec<f32> {
-    use super::gemm::{gemm_f32, Mat};
     let Heads {
         heads,
         kv_heads,
@@ -252,69 +180,78 @@ fn tile_body<const AVX: bool>(
     } = shape;
     let width = heads * hd;
     let len = q.len() / width;
-    let offset = kv.total() - len;
+    let total = kv.total();
+    assert!(len <= total, "attention: more queries than positions");
     let group = heads / kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let g = h / group;
-    let qt = Q_TILE.min(len - i0);
-    let mut m = vec![f32::NEG_INFINITY; qt];
-    let mut l = vec![0f32; qt];
-    let mut o = vec![0f32; qt * hd];
-    let mut s = vec![0f32; qt * K_TILE];
-    let (mut kt_rows, mut vt_rows) = (vec![0f32; K_TILE * hd], vec![0f32; K_TILE * hd]);
-    let mut scratch = Vec::new();
-    let last = offset + i0 + qt - 1; // the last position this tile's queries see
-    for j0 in (0..=last).step_by(K_TILE) {
-        let kt = K_TILE.min(last + 1 - j0);
-        let at = (j0, kt, g, hd);
-        gather(kv, false, at, &mut scratch, &mut kt_rows);
-        gather(kv, true, at, &mut scratch, &mut vt_rows);
-        // s[qt, kt] = Q[qt, hd] · K[kt, hd]ᵀ
-        gemm_f32(
-            (qt, kt, hd),
-            &mut s,
-            kt,
-            false,
-            Mat::rows(&q[i0 * width + h * hd..], width),
-            Mat {
-                data: &kt_rows,
-                rs: 1,
-                cs: hd,
-            },
-            gemm::Parallelism::None,
-        );
-        for a in 0..qt {
-            let row = &mut s[a * kt..(a + 1) * kt];
-            let pos = offset + i0 + a;
-            // Keys j0 .. j0 + visible are at or before this query's position.
-            let visible = (pos + 1).saturating_sub(j0).min(kt);
-            row[..visible].iter_mut().for_each(|x| *x *= scale);
-            row[visible..].fill(f32::NEG_INFINITY);
-            let max = max_of(&row[..visible], m[a]);
-            let factor = vexp::exp(m[a] - max);
-            let sum = exp_sub_sum::<AVX>(row, max);
-            l[a] = l[a] * factor + sum;
-            m[a] = max;
-            o[a * hd..(a + 1) * hd]
-                .iter_mut()
-                .for_each(|y| *y *= factor);
+    let gw = group * hd;
+    let bs = kv.block_rows();
+    let per_share = (SHARE_KEYS / bs).max(1);
+    let shares = total.div_ceil(bs).div_ceil(per_share);
+    let row_tasks = len.div_ceil(ROWS_PER_TASK);
+    let tasks: Vec<Share> = (0..kv_heads)
+        .flat_map(|g| {
+            (0..row_tasks).flat_map(move |t| {
+                let rows = t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(len);
+                // The last row of the task sees keys up to `total - len + rows.end - 1`.
+                let seen = total - len + rows.end;
+                (0..shares)
+                    .map(move |s| Share {
+                        g,
+                        b0: s * per_share,
+                        b1: ((s + 1) * per_share).min(total.div_ceil(bs)),
+                        rows: (rows.start, rows.end),
+                    })
+                    .filter(move |sh| sh.b0 * bs < seen)
+            })
+        })
+        .collect();
+    let parts: Vec<(Share, Vec<f32>, Vec<(f32, f32)>)> = tasks
+        .into_par_iter()
+        .map(|share| {
+            let n = share.rows.1 - share.rows.0;
+            let mut o = vec![0f32; n * gw];
+            let mut stats = vec![(f32::NEG_INFINITY, 0f32); n * group];
+            one_group(q, kv, shape, share, &mut o, &mut stats);
+            (share, o, stats)
+        })
+        .collect();
+    // Each row's shares, in key order (tasks were listed so), merged by their max and sum (as
+    // in flash decoding).
+    for g in 0..kv_heads {
+        for t in 0..row_tasks {
+            let r0 = t * ROWS_PER_TASK;
+            let mine: Vec<_> = parts
+                .iter()
+                .filter(|(s, ..)| s.g == g && s.rows.0 == r0)
+                .collect();
+            let rows = mine.first().map_or(0, |(s, ..)| s.rows.1 - s.rows.0);
+            for i in 0..rows {
+                for j in 0..group {
+                    let at = i * group + j;
+                    let m = mine
+                        .iter()
+                        .map(|(_, _, st)| st[at].0)
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    let dst = &mut out[(r0 + i) * width + g * gw + j * hd..][..hd];
+                    dst.fill(0.0);
+                    let mut l = 0f32;
+                    for (_, o, st) in &mine {
+                        let (mt, lt) = st[at];
+                        if lt == 0.0 {
+                            continue;
+                        }
+                        let w = (mt - m).exp();
+                        l += lt * w;
+                        for (x, y) in dst.iter_mut().zip(&o[at * hd..][..hd]) {
+                            *x += w * y;
+                        }
+                    }
+                    let inv = 1.0 / l;
+                    dst.iter_mut().for_each(|x| *x *= inv);
+                }
+            }
         }
-        // o[qt, hd] += P[qt, kt] · V[kt, hd]
-        gemm_f32(
-            (qt, hd, kt),
-            &mut o,
-            hd,
-            true,
-            Mat::rows(&s, kt),
-            Mat::rows(&vt_rows, hd),
-            gemm::Parallelism::None,
-        );
     }
-    for a in 0..qt {
-        let inv = 1.0 / l[a];
-        o[a * hd..(a + 1) * hd].iter_mut().for_each(|y| *y *= inv);
-    }
-    o
 }
 
 /// `vexp::exp_sub_sum`, with AVX2 where the caller is compiled for it.
@@ -342,95 +279,22 @@ fn max_of(xs: &[f32], init: f32) -> f32 {
     acc.iter().fold(tail, |a, &b| a.max(b))
 }
 
-/// Query row by query row, block by block, one task per kv head (its group of query heads):
-/// each block of keys/values is read (and widened, if stored narrower) once per query row.
-fn row_by_row(q: &[f32], kv: &dyn KvSource, shape: Heads, out: &mut [f32]) {
-    use rayon::prelude::*;
-    let Heads {
-        heads,
-        kv_heads,
-        head_dim: hd,
-    } = shape;
-    let width = heads * hd;
-    let len = q.len() / width;
-    let group = heads / kv_heads;
-    let gw = group * hd;
-    let total = kv.total();
-    let blocks = total.div_ceil(kv.block_rows());
-    // Enough tasks for every thread (a model with 3 kv heads on 2 threads would leave one thread
-    // idle a third of the time): long histories are split into ranges of whole blocks, each
-    // task's partial softmax merged after (by its max and sum, as in flash decoding).
-    let threads = rayon::current_num_threads().max(1);
-    let splits = (2 * threads)
-        .div_ceil(kv_heads)
-        .min(total / MIN_KEYS_PER_TASK)
-        .min(blocks)
-        .max(1);
-    let tasks: Vec<Share> = (0..kv_heads)
-        .flat_map(|g| {
-            (0..splits).map(move |s| Share {
-                g,
-                b0: s * blocks / splits,
-                b1: (s + 1) * blocks / splits,
-            })
-        })
-        .collect();
-    let parts: Vec<(Share, Vec<f32>, Vec<(f32, f32)>)> = tasks
-        .into_par_iter()
-        .map(|share| {
-            let mut o = vec![0f32; len * gw];
-            let mut stats = vec![(f32::NEG_INFINITY, 0f32); len * group];
-            one_group(q, kv, shape, share, &mut o, &mut stats);
-            (share, o, stats)
-        })
-        .collect();
-    for g in 0..kv_heads {
-        let mine: Vec<_> = parts.iter().filter(|(s, ..)| s.g == g).collect();
-        for i in 0..len {
-            for j in 0..group {
-                let at = i * group + j;
-                let m = mine
-                    .iter()
-                    .map(|(_, _, st)| st[at].0)
-                    .fold(f32::NEG_INFINITY, f32::max);
-                let dst = &mut out[i * width + g * gw + j * hd..][..hd];
-                dst.fill(0.0);
-                let mut l = 0f32;
-                for (_, o, st) in &mine {
-                    let (mt, lt) = st[at];
-                    if lt == 0.0 {
-                        continue;
-                    }
-                    let w = (mt - m).exp();
-                    l += lt * w;
-                    for (x, y) in dst.iter_mut().zip(&o[at * hd..][..hd]) {
-                        *x += w * y;
-                    }
-                }
-                let inv = 1.0 / l;
-                dst.iter_mut().for_each(|x| *x *= inv);
-            }
-        }
-    }
-}
-
-/// Keys below which a history is not split between tasks.
-const MIN_KEYS_PER_TASK: usize = 512;
-
 /// Blocks ahead whose int8 keys and values the decode loop prefetches.
 const PREFETCH_AHEAD: usize = 6;
 
-/// A task of `row_by_row`: kv head `g` (its group of query heads), key blocks `b0 .. b1`.
+/// A task of `causal_attention_host`: kv head `g` (its group of query heads), key blocks
+/// `b0 .. b1`, query rows `rows.0 .. rows.1`.
 #[derive(Debug, Clone, Copy)]
 struct Share {
     g: usize,
     b0: usize,
     b1: usize,
+    rows: (usize, usize),
 }
 
-/// `row_by_row` for one share: for each query row and head of the group, the softmax weights'
-/// max and sum over the share's keys (`stats`, `[len, group]`) and the value rows weighted by
-/// `exp(score - max)` (`out`, `[len, group · head_dim]`), unnormalized.
+/// One task: for each of its query rows and each head of the group, the softmax weights' max
+/// and sum over the share's keys (`stats`, `[rows, group]`) and the value rows weighted by
+/// `exp(score - max)` (`out`, `[rows, group · head_dim]`), unnormalized.
 fn one_group(
     q: &[f32],
     kv: &dyn KvSource,
@@ -491,7 +355,12 @@ fn one_group_body<const AVX: bool, const VNNI: bool>(
     q: &[f32],
     kv: &dyn KvSource,
     shape: Heads,
-    Share { g, b0, b1 }: Share,
+    Share {
+        g,
+        b0,
+        b1,
+        rows: (r0, r1),
+    }: Share,
     out: &mut [f32],
     stats: &mut [(f32, f32)],
 ) {
@@ -510,7 +379,7 @@ fn one_group_body<const AVX: bool, const VNNI: bool>(
     let mut scores = vec![0f32; group * span];
     let mut scratch = Vec::new();
     let mut qi8 = QueryI8::default();
-    for i in 0..len {
+    for i in r0..r1 {
         let visible = total - len + i + 1;
         let (start, end) = (b0 * bs, visible.min(b1 * bs));
         if start >= end {
@@ -554,9 +423,9 @@ fn one_group_body<const AVX: bool, const VNNI: bool>(
         for j in 0..group {
             let sh = &mut scores[j * span..][..end - start];
             let max = max_of(sh, f32::NEG_INFINITY);
-            stats[i * group + j] = (max, exp_sub_sum::<AVX>(sh, max));
+            stats[(i - r0) * group + j] = (max, exp_sub_sum::<AVX>(sh, max));
         }
-        let o = &mut out[i * group * hd..][..group * hd];
+        let o = &mut out[(i - r0) * group * hd..][..group * hd];
         o.fill(0.0);
         for b in blocks {
             let n = bs.min(end - b * bs);
@@ -799,8 +668,8 @@ mod tests {
     use super::*;
     use candle_core::Device;
 
-    /// The host path (row by row for short inputs, by tiles for long prompts with earlier
-    /// context in the cache, including partial last tiles) equals the tensor path.
+    /// The host path (short and long inputs, histories of one share and of several, prompts
+    /// of one row task and of several) equals the tensor path.
     #[test]
     fn host_attention_equals_the_tensor_path() -> Result<()> {
         let dev = Device::Cpu;
@@ -808,25 +677,24 @@ mod tests {
             t.transpose(0, 1)?.contiguous()?.flatten_all()?.to_vec1()
         };
         // Head sizes 8 (the AVX2 scores kernel), 64 (its weighted sum too), 12 (portable).
-        for (len, total, tiled, head_dim) in [
-            (3, 7, false, 8),
-            (1, 300, false, 8),
-            (300, 333, true, 8),
-            (160, 200, true, 8),
-            (1, 301, false, 64),
-            (5, 42, false, 64),
-            (100, 230, true, 64),
-            (2, 37, false, 12),
+        for (len, total, head_dim) in [
+            (3, 7, 8),
+            (1, 300, 8),
+            (300, 333, 8),
+            (160, 200, 8),
+            (1, 301, 64),
+            (5, 42, 64),
+            (100, 230, 64),
+            (2, 37, 12),
             // Long enough to be split between tasks (when read in blocks).
-            (1, 1500, false, 64),
-            (3, 2000, false, 8),
+            (1, 1500, 64),
+            (3, 2000, 8),
         ] {
             let shape = Heads {
                 heads: 6,
                 kv_heads: 2,
                 head_dim,
             };
-            assert_eq!(len * total > ROW_BY_ROW_UP_TO, tiled);
             let q = Tensor::randn(0f32, 1.0, (shape.heads, len, shape.head_dim), &dev)?;
             let k = Tensor::randn(0f32, 1.0, (shape.kv_heads, total, shape.head_dim), &dev)?;
             let v = Tensor::randn(0f32, 1.0, (shape.kv_heads, total, shape.head_dim), &dev)?;
@@ -911,6 +779,71 @@ mod tests {
         }
         fn values<'s>(&'s self, b: usize, g: usize, s: &'s mut Vec<f32>) -> (&'s [f32], usize) {
             self.block(self.v, b, g, s)
+        }
+    }
+
+    /// Every row of a prompt, computed with all the others (one step, several row tasks, a
+    /// history of several shares), is bit for bit what it is alone as a decode step over the
+    /// history up to it: contiguous and in blocks of 7.
+    #[test]
+    fn a_row_never_depends_on_the_rows_beside_it() {
+        let (len, total, hd) = (90, 1100, 64);
+        let shape = Heads {
+            heads: 6,
+            kv_heads: 2,
+            head_dim: hd,
+        };
+        let kv_width = shape.kv_heads * hd;
+        let width = shape.heads * hd;
+        let mut state = 7u64;
+        let mut rand = |n: usize| -> Vec<f32> {
+            (0..n)
+                .map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1);
+                    ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 4.0
+                })
+                .collect()
+        };
+        let (q, k, v) = (
+            rand(len * width),
+            rand(total * kv_width),
+            rand(total * kv_width),
+        );
+        for blocked in [false, true] {
+            let source = |rows: usize| -> Box<dyn KvSource + '_> {
+                let (k, v) = (&k[..rows * kv_width], &v[..rows * kv_width]);
+                if blocked {
+                    Box::new(Blocks7 {
+                        k,
+                        v,
+                        kv_width,
+                        head_dim: hd,
+                    })
+                } else {
+                    Box::new(Contiguous {
+                        k,
+                        v,
+                        kv_width,
+                        head_dim: hd,
+                    })
+                }
+            };
+            let mut all = vec![0f32; len * width];
+            causal_attention_host(&q, &*source(total), shape, &mut all);
+            for i in [0, 1, 31, 32, 33, 64, 89] {
+                let mut one = vec![0f32; width];
+                let row = &q[i * width..][..width];
+                causal_attention_host(row, &*source(total - len + i + 1), shape, &mut one);
+                assert_eq!(
+                    &all[i * width..][..width],
+                    &one[..],
+                    "row {i}, blocked {blocked}"
+                );
+            }
+            // And as the tail of a later chunk (a prefix-cache hit or chunked prefill).
+            let mut tail = vec![0f32; 10 * width];
+            causal_attention_host(&q[80 * width..], &*source(total), shape, &mut tail);
+            assert_eq!(&all[80 * width..], &tail[..], "blocked {blocked}");
         }
     }
 

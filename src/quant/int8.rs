@@ -128,19 +128,14 @@ pub trait TileWeight: Sync {
     );
 }
 
-/// `x · Wᵀ` for `x` of `[n, cols]` → `[n, rows]`: the integer kernels, or for large batches
-/// dequantized tiles and gemm.
+/// `x · Wᵀ` for `x` of `[n, cols]` → `[n, rows]` by the integer kernels, at every batch size: a
+/// row's result depends on that row alone (a prefill step of 256 rows computes each row exactly
+/// as a decode step of one does), so prefix-cache hits and batching never change an answer.
 pub fn matmul_t<W: TileWeight>(w: &W, x: &[f32], n: usize) -> Vec<f32> {
-    let (rows, cols) = w.dims();
-    if n >= DENSE_FROM_ROWS {
-        return matmul_dense_tiles(rows, cols, x, n, |start, count| {
-            w.dequantize_rows(&(start as u32..(start + count) as u32).collect::<Vec<_>>())
-        });
-    }
     matmul_t_int(w, x, n, Kernel::detect())
 }
 
-/// The integer path at any batch size, with a given kernel (tests and benchmarks compare them).
+/// The integer path with a given kernel (tests and benchmarks compare them).
 pub fn matmul_t_int<W: TileWeight>(w: &W, x: &[f32], n: usize, kernel: Kernel) -> Vec<f32> {
     let (rows, cols) = w.dims();
     let act = Activations::quantize(x, n, cols);
@@ -210,56 +205,6 @@ pub fn matmul_tiles<T: Sync, A: Sync>(
     y
 }
 
-/// Output rows per dequantized tile on the large-batch path.
-const DENSE_TILE: usize = 64;
-
-/// Batches of at least this many rows (prefill) dequantize 64 weight rows at a time and multiply
-/// in f32 with gemm: there each dequantized value serves enough rows to beat the integer path.
-pub const DENSE_FROM_ROWS: usize = 128;
-
-/// `x · Wᵀ` for a large batch: `dequant(start, count)` gives weight rows `start..start + count`
-/// as f32; tiles run in parallel, each an L2-sized f32 block multiplied with gemm.
-pub fn matmul_dense_tiles(
-    rows: usize,
-    cols: usize,
-    x: &[f32],
-    n: usize,
-    dequant: impl Fn(usize, usize) -> Vec<f32> + Sync,
-) -> Vec<f32> {
-    use crate::ops::gemm::{gemm_f32, Mat};
-    let tiles: Vec<(usize, Vec<f32>)> = (0..rows.div_ceil(DENSE_TILE))
-        .into_par_iter()
-        .map(|t| {
-            let start = t * DENSE_TILE;
-            let count = DENSE_TILE.min(rows - start);
-            let w = dequant(start, count);
-            let mut y = vec![0f32; n * count];
-            gemm_f32(
-                (n, count, cols),
-                &mut y,
-                count,
-                false,
-                Mat::rows(x, cols),
-                Mat {
-                    data: &w,
-                    rs: 1,
-                    cs: cols,
-                },
-                gemm::Parallelism::None,
-            );
-            (start, y)
-        })
-        .collect();
-    let mut y = vec![0f32; n * rows];
-    for (start, tile) in tiles {
-        let count = tile.len() / n.max(1);
-        for r in 0..n {
-            y[r * rows + start..][..count].copy_from_slice(&tile[r * count..(r + 1) * count]);
-        }
-    }
-    y
-}
-
 /// Checks shared by the kernels' tests: against the exact product of the dequantized weight
 /// within the activations' rounding bound, and every SIMD kernel against the portable one.
 #[cfg(test)]
@@ -302,6 +247,25 @@ pub(crate) mod checks {
                     );
                 }
             }
+        }
+    }
+
+    /// A row's result is bit for bit the same alone and among others, at every batch size
+    /// (prefill steps and decode steps compute a position alike).
+    pub fn rows_are_independent<W: TileWeight>(w: &W) {
+        let (rows, cols) = w.dims();
+        let n = 300;
+        let x = activations(n, cols);
+        let all = matmul_t(w, &x, n);
+        for i in [0, 1, 2, 3, 4, 5, 127, 128, 129, 299] {
+            let one = matmul_t(w, &x[i * cols..(i + 1) * cols], 1);
+            assert_eq!(&all[i * rows..(i + 1) * rows], &one[..], "row {i} of {n}");
+            let few = matmul_t(w, &x[(i.min(297)) * cols..(i.min(297) + 3) * cols], 3);
+            let at = i - i.min(297);
+            assert_eq!(
+                &all[i * rows..(i + 1) * rows],
+                &few[at * rows..(at + 1) * rows]
+            );
         }
     }
 

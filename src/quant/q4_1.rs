@@ -340,6 +340,14 @@ mod tests {
     }
 
     #[test]
+    fn rows_are_independent_of_the_batch() {
+        let (rows, cols) = (45, 320);
+        checks::rows_are_independent(
+            &Q41Weight::from_gguf(&random_q4_1(rows, cols, 3), rows, cols).unwrap(),
+        );
+    }
+
+    #[test]
     fn dequantize_follows_ggml() {
         let data = random_q4_1(2, 64, 9);
         let w = Q41Weight::from_gguf(&data, 2, 64).unwrap();

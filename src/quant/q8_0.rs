@@ -297,4 +297,12 @@ mod tests {
             &Q80Weight::from_gguf(&random_q8_0(rows, cols, 5), rows, cols).unwrap(),
         );
     }
+
+    #[test]
+    fn rows_are_independent_of_the_batch() {
+        let (rows, cols) = (1000, 576);
+        checks::rows_are_independent(
+            &Q80Weight::from_gguf(&random_q8_0(rows, cols, 5), rows, cols).unwrap(),
+        );
+    }
 }
