@@ -1,5 +1,6 @@
 //! Fine-tuning jobs through the OpenAI API on the tiny model (served in f32): upload, job,
-//! events, the served `ft-` adapter equal to the exported one, cancel, bad input.
+//! events, epoch checkpoints with the validation loss, the served `ft:` adapter equal to the
+//! exported one, cancel, bad input; and a job on the default model as served (Q4_1 weights).
 
 mod common;
 
@@ -76,8 +77,9 @@ async fn upload(app: &axum::Router, content: &str) -> String {
     v["id"].as_str().unwrap().to_string()
 }
 
-/// Upload → job → events → the `ft-` adapter served at once, its answers equal to the exported
-/// PEFT adapter's applied by the library; cancel of a finished job is a 409; bad requests are
+/// Upload → job (with a validation file) → events → checkpoints → the `ft:` adapter served at
+/// once, its answers equal to the exported PEFT adapter's applied by the library; the last
+/// three epochs' checkpoints served too; cancel of a finished job is a 409; bad requests are
 /// named.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_trains_registers_and_serves_its_adapter() {
@@ -92,6 +94,12 @@ async fn a_job_trains_registers_and_serves_its_adapter() {
         })
         .collect();
     let file = upload(&app, &lines.join("\n")).await;
+    let held_out: Vec<String> = (100..108)
+        .map(|i| {
+            json!({"prompt": format!("question {i}: "), "completion": "the red one"}).to_string()
+        })
+        .collect();
+    let validation = upload(&app, &held_out.join("\n")).await;
     // Bad requests first: each names its field; an unknown file is a 404.
     let bad = |patch: Value| {
         let mut body = json!({"training_file": file, "model": base});
@@ -112,6 +120,7 @@ async fn a_job_trains_registers_and_serves_its_adapter() {
         ),
         (json!({"suffix": "no spaces please"}), "suffix"),
         (json!({"adapter": {"method": "oft"}}), "adapter.method"),
+        (json!({"validation_file": 7}), "validation_file"),
     ] {
         let (status, v, text) = call(&app, "POST", "/v1/fine_tuning/jobs", Some(bad(patch))).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
@@ -125,12 +134,22 @@ async fn a_job_trains_registers_and_serves_its_adapter() {
     )
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{text}");
+    let (status, _, text) = call(
+        &app,
+        "POST",
+        "/v1/fine_tuning/jobs",
+        Some(json!({"training_file": file, "model": base,
+                    "validation_file": "file-0123456789abcdef01234567"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{text}");
     // The job.
     let (status, job, text) = call(
         &app,
         "POST",
         "/v1/fine_tuning/jobs",
-        Some(json!({"training_file": file, "model": base, "suffix": "red", "seed": 3,
+        Some(json!({"training_file": file, "validation_file": validation, "model": base,
+                    "suffix": "red", "seed": 3,
                     "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 4, "batch_size": 4, "learning_rate_multiplier": 50}}},
                     "adapter": {"method": "lora", "rank": 8}})),
     )
@@ -151,11 +170,10 @@ async fn a_job_trains_registers_and_serves_its_adapter() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     assert_eq!(done["status"], "succeeded", "{done}");
+    assert_eq!(done["validation_file"], validation.as_str());
     let ft = done["fine_tuned_model"].as_str().unwrap().to_string();
-    assert!(
-        ft.starts_with("ft-red-") && ft.ends_with(&id[id.len() - 6..]),
-        "{ft}"
-    );
+    let base_name = base.rsplit('/').next().unwrap();
+    assert_eq!(ft, format!("ft:{base_name}:red:{}", &id[id.len() - 8..]));
     assert!(done["trained_tokens"].as_u64().unwrap() > 0);
     // Events: one per step, newest first, with the loss falling.
     let (_, ev, _) = call(
@@ -165,9 +183,18 @@ async fn a_job_trains_registers_and_serves_its_adapter() {
         None,
     )
     .await;
-    let ev = ev["data"].as_array().unwrap().clone();
+    let all = ev["data"].as_array().unwrap().clone();
+    // A validation-loss event at each epoch's end, a training-loss event per step.
+    let (ev, valid): (Vec<Value>, Vec<Value>) = all
+        .iter()
+        .cloned()
+        .partition(|e| e["data"]["train_loss"].is_number());
     assert_eq!(ev.len(), 24); // 4 epochs × 6 batches
-                              // Pages of events, as the client's `list_events(limit, after)` reads them.
+    assert_eq!(valid.len(), 4, "{valid:?}");
+    assert!(valid
+        .iter()
+        .all(|e| e["data"]["full_valid_loss"].is_number()));
+    // Pages of events, as the client's `list_events(limit, after)` reads them.
     let (_, page, _) = call(
         &app,
         "GET",
@@ -185,7 +212,7 @@ async fn a_job_trains_registers_and_serves_its_adapter() {
         None,
     )
     .await;
-    assert_eq!(next["data"][0]["data"]["step"], ev[5]["data"]["step"]);
+    assert_eq!(next["data"][0]["id"], all[5]["id"]);
     let (last, first) = (
         &ev[0]["data"]["train_loss"],
         &ev[ev.len() - 1]["data"]["train_loss"],
@@ -196,6 +223,47 @@ async fn a_job_trains_registers_and_serves_its_adapter() {
     );
     let (_, listed, _) = call(&app, "GET", "/v1/fine_tuning/jobs?limit=5", None).await;
     assert_eq!(listed["data"][0]["id"], id.as_str());
+    // Checkpoints: one per epoch, newest first, with both losses; the held-out loss falls; the
+    // last three are served under `ft:…:ckpt-step-N`, the first is not.
+    let (status, ck, text) = call(
+        &app,
+        "GET",
+        &format!("/v1/fine_tuning/jobs/{id}/checkpoints"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let ck = ck["data"].as_array().unwrap().clone();
+    let steps: Vec<u64> = ck
+        .iter()
+        .map(|c| c["step_number"].as_u64().unwrap())
+        .collect();
+    assert_eq!(steps, [24, 18, 12, 6]);
+    assert!(ck
+        .iter()
+        .all(|c| c["object"] == "fine_tuning.job.checkpoint"
+            && c["fine_tuning_job_id"] == id.as_str()
+            && c["metrics"]["train_loss"].is_number()));
+    let held = |c: &Value| c["metrics"]["full_valid_loss"].as_f64().unwrap();
+    assert!(
+        held(&ck[0]) < held(&ck[3]),
+        "{} -> {}",
+        held(&ck[3]),
+        held(&ck[0])
+    );
+    assert!(ck[3]["fine_tuned_model_checkpoint"].is_null());
+    for c in &ck[..3] {
+        let name = c["fine_tuned_model_checkpoint"].as_str().unwrap();
+        assert_eq!(name, format!("{ft}:ckpt-step-{}", c["step_number"]));
+        let (status, _, text) = call(
+            &app,
+            "POST",
+            "/v1/completions",
+            Some(json!({"model": name, "prompt": "question 1: ", "max_tokens": 2})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{name}: {text}");
+    }
     // Served at once, answering as the exported adapter does through the library.
     let prompt = "question 99: ";
     let (status, out, text) = call(
@@ -400,4 +468,94 @@ async fn an_upload_over_the_body_limit_is_413_and_kept_nowhere() {
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{text}");
     let (_, listed, _) = call(&app, "GET", "/v1/files", None).await;
     assert_eq!(listed["data"].as_array().unwrap().len(), 0);
+}
+
+/// A job on the default model as `serve` loads it (the GGUF's Q4_1 and Q8_0 served as stored,
+/// no f32 copy): it trains through the quantized weights' input gradient, the loss falls, and
+/// the `ft:` adapter it registers answers exactly as the exported PEFT adapter applied by the
+/// library to the same served model.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_trains_on_the_served_quantized_default_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join("adapters")).unwrap();
+    let cli = loraplex::cli::Cli::try_parse_from([
+        "serve",
+        "--adapters",
+        tmp.path().join("adapters").to_str().unwrap(),
+        "--state-dir",
+        tmp.path().to_str().unwrap(),
+        "--kv-cache-tokens",
+        "2048",
+    ])
+    .unwrap();
+    let st = loraplex::cli::build_state(&cli.serve).await.unwrap();
+    let quantized = st
+        .engine
+        .model()
+        .model
+        .linear(0, loraplex::model::Proj::Q)
+        .is_some_and(|l| matches!(l.base(), loraplex::model::BaseWeight::Quant(_)));
+    assert!(quantized, "the default model is served as stored");
+    let base = st.engine.model().id.clone();
+    let app = router(st.clone());
+    let lines: Vec<String> = (0..8)
+        .map(|i| json!({"prompt": format!("Code {i}?"), "completion": " zebra"}).to_string())
+        .collect();
+    let file = upload(&app, &lines.join("\n")).await;
+    let (status, job, text) = call(
+        &app,
+        "POST",
+        "/v1/fine_tuning/jobs",
+        Some(json!({"training_file": file, "model": base, "suffix": "zebra", "seed": 1,
+                    "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3, "batch_size": 4, "learning_rate_multiplier": 10}}}})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let id = job["id"].as_str().unwrap().to_string();
+    let end = wait_for(&app, &id, |b| {
+        matches!(
+            b["job"]["status"].as_str(),
+            Some("succeeded" | "failed" | "cancelled")
+        )
+    })
+    .await;
+    assert_eq!(end["job"]["status"], "succeeded", "{end}");
+    let events = end["events"].as_array().unwrap();
+    let loss = |e: &Value| e["data"]["train_loss"].as_f64().unwrap();
+    let (last, first) = (loss(&events[0]), loss(&events[events.len() - 1]));
+    assert_eq!(events.len(), 6);
+    assert!(last < 0.5 * first, "{first} -> {last}");
+    let ft = end["job"]["fine_tuned_model"].as_str().unwrap().to_string();
+    let prompt = "Code 42?";
+    let (status, out, text) = call(
+        &app,
+        "POST",
+        "/v1/completions",
+        Some(json!({"model": ft, "prompt": prompt, "max_tokens": 4, "temperature": 0})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let served = out["choices"][0]["text"].as_str().unwrap().to_string();
+    let loaded = st.engine.model();
+    let peft =
+        loraplex::adapters::PeftAdapter::load(&tmp.path().join("jobs").join(&id).join("adapter"))
+            .unwrap();
+    let w = loraplex::adapters::bind(&peft, &loaded.model, &Default::default()).unwrap();
+    let ids = loaded.tokenizer.encode(prompt).unwrap();
+    let cfg = loraplex::engine::GenerationConfig {
+        max_tokens: 4,
+        sampling: loraplex::engine::SamplingParams::greedy(),
+        ..Default::default()
+    };
+    let direct = loraplex::engine::generate(
+        &loaded.model,
+        &loaded.tokenizer,
+        &ids,
+        Some(&w),
+        &cfg,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(served, direct.text);
+    assert!(served.contains("zebra"), "{served:?}");
 }

@@ -233,6 +233,7 @@ fn qlora_training_lowers_the_loss_and_serves_on_the_nf4_base() {
         interrupt_after: None,
         cancel: None,
         on_step: None,
+        epoch_checkpoints: None,
     };
     let report = train(&m.model, &data, None, &cfg).unwrap();
     assert!(

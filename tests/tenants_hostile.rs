@@ -1159,9 +1159,9 @@ async fn fine_tuning_jobs_belong_to_their_tenant() {
     }
     assert_eq!(done["status"], "succeeded", "{done}");
     let ft = done["fine_tuned_model"].as_str().unwrap().to_string();
-    assert!(ft.starts_with("globex/ft-s-"), "{ft}");
+    assert!(ft.starts_with("ft:") && ft.contains(":s:"), "{ft}");
     let made_up = "ftjob-0123456789abcdef01234567";
-    for path in ["", "/events"] {
+    for path in ["", "/events", "/checkpoints"] {
         let theirs = call(
             &app,
             "GET",
@@ -1205,6 +1205,20 @@ async fn fine_tuning_jobs_belong_to_their_tenant() {
     )
     .await;
     assert_eq!(theirs.status, StatusCode::NOT_FOUND, "{}", theirs.text);
+    let qualified = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(chat(&format!("globex/{ft}"), "hi", 2)),
+        "sk-acme",
+    )
+    .await;
+    assert_eq!(
+        qualified.status,
+        StatusCode::NOT_FOUND,
+        "{}",
+        qualified.text
+    );
     let own = call(
         &app,
         "POST",

@@ -113,6 +113,7 @@ fn config(output: PathBuf, method: Method, steps: usize) -> TrainConfig {
         interrupt_after: None,
         cancel: None,
         on_step: None,
+        epoch_checkpoints: None,
     }
 }
 

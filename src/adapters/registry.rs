@@ -13,7 +13,8 @@ use std::sync::RwLock;
 use super::error::AdapterError;
 use super::peft::CONFIG_FILE;
 
-/// A validated adapter name: `name` or `tenant/name`, each part `[A-Za-z0-9._-]{1,64}`.
+/// A validated adapter name: `name` or `tenant/name`, each part `[A-Za-z0-9._:-]{1,96}` (`:`
+/// for OpenAI's fine-tuned names, `ft:BASE:SUFFIX:ID`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AdapterName {
     pub tenant: Option<String>,
@@ -21,18 +22,18 @@ pub struct AdapterName {
 }
 
 pub(crate) fn valid_part(part: &str) -> Result<(), String> {
-    if part.is_empty() || part.len() > 64 {
-        return Err("each part must be 1 to 64 characters".into());
+    if part.is_empty() || part.len() > 96 {
+        return Err("each part must be 1 to 96 characters".into());
     }
     if part == "." || part.contains("..") || part.starts_with('.') {
         return Err("`.`-prefixed parts and `..` are not allowed".into());
     }
     if let Some(c) = part
         .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || "._-".contains(*c)))
+        .find(|c| !(c.is_ascii_alphanumeric() || "._:-".contains(*c)))
     {
         return Err(format!(
-            "character {c:?} is not allowed (use A-Z a-z 0-9 . _ -)"
+            "character {c:?} is not allowed (use A-Z a-z 0-9 . _ : -)"
         ));
     }
     Ok(())
@@ -415,7 +416,8 @@ mod tests {
             ".hidden",
             "sp ace",
             "a\\b",
-            &"x".repeat(65),
+            &"x".repeat(97),
+            "a;b",
         ] {
             let err = AdapterName::parse(bad).unwrap_err().to_string();
             assert!(err.contains("invalid adapter name"), "{bad}: {err}");

@@ -259,6 +259,7 @@ pub async fn run_train(args: TrainArgs) -> Result<()> {
         interrupt_after: None,
         cancel: None,
         on_step: None,
+        epoch_checkpoints: None,
     };
     let report = tokio::task::spawn_blocking(move || {
         crate::train::train(&loaded.model, &data, eval.as_ref(), &cfg)

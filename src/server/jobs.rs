@@ -1,9 +1,11 @@
 //! Fine-tuning jobs (`/v1/fine_tuning/jobs`): each a folder `STATE/jobs/ID/` holding `job.json`
-//! (the record), `events.jsonl` (one line per training step) and `adapter/` (the trainer's
-//! output, with its checkpoints). One worker thread runs the queued jobs one at a time on the
-//! model the server serves (the same weights in memory) and registers each trained adapter in
-//! its tenant's namespace as `ft-SUFFIX-XXXXXX`. A job that was queued or running when the
-//! server stopped is queued again at start-up and resumes from its last checkpoint.
+//! (the record), `events.jsonl` (one line per training step), `adapter/` (the trainer's output,
+//! with its resume checkpoint) and `checkpoints/` (the adapter at each epoch's end, with the
+//! training and validation loss). Worker threads run the queued jobs on the model the server
+//! serves (the same weights in memory, f32, NF4 or GGUF-quantized) and register each trained
+//! adapter in its tenant's namespace as `ft:BASE:SUFFIX:XXXXXXXX` (and the last three epochs'
+//! checkpoints as `…:ckpt-step-N`). A job that was queued or running when the server stopped is
+//! queued again at start-up and resumes from its last checkpoint.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -40,6 +42,8 @@ pub struct JobRecord {
     /// `queued`, `running`, `succeeded`, `failed`, `cancelled`.
     pub status: String,
     pub training_file: String,
+    #[serde(default)]
+    pub validation_file: Option<String>,
     pub fine_tuned_model: Option<String>,
     pub hyperparameters: Hyperparameters,
     pub adapter: AdapterSpec,
@@ -56,7 +60,7 @@ impl JobRecord {
         json!({
             "id": self.id, "object": "fine_tuning.job", "model": self.model,
             "created_at": self.created_at, "finished_at": self.finished_at,
-            "status": self.status, "training_file": self.training_file, "validation_file": null,
+            "status": self.status, "training_file": self.training_file, "validation_file": self.validation_file,
             "fine_tuned_model": self.fine_tuned_model,
             "hyperparameters": self.hyperparameters, "seed": self.seed, "error": self.error,
             "trained_tokens": self.trained_tokens, "result_files": [],
@@ -176,6 +180,44 @@ impl JobStore {
             .collect()
     }
 
+    /// The job's epoch checkpoints, oldest first, as OpenAI's `fine_tuning.job.checkpoint`
+    /// objects (a step written twice by a resumed run counts once: its last line). Those with a
+    /// `fine_tuned_model_checkpoint` are served under that name.
+    pub fn checkpoints(&self, job: &JobRecord) -> Vec<Value> {
+        let text = std::fs::read_to_string(
+            self.job_dir(&job.id)
+                .join("checkpoints")
+                .join("checkpoints.jsonl"),
+        )
+        .unwrap_or_default();
+        let mut by_step = std::collections::BTreeMap::new();
+        for line in text.lines() {
+            if let Ok(v) = serde_json::from_str::<Value>(line) {
+                if let Some(step) = v["step"].as_u64() {
+                    by_step.insert(step, v);
+                }
+            }
+        }
+        let served = served_checkpoints(&by_step.keys().copied().collect::<Vec<_>>());
+        by_step
+            .into_iter()
+            .map(|(step, c)| {
+                let model = match (&job.fine_tuned_model, served.contains(&step)) {
+                    (Some(m), true) => json!(format!("{m}:ckpt-step-{step}")),
+                    _ => Value::Null,
+                };
+                json!({
+                    "object": "fine_tuning.job.checkpoint",
+                    "id": format!("ftckpt-{}-{step}", &job.id[6..]),
+                    "created_at": c["created_at"], "fine_tuning_job_id": job.id,
+                    "step_number": step, "fine_tuned_model_checkpoint": model,
+                    "metrics": {"step": step, "epoch": c["epoch"], "train_loss": c["train_loss"],
+                        "valid_loss": c["valid_loss"], "full_valid_loss": c["valid_loss"]},
+                })
+            })
+            .collect()
+    }
+
     /// Keeps a new job and queues it.
     pub fn submit(&self, job: JobRecord) -> Result<JobRecord, ApiError> {
         self.save(&job)?;
@@ -241,19 +283,7 @@ impl JobStore {
                 let Some(name) = job.fine_tuned_model.as_deref() else {
                     continue;
                 };
-                let dir = self.job_dir(&job.id).join("adapter");
-                let added = crate::adapters::AdapterName::parse(name)
-                    .map_err(|e| e.to_string())
-                    .and_then(|n| {
-                        let bytes = crate::adapters::PeftAdapter::inspect(&dir)
-                            .map_err(|e| e.to_string())?
-                            .bytes;
-                        state
-                            .registry
-                            .add(&n, &dir, false, bytes)
-                            .map_err(|e| e.to_string())
-                    });
-                if let Err(e) = added {
+                if let Err(e) = register(&state, &job, name) {
                     tracing::warn!("fine-tuned adapter {name} of job {}: {e}", job.id);
                 }
             }
@@ -371,15 +401,16 @@ fn run(st: &Arc<AppState>, job: &JobRecord) -> Result<(String, usize), String> {
     use crate::train::trainer::{train, StepHook, TrainConfig};
     let loaded = st.engine.model().clone();
     let model = &loaded.model;
-    let dense = (0..model.layers.len()).all(|l| {
+    // f32, NF4 and GGUF-quantized projections have a backward in their input; bf16 ones not.
+    let differentiable = (0..model.layers.len()).all(|l| {
         Proj::ALL.iter().all(|&p| {
             model
                 .linear(l, p)
-                .is_some_and(|lin| matches!(lin.base(), BaseWeight::Dense(_)))
+                .is_some_and(|lin| !matches!(lin.base(), BaseWeight::Bf16(_)))
         })
     });
-    if !dense || model.dtype() != candle_core::DType::F32 {
-        return Err("the served model's projections are quantized or 16-bit; fine-tuning jobs need an f32 base (serve with `--dtype f32`)".into());
+    if !differentiable || model.dtype() != candle_core::DType::F32 {
+        return Err("the served model runs bf16 weights or activations, which have no backward; fine-tuning jobs need an f32, NF4 or GGUF-quantized base (not `--dtype bf16`)".into());
     }
     let file = st
         .files
@@ -399,6 +430,15 @@ fn run(st: &Arc<AppState>, job: &JobRecord) -> Result<(String, usize), String> {
         format: Format::Auto,
     };
     let data = Dataset::load(&st.files.contents(&file), &tok, false).map_err(|e| e.to_string())?;
+    let eval = match &job.validation_file {
+        Some(id) => {
+            let file = st.files.get(id, None).map_err(|e| e.message())?;
+            let set = Dataset::load(&st.files.contents(&file), &tok, false)
+                .map_err(|e| format!("validation_file: {e}"))?;
+            Some(set)
+        }
+        None => None,
+    };
     let dir = st.jobs.job_dir(&job.id);
     let output = dir.join("adapter");
     let resume = output.join("checkpoint").join("state.json").is_file();
@@ -415,11 +455,19 @@ fn run(st: &Arc<AppState>, job: &JobRecord) -> Result<(String, usize), String> {
     }
     let hook = StepHook(Arc::new(move |line: &Value| {
         use std::io::Write;
-        let event = json!({
+        let event = if let Some(v) = line["valid_loss"].as_f64() {
+            json!({
+                "object": "fine_tuning.job.event", "created_at": now(), "level": "info",
+                "type": "metrics", "message": format!("Step {}: full validation loss={v:.4}", line["step"]),
+                "data": {"step": line["step"], "full_valid_loss": v},
+            })
+        } else {
+            json!({
             "object": "fine_tuning.job.event", "created_at": now(), "level": "info",
             "type": "metrics", "message": format!("Step {}: training loss={:.4}", line["step"], line["loss"].as_f64().unwrap_or(f64::NAN)),
             "data": {"step": line["step"], "train_loss": line["loss"], "learning_rate": line["lr"], "tokens_per_second": line["tokens_per_second"]},
-        });
+            })
+        };
         if let Ok(mut f) = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -467,23 +515,74 @@ fn run(st: &Arc<AppState>, job: &JobRecord) -> Result<(String, usize), String> {
         interrupt_after: None,
         cancel,
         on_step: Some(hook),
+        epoch_checkpoints: Some(dir.join("checkpoints")),
     };
-    let report = train(model, &data, None, &cfg).map_err(|e| e.to_string())?;
-    let name = crate::adapters::AdapterName {
-        tenant: job.owner.clone(),
-        name: format!(
-            "ft-{}-{}",
-            job.suffix.as_deref().unwrap_or("model"),
-            &job.id[job.id.len() - 6..]
-        ),
+    let report = train(model, &data, eval.as_ref(), &cfg).map_err(|e| e.to_string())?;
+    let name = ft_name(&loaded.id, job.suffix.as_deref(), &job.id);
+    register(st, job, &name)?;
+    Ok((name, report.tokens))
+}
+
+/// OpenAI's form of a fine-tuned model's name: `ft:BASE:SUFFIX:XXXXXXXX` (the base id's last
+/// path part, the job id's last 8 digits).
+fn ft_name(base_id: &str, suffix: Option<&str>, job_id: &str) -> String {
+    let base: String = base_id
+        .rsplit('/')
+        .next()
+        .unwrap_or(base_id)
+        .replace("..", "-")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(40)
+        .collect();
+    format!(
+        "ft:{base}:{}:{}",
+        suffix.unwrap_or(""),
+        &job_id[job_id.len() - 8..]
+    )
+}
+
+/// The steps of the epoch checkpoints served as models: the last three (as OpenAI keeps).
+fn served_checkpoints(steps: &[u64]) -> Vec<u64> {
+    steps[steps.len().saturating_sub(3)..].to_vec()
+}
+
+/// Registers a finished job's adapter as `name` in its owner's namespace, and its served
+/// checkpoints as `name:ckpt-step-N`. (`name` may hold the owner already: records of older
+/// versions kept `TENANT/NAME`.)
+fn register(st: &AppState, job: &JobRecord, name: &str) -> Result<(), String> {
+    use crate::adapters::{AdapterName, PeftAdapter};
+    let key = |n: &str| match (&job.owner, n.contains('/')) {
+        (Some(t), false) => format!("{t}/{n}"),
+        _ => n.to_string(),
     };
-    let bytes = crate::adapters::PeftAdapter::inspect(&output)
-        .map_err(|e| e.to_string())?
-        .bytes;
-    st.registry
-        .add(&name, &output, false, bytes)
-        .map_err(|e| e.to_string())?;
-    Ok((name.key(), report.tokens))
+    let add = |n: &str, dir: &Path| -> Result<(), String> {
+        let parsed = AdapterName::parse(&key(n)).map_err(|e| e.to_string())?;
+        let bytes = PeftAdapter::inspect(dir).map_err(|e| e.to_string())?.bytes;
+        st.registry
+            .add(&parsed, dir, false, bytes)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let dir = st.jobs.job_dir(&job.id);
+    add(name, &dir.join("adapter"))?;
+    let steps: Vec<u64> = st
+        .jobs
+        .checkpoints(job)
+        .iter()
+        .filter_map(|c| c["step_number"].as_u64())
+        .collect();
+    for step in served_checkpoints(&steps) {
+        let at = dir.join("checkpoints").join(format!("step-{step}"));
+        add(&format!("{name}:ckpt-step-{step}"), &at)?;
+    }
+    Ok(())
 }
 
 /// A new job from a request's fields, checked (400 naming the field).
@@ -505,6 +604,16 @@ pub fn new_job(
         .as_str()
         .ok_or_else(|| ApiError::bad("training_file", "is missing"))?
         .to_string();
+    let validation_file = match &body["validation_file"] {
+        Value::Null => None,
+        Value::String(s) => Some(s.clone()),
+        _ => {
+            return Err(ApiError::bad(
+                "validation_file",
+                "must be a file id (a string) or null",
+            ))
+        }
+    };
     let hp = &body["method"]["supervised"]["hyperparameters"];
     let hp = if hp.is_object() {
         hp
@@ -600,6 +709,7 @@ pub fn new_job(
         finished_at: None,
         status: "queued".into(),
         training_file: file.clone(),
+        validation_file,
         fine_tuned_model: None,
         hyperparameters,
         adapter: AdapterSpec {

@@ -85,6 +85,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/fine_tuning/jobs/{id}", get(routes::get_job))
         .route("/v1/fine_tuning/jobs/{id}/events", get(routes::job_events))
+        .route(
+            "/v1/fine_tuning/jobs/{id}/checkpoints",
+            get(routes::job_checkpoints),
+        )
         .route("/v1/fine_tuning/jobs/{id}/cancel", post(routes::cancel_job))
         .route("/v1/load_lora_adapter", post(routes::vllm_load))
         .route("/v1/unload_lora_adapter", post(routes::vllm_unload))

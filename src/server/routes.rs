@@ -467,6 +467,9 @@ pub async fn create_job(
     let (job, file) = super::jobs::new_job(&v, caller.tenant.clone(), &base)?;
     // Another tenant's file and a missing one are the same 404.
     st.files.get(&file, Policy::owner_scope(&caller))?;
+    if let Some(v) = &job.validation_file {
+        st.files.get(v, Policy::owner_scope(&caller))?;
+    }
     if !caller.admin {
         let active = st
             .jobs
@@ -542,18 +545,40 @@ pub async fn job_events(
     for (i, e) in events.iter_mut().enumerate() {
         e["id"] = json!(format!("ftevent-{}-{i}", &job.id[6..]));
     }
-    events.reverse();
+    Ok(Json(newest_first(events, &page)).into_response())
+}
+
+/// `GET /v1/fine_tuning/jobs/{id}/checkpoints?after=ID&limit=N`: the adapter at each epoch's
+/// end with its training and validation loss, newest first.
+pub async fn job_checkpoints(
+    State(st): St,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+    axum::extract::Query(page): axum::extract::Query<Page>,
+) -> Result<Response, ApiError> {
+    let job = st.jobs.get(&id, Policy::owner_scope(&caller))?;
+    Ok(Json(newest_first(st.jobs.checkpoints(&job), &page)).into_response())
+}
+
+/// One page of `items` (oldest first, each with an `id`) as an OpenAI list, newest first:
+/// `limit` (default 20) after the item `after`.
+fn newest_first(mut items: Vec<serde_json::Value>, page: &Page) -> serde_json::Value {
+    items.reverse();
     let start = match &page.after {
-        Some(a) => events
+        Some(a) => items
             .iter()
             .position(|e| e["id"] == a.as_str())
-            .map_or(events.len(), |i| i + 1),
+            .map_or(items.len(), |i| i + 1),
         None => 0,
     };
     let limit = page.limit.unwrap_or(20).clamp(1, 1000);
-    let data: Vec<serde_json::Value> = events.iter().skip(start).take(limit).cloned().collect();
-    let has_more = events.len() > start + data.len();
-    Ok(Json(json!({"object": "list", "data": data, "has_more": has_more})).into_response())
+    let data: Vec<serde_json::Value> = items.iter().skip(start).take(limit).cloned().collect();
+    let has_more = items.len() > start + data.len();
+    let (first, last) = (
+        data.first().map(|d| d["id"].clone()),
+        data.last().map(|d| d["id"].clone()),
+    );
+    json!({"object": "list", "data": data, "has_more": has_more, "first_id": first, "last_id": last})
 }
 
 /// `POST /v1/fine_tuning/jobs/{id}/cancel`: 409 once the job has finished.

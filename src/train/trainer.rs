@@ -46,6 +46,10 @@ pub struct TrainConfig {
     /// Called with each step's metrics line (`step`, `loss`, `lr`, `grad_norm`,
     /// `tokens_per_second`) as it is written: a job's events.
     pub on_step: Option<StepHook>,
+    /// At the end of every epoch, export the adapter to `DIR/step-N/` (PEFT format) and append
+    /// `{step, epoch, train_loss, valid_loss, created_at}` to `DIR/checkpoints.jsonl` (the eval
+    /// set's loss where there is one): a fine-tuning job's checkpoints.
+    pub epoch_checkpoints: Option<PathBuf>,
 }
 
 /// A callback per training step (see `TrainConfig::on_step`).
@@ -203,13 +207,19 @@ fn load_checkpoint(
 }
 
 fn append_metrics(output: &Path, line: serde_json::Value) -> Result<(), TrainError> {
-    let path = output.join("metrics.jsonl");
+    append_line(&output.join("metrics.jsonl"), &line)
+}
+
+fn append_line(path: &Path, line: &serde_json::Value) -> Result<(), TrainError> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| TrainError::output(parent, e.to_string()))?;
+    }
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&path)
-        .map_err(|e| TrainError::output(&path, e.to_string()))?;
-    writeln!(f, "{line}").map_err(|e| TrainError::output(&path, e.to_string()))
+        .open(path)
+        .map_err(|e| TrainError::output(path, e.to_string()))?;
+    writeln!(f, "{line}").map_err(|e| TrainError::output(path, e.to_string()))
 }
 
 /// Trains a new adapter on `data` and writes it (PEFT format) into `cfg.output`.
@@ -276,6 +286,7 @@ pub fn train(
     let started = Instant::now();
     let mut orders: HashMap<usize, Vec<usize>> = HashMap::new();
     let (mut first_loss, mut last_loss, mut tokens_done) = (f32::NAN, f32::NAN, 0usize);
+    let mut final_eval: Option<f32> = None;
     let mut last_good = if resuming {
         format!(
             "{} (step {start_step})",
@@ -344,6 +355,31 @@ pub fn train(
         bar.set_message(format!("loss {loss:.4}, lr {lr:.2e}, {tps:.0} tok/s"));
         bar.inc(1);
         let done = step + 1;
+        let epochs_done = |s: usize| (s * cfg.grad_accum / micro_per_epoch).min(cfg.epochs.max(1));
+        if let Some(dir) = &cfg.epoch_checkpoints {
+            if epochs_done(done) > epochs_done(step) || done == total {
+                let valid = match eval {
+                    Some(e) if !e.examples.is_empty() => {
+                        Some(evaluate(model, &adapter, e, cfg.batch_size)?)
+                    }
+                    _ => None,
+                };
+                if done == total {
+                    final_eval = valid;
+                }
+                let names: Vec<&str> = Proj::ALL.iter().map(|p| p.short()).collect();
+                let at = dir.join(format!("step-{done}"));
+                adapter.export(&at, model, &names)?;
+                let created_at = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let line = json!({"step": done, "epoch": epochs_done(done).max(1), "train_loss": loss, "valid_loss": valid, "created_at": created_at});
+                append_line(&dir.join("checkpoints.jsonl"), &line)?;
+                if let (Some(hook), Some(v)) = (&cfg.on_step, valid) {
+                    (hook.0)(&json!({"step": done, "valid_loss": v}));
+                }
+            }
+        }
         if cfg.save_steps > 0 && done % cfg.save_steps == 0 && done < total {
             save_checkpoint(&cfg.output, &adapter, &opt, done)?;
             last_good = format!("{} (step {done})", checkpoint_dir(&cfg.output).display());
@@ -369,6 +405,10 @@ pub fn train(
     }
     bar.finish_and_clear();
     let eval_loss = match eval {
+        _ if final_eval.is_some() => {
+            append_metrics(&cfg.output, json!({"step": total, "eval_loss": final_eval}))?;
+            final_eval
+        }
         Some(e) if !e.examples.is_empty() => {
             let l = evaluate(model, &adapter, e, cfg.batch_size)?;
             append_metrics(&cfg.output, json!({"step": total, "eval_loss": l}))?;
