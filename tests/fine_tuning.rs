@@ -143,6 +143,29 @@ async fn a_job_trains_registers_and_serves_its_adapter() {
     )
     .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{text}");
+    // A file whose lines are well formed but hold nothing to learn within 512 tokens: the job
+    // fails while validating its files, the error naming the file.
+    let long = json!({"prompt": "word ".repeat(700), "completion": "x"}).to_string();
+    let useless = upload(&app, &long).await;
+    let (_, job, _) = call(
+        &app,
+        "POST",
+        "/v1/fine_tuning/jobs",
+        Some(json!({"training_file": useless, "model": base})),
+    )
+    .await;
+    let bad_id = job["id"].as_str().unwrap().to_string();
+    let failed = wait_for(&app, &bad_id, |b| b["job"]["status"] != "validating_files").await;
+    assert_eq!(failed["job"]["status"], "failed", "{failed}");
+    assert_eq!(failed["job"]["error"]["code"], "invalid_training_file");
+    assert_eq!(failed["job"]["error"]["param"], "training_file");
+    assert!(
+        failed["job"]["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&useless),
+        "{failed}"
+    );
     // The job.
     let (status, job, text) = call(
         &app,
@@ -156,6 +179,7 @@ async fn a_job_trains_registers_and_serves_its_adapter() {
     .await;
     assert_eq!(status, StatusCode::OK, "{text}");
     assert_eq!(job["object"], "fine_tuning.job");
+    assert_eq!(job["status"], "validating_files");
     let id = job["id"].as_str().unwrap().to_string();
     let mut done = Value::Null;
     for _ in 0..600 {

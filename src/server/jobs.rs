@@ -38,8 +38,11 @@ pub struct JobRecord {
     pub id: String,
     pub model: String,
     pub created_at: u64,
+    /// Nanoseconds of the creation time within its second (orders jobs created in one second).
+    #[serde(default)]
+    pub created_subsec: u32,
     pub finished_at: Option<u64>,
-    /// `queued`, `running`, `succeeded`, `failed`, `cancelled`.
+    /// `validating_files`, `queued`, `running`, `succeeded`, `failed`, `cancelled`.
     pub status: String,
     pub training_file: String,
     #[serde(default)]
@@ -131,6 +134,28 @@ impl JobStore {
 
     fn save(&self, job: &JobRecord) -> Result<(), ApiError> {
         let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.write(job)
+    }
+
+    /// Changes the record of job `id` with `change` (which says whether it changed anything),
+    /// with no other change in between; the record after, if `change` changed it.
+    fn update(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut JobRecord) -> bool,
+    ) -> Result<Option<JobRecord>, ApiError> {
+        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mut job) = self.load(id) else {
+            return Ok(None);
+        };
+        if !change(&mut job) {
+            return Ok(None);
+        }
+        self.write(&job)?;
+        Ok(Some(job))
+    }
+
+    fn write(&self, job: &JobRecord) -> Result<(), ApiError> {
         let dir = self.job_dir(&job.id);
         std::fs::create_dir_all(&dir).map_err(|e| internal(&dir, e))?;
         let path = dir.join("job.json");
@@ -167,7 +192,9 @@ impl JobStore {
             .flatten()
             .filter_map(|e| self.get(e.file_name().to_str()?, scope).ok())
             .collect();
-        jobs.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
+        jobs.sort_by(|a, b| {
+            (b.created_at, b.created_subsec, &b.id).cmp(&(a.created_at, a.created_subsec, &a.id))
+        });
         jobs
     }
 
@@ -218,11 +245,47 @@ impl JobStore {
             .collect()
     }
 
-    /// Keeps a new job and queues it.
+    /// Keeps a new job (`validating_files`); `validate` queues it once its files read as
+    /// training data.
     pub fn submit(&self, job: JobRecord) -> Result<JobRecord, ApiError> {
         self.save(&job)?;
-        self.enqueue(&job.id);
         Ok(job)
+    }
+
+    /// Reads a new job's files as training data with the served model's tokenizer and template
+    /// (blocking): then `queued` (and the workers started), or `failed` with the error naming
+    /// the file. A job cancelled meanwhile stays cancelled.
+    pub fn validate(&self, st: &Arc<AppState>, id: &str) {
+        let Some(job) = self.load(id) else { return };
+        let checked = load_data(st, &job.training_file)
+            .map_err(|e| ("training_file", job.training_file.clone(), e))
+            .and_then(|_| match &job.validation_file {
+                Some(v) => load_data(st, v)
+                    .map(|_| ())
+                    .map_err(|e| ("validation_file", v.clone(), e)),
+                None => Ok(()),
+            });
+        let updated = self.update(id, |j| {
+            if j.status != "validating_files" {
+                return false;
+            }
+            match &checked {
+                Ok(()) => j.status = "queued".into(),
+                Err((param, file, message)) => {
+                    j.status = "failed".into();
+                    j.finished_at = Some(now());
+                    j.error = Some(json!({"code": format!("invalid_{param}"),
+                        "message": format!("file `{file}`: {message}"), "param": param}));
+                }
+            }
+            true
+        });
+        if let Ok(Some(j)) = updated {
+            if j.status == "queued" {
+                self.enqueue(id);
+                self.ensure_worker(Arc::downgrade(st));
+            }
+        }
     }
 
     fn enqueue(&self, id: &str) {
@@ -240,6 +303,19 @@ impl JobStore {
 
     /// Asks a job to stop: a queued one is cancelled at once, a running one after its step.
     pub fn cancel(&self, id: &str, scope: Option<Option<&str>>) -> Result<JobRecord, ApiError> {
+        self.get(id, scope)?;
+        // Still validating: cancelled at once (`validate` leaves it so).
+        let stopped = self.update(id, |j| {
+            if j.status != "validating_files" {
+                return false;
+            }
+            j.status = "cancelled".into();
+            j.finished_at = Some(now());
+            true
+        })?;
+        if let Some(job) = stopped {
+            return Ok(job);
+        }
         let mut job = self.get(id, scope)?;
         if job.finished() {
             return Err(ApiError::Conflict(format!(
@@ -296,7 +372,7 @@ impl JobStore {
         if pending.is_empty() {
             return;
         }
-        pending.sort_by_key(|j| j.created_at);
+        pending.sort_by_key(|j| (j.created_at, j.created_subsec));
         for job in pending {
             tracing::info!("fine-tuning job {} ({}) queued again", job.id, job.status);
             self.enqueue(&job.id);
@@ -395,7 +471,6 @@ fn worker(queue: Arc<Queue>, st: Weak<AppState>) {
 /// tokens trained on.
 fn run(st: &Arc<AppState>, job: &JobRecord) -> Result<(String, usize), String> {
     use crate::model::{BaseWeight, Proj};
-    use crate::train::dataset::{Dataset, Format, Tokenization};
     use crate::train::optim::Schedule;
     use crate::train::trainable::{Method, TrainSpec};
     use crate::train::trainer::{train, StepHook, TrainConfig};
@@ -412,31 +487,9 @@ fn run(st: &Arc<AppState>, job: &JobRecord) -> Result<(String, usize), String> {
     if !differentiable || model.dtype() != candle_core::DType::F32 {
         return Err("the served model runs bf16 weights or activations, which have no backward; fine-tuning jobs need an f32, NF4 or GGUF-quantized base (not `--dtype bf16`)".into());
     }
-    let file = st
-        .files
-        .get(&job.training_file, None)
-        .map_err(|e| e.message())?;
-    let special = loaded.special_tokens();
-    let eos = *loaded
-        .stop_token_ids(&st.template)
-        .first()
-        .ok_or("the model has no EOS token")?;
-    let tok = Tokenization {
-        tokenizer: &loaded.tokenizer,
-        template: &st.template,
-        special: &special,
-        eos,
-        max_seq_len: 512,
-        format: Format::Auto,
-    };
-    let data = Dataset::load(&st.files.contents(&file), &tok, false).map_err(|e| e.to_string())?;
+    let data = load_data(st, &job.training_file)?;
     let eval = match &job.validation_file {
-        Some(id) => {
-            let file = st.files.get(id, None).map_err(|e| e.message())?;
-            let set = Dataset::load(&st.files.contents(&file), &tok, false)
-                .map_err(|e| format!("validation_file: {e}"))?;
-            Some(set)
-        }
+        Some(id) => Some(load_data(st, id).map_err(|e| format!("validation_file: {e}"))?),
         None => None,
     };
     let dir = st.jobs.job_dir(&job.id);
@@ -521,6 +574,27 @@ fn run(st: &Arc<AppState>, job: &JobRecord) -> Result<(String, usize), String> {
     let name = ft_name(&loaded.id, job.suffix.as_deref(), &job.id);
     register(st, job, &name)?;
     Ok((name, report.tokens))
+}
+
+/// File `id` as training data for the served model (its tokenizer and chat template).
+fn load_data(st: &AppState, id: &str) -> Result<crate::train::dataset::Dataset, String> {
+    use crate::train::dataset::{Dataset, Format, Tokenization};
+    let loaded = st.engine.model();
+    let file = st.files.get(id, None).map_err(|e| e.message())?;
+    let special = loaded.special_tokens();
+    let eos = *loaded
+        .stop_token_ids(&st.template)
+        .first()
+        .ok_or("the model has no EOS token")?;
+    let tok = Tokenization {
+        tokenizer: &loaded.tokenizer,
+        template: &st.template,
+        special: &special,
+        eos,
+        max_seq_len: 512,
+        format: Format::Auto,
+    };
+    Dataset::load(&st.files.contents(&file), &tok, false).map_err(|e| e.to_string())
 }
 
 /// OpenAI's form of a fine-tuned model's name: `ft:BASE:SUFFIX:XXXXXXXX` (the base id's last
@@ -706,8 +780,11 @@ pub fn new_job(
         id: format!("ftjob-{:024x}", rand::random::<u128>() >> 32),
         model: model.to_string(),
         created_at: now(),
+        created_subsec: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos()),
         finished_at: None,
-        status: "queued".into(),
+        status: "validating_files".into(),
         training_file: file.clone(),
         validation_file,
         fine_tuned_model: None,

@@ -475,7 +475,7 @@ pub async fn create_job(
             .jobs
             .list(Policy::owner_scope(&caller))
             .iter()
-            .filter(|j| j.status == "queued" || j.status == "running")
+            .filter(|j| matches!(j.status.as_str(), "validating_files" | "queued" | "running"))
             .count();
         if active >= caller.limits.max_jobs {
             return Err(ApiError::forbidden(
@@ -488,7 +488,8 @@ pub async fn create_job(
         }
     }
     let job = st.jobs.submit(job)?;
-    st.jobs.ensure_worker(Arc::downgrade(&st));
+    let (state, id) = (st.clone(), job.id.clone());
+    tokio::task::spawn_blocking(move || state.jobs.validate(&state, &id));
     Ok(Json(job.public()).into_response())
 }
 
