@@ -3,7 +3,8 @@
 //! the adapter (all requests batched through the engine); an answer scores when it is exactly
 //! one JSON object equal to the expected `{"name", "age", "city"}`.
 //!
-//! `cargo run --release --example json_extract_score [-- ADAPTER_DIR]`
+//! `cargo run --release --example json_extract_score [-- ADAPTER_DIR [--stored]]` (`--stored`:
+//! on the GGUF weights as `serve` runs them, for an adapter trained with `--stored-weights`)
 
 use std::sync::Arc;
 
@@ -28,7 +29,13 @@ async fn main() {
         .resolve(&SourceConfig::from_env())
         .await
         .unwrap();
-    let loaded = Arc::new(load_model(&resolved, &Default::default()).unwrap());
+    // `--stored`: the model as `serve` runs it (the GGUF's weights as stored), not an f32 copy.
+    let stored = std::env::args().nth(2).as_deref() == Some("--stored");
+    let opts = loraplex::model::ModelOptions {
+        native_quant: stored,
+        ..Default::default()
+    };
+    let loaded = Arc::new(load_model(&resolved, &opts).unwrap());
     let template = ChatTemplate::select(None, loaded.chat_template.as_deref()).unwrap();
     let eos = loaded.stop_token_ids(&template);
     let peft = PeftAdapter::load(&dir).unwrap();
@@ -48,7 +55,7 @@ async fn main() {
         loaded.clone(),
         SchedulerConfig {
             max_running: 16,
-            kv_cache_tokens: 1 << 20,
+            kv_cache_tokens: 60 * 256,
             max_queue: 1024,
             max_queue_per_tenant: 1024,
             max_batched_tokens: 0,

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub adapter_misses: IntCounter,
     pub adapter_evictions: IntCounter,
     pub adapter_load_seconds: Histogram,
+    pub adapter_load_failures: IntCounter,
     pub adapters_resident: IntGauge,
     pub adapters_resident_bytes: IntGauge,
     pub adapter_requests: IntCounterVec,
@@ -41,6 +42,7 @@ pub struct Metrics {
     pub prefix_cache_queries: IntCounter,
     pub prefix_cache_hits: IntCounter,
     pub kv_pool_bytes: IntGauge,
+    pub cache_config: GaugeVec,
     adapter_labels: Mutex<HashSet<String>>,
 }
 
@@ -137,6 +139,11 @@ impl Metrics {
                 "Time to load and bind an adapter",
                 secs,
             ),
+            adapter_load_failures: IntCounter::new(
+                "loraplex_adapter_load_failures_total",
+                "Adapter loads that failed (bad files, a panic while binding)",
+            )
+            .expect("valid"),
             adapters_resident: IntGauge::new("loraplex_adapters_resident", "Resident adapters")
                 .expect("valid"),
             adapters_resident_bytes: IntGauge::new(
@@ -188,6 +195,14 @@ impl Metrics {
                 "Bytes of the KV block pool allocated at start-up",
             )
             .expect("valid"),
+            cache_config: GaugeVec::new(
+                Opts::new(
+                    "loraplex_cache_config_info",
+                    "The KV pool's layout (value 1): tokens per block and blocks",
+                ),
+                &["block_size", "num_gpu_blocks"],
+            )
+            .expect("valid"),
             adapter_labels: Mutex::new(HashSet::new()),
         };
         let r = &m.registry;
@@ -206,6 +221,7 @@ impl Metrics {
             Box::new(m.adapter_misses.clone()),
             Box::new(m.adapter_evictions.clone()),
             Box::new(m.adapter_load_seconds.clone()),
+            Box::new(m.adapter_load_failures.clone()),
             Box::new(m.adapters_resident.clone()),
             Box::new(m.adapters_resident_bytes.clone()),
             Box::new(m.adapter_requests.clone()),
@@ -215,6 +231,7 @@ impl Metrics {
             Box::new(m.prefix_cache_queries.clone()),
             Box::new(m.prefix_cache_hits.clone()),
             Box::new(m.kv_pool_bytes.clone()),
+            Box::new(m.cache_config.clone()),
         ];
         for c in regs {
             r.register(c).expect("unique metric names");

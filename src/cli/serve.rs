@@ -64,6 +64,11 @@ pub struct ServeArgs {
     /// A key that may read `/metrics` (and nothing else); with `--api-keys`, admin keys may too.
     #[arg(long, env = "LORAPLEX_METRICS_KEY", hide_env_values = true)]
     pub metrics_key: Option<String>,
+    /// `/metrics` without a key even with `--api-keys`: for a Kubernetes endpoint picker, which
+    /// scrapes the inference port and sends no key. Its series name every tenant's adapters:
+    /// route only `/v1/` to the pods from outside (as `deploy/k8s` does).
+    #[arg(long)]
+    pub open_metrics: bool,
     /// Adapter loads (from disk or the hub) running at once.
     #[arg(long, default_value_t = 2)]
     pub max_concurrent_loads: usize,
@@ -140,6 +145,7 @@ pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::serve
                 .metrics_key
                 .as_deref()
                 .map(crate::server::auth::MetricsKey::new),
+            open_metrics: args.open_metrics,
             max_hub_bytes: args.max_hub_adapter_bytes,
         },
         max_concurrent_loads: args.max_concurrent_loads,

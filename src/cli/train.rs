@@ -53,6 +53,11 @@ pub struct TrainArgs {
     pub data: PathBuf,
     #[arg(long)]
     pub eval_data: Option<PathBuf>,
+    /// Train on a GGUF's quantized weights as stored (the serving kernels forward, the
+    /// dequantized weight for the input gradient), as the server's fine-tuning jobs do, instead
+    /// of on an f32 copy. Other numerics than the default; less memory.
+    #[arg(long)]
+    pub stored_weights: bool,
     /// Fraction of `--data` held out for evaluation (when no `--eval-data`).
     #[arg(long, default_value_t = 0.0)]
     pub eval_split: f64,
@@ -148,10 +153,14 @@ pub async fn run_train(args: TrainArgs) -> Result<()> {
     if !matches!(args.model.dtype, DTypeArg::F32 | DTypeArg::Auto) {
         bail!("`--dtype`: training runs in f32");
     }
-    // The base's matmuls must backpropagate to their input: dense f32 (or NF4), never the
-    // GGUF integer kernels.
+    if args.stored_weights && (args.model.dtype == DTypeArg::F32 || args.model.quantize.is_some()) {
+        bail!("`--stored-weights` trains on a GGUF's weights as stored; it excludes `--dtype f32` and `--quantize`");
+    }
+    // f32 (or NF4 from it) unless asked to train on the stored GGUF weights.
     let mut args = args;
-    args.model.dtype = DTypeArg::F32;
+    if !args.stored_weights {
+        args.model.dtype = DTypeArg::F32;
+    }
     let targets = args
         .target_modules
         .iter()

@@ -111,6 +111,11 @@ impl Worker {
                 if kv.prefix_caching { "on" } else { "off" }
             );
             shared.metrics.kv_pool_bytes.set(bytes as i64);
+            shared
+                .metrics
+                .cache_config
+                .with_label_values(&[&kv.block_size.to_string(), &shape.blocks.to_string()])
+                .set(1.0);
             Some(Paged {
                 blocks: KvBlocks::new(shape.blocks, kv.block_size, kv.prefix_caching),
                 pool,

@@ -103,6 +103,9 @@ pub struct AddAdapterRequest {
 pub struct VllmLoraRequest {
     pub lora_name: String,
     pub lora_path: Option<String>,
+    /// The base the adapter is for (the adapter syncer of the Inference Extension sends it):
+    /// must be the served model's id.
+    pub base_model_name: Option<String>,
 }
 
 /// Parses a JSON body; a malformed body or a field of the wrong type is a 400 naming it.

@@ -31,6 +31,8 @@ pub struct PolicyConfig {
     pub path_allow: Vec<PathBuf>,
     /// `--metrics-key`.
     pub metrics_key: Option<MetricsKey>,
+    /// `--open-metrics`: `/metrics` needs no key (an in-cluster endpoint picker sends none).
+    pub open_metrics: bool,
     /// `--max-hub-adapter-bytes`: largest adapter weights file downloaded from the hub.
     pub max_hub_bytes: u64,
 }
@@ -42,6 +44,7 @@ pub struct Policy {
     /// The adapters root as given and canonical, cut from what tenants see.
     root_forms: Vec<String>,
     metrics_key: Option<MetricsKey>,
+    open_metrics: bool,
     max_hub_bytes: u64,
 }
 
@@ -95,6 +98,7 @@ impl Policy {
             allow,
             root_forms,
             metrics_key: config.metrics_key,
+            open_metrics: config.open_metrics,
             max_hub_bytes: config.max_hub_bytes,
         }
     }
@@ -295,13 +299,17 @@ impl Policy {
         caller.admin
     }
 
-    /// `/metrics`: open on an open server without a metrics key; else the metrics key or an
-    /// admin key. A tenant's key is refused: the series name adapters of every tenant.
+    /// `/metrics`: open on an open server without a metrics key, or with `--open-metrics`; else
+    /// the metrics key or an admin key. A tenant's key is refused: the series name adapters of
+    /// every tenant.
     pub fn scrape(
         &self,
         keys: Option<&ApiKeys>,
         authorization: Option<&str>,
     ) -> Result<(), ApiError> {
+        if self.open_metrics {
+            return Ok(());
+        }
         let presented = authorization.and_then(bearer);
         if let (Some(mk), Some(p)) = (&self.metrics_key, presented) {
             if mk.matches(p) {

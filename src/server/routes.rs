@@ -313,6 +313,15 @@ pub async fn vllm_load(
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let req: VllmLoraRequest = openai::parse(&body(b)?)?;
+    if let Some(base) = &req.base_model_name {
+        let served = &st.engine.model().id;
+        if base != served {
+            return Err(ApiError::bad(
+                "base_model_name",
+                format!("is `{base}`; this server serves `{served}`"),
+            ));
+        }
+    }
     let reg = Registration {
         name: &req.lora_name,
         path: req.lora_path.as_deref(),

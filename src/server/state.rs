@@ -161,6 +161,9 @@ impl AppState {
                 st.metrics
                     .adapter_load_seconds
                     .observe(start.elapsed().as_secs_f64());
+                if lease.is_err() {
+                    st.metrics.adapter_load_failures.inc();
+                }
             } else {
                 st.metrics.adapter_hits.inc();
             }
