@@ -96,6 +96,7 @@ async fn main() {
                     logprobs: None,
                     adapter: with_adapter.then(|| lease.clone()),
                     adapter_label: None,
+                    adapter_name: None,
                     tenant: None,
                 })
                 .unwrap();

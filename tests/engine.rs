@@ -46,6 +46,7 @@ fn every_one_of_many_concurrent_submissions_finishes() {
                                 logprobs: None,
                                 adapter: None,
                                 adapter_label: None,
+                                adapter_name: None,
                                 tenant: Some(format!("t{}", i % 3)),
                             })
                             .unwrap()
@@ -133,6 +134,7 @@ fn a_panicking_step_fails_its_requests_and_the_next_request_succeeds() {
         logprobs: None,
         adapter,
         adapter_label: None,
+        adapter_name: None,
         tenant: None,
     };
     let rt = tokio::runtime::Runtime::new().unwrap();

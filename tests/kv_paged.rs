@@ -167,6 +167,7 @@ fn request(prompt: Vec<u32>, adapter: Option<Lease>, max_tokens: usize) -> Valid
         logprobs: None,
         adapter,
         adapter_label: None,
+        adapter_name: None,
         tenant: None,
     }
 }

@@ -308,6 +308,7 @@ fn engine_serves(name: &str, peft_type: &str) {
                 logprobs: None,
                 adapter: Some(lease.clone()),
                 adapter_label: None,
+                adapter_name: None,
                 tenant: None,
             })
             .unwrap();

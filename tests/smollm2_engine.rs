@@ -69,6 +69,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> ValidRequest {
         logprobs: Some(2),
         adapter: None,
         adapter_label: None,
+        adapter_name: None,
         tenant: None,
     }
 }

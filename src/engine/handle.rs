@@ -26,6 +26,9 @@ pub struct ValidRequest {
     pub adapter: Option<Lease>,
     /// Metrics label of the adapter (bounded cardinality).
     pub adapter_label: Option<String>,
+    /// The adapter as the request named it (its `model` field, else `adapter`): what the
+    /// Inference Extension's picker matches against `loraplex_lora_requests_info`.
+    pub adapter_name: Option<String>,
     /// Whose request it is: each tenant has its own share of the queue and its turn.
     pub tenant: Option<String>,
 }

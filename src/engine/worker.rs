@@ -172,9 +172,12 @@ impl Worker {
         }
         self.drop_abandoned();
         self.admit();
+        // Before the step (what it runs, for a scrape during a long step) and after it (what
+        // finished no longer shows as running).
         self.publish_gauges();
         if !self.active.is_empty() {
             self.forward_and_sample();
+            self.publish_gauges();
         }
         !self.idle()
     }
@@ -531,7 +534,8 @@ impl Worker {
         });
         let names = |it: &mut dyn Iterator<Item = &ValidRequest>| {
             let mut v: Vec<String> = it
-                .filter_map(|r| r.adapter.as_ref().map(|l| l.key.name.key()))
+                .filter(|r| r.adapter.is_some())
+                .filter_map(|r| r.adapter_name.clone())
                 .collect();
             v.sort();
             v.dedup();

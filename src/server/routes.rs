@@ -93,6 +93,7 @@ async fn generate(
         logprobs: p.logprobs,
         adapter,
         adapter_label,
+        adapter_name: p.adapter_name.clone(),
         tenant: caller.tenant.clone(),
     })?;
     let meta = Meta {

@@ -30,6 +30,8 @@ pub struct Prepared {
     pub adapter: Option<AdapterEntry>,
     /// The `model` to report back.
     pub model: String,
+    /// The adapter's name as the request gave it.
+    pub adapter_name: Option<String>,
 }
 
 struct Prompt {
@@ -63,7 +65,9 @@ pub fn prepare(
     let adapter = requested
         .map(|r| Policy::find(caller, &st.registry, r))
         .transpose()?;
+    let adapter_name = requested.map(str::to_string);
     Ok(Prepared {
+        adapter_name,
         prompt: p.ids,
         model: p.sampling.model.clone().unwrap_or_else(|| base.to_string()),
         sampling: p.sampling,
