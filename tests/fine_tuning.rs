@@ -326,6 +326,42 @@ async fn a_job_trains_registers_and_serves_its_adapter() {
         direct.text
     );
     assert!(served.contains("red"), "{served:?}");
+    // And its log-probabilities: the served token logprobs equal the library's forward with the
+    // exported adapter (log-softmax of its logits) at every generated position.
+    let (status, out, text) = call(
+        &app,
+        "POST",
+        "/v1/completions",
+        Some(json!({"model": ft, "prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 1})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let served_lp: Vec<f64> = out["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let mut all = ids.clone();
+    all.extend(&direct.token_ids);
+    let mut cache = loaded.model.new_cache();
+    let mut batch = loraplex::model::BatchInput {
+        seqs: vec![loraplex::model::llama::SeqInput::new(&all, &mut cache).with_adapter(Some(&w))],
+        logits: loraplex::model::LogitsRows::All,
+    };
+    let logits = loaded.model.forward(&mut batch).unwrap();
+    let logp = candle_nn::ops::log_softmax(&logits, 1)
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+    assert_eq!(served_lp.len(), direct.token_ids.len());
+    for (k, (&tok, &lp)) in direct.token_ids.iter().zip(&served_lp).enumerate() {
+        let want = logp[ids.len() - 1 + k][tok as usize] as f64;
+        assert!(
+            (lp - want).abs() < 1e-4,
+            "position {k}: served {lp} vs library {want}"
+        );
+    }
     // Cancel of a finished job: 409.
     let (status, _, text) = call(
         &app,

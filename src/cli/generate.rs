@@ -96,7 +96,9 @@ pub async fn run_generate(args: GenerateArgs) -> Result<()> {
             top_p: args.top_p,
             top_k: args.top_k,
             seed: args.seed,
+            ..SamplingParams::default()
         },
+        ..GenerationConfig::default()
     };
     let out = tokio::task::spawn_blocking(move || {
         let mut stdout = std::io::stdout();

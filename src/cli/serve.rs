@@ -106,6 +106,7 @@ pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::serve
     )?;
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let context = loaded.model.config.max_position_embeddings;
+    let loaded_vocab = loaded.model.config.vocab_size;
     let engine = crate::engine::Engine::start_with(
         loaded,
         crate::engine::SchedulerConfig {
@@ -134,6 +135,7 @@ pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::serve
         body_timeout: std::time::Duration::from_secs(args.body_timeout_secs),
         shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout_secs),
         limits: Limits {
+            vocab: loaded_vocab,
             max_tokens_cap: args.max_tokens_cap,
             context,
         },

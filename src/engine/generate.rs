@@ -32,6 +32,9 @@ pub struct GenerationConfig {
     pub ignore_eos: bool,
     pub stop: Vec<String>,
     pub eos_token_ids: Vec<u32>,
+    /// Tokens that end the answer as EOS does (`stop_token_ids`), even with `ignore_eos`; their
+    /// text is not part of the answer.
+    pub stop_token_ids: Vec<u32>,
     pub sampling: SamplingParams,
 }
 
@@ -43,6 +46,7 @@ impl Default for GenerationConfig {
             ignore_eos: false,
             stop: Vec::new(),
             eos_token_ids: Vec::new(),
+            stop_token_ids: Vec::new(),
             sampling: SamplingParams::default(),
         }
     }

@@ -12,6 +12,15 @@ pub struct SamplingParams {
     /// Keep the `top_k` most likely tokens (0 = off).
     pub top_k: usize,
     pub seed: Option<u64>,
+    /// OpenAI's: subtracted once from the logit of every token already generated.
+    pub presence_penalty: f32,
+    /// OpenAI's: subtracted from a token's logit once per time it was generated.
+    pub frequency_penalty: f32,
+    /// transformers' (1 = off): the logit of every token of the prompt or the output is
+    /// divided by it where positive, multiplied where negative.
+    pub repetition_penalty: f32,
+    /// Added to the logits of these token ids (OpenAI's `logit_bias`, −100..100).
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 impl Default for SamplingParams {
@@ -21,6 +30,10 @@ impl Default for SamplingParams {
             top_p: 1.0,
             top_k: 0,
             seed: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            repetition_penalty: 1.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -42,6 +55,51 @@ impl SamplingParams {
 
 /// See `SamplingParams::is_greedy`.
 pub const GREEDY_BELOW: f32 = 1e-5;
+
+impl SamplingParams {
+    /// Whether `process` changes anything.
+    pub fn processes(&self) -> bool {
+        self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+            || self.repetition_penalty != 1.0
+            || !self.logit_bias.is_empty()
+    }
+
+    /// Applies the penalties and biases to `logits` in place: `counts` holds how often each
+    /// generated token occurred, `seen` every token of the prompt or the output (for the
+    /// repetition penalty). The order is vLLM's: repetition, then frequency and presence, then
+    /// the bias.
+    pub fn process(
+        &self,
+        logits: &mut [f32],
+        counts: &std::collections::HashMap<u32, u32>,
+        seen: &std::collections::HashSet<u32>,
+    ) {
+        if self.repetition_penalty != 1.0 {
+            for &t in seen {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l = if *l > 0.0 {
+                        *l / self.repetition_penalty
+                    } else {
+                        *l * self.repetition_penalty
+                    };
+                }
+            }
+        }
+        if self.presence_penalty != 0.0 || self.frequency_penalty != 0.0 {
+            for (&t, &c) in counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    *l -= self.frequency_penalty * c as f32 + self.presence_penalty;
+                }
+            }
+        }
+        for &(t, b) in &self.logit_bias {
+            if let Some(l) = logits.get_mut(t as usize) {
+                *l += b;
+            }
+        }
+    }
+}
 
 pub struct Sampler {
     params: SamplingParams,
@@ -149,6 +207,25 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(s.sample(&big), 1);
         }
+    }
+
+    #[test]
+    fn penalties_and_biases_follow_their_definitions() {
+        let p = SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            repetition_penalty: 2.0,
+            logit_bias: vec![(3, -100.0), (0, 1.5)],
+            ..SamplingParams::greedy()
+        };
+        let mut logits = vec![1.0, 4.0, -2.0, 9.0, 0.5];
+        let counts = [(1u32, 3u32), (2, 1)].into_iter().collect();
+        let seen = [1u32, 2, 4].into_iter().collect();
+        p.process(&mut logits, &counts, &seen);
+        // 0: bias only; 1: 4 / 2 − (3 · 0.25 + 0.5); 2: −2 · 2 − (0.25 + 0.5); 3: bias −100;
+        // 4: 0.5 / 2 (in the prompt, never generated).
+        assert_eq!(logits, vec![2.5, 0.75, -4.75, -91.0, 0.25]);
+        assert!(!SamplingParams::greedy().processes());
     }
 
     #[test]

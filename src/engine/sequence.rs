@@ -38,6 +38,10 @@ pub struct SequenceState {
     cfg: GenerationConfig,
     max_tokens: usize,
     sampler: Sampler,
+    /// How often each token was generated (penalties; kept only when they are on).
+    counts: std::collections::HashMap<u32, u32>,
+    /// Tokens of the prompt and the output (the repetition penalty; only when it is on).
+    seen: std::collections::HashSet<u32>,
     stops: StopMatcher,
     decoder: IncrementalDecoder,
     text: String,
@@ -103,6 +107,12 @@ impl SequenceState {
             generated: Vec::new(),
             max_tokens: cfg.max_tokens.min(context - prompt.len()),
             sampler: Sampler::new(cfg.sampling.clone()),
+            counts: Default::default(),
+            seen: if cfg.sampling.repetition_penalty != 1.0 {
+                prompt.iter().copied().collect()
+            } else {
+                Default::default()
+            },
             stops: StopMatcher::new(&cfg.stop),
             decoder: IncrementalDecoder::new(),
             text: String::new(),
@@ -154,9 +164,19 @@ impl SequenceState {
                 }
             }
         }
+        let params = &self.cfg.sampling;
+        if params.processes() {
+            params.process(&mut logits, &self.counts, &self.seen);
+        }
         let token = self.sampler.sample(&logits);
         let logprob = self.logprobs.map(|k| logprobs_of(&logits, token, k));
         self.generated.push(token);
+        if params.processes() {
+            *self.counts.entry(token).or_default() += 1;
+            if params.repetition_penalty != 1.0 {
+                self.seen.insert(token);
+            }
+        }
         self.next_input = vec![token];
         let mut out = StepOutput {
             token,
@@ -166,7 +186,8 @@ impl SequenceState {
         };
         let before = self.text.len();
         let (mut eos, mut cut) = (false, false);
-        if !self.cfg.ignore_eos && self.cfg.eos_token_ids.contains(&token) {
+        let stop_token = !early && self.cfg.stop_token_ids.contains(&token);
+        if (!self.cfg.ignore_eos && self.cfg.eos_token_ids.contains(&token)) || stop_token {
             out.finished = Some(FinishReason::Stop);
             eos = true;
         } else {

@@ -91,6 +91,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/fine_tuning/jobs/{id}/cancel", post(routes::cancel_job))
         .route("/v1/load_lora_adapter", post(routes::vllm_load))
+        .route("/tokenize", post(routes::tokenize))
+        .route("/detokenize", post(routes::detokenize))
         .route("/v1/unload_lora_adapter", post(routes::vllm_unload))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()

@@ -62,6 +62,16 @@ pub struct Sampling {
     #[serde(default)]
     pub ignore_eos: bool,
     pub min_tokens: Option<i64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    /// Extension (vLLM, transformers): 1 = off.
+    pub repetition_penalty: Option<f64>,
+    /// Token id (as a string) → bias in −100..100.
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    /// Extension (vLLM): token ids that end the answer.
+    pub stop_token_ids: Option<Vec<u32>>,
+    /// An end-user id, recorded in the server log.
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

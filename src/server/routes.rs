@@ -333,6 +333,47 @@ pub async fn vllm_load(
     add(st.clone(), caller, reg).await
 }
 
+/// `POST /tokenize` (as vLLM has it): `{"prompt"}` or `{"messages"}` → `{"count",
+/// "max_model_len", "tokens"}`.
+pub async fn tokenize(
+    State(st): St,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body(b)?;
+    let ids = st
+        .blocking(|s| &s.prepare, move |st| stage::tokenize(st, &body))
+        .await?;
+    Ok(
+        Json(json!({"count": ids.len(), "max_model_len": st.config.limits.context, "tokens": ids}))
+            .into_response(),
+    )
+}
+
+/// `POST /detokenize`: `{"tokens": [ids]}` → `{"prompt"}`.
+pub async fn detokenize(
+    State(st): St,
+    b: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let v: serde_json::Value = serde_json::from_slice(&body(b)?)
+        .map_err(|e| ApiError::bad("body", format!("is not valid JSON: {e}")))?;
+    let ids: Vec<u32> = serde_json::from_value(v["tokens"].clone())
+        .map_err(|_| ApiError::bad("tokens", "must be an array of token ids"))?;
+    let vocab = st.config.limits.vocab;
+    if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+        return Err(ApiError::bad(
+            "tokens",
+            format!("token {bad} is outside the vocabulary of {vocab}"),
+        ));
+    }
+    let text = st
+        .engine
+        .model()
+        .tokenizer
+        .decode(&ids, false)
+        .map_err(|e| ApiError::bad("tokens", e.to_string()))?;
+    Ok(Json(json!({"prompt": text})).into_response())
+}
+
 pub async fn vllm_unload(
     State(st): St,
     Extension(caller): Extension<Caller>,

@@ -66,6 +66,9 @@ pub fn prepare(
         .map(|r| Policy::find(caller, &st.registry, r))
         .transpose()?;
     let adapter_name = requested.map(str::to_string);
+    if let Some(user) = &p.sampling.user {
+        tracing::info!(user = %user, adapter = ?adapter_name, tenant = ?caller.tenant, "generation request");
+    }
     Ok(Prepared {
         adapter_name,
         prompt: p.ids,
@@ -97,6 +100,21 @@ fn length_bound(
         ));
     }
     Ok(())
+}
+
+/// `/tokenize`: the ids a chat body (`messages`, rendered with the chat template and the
+/// assistant's turn opened) or a completions body (`prompt`) would be generated from.
+pub fn tokenize(st: &AppState, body: &[u8]) -> Result<Vec<u32>, ApiError> {
+    let loaded = st.engine.model();
+    let is_chat = serde_json::from_slice::<serde_json::Value>(body)
+        .map(|v| v.get("messages").is_some())
+        .unwrap_or(false);
+    let p = if is_chat {
+        chat_prompt(st, loaded, body)?
+    } else {
+        completion_prompt(st, loaded, body)?
+    };
+    Ok(p.ids)
 }
 
 fn chat_prompt(st: &AppState, loaded: &LoadedModel, body: &[u8]) -> Result<Prompt, ApiError> {

@@ -15,6 +15,8 @@ pub struct Limits {
     pub max_tokens_cap: usize,
     /// The model's context in tokens.
     pub context: usize,
+    /// Token ids are below this (logit_bias, stop_token_ids).
+    pub vocab: usize,
 }
 
 pub fn messages(messages: &[MessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
@@ -133,6 +135,58 @@ pub fn generation(
         }
         Some(m) => m as usize,
     };
+    let penalty = |field: &str, v: Option<f64>, lo: f64, hi: f64, default: f64| match v {
+        None => Ok(default as f32),
+        Some(x) if x.is_finite() && (lo..=hi).contains(&x) => Ok(x as f32),
+        Some(_) => Err(ApiError::bad(
+            field,
+            format!("`{field}` must be between {lo} and {hi}"),
+        )),
+    };
+    let presence_penalty = penalty("presence_penalty", s.presence_penalty, -2.0, 2.0, 0.0)?;
+    let frequency_penalty = penalty("frequency_penalty", s.frequency_penalty, -2.0, 2.0, 0.0)?;
+    let repetition_penalty = match s.repetition_penalty {
+        Some(x) if !(x.is_finite() && x > 0.0 && x <= 10.0) => {
+            return Err(ApiError::bad(
+                "repetition_penalty",
+                "`repetition_penalty` must be in (0, 10] (1 = off)",
+            ))
+        }
+        v => v.unwrap_or(1.0) as f32,
+    };
+    let mut logit_bias = Vec::new();
+    for (key, &bias) in s.logit_bias.iter().flatten() {
+        let field = format!("logit_bias.{key}");
+        let id: u32 = key.parse().map_err(|_| {
+            ApiError::bad(&field, format!("`{field}`: keys are token ids (integers)"))
+        })?;
+        if id as usize >= limits.vocab {
+            return Err(ApiError::bad(
+                &field,
+                format!(
+                    "`{field}`: token {id} is outside the vocabulary of {}",
+                    limits.vocab
+                ),
+            ));
+        }
+        if !(bias.is_finite() && (-100.0..=100.0).contains(&bias)) {
+            return Err(ApiError::bad(
+                &field,
+                format!("`{field}`: a bias must be between -100 and 100"),
+            ));
+        }
+        logit_bias.push((id, bias as f32));
+    }
+    let stop_token_ids = s.stop_token_ids.clone().unwrap_or_default();
+    if let Some(bad) = stop_token_ids.iter().find(|&&t| t as usize >= limits.vocab) {
+        return Err(ApiError::bad(
+            "stop_token_ids",
+            format!(
+                "`stop_token_ids`: token {bad} is outside the vocabulary of {}",
+                limits.vocab
+            ),
+        ));
+    }
     let stop = match &s.stop {
         None => Vec::new(),
         Some(StopField::One(s)) => vec![s.clone()],
@@ -147,11 +201,16 @@ pub fn generation(
         ignore_eos: s.ignore_eos,
         stop,
         eos_token_ids: eos,
+        stop_token_ids,
         sampling: SamplingParams {
             temperature: temperature as f32,
             top_p: top_p as f32,
             top_k,
             seed: s.seed,
+            presence_penalty,
+            frequency_penalty,
+            repetition_penalty,
+            logit_bias,
         },
     })
 }
@@ -164,6 +223,7 @@ mod tests {
         Limits {
             max_tokens_cap: 100,
             context: 256,
+            vocab: 512,
         }
     }
 
