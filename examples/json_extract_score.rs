@@ -3,8 +3,9 @@
 //! the adapter (all requests batched through the engine); an answer scores when it is exactly
 //! one JSON object equal to the expected `{"name", "age", "city"}`.
 //!
-//! `cargo run --release --example json_extract_score [-- ADAPTER_DIR [--stored]]` (`--stored`:
-//! on the GGUF weights as `serve` runs them, for an adapter trained with `--stored-weights`)
+//! `cargo run --release --example json_extract_score [-- ADAPTER_DIR] [--stored] [--schema]`
+//! (`--stored`: on the GGUF weights as `serve` runs them, for an adapter trained with
+//! `--stored-weights`; `--schema`: every answer constrained to the task's JSON schema)
 
 use std::sync::Arc;
 
@@ -20,9 +21,14 @@ use serde_json::Value;
 #[tokio::main]
 async fn main() {
     loraplex::init_threads();
-    let dir = std::env::args()
-        .nth(1)
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let dir = args
+        .iter()
+        .find(|a| !a.starts_with("--"))
+        .cloned()
         .unwrap_or_else(|| "adapters/json-extract".into());
+    // `--schema`: every answer constrained to the task's JSON schema (structured outputs).
+    let constrained = args.iter().any(|a| a == "--schema");
     let dir = std::path::PathBuf::from(dir);
     let resolved = ModelSource::parse(None)
         .unwrap()
@@ -30,7 +36,7 @@ async fn main() {
         .await
         .unwrap();
     // `--stored`: the model as `serve` runs it (the GGUF's weights as stored), not an f32 copy.
-    let stored = std::env::args().nth(2).as_deref() == Some("--stored");
+    let stored = args.iter().any(|a| a == "--stored");
     let opts = loraplex::model::ModelOptions {
         native_quant: stored,
         ..Default::default()
@@ -38,6 +44,20 @@ async fn main() {
     let loaded = Arc::new(load_model(&resolved, &opts).unwrap());
     let template = ChatTemplate::select(None, loaded.chat_template.as_deref()).unwrap();
     let eos = loaded.stop_token_ids(&template);
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}, "city": {"type": "string"}},
+        "required": ["name", "age", "city"],
+        "additionalProperties": false
+    });
+    let guidance = loraplex::guided::Guidance::new(&loaded.tokenizer, eos[0]).unwrap();
+    let started = std::time::Instant::now();
+    let compiled = guidance
+        .compile(&loraplex::guided::Constraint::JsonSchema(
+            schema.to_string(),
+        ))
+        .unwrap();
+    let compile_ms = started.elapsed().as_secs_f64() * 1e3;
     let peft = PeftAdapter::load(&dir).unwrap();
     let cache = AdapterCache::new(CacheConfig::default());
     let lease = cache
@@ -91,6 +111,7 @@ async fn main() {
                         max_tokens: 48,
                         eos_token_ids: eos.clone(),
                         sampling: SamplingParams::greedy(),
+                        guide: constrained.then(|| compiled.clone()),
                         ..Default::default()
                     },
                     logprobs: None,
@@ -103,6 +124,7 @@ async fn main() {
             pending.push(rx);
         }
         let mut correct = 0;
+        let mut valid = 0;
         let mut answers = Vec::new();
         for (ex, mut rx) in lines.iter().zip(pending) {
             let mut text = String::new();
@@ -118,15 +140,26 @@ async fn main() {
             if got.as_ref() == Some(&expected) {
                 correct += 1;
             }
+            if got.as_ref().is_some_and(fits_schema) {
+                valid += 1;
+            }
             answers.push(text);
         }
-        rows.push((with_adapter, correct, answers));
+        rows.push((with_adapter, correct, valid, answers));
     }
     let n = lines.len();
-    println!("| | exact JSON matches on {n} held-out sentences |\n|---|---|");
-    for (with, correct, _) in &rows {
+    println!(
+        "{}",
+        if constrained {
+            format!("constrained to the task's JSON schema (compiled in {compile_ms:.1} ms)")
+        } else {
+            "unconstrained".to_string()
+        }
+    );
+    println!("| | exact JSON matches on {n} held-out sentences | answers valid against the schema |\n|---|---|---|");
+    for (with, correct, valid, _) in &rows {
         println!(
-            "| {} | {correct} / {n} ({:.0} %) |",
+            "| {} | {correct} / {n} ({:.0} %) | {valid} / {n} |",
             if *with {
                 "with json-extract"
             } else {
@@ -137,7 +170,16 @@ async fn main() {
     }
     for (i, line) in lines.iter().take(3).enumerate() {
         println!("\ninput: {}", line["input"].as_str().unwrap());
-        println!("base:    {:?}", rows[0].2[i].trim());
-        println!("adapter: {:?}", rows[1].2[i].trim());
+        println!("base:    {:?}", rows[0].3[i].trim());
+        println!("adapter: {:?}", rows[1].3[i].trim());
     }
+}
+
+/// `{"name": string, "age": integer, "city": string}` and nothing else.
+fn fits_schema(v: &Value) -> bool {
+    let Some(o) = v.as_object() else { return false };
+    o.len() == 3
+        && o.get("name").is_some_and(Value::is_string)
+        && o.get("age").is_some_and(|a| a.is_i64() || a.is_u64())
+        && o.get("city").is_some_and(Value::is_string)
 }

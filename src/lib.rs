@@ -7,6 +7,7 @@ pub mod adapters;
 pub mod chat;
 pub mod cli;
 pub mod engine;
+pub mod guided;
 pub mod metrics;
 pub mod model;
 pub mod ops;

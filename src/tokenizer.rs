@@ -178,6 +178,21 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// The tokenizer in `tokenizer.json` form (for libraries that read its vocabulary).
+    pub fn to_json(&self) -> Result<String, TokenizerError> {
+        self.inner
+            .to_string(false)
+            .map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+
+    /// Token ids of `text` as plain text: special tokens written in it are not recognised.
+    pub fn encode_plain(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
+        self.plain
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+
     /// Token ids of `text`; special tokens written in the text are recognised, none are added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, TokenizerError> {
         self.inner

@@ -3,18 +3,26 @@
 use std::path::Path;
 
 /// Modules each layer may use (besides itself).
-const ALLOWED: [(&str, &[&str]); 11] = [
+const ALLOWED: [(&str, &[&str]); 12] = [
     ("ops", &[]),
     ("quant", &["ops"]),
     ("chat", &[]),
     ("tokenizer", &[]),
     ("metrics", &[]),
+    ("guided", &["tokenizer"]),
     ("model", &["ops", "quant", "tokenizer", "chat"]),
     ("adapters", &["model", "ops"]),
     ("train", &["model", "adapters", "chat", "tokenizer", "ops"]),
     (
         "engine",
-        &["model", "adapters", "tokenizer", "metrics", "chat"],
+        &[
+            "model",
+            "adapters",
+            "tokenizer",
+            "metrics",
+            "chat",
+            "guided",
+        ],
     ),
     (
         "server",
@@ -26,6 +34,7 @@ const ALLOWED: [(&str, &[&str]); 11] = [
             "chat",
             "tokenizer",
             "metrics",
+            "guided",
         ],
     ),
     (

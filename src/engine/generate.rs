@@ -36,6 +36,8 @@ pub struct GenerationConfig {
     /// text is not part of the answer.
     pub stop_token_ids: Vec<u32>,
     pub sampling: SamplingParams,
+    /// A constraint on the answer (structured outputs): its compiled matcher masks each step.
+    pub guide: Option<crate::guided::Guide>,
 }
 
 impl Default for GenerationConfig {
@@ -48,6 +50,7 @@ impl Default for GenerationConfig {
             eos_token_ids: Vec::new(),
             stop_token_ids: Vec::new(),
             sampling: SamplingParams::default(),
+            guide: None,
         }
     }
 }

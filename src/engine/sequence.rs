@@ -42,6 +42,8 @@ pub struct SequenceState {
     counts: std::collections::HashMap<u32, u32>,
     /// Tokens of the prompt and the output (the repetition penalty; only when it is on).
     seen: std::collections::HashSet<u32>,
+    /// The constraint's matcher (structured outputs).
+    guide: Option<crate::guided::Guide>,
     stops: StopMatcher,
     decoder: IncrementalDecoder,
     text: String,
@@ -101,7 +103,10 @@ impl SequenceState {
                 context,
             });
         }
+        let mut cfg = cfg;
+        let guide = cfg.guide.take();
         Ok(Self {
+            guide,
             prompt_len: prompt.len(),
             cache,
             generated: Vec::new(),
@@ -168,7 +173,39 @@ impl SequenceState {
         if params.processes() {
             params.process(&mut logits, &self.counts, &self.seen);
         }
-        let token = self.sampler.sample(&logits);
+        // A constraint: only the tokens it allows next (its end: the stop tokens). Once it is
+        // complete and no stop token may be sampled (`ignore_eos`), the answer ends here.
+        let mut forced_end = false;
+        if let Some(g) = &mut self.guide {
+            let stops: Vec<u32> = self
+                .cfg
+                .eos_token_ids
+                .iter()
+                .chain(&self.cfg.stop_token_ids)
+                .copied()
+                .collect();
+            match g.mask(&mut logits, &stops) {
+                Ok(()) => forced_end = g.is_stopped() || !logits.iter().any(|l| l.is_finite()),
+                Err(e) => {
+                    tracing::warn!(
+                        "structured output: the matcher failed ({e}); ending the answer"
+                    );
+                    forced_end = true;
+                }
+            }
+        }
+        let token = match (forced_end, self.cfg.eos_token_ids.first()) {
+            (true, Some(&eos)) => eos,
+            _ => self.sampler.sample(&logits),
+        };
+        let ends =
+            self.cfg.eos_token_ids.contains(&token) || self.cfg.stop_token_ids.contains(&token);
+        if let (Some(g), false) = (&mut self.guide, ends || forced_end) {
+            if let Err(e) = g.commit(token) {
+                tracing::warn!("structured output: token {token} refused ({e}); ending the answer");
+                forced_end = true;
+            }
+        }
         let logprob = self.logprobs.map(|k| logprobs_of(&logits, token, k));
         self.generated.push(token);
         if params.processes() {
@@ -187,7 +224,10 @@ impl SequenceState {
         let before = self.text.len();
         let (mut eos, mut cut) = (false, false);
         let stop_token = !early && self.cfg.stop_token_ids.contains(&token);
-        if (!self.cfg.ignore_eos && self.cfg.eos_token_ids.contains(&token)) || stop_token {
+        if (!self.cfg.ignore_eos && self.cfg.eos_token_ids.contains(&token))
+            || stop_token
+            || forced_end
+        {
             out.finished = Some(FinishReason::Stop);
             eos = true;
         } else {

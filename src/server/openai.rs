@@ -72,6 +72,13 @@ pub struct Sampling {
     pub stop_token_ids: Option<Vec<u32>>,
     /// An end-user id, recorded in the server log.
     pub user: Option<String>,
+    /// `{"type": "text" | "json_object" | "json_schema", "json_schema": {"name", "schema",
+    /// "strict"}}`.
+    pub response_format: Option<serde_json::Value>,
+    /// Extensions (vLLM's names).
+    pub guided_json: Option<serde_json::Value>,
+    pub guided_regex: Option<String>,
+    pub guided_choice: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

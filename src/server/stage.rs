@@ -16,7 +16,9 @@ use super::validate;
 use crate::adapters::registry::AdapterEntry;
 use crate::chat::ChatMessage;
 use crate::engine::GenerationConfig;
+use crate::guided::Constraint;
 use crate::model::LoadedModel;
+use serde_json::Value;
 
 /// A request ready for the engine, but for its adapter lease.
 pub struct Prepared {
@@ -55,7 +57,8 @@ pub fn prepare(
         Kind::Completion => completion_prompt(st, loaded, body)?,
     };
     let eos = loaded.stop_token_ids(&st.template);
-    let config = validate::generation(&p.sampling, p.ids.len(), &st.config.limits, eos, p.field)?;
+    let mut config =
+        validate::generation(&p.sampling, p.ids.len(), &st.config.limits, eos, p.field)?;
     let base = st.base_id();
     let requested = match (&p.sampling.adapter, &p.sampling.model) {
         (Some(a), _) => Some(a.as_str()),
@@ -66,6 +69,28 @@ pub fn prepare(
         .map(|r| Policy::find(caller, &st.registry, r))
         .transpose()?;
     let adapter_name = requested.map(str::to_string);
+    // Structured outputs: the request's constraint, else the adapter's default (`loraplex.json`
+    // beside its PEFT config).
+    let constraint = match constraint(&p.sampling)? {
+        Some(c) => Some(c),
+        None => match &adapter {
+            Some(entry) => adapter_default(entry)?,
+            None => None,
+        },
+    };
+    if let Some((field, c)) = constraint {
+        let guidance = st.guidance.as_ref().ok_or_else(|| {
+            ApiError::bad(
+                &field,
+                "structured outputs are unavailable for this model's tokenizer",
+            )
+        })?;
+        config.guide = Some(
+            guidance
+                .compile(&c)
+                .map_err(|e| ApiError::bad(&field, format!("`{field}`: {e}")))?,
+        );
+    }
     if let Some(user) = &p.sampling.user {
         tracing::info!(user = %user, adapter = ?adapter_name, tenant = ?caller.tenant, "generation request");
     }
@@ -101,6 +126,97 @@ fn length_bound(
     }
     Ok(())
 }
+
+/// The constraint a request asks for, and the field that names it (for errors).
+fn constraint(s: &Sampling) -> Result<Option<(String, Constraint)>, ApiError> {
+    let mut found = Vec::new();
+    if let Some(rf) = &s.response_format {
+        if let Some(c) = response_format(rf, "response_format")? {
+            found.push(c);
+        }
+    }
+    if let Some(schema) = &s.guided_json {
+        found.push((
+            "guided_json".to_string(),
+            json_schema(schema, "guided_json")?,
+        ));
+    }
+    if let Some(r) = &s.guided_regex {
+        found.push(("guided_regex".to_string(), Constraint::Regex(r.clone())));
+    }
+    if let Some(c) = &s.guided_choice {
+        found.push(("guided_choice".to_string(), Constraint::Choice(c.clone())));
+    }
+    if found.len() > 1 {
+        return Err(ApiError::bad(
+            &found[1].0,
+            format!(
+                "`{}` and `{}` cannot both constrain one answer",
+                found[0].0, found[1].0
+            ),
+        ));
+    }
+    Ok(found.pop())
+}
+
+/// OpenAI's `response_format` (at `field`): `text` is no constraint.
+fn response_format(rf: &Value, field: &str) -> Result<Option<(String, Constraint)>, ApiError> {
+    let bad = |f: &str, m: &str| ApiError::bad(f, format!("`{f}` {m}"));
+    match rf.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some((field.to_string(), Constraint::JsonObject))),
+        Some("json_schema") => {
+            let js = rf
+                .get("json_schema")
+                .filter(|v| v.is_object())
+                .ok_or_else(|| {
+                    bad(
+                        &format!("{field}.json_schema"),
+                        "must be an object with `schema`",
+                    )
+                })?;
+            let at = format!("{field}.json_schema.schema");
+            let schema = js.get("schema").ok_or_else(|| bad(&at, "is missing"))?;
+            Ok(Some((at.clone(), json_schema(schema, &at)?)))
+        }
+        _ => Err(bad(
+            &format!("{field}.type"),
+            "must be `text`, `json_object` or `json_schema`",
+        )),
+    }
+}
+
+fn json_schema(schema: &Value, field: &str) -> Result<Constraint, ApiError> {
+    if !(schema.is_object() || schema.is_boolean()) {
+        return Err(ApiError::bad(
+            field,
+            format!("`{field}` must be a JSON schema (an object)"),
+        ));
+    }
+    Ok(Constraint::JsonSchema(schema.to_string()))
+}
+
+/// An adapter's default `response_format`, from `loraplex.json` in its directory.
+fn adapter_default(entry: &AdapterEntry) -> Result<Option<(String, Constraint)>, ApiError> {
+    let path = entry.dir.join(ADAPTER_SIDECAR);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(None);
+    };
+    let invalid = |m: String| {
+        ApiError::Internal(format!(
+            "adapter `{}`: {ADAPTER_SIDECAR}: {m}",
+            entry.name.key()
+        ))
+    };
+    let v: Value = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
+    match v.get("response_format") {
+        Some(rf) => response_format(rf, "response_format").map_err(|e| invalid(e.message())),
+        None => Ok(None),
+    }
+}
+
+/// The file beside an adapter's PEFT config that holds its serving defaults.
+pub const ADAPTER_SIDECAR: &str = "loraplex.json";
 
 /// `/tokenize`: the ids a chat body (`messages`, rendered with the chat template and the
 /// assistant's turn opened) or a completions body (`prompt`) would be generated from.

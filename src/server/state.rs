@@ -67,6 +67,9 @@ pub struct AppState {
     pub files: super::file_store::FileStore,
     /// Fine-tuning jobs (`/v1/fine_tuning/jobs`).
     pub jobs: super::jobs::JobStore,
+    /// Structured outputs' compiler over the model's tokenizer (`None`: the tokenizer's
+    /// vocabulary cannot be read for it; such requests get a 400).
+    pub guidance: Option<crate::guided::Guidance>,
     evictions_seen: AtomicU64,
 }
 
@@ -92,7 +95,18 @@ impl AppState {
             template,
             config,
         } = parts;
+        let loaded = engine.model();
+        let guidance = loaded
+            .stop_token_ids(&template)
+            .first()
+            .ok_or_else(|| "the model has no end-of-sequence token".to_string())
+            .and_then(|&eos| {
+                crate::guided::Guidance::new(&loaded.tokenizer, eos).map_err(|e| e.to_string())
+            })
+            .map_err(|e| tracing::warn!("structured outputs are off: {e}"))
+            .ok();
         Self {
+            guidance,
             files: super::file_store::FileStore::new(&config.state_dir),
             jobs: super::jobs::JobStore::new(&config.state_dir),
             policy: Policy::new(config.policy.clone(), registry.root()),

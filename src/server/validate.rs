@@ -202,6 +202,7 @@ pub fn generation(
         stop,
         eos_token_ids: eos,
         stop_token_ids,
+        guide: None,
         sampling: SamplingParams {
             temperature: temperature as f32,
             top_p: top_p as f32,

@@ -1,0 +1,195 @@
+//! Constraints compiled by llguidance over the model's tokenizer, and the per-sequence matcher.
+
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{TokRxInfo, TokTrie, TokenId, TokenizerEnv};
+use llguidance::{Matcher, ParserFactory};
+
+use super::GuidedError;
+use crate::tokenizer::Tokenizer;
+
+/// What a request constrains its answer to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Constraint {
+    /// Any JSON object (`response_format: {"type": "json_object"}`).
+    JsonObject,
+    /// A JSON schema, as canonical JSON text.
+    JsonSchema(String),
+    /// A regular expression the whole answer matches (vLLM's `guided_regex`).
+    Regex(String),
+    /// One of these strings exactly (vLLM's `guided_choice`).
+    Choice(Vec<String>),
+}
+
+impl Constraint {
+    fn grammar(&self) -> Result<TopLevelGrammar, GuidedError> {
+        Ok(match self {
+            Self::JsonObject => {
+                TopLevelGrammar::from_json_schema(serde_json::json!({"type": "object"}))
+            }
+            Self::JsonSchema(s) => TopLevelGrammar::from_json_schema(
+                serde_json::from_str(s).map_err(|e| GuidedError::Invalid(e.to_string()))?,
+            ),
+            Self::Regex(r) => {
+                regex::Regex::new(r).map_err(|e| GuidedError::Invalid(e.to_string()))?;
+                TopLevelGrammar::from_regex(r)
+            }
+            Self::Choice(options) => {
+                if options.is_empty() {
+                    return Err(GuidedError::Invalid("no choices given".into()));
+                }
+                let alternatives: Vec<String> = options.iter().map(|o| regex::escape(o)).collect();
+                TopLevelGrammar::from_regex(&format!("(?:{})", alternatives.join("|")))
+            }
+        })
+    }
+}
+
+/// The tokenizer as llguidance sees it: every token's bytes in a trie, and plain-text
+/// tokenization of forced byte strings.
+struct Env {
+    trie: TokTrie,
+    tokenizer: Tokenizer,
+}
+
+impl TokenizerEnv for Env {
+    fn tok_trie(&self) -> &TokTrie {
+        &self.trie
+    }
+
+    fn tokenize_bytes(&self, s: &[u8]) -> Vec<TokenId> {
+        self.tokenizer
+            .encode_plain(&String::from_utf8_lossy(s))
+            .unwrap_or_default()
+    }
+}
+
+/// Compiles constraints for one model's tokenizer; compiled matchers are cached (LRU) by
+/// constraint, so a schema used again costs a clone.
+pub struct Guidance {
+    factory: ParserFactory,
+    cache: Mutex<lru::LruCache<Constraint, Matcher>>,
+    /// The end-of-sequence token the grammar allows once it is complete.
+    eos: TokenId,
+}
+
+/// Compiled constraints kept at once.
+const CACHED: usize = 256;
+
+impl Guidance {
+    /// `eos`: the token that ends an answer (the chat template's end of turn).
+    pub fn new(tokenizer: &Tokenizer, eos: u32) -> Result<Self, GuidedError> {
+        let json: serde_json::Value = serde_json::from_str(
+            &tokenizer
+                .to_json()
+                .map_err(|e| GuidedError::Tokenizer(e.to_string()))?,
+        )
+        .map_err(|e| GuidedError::Tokenizer(e.to_string()))?;
+        let bytes = llguidance::token_bytes_from_tokenizer_json(&json)
+            .map_err(|e| GuidedError::Tokenizer(e.to_string()))?;
+        let info = TokRxInfo::new(bytes.len() as u32, eos);
+        let env = Env {
+            trie: TokTrie::from(&info, &bytes),
+            tokenizer: tokenizer.clone(),
+        };
+        let mut factory = ParserFactory::new_simple(&(std::sync::Arc::new(env) as _))
+            .map_err(|e| GuidedError::Tokenizer(e.to_string()))?;
+        factory.quiet();
+        Ok(Self {
+            factory,
+            cache: Mutex::new(lru::LruCache::new(
+                NonZeroUsize::new(CACHED).expect("non-zero"),
+            )),
+            eos,
+        })
+    }
+
+    /// A fresh matcher for `c` (compiled once, then cloned from the cache).
+    pub fn compile(&self, c: &Constraint) -> Result<Guide, GuidedError> {
+        if let Some(m) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(c) {
+            return Ok(Guide::new(m.clone(), self.eos));
+        }
+        let parser = self
+            .factory
+            .create_parser(c.grammar()?)
+            .map_err(|e| GuidedError::Invalid(e.to_string()))?;
+        let matcher = Matcher::new(Ok(parser));
+        if let Some(e) = matcher.get_error() {
+            return Err(GuidedError::Invalid(e));
+        }
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put(c.clone(), matcher.clone());
+        Ok(Guide::new(matcher, self.eos))
+    }
+}
+
+/// One sequence's matcher: masks its logits to the tokens the constraint allows next, and
+/// follows the tokens sampled.
+#[derive(Clone)]
+pub struct Guide {
+    matcher: Matcher,
+    eos: TokenId,
+    /// Nanoseconds spent computing masks (for the benchmark and the metrics).
+    pub mask_nanos: Vec<u64>,
+}
+
+impl std::fmt::Debug for Guide {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Guide")
+    }
+}
+
+impl Guide {
+    fn new(matcher: Matcher, eos: TokenId) -> Self {
+        Self {
+            matcher,
+            eos,
+            mask_nanos: Vec::new(),
+        }
+    }
+
+    /// Sets every logit the constraint does not allow next to −∞. Where the constraint allows
+    /// ending, every id of `stops` is allowed; once it is complete, only they are.
+    pub fn mask(&mut self, logits: &mut [f32], stops: &[u32]) -> Result<(), String> {
+        let start = std::time::Instant::now();
+        let allowed = self
+            .matcher
+            .compute_mask_or_eos()
+            .map_err(|e| e.to_string())?;
+        let may_end = allowed.is_allowed(self.eos);
+        let saved: Vec<(u32, f32)> = if may_end {
+            stops
+                .iter()
+                .filter_map(|&t| logits.get(t as usize).map(|&l| (t, l)))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let n = allowed.len().min(logits.len());
+        allowed.iter_unset_entries(|i| {
+            if i < n {
+                logits[i] = f32::NEG_INFINITY;
+            }
+        });
+        logits[n..].fill(f32::NEG_INFINITY);
+        for (t, l) in saved {
+            logits[t as usize] = l;
+        }
+        self.mask_nanos.push(start.elapsed().as_nanos() as u64);
+        Ok(())
+    }
+
+    /// Follows a sampled token (not an end-of-sequence one).
+    pub fn commit(&mut self, token: u32) -> Result<(), String> {
+        self.matcher.consume_token(token).map_err(|e| e.to_string())
+    }
+
+    /// The constraint is complete and nothing may follow.
+    pub fn is_stopped(&self) -> bool {
+        self.matcher.is_stopped()
+    }
+}
