@@ -26,10 +26,8 @@ pub enum Constraint {
 impl Constraint {
     fn grammar(&self) -> Result<TopLevelGrammar, GuidedError> {
         Ok(match self {
-            Self::JsonObject => {
-                TopLevelGrammar::from_json_schema(serde_json::json!({"type": "object"}))
-            }
-            Self::JsonSchema(s) => TopLevelGrammar::from_json_schema(
+            Self::JsonObject => json_grammar(serde_json::json!({"type": "object"})),
+            Self::JsonSchema(s) => json_grammar(
                 serde_json::from_str(s).map_err(|e| GuidedError::Invalid(e.to_string()))?,
             ),
             Self::Regex(r) => {
@@ -45,6 +43,18 @@ impl Constraint {
             }
         })
     }
+}
+
+/// JSON as OpenAI writes it (`{"a": 1, "b": 2}`): fixed separators, no other whitespace, unless
+/// the schema's `x-guidance` says otherwise. (The library's default allows any whitespace
+/// between tokens, and a model can spend its whole answer on it.)
+fn json_grammar(mut schema: serde_json::Value) -> TopLevelGrammar {
+    if let Some(o) = schema.as_object_mut() {
+        o.entry("x-guidance").or_insert_with(|| {
+            serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "})
+        });
+    }
+    TopLevelGrammar::from_json_schema(schema)
 }
 
 /// The tokenizer as llguidance sees it: every token's bytes in a trie, and plain-text

@@ -71,12 +71,12 @@ pub fn prepare(
     let adapter_name = requested.map(str::to_string);
     // Structured outputs: the request's constraint, else the adapter's default (`loraplex.json`
     // beside its PEFT config).
-    let constraint = match constraint(&p.sampling)? {
-        Some(c) => Some(c),
-        None => match &adapter {
-            Some(entry) => adapter_default(entry)?,
-            None => None,
-        },
+    // (`response_format: {"type": "text"}` asks for no constraint, over the adapter's default.)
+    let constraint = match (constraint(&p.sampling)?, &adapter) {
+        (Some(c), _) => Some(c),
+        (None, _) if p.sampling.response_format.is_some() => None,
+        (None, Some(entry)) => adapter_default(entry)?,
+        (None, None) => None,
     };
     if let Some((field, c)) = constraint {
         let guidance = st.guidance.as_ref().ok_or_else(|| {
