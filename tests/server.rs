@@ -721,7 +721,7 @@ async fn bad_requests_get_4xx_naming_the_field() {
         (json!({"messages": user, "temperature": 3}), "temperature"),
         (json!({"messages": user, "max_tokens": 0}), "max_tokens"),
         (json!({"messages": user, "max_tokens": 65}), "max_tokens"),
-        (json!({"messages": user, "n": 2}), "n"),
+        (json!({"messages": user, "n": 9}), "n"),
         (json!({"messages": user, "top_logprobs": 3}), "top_logprobs"),
         (
             json!({"messages": [{"role": "user", "content": "word ".repeat(300)}]}),

@@ -64,6 +64,9 @@ pub struct ServeArgs {
     /// A key that may read `/metrics` (and nothing else); with `--api-keys`, admin keys may too.
     #[arg(long, env = "LORAPLEX_METRICS_KEY", hide_env_values = true)]
     pub metrics_key: Option<String>,
+    /// Most choices one request may ask for (`n`).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=128))]
+    pub max_n: u16,
     /// `/metrics` without a key even with `--api-keys`: for a Kubernetes endpoint picker, which
     /// scrapes the inference port and sends no key. Its series name every tenant's adapters:
     /// route only `/v1/` to the pods from outside (as `deploy/k8s` does).
@@ -136,6 +139,7 @@ pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::serve
         shutdown_timeout: std::time::Duration::from_secs(args.shutdown_timeout_secs),
         limits: Limits {
             vocab: loaded_vocab,
+            max_n: args.max_n as usize,
             max_tokens_cap: args.max_tokens_cap,
             context,
         },

@@ -1,11 +1,13 @@
 //! Turning a request's engine events into OpenAI responses: one JSON body, or SSE chunks
-//! (`data: {...}` … `data: [DONE]`) with an optional final usage chunk.
+//! (`data: {...}` … `data: [DONE]`) with an optional final usage chunk. With `n` choices, each
+//! choice is a sequence of its own; their events are merged as they come (streams interleave by
+//! `index`), and usage counts the prompt once.
 
 use std::convert::Infallible;
 
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures::stream::{self, StreamExt};
+use futures::stream::{self, BoxStream, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -66,68 +68,111 @@ fn completion_logprobs(tok: &Tokenizer, lps: &[TokenLogprob], offset0: usize) ->
     })
 }
 
+/// One choice's events: one already received (the first choice's first, which the others
+/// waited for), then the rest from its receiver.
+pub struct Choice {
+    head: Option<Event>,
+    rx: UnboundedReceiver<Event>,
+}
+
+impl Choice {
+    pub fn with_head(head: Option<Event>, rx: UnboundedReceiver<Event>) -> Self {
+        Self { head, rx }
+    }
+}
+
+/// Every choice's events as `(index, event)`, in the order they come.
+fn merged(choices: Vec<Choice>) -> BoxStream<'static, (usize, Event)> {
+    stream::select_all(choices.into_iter().enumerate().map(|(i, c)| {
+        let rest = stream::unfold(
+            c.rx,
+            |mut rx| async move { rx.recv().await.map(|e| (e, rx)) },
+        );
+        stream::iter(c.head)
+            .chain(rest)
+            .map(move |e| (i, e))
+            .boxed()
+    }))
+    .boxed()
+}
+
 fn usage(prompt: usize, completion: usize) -> Value {
     json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
 }
 
-/// Waits for the whole answer and returns one JSON body.
+/// Waits for every choice's whole answer and returns one JSON body.
 pub async fn collect(
     meta: Meta,
-    mut rx: UnboundedReceiver<Event>,
+    choices: Vec<Choice>,
     want_logprobs: bool,
 ) -> Result<Response, ApiError> {
-    let mut text = meta.echo.clone().unwrap_or_default();
-    let mut lps = Vec::new();
-    while let Some(ev) = rx.recv().await {
+    let n = choices.len();
+    let mut texts = vec![meta.echo.clone().unwrap_or_default(); n];
+    let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); n];
+    let mut finish = vec![None; n];
+    let (mut prompt_tokens, mut completion_tokens) = (0, 0);
+    let mut events = merged(choices);
+    while let Some((i, ev)) = events.next().await {
         match ev {
             Event::Token {
                 text: piece,
                 logprobs,
                 ..
             } => {
-                text.push_str(&piece);
-                lps.extend(logprobs);
+                texts[i].push_str(&piece);
+                lps[i].extend(logprobs);
             }
             Event::Error(e) => return Err(ApiError::Internal(e)),
             Event::Aborted(e) => return Err(ApiError::Unavailable(e)),
             Event::Done {
                 finish_reason,
-                prompt_tokens,
-                completion_tokens,
+                prompt_tokens: p,
+                completion_tokens: c,
             } => {
-                let logprobs = match (want_logprobs, meta.kind) {
-                    (false, _) => Value::Null,
-                    (true, Kind::Chat) => {
-                        json!({"content": lps.iter().map(|l| chat_logprob(&meta.tokenizer, l)).collect::<Vec<_>>()})
-                    }
-                    (true, Kind::Completion) => completion_logprobs(
-                        &meta.tokenizer,
-                        &lps,
-                        meta.echo.as_ref().map_or(0, String::len),
-                    ),
-                };
-                let choice = match meta.kind {
-                    Kind::Chat => {
-                        json!({"index": 0, "message": {"role": "assistant", "content": text},
-                                         "logprobs": logprobs, "finish_reason": finish_reason.as_str()})
-                    }
-                    Kind::Completion => json!({"index": 0, "text": text, "logprobs": logprobs,
-                                               "finish_reason": finish_reason.as_str()}),
-                };
-                let object = if meta.kind == Kind::Chat {
-                    "chat.completion"
-                } else {
-                    "text_completion"
-                };
-                return Ok(axum::Json(json!({
-                    "id": meta.id, "object": object, "created": meta.created, "model": meta.model,
-                    "choices": [choice], "usage": usage(prompt_tokens, completion_tokens),
-                }))
-                .into_response());
+                finish[i] = Some(finish_reason);
+                prompt_tokens = p;
+                completion_tokens += c;
+                if finish.iter().all(Option::is_some) {
+                    break;
+                }
             }
         }
     }
-    Err(ApiError::Internal("the engine dropped the request".into()))
+    if finish.iter().any(Option::is_none) {
+        return Err(ApiError::Internal("the engine dropped the request".into()));
+    }
+    let choices: Vec<Value> = (0..n)
+        .map(|i| {
+            let finish_reason = finish[i].expect("every choice finished").as_str();
+            let logprobs = match (want_logprobs, meta.kind) {
+                (false, _) => Value::Null,
+                (true, Kind::Chat) => {
+                    json!({"content": lps[i].iter().map(|l| chat_logprob(&meta.tokenizer, l)).collect::<Vec<_>>()})
+                }
+                (true, Kind::Completion) => completion_logprobs(
+                    &meta.tokenizer,
+                    &lps[i],
+                    meta.echo.as_ref().map_or(0, String::len),
+                ),
+            };
+            match meta.kind {
+                Kind::Chat => json!({"index": i, "message": {"role": "assistant", "content": texts[i]},
+                                     "logprobs": logprobs, "finish_reason": finish_reason}),
+                Kind::Completion => json!({"index": i, "text": texts[i], "logprobs": logprobs,
+                                           "finish_reason": finish_reason}),
+            }
+        })
+        .collect();
+    let object = if meta.kind == Kind::Chat {
+        "chat.completion"
+    } else {
+        "text_completion"
+    };
+    Ok(axum::Json(json!({
+        "id": meta.id, "object": object, "created": meta.created, "model": meta.model,
+        "choices": choices, "usage": usage(prompt_tokens, completion_tokens),
+    }))
+    .into_response())
 }
 
 fn chunk(meta: &Meta, choices: Value, usage: Option<Value>) -> SseEvent {
@@ -145,6 +190,7 @@ fn chunk(meta: &Meta, choices: Value, usage: Option<Value>) -> SseEvent {
 
 fn delta_choice(
     meta: &Meta,
+    index: usize,
     text: &str,
     logprobs: &[TokenLogprob],
     finish: Option<&str>,
@@ -153,84 +199,119 @@ fn delta_choice(
     let some = (!logprobs.is_empty()).then_some(logprobs);
     match meta.kind {
         Kind::Chat => {
-            json!([{"index": 0, "delta": if text.is_empty() && finish.is_some() { json!({}) } else { json!({"content": text}) },
+            json!([{"index": index, "delta": if text.is_empty() && finish.is_some() { json!({}) } else { json!({"content": text}) },
             "logprobs": some.map(|l| json!({"content": l.iter().map(|l| chat_logprob(&meta.tokenizer, l)).collect::<Vec<_>>()})),
             "finish_reason": finish}])
         }
-        Kind::Completion => json!([{"index": 0, "text": text,
+        Kind::Completion => json!([{"index": index, "text": text,
             "logprobs": some.map(|l| completion_logprobs(&meta.tokenizer, l, offset)),
             "finish_reason": finish}]),
     }
 }
 
-/// Streams the answer as server-sent events. Dropping the stream (client gone) drops the
-/// receiver, which cancels the sequence at the engine's next step.
-pub fn stream(meta: Meta, rx: UnboundedReceiver<Event>) -> Response {
+/// Where a stream is: choices still running, each choice's text offset, usage so far.
+struct Progress {
+    left: usize,
+    offsets: Vec<usize>,
+    prompt_tokens: usize,
+    completion_tokens: usize,
+    done: bool,
+}
+
+/// Streams the choices as server-sent events, interleaved by `index`. Dropping the stream
+/// (client gone) drops the receivers, which cancels the sequences at the engine's next step.
+pub fn stream(meta: Meta, choices: Vec<Choice>) -> Response {
+    let n = choices.len();
     let mut first: Vec<SseEvent> = Vec::new();
-    match meta.kind {
-        Kind::Chat => first.push(chunk(&meta, json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), None)),
-        Kind::Completion => {
-            if let Some(e) = &meta.echo {
-                first.push(chunk(&meta, delta_choice(&meta, e, &[], None, 0), None));
+    for i in 0..n {
+        match meta.kind {
+            Kind::Chat => first.push(chunk(&meta, json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]), None)),
+            Kind::Completion => {
+                if let Some(e) = &meta.echo {
+                    first.push(chunk(&meta, delta_choice(&meta, i, e, &[], None, 0), None));
+                }
             }
         }
     }
     let offset = meta.echo.as_ref().map_or(0, String::len);
-    let state = (meta, rx, false, offset);
-    let body = stream::unfold(state, |(meta, mut rx, done, offset)| async move {
-        if done {
+    let progress = Progress {
+        left: n,
+        offsets: vec![offset; n],
+        prompt_tokens: 0,
+        completion_tokens: 0,
+        done: false,
+    };
+    let state = (meta, merged(choices), progress);
+    let body = stream::unfold(state, |(meta, mut events, mut p)| async move {
+        if p.done {
             return None;
         }
-        let events: Vec<SseEvent> = match rx.recv().await {
-            None => return None,
-            Some(Event::Token { text, logprobs, .. }) => {
+        let (i, ev) = events.next().await?;
+        let out: Vec<SseEvent> = match ev {
+            Event::Token { text, logprobs, .. } => {
                 if text.is_empty() && logprobs.is_empty() {
-                    return Some((Vec::new(), (meta, rx, false, offset)));
+                    Vec::new()
+                } else {
+                    let ev = chunk(
+                        &meta,
+                        delta_choice(&meta, i, &text, &logprobs, None, p.offsets[i]),
+                        None,
+                    );
+                    p.offsets[i] += text.len();
+                    vec![ev]
                 }
-                let ev = chunk(
-                    &meta,
-                    delta_choice(&meta, &text, &logprobs, None, offset),
-                    None,
-                );
-                return Some((vec![ev], (meta, rx, false, offset + text.len())));
             }
-            Some(Event::Error(e)) => {
+            Event::Error(e) => {
+                p.done = true;
                 let body = ApiError::Internal(e).body();
                 vec![
                     SseEvent::default().data(body.to_string()),
                     SseEvent::default().data("[DONE]"),
                 ]
             }
-            Some(Event::Aborted(e)) => {
+            Event::Aborted(e) => {
+                p.done = true;
                 let body = ApiError::Unavailable(e).body();
                 vec![
                     SseEvent::default().data(body.to_string()),
                     SseEvent::default().data("[DONE]"),
                 ]
             }
-            Some(Event::Done {
+            Event::Done {
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
-            }) => {
+            } => {
+                p.left -= 1;
+                p.prompt_tokens = prompt_tokens;
+                p.completion_tokens += completion_tokens;
                 let mut v = vec![chunk(
                     &meta,
-                    delta_choice(&meta, "", &[], Some(finish_reason.as_str()), offset),
+                    delta_choice(
+                        &meta,
+                        i,
+                        "",
+                        &[],
+                        Some(finish_reason.as_str()),
+                        p.offsets[i],
+                    ),
                     None,
                 )];
-                if meta.include_usage {
-                    v.push(chunk(
-                        &meta,
-                        json!([]),
-                        Some(usage(prompt_tokens, completion_tokens)),
-                    ));
+                if p.left == 0 {
+                    if meta.include_usage {
+                        v.push(chunk(
+                            &meta,
+                            json!([]),
+                            Some(usage(p.prompt_tokens, p.completion_tokens)),
+                        ));
+                    }
+                    v.push(SseEvent::default().data("[DONE]"));
+                    p.done = true;
                 }
-                v.push(SseEvent::default().data("[DONE]"));
-                let done = true;
-                return Some((v, (meta, rx, done, offset)));
+                v
             }
         };
-        Some((events, (meta, rx, false, offset)))
+        Some((out, (meta, events, p)))
     })
     .flat_map(|v| stream::iter(v.into_iter().map(Ok::<_, Infallible>)));
     let all = stream::iter(first.into_iter().map(Ok::<_, Infallible>)).chain(body);

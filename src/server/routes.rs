@@ -87,15 +87,38 @@ async fn generate(
         ));
     }
     let loaded = st.engine.model().clone();
-    let rx = st.engine.submit(ValidRequest {
-        prompt: p.prompt,
-        config: p.config,
-        logprobs: p.logprobs,
-        adapter,
-        adapter_label,
-        adapter_name: p.adapter_name.clone(),
-        tenant: caller.tenant.clone(),
-    })?;
+    // `n` choices: choice i samples with seed + i. The first prefills the prompt; the others
+    // are submitted once its first token is out, when the prompt's full KV blocks are in the
+    // prefix cache, so they reuse them instead of prefilling again.
+    let n = p.sampling.n.unwrap_or(1).max(1) as usize;
+    let request = |i: usize| {
+        let mut config = p.config.clone();
+        config.sampling.seed = config.sampling.seed.map(|s| s.wrapping_add(i as u64));
+        ValidRequest {
+            prompt: p.prompt.clone(),
+            config,
+            logprobs: p.logprobs,
+            adapter: adapter.clone(),
+            adapter_label: adapter_label.clone(),
+            adapter_name: p.adapter_name.clone(),
+            tenant: caller.tenant.clone(),
+        }
+    };
+    let mut first = st.engine.submit(request(0))?;
+    let mut rxs = Vec::with_capacity(n);
+    if n > 1 {
+        let head = first.recv().await;
+        let rest: Vec<_> = (1..n)
+            .map(|i| st.engine.submit(request(i)))
+            .collect::<Result<_, _>>()?;
+        rxs.push(responses::Choice::with_head(head, first));
+        rxs.extend(
+            rest.into_iter()
+                .map(|rx| responses::Choice::with_head(None, rx)),
+        );
+    } else {
+        rxs.push(responses::Choice::with_head(None, first));
+    }
     let meta = Meta {
         kind,
         id: request_id(if kind == Kind::Chat {
@@ -114,9 +137,9 @@ async fn generate(
         echo: p.echo,
     };
     if p.sampling.stream {
-        Ok(responses::stream(meta, rx))
+        Ok(responses::stream(meta, rxs))
     } else {
-        responses::collect(meta, rx, p.logprobs.is_some()).await
+        responses::collect(meta, rxs, p.logprobs.is_some()).await
     }
 }
 

@@ -17,6 +17,8 @@ pub struct Limits {
     pub context: usize,
     /// Token ids are below this (logit_bias, stop_token_ids).
     pub vocab: usize,
+    /// `--max-n`: choices per request.
+    pub max_n: usize,
 }
 
 pub fn messages(messages: &[MessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
@@ -64,8 +66,11 @@ pub fn generation(
     prompt_field: &str,
 ) -> Result<GenerationConfig, ApiError> {
     if let Some(n) = s.n {
-        if n != 1 {
-            return Err(ApiError::bad("n", "`n` must be 1 (one choice per request)"));
+        if n < 1 || n as usize > limits.max_n {
+            return Err(ApiError::bad(
+                "n",
+                format!("`n` must be between 1 and {} (--max-n)", limits.max_n),
+            ));
         }
     }
     let temperature = s.temperature.unwrap_or(1.0);
@@ -225,6 +230,7 @@ mod tests {
             max_tokens_cap: 100,
             context: 256,
             vocab: 512,
+            max_n: 4,
         }
     }
 
@@ -276,7 +282,7 @@ mod tests {
         );
         assert_eq!(
             param(g(Sampling {
-                n: Some(2),
+                n: Some(5),
                 ..base.clone()
             })),
             "n"
