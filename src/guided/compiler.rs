@@ -138,13 +138,31 @@ impl Guidance {
 }
 
 /// One sequence's matcher: masks its logits to the tokens the constraint allows next, and
-/// follows the tokens sampled.
-#[derive(Clone)]
+/// follows the tokens sampled. After each token it computes the next mask on the compute pool
+/// (`commit`), off the model thread, overlapping the next forward; `mask` collects it.
 pub struct Guide {
-    matcher: Matcher,
+    matcher: Option<Matcher>,
     eos: TokenId,
-    /// Nanoseconds spent computing masks (for the benchmark and the metrics).
+    /// The next mask, being computed: the matcher comes back with it. (In a mutex only so that
+    /// a guide is `Sync`, as the requests holding one are shared across an await.)
+    pending: Option<Mutex<std::sync::mpsc::Receiver<(Matcher, Mask)>>>,
+    /// Nanoseconds spent computing masks (for the benchmark).
     pub mask_nanos: Vec<u64>,
+}
+
+type Mask = (Result<llguidance::toktrie::SimpleVob, String>, u64);
+
+impl Clone for Guide {
+    /// A copy in the same state (before it runs: a guide is cloned from the compiled one).
+    fn clone(&self) -> Self {
+        assert!(self.pending.is_none(), "a running guide is not cloned");
+        Self {
+            matcher: self.matcher.clone(),
+            eos: self.eos,
+            pending: None,
+            mask_nanos: self.mask_nanos.clone(),
+        }
+    }
 }
 
 impl std::fmt::Debug for Guide {
@@ -156,20 +174,59 @@ impl std::fmt::Debug for Guide {
 impl Guide {
     fn new(matcher: Matcher, eos: TokenId) -> Self {
         Self {
-            matcher,
+            matcher: Some(matcher),
             eos,
+            pending: None,
             mask_nanos: Vec::new(),
         }
+    }
+
+    fn compute(mut m: Matcher) -> (Matcher, Mask) {
+        let start = std::time::Instant::now();
+        let r = m.compute_mask_or_eos().map_err(|e| e.to_string());
+        (m, (r, start.elapsed().as_nanos() as u64))
+    }
+
+    /// Starts computing the next mask on the compute pool.
+    fn prefetch(&mut self) {
+        let Some(m) = self.matcher.take() else { return };
+        let (tx, rx) = std::sync::mpsc::channel();
+        rayon::spawn(move || {
+            let _ = tx.send(Self::compute(m));
+        });
+        self.pending = Some(Mutex::new(rx));
+    }
+
+    /// The next mask: the one computed in the background, else now.
+    fn next_mask(&mut self) -> Result<llguidance::toktrie::SimpleVob, String> {
+        let (m, (mask, nanos)) = match self.pending.take() {
+            Some(rx) => loop {
+                let got = rx.lock().unwrap_or_else(|p| p.into_inner()).try_recv();
+                match got {
+                    Ok(done) => break done,
+                    Err(std::sync::mpsc::TryRecvError::Empty) => {
+                        // On a pool thread, run pool work meanwhile (perhaps this very task):
+                        // a pool thread never blocks on the pool.
+                        if rayon::yield_now().is_none() {
+                            std::thread::yield_now();
+                        }
+                    }
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => {
+                        return Err("the mask computation was lost".into())
+                    }
+                }
+            },
+            None => Self::compute(self.matcher.take().ok_or("the matcher was lost")?),
+        };
+        self.matcher = Some(m);
+        self.mask_nanos.push(nanos);
+        mask
     }
 
     /// Sets every logit the constraint does not allow next to −∞. Where the constraint allows
     /// ending, every id of `stops` is allowed; once it is complete, only they are.
     pub fn mask(&mut self, logits: &mut [f32], stops: &[u32]) -> Result<(), String> {
-        let start = std::time::Instant::now();
-        let allowed = self
-            .matcher
-            .compute_mask_or_eos()
-            .map_err(|e| e.to_string())?;
+        let allowed = self.next_mask()?;
         let may_end = allowed.is_allowed(self.eos);
         let saved: Vec<(u32, f32)> = if may_end {
             stops
@@ -189,17 +246,24 @@ impl Guide {
         for (t, l) in saved {
             logits[t as usize] = l;
         }
-        self.mask_nanos.push(start.elapsed().as_nanos() as u64);
         Ok(())
     }
 
-    /// Follows a sampled token (not an end-of-sequence one).
+    /// Follows a sampled token (not an end-of-sequence one), then starts on the next mask.
     pub fn commit(&mut self, token: u32) -> Result<(), String> {
-        self.matcher.consume_token(token).map_err(|e| e.to_string())
+        self.matcher
+            .as_mut()
+            .ok_or("the matcher was lost")?
+            .consume_token(token)
+            .map_err(|e| e.to_string())?;
+        if !self.is_stopped() {
+            self.prefetch();
+        }
+        Ok(())
     }
 
     /// The constraint is complete and nothing may follow.
     pub fn is_stopped(&self) -> bool {
-        self.matcher.is_stopped()
+        self.matcher.as_ref().is_none_or(|m| m.is_stopped())
     }
 }
