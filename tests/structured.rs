@@ -121,6 +121,18 @@ async fn constrained_answers_follow_their_constraint_and_bad_ones_are_named() {
         assert_eq!(v.as_object().unwrap().len(), 2, "{a}");
         assert_eq!(finish, "stop");
     }
+    // The body the official client's `chat.completions.parse(response_format=Person)` sends
+    // (a Pydantic model's schema, `strict`).
+    let person = json!({"properties": {"name": {"title": "Name", "type": "string", "maxLength": 8}, "age": {"title": "Age", "type": "integer", "minimum": 0, "maximum": 120}}, "required": ["name", "age"], "title": "Person", "type": "object", "additionalProperties": false});
+    let (a, _) = chat(
+        &app,
+        "Who is it?",
+        json!({"max_tokens": 30, "response_format": {"type": "json_schema", "json_schema": {"name": "Person", "schema": person, "strict": true}}}),
+    )
+    .await;
+    let v: Value = serde_json::from_str(&a).unwrap_or_else(|e| panic!("{a:?}: {e}"));
+    assert!(v["name"].as_str().unwrap().chars().count() <= 8, "{a}");
+    assert!((0..=120).contains(&v["age"].as_i64().unwrap()), "{a}");
     // Completions too.
     let (status, v, text) = post(
         &app,
