@@ -367,6 +367,45 @@ async fn a_tenant_cannot_load_server_paths_or_learn_them() {
 }
 
 // Defect 2: metrics name other tenants' adapters.
+/// Compiled constraints are cached per tenant: a schema globex used is compiled again for acme
+/// (the same cost as a schema nobody used), so acme cannot time whether globex asked for it;
+/// within a tenant the cache serves it.
+#[tokio::test]
+async fn a_tenant_cannot_time_another_tenants_schemas() {
+    let s = setup(KEYS);
+    let st = server(&s, &[]).await;
+    let app = router(st.clone());
+    let schema = json!({"type": "object", "properties": {"merger_target": {"enum": ["initech", "hooli"]}}, "required": ["merger_target"]});
+    let mut body = chat("public-lora", "hi", 12);
+    body["response_format"] =
+        json!({"type": "json_schema", "json_schema": {"name": "m", "schema": schema}});
+    let guidance = st
+        .guidance
+        .as_ref()
+        .expect("structured outputs on the tiny model");
+    let mut compiles = Vec::new();
+    for key in ["sk-globex", "sk-globex", "sk-acme", "sk-acme"] {
+        let r = call(
+            &app,
+            "POST",
+            "/v1/chat/completions",
+            Some(body.clone()),
+            key,
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        compiles.push(guidance.compiled());
+    }
+    let fresh: Vec<usize> = compiles.windows(2).map(|w| w[1] - w[0]).collect();
+    // globex's second request and acme's second hit their own cache; acme's first does not
+    // see globex's entry.
+    assert_eq!(
+        fresh,
+        [0, 1, 0],
+        "compiles after each request: {compiles:?}"
+    );
+}
+
 #[tokio::test]
 async fn metrics_are_not_a_tenant_channel() {
     let s = setup(KEYS);

@@ -76,11 +76,14 @@ impl TokenizerEnv for Env {
     }
 }
 
-/// Compiles constraints for one model's tokenizer; compiled matchers are cached (LRU) by
-/// constraint, so a schema used again costs a clone.
+/// Compiles constraints for one model's tokenizer; compiled matchers are cached (LRU) by scope
+/// (the tenant) and constraint, so a schema used again costs a clone — and no tenant can time
+/// whether another one used a schema.
 pub struct Guidance {
     factory: ParserFactory,
-    cache: Mutex<lru::LruCache<Constraint, Matcher>>,
+    cache: Mutex<lru::LruCache<(Option<String>, Constraint), Matcher>>,
+    /// Constraints compiled (cache misses).
+    compiled: std::sync::atomic::AtomicUsize,
     /// The end-of-sequence token the grammar allows once it is complete.
     eos: TokenId,
 }
@@ -113,14 +116,28 @@ impl Guidance {
                 NonZeroUsize::new(CACHED).expect("non-zero"),
             )),
             eos,
+            compiled: Default::default(),
         })
     }
 
-    /// A fresh matcher for `c` (compiled once, then cloned from the cache).
+    /// A fresh matcher for `c` (compiled once per scope, then cloned from the cache).
     pub fn compile(&self, c: &Constraint) -> Result<Guide, GuidedError> {
-        if let Some(m) = self.cache.lock().unwrap_or_else(|p| p.into_inner()).get(c) {
+        self.compile_for(None, c)
+    }
+
+    /// `compile` with a cache of `scope`'s own (the tenant's).
+    pub fn compile_for(&self, scope: Option<&str>, c: &Constraint) -> Result<Guide, GuidedError> {
+        let key = (scope.map(str::to_string), c.clone());
+        if let Some(m) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
             return Ok(Guide::new(m.clone(), self.eos));
         }
+        self.compiled
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let parser = self
             .factory
             .create_parser(c.grammar()?)
@@ -132,8 +149,13 @@ impl Guidance {
         self.cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .put(c.clone(), matcher.clone());
+            .put(key, matcher.clone());
         Ok(Guide::new(matcher, self.eos))
+    }
+
+    /// Constraints compiled so far (each a cache miss).
+    pub fn compiled(&self) -> usize {
+        self.compiled.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

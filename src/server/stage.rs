@@ -87,7 +87,7 @@ pub fn prepare(
         })?;
         config.guide = Some(
             guidance
-                .compile(&c)
+                .compile_for(caller.tenant.as_deref(), &c)
                 .map_err(|e| ApiError::bad(&field, format!("`{field}`: {e}")))?,
         );
     }
