@@ -21,7 +21,8 @@ die() { echo "deploy/check.sh: $*" >&2; exit 1; }
 
 # --- tools --------------------------------------------------------------------------------
 command -v kubectl >/dev/null || die "kubectl is not installed (it renders the kustomize directories)"
-if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+works() { "$1" --version >/dev/null 2>&1; }
+if ! works prometheus || ! works promtool; then
   say "installing Debian's prometheus package"
   command -v apt-get >/dev/null || die "Prometheus is not installed and there is no apt-get to install it"
   export DEBIAN_FRONTEND=noninteractive
@@ -29,7 +30,7 @@ if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
   apt-get install -y -qq --no-install-recommends prometheus >>/tmp/loraplex-apt.log 2>&1 \
     || die "apt-get install prometheus failed (see /tmp/loraplex-apt.log): cannot install Prometheus"
   # The package may start its own service; ours runs on its own port with its own config.
-  command -v prometheus >/dev/null || die "the prometheus package installed no prometheus binary"
+  works prometheus && works promtool || die "the prometheus package installed no working prometheus/promtool"
 fi
 VENV="${LORAPLEX_DEPLOY_VENV:-$HOME/.cache/loraplex-deploy/venv}"
 if ! "$VENV/bin/python" -c "import yaml, kubernetes_validate" 2>/dev/null || [ ! -x "$VENV/bin/check-jsonschema" ]; then
