@@ -105,7 +105,7 @@ async fn biases_penalties_and_stop_token_ids_change_what_is_generated() {
         json!({"logit_bias": {target.to_string(): 100}}),
     )
     .await;
-    let want: String = tok.decode(&vec![target; 12], false).unwrap();
+    let want: String = tok.decode(&[target; 12], false).unwrap();
     assert_eq!(biased, want);
     // −100 on the plain answer's first token: it never appears first.
     let (avoided, _) = complete(

@@ -205,7 +205,7 @@ pub fn causal_attention_host(q: &[f32], kv: &dyn KvSource, shape: Heads, out: &m
             })
         })
         .collect();
-    let parts: Vec<(Share, Vec<f32>, Vec<(f32, f32)>)> = tasks
+    let parts: Vec<SharePart> = tasks
         .into_par_iter()
         .map(|share| {
             let n = share.rows.1 - share.rows.0;
@@ -281,6 +281,9 @@ fn max_of(xs: &[f32], init: f32) -> f32 {
 
 /// Blocks ahead whose int8 keys and values the decode loop prefetches.
 const PREFETCH_AHEAD: usize = 6;
+
+/// A task's result: its share, the weighted value rows and the softmax stats of its rows.
+type SharePart = (Share, Vec<f32>, Vec<(f32, f32)>);
 
 /// A task of `causal_attention_host`: kv head `g` (its group of query heads), key blocks
 /// `b0 .. b1`, query rows `rows.0 .. rows.1`.
