@@ -17,8 +17,7 @@ use tower::ServiceExt;
 
 async fn state(state_dir: &std::path::Path) -> Arc<AppState> {
     let tiny = tiny_dir();
-    let cli = loraplex::cli::Cli::try_parse_from([
-        "serve",
+    common::http::state(&[
         "--model",
         tiny.to_str().unwrap(),
         "--adapters",
@@ -26,8 +25,7 @@ async fn state(state_dir: &std::path::Path) -> Arc<AppState> {
         "--state-dir",
         state_dir.to_str().unwrap(),
     ])
-    .unwrap();
-    loraplex::cli::build_state(&cli.serve).await.unwrap()
+    .await
 }
 
 async fn send(app: &axum::Router, req: Request<Body>) -> (StatusCode, Value, String) {
@@ -48,16 +46,77 @@ async fn call(
     uri: &str,
     body: Option<Value>,
 ) -> (StatusCode, Value, String) {
-    let req = Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("content-type", "application/json")
-        .body(
-            body.map(|b| Body::from(b.to_string()))
-                .unwrap_or_else(Body::empty),
-        )
+    common::http::request(app, method, uri, body, None).await
+}
+
+/// `model` on `prompt` (greedy, `max_tokens`) through the server, and the PEFT adapter the job
+/// exported into `job_dir` applied by the library to the same base: the same text, and at every
+/// generated position the served log-probability equals the library forward's log-softmax
+/// within `tol`. The served text.
+async fn served_as_exported(
+    app: &axum::Router,
+    st: &AppState,
+    job_dir: &std::path::Path,
+    model: &str,
+    prompt: &str,
+    max_tokens: usize,
+    tol: f64,
+) -> String {
+    let (status, out, text) = call(
+        app,
+        "POST",
+        "/v1/completions",
+        Some(json!({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "logprobs": 1})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let served = out["choices"][0]["text"].as_str().unwrap().to_string();
+    let loaded = st.engine.model();
+    let peft = loraplex::adapters::PeftAdapter::load(&job_dir.join("adapter")).unwrap();
+    let w = loraplex::adapters::bind(&peft, &loaded.model, &Default::default()).unwrap();
+    let ids = loaded.tokenizer.encode(prompt).unwrap();
+    let cfg = loraplex::engine::GenerationConfig {
+        max_tokens,
+        sampling: loraplex::engine::SamplingParams::greedy(),
+        eos_token_ids: loaded.stop_token_ids(&st.template),
+        ..Default::default()
+    };
+    let direct = loraplex::engine::generate(
+        &loaded.model,
+        &loaded.tokenizer,
+        &ids,
+        Some(&w),
+        &cfg,
+        |_| {},
+    )
+    .unwrap();
+    assert_eq!(served, direct.text, "served vs library");
+    let served_lp: Vec<f64> = out["choices"][0]["logprobs"]["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
+    let all: Vec<u32> = ids.iter().chain(&direct.token_ids).copied().collect();
+    let mut cache = loaded.model.new_cache();
+    let mut batch = loraplex::model::BatchInput {
+        seqs: vec![loraplex::model::llama::SeqInput::new(&all, &mut cache).with_adapter(Some(&w))],
+        logits: loraplex::model::LogitsRows::All,
+    };
+    let logits = loaded.model.forward(&mut batch).unwrap();
+    let logp = candle_nn::ops::log_softmax(&logits, 1)
+        .unwrap()
+        .to_vec2::<f32>()
         .unwrap();
-    send(app, req).await
+    assert_eq!(served_lp.len(), direct.token_ids.len());
+    for (k, (&tok, &lp)) in direct.token_ids.iter().zip(&served_lp).enumerate() {
+        let want = logp[ids.len() - 1 + k][tok as usize] as f64;
+        assert!(
+            (lp - want).abs() < tol,
+            "position {k}: served {lp} vs library {want}"
+        );
+    }
+    served
 }
 
 async fn upload(app: &axum::Router, content: &str) -> String {
@@ -289,79 +348,17 @@ async fn a_job_trains_registers_and_serves_its_adapter() {
         assert_eq!(status, StatusCode::OK, "{name}: {text}");
     }
     // Served at once, answering as the exported adapter does through the library.
-    let prompt = "question 99: ";
-    let (status, out, text) = call(
+    let served = served_as_exported(
         &app,
-        "POST",
-        "/v1/completions",
-        Some(json!({"model": ft, "prompt": prompt, "max_tokens": 6, "temperature": 0})),
+        &st,
+        &tmp.path().join("jobs").join(&id),
+        &ft,
+        "question 99: ",
+        6,
+        1e-4,
     )
     .await;
-    assert_eq!(status, StatusCode::OK, "{text}");
-    let served = out["choices"][0]["text"].as_str().unwrap().to_string();
-    let loaded = st.engine.model();
-    let peft =
-        loraplex::adapters::PeftAdapter::load(&tmp.path().join("jobs").join(&id).join("adapter"))
-            .unwrap();
-    let w = loraplex::adapters::bind(&peft, &loaded.model, &Default::default()).unwrap();
-    let ids = loaded.tokenizer.encode(prompt).unwrap();
-    let cfg = loraplex::engine::GenerationConfig {
-        max_tokens: 6,
-        sampling: loraplex::engine::SamplingParams::greedy(),
-        ignore_eos: false,
-        ..Default::default()
-    };
-    let direct = loraplex::engine::generate(
-        &loaded.model,
-        &loaded.tokenizer,
-        &ids,
-        Some(&w),
-        &cfg,
-        |_| {},
-    )
-    .unwrap();
-    assert_eq!(
-        served, direct.text,
-        "served {served:?} vs library {:?}",
-        direct.text
-    );
     assert!(served.contains("red"), "{served:?}");
-    // And its log-probabilities: the served token logprobs equal the library's forward with the
-    // exported adapter (log-softmax of its logits) at every generated position.
-    let (status, out, text) = call(
-        &app,
-        "POST",
-        "/v1/completions",
-        Some(json!({"model": ft, "prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 1})),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{text}");
-    let served_lp: Vec<f64> = out["choices"][0]["logprobs"]["token_logprobs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_f64().unwrap())
-        .collect();
-    let mut all = ids.clone();
-    all.extend(&direct.token_ids);
-    let mut cache = loaded.model.new_cache();
-    let mut batch = loraplex::model::BatchInput {
-        seqs: vec![loraplex::model::llama::SeqInput::new(&all, &mut cache).with_adapter(Some(&w))],
-        logits: loraplex::model::LogitsRows::All,
-    };
-    let logits = loaded.model.forward(&mut batch).unwrap();
-    let logp = candle_nn::ops::log_softmax(&logits, 1)
-        .unwrap()
-        .to_vec2::<f32>()
-        .unwrap();
-    assert_eq!(served_lp.len(), direct.token_ids.len());
-    for (k, (&tok, &lp)) in direct.token_ids.iter().zip(&served_lp).enumerate() {
-        let want = logp[ids.len() - 1 + k][tok as usize] as f64;
-        assert!(
-            (lp - want).abs() < 1e-4,
-            "position {k}: served {lp} vs library {want}"
-        );
-    }
     // Cancel of a finished job: 409.
     let (status, _, text) = call(
         &app,
@@ -546,6 +543,9 @@ async fn a_job_trains_on_the_served_quantized_default_model() {
         tmp.path().to_str().unwrap(),
         "--kv-cache-tokens",
         "2048",
+        // f32 KV, as the library forward keeps it (int8 KV would move the logprobs).
+        "--kv-cache-dtype",
+        "f32",
     ])
     .unwrap();
     let st = loraplex::cli::build_state(&cli.serve).await.unwrap();
@@ -586,36 +586,17 @@ async fn a_job_trains_on_the_served_quantized_default_model() {
     assert_eq!(events.len(), 6);
     assert!(last < 0.5 * first, "{first} -> {last}");
     let ft = end["job"]["fine_tuned_model"].as_str().unwrap().to_string();
-    let prompt = "Code 42?";
-    let (status, out, text) = call(
+    let served = served_as_exported(
         &app,
-        "POST",
-        "/v1/completions",
-        Some(json!({"model": ft, "prompt": prompt, "max_tokens": 4, "temperature": 0})),
+        &st,
+        &tmp.path().join("jobs").join(&id),
+        &ft,
+        "Code 42?",
+        4,
+        // The library reads its contiguous cache in blocks of 64 rows, the server its pool in
+        // blocks of 16: the same sums in another order (1.2e-4 seen).
+        1e-3,
     )
     .await;
-    assert_eq!(status, StatusCode::OK, "{text}");
-    let served = out["choices"][0]["text"].as_str().unwrap().to_string();
-    let loaded = st.engine.model();
-    let peft =
-        loraplex::adapters::PeftAdapter::load(&tmp.path().join("jobs").join(&id).join("adapter"))
-            .unwrap();
-    let w = loraplex::adapters::bind(&peft, &loaded.model, &Default::default()).unwrap();
-    let ids = loaded.tokenizer.encode(prompt).unwrap();
-    let cfg = loraplex::engine::GenerationConfig {
-        max_tokens: 4,
-        sampling: loraplex::engine::SamplingParams::greedy(),
-        ..Default::default()
-    };
-    let direct = loraplex::engine::generate(
-        &loaded.model,
-        &loaded.tokenizer,
-        &ids,
-        Some(&w),
-        &cfg,
-        |_| {},
-    )
-    .unwrap();
-    assert_eq!(served, direct.text);
     assert!(served.contains("zebra"), "{served:?}");
 }

@@ -9,9 +9,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use loraplex::adapters::{
-    bind, AdapterCache, AdapterKey, AdapterName, BindOptions, CacheConfig, Lease, PeftAdapter,
-};
+use loraplex::adapters::{AdapterCache, CacheConfig, Lease};
 use loraplex::engine::{
     Engine, Event, GenerationConfig, KvConfig, SamplingParams, SchedulerConfig, ValidRequest,
     Worker,
@@ -19,24 +17,6 @@ use loraplex::engine::{
 use loraplex::metrics::Metrics;
 use loraplex::model::llama::SeqInput;
 use loraplex::model::{BatchInput, KvCache, KvDtype, KvPool, LoadedModel, LogitsRows};
-use tokio::sync::mpsc::UnboundedReceiver;
-
-fn lease(cache: &AdapterCache, model: &LoadedModel, name: &str, version: u64) -> Lease {
-    let dir = tiny_dir().join("adapters").join(name);
-    cache
-        .acquire(
-            &AdapterKey {
-                name: AdapterName::parse(name).unwrap(),
-                version,
-            },
-            false,
-            || {
-                let peft = PeftAdapter::load(&dir)?;
-                bind(&peft, &model.model, &BindOptions::default())
-            },
-        )
-        .unwrap()
-}
 
 /// Feeds `chunks` of `tokens` one forward each and returns the last logits row of each chunk.
 fn last_rows(
@@ -172,28 +152,6 @@ fn request(prompt: Vec<u32>, adapter: Option<Lease>, max_tokens: usize) -> Valid
     }
 }
 
-/// Steps the worker until idle; returns each receiver's tokens, or its error.
-fn drive(worker: &mut Worker, rxs: Vec<UnboundedReceiver<Event>>) -> Vec<Result<Vec<u32>, String>> {
-    let mut steps = 0;
-    while worker.step() {
-        steps += 1;
-        assert!(steps < 10_000, "the worker never went idle");
-    }
-    rxs.into_iter()
-        .map(|mut rx| {
-            let mut tokens = Vec::new();
-            while let Ok(e) = rx.try_recv() {
-                match e {
-                    Event::Token { token, .. } => tokens.push(token),
-                    Event::Error(m) | Event::Aborted(m) => return Err(m),
-                    Event::Done { .. } => {}
-                }
-            }
-            Ok(tokens)
-        })
-        .collect()
-}
-
 /// Three waves of requests sharing a 37-token system prompt under two adapters and the base
 /// model, the later waves concurrent and chunked (7 tokens a step): the same tokens with prefix
 /// caching on and off; with it on, the later waves take their prefix from the cache.
@@ -201,8 +159,8 @@ fn drive(worker: &mut Worker, rxs: Vec<UnboundedReceiver<Event>>) -> Vec<Result<
 fn answers_are_the_same_with_the_prefix_cache_on_and_off() {
     let model = Arc::new(load_tiny());
     let adapters = AdapterCache::new(CacheConfig::default());
-    let a = lease(&adapters, &model, "lora-r8-all", 1);
-    let d = lease(&adapters, &model, "dora-r8-all", 1);
+    let a = lease(&adapters, &model, "lora-r8-all", "lora-r8-all", 1);
+    let d = lease(&adapters, &model, "dora-r8-all", "dora-r8-all", 1);
     let system: Vec<u32> = (0..37).map(|i| 4 + (i * 53 % 240) as u32).collect();
     let prompt = |k: u32| {
         let mut p = system.clone();
@@ -265,9 +223,9 @@ fn answers_are_the_same_with_the_prefix_cache_on_and_off() {
 fn kv_is_never_reused_under_another_adapter_or_another_version() {
     let model = Arc::new(load_tiny());
     let adapters = AdapterCache::new(CacheConfig::default());
-    let a1 = lease(&adapters, &model, "lora-r8-all", 1);
-    let a2 = lease(&adapters, &model, "lora-r8-all", 2);
-    let b = lease(&adapters, &model, "lora-r4-qv", 1);
+    let a1 = lease(&adapters, &model, "lora-r8-all", "lora-r8-all", 1);
+    let a2 = lease(&adapters, &model, "lora-r8-all", "lora-r8-all", 2);
+    let b = lease(&adapters, &model, "lora-r4-qv", "lora-r4-qv", 1);
     let (engine, mut worker, metrics) = manual(&model, config(4, 0));
     let prompt: Vec<u32> = (0..50).map(|i| 5 + i as u32).collect();
     let run = |worker: &mut Worker, l: Option<Lease>| {
@@ -365,7 +323,7 @@ fn logprobs_match_the_text_sent_when_a_stop_string_cuts_it() {
 fn one_tenant_never_reuses_another_tenants_prompt_prefix() {
     let model = Arc::new(load_tiny());
     let adapters = AdapterCache::new(CacheConfig::default());
-    let shared = lease(&adapters, &model, "lora-r8-all", 1);
+    let shared = lease(&adapters, &model, "lora-r8-all", "lora-r8-all", 1);
     let (engine, mut worker, metrics) = manual(&model, config(4, 0));
     let secret: Vec<u32> = (0..40).map(|i| 9 + (i * 13 % 200) as u32).collect();
     let run = |worker: &mut Worker, tenant: &str, l: Option<Lease>| {

@@ -8,26 +8,20 @@ mod common;
 
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use clap::Parser;
-use http_body_util::BodyExt;
+use axum::http::StatusCode;
 use loraplex::server::{router, AppState};
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
 async fn state() -> Arc<AppState> {
     let tmp = std::env::temp_dir().join(format!("loraplex-n-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
-    let cli = loraplex::cli::Cli::try_parse_from([
-        "serve",
+    common::http::state(&[
         "--adapters",
         tmp.to_str().unwrap(),
         "--kv-cache-tokens",
         "4096",
     ])
-    .unwrap();
-    loraplex::cli::build_state(&cli.serve).await.unwrap()
+    .await
 }
 
 async fn send(
@@ -36,19 +30,8 @@ async fn send(
     uri: &str,
     body: Option<Value>,
 ) -> (StatusCode, String) {
-    let req = Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("content-type", "application/json")
-        .body(
-            body.map(|b| Body::from(b.to_string()))
-                .unwrap_or_else(Body::empty),
-        )
-        .unwrap();
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&bytes).to_string())
+    let (status, _, text) = common::http::request(app, method, uri, body, None).await;
+    (status, text)
 }
 
 fn counter(metrics: &str, name: &str) -> f64 {

@@ -7,28 +7,22 @@ mod common;
 
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use clap::Parser;
+use axum::http::StatusCode;
 use common::*;
-use http_body_util::BodyExt;
 use loraplex::server::{router, AppState};
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
 async fn state(extra: &[&str]) -> Arc<AppState> {
     let tiny = tiny_dir();
     let adapters = tiny.join("adapters");
     let mut args = vec![
-        "serve",
         "--model",
         tiny.to_str().unwrap(),
         "--adapters",
         adapters.to_str().unwrap(),
     ];
     args.extend_from_slice(extra);
-    let cli = loraplex::cli::Cli::try_parse_from(args).unwrap();
-    loraplex::cli::build_state(&cli.serve).await.unwrap()
+    common::http::state(&args).await
 }
 
 async fn call(
@@ -37,26 +31,7 @@ async fn call(
     body: Value,
     key: Option<&str>,
 ) -> (StatusCode, Value, String) {
-    let mut req = Request::builder()
-        .method("POST")
-        .uri(uri)
-        .header("content-type", "application/json");
-    if let Some(k) = key {
-        req = req.header("authorization", format!("Bearer {k}"));
-    }
-    let resp = app
-        .clone()
-        .oneshot(req.body(Body::from(body.to_string())).unwrap())
-        .await
-        .unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let text = String::from_utf8_lossy(&bytes).to_string();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::Null),
-        text,
-    )
+    common::http::request(app, "POST", uri, Some(body), key).await
 }
 
 /// Greedy completion of `prompt` (12 tokens, EOS ignored) with `extra` fields: its text and

@@ -10,18 +10,14 @@ mod common;
 
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use clap::Parser;
+use axum::http::StatusCode;
 use common::*;
-use http_body_util::BodyExt;
-use loraplex::adapters::{bind, AdapterCache, AdapterKey, AdapterName, BindOptions, CacheConfig};
+use loraplex::adapters::{AdapterCache, CacheConfig};
 use loraplex::engine::{
     Engine, GenerationConfig, KvConfig, SamplingParams, SchedulerConfig, ValidRequest,
 };
 use loraplex::metrics::Metrics;
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
 async fn call(
     app: &axum::Router,
@@ -30,20 +26,8 @@ async fn call(
     body: Option<Value>,
     key: Option<&str>,
 ) -> (StatusCode, String) {
-    let mut req = Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("content-type", "application/json");
-    if let Some(k) = key {
-        req = req.header("authorization", format!("Bearer {k}"));
-    }
-    let body = body
-        .map(|b| Body::from(b.to_string()))
-        .unwrap_or_else(Body::empty);
-    let resp = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&bytes).to_string())
+    let (status, _, text) = common::http::request(app, method, uri, body, key).await;
+    (status, text)
 }
 
 /// The sample lines of series `name` (exactly that name, any labels).
@@ -78,35 +62,22 @@ async fn the_picker_reads_typed_gauges_without_a_key_and_load_checks_the_base() 
     .unwrap();
     let tiny = tiny_dir();
     let adapters = tiny.join("adapters");
-    let serve = |open: bool| {
-        let mut args = vec![
-            "serve",
-            "--model",
-            tiny.to_str().unwrap(),
-            "--adapters",
-            adapters.to_str().unwrap(),
-            "--api-keys",
-            keys.to_str().unwrap(),
-        ];
-        if open {
-            args.push("--open-metrics");
-        }
-        loraplex::cli::Cli::try_parse_from(args).unwrap()
-    };
+    let args = [
+        "--model",
+        tiny.to_str().unwrap(),
+        "--adapters",
+        adapters.to_str().unwrap(),
+        "--api-keys",
+        keys.to_str().unwrap(),
+    ];
     // Without --open-metrics a keyless scrape is refused; with it, it is served (and nothing
     // else opens: the API still wants a key).
-    let closed = router(
-        loraplex::cli::build_state(&serve(false).serve)
-            .await
-            .unwrap(),
-    );
+    let closed = router(common::http::state(&args).await);
     assert_eq!(
         call(&closed, "GET", "/metrics", None, None).await.0,
         StatusCode::UNAUTHORIZED
     );
-    let st = loraplex::cli::build_state(&serve(true).serve)
-        .await
-        .unwrap();
+    let st = common::http::state(&[&args[..], &["--open-metrics"]].concat()).await;
     let base = st.engine.model().id.clone();
     let app = router(st);
     assert_eq!(
@@ -183,22 +154,7 @@ async fn the_picker_reads_typed_gauges_without_a_key_and_load_checks_the_base() 
 fn lora_info_names_running_and_waiting_adapters_as_requested() {
     let model = Arc::new(load_tiny());
     let cache = AdapterCache::new(CacheConfig::default());
-    let lease = |name: &str| {
-        let dir = tiny_dir().join("adapters").join(name);
-        cache
-            .acquire(
-                &AdapterKey {
-                    name: AdapterName::parse(&format!("acme/{name}")).unwrap(),
-                    version: 1,
-                },
-                false,
-                || {
-                    let peft = loraplex::adapters::PeftAdapter::load(&dir)?;
-                    bind(&peft, &model.model, &BindOptions::default())
-                },
-            )
-            .unwrap()
-    };
+    let lease = |name: &str| lease(&cache, &model, name, &format!("acme/{name}"), 1);
     let metrics = Arc::new(Metrics::new());
     let (engine, mut worker) = Engine::manual(
         model.clone(),
@@ -243,7 +199,7 @@ fn lora_info_names_running_and_waiting_adapters_as_requested() {
         label(info[0], "waiting_lora_adapters"),
         "dora-r8-all,lora-r8-all"
     );
-    while worker.step() {}
+    run_to_idle(&mut worker);
     let text = metrics.render();
     let info = samples(&text, "loraplex_lora_requests_info");
     assert_eq!(label(info[0], "running_lora_adapters"), "");

@@ -78,15 +78,11 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> ValidRequest {
 type Answer = Vec<(u32, u32, Vec<(u32, u32)>)>;
 
 fn drive(worker: &mut Worker, rxs: Vec<UnboundedReceiver<Event>>) -> Vec<Answer> {
-    let mut steps = 0;
-    while worker.step() {
-        steps += 1;
-        assert!(steps < 10_000, "the worker never went idle");
-    }
+    run_to_idle(worker);
     rxs.into_iter()
         .map(|mut rx| {
             let mut answer = Vec::new();
-            while let Ok(e) = rx.try_recv() {
+            for e in received(&mut rx) {
                 match e {
                     Event::Token { logprobs, .. } => answer.extend(logprobs.into_iter().map(|l| {
                         let top = l.top.iter().map(|&(t, p)| (t, p.to_bits())).collect();

@@ -8,50 +8,30 @@ mod common;
 
 use std::sync::Arc;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use clap::Parser;
+use axum::http::StatusCode;
 use common::*;
-use http_body_util::BodyExt;
-use loraplex::adapters::{bind, AdapterCache, AdapterKey, AdapterName, BindOptions, CacheConfig};
+use loraplex::adapters::{AdapterCache, CacheConfig};
 use loraplex::engine::{
-    Engine, Event, GenerationConfig, KvConfig, SamplingParams, SchedulerConfig, ValidRequest,
+    Engine, GenerationConfig, KvConfig, SamplingParams, SchedulerConfig, ValidRequest,
 };
 use loraplex::guided::{Constraint, Guidance};
 use loraplex::metrics::Metrics;
 use loraplex::server::{router, AppState};
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
 async fn state(adapters: &std::path::Path) -> Arc<AppState> {
     let tiny = tiny_dir();
-    let cli = loraplex::cli::Cli::try_parse_from([
-        "serve",
+    common::http::state(&[
         "--model",
         tiny.to_str().unwrap(),
         "--adapters",
         adapters.to_str().unwrap(),
     ])
-    .unwrap();
-    loraplex::cli::build_state(&cli.serve).await.unwrap()
+    .await
 }
 
 async fn post(app: &axum::Router, uri: &str, body: Value) -> (StatusCode, Value, String) {
-    let req = Request::builder()
-        .method("POST")
-        .uri(uri)
-        .header("content-type", "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap();
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let text = String::from_utf8_lossy(&bytes).to_string();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::Null),
-        text,
-    )
+    common::http::request(app, "POST", uri, Some(body), None).await
 }
 
 /// A chat answer under `extra` fields: its content and finish reason.
@@ -232,22 +212,7 @@ async fn an_adapter_can_declare_its_response_format() {
 fn constrained_rows_leave_the_others_as_they_are() {
     let model = Arc::new(load_tiny());
     let cache = AdapterCache::new(CacheConfig::default());
-    let lease = |name: &str| {
-        let dir = tiny_dir().join("adapters").join(name);
-        cache
-            .acquire(
-                &AdapterKey {
-                    name: AdapterName::parse(name).unwrap(),
-                    version: 1,
-                },
-                false,
-                || {
-                    let peft = loraplex::adapters::PeftAdapter::load(&dir)?;
-                    bind(&peft, &model.model, &BindOptions::default())
-                },
-            )
-            .unwrap()
-    };
+    let lease = |name: &str| lease(&cache, &model, name, name, 1);
     let template =
         loraplex::chat::ChatTemplate::select(None, model.chat_template.as_deref()).unwrap();
     let eos = model.stop_token_ids(&template);
@@ -307,19 +272,9 @@ fn constrained_rows_leave_the_others_as_they_are() {
             .into_iter()
             .map(|r| engine.submit(r).unwrap())
             .collect();
-        while worker.step() {}
-        rxs.into_iter()
-            .map(|mut rx| {
-                let mut t = Vec::new();
-                while let Ok(e) = rx.try_recv() {
-                    match e {
-                        Event::Token { token, .. } => t.push(token),
-                        Event::Error(m) | Event::Aborted(m) => panic!("{m}"),
-                        Event::Done { .. } => {}
-                    }
-                }
-                t
-            })
+        drive(&mut worker, rxs)
+            .into_iter()
+            .map(Result::unwrap)
             .collect()
     };
     let together = run(rows.iter().map(request).collect());

@@ -155,24 +155,16 @@ impl QuantLinear {
                 .contiguous()?
                 .apply_op1(QuantOp(self.clone()));
         }
-        let host = || -> Result<(usize, Vec<f32>)> {
-            Ok((
-                x.dim(0)?,
-                x.to_dtype(candle_core::DType::F32)?
-                    .flatten_all()?
-                    .to_vec1()?,
-            ))
-        };
         match &self.kernel {
-            Kernel::Q41(w) => {
-                let (n, xs) = host()?;
-                Tensor::from_vec(w.matmul_t(&xs, n), (n, self.rows), x.device())
-            }
-            Kernel::Q80(w) => {
-                let (n, xs) = host()?;
-                Tensor::from_vec(w.matmul_t(&xs, n), (n, self.rows), x.device())
-            }
             Kernel::Ggml(m, _) => m.forward(x),
+            _ => {
+                let n = x.dim(0)?;
+                let xs: Vec<f32> = x
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()?;
+                Tensor::from_vec(self.matmul_host(&xs, n)?, (n, self.rows), x.device())
+            }
         }
     }
 }
@@ -182,6 +174,18 @@ impl QuantLinear {
 const BAND: usize = 256;
 
 impl QuantLinear {
+    /// `x · Wᵀ` on host rows (`x`: `[n, cols]`).
+    fn matmul_host(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        Ok(match &self.kernel {
+            Kernel::Q41(w) => w.matmul_t(x, n),
+            Kernel::Q80(w) => w.matmul_t(x, n),
+            Kernel::Ggml(m, _) => m
+                .forward(&Tensor::from_slice(x, (n, self.cols), &Device::Cpu)?)?
+                .flatten_all()?
+                .to_vec1()?,
+        })
+    }
+
     /// Rows `start .. start + count` in f32, `[count, cols]`.
     fn dequantize_band(&self, start: usize, count: usize) -> Result<Vec<f32>> {
         let ids: Vec<u32> = (start as u32..(start + count) as u32).collect();
@@ -197,27 +201,18 @@ impl QuantLinear {
     }
 
     /// `grad_x[n, cols] = grad_y[n, rows] · W`, band by band in order (the same sums every
-    /// time: no reduction across threads).
+    /// time: no reduction across threads). candle's types dequantize a whole tensor at a time:
+    /// one band.
     fn backward_raw(&self, grad_y: &[f32], n: usize) -> Result<Vec<f32>> {
         use crate::ops::gemm::{gemm_f32, Mat};
         let (rows, cols) = (self.rows, self.cols);
+        let band = match self.kernel {
+            Kernel::Ggml(..) => rows,
+            _ => BAND,
+        };
         let mut gx = vec![0f32; n * cols];
-        if matches!(self.kernel, Kernel::Ggml(..)) {
-            // candle dequantizes a whole tensor at a time: do it once.
-            let w: Vec<f32> = self.dequantize()?.flatten_all()?.to_vec1()?;
-            gemm_f32(
-                (n, cols, rows),
-                &mut gx,
-                cols,
-                false,
-                Mat::rows(grad_y, rows),
-                Mat::rows(&w, cols),
-                gemm::Parallelism::Rayon(rayon::current_num_threads()),
-            );
-            return Ok(gx);
-        }
-        for start in (0..rows).step_by(BAND) {
-            let count = BAND.min(rows - start);
+        for start in (0..rows).step_by(band) {
+            let count = band.min(rows - start);
             let w = self.dequantize_band(start, count)?;
             gemm_f32(
                 (n, cols, count),
@@ -249,15 +244,7 @@ impl CustomOp1 for QuantOp {
                 self.0.cols
             );
         }
-        let (a, b) = l.contiguous_offsets().ok_or_else(|| {
-            candle_core::Error::Msg("quantized matmul: input must be contiguous".into())
-        })?;
-        let CpuStorage::F32(v) = s else {
-            candle_core::bail!("quantized matmul: activations must be f32");
-        };
-        let x = Tensor::from_slice(&v[a..b], (n, inp), &Device::Cpu)?;
-        let y = self.0.matmul_t(&x)?;
-        let y: Vec<f32> = y.flatten_all()?.to_vec1()?;
+        let y = self.0.matmul_host(super::nf4_matmul::f32_slice(s, l)?, n)?;
         Ok((CpuStorage::F32(y), Shape::from((n, self.0.rows))))
     }
 

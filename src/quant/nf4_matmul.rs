@@ -146,15 +146,14 @@ impl Nf4Linear {
 
 struct Nf4Op(Nf4Linear);
 
-fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("nf4 matmul: input must be contiguous".into()))?;
+/// A contiguous f32 CPU input of a custom op (the quantized matmuls'), as a slice.
+pub(super) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let (a, b) = l.contiguous_offsets().ok_or_else(|| {
+        candle_core::Error::Msg("quantized matmul: input must be contiguous".into())
+    })?;
     match s {
         CpuStorage::F32(v) => Ok(&v[a..b]),
-        _ => candle_core::bail!(
-            "nf4 matmul: activations must be f32 (use --dtype f32 with --quantize nf4)"
-        ),
+        _ => candle_core::bail!("quantized matmul: activations must be f32 (use --dtype f32)"),
     }
 }
 

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+pub mod http;
+
 use loraplex::model::source::SourceConfig;
 use loraplex::model::{load_model, LoadedModel, ModelOptions, ModelSource};
 
@@ -98,5 +100,71 @@ pub fn logits_all(
         })
         .unwrap()
         .to_vec2()
+        .unwrap()
+}
+
+/// Steps a hand-driven engine worker until it is idle.
+pub fn run_to_idle(worker: &mut loraplex::engine::Worker) {
+    let mut steps = 0;
+    while worker.step() {
+        steps += 1;
+        assert!(steps < 10_000, "the worker never went idle");
+    }
+}
+
+/// The events a request has received so far.
+pub fn received(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<loraplex::engine::Event>,
+) -> Vec<loraplex::engine::Event> {
+    std::iter::from_fn(|| rx.try_recv().ok()).collect()
+}
+
+/// Steps the worker until idle; each receiver's tokens, or its error.
+pub fn drive(
+    worker: &mut loraplex::engine::Worker,
+    rxs: Vec<tokio::sync::mpsc::UnboundedReceiver<loraplex::engine::Event>>,
+) -> Vec<Result<Vec<u32>, String>> {
+    use loraplex::engine::Event;
+    run_to_idle(worker);
+    rxs.into_iter()
+        .map(|mut rx| {
+            let mut tokens = Vec::new();
+            for e in received(&mut rx) {
+                match e {
+                    Event::Token { token, .. } => tokens.push(token),
+                    Event::Error(m) | Event::Aborted(m) => return Err(m),
+                    Event::Done { .. } => {}
+                }
+            }
+            Ok(tokens)
+        })
+        .collect()
+}
+
+/// A lease on the tiny model's adapter `dir_name`, registered as `name` at `version`.
+pub fn lease(
+    cache: &loraplex::adapters::AdapterCache,
+    model: &LoadedModel,
+    dir_name: &str,
+    name: &str,
+    version: u64,
+) -> loraplex::adapters::Lease {
+    use loraplex::adapters::{bind, AdapterKey, AdapterName, BindOptions, PeftAdapter};
+    let dir = tiny_dir().join("adapters").join(dir_name);
+    cache
+        .acquire(
+            &AdapterKey {
+                name: AdapterName::parse(name).unwrap(),
+                version,
+            },
+            false,
+            || {
+                bind(
+                    &PeftAdapter::load(&dir)?,
+                    &model.model,
+                    &BindOptions::default(),
+                )
+            },
+        )
         .unwrap()
 }

@@ -1,0 +1,50 @@
+//! Driving a server in process: its state from `serve`'s arguments, and one request through the
+//! router with an optional bearer key.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use clap::Parser;
+use http_body_util::BodyExt;
+use loraplex::server::AppState;
+use serde_json::Value;
+use tower::ServiceExt;
+
+/// The state `serve ARGS…` would run with.
+pub async fn state(args: &[&str]) -> Arc<AppState> {
+    let argv: Vec<&str> = std::iter::once("serve")
+        .chain(args.iter().copied())
+        .collect();
+    let cli = loraplex::cli::Cli::try_parse_from(argv).unwrap();
+    loraplex::cli::build_state(&cli.serve).await.unwrap()
+}
+
+/// `method uri` with a JSON body: the status, the body as JSON (`Null` when it is not), the text.
+pub async fn request(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    body: Option<Value>,
+    key: Option<&str>,
+) -> (StatusCode, Value, String) {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json");
+    if let Some(k) = key {
+        req = req.header("authorization", format!("Bearer {k}"));
+    }
+    let body = body
+        .map(|b| Body::from(b.to_string()))
+        .unwrap_or_else(Body::empty);
+    let resp = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    let text = String::from_utf8_lossy(&bytes).to_string();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+        text,
+    )
+}
