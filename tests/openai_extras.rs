@@ -132,6 +132,12 @@ async fn biases_penalties_and_stop_token_ids_change_what_is_generated() {
         (json!({"frequency_penalty": -3}), "frequency_penalty"),
         (json!({"repetition_penalty": 0}), "repetition_penalty"),
         (json!({"stop_token_ids": [99999]}), "stop_token_ids"),
+        (json!({"stop_token_ids": vec![3; 1025]}), "stop_token_ids"),
+        (json!({"logit_bias": {"5": 1, "05": 2}}), "logit_bias.5"),
+        (
+            json!({"logit_bias": (0..1025).map(|i| (i.to_string(), json!(1))).collect::<serde_json::Map<_, _>>()}),
+            "logit_bias",
+        ),
     ] {
         let mut body = json!({"prompt": prompt, "max_tokens": 2});
         for (k, v) in patch.as_object().unwrap() {

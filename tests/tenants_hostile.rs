@@ -1175,6 +1175,24 @@ async fn fine_tuning_jobs_belong_to_their_tenant() {
         "{}",
         on_theirs.text
     );
+    // globex's file as acme's validation set: the same 404 as a file that does not exist.
+    let mine = upload(&app, "sk-acme", "fine-tune", "m.jsonl", &lines.join("\n")).await;
+    let mine = mine.json["id"].as_str().unwrap().to_string();
+    let made_up_file = "file-0123456789abcdef01234567";
+    let mut answers = Vec::new();
+    for v in [file.as_str(), made_up_file] {
+        let r = call(
+            &app,
+            "POST",
+            "/v1/fine_tuning/jobs",
+            Some(json!({"training_file": mine, "validation_file": v, "model": base})),
+            "sk-acme",
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.text);
+        answers.push(r.text.replace(v, "ID"));
+    }
+    assert_eq!(answers[0], answers[1]);
     let job = call(&app, "POST", "/v1/fine_tuning/jobs",
         Some(json!({"training_file": file, "model": base, "suffix": "s",
                     "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 1}}}})), "sk-globex").await;

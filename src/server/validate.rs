@@ -58,6 +58,9 @@ pub fn messages(messages: &[MessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
 }
 
 /// Builds the generation settings for a prompt of `prompt_len` tokens.
+/// Most entries of `logit_bias` and of `stop_token_ids` (each is looked at every step).
+pub const MAX_TOKEN_LIST: usize = 1024;
+
 pub fn generation(
     s: &Sampling,
     prompt_len: usize,
@@ -159,7 +162,14 @@ pub fn generation(
         }
         v => v.unwrap_or(1.0) as f32,
     };
-    let mut logit_bias = Vec::new();
+    let biases = s.logit_bias.as_ref().map_or(0, |m| m.len());
+    if biases > MAX_TOKEN_LIST {
+        return Err(ApiError::bad(
+            "logit_bias",
+            format!("`logit_bias` takes at most {MAX_TOKEN_LIST} tokens ({biases} given)"),
+        ));
+    }
+    let mut logit_bias: Vec<(u32, f32)> = Vec::new();
     for (key, &bias) in s.logit_bias.iter().flatten() {
         let field = format!("logit_bias.{key}");
         let id: u32 = key.parse().map_err(|_| {
@@ -180,9 +190,23 @@ pub fn generation(
                 format!("`{field}`: a bias must be between -100 and 100"),
             ));
         }
+        if logit_bias.iter().any(|&(t, _)| t == id) {
+            return Err(ApiError::bad(
+                &field,
+                format!("`{field}`: token {id} is given twice"),
+            ));
+        }
         logit_bias.push((id, bias as f32));
     }
-    let stop_token_ids = s.stop_token_ids.clone().unwrap_or_default();
+    let mut stop_token_ids = s.stop_token_ids.clone().unwrap_or_default();
+    if stop_token_ids.len() > MAX_TOKEN_LIST {
+        return Err(ApiError::bad(
+            "stop_token_ids",
+            format!("`stop_token_ids` takes at most {MAX_TOKEN_LIST} tokens"),
+        ));
+    }
+    stop_token_ids.sort_unstable();
+    stop_token_ids.dedup();
     if let Some(bad) = stop_token_ids.iter().find(|&&t| t as usize >= limits.vocab) {
         return Err(ApiError::bad(
             "stop_token_ids",
