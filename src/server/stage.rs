@@ -75,7 +75,7 @@ pub fn prepare(
     let constraint = match (constraint(&p.sampling)?, &adapter) {
         (Some(c), _) => Some(c),
         (None, _) if p.sampling.response_format.is_some() => None,
-        (None, Some(entry)) => adapter_default(entry)?,
+        (None, Some(entry)) => adapter_default(st, entry)?,
         (None, None) => None,
     };
     if let Some((field, c)) = constraint {
@@ -197,7 +197,29 @@ fn json_schema(schema: &Value, field: &str) -> Result<Constraint, ApiError> {
 }
 
 /// An adapter's default `response_format`, from `loraplex.json` in its directory.
-fn adapter_default(entry: &AdapterEntry) -> Result<Option<(String, Constraint)>, ApiError> {
+/// Read once per adapter version (cached in `AppState::sidecars`; a bad file is not cached).
+fn adapter_default(
+    st: &AppState,
+    entry: &AdapterEntry,
+) -> Result<Option<(String, Constraint)>, ApiError> {
+    let cached = st
+        .sidecars
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&entry.key())
+        .cloned();
+    if let Some(c) = cached {
+        return Ok(c);
+    }
+    let read = read_sidecar(entry)?;
+    st.sidecars
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .put(entry.key(), read.clone());
+    Ok(read)
+}
+
+fn read_sidecar(entry: &AdapterEntry) -> Result<Option<(String, Constraint)>, ApiError> {
     let path = entry.dir.join(ADAPTER_SIDECAR);
     let Ok(text) = std::fs::read_to_string(&path) else {
         return Ok(None);

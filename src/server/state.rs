@@ -12,7 +12,7 @@ use super::error::ApiError;
 use super::policy::{Policy, PolicyConfig};
 use super::validate::Limits;
 use crate::adapters::registry::AdapterEntry;
-use crate::adapters::{bind, AdapterCache, BindOptions, Lease, Registry};
+use crate::adapters::{bind, AdapterCache, AdapterKey, BindOptions, Lease, Registry};
 use crate::chat::ChatTemplate;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
@@ -70,6 +70,9 @@ pub struct AppState {
     /// Structured outputs' compiler over the model's tokenizer (`None`: the tokenizer's
     /// vocabulary cannot be read for it; such requests get a 400).
     pub guidance: Option<crate::guided::Guidance>,
+    /// Adapters' default constraints (`loraplex.json`), read once per adapter version.
+    pub sidecars:
+        std::sync::Mutex<lru::LruCache<AdapterKey, Option<(String, crate::guided::Constraint)>>>,
     evictions_seen: AtomicU64,
 }
 
@@ -107,6 +110,9 @@ impl AppState {
             .ok();
         Self {
             guidance,
+            sidecars: std::sync::Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(1024).expect("non-zero"),
+            )),
             files: super::file_store::FileStore::new(&config.state_dir),
             jobs: super::jobs::JobStore::new(&config.state_dir),
             policy: Policy::new(config.policy.clone(), registry.root()),
