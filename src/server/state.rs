@@ -49,6 +49,9 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// An adapter's default constraint and the field it came from, if it declares one.
+pub type Sidecar = Option<(String, crate::guided::Constraint)>;
+
 pub struct AppState {
     pub engine: Engine,
     pub registry: Registry,
@@ -71,8 +74,7 @@ pub struct AppState {
     /// vocabulary cannot be read for it; such requests get a 400).
     pub guidance: Option<crate::guided::Guidance>,
     /// Adapters' default constraints (`loraplex.json`), read once per adapter version.
-    pub sidecars:
-        std::sync::Mutex<lru::LruCache<AdapterKey, Option<(String, crate::guided::Constraint)>>>,
+    pub sidecars: std::sync::Mutex<lru::LruCache<AdapterKey, Sidecar>>,
     evictions_seen: AtomicU64,
 }
 
