@@ -9,11 +9,10 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use clap::Parser;
+use common::http::send;
 use common::*;
-use http_body_util::BodyExt;
 use loraplex::server::{router, AppState};
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
 async fn state(state_dir: &std::path::Path) -> Arc<AppState> {
     let tiny = tiny_dir();
@@ -26,18 +25,6 @@ async fn state(state_dir: &std::path::Path) -> Arc<AppState> {
         state_dir.to_str().unwrap(),
     ])
     .await
-}
-
-async fn send(app: &axum::Router, req: Request<Body>) -> (StatusCode, Value, String) {
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let text = String::from_utf8_lossy(&bytes).to_string();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::Null),
-        text,
-    )
 }
 
 async fn call(

@@ -35,22 +35,7 @@ async fn call(
     body: Option<Value>,
     key: Option<&str>,
 ) -> (StatusCode, Value, String) {
-    let mut req = Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("content-type", "application/json");
-    if let Some(k) = key {
-        req = req.header("authorization", format!("Bearer {k}"));
-    }
-    let body = body
-        .map(|b| Body::from(b.to_string()))
-        .unwrap_or_else(Body::empty);
-    let resp = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
-    let status = resp.status();
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    let text = String::from_utf8_lossy(&bytes).to_string();
-    let json = serde_json::from_str(&text).unwrap_or(Value::Null);
-    (status, json, text)
+    common::http::request(app, method, uri, body, key).await
 }
 
 fn chat_body(adapter: Option<&str>, content: &str, max_tokens: u32) -> Value {

@@ -38,7 +38,12 @@ pub async fn request(
     let body = body
         .map(|b| Body::from(b.to_string()))
         .unwrap_or_else(Body::empty);
-    let resp = app.clone().oneshot(req.body(body).unwrap()).await.unwrap();
+    send(app, req.body(body).unwrap()).await
+}
+
+/// Any request (a multipart upload, odd headers): the status, the body as JSON, the text.
+pub async fn send(app: &axum::Router, req: Request<Body>) -> (StatusCode, Value, String) {
+    let resp = app.clone().oneshot(req).await.unwrap();
     let status = resp.status();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     let text = String::from_utf8_lossy(&bytes).to_string();
