@@ -5,6 +5,7 @@
 
 pub mod adapters;
 pub mod chat;
+pub mod durable;
 pub mod cli;
 pub mod engine;
 pub mod guided;

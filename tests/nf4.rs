@@ -234,6 +234,10 @@ fn qlora_training_lowers_the_loss_and_serves_on_the_nf4_base() {
         cancel: None,
         on_step: None,
         epoch_checkpoints: None,
+        max_batch_tokens: None,
+        checkpoint_activations: false,
+        keep_checkpoint: false,
+        keep_epoch_checkpoints: None,
     };
     let report = train(&m.model, &data, None, &cfg).unwrap();
     assert!(

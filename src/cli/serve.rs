@@ -88,6 +88,27 @@ pub struct ServeArgs {
     /// priority (nice 10) than serving's threads.
     #[arg(long, default_value_t = 0)]
     pub train_threads: usize,
+    /// Tokens one training forward/backward of a fine-tuning job holds: a job's `batch_size` is
+    /// reached by gradient accumulation over micro-batches within it (the same update). Bounds a
+    /// job's memory (see README); at least 512, a job example's longest.
+    #[arg(long, default_value_t = 2048)]
+    pub train_max_batch_tokens: usize,
+    /// Activation checkpointing in fine-tuning jobs: keep each layer's input only and recompute
+    /// the layer in the backward (less memory per token, about a third more compute).
+    #[arg(long)]
+    pub train_checkpoint_activations: bool,
+    /// Messages one line of a training file may hold (uploads and jobs).
+    #[arg(long, default_value_t = 256)]
+    pub train_max_messages: usize,
+    /// Tokens one fine-tuning job may train on (`n_epochs ×` its file's tokens).
+    #[arg(long, default_value_t = 20_000_000)]
+    pub train_max_job_tokens: usize,
+    /// Examples one fine-tuning job may train on (`n_epochs ×` its file's lines).
+    #[arg(long, default_value_t = 200_000)]
+    pub train_max_job_examples: usize,
+    /// Wall-clock seconds one fine-tuning job may train; past it the job fails.
+    #[arg(long, default_value_t = 86_400)]
+    pub train_max_job_seconds: u64,
 }
 
 /// Everything the server needs, built from the arguments (the model loaded, keys read).
@@ -98,6 +119,13 @@ pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::serve
         Some(p) => Some(ApiKeys::from_file(p)?),
         None => None,
     };
+    let longest = crate::server::job_runner::MAX_SEQ_LEN;
+    if args.train_max_batch_tokens < longest {
+        anyhow::bail!(
+            "`--train-max-batch-tokens` is {}; it must be at least {longest}, the longest example a job trains on",
+            args.train_max_batch_tokens
+        );
+    }
     let loaded = Arc::new(args.model.load().await?);
     let kv_dtype = args
         .kv_cache_dtype
@@ -157,6 +185,14 @@ pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::serve
         max_concurrent_loads: args.max_concurrent_loads,
         max_training_jobs: args.max_training_jobs.max(1),
         train_threads: args.train_threads,
+        train: crate::server::job_runner::TrainLimits {
+            max_batch_tokens: args.train_max_batch_tokens,
+            checkpoint_activations: args.train_checkpoint_activations,
+            max_messages: args.train_max_messages,
+            max_job_tokens: args.train_max_job_tokens,
+            max_job_seconds: args.train_max_job_seconds,
+            max_job_examples: args.train_max_job_examples,
+        },
         state_dir: args
             .state_dir
             .clone()

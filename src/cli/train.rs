@@ -269,6 +269,10 @@ pub async fn run_train(args: TrainArgs) -> Result<()> {
         cancel: None,
         on_step: None,
         epoch_checkpoints: None,
+        max_batch_tokens: None,
+        checkpoint_activations: false,
+        keep_checkpoint: false,
+        keep_epoch_checkpoints: None,
     };
     let report = tokio::task::spawn_blocking(move || {
         crate::train::train(&loaded.model, &data, eval.as_ref(), &cfg)

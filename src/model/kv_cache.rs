@@ -6,6 +6,13 @@
 
 use candle_core::{Result, Tensor};
 
+/// One layer's history at a point (`KvCache::mark`).
+#[derive(Debug, Clone)]
+pub struct LayerMark {
+    tensors: Option<(Tensor, Tensor)>,
+    host: (usize, usize),
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
@@ -106,6 +113,26 @@ impl KvCache {
     /// Records that a forward step of `added` tokens went through every layer.
     pub(crate) fn advance(&mut self, added: usize) {
         self.len += added;
+    }
+
+    /// Where layer `layer`'s history stands now, to `rewind` to (training's recompute of a
+    /// layer must find the cache as the first pass did: empty, or a prefix-tuning adapter's rows).
+    pub fn mark(&self, layer: usize) -> LayerMark {
+        LayerMark {
+            tensors: self.layers.get(layer).cloned().flatten(),
+            host: self.host.get(layer).map_or((0, 0), |(k, v)| (k.len(), v.len())),
+        }
+    }
+
+    /// Takes layer `layer`'s history back to `mark`.
+    pub fn rewind(&mut self, layer: usize, mark: &LayerMark) {
+        if let Some(slot) = self.layers.get_mut(layer) {
+            *slot = mark.tensors.clone();
+        }
+        if let Some((k, v)) = self.host.get_mut(layer) {
+            k.truncate(mark.host.0);
+            v.truncate(mark.host.1);
+        }
     }
 
     pub fn clear(&mut self) {

@@ -25,6 +25,9 @@ pub enum LogitsRows {
     /// These rows of the flattened batch (training: only the positions with a target; a new
     /// prompt-tuning sequence's rows start with its soft prompt's).
     Select(Vec<u32>),
+    /// These rows' final hidden states (after the last norm), without the `lm_head`: training
+    /// computes their logits in chunks inside its loss (`ops::fused::head_cross_entropy`).
+    SelectHidden(Vec<u32>),
 }
 
 /// One sequence's new tokens, its cache, and its adapter (if any). Positions continue from
@@ -48,6 +51,14 @@ impl<'a> SeqInput<'a> {
         self.adapter = adapter;
         self
     }
+}
+
+/// What `Llama::begin` worked out about a batch, for its `layer` and `finish` stages.
+pub struct Staged<'a> {
+    /// Each sequence's `(first row, rows, first position)`.
+    spans: Vec<(usize, usize, usize)>,
+    groups: Vec<AdapterGroup<'a>>,
+    soft: Vec<Option<&'a Tensor>>,
 }
 
 /// A batch of sequences for one forward step.
@@ -310,6 +321,21 @@ impl Llama {
         input: &mut BatchInput<'_>,
         mut pool: Option<&mut KvPool>,
     ) -> Result<Tensor> {
+        let (mut x, staged) = self.begin(input, pool.as_deref_mut())?;
+        for li in 0..self.layers.len() {
+            x = self.layer(li, x, &staged, input, pool.as_deref_mut())?;
+        }
+        self.finish(x, &staged, input)
+    }
+
+    /// The first stage of a forward: checks the batch, places prefixes, embeds the tokens
+    /// (with soft prompts). Then `layer` for each layer in order, then `finish`; training's
+    /// activation checkpointing runs the stages itself to recompute a layer in the backward.
+    pub fn begin<'a>(
+        &self,
+        input: &mut BatchInput<'a>,
+        mut pool: Option<&mut KvPool>,
+    ) -> Result<(Tensor, Staged<'a>)> {
         let c = &self.config;
         let mut spans = Vec::with_capacity(input.seqs.len());
         let mut ids = Vec::new();
@@ -375,61 +401,101 @@ impl Llama {
         if soft.iter().any(Option::is_some) {
             x = self.with_soft_prompts(&x, &spans, &soft)?;
         }
-        for (li, block) in self.layers.iter().enumerate() {
-            let sites = Sites {
-                groups: &groups,
-                layer: li,
-            };
-            let h = time(Part::Norm, || {
-                rms_norm(&x, &block.input_layernorm, c.rms_norm_eps)
-            })?;
-            let attn = self.attention(
-                &sites,
-                &block.self_attn,
-                &h,
-                &spans,
-                &mut input.seqs,
-                pool.as_deref_mut(),
-            )?;
-            let o = time(Part::OProj, || {
-                sites.project(&block.self_attn.o_proj, Proj::O, &attn)
-            })?;
-            let before = x.clone();
-            x = time(Part::Activation, || x + &o)?;
-            x = add_bottlenecks(&groups, li, 0, x, &before, &o)?;
-            let h = time(Part::Norm, || {
-                rms_norm(&x, &block.post_attention_layernorm, c.rms_norm_eps)
-            })?;
-            let mlp = &block.mlp;
-            let (gate, up) = time(Part::GateUpProj, || {
-                Ok::<_, candle_core::Error>((
-                    sites.project(&mlp.gate_proj, Proj::Gate, &h)?,
-                    sites.project(&mlp.up_proj, Proj::Up, &h)?,
-                ))
-            })?;
-            let act = time(Part::Activation, || {
-                if (gate.track_op() || up.track_op()) && crate::ops::fused::applies(&gate) {
-                    crate::ops::fused::silu_mul(&gate, &up)
-                } else {
-                    gate.silu()? * up
-                }
-            })?;
-            let down = time(Part::DownProj, || {
-                sites.project(&mlp.down_proj, Proj::Down, &act)
-            })?;
-            let before = x.clone();
-            x = time(Part::Activation, || x + &down)?;
-            x = add_bottlenecks(&groups, li, 1, x, &before, &down)?;
-        }
-        for (s, &(_, len, _)) in input.seqs.iter_mut().zip(&spans) {
+        Ok((
+            x,
+            Staged {
+                spans,
+                groups,
+                soft,
+            },
+        ))
+    }
+
+    /// Decoder layer `li` over the batch's hidden states `x` (appends its keys and values to
+    /// each sequence's cache).
+    pub fn layer<'a>(
+        &self,
+        li: usize,
+        mut x: Tensor,
+        staged: &Staged<'a>,
+        input: &mut BatchInput<'a>,
+        mut pool: Option<&mut KvPool>,
+    ) -> Result<Tensor> {
+        let c = &self.config;
+        let (groups, spans) = (&staged.groups, &staged.spans);
+        let block = &self.layers[li];
+        let sites = Sites {
+            groups: &groups,
+            layer: li,
+        };
+        let h = time(Part::Norm, || {
+            rms_norm(&x, &block.input_layernorm, c.rms_norm_eps)
+        })?;
+        let attn = self.attention(
+            &sites,
+            &block.self_attn,
+            &h,
+            &spans,
+            &mut input.seqs,
+            pool.as_deref_mut(),
+        )?;
+        let o = time(Part::OProj, || {
+            sites.project(&block.self_attn.o_proj, Proj::O, &attn)
+        })?;
+        let before = x.clone();
+        x = time(Part::Activation, || x + &o)?;
+        x = add_bottlenecks(&groups, li, 0, x, &before, &o)?;
+        let h = time(Part::Norm, || {
+            rms_norm(&x, &block.post_attention_layernorm, c.rms_norm_eps)
+        })?;
+        let mlp = &block.mlp;
+        let (gate, up) = time(Part::GateUpProj, || {
+            Ok::<_, candle_core::Error>((
+                sites.project(&mlp.gate_proj, Proj::Gate, &h)?,
+                sites.project(&mlp.up_proj, Proj::Up, &h)?,
+            ))
+        })?;
+        let act = time(Part::Activation, || {
+            if (gate.track_op() || up.track_op()) && crate::ops::fused::applies(&gate) {
+                crate::ops::fused::silu_mul(&gate, &up)
+            } else {
+                gate.silu()? * up
+            }
+        })?;
+        let down = time(Part::DownProj, || {
+            sites.project(&mlp.down_proj, Proj::Down, &act)
+        })?;
+        let before = x.clone();
+        x = time(Part::Activation, || x + &down)?;
+        x = add_bottlenecks(&groups, li, 1, x, &before, &down)?;
+        Ok(x)
+    }
+
+    /// The last stage: advances the caches past the step and computes the rows' logits (or
+    /// hidden states) that `input.logits` asks for.
+    pub fn finish(
+        &self,
+        x: Tensor,
+        staged: &Staged<'_>,
+        input: &mut BatchInput<'_>,
+    ) -> Result<Tensor> {
+        for (s, &(_, len, _)) in input.seqs.iter_mut().zip(staged.spans.iter()) {
             s.cache.advance(len);
         }
-        let x = match &input.logits {
+        self.head(x, staged, &input.logits)
+    }
+
+    /// The rows `logits` asks for out of the last layer's output: final norm, then `lm_head`
+    /// (not for `SelectHidden`). Leaves the caches as they are.
+    pub fn head(&self, x: Tensor, staged: &Staged<'_>, logits: &LogitsRows) -> Result<Tensor> {
+        let c = &self.config;
+        let (spans, soft) = (&staged.spans, &staged.soft);
+        let x = match logits {
             LogitsRows::All if soft.iter().any(Option::is_some) => {
                 // The soft prompt's rows are not positions of the text: no logits for them.
                 let keep: Vec<u32> = spans
                     .iter()
-                    .zip(&soft)
+                    .zip(soft.iter())
                     .flat_map(|(&(start, len, _), p)| {
                         let v = p.map_or(0, |t| t.dim(0).unwrap_or(0));
                         (start + v) as u32..(start + len) as u32
@@ -438,7 +504,7 @@ impl Llama {
                 x.index_select(&Tensor::new(keep.as_slice(), &self.device)?, 0)?
             }
             LogitsRows::All => x,
-            LogitsRows::Select(rows) => {
+            LogitsRows::Select(rows) | LogitsRows::SelectHidden(rows) => {
                 x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?
             }
             LogitsRows::Last => {
@@ -450,6 +516,9 @@ impl Llama {
             }
         };
         let x = time(Part::Norm, || rms_norm(&x, &self.norm, c.rms_norm_eps))?;
+        if matches!(logits, LogitsRows::SelectHidden(_)) {
+            return Ok(x);
+        }
         time(Part::LmHead, || {
             self.lm_head.forward(&x)?.to_dtype(DType::F32)
         })

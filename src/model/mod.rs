@@ -23,10 +23,10 @@ pub use adapter_site::{
 pub use config::LlamaConfig;
 pub use embedding::Embedding;
 pub use error::ModelError;
-pub use kv_cache::KvCache;
+pub use kv_cache::{KvCache, LayerMark};
 pub use kv_pool::{KvDtype, KvPool, PoolShape};
 pub use linear::{BaseWeight, Linear};
-pub use llama::{BatchInput, Llama, LogitsRows};
+pub use llama::{BatchInput, Llama, LogitsRows, Staged};
 pub use loaded::{
     load_model, projection_footprint, quantize_nf4, to_bf16_weights, LoadedModel, ModelOptions,
 };

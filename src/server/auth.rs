@@ -9,6 +9,7 @@
 //! allow_hub = false            # may add adapters by hub id
 //! max_file_bytes = 268435456   # uploaded training files together (`/v1/files`)
 //! max_jobs = 2                 # fine-tuning jobs queued or running at once
+//! max_job_bytes = 1073741824   # fine-tuning jobs' outputs on disk together
 //! ```
 //!
 //! A top-level `max_queue_per_tenant` bounds each tenant's waiting requests. Keys are kept only
@@ -40,6 +41,9 @@ pub struct TenantLimits {
     pub max_file_bytes: u64,
     /// `max_jobs`: the tenant's fine-tuning jobs queued or running at once.
     pub max_jobs: usize,
+    /// `max_job_bytes`: what the tenant's fine-tuning jobs keep on disk (adapters, served
+    /// checkpoints; a job at work counts its estimate).
+    pub max_job_bytes: u64,
 }
 
 impl Default for TenantLimits {
@@ -50,6 +54,7 @@ impl Default for TenantLimits {
             allow_hub: false,
             max_file_bytes: 256 << 20,
             max_jobs: 2,
+            max_job_bytes: 1 << 30,
         }
     }
 }
@@ -85,6 +90,7 @@ struct KeyEntry {
     allow_hub: bool,
     max_file_bytes: Option<u64>,
     max_jobs: Option<usize>,
+    max_job_bytes: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -182,6 +188,7 @@ impl ApiKeys {
                         allow_hub: entry.allow_hub,
                         max_file_bytes: entry.max_file_bytes.unwrap_or(defaults.max_file_bytes),
                         max_jobs: entry.max_jobs.unwrap_or(defaults.max_jobs),
+                        max_job_bytes: entry.max_job_bytes.unwrap_or(defaults.max_job_bytes),
                     },
                 },
             ));
@@ -209,6 +216,14 @@ impl ApiKeys {
             }
         }
         found.cloned()
+    }
+
+    /// The limits of `tenant`'s (first non-admin) key: what bounds the tenant's background work.
+    pub fn limits_of(&self, tenant: &str) -> Option<TenantLimits> {
+        self.keys
+            .iter()
+            .find(|(_, c)| !c.admin && c.tenant.as_deref() == Some(tenant))
+            .map(|(_, c)| c.limits.clone())
     }
 
     /// Distinct tenants among the keys.

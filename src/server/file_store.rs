@@ -1,6 +1,8 @@
 //! Uploaded files (`POST /v1/files`, `purpose = fine-tune`): each kept as `ID.jsonl` with its
 //! record `ID.json` under `STATE/files/`, owned by the tenant that uploaded it. Contents are
-//! checked line by line before anything is kept (a bad line is refused by number). Ids are
+//! checked line by line before anything is kept (a bad line is refused by number), written
+//! durably, and the record written last; the records are read once into an index in memory,
+//! so listing and quotas touch no disk. Ids are
 //! random (`file-` + 24 hex digits) and are the only names used on disk, so a client's id can
 //! never reach outside the folder.
 
@@ -38,7 +40,16 @@ impl FileRecord {
 
 pub struct FileStore {
     dir: PathBuf,
-    lock: std::sync::Mutex<()>,
+    index: std::sync::Mutex<Index>,
+}
+
+/// The records, read once from disk; bytes being written count against their owner already.
+#[derive(Default)]
+struct Index {
+    loaded: bool,
+    files: std::collections::HashMap<String, FileRecord>,
+    /// Bytes of uploads accepted but not yet on disk, by owner.
+    reserved: std::collections::HashMap<Option<String>, u64>,
 }
 
 /// Whether `id` has the shape of our ids (anything else is simply not found).
@@ -52,22 +63,104 @@ fn internal(path: &Path, e: impl std::fmt::Display) -> ApiError {
     ApiError::Internal("the file store failed; see the server log".into())
 }
 
+/// Checks `content` as JSONL of training records (a bad line refused by number); the records.
+pub fn check_contents(content: &[u8], max_messages: Option<usize>) -> Result<usize, ApiError> {
+    let text = std::str::from_utf8(content)
+        .map_err(|e| ApiError::bad("file", format!("is not UTF-8 text: {e}")))?;
+    let mut lines = 0;
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .map_err(|e| ApiError::bad("file", format!("line {}: not valid JSON: {e}", n + 1)))?;
+        crate::train::dataset::check_record(&v, max_messages)
+            .map_err(|e| ApiError::bad("file", format!("line {}: {e}", n + 1)))?;
+        lines += 1;
+    }
+    if lines == 0 {
+        return Err(ApiError::bad("file", "holds no training records"));
+    }
+    Ok(lines)
+}
+
 impl FileStore {
     /// The store under `state_dir` (made on first upload).
     pub fn new(state_dir: &Path) -> Self {
         Self {
             dir: state_dir.join("files"),
-            lock: std::sync::Mutex::new(()),
+            index: std::sync::Mutex::new(Index::default()),
         }
     }
 
-    /// Checks `content` (JSONL of training records) and keeps it for `owner`.
+    /// The index, read from disk on first use. A crash can leave contents without a record
+    /// (never acknowledged) and temporary files: both are removed.
+    fn index(&self) -> std::sync::MutexGuard<'_, Index> {
+        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        if !index.loaded {
+            index.loaded = true;
+            let mut contents = Vec::new();
+            for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+                let Ok(name) = entry.file_name().into_string() else {
+                    continue;
+                };
+                if name.ends_with(".tmp") {
+                    let _ = std::fs::remove_file(entry.path());
+                } else if let Some(id) = name.strip_suffix(".jsonl") {
+                    contents.push(id.to_string());
+                } else if let Some(id) = name.strip_suffix(".json") {
+                    let record = std::fs::read_to_string(entry.path())
+                        .ok()
+                        .and_then(|t| serde_json::from_str::<FileRecord>(&t).ok());
+                    match record {
+                        Some(r) if valid_id(id) && r.id == id => {
+                            index.files.insert(id.to_string(), r);
+                        }
+                        _ => tracing::warn!("{}: not a file record; ignored", entry.path().display()),
+                    }
+                }
+            }
+            for id in contents {
+                if !index.files.contains_key(&id) {
+                    tracing::info!("file {id}: contents without a record (an upload cut short); removed");
+                    let _ = std::fs::remove_file(self.dir.join(format!("{id}.jsonl")));
+                }
+            }
+        }
+        index
+    }
+
+    /// Bytes `owner`'s files hold, uploads in progress included.
+    pub fn used_bytes(&self, owner: Option<&str>) -> u64 {
+        let index = self.index();
+        Self::used(&index, owner)
+    }
+
+    fn used(index: &Index, owner: Option<&str>) -> u64 {
+        let kept: u64 = index
+            .files
+            .values()
+            .filter(|f| f.owner.as_deref() == owner)
+            .map(|f| f.bytes as u64)
+            .sum();
+        kept + index
+            .reserved
+            .get(&owner.map(str::to_string))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Checks `content` (JSONL of training records) and keeps it for `owner`, within `limit`
+    /// bytes of files for that owner (checked and reserved under one lock: concurrent uploads
+    /// cannot overshoot). Contents are written and fsynced first, the record last.
     pub fn create(
         &self,
         owner: Option<&str>,
         filename: &str,
         purpose: &str,
         content: &[u8],
+        limit: Option<u64>,
+        max_messages: Option<usize>,
     ) -> Result<FileRecord, ApiError> {
         if purpose != "fine-tune" {
             return Err(ApiError::bad(
@@ -75,22 +168,22 @@ impl FileStore {
                 format!("is `{purpose}`; only `fine-tune` files are kept"),
             ));
         }
-        let text = std::str::from_utf8(content)
-            .map_err(|e| ApiError::bad("file", format!("is not UTF-8 text: {e}")))?;
-        let mut lines = 0;
-        for (n, line) in text.lines().enumerate() {
-            if line.trim().is_empty() {
-                continue;
+        let lines = check_contents(content, max_messages)?;
+        let key = owner.map(str::to_string);
+        {
+            let mut index = self.index();
+            if let Some(limit) = limit {
+                if Self::used(&index, owner) + content.len() as u64 > limit {
+                    return Err(ApiError::forbidden(
+                        "file",
+                        format!(
+                            "quota: {} more bytes of files would exceed `max_file_bytes` ({limit}); delete some first",
+                            content.len()
+                        ),
+                    ));
+                }
             }
-            let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
-                ApiError::bad("file", format!("line {}: not valid JSON: {e}", n + 1))
-            })?;
-            crate::train::dataset::check_record(&v)
-                .map_err(|e| ApiError::bad("file", format!("line {}: {e}", n + 1)))?;
-            lines += 1;
-        }
-        if lines == 0 {
-            return Err(ApiError::bad("file", "holds no training records"));
+            *index.reserved.entry(key.clone()).or_default() += content.len() as u64;
         }
         let record = FileRecord {
             id: format!("file-{:024x}", rand::random::<u128>() >> 32),
@@ -101,16 +194,29 @@ impl FileStore {
             purpose: purpose.into(),
             status: "processed".into(),
             lines,
-            owner: owner.map(str::to_string),
+            owner: key.clone(),
         };
-        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        std::fs::create_dir_all(&self.dir).map_err(|e| internal(&self.dir, e))?;
-        let data = self.dir.join(format!("{}.jsonl", record.id));
-        std::fs::write(&data, content).map_err(|e| internal(&data, e))?;
-        let meta = self.dir.join(format!("{}.json", record.id));
-        let json = serde_json::to_string(&record).expect("a record serializes");
-        std::fs::write(&meta, json).map_err(|e| internal(&meta, e))?;
-        Ok(record)
+        let written = (|| {
+            let data = self.dir.join(format!("{}.jsonl", record.id));
+            crate::durable::write(&data, content).map_err(|e| internal(&data, e))?;
+            let meta = self.dir.join(format!("{}.json", record.id));
+            let json = serde_json::to_string(&record).expect("a record serializes");
+            crate::durable::write(&meta, json.as_bytes()).map_err(|e| internal(&meta, e))
+        })();
+        let mut index = self.index();
+        if let Some(r) = index.reserved.get_mut(&key) {
+            *r = r.saturating_sub(content.len() as u64);
+        }
+        match written {
+            Ok(()) => {
+                index.files.insert(record.id.clone(), record.clone());
+                Ok(record)
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(self.dir.join(format!("{}.jsonl", record.id)));
+                Err(e)
+            }
+        }
     }
 
     /// The record of `id` if `owner` may see it (the caller's own; `None`: any). Another
@@ -120,11 +226,7 @@ impl FileStore {
         if !valid_id(id) {
             return Err(missing());
         }
-        let meta = self.dir.join(format!("{id}.json"));
-        let Ok(text) = std::fs::read_to_string(&meta) else {
-            return Err(missing());
-        };
-        let record: FileRecord = serde_json::from_str(&text).map_err(|e| internal(&meta, e))?;
+        let record = self.index().files.get(id).cloned().ok_or_else(missing)?;
         match owner {
             Some(o) if record.owner.as_deref() != o => Err(missing()),
             _ => Ok(record),
@@ -138,28 +240,27 @@ impl FileStore {
 
     /// The files `owner` may see, newest first.
     pub fn list(&self, owner: Option<Option<&str>>) -> Vec<FileRecord> {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
-        let mut out: Vec<FileRecord> = entries
-            .flatten()
-            .filter_map(|e| {
-                let name = e.file_name().into_string().ok()?;
-                let id = name.strip_suffix(".json")?;
-                self.get(id, owner).ok()
-            })
+        let mut out: Vec<FileRecord> = self
+            .index()
+            .files
+            .values()
+            .filter(|f| owner.is_none_or(|o| f.owner.as_deref() == o))
+            .cloned()
             .collect();
         out.sort_by(|a, b| b.created_at.cmp(&a.created_at).then(b.id.cmp(&a.id)));
         out
     }
 
+    /// Removes a file: its record first (it is gone from then on), then its contents.
     pub fn delete(&self, id: &str, owner: Option<Option<&str>>) -> Result<(), ApiError> {
         let record = self.get(id, owner)?;
-        let _guard = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        for ext in ["json", "jsonl"] {
-            let path = self.dir.join(format!("{}.{ext}", record.id));
-            std::fs::remove_file(&path).map_err(|e| internal(&path, e))?;
-        }
-        Ok(())
+        let mut index = self.index();
+        let meta = self.dir.join(format!("{}.json", record.id));
+        std::fs::remove_file(&meta).map_err(|e| internal(&meta, e))?;
+        index.files.remove(&record.id);
+        drop(index);
+        let _ = crate::durable::sync_dir(&self.dir);
+        let data = self.dir.join(format!("{}.jsonl", record.id));
+        std::fs::remove_file(&data).map_err(|e| internal(&data, e))
     }
 }

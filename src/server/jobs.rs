@@ -1,22 +1,26 @@
 //! Fine-tuning jobs (`/v1/fine_tuning/jobs`): each a folder `STATE/jobs/ID/` holding `job.json`
 //! (the record), `events.jsonl` (one line per training step), `adapter/` (the trainer's output,
-//! with its resume checkpoint) and `checkpoints/` (the adapter at each epoch's end, with the
-//! training and validation loss). Worker threads run the queued jobs on the model the server
-//! serves (the same weights in memory, f32, NF4 or GGUF-quantized) and register each trained
-//! adapter in its tenant's namespace as `ft:BASE:SUFFIX:XXXXXXXX` (and the last three epochs'
-//! checkpoints as `…:ckpt-step-N`). A job that was queued or running when the server stopped is
-//! queued again at start-up and resumes from its last checkpoint.
+//! with its resume checkpoint) and `checkpoints/` (the adapter at the last three epochs' ends,
+//! with the training and validation loss). The records are read once at start into an index
+//! kept in memory, so listing and quota checks touch no disk; every change is written durably
+//! (temporary file, fsync, rename) before the index shows it.
+//!
+//! A job holds one of its tenant's `max_jobs` slots from its creation until its work has
+//! stopped (validation or training): a cancel frees the slot only once that work ends. Jobs are
+//! validated on one thread at the training priority and trained by `--max-training-jobs`
+//! workers; both queues are fair across tenants (`job_queue`). The runner is `job_runner`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
-use super::state::AppState;
+use super::job_queue::WaitQueue;
+use super::state::{unix_now as now, AppState};
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Hyperparameters {
@@ -56,6 +60,12 @@ pub struct JobRecord {
     pub trained_tokens: Option<usize>,
     #[serde(default)]
     pub owner: Option<String>,
+    /// `DELETE /v1/models/{fine_tuned_model}` removed the model and its files.
+    #[serde(default)]
+    pub model_deleted: bool,
+    /// Bytes the job's outputs hold on disk (adapter and served checkpoints), once finished.
+    #[serde(default)]
+    pub output_bytes: u64,
 }
 
 impl JobRecord {
@@ -72,37 +82,31 @@ impl JobRecord {
         })
     }
 
-    fn finished(&self) -> bool {
+    pub fn finished(&self) -> bool {
         matches!(self.status.as_str(), "succeeded" | "failed" | "cancelled")
     }
 }
 
+/// What the store knows in memory.
+#[derive(Default)]
+pub(super) struct Index {
+    loaded: bool,
+    pub(super) jobs: HashMap<String, JobRecord>,
+    /// Jobs whose work has not stopped, and their owners: they hold the owners' slots.
+    busy: HashMap<String, Option<String>>,
+    /// Each unfinished job's stop flag (set by a cancel or the time limit).
+    pub(super) cancels: HashMap<String, Arc<AtomicBool>>,
+}
+
 pub struct JobStore {
     dir: PathBuf,
-    lock: Mutex<()>,
-    queue: Arc<Queue>,
-    cancels: Mutex<HashMap<String, Arc<AtomicBool>>>,
-    started: std::sync::OnceLock<()>,
-}
-
-/// The job ids waiting, shared with the worker (which holds no strong reference to the state
-/// while it waits).
-#[derive(Default)]
-struct Queue {
-    ids: Mutex<VecDeque<String>>,
-    wake: Condvar,
-}
-
-impl Queue {
-    fn next(&self) -> String {
-        let mut q = self.ids.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(id) = q.pop_front() {
-                return id;
-            }
-            q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner());
-        }
-    }
+    index: Mutex<Index>,
+    /// Jobs waiting for a training worker.
+    pub(super) queue: Arc<WaitQueue>,
+    /// Jobs waiting for their files to be validated.
+    pub(super) validations: Arc<WaitQueue>,
+    started: OnceLock<()>,
+    validator: OnceLock<()>,
 }
 
 fn valid_id(id: &str) -> bool {
@@ -110,64 +114,114 @@ fn valid_id(id: &str) -> bool {
         .is_some_and(|h| h.len() == 24 && h.bytes().all(|b| b.is_ascii_hexdigit()))
 }
 
-use super::state::unix_now as now;
-
-fn internal(path: &Path, e: impl std::fmt::Display) -> ApiError {
+pub(super) fn internal(path: &Path, e: impl std::fmt::Display) -> ApiError {
     tracing::error!("job store: {}: {e}", path.display());
     ApiError::Internal("the job store failed; see the server log".into())
+}
+
+/// A tenant's count of `owner`'s busy jobs.
+fn busy_for(index: &Index, owner: Option<&str>) -> usize {
+    index
+        .busy
+        .values()
+        .filter(|o| o.as_deref() == owner)
+        .count()
 }
 
 impl JobStore {
     pub fn new(state_dir: &Path) -> Self {
         Self {
             dir: state_dir.join("jobs"),
-            lock: Mutex::new(()),
+            index: Mutex::new(Index::default()),
             queue: Arc::default(),
-            cancels: Mutex::new(HashMap::new()),
-            started: std::sync::OnceLock::new(),
+            validations: Arc::default(),
+            started: OnceLock::new(),
+            validator: OnceLock::new(),
         }
     }
 
-    fn job_dir(&self, id: &str) -> PathBuf {
+    pub(super) fn job_dir(&self, id: &str) -> PathBuf {
         self.dir.join(id)
     }
 
-    fn save(&self, job: &JobRecord) -> Result<(), ApiError> {
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        self.write(job)
+    /// The index, read from disk on first use (leftover temporary records removed).
+    pub(super) fn index(&self) -> MutexGuard<'_, Index> {
+        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        if !index.loaded {
+            index.loaded = true;
+            for entry in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+                let Some(id) = entry.file_name().to_str().map(str::to_string) else {
+                    continue;
+                };
+                if !valid_id(&id) {
+                    continue;
+                }
+                let dir = entry.path();
+                let _ = std::fs::remove_file(dir.join("job.json.tmp"));
+                match std::fs::read_to_string(dir.join("job.json"))
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| serde_json::from_str::<JobRecord>(&t).map_err(|e| e.to_string()))
+                {
+                    Ok(job) => {
+                        index.jobs.insert(id, job);
+                    }
+                    // Created but never recorded (a crash before the record): not a job.
+                    Err(e) => {
+                        tracing::warn!("job folder {id} has no readable record ({e}); removed");
+                        let _ = std::fs::remove_dir_all(&dir);
+                    }
+                }
+            }
+        }
+        index
+    }
+
+    /// Writes `job`'s record durably, then shows it in `index`.
+    pub(super) fn write(&self, index: &mut Index, job: &JobRecord) -> Result<(), ApiError> {
+        let path = self.job_dir(&job.id).join("job.json");
+        let text = serde_json::to_string(job).expect("a record serializes");
+        crate::durable::write(&path, text.as_bytes()).map_err(|e| internal(&path, e))?;
+        index.jobs.insert(job.id.clone(), job.clone());
+        Ok(())
     }
 
     /// Changes the record of job `id` with `change` (which says whether it changed anything),
     /// with no other change in between; the record after, if `change` changed it.
-    fn update(
+    pub(super) fn update(
         &self,
         id: &str,
-        change: impl FnOnce(&mut JobRecord) -> bool,
+        change: impl FnOnce(&mut JobRecord, &mut Index) -> bool,
     ) -> Result<Option<JobRecord>, ApiError> {
-        let _g = self.lock.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(mut job) = self.load(id) else {
+        let mut index = self.index();
+        let Some(mut job) = index.jobs.get(id).cloned() else {
             return Ok(None);
         };
-        if !change(&mut job) {
+        if !change(&mut job, &mut index) {
             return Ok(None);
         }
-        self.write(&job)?;
+        self.write(&mut index, &job)?;
         Ok(Some(job))
     }
 
-    fn write(&self, job: &JobRecord) -> Result<(), ApiError> {
-        let dir = self.job_dir(&job.id);
-        std::fs::create_dir_all(&dir).map_err(|e| internal(&dir, e))?;
-        let path = dir.join("job.json");
-        let tmp = dir.join("job.json.tmp");
-        std::fs::write(&tmp, serde_json::to_string(job).expect("json"))
-            .map_err(|e| internal(&tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| internal(&path, e))
+    /// The job's record as the store has it.
+    pub(super) fn load(&self, id: &str) -> Option<JobRecord> {
+        self.index().jobs.get(id).cloned()
     }
 
-    fn load(&self, id: &str) -> Option<JobRecord> {
-        let text = std::fs::read_to_string(self.job_dir(id).join("job.json")).ok()?;
-        serde_json::from_str(&text).ok()
+    /// The job's stop flag.
+    pub(super) fn stop_flag(&self, id: &str) -> Arc<AtomicBool> {
+        self.index()
+            .cancels
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// The job's work has stopped: its slot is free.
+    pub(super) fn release(&self, id: &str) {
+        let mut index = self.index();
+        index.busy.remove(id);
+        index.cancels.remove(id);
     }
 
     /// The job if `scope` may see it (as for files: another tenant's is the 404 of a missing one).
@@ -185,12 +239,12 @@ impl JobStore {
 
     /// The jobs `scope` may see, newest first.
     pub fn list(&self, scope: Option<Option<&str>>) -> Vec<JobRecord> {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return Vec::new();
-        };
-        let mut jobs: Vec<JobRecord> = entries
-            .flatten()
-            .filter_map(|e| self.get(e.file_name().to_str()?, scope).ok())
+        let mut jobs: Vec<JobRecord> = self
+            .index()
+            .jobs
+            .values()
+            .filter(|j| scope.is_none_or(|o| j.owner.as_deref() == o))
+            .cloned()
             .collect();
         jobs.sort_by(|a, b| {
             (b.created_at, b.created_subsec, &b.id).cmp(&(a.created_at, a.created_subsec, &a.id))
@@ -198,7 +252,24 @@ impl JobStore {
         jobs
     }
 
-    /// The job's events (one per training step), oldest first.
+    /// Jobs of `owner` whose work has not stopped (what `max_jobs` counts).
+    pub fn busy(&self, owner: Option<&str>) -> usize {
+        busy_for(&self.index(), owner)
+    }
+
+    /// Bytes `owner`'s job outputs hold, with `reserve` bytes for each job still at work.
+    pub fn output_bytes(&self, owner: Option<&str>, reserve: u64) -> u64 {
+        let index = self.index();
+        let done: u64 = index
+            .jobs
+            .values()
+            .filter(|j| j.owner.as_deref() == owner && !j.model_deleted)
+            .map(|j| j.output_bytes)
+            .sum();
+        done + busy_for(&index, owner) as u64 * reserve
+    }
+
+    /// The job's events (one per training step), oldest first (blocking: reads its log).
     pub fn events(&self, job: &JobRecord) -> Vec<Value> {
         std::fs::read_to_string(self.job_dir(&job.id).join("events.jsonl"))
             .unwrap_or_default()
@@ -209,7 +280,7 @@ impl JobStore {
 
     /// The job's epoch checkpoints, oldest first, as OpenAI's `fine_tuning.job.checkpoint`
     /// objects (a step written twice by a resumed run counts once: its last line). Those with a
-    /// `fine_tuned_model_checkpoint` are served under that name.
+    /// `fine_tuned_model_checkpoint` are served under that name (blocking: reads its log).
     pub fn checkpoints(&self, job: &JobRecord) -> Vec<Value> {
         let text = std::fs::read_to_string(
             self.job_dir(&job.id)
@@ -230,7 +301,9 @@ impl JobStore {
             .into_iter()
             .map(|(step, c)| {
                 let model = match (&job.fine_tuned_model, served.contains(&step)) {
-                    (Some(m), true) => json!(format!("{m}:ckpt-step-{step}")),
+                    (Some(m), true) if !job.model_deleted => {
+                        json!(format!("{m}:ckpt-step-{step}"))
+                    }
                     _ => Value::Null,
                 };
                 json!({
@@ -245,139 +318,157 @@ impl JobStore {
             .collect()
     }
 
-    /// Keeps a new job (`validating_files`); `validate` queues it once its files read as
-    /// training data.
-    pub fn submit(&self, job: JobRecord) -> Result<JobRecord, ApiError> {
-        self.save(&job)?;
+    /// Keeps a new job (`validating_files`) and queues its validation, if `owner` has a slot
+    /// free: the check and the reservation happen under one lock, so concurrent requests cannot
+    /// both take the last slot. `max_jobs`: `None` for admins.
+    pub fn submit(
+        &self,
+        st: &Arc<AppState>,
+        job: JobRecord,
+        max_jobs: Option<usize>,
+    ) -> Result<JobRecord, ApiError> {
+        let mut index = self.index();
+        if let Some(max) = max_jobs {
+            if busy_for(&index, job.owner.as_deref()) >= max {
+                return Err(ApiError::forbidden(
+                    "training_file",
+                    format!(
+                        "quota: your key allows {max} fine-tuning jobs queued or running at once (`max_jobs`); a cancelled job's slot is free once its work has stopped"
+                    ),
+                ));
+            }
+        }
+        self.write(&mut index, &job)?;
+        index.busy.insert(job.id.clone(), job.owner.clone());
+        index.cancels.insert(job.id.clone(), Arc::default());
+        self.validations.push(job.owner.as_deref(), &job.id);
+        drop(index);
+        self.ensure_validator(Arc::downgrade(st));
         Ok(job)
     }
 
-    /// Reads a new job's files as training data with the served model's tokenizer and template
-    /// (blocking): then `queued` (and the workers started), or `failed` with the error naming
-    /// the file. A job cancelled meanwhile stays cancelled.
-    pub fn validate(&self, st: &Arc<AppState>, id: &str) {
-        let Some(job) = self.load(id) else { return };
-        let checked = load_data(st, &job.training_file)
-            .map_err(|e| ("training_file", job.training_file.clone(), e))
-            .and_then(|_| match &job.validation_file {
-                Some(v) => load_data(st, v)
-                    .map(|_| ())
-                    .map_err(|e| ("validation_file", v.clone(), e)),
-                None => Ok(()),
-            });
-        let updated = self.update(id, |j| {
+    /// After validation: `queued` (and on the training queue, in the same critical section,
+    /// so a cancel cannot fall between) or `failed` with `error`. A job cancelled meanwhile
+    /// stays cancelled. Whether it was queued.
+    pub(super) fn validated(&self, id: &str, error: Option<Value>) -> bool {
+        let mut queued = false;
+        let updated = self.update(id, |j, index| {
             if j.status != "validating_files" {
                 return false;
             }
-            match &checked {
-                Ok(()) => j.status = "queued".into(),
-                Err((param, file, message)) => {
+            if index
+                .cancels
+                .get(id)
+                .is_some_and(|f| f.load(Ordering::SeqCst))
+            {
+                return false;
+            }
+            match &error {
+                None => {
+                    j.status = "queued".into();
+                    self.queue.push(j.owner.as_deref(), id);
+                    queued = true;
+                }
+                Some(e) => {
                     j.status = "failed".into();
                     j.finished_at = Some(now());
-                    j.error = Some(json!({"code": format!("invalid_{param}"),
-                        "message": format!("file `{file}`: {message}"), "param": param}));
+                    j.error = Some(e.clone());
                 }
             }
             true
         });
-        if let Ok(Some(j)) = updated {
-            if j.status == "queued" {
-                self.enqueue(id);
-                self.ensure_worker(Arc::downgrade(st));
-            }
+        if let Err(e) = updated {
+            tracing::error!("fine-tuning job {id}: {}", e.message());
+            self.queue.lock().remove(id);
+            queued = false;
         }
+        queued
     }
 
-    fn enqueue(&self, id: &str) {
-        self.cancels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id.to_string(), Arc::new(AtomicBool::new(false)));
-        self.queue
-            .ids
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push_back(id.to_string());
-        self.queue.wake.notify_one();
-    }
-
-    /// Asks a job to stop: a queued one is cancelled at once, a running one after its step.
+    /// Asks a job to stop: one not yet at work is cancelled at once (and its slot freed); one
+    /// validating or training stops at its next line or step, and frees its slot then.
     pub fn cancel(&self, id: &str, scope: Option<Option<&str>>) -> Result<JobRecord, ApiError> {
         self.get(id, scope)?;
-        // Still validating: cancelled at once (`validate` leaves it so).
-        let stopped = self.update(id, |j| {
-            if j.status != "validating_files" {
-                return false;
-            }
-            j.status = "cancelled".into();
-            j.finished_at = Some(now());
-            true
-        })?;
-        if let Some(job) = stopped {
-            return Ok(job);
-        }
-        let mut job = self.get(id, scope)?;
+        let mut index = self.index();
+        let Some(mut job) = index.jobs.get(id).cloned() else {
+            return Err(ApiError::NotFound(format!("no fine-tuning job `{id}`")));
+        };
         if job.finished() {
             return Err(ApiError::Conflict(format!(
                 "fine-tuning job `{id}` has already {}",
                 job.status
             )));
         }
-        if let Some(flag) = self
+        index
             .cancels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-        {
-            flag.store(true, Ordering::Relaxed);
-        }
-        let queued = {
-            let mut q = self.queue.ids.lock().unwrap_or_else(|p| p.into_inner());
-            let before = q.len();
-            q.retain(|j| j != id);
-            q.len() < before
-        };
-        if queued {
+            .entry(id.to_string())
+            .or_default()
+            .store(true, Ordering::SeqCst);
+        // Not yet picked up by a validator or a worker: nothing runs for it.
+        let waiting =
+            self.validations.lock().remove(id) || self.queue.lock().remove(id);
+        if waiting || job.status == "validating_files" {
             job.status = "cancelled".into();
             job.finished_at = Some(now());
-            self.save(&job)?;
+            self.write(&mut index, &job)?;
+        }
+        if waiting {
+            index.busy.remove(id);
+            index.cancels.remove(id);
         }
         Ok(job)
     }
 
-    /// At start-up: registers the adapters finished jobs made, queues the jobs a previous run
-    /// left unfinished (they resume from their checkpoints) and starts the workers if there are
-    /// any.
+    /// At start-up: cleans what a crash left half-done, registers the adapters finished jobs
+    /// made, queues again the jobs a previous run left unfinished (training ones resume from
+    /// their checkpoints) and starts the workers if there are any.
     pub fn recover(&self, st: Weak<AppState>) {
-        // Adapters that finished jobs registered are served again.
+        let jobs = self.list(None);
         if let Some(state) = st.upgrade() {
-            for job in self
-                .list(None)
-                .into_iter()
-                .filter(|j| j.status == "succeeded")
-            {
-                let Some(name) = job.fine_tuned_model.as_deref() else {
-                    continue;
-                };
-                if let Err(e) = register(&state, &job, name) {
-                    tracing::warn!("fine-tuned adapter {name} of job {}: {e}", job.id);
-                }
+            for job in &jobs {
+                super::job_runner::tidy(&state, job);
             }
         }
-        let mut pending: Vec<JobRecord> = self
-            .list(None)
-            .into_iter()
-            .filter(|j| !j.finished())
-            .collect();
+        let mut pending: Vec<JobRecord> = jobs.into_iter().filter(|j| !j.finished()).collect();
         if pending.is_empty() {
             return;
         }
         pending.sort_by_key(|j| (j.created_at, j.created_subsec));
+        let mut index = self.index();
         for job in pending {
             tracing::info!("fine-tuning job {} ({}) queued again", job.id, job.status);
-            self.enqueue(&job.id);
+            index.busy.insert(job.id.clone(), job.owner.clone());
+            index.cancels.insert(job.id.clone(), Arc::default());
+            if job.status == "validating_files" {
+                self.validations.push(job.owner.as_deref(), &job.id);
+            } else {
+                self.queue.push(job.owner.as_deref(), &job.id);
+            }
         }
+        drop(index);
+        self.ensure_validator(st.clone());
         self.ensure_worker(st);
+    }
+
+    /// Starts the validating thread once (nice 10, below serving).
+    pub fn ensure_validator(&self, st: Weak<AppState>) {
+        if self.validator.set(()).is_err() {
+            return;
+        }
+        let queue = self.validations.clone();
+        let spawned = std::thread::Builder::new()
+            .name("fine-tuning-validate".into())
+            .spawn(move || {
+                super::job_runner::lower_priority();
+                loop {
+                    let id = queue.next();
+                    let Some(st) = st.upgrade() else { return };
+                    super::job_runner::validate(&st, &id);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot start the fine-tuning validator: {e}");
+        }
     }
 
     /// Starts the workers once: `--max-training-jobs` threads, each training in its own compute
@@ -397,14 +488,14 @@ impl JobStore {
             let spawned = std::thread::Builder::new()
                 .name(format!("fine-tuning-{n}"))
                 .spawn(move || {
-                    lower_priority();
+                    super::job_runner::lower_priority();
                     let pool = rayon::ThreadPoolBuilder::new()
                         .num_threads(threads)
                         .thread_name(move |i| format!("train-{n}-{i}"))
-                        .start_handler(|_| lower_priority())
+                        .start_handler(|_| super::job_runner::lower_priority())
                         .build();
                     match pool {
-                        Ok(pool) => pool.install(|| worker(queue, st)),
+                        Ok(pool) => pool.install(|| super::job_runner::worker(queue, st)),
                         Err(e) => tracing::error!("cannot start the training pool: {e}"),
                     }
                 });
@@ -413,392 +504,36 @@ impl JobStore {
             }
         }
     }
-}
 
-/// Nice 10 for the calling thread (Linux: per thread), so serving's threads come first.
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    // SAFETY: `setpriority` on this thread's id; it only changes its scheduling priority.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        if libc::setpriority(libc::PRIO_PROCESS, tid, 10) != 0 {
-            tracing::debug!("could not lower the training thread's priority");
-        }
-    }
-}
-
-fn worker(queue: Arc<Queue>, st: Weak<AppState>) {
-    loop {
-        let id = queue.next();
-        let Some(st) = st.upgrade() else { return };
-        let Some(mut job) = st.jobs.load(&id) else {
-            continue;
-        };
-        if job.finished() {
-            continue;
-        }
-        job.status = "running".into();
-        let _ = st.jobs.save(&job);
-        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&st, &job)));
-        let result = result.unwrap_or_else(|_| Err("the training run panicked".into()));
-        let cancelled = st
+    /// The finished job whose fine-tuned model is `name` (or one of its checkpoints), if
+    /// `scope` may see it.
+    pub fn by_model(&self, name: &str, scope: Option<Option<&str>>) -> Option<JobRecord> {
+        let base = name.split(":ckpt-step-").next().unwrap_or(name);
+        self.index()
             .jobs
-            .cancels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&id)
-            .is_some_and(|f| f.load(Ordering::Relaxed));
-        job.finished_at = Some(now());
-        match result {
-            Ok((name, tokens)) => {
-                job.status = "succeeded".into();
-                job.fine_tuned_model = Some(name);
-                job.trained_tokens = Some(tokens);
-            }
-            Err(_) if cancelled => job.status = "cancelled".into(),
-            Err(message) => {
-                tracing::warn!("fine-tuning job {id} failed: {message}");
-                job.status = "failed".into();
-                job.error =
-                    Some(json!({"code": "training_failed", "message": message, "param": null}));
-            }
-        }
-        let _ = st.jobs.save(&job);
-    }
-}
-
-/// Trains `job` on the served model and registers the adapter; its registered name and the
-/// tokens trained on.
-fn run(st: &Arc<AppState>, job: &JobRecord) -> Result<(String, usize), String> {
-    use crate::model::{BaseWeight, Proj};
-    use crate::train::optim::Schedule;
-    use crate::train::trainable::{Method, TrainSpec};
-    use crate::train::trainer::{train, StepHook, TrainConfig};
-    let loaded = st.engine.model().clone();
-    let model = &loaded.model;
-    // f32, NF4 and GGUF-quantized projections have a backward in their input; bf16 ones not.
-    let differentiable = (0..model.layers.len()).all(|l| {
-        Proj::ALL.iter().all(|&p| {
-            model
-                .linear(l, p)
-                .is_some_and(|lin| !matches!(lin.base(), BaseWeight::Bf16(_)))
-        })
-    });
-    if !differentiable || model.dtype() != candle_core::DType::F32 {
-        return Err("the served model runs bf16 weights or activations, which have no backward; fine-tuning jobs need an f32, NF4 or GGUF-quantized base (not `--dtype bf16`)".into());
-    }
-    let data = load_data(st, &job.training_file)?;
-    let eval = match &job.validation_file {
-        Some(id) => Some(load_data(st, id).map_err(|e| format!("validation_file: {e}"))?),
-        None => None,
-    };
-    let dir = st.jobs.job_dir(&job.id);
-    let output = dir.join("adapter");
-    let resume = output.join("checkpoint").join("state.json").is_file();
-    let cancel = st
-        .jobs
-        .cancels
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&job.id)
-        .cloned();
-    let events = dir.join("events.jsonl");
-    if !resume {
-        let _ = std::fs::remove_file(&events);
-    }
-    let hook = StepHook(Arc::new(move |line: &Value| {
-        use std::io::Write;
-        let event = if let Some(v) = line["valid_loss"].as_f64() {
-            json!({
-                "object": "fine_tuning.job.event", "created_at": now(), "level": "info",
-                "type": "metrics", "message": format!("Step {}: full validation loss={v:.4}", line["step"]),
-                "data": {"step": line["step"], "full_valid_loss": v},
+            .values()
+            .find(|j| {
+                j.fine_tuned_model.as_deref() == Some(base)
+                    && !j.model_deleted
+                    && scope.is_none_or(|o| j.owner.as_deref() == o)
             })
-        } else {
-            json!({
-            "object": "fine_tuning.job.event", "created_at": now(), "level": "info",
-            "type": "metrics", "message": format!("Step {}: training loss={:.4}", line["step"], line["loss"].as_f64().unwrap_or(f64::NAN)),
-            "data": {"step": line["step"], "train_loss": line["loss"], "learning_rate": line["lr"], "tokens_per_second": line["tokens_per_second"]},
-            })
-        };
-        if let Ok(mut f) = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&events)
-        {
-            let _ = writeln!(f, "{event}");
-        }
-    }));
-    let h = &job.hyperparameters;
-    let cfg = TrainConfig {
-        output: output.clone(),
-        overwrite: !resume,
-        resume,
-        spec: TrainSpec {
-            method: if job.adapter.method == "dora" {
-                Method::Dora
-            } else {
-                Method::Lora
-            },
-            rank: job.adapter.rank,
-            alpha: job.adapter.alpha,
-            dropout: 0.05,
-            targets: Proj::ALL.to_vec(),
-            rslora: false,
-            seed: job.seed,
-            base_model: loaded.id.clone(),
-            virtual_tokens: 8,
-            reduction_factor: 0,
-            prefix_projection: None,
-            fuse: Vec::new(),
-        },
-        lr: 2e-4 * h.learning_rate_multiplier,
-        weight_decay: 0.0,
-        betas: (0.9, 0.999),
-        schedule: Schedule::Cosine,
-        warmup_ratio: 0.03,
-        batch_size: h.batch_size,
-        grad_accum: 1,
-        max_grad_norm: 1.0,
-        epochs: h.n_epochs,
-        max_steps: None,
-        save_steps: 10,
-        progress: false,
-        args: json!({"job": job.id}),
-        interrupt_after: None,
-        cancel,
-        on_step: Some(hook),
-        epoch_checkpoints: Some(dir.join("checkpoints")),
-    };
-    let report = train(model, &data, eval.as_ref(), &cfg).map_err(|e| e.to_string())?;
-    let name = ft_name(&loaded.id, job.suffix.as_deref(), &job.id);
-    register(st, job, &name)?;
-    Ok((name, report.tokens))
-}
+            .cloned()
+    }
 
-/// File `id` as training data for the served model (its tokenizer and chat template).
-fn load_data(st: &AppState, id: &str) -> Result<crate::train::dataset::Dataset, String> {
-    use crate::train::dataset::{Dataset, Format, Tokenization};
-    let loaded = st.engine.model();
-    let file = st.files.get(id, None).map_err(|e| e.message())?;
-    let special = loaded.special_tokens();
-    let eos = *loaded
-        .stop_token_ids(&st.template)
-        .first()
-        .ok_or("the model has no EOS token")?;
-    let tok = Tokenization {
-        tokenizer: &loaded.tokenizer,
-        template: &st.template,
-        special: &special,
-        eos,
-        max_seq_len: 512,
-        format: Format::Auto,
-    };
-    Dataset::load(&st.files.contents(&file), &tok, false).map_err(|e| e.to_string())
-}
-
-/// OpenAI's form of a fine-tuned model's name: `ft:BASE:SUFFIX:XXXXXXXX` (the base id's last
-/// path part, the job id's last 8 digits).
-fn ft_name(base_id: &str, suffix: Option<&str>, job_id: &str) -> String {
-    let base: String = base_id
-        .rsplit('/')
-        .next()
-        .unwrap_or(base_id)
-        .replace("..", "-")
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "._-".contains(c) {
-                c
-            } else {
-                '-'
+    /// Marks `job`'s model deleted (durably, first: a restart never registers it again).
+    pub fn mark_model_deleted(&self, id: &str) -> Result<Option<JobRecord>, ApiError> {
+        self.update(id, |j, _| {
+            if j.model_deleted {
+                return false;
             }
+            j.model_deleted = true;
+            j.output_bytes = 0;
+            true
         })
-        .take(40)
-        .collect();
-    format!(
-        "ft:{base}:{}:{}",
-        suffix.unwrap_or(""),
-        &job_id[job_id.len() - 8..]
-    )
+    }
 }
 
 /// The steps of the epoch checkpoints served as models: the last three (as OpenAI keeps).
-fn served_checkpoints(steps: &[u64]) -> Vec<u64> {
+pub(super) fn served_checkpoints(steps: &[u64]) -> Vec<u64> {
     steps[steps.len().saturating_sub(3)..].to_vec()
-}
-
-/// Registers a finished job's adapter as `name` in its owner's namespace, and its served
-/// checkpoints as `name:ckpt-step-N`. (`name` may hold the owner already: records of older
-/// versions kept `TENANT/NAME`.)
-fn register(st: &AppState, job: &JobRecord, name: &str) -> Result<(), String> {
-    use crate::adapters::{AdapterName, PeftAdapter};
-    let key = |n: &str| match (&job.owner, n.contains('/')) {
-        (Some(t), false) => format!("{t}/{n}"),
-        _ => n.to_string(),
-    };
-    let add = |n: &str, dir: &Path| -> Result<(), String> {
-        let parsed = AdapterName::parse(&key(n)).map_err(|e| e.to_string())?;
-        let bytes = PeftAdapter::inspect(dir).map_err(|e| e.to_string())?.bytes;
-        st.registry
-            .add(&parsed, dir, false, bytes)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    };
-    let dir = st.jobs.job_dir(&job.id);
-    add(name, &dir.join("adapter"))?;
-    let steps: Vec<u64> = st
-        .jobs
-        .checkpoints(job)
-        .iter()
-        .filter_map(|c| c["step_number"].as_u64())
-        .collect();
-    for step in served_checkpoints(&steps) {
-        let at = dir.join("checkpoints").join(format!("step-{step}"));
-        add(&format!("{name}:ckpt-step-{step}"), &at)?;
-    }
-    Ok(())
-}
-
-/// A new job from a request's fields, checked (400 naming the field).
-pub fn new_job(
-    body: &Value,
-    owner: Option<String>,
-    base_id: &str,
-) -> Result<(JobRecord, String), ApiError> {
-    let model = body["model"]
-        .as_str()
-        .ok_or_else(|| ApiError::bad("model", "is missing"))?;
-    if model != base_id {
-        return Err(ApiError::bad(
-            "model",
-            format!("is `{model}`; this server fine-tunes its base model `{base_id}` only"),
-        ));
-    }
-    let file = body["training_file"]
-        .as_str()
-        .ok_or_else(|| ApiError::bad("training_file", "is missing"))?
-        .to_string();
-    let validation_file = match &body["validation_file"] {
-        Value::Null => None,
-        Value::String(s) => Some(s.clone()),
-        _ => {
-            return Err(ApiError::bad(
-                "validation_file",
-                "must be a file id (a string) or null",
-            ))
-        }
-    };
-    let hp = &body["method"]["supervised"]["hyperparameters"];
-    let hp = if hp.is_object() {
-        hp
-    } else {
-        &body["hyperparameters"]
-    };
-    let field = |k: &str| format!("method.supervised.hyperparameters.{k}");
-    let int = |k: &str, default: usize, max: usize| -> Result<usize, ApiError> {
-        match &hp[k] {
-            Value::Null => Ok(default),
-            Value::String(s) if s == "auto" => Ok(default),
-            v => v
-                .as_u64()
-                .map(|n| n as usize)
-                .filter(|n| (1..=max).contains(n))
-                .ok_or_else(|| {
-                    ApiError::bad(
-                        &field(k),
-                        format!("must be an integer in 1..={max} or \"auto\""),
-                    )
-                }),
-        }
-    };
-    let lr = match &hp["learning_rate_multiplier"] {
-        Value::Null => 1.0,
-        Value::String(s) if s == "auto" => 1.0,
-        v => v
-            .as_f64()
-            .filter(|x| *x > 0.0 && *x <= 100.0)
-            .ok_or_else(|| {
-                ApiError::bad(
-                    &field("learning_rate_multiplier"),
-                    "must be a number in (0, 100] or \"auto\"",
-                )
-            })?,
-    };
-    let hyperparameters = Hyperparameters {
-        n_epochs: int("n_epochs", 3, 50)?,
-        batch_size: int("batch_size", 4, 64)?,
-        learning_rate_multiplier: lr,
-    };
-    let a = &body["adapter"];
-    let method = a["method"].as_str().unwrap_or("lora").to_string();
-    if !matches!(method.as_str(), "lora" | "dora") {
-        return Err(ApiError::bad(
-            "adapter.method",
-            format!("is `{method}`; jobs train lora or dora"),
-        ));
-    }
-    let rank = match &a["rank"] {
-        Value::Null => 8,
-        v => v
-            .as_u64()
-            .filter(|r| (1..=256).contains(r))
-            .ok_or_else(|| ApiError::bad("adapter.rank", "must be an integer in 1..=256"))?
-            as usize,
-    };
-    let alpha = match &a["alpha"] {
-        Value::Null => 2.0 * rank as f64,
-        v => v
-            .as_f64()
-            .filter(|x| *x > 0.0)
-            .ok_or_else(|| ApiError::bad("adapter.alpha", "must be a positive number"))?,
-    };
-    let suffix = match &body["suffix"] {
-        Value::Null => None,
-        Value::String(s) => {
-            if s.is_empty()
-                || s.len() > 18
-                || !s
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(ApiError::bad(
-                    "suffix",
-                    "must be 1 to 18 characters of A-Z a-z 0-9 - _",
-                ));
-            }
-            Some(s.clone())
-        }
-        _ => return Err(ApiError::bad("suffix", "must be a string")),
-    };
-    let seed = match &body["seed"] {
-        Value::Null => rand::random::<u32>() as u64,
-        v => v
-            .as_u64()
-            .ok_or_else(|| ApiError::bad("seed", "must be a non-negative integer"))?,
-    };
-    let job = JobRecord {
-        id: format!("ftjob-{:024x}", rand::random::<u128>() >> 32),
-        model: model.to_string(),
-        created_at: now(),
-        created_subsec: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos()),
-        finished_at: None,
-        status: "validating_files".into(),
-        training_file: file.clone(),
-        validation_file,
-        fine_tuned_model: None,
-        hyperparameters,
-        adapter: AdapterSpec {
-            method,
-            rank,
-            alpha,
-        },
-        suffix,
-        seed,
-        error: None,
-        trained_tokens: None,
-        owner,
-    };
-    Ok((job, file))
 }

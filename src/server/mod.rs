@@ -5,6 +5,9 @@
 pub mod auth;
 pub mod error;
 pub mod file_store;
+pub mod job_queue;
+pub mod job_request;
+pub mod job_runner;
 pub mod jobs;
 pub mod openai;
 pub mod policy;
@@ -66,6 +69,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/chat/completions", post(routes::chat))
         .route("/v1/completions", post(routes::completions))
         .route("/v1/models", get(routes::models))
+        .route("/v1/models/{*name}", delete(routes::delete_model))
         .route(
             "/v1/adapters",
             get(routes::list_adapters).post(routes::add_adapter),

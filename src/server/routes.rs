@@ -54,10 +54,9 @@ async fn generate(
 ) -> Result<Response, ApiError> {
     let stage_caller = caller.clone();
     let p = st
-        .blocking(
-            |s| &s.prepare,
-            move |st| stage::prepare(st, &stage_caller, kind, &body),
-        )
+        .prepare_for(&caller, move |st| {
+            stage::prepare(st, &stage_caller, kind, &body)
+        })
         .await?;
     let (adapter, adapter_label) = match &p.adapter {
         Some(entry) => (
@@ -166,10 +165,9 @@ pub async fn models(
     let base = st.base_id().to_string();
     let listing_caller = caller.clone();
     let entries = st
-        .blocking(
-            |s| &s.prepare,
-            move |st| Ok(Policy::listing(&listing_caller, &st.registry)),
-        )
+        .prepare_for(&caller, move |st| {
+            Ok(Policy::listing(&listing_caller, &st.registry))
+        })
         .await?;
     let mut data = vec![
         json!({"id": base, "object": "model", "created": st.created, "owned_by": "loraplex", "root": base, "parent": null}),
@@ -360,11 +358,12 @@ pub async fn vllm_load(
 /// "max_model_len", "tokens"}`.
 pub async fn tokenize(
     State(st): St,
+    Extension(caller): Extension<Caller>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body(b)?;
     let ids = st
-        .blocking(|s| &s.prepare, move |st| stage::tokenize(st, &body))
+        .prepare_for(&caller, move |st| stage::tokenize(st, &body))
         .await?;
     Ok(
         Json(json!({"count": ids.len(), "max_model_len": st.config.limits.context, "tokens": ids}))
@@ -375,25 +374,32 @@ pub async fn tokenize(
 /// `POST /detokenize`: `{"tokens": [ids]}` → `{"prompt"}`.
 pub async fn detokenize(
     State(st): St,
+    Extension(caller): Extension<Caller>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let v: serde_json::Value = serde_json::from_slice(&body(b)?)
-        .map_err(|e| ApiError::bad("body", format!("is not valid JSON: {e}")))?;
-    let ids: Vec<u32> = serde_json::from_value(v["tokens"].clone())
-        .map_err(|_| ApiError::bad("tokens", "must be an array of token ids"))?;
-    let vocab = st.config.limits.vocab;
-    if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-        return Err(ApiError::bad(
-            "tokens",
-            format!("token {bad} is outside the vocabulary of {vocab}"),
-        ));
-    }
+    let bytes = body(b)?;
+    // Parsing a large array and decoding it is CPU work: off the async threads, in the
+    // caller's share of the preparation pool.
     let text = st
-        .engine
-        .model()
-        .tokenizer
-        .decode(&ids, false)
-        .map_err(|e| ApiError::bad("tokens", e.to_string()))?;
+        .prepare_for(&caller, move |st| {
+            let v: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| ApiError::bad("body", format!("is not valid JSON: {e}")))?;
+            let ids: Vec<u32> = serde_json::from_value(v["tokens"].clone())
+                .map_err(|_| ApiError::bad("tokens", "must be an array of token ids"))?;
+            let vocab = st.config.limits.vocab;
+            if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                return Err(ApiError::bad(
+                    "tokens",
+                    format!("token {bad} is outside the vocabulary of {vocab}"),
+                ));
+            }
+            st.engine
+                .model()
+                .tokenizer
+                .decode(&ids, false)
+                .map_err(|e| ApiError::bad("tokens", e.to_string()))
+        })
+        .await?;
     Ok(Json(json!({"prompt": text})).into_response())
 }
 
@@ -464,33 +470,19 @@ pub async fn upload_file(
     }
     let purpose = purpose.ok_or_else(|| ApiError::bad("purpose", "is missing"))?;
     let (name, content) = file.ok_or_else(|| ApiError::bad("file", "is missing"))?;
-    // The quota and the write off the async threads (both read or write the store's folder).
+    // The check, the quota and the write off the async threads, in the caller's share.
     let record = st
-        .blocking(
-            |s| &s.prepare,
-            move |st| {
-                if !caller.admin {
-                    let used: usize = st
-                        .files
-                        .list(Policy::owner_scope(&caller))
-                        .iter()
-                        .map(|f| f.bytes)
-                        .sum();
-                    let limit = caller.limits.max_file_bytes;
-                    if (used + content.len()) as u64 > limit {
-                        return Err(ApiError::forbidden(
-                            "file",
-                            format!(
-                                "quota: {} more bytes of files would exceed `max_file_bytes` ({limit}); delete some first",
-                                content.len()
-                            ),
-                        ));
-                    }
-                }
-                st.files
-                    .create(caller.tenant.as_deref(), &name, &purpose, &content)
-            },
-        )
+        .prepare_for(&caller.clone(), move |st| {
+            let limit = (!caller.admin).then_some(caller.limits.max_file_bytes);
+            st.files.create(
+                caller.tenant.as_deref(),
+                &name,
+                &purpose,
+                &content,
+                limit,
+                Some(st.config.train.max_messages),
+            )
+        })
         .await?;
     Ok((StatusCode::OK, Json(record.public())).into_response())
 }
@@ -529,42 +521,127 @@ pub async fn delete_file(
     Ok(Json(json!({"id": id, "object": "file", "deleted": true})).into_response())
 }
 
-/// `POST /v1/fine_tuning/jobs`: checked, kept, queued.
+/// `POST /v1/fine_tuning/jobs`: checked, kept, queued for validation.
 pub async fn create_job(
     State(st): St,
     Extension(caller): Extension<Caller>,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let v: serde_json::Value = serde_json::from_slice(&body(b)?)
-        .map_err(|e| ApiError::bad("body", format!("is not valid JSON: {e}")))?;
-    let base = st.engine.model().id.clone();
-    let (job, file) = super::jobs::new_job(&v, caller.tenant.clone(), &base)?;
-    // Another tenant's file and a missing one are the same 404.
-    st.files.get(&file, Policy::owner_scope(&caller))?;
-    if let Some(v) = &job.validation_file {
-        st.files.get(v, Policy::owner_scope(&caller))?;
+    let bytes = body(b)?;
+    let job = st
+        .prepare_for(&caller.clone(), move |st| {
+            let v: serde_json::Value = serde_json::from_slice(&bytes)
+                .map_err(|e| ApiError::bad("body", format!("is not valid JSON: {e}")))?;
+            let base = st.engine.model().id.clone();
+            let (job, file) = super::job_request::new_job(&v, caller.tenant.clone(), &base)?;
+            // Another tenant's file and a missing one are the same 404.
+            let record = st.files.get(&file, Policy::owner_scope(&caller))?;
+            if let Some(v) = &job.validation_file {
+                st.files.get(v, Policy::owner_scope(&caller))?;
+            }
+            let limits = &st.config.train;
+            let examples = record.lines.saturating_mul(job.hyperparameters.n_epochs);
+            if examples > limits.max_job_examples {
+                return Err(ApiError::bad(
+                    "method.supervised.hyperparameters.n_epochs",
+                    format!(
+                        "{} epochs over {} examples is {examples}; this server trains at most {} per job (`--train-max-job-examples`)",
+                        job.hyperparameters.n_epochs, record.lines, limits.max_job_examples
+                    ),
+                ));
+            }
+            if !caller.admin {
+                check_job_quotas(st, &caller, &job)?;
+            }
+            let max_jobs = (!caller.admin).then_some(caller.limits.max_jobs);
+            st.jobs.submit(st, job, max_jobs)
+        })
+        .await?;
+    Ok(Json(job.public()).into_response())
+}
+
+/// What a new job will register and write stays within the caller's quotas: its model and
+/// three checkpoints count as adapters (`max_adapters`, `max_adapter_bytes`), and its outputs
+/// (those four plus the resume state) as job bytes (`max_job_bytes`), with every job of the
+/// caller still at work counted the same.
+fn check_job_quotas(
+    st: &AppState,
+    caller: &Caller,
+    job: &super::jobs::JobRecord,
+) -> Result<(), ApiError> {
+    let Some(tenant) = caller.tenant.as_deref() else {
+        return Ok(());
+    };
+    let limits = &caller.limits;
+    let adapter =
+        super::job_runner::adapter_bytes(st, job.adapter.rank, job.adapter.method == "dora");
+    let at_work = st.jobs.busy(Some(tenant)) + 1;
+    let (count, bytes) = st.registry.added_by(tenant);
+    if count + 4 * at_work > limits.max_adapters {
+        return Err(ApiError::forbidden(
+            "training_file",
+            format!(
+                "quota: a job registers its model and three checkpoints as adapters; with {count} registered and {} more coming from your jobs at work this would exceed your key's {} (`max_adapters`)",
+                4 * (at_work - 1),
+                limits.max_adapters
+            ),
+        ));
     }
-    if !caller.admin {
-        let active = st
+    if bytes + 4 * adapter * at_work as u64 > limits.max_adapter_bytes {
+        return Err(ApiError::forbidden(
+            "adapter.rank",
+            format!(
+                "quota: the job's model and checkpoints ({} bytes) would exceed your key's `max_adapter_bytes` ({})",
+                4 * adapter,
+                limits.max_adapter_bytes
+            ),
+        ));
+    }
+    // Model + three checkpoints + the resume state (adapter and two optimizer moments).
+    let outputs = 7 * adapter;
+    let used = st.jobs.output_bytes(Some(tenant), outputs);
+    if used + outputs > limits.max_job_bytes {
+        return Err(ApiError::forbidden(
+            "adapter.rank",
+            format!(
+                "quota: the job's outputs (about {outputs} bytes) would bring your fine-tuning jobs' disk use to {} bytes, over your key's `max_job_bytes` ({}); delete fine-tuned models (`DELETE /v1/models/{{model}}`) first",
+                used + outputs,
+                limits.max_job_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `DELETE /v1/models/{model}` (OpenAI's route) for a fine-tuned model: its adapter and
+/// checkpoints are unregistered and their files removed, for good (a restart does not bring
+/// them back). Any other model is a 404 here.
+pub async fn delete_model(
+    State(st): St,
+    Extension(caller): Extension<Caller>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let scope_caller = caller.clone();
+    let requested = name.clone();
+    st.prepare_for(&caller, move |st| {
+        let scope = Policy::owner_scope(&scope_caller);
+        let job = st
             .jobs
-            .list(Policy::owner_scope(&caller))
-            .iter()
-            .filter(|j| matches!(j.status.as_str(), "validating_files" | "queued" | "running"))
-            .count();
-        if active >= caller.limits.max_jobs {
-            return Err(ApiError::forbidden(
-                "training_file",
+            .by_model(&requested, scope)
+            .ok_or_else(|| ApiError::ModelNotFound(requested.clone()))?;
+        if requested.contains(":ckpt-step-") {
+            return Err(ApiError::bad(
+                "model",
                 format!(
-                    "quota: your key allows {} fine-tuning jobs queued or running at once (`max_jobs`)",
-                    caller.limits.max_jobs
+                    "`{requested}` is a checkpoint of `{}`; delete that model (its checkpoints go with it)",
+                    job.fine_tuned_model.as_deref().unwrap_or_default()
                 ),
             ));
         }
-    }
-    let job = st.jobs.submit(job)?;
-    let (state, id) = (st.clone(), job.id.clone());
-    tokio::task::spawn_blocking(move || state.jobs.validate(&state, &id));
-    Ok(Json(job.public()).into_response())
+        super::job_runner::delete_model(st, &job)
+    })
+    .await?;
+    Ok(Json(json!({"id": name, "object": "model", "deleted": true})).into_response())
 }
 
 #[derive(serde::Deserialize)]
@@ -579,7 +656,9 @@ pub async fn list_jobs(
     Extension(caller): Extension<Caller>,
     axum::extract::Query(page): axum::extract::Query<Page>,
 ) -> Result<Response, ApiError> {
-    let jobs = st.jobs.list(Policy::owner_scope(&caller));
+    let jobs = st
+        .prepare_for(&caller.clone(), move |st| Ok(st.jobs.list(Policy::owner_scope(&caller))))
+        .await?;
     let start = match &page.after {
         Some(a) => jobs
             .iter()
@@ -615,11 +694,24 @@ pub async fn job_events(
     Path(id): Path<String>,
     axum::extract::Query(page): axum::extract::Query<Page>,
 ) -> Result<Response, ApiError> {
-    let job = st.jobs.get(&id, Policy::owner_scope(&caller))?;
-    let mut events = st.jobs.events(&job);
-    for (i, e) in events.iter_mut().enumerate() {
-        e["id"] = json!(format!("ftevent-{}-{i}", &job.id[6..]));
-    }
+    let events = st
+        .prepare_for(&caller.clone(), move |st| {
+            let job = st.jobs.get(&id, Policy::owner_scope(&caller))?;
+            let events = st.jobs.events(&job);
+            Ok((job, events))
+        })
+        .await
+        .map(|(job, events)| {
+            let prefix = job.id[6..].to_string();
+            events
+                .into_iter()
+                .enumerate()
+                .map(|(i, mut e)| {
+                    e["id"] = json!(format!("ftevent-{prefix}-{i}"));
+                    e
+                })
+                .collect::<Vec<_>>()
+        })?;
     Ok(Json(newest_first(events, &page)).into_response())
 }
 
@@ -631,8 +723,13 @@ pub async fn job_checkpoints(
     Path(id): Path<String>,
     axum::extract::Query(page): axum::extract::Query<Page>,
 ) -> Result<Response, ApiError> {
-    let job = st.jobs.get(&id, Policy::owner_scope(&caller))?;
-    Ok(Json(newest_first(st.jobs.checkpoints(&job), &page)).into_response())
+    let checkpoints = st
+        .prepare_for(&caller.clone(), move |st| {
+            let job = st.jobs.get(&id, Policy::owner_scope(&caller))?;
+            Ok(st.jobs.checkpoints(&job))
+        })
+        .await?;
+    Ok(Json(newest_first(checkpoints, &page)).into_response())
 }
 
 /// One page of `items` (oldest first, each with an `id`) as an OpenAI list, newest first:
@@ -662,5 +759,10 @@ pub async fn cancel_job(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    Ok(Json(st.jobs.cancel(&id, Policy::owner_scope(&caller))?.public()).into_response())
+    let job = st
+        .prepare_for(&caller.clone(), move |st| {
+            st.jobs.cancel(&id, Policy::owner_scope(&caller))
+        })
+        .await?;
+    Ok(Json(job.public()).into_response())
 }

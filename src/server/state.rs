@@ -39,6 +39,8 @@ pub struct ServerConfig {
     /// `--train-threads`: compute threads each job trains with (0: the cores), run at a lower
     /// scheduling priority than serving's.
     pub train_threads: usize,
+    /// What one fine-tuning job may take (`--train-*` flags).
+    pub train: super::job_runner::TrainLimits,
 }
 
 /// Seconds since the Unix epoch (OpenAI's `created` / `created_at`).
@@ -66,6 +68,9 @@ pub struct AppState {
     pub loads: Semaphore,
     /// Bounds request preparation on the blocking pool.
     pub prepare: Semaphore,
+    /// Each tenant's share of `prepare`: all its permits but one, so one tenant's flood of
+    /// large bodies always leaves a thread for the others.
+    prepare_shares: std::sync::Mutex<std::collections::HashMap<Option<String>, Arc<Semaphore>>>,
     /// Uploaded files (`/v1/files`).
     pub files: super::file_store::FileStore,
     /// Fine-tuning jobs (`/v1/fine_tuning/jobs`).
@@ -120,6 +125,7 @@ impl AppState {
             policy: Policy::new(config.policy.clone(), registry.root()),
             loads: Semaphore::new(config.max_concurrent_loads.max(1)),
             prepare: Semaphore::new(config.max_concurrent_prepare.max(1)),
+            prepare_shares: std::sync::Mutex::default(),
             engine,
             registry,
             cache,
@@ -150,6 +156,30 @@ impl AppState {
         tokio::task::spawn_blocking(move || f(&st))
             .await
             .map_err(|e| ApiError::Internal(format!("blocking task: {e}")))?
+    }
+
+    /// Runs `f` on the blocking pool within `caller`'s share of the preparation permits.
+    pub async fn prepare_for<T: Send + 'static>(
+        self: &Arc<Self>,
+        caller: &super::auth::Caller,
+        f: impl FnOnce(&Arc<AppState>) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let share = {
+            let mut shares = self
+                .prepare_shares
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let all = self.config.max_concurrent_prepare.max(1);
+            shares
+                .entry(caller.tenant.clone())
+                .or_insert_with(|| Arc::new(Semaphore::new(all.saturating_sub(1).max(1))))
+                .clone()
+        };
+        let _share = share
+            .acquire_owned()
+            .await
+            .map_err(|_| ApiError::Unavailable("the server is shutting down".into()))?;
+        self.blocking(|s| &s.prepare, f).await
     }
 
     /// A lease on the adapter, loading it (header-first, within the load bound) on a miss.

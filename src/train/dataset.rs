@@ -47,6 +47,15 @@ pub struct Tokenization<'a> {
     pub format: Format,
 }
 
+/// Bounds on reading a data file (`Dataset::load_with`).
+#[derive(Debug, Default)]
+pub struct LoadLimits<'a> {
+    /// Set to stop reading (a cancelled job).
+    pub stop: Option<&'a std::sync::atomic::AtomicBool>,
+    /// Messages one line may hold.
+    pub max_messages: Option<usize>,
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Dataset {
     pub examples: Vec<Example>,
@@ -61,7 +70,13 @@ fn field<'v>(v: &'v Value, name: &str) -> Result<&'v str, String> {
         .ok_or_else(|| format!("`{name}` must be a string"))
 }
 
-/// Segments of a conversation, each `(text, is_target)`, found by rendering growing prefixes.
+/// Tokens of `text` (each segment is tokenized alone, as `to_example` does).
+fn count(t: &Tokenization<'_>, text: &str) -> Result<usize, String> {
+    Ok(t.tokenizer.encode(text).map_err(|e| e.to_string())?.len())
+}
+
+/// Segments of a conversation, each `(text, is_target)`, found by rendering growing prefixes
+/// (up to the maximum length).
 fn chat_segments(
     messages: &[ChatMessage],
     t: &Tokenization<'_>,
@@ -76,7 +91,13 @@ fn chat_segments(
     };
     let mut segments = Vec::new();
     let mut done = String::new();
+    // Rendering prefix k costs O(k): the whole is quadratic in messages, so stop once the
+    // segments hold `max_seq_len` tokens (everything after is truncated away anyway).
+    let mut tokens = 0usize;
     for k in 0..messages.len() {
+        if tokens >= t.max_seq_len {
+            break;
+        }
         let full = render(&messages[..=k], false)?;
         if messages[k].role == "assistant" {
             let prompt = render(&messages[..k], true)?;
@@ -86,12 +107,14 @@ fn chat_segments(
             ) else {
                 return Err("the chat template does not render conversations incrementally".into());
             };
+            tokens += count(t, head)? + count(t, answer)?;
             segments.push((head.to_string(), false));
             segments.push((answer.to_string(), true));
         } else {
             let Some(head) = full.strip_prefix(done.as_str()) else {
                 return Err("the chat template does not render conversations incrementally".into());
             };
+            tokens += count(t, head)?;
             segments.push((head.to_string(), false));
         }
         done = full;
@@ -128,11 +151,12 @@ fn to_example(
 /// Whether one record has the shape of a training example (`messages` with an assistant turn,
 /// `prompt`/`completion`, or `instruction`/`output`), without tokenizing it: what an upload is
 /// checked against before any model reads it. The message names the field.
-pub fn check_record(v: &Value) -> Result<(), String> {
+pub fn check_record(v: &Value, max_messages: Option<usize>) -> Result<(), String> {
     if !v.is_object() {
         return Err("is not a JSON object".into());
     }
     if let Some(msgs) = v.get("messages") {
+        check_messages(msgs, max_messages)?;
         let messages: Vec<ChatMessage> =
             serde_json::from_value(msgs.clone()).map_err(|e| format!("`messages`: {e}"))?;
         if !messages.iter().any(|m| m.role == "assistant") {
@@ -154,8 +178,24 @@ pub fn check_record(v: &Value) -> Result<(), String> {
     Err("expected `messages`, `prompt`/`completion`, or `instruction`/`output`".into())
 }
 
-fn parse_line(v: &Value, t: &Tokenization<'_>) -> Result<Option<Example>, String> {
+/// `messages` holds at most `max` entries (checked before any is parsed).
+fn check_messages(msgs: &Value, max: Option<usize>) -> Result<(), String> {
+    match (msgs.as_array(), max) {
+        (Some(list), Some(max)) if list.len() > max => Err(format!(
+            "`messages` holds {} messages; at most {max} are allowed per line (`--train-max-messages`)",
+            list.len()
+        )),
+        _ => Ok(()),
+    }
+}
+
+fn parse_line(
+    v: &Value,
+    t: &Tokenization<'_>,
+    max_messages: Option<usize>,
+) -> Result<Option<Example>, String> {
     if let Some(msgs) = v.get("messages") {
+        check_messages(msgs, max_messages)?;
         let messages: Vec<ChatMessage> =
             serde_json::from_value(msgs.clone()).map_err(|e| format!("`messages`: {e}"))?;
         return to_example(chat_segments(&messages, t)?, false, t);
@@ -207,6 +247,17 @@ impl Dataset {
         t: &Tokenization<'_>,
         skip_bad_lines: bool,
     ) -> Result<Self, TrainError> {
+        Self::load_with(path, t, skip_bad_lines, &LoadLimits::default())
+    }
+
+    /// `load` within `limits`: stops with an error when `limits.stop` is set (checked before
+    /// every line), and refuses lines with more than `limits.max_messages` messages.
+    pub fn load_with(
+        path: &Path,
+        t: &Tokenization<'_>,
+        skip_bad_lines: bool,
+        limits: &LoadLimits<'_>,
+    ) -> Result<Self, TrainError> {
         let text = std::fs::read_to_string(path).map_err(|e| TrainError::Data {
             path: path.to_path_buf(),
             message: format!("cannot read: {e}"),
@@ -214,6 +265,15 @@ impl Dataset {
         let mut ds = Dataset::default();
         let mut lines = 0;
         for (i, line) in text.lines().enumerate() {
+            if limits
+                .stop
+                .is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+            {
+                return Err(TrainError::Data {
+                    path: path.to_path_buf(),
+                    message: "reading stopped: the job was cancelled".into(),
+                });
+            }
             if line.trim().is_empty() {
                 continue;
             }
@@ -227,7 +287,7 @@ impl Dataset {
                         Err("not a JSON object".into())
                     }
                 })
-                .and_then(|v| parse_line(&v, t));
+                .and_then(|v| parse_line(&v, t, limits.max_messages));
             match parsed {
                 Ok(Some(ex)) => ds.examples.push(ex),
                 Ok(None) => ds.skipped += 1,

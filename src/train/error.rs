@@ -29,6 +29,8 @@ pub enum TrainError {
     #[error(transparent)]
     Adapter(#[from] crate::adapters::AdapterError),
     #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
     Candle(#[from] candle_core::Error),
 }
 

@@ -2,8 +2,10 @@
 //! same Llama, AdamW with clipping and schedules, checkpoints and resume, PEFT export.
 //! Depends on `model`, `adapters` (format), `chat`, `tokenizer`; never on `engine` or `server`.
 
+pub mod checkpointed;
 pub mod dataset;
 pub mod error;
+pub mod head_loss;
 pub mod optim;
 pub mod trainable;
 pub mod trainer;

@@ -50,6 +50,20 @@ pub struct TrainConfig {
     /// `{step, epoch, train_loss, valid_loss, created_at}` to `DIR/checkpoints.jsonl` (the eval
     /// set's loss where there is one): a fine-tuning job's checkpoints.
     pub epoch_checkpoints: Option<PathBuf>,
+    /// Tokens one forward/backward may hold (`--train-max-batch-tokens`): a step's examples are
+    /// split into micro-batches within it and their gradients summed, each weighted by its
+    /// share of the step's target tokens, so the update is the one a single batch would make.
+    /// `None`: a micro-batch is `batch_size` examples, whatever their length.
+    pub max_batch_tokens: Option<usize>,
+    /// Keep only each layer's input during the forward and recompute the layer in the backward
+    /// (activation checkpointing): memory per token falls from every layer's activations to
+    /// one layer's, for about one more forward of compute.
+    pub checkpoint_activations: bool,
+    /// Keep the resume checkpoint after the export (a job removes it once its record says it
+    /// succeeded, so a crash in between resumes instead of starting over).
+    pub keep_checkpoint: bool,
+    /// Epoch checkpoints kept on disk (`Some(3)`: the ones a job serves); older ones go.
+    pub keep_epoch_checkpoints: Option<usize>,
 }
 
 /// A callback per training step (see `TrainConfig::on_step`).
@@ -74,13 +88,8 @@ pub struct TrainReport {
     pub adapter: TrainableAdapter,
 }
 
-/// Mean cross-entropy over the target tokens of `examples`, with `weights` applied.
-pub fn batch_loss(
-    model: &Llama,
-    weights: &AdapterWeights,
-    examples: &[&Example],
-) -> Result<Tensor, TrainError> {
-    let mut caches: Vec<_> = examples.iter().map(|_| model.new_cache()).collect();
+/// The rows of the flattened batch that have a target, and those targets.
+pub(crate) fn target_rows(weights: &AdapterWeights, examples: &[&Example]) -> (Vec<u32>, Vec<u32>) {
     let mut rows = Vec::new();
     let mut targets = Vec::new();
     let mut offset = 0u32;
@@ -95,20 +104,96 @@ pub fn batch_loss(
         }
         offset += soft + ex.ids.len() as u32;
     }
+    (rows, targets)
+}
+
+/// Mean cross-entropy over the target tokens of `examples`, with `weights` applied.
+pub fn batch_loss(
+    model: &Llama,
+    weights: &AdapterWeights,
+    examples: &[&Example],
+) -> Result<Tensor, TrainError> {
+    let mut caches: Vec<_> = examples.iter().map(|_| model.new_cache()).collect();
+    let (rows, targets) = target_rows(weights, examples);
+    let chunked = model.dtype() == candle_core::DType::F32
+        && matches!(model.device(), candle_core::Device::Cpu);
     let logits = model.forward(&mut BatchInput {
         seqs: examples
             .iter()
             .zip(caches.iter_mut())
             .map(|(ex, c)| SeqInput::new(&ex.ids, c).with_adapter(Some(weights)))
             .collect(),
-        logits: LogitsRows::Select(rows),
+        logits: if chunked {
+            LogitsRows::SelectHidden(rows)
+        } else {
+            LogitsRows::Select(rows)
+        },
     })?;
-    if crate::ops::fused::applies(&logits) {
-        // One node, its derivative written out (candle_nn's is six over [rows, vocab]).
-        return Ok(crate::ops::fused::cross_entropy(&logits, &targets)?);
+    if chunked {
+        // The logits in chunks of rows inside the loss: never `rows × vocab` at once.
+        return Ok(super::head_loss::head_cross_entropy(
+            &logits,
+            &model.lm_head,
+            &targets,
+        )?);
     }
     let targets = Tensor::new(targets.as_slice(), model.device())?;
     Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+}
+
+/// Removes all but the newest `keep` `step-N` directories under `dir`.
+fn prune_epoch_checkpoints(dir: &Path, keep: Option<usize>) -> Result<(), TrainError> {
+    let Some(keep) = keep else { return Ok(()) };
+    let mut steps: Vec<usize> = std::fs::read_dir(dir)
+        .map_err(|e| TrainError::output(dir, e.to_string()))?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.strip_prefix("step-")?.parse().ok())
+        .collect();
+    steps.sort_unstable();
+    for step in &steps[..steps.len().saturating_sub(keep)] {
+        let old = dir.join(format!("step-{step}"));
+        std::fs::remove_dir_all(&old).map_err(|e| TrainError::output(&old, e.to_string()))?;
+    }
+    Ok(())
+}
+
+/// Adds each of `vars`' gradient in `grads` to its slot of `acc`.
+pub(crate) fn accumulate(
+    grads: &candle_core::backprop::GradStore,
+    vars: &[&Var],
+    acc: &mut [Option<Tensor>],
+) -> candle_core::Result<()> {
+    for (slot, var) in acc.iter_mut().zip(vars) {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            *slot = Some(match slot.take() {
+                Some(prev) => (prev + g)?,
+                None => g.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `examples` in order, split into runs of at most `budget` tokens (an example longer than the
+/// budget alone; the data's `max_seq_len` keeps examples within it where the budget is checked).
+pub fn micro_batches<'a>(examples: &[&'a Example], budget: Option<usize>) -> Vec<Vec<&'a Example>> {
+    let Some(budget) = budget else {
+        return vec![examples.to_vec()];
+    };
+    let mut out = Vec::new();
+    let (mut current, mut used) = (Vec::new(), 0usize);
+    for &ex in examples {
+        if !current.is_empty() && used + ex.ids.len() > budget {
+            out.push(std::mem::take(&mut current));
+            used = 0;
+        }
+        used += ex.ids.len();
+        current.push(ex);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
 }
 
 /// Mean loss over a dataset without dropout (evaluation).
@@ -117,12 +202,16 @@ pub fn evaluate(
     adapter: &TrainableAdapter,
     data: &Dataset,
     batch: usize,
+    max_batch_tokens: Option<usize>,
 ) -> Result<f32, TrainError> {
     let weights = adapter.weights(model, None)?;
     let (mut sum, mut n) = (0f64, 0usize);
-    for chunk in data.examples.chunks(batch.max(1)) {
-        let refs: Vec<&Example> = chunk.iter().collect();
-        let tokens: usize = chunk.iter().map(Example::target_tokens).sum();
+    let all: Vec<&Example> = data.examples.iter().collect();
+    for refs in all
+        .chunks(batch.max(1))
+        .flat_map(|c| micro_batches(c, max_batch_tokens))
+    {
+        let tokens: usize = refs.iter().map(|e| e.target_tokens()).sum();
         let loss = batch_loss(model, &weights, &refs)?
             .detach()
             .to_scalar::<f32>()?;
@@ -143,25 +232,68 @@ fn save_checkpoint(
     step: usize,
 ) -> Result<(), TrainError> {
     let dir = checkpoint_dir(output);
-    let tmp = output.join("checkpoint.tmp");
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).map_err(|e| TrainError::output(&tmp, e.to_string()))?;
-    let mut tensors: HashMap<String, Tensor> = HashMap::new();
-    for (k, v) in adapter.vars() {
-        tensors.insert(k, v.as_tensor().clone());
+    // Complete or absent: filled beside, fsynced, swapped in (the old one kept until then).
+    crate::durable::replace_dir(&dir, |tmp| -> Result<(), TrainError> {
+        let mut tensors: HashMap<String, Tensor> = HashMap::new();
+        for (k, v) in adapter.vars() {
+            tensors.insert(k, v.as_tensor().clone());
+        }
+        candle_core::safetensors::save(&tensors, tmp.join("adapter.safetensors"))?;
+        let mut state: HashMap<String, Tensor> = HashMap::new();
+        for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
+            state.insert(format!("m.{i}"), m.clone());
+            state.insert(format!("v.{i}"), v.clone());
+        }
+        candle_core::safetensors::save(&state, tmp.join("optimizer.safetensors"))?;
+        let meta = json!({"step": step, "adam_t": opt.t});
+        std::fs::write(tmp.join("state.json"), meta.to_string())
+            .map_err(|e| TrainError::output(tmp, e.to_string()))
+    })
+    .map_err(|e| match e {
+        TrainError::Io(io) => TrainError::output(&dir, io.to_string()),
+        other => other,
+    })
+}
+
+/// Exports the adapter into `dir` so that it is complete or absent: a new directory is
+/// filled and swapped in; into an existing one (a job's output, which also holds its resume
+/// checkpoint) each file is written beside and renamed, the config last.
+pub fn export_durably(
+    adapter: &TrainableAdapter,
+    dir: &Path,
+    model: &Llama,
+) -> Result<(), TrainError> {
+    let names: Vec<&str> = Proj::ALL.iter().map(|p| p.short()).collect();
+    let io = |e: std::io::Error| TrainError::output(dir, e.to_string());
+    let name = dir.file_name().unwrap_or_default();
+    let fresh = !dir.exists();
+    // The export is written under its own name (AdapterHub configs record the folder's name).
+    let staging_root = if fresh {
+        crate::durable::tmp_name(dir)
+    } else {
+        dir.join("export.tmp")
+    };
+    let _ = std::fs::remove_dir_all(&staging_root);
+    let staging = staging_root.join(name);
+    adapter.export(&staging, model, &names)?;
+    crate::durable::sync_tree(&staging).map_err(io)?;
+    if fresh {
+        std::fs::rename(&staging, dir).map_err(io)?;
+    } else {
+        let mut files: Vec<_> = std::fs::read_dir(&staging)
+            .map_err(io)?
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        // The config makes the directory an adapter: it goes last.
+        files.sort_by_key(|f| f == crate::adapters::peft::CONFIG_FILE);
+        for f in files {
+            std::fs::rename(staging.join(&f), dir.join(&f)).map_err(io)?;
+        }
     }
-    candle_core::safetensors::save(&tensors, tmp.join("adapter.safetensors"))?;
-    let mut state: HashMap<String, Tensor> = HashMap::new();
-    for (i, (m, v)) in opt.m.iter().zip(&opt.v).enumerate() {
-        state.insert(format!("m.{i}"), m.clone());
-        state.insert(format!("v.{i}"), v.clone());
-    }
-    candle_core::safetensors::save(&state, tmp.join("optimizer.safetensors"))?;
-    let meta = json!({"step": step, "adam_t": opt.t});
-    std::fs::write(tmp.join("state.json"), meta.to_string())
-        .map_err(|e| TrainError::output(&tmp, e.to_string()))?;
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir).map_err(|e| TrainError::output(&dir, e.to_string()))
+    crate::durable::sync_dir(dir.parent().unwrap_or(dir)).map_err(io)?;
+    crate::durable::sync_dir(dir).map_err(io)?;
+    std::fs::remove_dir_all(&staging_root).map_err(io)
 }
 
 fn load_checkpoint(
@@ -237,6 +369,10 @@ pub fn train(
     }
     // The adapter first: a spec it refuses leaves `--output` as it was.
     let adapter = TrainableAdapter::init(model, &cfg.spec)?;
+    if cfg.resume {
+        crate::durable::recover_dir(&checkpoint_dir(&cfg.output))
+            .map_err(|e| TrainError::output(&cfg.output, e.to_string()))?;
+    }
     let resuming = cfg.resume && checkpoint_dir(&cfg.output).join("state.json").is_file();
     if cfg.output.exists() && !cfg.overwrite && !cfg.resume {
         return Err(TrainError::output(
@@ -299,32 +435,45 @@ pub fn train(
         let step_start = Instant::now();
         let weights = adapter.weights(model, Some(step))?;
         let mut acc: Vec<Option<Tensor>> = vec![None; vars.len()];
-        let (mut loss_sum, mut step_tokens) = (0f32, 0usize);
+        let mut slices: Vec<Vec<&Example>> = Vec::with_capacity(cfg.grad_accum);
         for k in 0..cfg.grad_accum {
             let mb = step * cfg.grad_accum + k;
             let (epoch, i) = (mb / micro_per_epoch, mb % micro_per_epoch);
             let order = orders
                 .entry(epoch)
                 .or_insert_with(|| data.order(epoch, cfg.spec.seed));
-            let batch: Vec<&Example> = order
-                [i * cfg.batch_size..((i + 1) * cfg.batch_size).min(order.len())]
-                .iter()
-                .map(|&j| &data.examples[j])
-                .collect();
-            step_tokens += batch.iter().map(|e| e.ids.len()).sum::<usize>();
-            let loss = batch_loss(model, &weights, &batch)?;
-            loss_sum += loss.to_scalar::<f32>()?;
-            let grads = (loss / cfg.grad_accum as f64)?.backward()?;
-            for (slot, var) in acc.iter_mut().zip(&vars) {
-                if let Some(g) = grads.get(var.as_tensor()) {
-                    *slot = Some(match slot.take() {
-                        Some(prev) => (prev + g)?,
-                        None => g.clone(),
-                    });
-                }
-            }
+            slices.push(
+                order[i * cfg.batch_size..((i + 1) * cfg.batch_size).min(order.len())]
+                    .iter()
+                    .map(|&j| &data.examples[j])
+                    .collect(),
+            );
         }
-        let loss = loss_sum / cfg.grad_accum as f32;
+        let step_tokens: usize = slices.iter().flatten().map(|e| e.ids.len()).sum();
+        let step_targets: usize = slices.iter().flatten().map(|e| e.target_tokens()).sum();
+        let mut loss_sum = 0f64;
+        for batch in slices
+            .iter()
+            .flat_map(|s| micro_batches(s, cfg.max_batch_tokens))
+        {
+            // Each micro-batch's mean loss weighted by its share of the step's targets: the
+            // sum is the step's mean over all its target tokens, however it was split.
+            let share = batch.iter().map(|e| e.target_tokens()).sum::<usize>() as f64
+                / step_targets.max(1) as f64;
+            if share == 0.0 {
+                continue;
+            }
+            let loss = if cfg.checkpoint_activations {
+                super::checkpointed::loss_and_grads(model, &weights, &batch, share, &vars, &mut acc)?
+            } else {
+                let loss = batch_loss(model, &weights, &batch)?;
+                let grads = (&loss * share)?.backward()?;
+                accumulate(&grads, &vars, &mut acc)?;
+                loss.to_scalar::<f32>()?
+            };
+            loss_sum += loss as f64 * share;
+        }
+        let loss = loss_sum as f32;
         if !loss.is_finite() {
             bar.abandon();
             return Err(TrainError::NonFinite {
@@ -360,16 +509,16 @@ pub fn train(
             if epochs_done(done) > epochs_done(step) || done == total {
                 let valid = match eval {
                     Some(e) if !e.examples.is_empty() => {
-                        Some(evaluate(model, &adapter, e, cfg.batch_size)?)
+                        Some(evaluate(model, &adapter, e, cfg.batch_size, cfg.max_batch_tokens)?)
                     }
                     _ => None,
                 };
                 if done == total {
                     final_eval = valid;
                 }
-                let names: Vec<&str> = Proj::ALL.iter().map(|p| p.short()).collect();
                 let at = dir.join(format!("step-{done}"));
-                adapter.export(&at, model, &names)?;
+                export_durably(&adapter, &at, model)?;
+                prune_epoch_checkpoints(dir, cfg.keep_epoch_checkpoints)?;
                 let created_at = std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs());
@@ -410,15 +559,16 @@ pub fn train(
             final_eval
         }
         Some(e) if !e.examples.is_empty() => {
-            let l = evaluate(model, &adapter, e, cfg.batch_size)?;
+            let l = evaluate(model, &adapter, e, cfg.batch_size, cfg.max_batch_tokens)?;
             append_metrics(&cfg.output, json!({"step": total, "eval_loss": l}))?;
             Some(l)
         }
         _ => None,
     };
-    let names: Vec<&str> = Proj::ALL.iter().map(|p| p.short()).collect();
-    adapter.export(&cfg.output, model, &names)?;
-    let _ = std::fs::remove_dir_all(checkpoint_dir(&cfg.output));
+    export_durably(&adapter, &cfg.output, model)?;
+    if !cfg.keep_checkpoint {
+        let _ = std::fs::remove_dir_all(checkpoint_dir(&cfg.output));
+    }
     let seconds = started.elapsed().as_secs_f64();
     Ok(TrainReport {
         steps: total,

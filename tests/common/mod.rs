@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 pub mod http;
+pub mod training;
 
 use loraplex::model::source::SourceConfig;
 use loraplex::model::{load_model, LoadedModel, ModelOptions, ModelSource};
