@@ -308,7 +308,26 @@ fn run(st: &Arc<AppState>, job: &JobRecord, stop: &Arc<AtomicBool>) -> Result<(S
     crate::durable::recover_dir(&output.join("checkpoint")).map_err(|e| e.to_string())?;
     let resume = output.join("checkpoint").join("state.json").is_file();
     let events = dir.join("events.jsonl");
-    if !resume {
+    if resume {
+        // Steps after the checkpoint run again: their events from the run that stopped go.
+        let step = std::fs::read_to_string(output.join("checkpoint").join("state.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| v["step"].as_u64())
+            .unwrap_or(0);
+        let kept: String = std::fs::read_to_string(&events)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<Value>(l)
+                    .ok()
+                    .and_then(|v| v["data"]["step"].as_u64())
+                    .is_some_and(|s| s <= step)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        crate::durable::write(&events, kept.as_bytes()).map_err(|e| redact(st, job, &e.to_string()))?;
+    } else {
         let _ = std::fs::remove_file(&events);
         let _ = std::fs::remove_dir_all(dir.join("checkpoints"));
     }
