@@ -3,8 +3,9 @@
 use std::path::Path;
 
 /// Modules each layer may use (besides itself).
-const ALLOWED: [(&str, &[&str]); 12] = [
+const ALLOWED: [(&str, &[&str]); 13] = [
     ("ops", &[]),
+    ("durable", &[]),
     ("quant", &["ops"]),
     ("chat", &[]),
     ("tokenizer", &[]),
@@ -12,7 +13,7 @@ const ALLOWED: [(&str, &[&str]); 12] = [
     ("guided", &["tokenizer"]),
     ("model", &["ops", "quant", "tokenizer", "chat"]),
     ("adapters", &["model", "ops"]),
-    ("train", &["model", "adapters", "chat", "tokenizer", "ops"]),
+    ("train", &["model", "adapters", "chat", "tokenizer", "ops", "durable"]),
     (
         "engine",
         &[
@@ -35,6 +36,7 @@ const ALLOWED: [(&str, &[&str]); 12] = [
             "tokenizer",
             "metrics",
             "guided",
+            "durable",
         ],
     ),
     (

@@ -238,6 +238,7 @@ fn qlora_training_lowers_the_loss_and_serves_on_the_nf4_base() {
         checkpoint_activations: false,
         keep_checkpoint: false,
         keep_epoch_checkpoints: None,
+        progress_every: std::time::Duration::from_secs(10),
     };
     let report = train(&m.model, &data, None, &cfg).unwrap();
     assert!(

@@ -28,6 +28,10 @@ max_jobs = 1
 [keys."sk-globex"]
 tenant = "globex"
 
+[keys."sk-initech"]
+tenant = "initech"
+max_jobs = 1
+
 [keys."sk-root"]
 tenant = "ops"
 admin = true
@@ -1285,10 +1289,26 @@ async fn fine_tuning_jobs_belong_to_their_tenant() {
     )
     .await;
     assert_eq!(own.status, StatusCode::OK, "{}", own.text);
-    // acme's key allows one job queued or running at once.
+    // acme's key allows two run-time adapters: a job, which registers its model and three
+    // checkpoints, would pass that quota, so it is refused up front, naming it.
     let mine = upload(
         &app,
         "sk-acme",
+        "fine-tune",
+        "m.jsonl",
+        &lines[..4].join("\n"),
+    )
+    .await;
+    let mine = mine.json["id"].as_str().unwrap().to_string();
+    let long = json!({"training_file": mine, "model": base,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 50, "batch_size": 1}}}});
+    let refused = call(&app, "POST", "/v1/fine_tuning/jobs", Some(long), "sk-acme").await;
+    assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.text);
+    assert!(refused.text.contains("max_adapters"), "{}", refused.text);
+    // initech's key allows one job queued or running at once.
+    let mine = upload(
+        &app,
+        "sk-initech",
         "fine-tune",
         "m.jsonl",
         &lines[..4].join("\n"),
@@ -1302,11 +1322,11 @@ async fn fine_tuning_jobs_belong_to_their_tenant() {
         "POST",
         "/v1/fine_tuning/jobs",
         Some(long.clone()),
-        "sk-acme",
+        "sk-initech",
     )
     .await;
     assert_eq!(first.status, StatusCode::OK, "{}", first.text);
-    let second = call(&app, "POST", "/v1/fine_tuning/jobs", Some(long), "sk-acme").await;
+    let second = call(&app, "POST", "/v1/fine_tuning/jobs", Some(long), "sk-initech").await;
     assert_eq!(second.status, StatusCode::FORBIDDEN, "{}", second.text);
     assert!(second.text.contains("max_jobs"), "{}", second.text);
     let id = first.json["id"].as_str().unwrap();
@@ -1315,7 +1335,7 @@ async fn fine_tuning_jobs_belong_to_their_tenant() {
         "POST",
         &format!("/v1/fine_tuning/jobs/{id}/cancel"),
         None,
-        "sk-acme",
+        "sk-initech",
     )
     .await;
 }

@@ -88,14 +88,18 @@ pub struct ServeArgs {
     /// priority (nice 10) than serving's threads.
     #[arg(long, default_value_t = 0)]
     pub train_threads: usize,
+    /// The longest stop string a request may send, in bytes (at most 4 strings).
+    #[arg(long, default_value_t = 256)]
+    pub max_stop_bytes: usize,
     /// Tokens one training forward/backward of a fine-tuning job holds: a job's `batch_size` is
     /// reached by gradient accumulation over micro-batches within it (the same update). Bounds a
     /// job's memory (see README); at least 512, a job example's longest.
     #[arg(long, default_value_t = 2048)]
     pub train_max_batch_tokens: usize,
-    /// Activation checkpointing in fine-tuning jobs: keep each layer's input only and recompute
-    /// the layer in the backward (less memory per token, about a third more compute).
-    #[arg(long)]
+    /// Activation checkpointing in fine-tuning jobs (`true`/`false`): keep each layer's input
+    /// only and recompute the layer in the backward. On by default: on the default model a
+    /// 2,048-token micro-batch of 512-token examples holds 9.3 GB without it, 0.8 GB with it.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub train_checkpoint_activations: bool,
     /// Messages one line of a training file may hold (uploads and jobs).
     #[arg(long, default_value_t = 256)]
@@ -169,6 +173,7 @@ pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::serve
             vocab: loaded_vocab,
             max_n: args.max_n as usize,
             max_tokens_cap: args.max_tokens_cap,
+            max_stop_bytes: args.max_stop_bytes,
             context,
         },
         bind: args.model.bind_options(),

@@ -137,6 +137,18 @@ pub struct TrainArgs {
     pub save_steps: usize,
     #[arg(long, default_value_t = 512)]
     pub max_seq_len: usize,
+    /// Tokens one forward/backward holds: a batch is split into micro-batches within it and
+    /// their gradients summed (the same update), bounding memory (default: one micro-batch per
+    /// `--batch-size` examples, whatever their length). At least `--max-seq-len`.
+    #[arg(long)]
+    pub max_batch_tokens: Option<usize>,
+    /// Keep only each layer's input in the forward and recompute the layer in the backward:
+    /// less memory per token for about a third more compute.
+    #[arg(long)]
+    pub checkpoint_activations: bool,
+    /// Where stderr is not a terminal, a progress line at least this many seconds apart.
+    #[arg(long, default_value_t = 10)]
+    pub progress_interval: u64,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Load the new adapter into this running server when training ends.
@@ -150,6 +162,9 @@ pub async fn run_train(args: TrainArgs) -> Result<()> {
     use crate::train::{
         dataset::Tokenization, optim::Schedule, trainable::TrainSpec, Dataset, Format, Method,
     };
+    if args.max_batch_tokens.is_some_and(|b| b < args.max_seq_len) {
+        bail!("`--max-batch-tokens` must be at least `--max-seq-len` ({})", args.max_seq_len);
+    }
     if !matches!(args.model.dtype, DTypeArg::F32 | DTypeArg::Auto) {
         bail!("`--dtype`: training runs in f32");
     }
@@ -269,10 +284,11 @@ pub async fn run_train(args: TrainArgs) -> Result<()> {
         cancel: None,
         on_step: None,
         epoch_checkpoints: None,
-        max_batch_tokens: None,
-        checkpoint_activations: false,
+        max_batch_tokens: args.max_batch_tokens,
+        checkpoint_activations: args.checkpoint_activations,
         keep_checkpoint: false,
         keep_epoch_checkpoints: None,
+        progress_every: std::time::Duration::from_secs(args.progress_interval),
     };
     let report = tokio::task::spawn_blocking(move || {
         crate::train::train(&loaded.model, &data, eval.as_ref(), &cfg)

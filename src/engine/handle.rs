@@ -185,6 +185,11 @@ impl Engine {
         ))
     }
 
+    /// KV positions one request may occupy at most (`--kv-cache-tokens`).
+    pub fn kv_budget(&self) -> usize {
+        self.shared.kv_cache_tokens
+    }
+
     pub fn model(&self) -> &Arc<LoadedModel> {
         &self.model
     }

@@ -393,6 +393,7 @@ fn run(st: &Arc<AppState>, job: &JobRecord, stop: &Arc<AtomicBool>) -> Result<(S
         checkpoint_activations: st.config.train.checkpoint_activations,
         keep_checkpoint: true,
         keep_epoch_checkpoints: Some(3),
+        progress_every: std::time::Duration::from_secs(10),
     };
     let report = train(model, &data, eval.as_ref(), &cfg).map_err(|e| e.to_string())?;
     let name = ft_name(&loaded.id, job.suffix.as_deref(), &job.id);

@@ -103,6 +103,27 @@ async fn generate(
             tenant: caller.tenant.clone(),
         }
     };
+    // A default `max_tokens` (the client sent none) is what the KV budget leaves, so that
+    // it never comes back as a 400 about a field the client did not send.
+    let defaulted = p.sampling.max_tokens.is_none() && p.sampling.max_completion_tokens.is_none();
+    let budget = st.engine.kv_budget();
+    let fits = |r: &ValidRequest| r.kv_positions() <= budget;
+    let request = |i: usize| {
+        let mut r = request(i);
+        if defaulted && !fits(&r) {
+            let fixed = r.kv_positions() - r.config.max_tokens;
+            r.config.max_tokens = budget.saturating_sub(fixed);
+            r.config.min_tokens = r.config.min_tokens.min(r.config.max_tokens);
+        }
+        r
+    };
+    if defaulted && request(0).config.max_tokens == 0 {
+        let field = if matches!(kind, Kind::Chat) { "messages" } else { "prompt" };
+        return Err(ApiError::bad(
+            field,
+            format!("`{field}` takes {} KV positions with the adapter's virtual tokens; the server holds {budget} per request", request(0).kv_positions()),
+        ));
+    }
     let mut first = st.engine.submit(request(0))?;
     let mut rxs = Vec::with_capacity(n);
     if n > 1 {

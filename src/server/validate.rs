@@ -19,6 +19,9 @@ pub struct Limits {
     pub vocab: usize,
     /// `--max-n`: choices per request.
     pub max_n: usize,
+    /// `--max-stop-bytes`: the longest stop string (at most 4 of them): each is matched
+    /// against the new text of every step, and held-back text is checked against its prefixes.
+    pub max_stop_bytes: usize,
 }
 
 pub fn messages(messages: &[MessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
@@ -224,6 +227,24 @@ pub fn generation(
         }
         Some(StopField::Many(v)) => v.clone(),
     };
+    if let Some((i, long)) = stop
+        .iter()
+        .enumerate()
+        .find(|(_, s)| s.len() > limits.max_stop_bytes)
+    {
+        let field = match &s.stop {
+            Some(StopField::Many(_)) => format!("stop[{i}]"),
+            _ => "stop".to_string(),
+        };
+        return Err(ApiError::bad(
+            &field,
+            format!(
+                "`{field}` is {} bytes; stop strings are at most {} bytes (`--max-stop-bytes`)",
+                long.len(),
+                limits.max_stop_bytes
+            ),
+        ));
+    }
     Ok(GenerationConfig {
         max_tokens,
         min_tokens,
@@ -251,6 +272,7 @@ mod tests {
 
     fn limits() -> Limits {
         Limits {
+            max_stop_bytes: 256,
             max_tokens_cap: 100,
             context: 256,
             vocab: 512,

@@ -64,6 +64,9 @@ pub struct TrainConfig {
     pub keep_checkpoint: bool,
     /// Epoch checkpoints kept on disk (`Some(3)`: the ones a job serves); older ones go.
     pub keep_epoch_checkpoints: Option<usize>,
+    /// With `progress` where stderr is not a terminal (a container's log, CI, a pipe), where
+    /// no bar is drawn: a line (step, loss, tokens/s, ETA) at least this far apart.
+    pub progress_every: std::time::Duration,
 }
 
 /// A callback per training step (see `TrainConfig::on_step`).
@@ -139,6 +142,16 @@ pub fn batch_loss(
     }
     let targets = Tensor::new(targets.as_slice(), model.device())?;
     Ok(candle_nn::loss::cross_entropy(&logits, &targets)?)
+}
+
+/// `seconds` as `1h02m03s` / `2m03s` / `3s`.
+fn clock(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, sec) => format!("{sec}s"),
+        (0, m, sec) => format!("{m}m{sec:02}s"),
+        (h, m, sec) => format!("{h}h{m:02}m{sec:02}s"),
+    }
 }
 
 /// Removes all but the newest `keep` `step-N` directories under `dir`.
@@ -419,6 +432,9 @@ pub fn train(
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_position(start_step as u64);
+    // No bar where stderr is no terminal (indicatif hides it): plain lines instead.
+    let mut plain_progress = (cfg.progress && !std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .then(Instant::now);
     let started = Instant::now();
     let mut orders: HashMap<usize, Vec<usize>> = HashMap::new();
     let (mut first_loss, mut last_loss, mut tokens_done) = (f32::NAN, f32::NAN, 0usize);
@@ -463,6 +479,13 @@ pub fn train(
             if share == 0.0 {
                 continue;
             }
+            // A cancel takes effect within a micro-batch, not only at the end of a large step:
+            // the weights are still those after `step` steps, which the checkpoint keeps.
+            if cfg.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+                save_checkpoint(&cfg.output, &adapter, &opt, step)?;
+                bar.abandon();
+                return Err(TrainError::Cancelled { step });
+            }
             let loss = if cfg.checkpoint_activations {
                 super::checkpointed::loss_and_grads(model, &weights, &batch, share, &vars, &mut acc)?
             } else {
@@ -503,6 +526,20 @@ pub fn train(
         }
         bar.set_message(format!("loss {loss:.4}, lr {lr:.2e}, {tps:.0} tok/s"));
         bar.inc(1);
+        if let Some(last) = plain_progress.as_mut() {
+            if last.elapsed() >= cfg.progress_every || step + 1 == total {
+                *last = Instant::now();
+                let done_here = step + 1 - start_step;
+                let per_step = started.elapsed().as_secs_f64() / done_here as f64;
+                let eta = per_step * (total - step - 1) as f64;
+                eprintln!(
+                    "step {}/{total}: loss {loss:.4}, lr {lr:.2e}, {:.0} tokens/s, ETA {}",
+                    step + 1,
+                    tokens_done as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                    clock(eta)
+                );
+            }
+        }
         let done = step + 1;
         let epochs_done = |s: usize| (s * cfg.grad_accum / micro_per_epoch).min(cfg.epochs.max(1));
         if let Some(dir) = &cfg.epoch_checkpoints {

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 pub mod http;
+pub mod process;
 pub mod training;
 
 use loraplex::model::source::SourceConfig;

@@ -108,6 +108,7 @@ pub fn config(output: PathBuf, method: Method, steps: usize) -> TrainConfig {
         checkpoint_activations: false,
         keep_checkpoint: false,
         keep_epoch_checkpoints: None,
+        progress_every: std::time::Duration::from_secs(10),
     }
 }
 
