@@ -15,7 +15,8 @@ use super::trainer::{accumulate, target_rows};
 use crate::model::llama::SeqInput;
 use crate::model::{AdapterWeights, BatchInput, Llama, LogitsRows};
 
-/// The mean loss of `examples`; adds `share ×` its gradient in each of `vars` to `acc`.
+/// The mean loss of `examples`; adds `share ×` its gradient in each of `vars` to `acc`. Ends
+/// with `TrainError::Cancelled` (its step left for the caller to fill in) once `stop` is set.
 pub fn loss_and_grads(
     model: &Llama,
     weights: &AdapterWeights,
@@ -23,7 +24,13 @@ pub fn loss_and_grads(
     share: f64,
     vars: &[&Var],
     acc: &mut [Option<Tensor>],
+    stop: Option<&std::sync::atomic::AtomicBool>,
 ) -> Result<f32, TrainError> {
+    // Checked at every layer: a cancel ends the work within a layer's time, not a micro-batch's.
+    let stopped = || {
+        stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+            .then_some(TrainError::Cancelled { step: 0 })
+    };
     let mut caches: Vec<_> = examples.iter().map(|_| model.new_cache()).collect();
     let (rows, targets) = target_rows(weights, examples);
     let mut input = BatchInput {
@@ -40,6 +47,9 @@ pub fn loss_and_grads(
     let mut marks = Vec::with_capacity(layers);
     let mut x = embedded.detach();
     for l in 0..layers {
+        if let Some(e) = stopped() {
+            return Err(e);
+        }
         let mark: Vec<_> = input.seqs.iter().map(|s| s.cache.mark(l)).collect();
         inputs.push(x.clone());
         let y = model.layer(l, x, &staged, &mut input, None)?;
@@ -62,6 +72,9 @@ pub fn loss_and_grads(
         .unwrap_or(top.as_tensor().zeros_like()?);
     drop(grads);
     for l in (0..layers).rev() {
+        if let Some(e) = stopped() {
+            return Err(e);
+        }
         let x_in = Var::from_tensor(&inputs[l])?;
         let y = model.layer(l, x_in.as_tensor().clone(), &staged, &mut input, None)?;
         let grads = (y * &grad)?.sum_all()?.backward()?;

@@ -487,7 +487,22 @@ pub fn train(
                 return Err(TrainError::Cancelled { step });
             }
             let loss = if cfg.checkpoint_activations {
-                super::checkpointed::loss_and_grads(model, &weights, &batch, share, &vars, &mut acc)?
+                match super::checkpointed::loss_and_grads(
+                    model,
+                    &weights,
+                    &batch,
+                    share,
+                    &vars,
+                    &mut acc,
+                    cfg.cancel.as_deref(),
+                ) {
+                    Err(TrainError::Cancelled { .. }) => {
+                        save_checkpoint(&cfg.output, &adapter, &opt, step)?;
+                        bar.abandon();
+                        return Err(TrainError::Cancelled { step });
+                    }
+                    other => other?,
+                }
             } else {
                 let loss = batch_loss(model, &weights, &batch)?;
                 let grads = (&loss * share)?.backward()?;

@@ -7,9 +7,15 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+/// The binary under test: this build's, or `LORAPLEX_SERVE_BIN` (to show that a test fails on
+/// an earlier build).
+pub fn serve_bin() -> String {
+    std::env::var("LORAPLEX_SERVE_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_serve").into())
+}
+
 /// Starts `serve` on a free port; returns the child and the port (read from its banner).
 pub fn start(args: &[&str]) -> (Child, u16) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_serve"))
+    let mut child = Command::new(serve_bin())
         .args(["--port", "0"])
         .args(args)
         .stderr(Stdio::piped())
