@@ -164,8 +164,13 @@ fn prune_epoch_checkpoints(dir: &Path, keep: Option<usize>) -> Result<(), TrainE
         .collect();
     steps.sort_unstable();
     for step in &steps[..steps.len().saturating_sub(keep)] {
+        // Out of sight first (one rename), then removed: a kill midway leaves a `.tmp`, which
+        // the next start clears, never a half-removed checkpoint under its name.
         let old = dir.join(format!("step-{step}"));
-        std::fs::remove_dir_all(&old).map_err(|e| TrainError::output(&old, e.to_string()))?;
+        let gone = crate::durable::tmp_name(&old);
+        let _ = std::fs::remove_dir_all(&gone);
+        std::fs::rename(&old, &gone).map_err(|e| TrainError::output(&old, e.to_string()))?;
+        std::fs::remove_dir_all(&gone).map_err(|e| TrainError::output(&old, e.to_string()))?;
     }
     Ok(())
 }
@@ -581,7 +586,10 @@ pub fn train(
                 }
             }
         }
-        if cfg.save_steps > 0 && done % cfg.save_steps == 0 && done < total {
+        // Every `save_steps` steps, and at each epoch's checkpoint: a restart never goes back
+        // behind an epoch checkpoint it already wrote.
+        let epoch_end = cfg.epoch_checkpoints.is_some() && epochs_done(done) > epochs_done(step);
+        if (cfg.save_steps > 0 && done % cfg.save_steps == 0 || epoch_end) && done < total {
             save_checkpoint(&cfg.output, &adapter, &opt, done)?;
             last_good = format!("{} (step {done})", checkpoint_dir(&cfg.output).display());
         }
