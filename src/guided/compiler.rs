@@ -167,7 +167,7 @@ pub struct Guide {
     eos: TokenId,
     /// The next mask, being computed: the matcher comes back with it. (In a mutex only so that
     /// a guide is `Sync`, as the requests holding one are shared across an await.)
-    pending: Option<Mutex<std::sync::mpsc::Receiver<(Matcher, Mask)>>>,
+    pending: Option<Mutex<std::sync::mpsc::Receiver<Result<(Matcher, Mask), String>>>>,
     /// Nanoseconds spent computing masks (for the benchmark).
     pub mask_nanos: Vec<u64>,
 }
@@ -187,6 +187,29 @@ impl Clone for Guide {
     }
 }
 
+/// `f()`, or the message of its panic.
+fn caught<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|p| {
+        let what = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        format!("the structured-output mask computation failed: {what}")
+    })
+}
+
+/// Runs `f` on the compute pool; its result (or its panic, as an error) arrives on the receiver.
+fn spawn_caught<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> std::sync::mpsc::Receiver<Result<T, String>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    rayon::spawn(move || {
+        let _ = tx.send(caught(f).and_then(|r| r));
+    });
+    rx
+}
+
 impl std::fmt::Debug for Guide {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Guide")
@@ -203,20 +226,20 @@ impl Guide {
         }
     }
 
-    fn compute(mut m: Matcher) -> (Matcher, Mask) {
-        let start = std::time::Instant::now();
-        let r = m.compute_mask_or_eos().map_err(|e| e.to_string());
-        (m, (r, start.elapsed().as_nanos() as u64))
+    /// The next mask, with the matcher back; a panic inside the library fails this request
+    /// (an error), never the process: on the compute pool an unwinding task would abort it.
+    fn compute(mut m: Matcher) -> Result<(Matcher, Mask), String> {
+        caught(move || {
+            let start = std::time::Instant::now();
+            let r = m.compute_mask_or_eos().map_err(|e| e.to_string());
+            (m, (r, start.elapsed().as_nanos() as u64))
+        })
     }
 
     /// Starts computing the next mask on the compute pool.
     fn prefetch(&mut self) {
         let Some(m) = self.matcher.take() else { return };
-        let (tx, rx) = std::sync::mpsc::channel();
-        rayon::spawn(move || {
-            let _ = tx.send(Self::compute(m));
-        });
-        self.pending = Some(Mutex::new(rx));
+        self.pending = Some(Mutex::new(spawn_caught(move || Self::compute(m))));
     }
 
     /// The next mask: the one computed in the background, else now.
@@ -225,7 +248,7 @@ impl Guide {
             Some(rx) => loop {
                 let got = rx.lock().unwrap_or_else(|p| p.into_inner()).try_recv();
                 match got {
-                    Ok(done) => break done,
+                    Ok(done) => break done?,
                     Err(std::sync::mpsc::TryRecvError::Empty) => {
                         // On a pool thread, run pool work meanwhile (perhaps this very task):
                         // a pool thread never blocks on the pool.
@@ -238,7 +261,7 @@ impl Guide {
                     }
                 }
             },
-            None => Self::compute(self.matcher.take().ok_or("the matcher was lost")?),
+            None => Self::compute(self.matcher.take().ok_or("the matcher was lost")?)?,
         };
         self.matcher = Some(m);
         self.mask_nanos.push(nanos);
@@ -287,5 +310,18 @@ impl Guide {
     /// The constraint is complete and nothing may follow.
     pub fn is_stopped(&self) -> bool {
         self.matcher.as_ref().is_none_or(|m| m.is_stopped())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_panicking_mask_task_is_an_error_not_an_abort() {
+        let rx = super::spawn_caught::<u32>(|| panic!("inside the library"));
+        let got = rx.recv().expect("the task answers");
+        let err = got.expect_err("a panic is an error");
+        assert!(err.contains("inside the library"), "{err}");
+        let ok = super::spawn_caught(|| Ok(7u32)).recv().unwrap();
+        assert_eq!(ok, Ok(7));
     }
 }

@@ -343,9 +343,14 @@ fn widen_half(src: &[u16], bf16: bool, dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         let simd = crate::ops::cpu_features::avx2_fma() && src.len() % 8 == 0;
-        if simd && (bf16 || crate::ops::cpu_features::f16c()) {
-            // SAFETY: AVX2 (and F16C for f16) checked at run time; whole chunks of 8 in and out.
-            unsafe { widen_half_avx2(src, bf16, dst) };
+        if simd && bf16 {
+            // SAFETY: AVX2 checked at run time; whole chunks of 8 in and out.
+            unsafe { widen_bf16_avx2(src, dst) };
+            return;
+        }
+        if simd && crate::ops::cpu_features::f16c() {
+            // SAFETY: AVX2 and F16C checked at run time; whole chunks of 8 in and out.
+            unsafe { widen_f16_f16c(src, dst) };
             return;
         }
     }
@@ -356,18 +361,26 @@ fn widen_half(src: &[u16], bf16: bool, dst: &mut [f32]) {
     }
 }
 
+/// bf16 → f32 is a shift: AVX2 alone (a CPU with AVX2 but no F16C takes this path too).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
-unsafe fn widen_half_avx2(src: &[u16], bf16: bool, dst: &mut [f32]) {
+#[target_feature(enable = "avx2")]
+unsafe fn widen_bf16_avx2(src: &[u16], dst: &mut [f32]) {
     use std::arch::x86_64::*;
     for (c, o) in src.chunks_exact(8).zip(dst.chunks_exact_mut(8)) {
         let h = _mm_loadu_si128(c.as_ptr() as *const __m128i);
-        let f = if bf16 {
-            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
-        } else {
-            _mm256_cvtph_ps(h)
-        };
+        let f = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
         _mm256_storeu_ps(o.as_mut_ptr(), f);
+    }
+}
+
+/// f16 → f32 needs F16C's `vcvtph2ps`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn widen_f16_f16c(src: &[u16], dst: &mut [f32]) {
+    use std::arch::x86_64::*;
+    for (c, o) in src.chunks_exact(8).zip(dst.chunks_exact_mut(8)) {
+        let h = _mm_loadu_si128(c.as_ptr() as *const __m128i);
+        _mm256_storeu_ps(o.as_mut_ptr(), _mm256_cvtph_ps(h));
     }
 }
 

@@ -14,11 +14,16 @@ pub const FUSED_ROWS: usize = 8;
 
 /// Decodes one block (32 bytes, 64 codes, high nibble first) times `scale` into `out`.
 pub fn decode_block(bytes: &[u8], scale: f32, out: &mut [f32]) {
-    debug_assert!(bytes.len() >= BLOCK / 2 && out.len() >= BLOCK);
+    // Checked in release builds too: the SIMD path reads and writes a whole block through raw
+    // pointers, so its safety must not rest on the callers.
+    assert!(
+        bytes.len() >= BLOCK / 2 && out.len() >= BLOCK,
+        "decode_block: a block needs {} bytes and {BLOCK} outputs",
+        BLOCK / 2
+    );
     #[cfg(target_arch = "x86_64")]
     if simd_available() {
-        // SAFETY: AVX2 and FMA were detected; the slices hold a whole block (asserted above,
-        // and by the callers' block-aligned ranges).
+        // SAFETY: AVX2 and FMA were detected; the slices hold a whole block (asserted above).
         unsafe { avx2::decode_block(bytes, scale, out) };
         return;
     }
@@ -37,7 +42,13 @@ fn decode_block_portable(bytes: &[u8], scale: f32, out: &mut [f32]) {
 /// scales, `x` is `n × cols` row-major.
 pub fn dot_row(packed: &[u8], scales: &[f32], x: &[f32], n: usize, cols: usize, y: &mut [f32]) {
     assert!(n <= FUSED_ROWS && cols.is_multiple_of(BLOCK));
-    assert!(packed.len() >= cols / 2 && scales.len() >= cols / BLOCK && x.len() >= n * cols);
+    assert!(
+        packed.len() >= cols / 2
+            && scales.len() >= cols / BLOCK
+            && x.len() >= n * cols
+            && y.len() >= n,
+        "dot_row: the slices do not hold {n} rows of {cols} columns"
+    );
     #[cfg(target_arch = "x86_64")]
     if simd_available() {
         // SAFETY: features detected; bounds asserted above.
@@ -234,6 +245,22 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bounds hold in release builds: a short slice is a panic, not a write past its end.
+    #[test]
+    #[should_panic(expected = "decode_block")]
+    fn decode_block_refuses_a_short_output() {
+        let mut out = vec![0f32; BLOCK - 1];
+        decode_block(&[0u8; BLOCK / 2], 1.0, &mut out);
+    }
+
+    #[test]
+    #[should_panic(expected = "dot_row")]
+    fn dot_row_refuses_a_short_output() {
+        let x = vec![0f32; 2 * BLOCK];
+        let mut y = vec![0f32; 1];
+        dot_row(&[0u8; BLOCK / 2], &[1.0], &x, 2, BLOCK, &mut y);
+    }
 
     fn codes_block(seed: usize) -> Vec<u8> {
         (0..BLOCK / 2)
