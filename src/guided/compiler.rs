@@ -24,14 +24,32 @@ pub enum Constraint {
 }
 
 impl Constraint {
+    /// Bytes of the constraint's text.
+    pub fn text_len(&self) -> usize {
+        match self {
+            Self::JsonObject => 0,
+            Self::JsonSchema(s) | Self::Regex(s) => s.len(),
+            Self::Choice(o) => o.iter().map(String::len).sum(),
+        }
+    }
+
     fn grammar(&self) -> Result<TopLevelGrammar, GuidedError> {
+        if self.text_len() > MAX_CONSTRAINT_BYTES {
+            return Err(GuidedError::Invalid(format!(
+                "the constraint is {} bytes; at most {MAX_CONSTRAINT_BYTES} are compiled",
+                self.text_len()
+            )));
+        }
         Ok(match self {
             Self::JsonObject => json_grammar(serde_json::json!({"type": "object"})),
             Self::JsonSchema(s) => json_grammar(
                 serde_json::from_str(s).map_err(|e| GuidedError::Invalid(e.to_string()))?,
             ),
             Self::Regex(r) => {
-                regex::Regex::new(r).map_err(|e| GuidedError::Invalid(e.to_string()))?;
+                regex::RegexBuilder::new(r)
+                    .size_limit(1 << 20)
+                    .build()
+                    .map_err(|e| GuidedError::Invalid(e.to_string()))?;
                 TopLevelGrammar::from_regex(r)
             }
             Self::Choice(options) => {
@@ -76,20 +94,58 @@ impl TokenizerEnv for Env {
     }
 }
 
-/// Compiles constraints for one model's tokenizer; compiled matchers are cached (LRU) by scope
-/// (the tenant) and constraint, so a schema used again costs a clone — and no tenant can time
-/// whether another one used a schema.
+/// Compiles constraints for one model's tokenizer; compiled matchers are cached (LRU) per scope
+/// (the tenant), so a schema used again costs a clone — no tenant can time whether another one
+/// used a schema, and none can evict another's entries: each scope has its own LRU, bounded in
+/// entries and in constraint bytes.
 pub struct Guidance {
     factory: ParserFactory,
-    cache: Mutex<lru::LruCache<(Option<String>, Constraint), Matcher>>,
+    cache: Mutex<std::collections::HashMap<Option<String>, ScopeCache>>,
     /// Constraints compiled (cache misses).
     compiled: std::sync::atomic::AtomicUsize,
     /// The end-of-sequence token the grammar allows once it is complete.
     eos: TokenId,
 }
 
-/// Compiled constraints kept at once.
-const CACHED: usize = 256;
+/// Compiled constraints one scope keeps at once.
+pub const CACHED_PER_SCOPE: usize = 32;
+/// Constraint text one scope's cache holds (each compiled matcher is bounded too: the parser's
+/// lexer states are capped, see `Guidance::new`).
+pub const CACHED_BYTES_PER_SCOPE: usize = 1 << 20;
+/// The largest constraint (schema, regex, choices) compiled at all.
+pub const MAX_CONSTRAINT_BYTES: usize = 64 << 10;
+
+/// One scope's cached matchers, least recently used first out.
+struct ScopeCache {
+    lru: lru::LruCache<Constraint, Matcher>,
+    bytes: usize,
+}
+
+impl ScopeCache {
+    fn new() -> Self {
+        Self {
+            lru: lru::LruCache::new(NonZeroUsize::new(CACHED_PER_SCOPE).expect("non-zero")),
+            bytes: 0,
+        }
+    }
+
+    fn put(&mut self, c: Constraint, m: Matcher) {
+        let size = c.text_len();
+        if size > CACHED_BYTES_PER_SCOPE {
+            return;
+        }
+        while self.bytes + size > CACHED_BYTES_PER_SCOPE || self.lru.len() == CACHED_PER_SCOPE {
+            match self.lru.pop_lru() {
+                Some((old, _)) => self.bytes -= old.text_len(),
+                None => break,
+            }
+        }
+        if let Some((old, _)) = self.lru.push(c, m) {
+            self.bytes -= old.text_len();
+        }
+        self.bytes += size;
+    }
+}
 
 impl Guidance {
     /// `eos`: the token that ends an answer (the chat template's end of turn).
@@ -110,11 +166,15 @@ impl Guidance {
         let mut factory = ParserFactory::new_simple(&(std::sync::Arc::new(env) as _))
             .map_err(|e| GuidedError::Tokenizer(e.to_string()))?;
         factory.quiet();
+        // Compilation and each mask are bounded by the library's fuel; its lexer states (1–2 kB
+        // each) are capped lower than its default 250,000, so one matcher stays under ~100 MB.
+        let limits = factory.limits_mut();
+        limits.max_lexer_states = 50_000;
+        limits.initial_lexer_fuel = 1_000_000;
+        limits.step_lexer_fuel = 200_000;
         Ok(Self {
             factory,
-            cache: Mutex::new(lru::LruCache::new(
-                NonZeroUsize::new(CACHED).expect("non-zero"),
-            )),
+            cache: Mutex::default(),
             eos,
             compiled: Default::default(),
         })
@@ -127,12 +187,13 @@ impl Guidance {
 
     /// `compile` with a cache of `scope`'s own (the tenant's).
     pub fn compile_for(&self, scope: Option<&str>, c: &Constraint) -> Result<Guide, GuidedError> {
-        let key = (scope.map(str::to_string), c.clone());
+        let scope = scope.map(str::to_string);
         if let Some(m) = self
             .cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
+            .get_mut(&scope)
+            .and_then(|s| s.lru.get(c))
         {
             return Ok(Guide::new(m.clone(), self.eos));
         }
@@ -149,7 +210,9 @@ impl Guidance {
         self.cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .put(key, matcher.clone());
+            .entry(scope)
+            .or_insert_with(ScopeCache::new)
+            .put(c.clone(), matcher.clone());
         Ok(Guide::new(matcher, self.eos))
     }
 
@@ -315,6 +378,34 @@ impl Guide {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn a_scope_cache_stays_within_its_entries_and_bytes() {
+        let tok = crate::tokenizer::Tokenizer::from_file(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/fixtures/tiny-llama/tokenizer.json"),
+        )
+        .unwrap();
+        let g = Guidance::new(&tok, 2).unwrap();
+        // One tenant's flood of distinct regexes leaves the other's entry cached.
+        g.compile_for(Some("light"), &Constraint::Regex("(yes|no)".into())).unwrap();
+        for i in 0..3 * CACHED_PER_SCOPE {
+            g.compile_for(Some("heavy"), &Constraint::Regex(format!("a{{{i}}}b"))).unwrap();
+        }
+        let before = g.compiled();
+        g.compile_for(Some("light"), &Constraint::Regex("(yes|no)".into())).unwrap();
+        assert_eq!(g.compiled(), before, "the light tenant's constraint was evicted");
+        let cache = g.cache.lock().unwrap();
+        let heavy = &cache[&Some("heavy".to_string())];
+        assert!(heavy.lru.len() <= CACHED_PER_SCOPE && heavy.bytes <= CACHED_BYTES_PER_SCOPE);
+        drop(cache);
+        // Too large to compile at all: an error naming the bound.
+        let big = Constraint::Regex("a".repeat(MAX_CONSTRAINT_BYTES + 1));
+        let err = g.compile_for(Some("heavy"), &big).err().unwrap().to_string();
+        assert!(err.contains("at most"), "{err}");
+    }
+
     #[test]
     fn a_panicking_mask_task_is_an_error_not_an_abort() {
         let rx = super::spawn_caught::<u32>(|| panic!("inside the library"));
