@@ -506,3 +506,48 @@ fn a_failed_write_fails_the_job_clearly() {
     assert!(!message.contains(&tmp.path().display().to_string()), "{message}");
     assert!(message.contains("checkpoints"), "{message}");
 }
+
+/// Parsing and decoding a huge `/detokenize` body is CPU work: it runs on the blocking pool,
+/// within the caller's share of the preparation threads, so one tenant's flood of them leaves
+/// the async threads and a preparation thread to the others.
+#[test]
+fn a_flood_of_huge_detokenize_bodies_leaves_room_for_the_other_tenant() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tiny = tiny_dir();
+    let s = serve(tmp.path(), Some(&tiny), &["--max-body-bytes", "67108864"]);
+    let port = s.port;
+    let ids = vec!["17"; 3_000_000].join(",");
+    let body = format!("{{\"tokens\": [{ids}]}}");
+    let begun = Instant::now();
+    let heavy: Vec<_> = (0..4)
+        .map(|_| {
+            let body = body.clone();
+            std::thread::spawn(move || {
+                let (status, _) = common::process::http(
+                    port,
+                    "POST",
+                    "/detokenize",
+                    Some("sk-heavy"),
+                    Some(("application/json", body.as_bytes())),
+                );
+                (status, begun.elapsed())
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, _, text) = json(port, "POST", "/detokenize", Some("sk-light"), Some(&j!({"tokens": [17, 18]})));
+    let light = begun.elapsed();
+    assert_eq!(status, 200, "{text}");
+    let ends: Vec<Duration> = heavy
+        .into_iter()
+        .map(|t| {
+            let (status, at) = t.join().unwrap();
+            assert_eq!(status, 200);
+            at
+        })
+        .collect();
+    let first = ends.iter().min().unwrap();
+    eprintln!("light answered at {light:?}; the heavy tenant's four at {ends:?}");
+    // Its request came in after the flood's: it is answered before the first of those is done.
+    assert!(light < *first, "the light tenant waited behind the flood ({light:?} vs {first:?})");
+}
