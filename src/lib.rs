@@ -5,8 +5,8 @@
 
 pub mod adapters;
 pub mod chat;
-pub mod durable;
 pub mod cli;
+pub mod durable;
 pub mod engine;
 pub mod guided;
 pub mod metrics;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::process::start;
+use common::process::{start, try_http, upload_form};
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
@@ -35,39 +35,22 @@ struct Acked {
 }
 
 /// One request that tolerates the server dying under it: `None` when no answer came.
-fn try_http(port: u16, method: &str, path: &str, body: Option<(&str, &[u8])>) -> Option<(u16, Value)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(20))).ok()?;
-    let (kind, bytes) = body.unwrap_or(("application/json", b""));
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: {kind}\r\nContent-Length: {}\r\n\r\n",
-        bytes.len()
-    );
-    s.write_all(head.as_bytes()).ok()?;
-    s.write_all(bytes).ok()?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).ok()?;
-    let text = String::from_utf8_lossy(&raw);
-    let status = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    Some((status, serde_json::from_str(body).unwrap_or(Value::Null)))
-}
-
 fn try_json(port: u16, method: &str, path: &str, body: Option<&Value>) -> Option<(u16, Value)> {
     let text = body.map(|b| b.to_string());
-    try_http(port, method, path, text.as_deref().map(|t| ("application/json", t.as_bytes())))
+    let (status, answer) = try_http(
+        port,
+        method,
+        path,
+        None,
+        text.as_deref().map(|t| ("application/json", t.as_bytes())),
+    )?;
+    Some((status, serde_json::from_str(&answer).unwrap_or(Value::Null)))
 }
 
 fn try_upload(port: u16, content: &[u8]) -> Option<(u16, Value)> {
-    let b = "crash-boundary";
-    let mut body = format!(
-        "--{b}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n--{b}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.jsonl\"\r\n\r\n"
-    )
-    .into_bytes();
-    body.extend_from_slice(content);
-    body.extend_from_slice(format!("\r\n--{b}--\r\n").as_bytes());
-    try_http(port, "POST", "/v1/files", Some((&format!("multipart/form-data; boundary={b}"), &body)))
+    let (kind, body) = upload_form(content);
+    let (status, answer) = try_http(port, "POST", "/v1/files", None, Some((&kind, &body)))?;
+    Some((status, serde_json::from_str(&answer).unwrap_or(Value::Null)))
 }
 
 /// The seeded stream of operations, until the server stops answering.
@@ -89,7 +72,11 @@ fn drive(port: u16, model: String, acked: Arc<Mutex<Acked>>, seed: u64) {
         } else if roll < 55 {
             let file = {
                 let a = acked.lock().unwrap();
-                let live: Vec<&String> = a.files.keys().filter(|f| !a.deleted_files.contains(*f)).collect();
+                let live: Vec<&String> = a
+                    .files
+                    .keys()
+                    .filter(|f| !a.deleted_files.contains(*f))
+                    .collect();
                 (!live.is_empty()).then(|| live[rng.random_range(0..live.len())].clone())
             };
             let Some(file) = file else { continue };
@@ -98,13 +85,21 @@ fn drive(port: u16, model: String, acked: Arc<Mutex<Acked>>, seed: u64) {
                     "n_epochs": rng.random_range(2..5), "batch_size": rng.random_range(1..3)}}}});
             try_json(port, "POST", "/v1/fine_tuning/jobs", Some(&body)).map(|(status, v)| {
                 if status == 200 {
-                    acked.lock().unwrap().jobs.insert(v["id"].as_str().unwrap().to_string());
+                    acked
+                        .lock()
+                        .unwrap()
+                        .jobs
+                        .insert(v["id"].as_str().unwrap().to_string());
                 }
             })
         } else if roll < 63 {
             let file = {
                 let a = acked.lock().unwrap();
-                let live: Vec<&String> = a.files.keys().filter(|f| !a.deleted_files.contains(*f)).collect();
+                let live: Vec<&String> = a
+                    .files
+                    .keys()
+                    .filter(|f| !a.deleted_files.contains(*f))
+                    .collect();
                 (!live.is_empty()).then(|| live[rng.random_range(0..live.len())].clone())
             };
             let Some(file) = file else { continue };
@@ -123,7 +118,13 @@ fn drive(port: u16, model: String, acked: Arc<Mutex<Acked>>, seed: u64) {
                 (!jobs.is_empty()).then(|| jobs[rng.random_range(0..jobs.len())].clone())
             };
             let Some(job) = job else { continue };
-            try_json(port, "POST", &format!("/v1/fine_tuning/jobs/{job}/cancel"), None).map(|_| ())
+            try_json(
+                port,
+                "POST",
+                &format!("/v1/fine_tuning/jobs/{job}/cancel"),
+                None,
+            )
+            .map(|_| ())
         } else if roll < 82 {
             try_json(port, "GET", "/v1/fine_tuning/jobs?limit=100", None).and_then(|(_, v)| {
                 let models: Vec<String> = v["data"]
@@ -153,7 +154,11 @@ fn drive(port: u16, model: String, acked: Arc<Mutex<Acked>>, seed: u64) {
 
 fn files_on_disk(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -192,7 +197,13 @@ fn all_jobs(port: u16) -> Vec<Value> {
             .last()
             .map(|j| format!("&after={}", j["id"].as_str().unwrap()))
             .unwrap_or_default();
-        let (_, page) = try_json(port, "GET", &format!("/v1/fine_tuning/jobs?limit=100{after}"), None).unwrap();
+        let (_, page) = try_json(
+            port,
+            "GET",
+            &format!("/v1/fine_tuning/jobs?limit=100{after}"),
+            None,
+        )
+        .unwrap();
         jobs.extend(page["data"].as_array().unwrap().iter().cloned());
         if page["has_more"] != true {
             return jobs;
@@ -201,43 +212,83 @@ fn all_jobs(port: u16) -> Vec<Value> {
 }
 
 /// Checks the invariants; returns how many jobs were seen to resume from a checkpoint.
-fn check_after_restart(port: u16, state: &Path, acked: &Acked, resumed: &BTreeMap<String, (u64, Vec<String>)>, round: usize) -> usize {
+fn check_after_restart(
+    port: u16,
+    state: &Path,
+    acked: &Acked,
+    resumed: &BTreeMap<String, (u64, Vec<String>)>,
+    round: usize,
+) -> usize {
     let mut seen_resuming = 0;
-    let (status, files) = try_json(port, "GET", "/v1/files", None).expect("the server answers after a restart");
+    let (status, files) =
+        try_json(port, "GET", "/v1/files", None).expect("the server answers after a restart");
     assert_eq!(status, 200);
-    let listed: BTreeSet<String> = files["data"].as_array().unwrap().iter().map(|f| f["id"].as_str().unwrap().to_string()).collect();
+    let listed: BTreeSet<String> = files["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["id"].as_str().unwrap().to_string())
+        .collect();
     for (id, content) in &acked.files {
         if acked.deleted_files.contains(id) {
-            assert!(!listed.contains(id), "round {round}: deleted file {id} is listed");
+            assert!(
+                !listed.contains(id),
+                "round {round}: deleted file {id} is listed"
+            );
             continue;
         }
         if acked.maybe_deleted.contains(id) && !listed.contains(id) {
             continue;
         }
-        assert!(listed.contains(id), "round {round}: acknowledged upload {id} is not listed");
+        assert!(
+            listed.contains(id),
+            "round {round}: acknowledged upload {id} is not listed"
+        );
         let on_disk = std::fs::read(state.join("files").join(format!("{id}.jsonl"))).unwrap();
-        assert_eq!(&on_disk, content, "round {round}: {id} differs from what was sent");
+        assert_eq!(
+            &on_disk, content,
+            "round {round}: {id} differs from what was sent"
+        );
     }
     // No orphans: every file on disk belongs to a listed record.
     for name in files_on_disk(&state.join("files")) {
-        let id = name.strip_suffix(".jsonl").or_else(|| name.strip_suffix(".json"));
+        let id = name
+            .strip_suffix(".jsonl")
+            .or_else(|| name.strip_suffix(".json"));
         assert!(
             id.is_some_and(|id| listed.contains(id)),
             "round {round}: {name} is on disk but not listed"
         );
     }
     let jobs = all_jobs(port);
-    let ids: BTreeSet<String> = jobs.iter().map(|j| j["id"].as_str().unwrap().to_string()).collect();
+    let ids: BTreeSet<String> = jobs
+        .iter()
+        .map(|j| j["id"].as_str().unwrap().to_string())
+        .collect();
     for id in &acked.jobs {
-        assert!(ids.contains(id), "round {round}: acknowledged job {id} is not listed");
+        assert!(
+            ids.contains(id),
+            "round {round}: acknowledged job {id} is not listed"
+        );
     }
     for dir in files_on_disk(&state.join("jobs")) {
-        assert!(ids.contains(&dir), "round {round}: job folder {dir} is not a listed job");
+        assert!(
+            ids.contains(&dir),
+            "round {round}: job folder {dir} is not a listed job"
+        );
     }
     for job in &jobs {
         let status = job["status"].as_str().unwrap();
         assert!(
-            ["validating_files", "queued", "running", "succeeded", "failed", "cancelled"].contains(&status),
+            [
+                "validating_files",
+                "queued",
+                "running",
+                "succeeded",
+                "failed",
+                "cancelled"
+            ]
+            .contains(&status),
             "round {round}: {job}"
         );
         // A finished job's checkpoints are complete (a running one's are being written).
@@ -250,21 +301,38 @@ fn check_after_restart(port: u16, state: &Path, acked: &Acked, resumed: &BTreeMa
                 continue;
             }
             let at = dir.join("checkpoints").join(&step);
-            assert!(at.join("adapter_config.json").is_file(), "round {round}: {} is incomplete", at.display());
-            candle_core::safetensors::load(at.join("adapter_model.safetensors"), &candle_core::Device::Cpu)
-                .unwrap_or_else(|e| panic!("round {round}: {}: {e}", at.display()));
+            assert!(
+                at.join("adapter_config.json").is_file(),
+                "round {round}: {} is incomplete",
+                at.display()
+            );
+            candle_core::safetensors::load(
+                at.join("adapter_model.safetensors"),
+                &candle_core::Device::Cpu,
+            )
+            .unwrap_or_else(|e| panic!("round {round}: {}: {e}", at.display()));
         }
     }
     for m in &acked.deleted_models {
-        let (status, _) = try_json(port, "POST", "/v1/completions", Some(&json!({"model": m, "prompt": "q", "max_tokens": 1}))).unwrap();
-        assert_eq!(status, 404, "round {round}: deleted model {m} is served again");
+        let (status, _) = try_json(
+            port,
+            "POST",
+            "/v1/completions",
+            Some(&json!({"model": m, "prompt": "q", "max_tokens": 1})),
+        )
+        .unwrap();
+        assert_eq!(
+            status, 404,
+            "round {round}: deleted model {m} is served again"
+        );
     }
     // A job that had a checkpoint resumes from it: once it has moved on, the metrics lines up to
     // its checkpoint are the ones the killed run wrote.
     for (id, (step, lines)) in resumed {
         let deadline = Instant::now() + Duration::from_secs(20);
         let done = loop {
-            let (_, job) = try_json(port, "GET", &format!("/v1/fine_tuning/jobs/{id}"), None).unwrap();
+            let (_, job) =
+                try_json(port, "GET", &format!("/v1/fine_tuning/jobs/{id}"), None).unwrap();
             let status = job["status"].as_str().unwrap_or("").to_string();
             if !matches!(status.as_str(), "queued" | "running") || Instant::now() > deadline {
                 break status;
@@ -274,7 +342,9 @@ fn check_after_restart(port: u16, state: &Path, acked: &Acked, resumed: &BTreeMa
         if done != "succeeded" {
             continue;
         }
-        let metrics = std::fs::read_to_string(state.join("jobs").join(id).join("adapter/metrics.jsonl")).unwrap_or_default();
+        let metrics =
+            std::fs::read_to_string(state.join("jobs").join(id).join("adapter/metrics.jsonl"))
+                .unwrap_or_default();
         for line in lines {
             assert!(
                 metrics.lines().any(|l| l == line),
@@ -293,9 +363,17 @@ fn kill_9_at_random_instants_loses_nothing_acknowledged() {
     std::fs::create_dir_all(tmp.path().join("adapters")).unwrap();
     let tiny = common::tiny_dir();
     let args = [
-        "--model", tiny.to_str().unwrap(),
-        "--adapters", tmp.path().join("adapters").to_str().unwrap().to_owned().leak(),
-        "--state-dir", state.to_str().unwrap().to_owned().leak(),
+        "--model",
+        tiny.to_str().unwrap(),
+        "--adapters",
+        tmp.path()
+            .join("adapters")
+            .to_str()
+            .unwrap()
+            .to_owned()
+            .leak(),
+        "--state-dir",
+        state.to_str().unwrap().to_owned().leak(),
     ];
     let acked = Arc::new(Mutex::new(Acked::default()));
     let mut rng = rand::rngs::StdRng::seed_from_u64(SEED);
@@ -334,6 +412,9 @@ fn kill_9_at_random_instants_loses_nothing_acknowledged() {
         a.deleted_files.len(),
         a.deleted_models.len()
     );
-    assert!(a.files.len() >= 20 && a.jobs.len() >= 5, "too little was exercised");
+    assert!(
+        a.files.len() >= 20 && a.jobs.len() >= 5,
+        "too little was exercised"
+    );
     assert!(resumes >= 3, "only {resumes} resumes were checked");
 }

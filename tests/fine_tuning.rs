@@ -419,7 +419,11 @@ async fn a_running_job_cancels_and_an_interrupted_one_resumes_after_a_restart() 
     assert!(end["job"]["fine_tuned_model"].is_null());
     // A cancelled job keeps no optimizer state.
     assert!(
-        !tmp.path().join("jobs").join(&id).join("adapter/checkpoint").exists(),
+        !tmp.path()
+            .join("jobs")
+            .join(&id)
+            .join("adapter/checkpoint")
+            .exists(),
         "a cancelled job's resume checkpoint was left on disk"
     );
     // An interrupted job: train past a checkpoint, then leave it as a killed process would
@@ -440,8 +444,16 @@ async fn a_running_job_cancels_and_an_interrupted_one_resumes_after_a_restart() 
             .all(|f| std::fs::copy(dir.join("adapter/checkpoint").join(f), aside.join(f)).is_ok());
         // A copy taken across a checkpoint swap mixes two steps: only one whose files
         // read back whole counts.
-        ok && candle_core::safetensors::load(aside.join("optimizer.safetensors"), &candle_core::Device::Cpu).is_ok()
-            && candle_core::safetensors::load(aside.join("adapter.safetensors"), &candle_core::Device::Cpu).is_ok()
+        ok && candle_core::safetensors::load(
+            aside.join("optimizer.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .is_ok()
+            && candle_core::safetensors::load(
+                aside.join("adapter.safetensors"),
+                &candle_core::Device::Cpu,
+            )
+            .is_ok()
     });
     assert!(copied, "no resume checkpoint to copy");
     wait_for(&app, &id, |b| {

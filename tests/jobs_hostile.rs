@@ -71,10 +71,39 @@ fn job_request(file: &str, model: &str, batch: usize, epochs: usize) -> Value {
         "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": epochs, "batch_size": batch}}}})
 }
 
-fn wait_status(port: u16, key: &str, id: &str, limit: Duration, done: impl Fn(&str) -> bool) -> Value {
+/// `POST /v1/fine_tuning/jobs` as `key`.
+fn create_job(port: u16, key: &str, body: &Value) -> (u16, Value, String) {
+    json(port, "POST", "/v1/fine_tuning/jobs", Some(key), Some(body))
+}
+
+/// `POST /v1/fine_tuning/jobs/{id}/cancel` as `key`: the status and the text.
+fn cancel(port: u16, key: &str, id: &str) -> (u16, String) {
+    let (status, _, text) = json(
+        port,
+        "POST",
+        &format!("/v1/fine_tuning/jobs/{id}/cancel"),
+        Some(key),
+        None,
+    );
+    (status, text)
+}
+
+fn wait_status(
+    port: u16,
+    key: &str,
+    id: &str,
+    limit: Duration,
+    done: impl Fn(&str) -> bool,
+) -> Value {
     let start = Instant::now();
     loop {
-        let (_, job, _) = json(port, "GET", &format!("/v1/fine_tuning/jobs/{id}"), Some(key), None);
+        let (_, job, _) = json(
+            port,
+            "GET",
+            &format!("/v1/fine_tuning/jobs/{id}"),
+            Some(key),
+            None,
+        );
         if done(job["status"].as_str().unwrap_or("")) {
             return job;
         }
@@ -90,14 +119,18 @@ fn light_chat(port: u16) {
         "POST",
         "/v1/chat/completions",
         Some("sk-light"),
-        Some(&j!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0})),
+        Some(
+            &j!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0}),
+        ),
     );
     assert_eq!(status, 200, "the light tenant was not served: {text}");
 }
 
 /// 64 examples of about 500 tokens (a user turn and an answer of plain words).
 fn long_examples() -> String {
-    let words = ["river", "stone", "bright", "quiet", "seven", "green", "over", "the", "fox", "bend"];
+    let words = [
+        "river", "stone", "bright", "quiet", "seven", "green", "over", "the", "fox", "bend",
+    ];
     (0..64)
         .map(|i| {
             let text = |n: usize, k: usize| {
@@ -129,16 +162,16 @@ fn a_batch_64_job_on_long_examples_stays_in_bounds_and_others_are_served() {
     let (status, file, text) = upload(s.port, Some("sk-heavy"), long_examples().as_bytes());
     assert_eq!(status, 200, "{text}");
     let model = base_model(s.port);
-    let (status, job, text) = json(
+    let (status, job, text) = create_job(
         s.port,
-        "POST",
-        "/v1/fine_tuning/jobs",
-        Some("sk-heavy"),
-        Some(&job_request(file["id"].as_str().unwrap(), &model, 64, 1)),
+        "sk-heavy",
+        &job_request(file["id"].as_str().unwrap(), &model, 64, 1),
     );
     assert_eq!(status, 200, "{text}");
     let id = job["id"].as_str().unwrap().to_string();
-    wait_status(s.port, "sk-heavy", &id, Duration::from_secs(120), |st| st == "running");
+    wait_status(s.port, "sk-heavy", &id, Duration::from_secs(120), |st| {
+        st == "running"
+    });
     // Two micro-batches' worth of training: the light tenant is served all along.
     let began = Instant::now();
     while began.elapsed() < Duration::from_secs(75) {
@@ -148,22 +181,24 @@ fn a_batch_64_job_on_long_examples_stays_in_bounds_and_others_are_served() {
     let peak_kb = status_kb(pid, "VmHWM");
     let above = peak_kb.saturating_sub(serving_kb);
     eprintln!("serving {serving_kb} kB; peak with the batch-64 job {peak_kb} kB (+{above} kB)");
-    assert!(above < 1_536_000, "the job took the server {above} kB above serving");
-    let (status, _, text) = json(
-        s.port,
-        "POST",
-        &format!("/v1/fine_tuning/jobs/{id}/cancel"),
-        Some("sk-heavy"),
-        None,
+    assert!(
+        above < 1_536_000,
+        "the job took the server {above} kB above serving"
     );
+    let (status, text) = cancel(s.port, "sk-heavy", &id);
     assert_eq!(status, 200, "{text}");
     let cancelled = Instant::now();
-    wait_status(s.port, "sk-heavy", &id, Duration::from_secs(30), |st| st == "cancelled");
+    wait_status(s.port, "sk-heavy", &id, Duration::from_secs(30), |st| {
+        st == "cancelled"
+    });
     let stop = cancelled.elapsed();
     std::thread::sleep(Duration::from_secs(2).saturating_sub(stop));
     let busy = cpu_share(pid, Duration::from_secs(1));
     eprintln!("cancelled after {stop:?}; CPU 2 s after the cancel: {busy:.2} of a core");
-    assert!(busy < 0.15, "the server still burns {busy:.2} of a core after the cancel");
+    assert!(
+        busy < 0.15,
+        "the server still burns {busy:.2} of a core after the cancel"
+    );
     light_chat(s.port);
 }
 
@@ -191,16 +226,20 @@ fn create_and_cancel_loops_leave_no_work_running() {
     let mut ids = Vec::new();
     for _ in 0..6 {
         let (status, _, text) = upload(s.port, Some("sk-heavy"), huge.to_string().as_bytes());
-        assert_eq!(status, 400, "a line of 20,000 messages was accepted: {text}");
-        assert!(text.contains("train-max-messages") && text.contains("\"param\":\"file\""), "{text}");
+        assert_eq!(
+            status, 400,
+            "a line of 20,000 messages was accepted: {text}"
+        );
+        assert!(
+            text.contains("train-max-messages") && text.contains("\"param\":\"file\""),
+            "{text}"
+        );
         let (status, file, text) = upload(s.port, Some("sk-heavy"), allowed.as_bytes());
         assert_eq!(status, 200, "{text}");
-        let (status, job, text) = json(
+        let (status, job, text) = create_job(
             s.port,
-            "POST",
-            "/v1/fine_tuning/jobs",
-            Some("sk-heavy"),
-            Some(&job_request(file["id"].as_str().unwrap(), &model, 4, 1)),
+            "sk-heavy",
+            &job_request(file["id"].as_str().unwrap(), &model, 4, 1),
         );
         // Two slots: a third job waits for a cancelled one's work to stop.
         if status != 200 {
@@ -210,13 +249,7 @@ fn create_and_cancel_loops_leave_no_work_running() {
             continue;
         }
         let id = job["id"].as_str().unwrap().to_string();
-        let (status, _, text) = json(
-            s.port,
-            "POST",
-            &format!("/v1/fine_tuning/jobs/{id}/cancel"),
-            Some("sk-heavy"),
-            None,
-        );
+        let (status, text) = cancel(s.port, "sk-heavy", &id);
         assert_eq!(status, 200, "{text}");
         ids.push(id);
     }
@@ -226,18 +259,22 @@ fn create_and_cancel_loops_leave_no_work_running() {
     eprintln!("CPU 2 s after the last cancel: {busy:.2} of a core");
     assert!(busy < 0.15, "cancelled jobs still burn {busy:.2} of a core");
     for id in &ids {
-        let job = wait_status(s.port, "sk-heavy", id, Duration::from_secs(5), |st| st != "");
+        let job = wait_status(s.port, "sk-heavy", id, Duration::from_secs(5), |st| {
+            st != ""
+        });
         assert_eq!(job["status"], "cancelled", "{job}");
     }
     // Both slots are free again.
-    let (_, file, _) = upload(s.port, Some("sk-heavy"), b"{\"prompt\": \"a\", \"completion\": \"b\"}");
+    let (_, file, _) = upload(
+        s.port,
+        Some("sk-heavy"),
+        b"{\"prompt\": \"a\", \"completion\": \"b\"}",
+    );
     for _ in 0..2 {
-        let (status, _, text) = json(
+        let (status, _, text) = create_job(
             s.port,
-            "POST",
-            "/v1/fine_tuning/jobs",
-            Some("sk-heavy"),
-            Some(&job_request(file["id"].as_str().unwrap(), &model, 1, 1)),
+            "sk-heavy",
+            &job_request(file["id"].as_str().unwrap(), &model, 1, 1),
         );
         assert_eq!(status, 200, "{text}");
     }
@@ -259,22 +296,34 @@ fn job_errors_name_no_server_path() {
         .collect::<Vec<_>>()
         .join("\n");
     let (_, file, _) = upload(s.port, Some("sk-heavy"), lines.as_bytes());
-    let (status, job, text) = json(
+    let (status, job, text) = create_job(
         s.port,
-        "POST",
-        "/v1/fine_tuning/jobs",
-        Some("sk-heavy"),
-        Some(&job_request(file["id"].as_str().unwrap(), &model, 1, 1)),
+        "sk-heavy",
+        &job_request(file["id"].as_str().unwrap(), &model, 1, 1),
     );
     assert_eq!(status, 200, "{text}");
     let id = job["id"].as_str().unwrap();
-    let job = wait_status(s.port, "sk-heavy", id, Duration::from_secs(60), |st| st == "failed");
+    let job = wait_status(s.port, "sk-heavy", id, Duration::from_secs(60), |st| {
+        st == "failed"
+    });
     let message = job["error"]["message"].as_str().unwrap();
     assert!(message.contains("no usable example"), "{job}");
     let state = tmp.path().join("state");
-    for text in [job.to_string(), json(s.port, "GET", &format!("/v1/fine_tuning/jobs/{id}/events"), Some("sk-heavy"), None).2] {
+    for text in [
+        job.to_string(),
+        json(
+            s.port,
+            "GET",
+            &format!("/v1/fine_tuning/jobs/{id}/events"),
+            Some("sk-heavy"),
+            None,
+        )
+        .2,
+    ] {
         assert!(
-            !text.contains(&state.display().to_string()) && !text.contains("/files/") && !text.contains(".jsonl"),
+            !text.contains(&state.display().to_string())
+                && !text.contains("/files/")
+                && !text.contains(".jsonl"),
             "a server path reached the tenant: {text}"
         );
     }
@@ -293,19 +342,29 @@ fn stop_strings_are_capped_and_a_default_max_tokens_fits_the_kv_budget() {
         for (k, v) in extra.as_object().unwrap() {
             body[k] = v.clone();
         }
-        json(s.port, "POST", "/v1/chat/completions", Some("sk-light"), Some(&body))
+        json(
+            s.port,
+            "POST",
+            "/v1/chat/completions",
+            Some("sk-light"),
+            Some(&body),
+        )
     };
     let big = "x".repeat(64 * 1024);
     let (status, _, text) = chat(j!({"stop": ["END", big], "max_tokens": 4}));
     assert_eq!(status, 400, "{text}");
-    assert!(text.contains("\"param\":\"stop[1]\"") && text.contains("max-stop-bytes"), "{text}");
+    assert!(
+        text.contains("\"param\":\"stop[1]\"") && text.contains("max-stop-bytes"),
+        "{text}"
+    );
     let (status, _, text) = chat(j!({"stop": "y".repeat(300), "max_tokens": 4}));
     assert_eq!(status, 400, "{text}");
     let (status, _, text) = chat(j!({"stop": ["END", "z".repeat(256)], "max_tokens": 4}));
     assert_eq!(status, 200, "{text}");
     let (status, v, text) = chat(j!({}));
     assert_eq!(status, 200, "a request without max_tokens: {text}");
-    let used = v["usage"]["prompt_tokens"].as_u64().unwrap() + v["usage"]["completion_tokens"].as_u64().unwrap();
+    let used = v["usage"]["prompt_tokens"].as_u64().unwrap()
+        + v["usage"]["completion_tokens"].as_u64().unwrap();
     assert!(used <= 64, "{v}");
 }
 
@@ -326,25 +385,52 @@ fn concurrent_requests_cannot_overshoot_max_jobs_or_max_file_bytes() {
             std::thread::spawn(move || upload(port, Some("sk-capped"), line.as_bytes()).0)
         })
         .collect();
-    let accepted = uploads.into_iter().map(|t| t.join().unwrap()).filter(|&s| s == 200).count();
+    let accepted = uploads
+        .into_iter()
+        .map(|t| t.join().unwrap())
+        .filter(|&s| s == 200)
+        .count();
     let (_, files, _) = json(port, "GET", "/v1/files", Some("sk-capped"), None);
-    let kept: u64 = files["data"].as_array().unwrap().iter().map(|f| f["bytes"].as_u64().unwrap()).sum();
+    let kept: u64 = files["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["bytes"].as_u64().unwrap())
+        .sum();
     assert_eq!(files["data"].as_array().unwrap().len(), accepted);
     assert!(kept <= 10_000, "{accepted} uploads kept {kept} bytes");
     // The heavy tenant's jobs (its adapters and job bytes have room).
-    let (_, file, _) = upload(port, Some("sk-heavy"), b"{\"prompt\": \"a\", \"completion\": \"b\"}");
+    let (_, file, _) = upload(
+        port,
+        Some("sk-heavy"),
+        b"{\"prompt\": \"a\", \"completion\": \"b\"}",
+    );
     let body = job_request(file["id"].as_str().unwrap(), &model, 1, 50);
     let creates: Vec<_> = (0..8)
         .map(|_| {
             let body = body.clone();
             std::thread::spawn(move || {
-                json(port, "POST", "/v1/fine_tuning/jobs", Some("sk-heavy"), Some(&body)).0
+                json(
+                    port,
+                    "POST",
+                    "/v1/fine_tuning/jobs",
+                    Some("sk-heavy"),
+                    Some(&body),
+                )
+                .0
             })
         })
         .collect();
     let statuses: Vec<u16> = creates.into_iter().map(|t| t.join().unwrap()).collect();
-    assert_eq!(statuses.iter().filter(|&&s| s == 200).count(), 2, "{statuses:?}");
-    assert!(statuses.iter().all(|&s| s == 200 || s == 403), "{statuses:?}");
+    assert_eq!(
+        statuses.iter().filter(|&&s| s == 200).count(),
+        2,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|&s| s == 200 || s == 403),
+        "{statuses:?}"
+    );
 }
 
 /// Each job bound is a setting, and passing it is named: `n_epochs ×` examples past
@@ -358,7 +444,14 @@ fn job_bounds_are_settings_and_passing_one_is_named() {
     let s = serve(
         tmp.path(),
         Some(&tiny),
-        &["--train-max-job-examples", "1000", "--train-max-job-tokens", "20000", "--train-max-job-seconds", "1"],
+        &[
+            "--train-max-job-examples",
+            "1000",
+            "--train-max-job-tokens",
+            "20000",
+            "--train-max-job-seconds",
+            "1",
+        ],
     );
     let model = base_model(s.port);
     let lines: Vec<String> = (0..24)
@@ -367,37 +460,70 @@ fn job_bounds_are_settings_and_passing_one_is_named() {
     let (_, file, _) = upload(s.port, Some("sk-heavy"), lines.join("\n").as_bytes());
     let file = file["id"].as_str().unwrap().to_string();
     let create = |file: &str, epochs: usize| {
-        json(s.port, "POST", "/v1/fine_tuning/jobs", Some("sk-heavy"), Some(&job_request(file, &model, 1, epochs)))
+        json(
+            s.port,
+            "POST",
+            "/v1/fine_tuning/jobs",
+            Some("sk-heavy"),
+            Some(&job_request(file, &model, 1, epochs)),
+        )
     };
     let (status, _, text) = create(&file, 50);
     assert_eq!(status, 400, "{text}");
-    assert!(text.contains("method.supervised.hyperparameters.n_epochs") && text.contains("train-max-job-examples"), "{text}");
+    assert!(
+        text.contains("method.supervised.hyperparameters.n_epochs")
+            && text.contains("train-max-job-examples"),
+        "{text}"
+    );
     // 20 examples of a few hundred tokens, 20 epochs: over 20,000 tokens.
     let long: Vec<String> = (0..20)
-        .map(|i| j!({"prompt": format!("q{i}: {}", "word ".repeat(60)), "completion": "the red one"}).to_string())
+        .map(|i| {
+            j!({"prompt": format!("q{i}: {}", "word ".repeat(60)), "completion": "the red one"})
+                .to_string()
+        })
         .collect();
     let (_, long_file, _) = upload(s.port, Some("sk-heavy"), long.join("\n").as_bytes());
     let (status, job, text) = create(long_file["id"].as_str().unwrap(), 20);
     assert_eq!(status, 200, "{text}");
-    let job = wait_status(s.port, "sk-heavy", job["id"].as_str().unwrap(), Duration::from_secs(30), |st| st == "failed");
-    assert!(job["error"]["message"].as_str().unwrap().contains("train-max-job-tokens"), "{job}");
+    let job = wait_status(
+        s.port,
+        "sk-heavy",
+        job["id"].as_str().unwrap(),
+        Duration::from_secs(30),
+        |st| st == "failed",
+    );
+    assert!(
+        job["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("train-max-job-tokens"),
+        "{job}"
+    );
     // Within both, past the second: 960 steps of batch 1 train longer than one second.
     let (status, job, text) = create(&file, 40);
     assert_eq!(status, 200, "{text}");
-    let job = wait_status(s.port, "sk-heavy", job["id"].as_str().unwrap(), Duration::from_secs(60), |st| {
-        matches!(st, "failed" | "succeeded")
-    });
+    let job = wait_status(
+        s.port,
+        "sk-heavy",
+        job["id"].as_str().unwrap(),
+        Duration::from_secs(60),
+        |st| matches!(st, "failed" | "succeeded"),
+    );
     assert_eq!(job["status"], "failed", "{job}");
     assert_eq!(job["error"]["code"], "training_time_limit", "{job}");
-    assert!(job["error"]["message"].as_str().unwrap().contains("train-max-job-seconds"), "{job}");
+    assert!(
+        job["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("train-max-job-seconds"),
+        "{job}"
+    );
     // A key whose job bytes cannot hold a job's outputs.
     let (_, small, _) = upload(s.port, Some("sk-capped"), lines[..2].join("\n").as_bytes());
-    let (status, _, text) = json(
+    let (status, _, text) = create_job(
         s.port,
-        "POST",
-        "/v1/fine_tuning/jobs",
-        Some("sk-capped"),
-        Some(&job_request(small["id"].as_str().unwrap(), &model, 1, 1)),
+        "sk-capped",
+        &job_request(small["id"].as_str().unwrap(), &model, 1, 1),
     );
     assert_eq!(status, 403, "{text}");
     assert!(text.contains("max_job_bytes"), "{text}");
@@ -405,7 +531,11 @@ fn job_bounds_are_settings_and_passing_one_is_named() {
 
 fn step_dirs(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect())
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().to_string())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -424,12 +554,10 @@ fn a_finished_job_keeps_what_is_served_and_a_deleted_model_stays_deleted() {
         .map(|i| j!({"prompt": format!("q{i}: "), "completion": "the red one"}).to_string())
         .collect();
     let (_, file, _) = upload(s.port, Some("sk-heavy"), lines.join("\n").as_bytes());
-    let (_, job, _) = json(
+    let (_, job, _) = create_job(
         s.port,
-        "POST",
-        "/v1/fine_tuning/jobs",
-        Some("sk-heavy"),
-        Some(&job_request(file["id"].as_str().unwrap(), &model, 2, 5)),
+        "sk-heavy",
+        &job_request(file["id"].as_str().unwrap(), &model, 2, 5),
     );
     let id = job["id"].as_str().unwrap().to_string();
     let job = wait_status(s.port, "sk-heavy", &id, Duration::from_secs(120), |st| {
@@ -438,18 +566,42 @@ fn a_finished_job_keeps_what_is_served_and_a_deleted_model_stays_deleted() {
     assert_eq!(job["status"], "succeeded", "{job}");
     let ft = job["fine_tuned_model"].as_str().unwrap().to_string();
     let dir = tmp.path().join("state/jobs").join(&id);
-    assert_eq!(step_dirs(&dir.join("checkpoints")), ["checkpoints.jsonl", "step-10", "step-6", "step-8"]);
-    assert!(!dir.join("adapter/checkpoint").exists(), "the optimizer state of a finished job was kept");
-    let (_, ckpts, _) = json(s.port, "GET", &format!("/v1/fine_tuning/jobs/{id}/checkpoints"), Some("sk-heavy"), None);
+    assert_eq!(
+        step_dirs(&dir.join("checkpoints")),
+        ["checkpoints.jsonl", "step-10", "step-6", "step-8"]
+    );
+    assert!(
+        !dir.join("adapter/checkpoint").exists(),
+        "the optimizer state of a finished job was kept"
+    );
+    let (_, ckpts, _) = json(
+        s.port,
+        "GET",
+        &format!("/v1/fine_tuning/jobs/{id}/checkpoints"),
+        Some("sk-heavy"),
+        None,
+    );
     assert_eq!(ckpts["data"].as_array().unwrap().len(), 5, "{ckpts}");
     let chat = |port: u16, name: &str| {
-        json(port, "POST", "/v1/completions", Some("sk-heavy"),
-            Some(&j!({"model": name, "prompt": "q1: ", "max_tokens": 2, "temperature": 0}))).0
+        json(
+            port,
+            "POST",
+            "/v1/completions",
+            Some("sk-heavy"),
+            Some(&j!({"model": name, "prompt": "q1: ", "max_tokens": 2, "temperature": 0})),
+        )
+        .0
     };
     assert_eq!(chat(s.port, &ft), 200);
     let path = format!("/v1/models/{ft}");
     assert_eq!(json(s.port, "DELETE", &path, Some("sk-light"), None).0, 404);
-    let (status, _, text) = json(s.port, "DELETE", &format!("{path}:ckpt-step-10"), Some("sk-heavy"), None);
+    let (status, _, text) = json(
+        s.port,
+        "DELETE",
+        &format!("{path}:ckpt-step-10"),
+        Some("sk-heavy"),
+        None,
+    );
     assert_eq!(status, 400, "{text}");
     let (status, v, text) = json(s.port, "DELETE", &path, Some("sk-heavy"), None);
     assert_eq!(status, 200, "{text}");
@@ -464,7 +616,13 @@ fn a_finished_job_keeps_what_is_served_and_a_deleted_model_stays_deleted() {
     assert_eq!(chat(s.port, &ft), 404);
     let (_, models, _) = json(s.port, "GET", "/v1/models", Some("sk-heavy"), None);
     assert!(!models.to_string().contains(&ft), "{models}");
-    let (_, job, _) = json(s.port, "GET", &format!("/v1/fine_tuning/jobs/{id}"), Some("sk-heavy"), None);
+    let (_, job, _) = json(
+        s.port,
+        "GET",
+        &format!("/v1/fine_tuning/jobs/{id}"),
+        Some("sk-heavy"),
+        None,
+    );
     assert_eq!(job["status"], "succeeded");
 }
 
@@ -482,28 +640,49 @@ fn a_failed_write_fails_the_job_clearly() {
     let (_, file, _) = upload(s.port, Some("sk-light"), lines.join("\n").as_bytes());
     let file = file["id"].as_str().unwrap();
     // The worker is busy with the light tenant's long job while the obstacle is put in place.
-    let (_, busy, _) = json(s.port, "POST", "/v1/fine_tuning/jobs", Some("sk-light"), Some(&job_request(file, &model, 1, 40)));
-    let busy = busy["id"].as_str().unwrap().to_string();
-    wait_status(s.port, "sk-light", &busy, Duration::from_secs(30), |st| st == "running");
-    let (_, heavy_file, _) = upload(s.port, Some("sk-heavy"), lines[..4].join("\n").as_bytes());
-    let (_, job, _) = json(
+    let (_, busy, _) = json(
         s.port,
         "POST",
         "/v1/fine_tuning/jobs",
-        Some("sk-heavy"),
-        Some(&job_request(heavy_file["id"].as_str().unwrap(), &model, 2, 2)),
+        Some("sk-light"),
+        Some(&job_request(file, &model, 1, 40)),
+    );
+    let busy = busy["id"].as_str().unwrap().to_string();
+    wait_status(s.port, "sk-light", &busy, Duration::from_secs(30), |st| {
+        st == "running"
+    });
+    let (_, heavy_file, _) = upload(s.port, Some("sk-heavy"), lines[..4].join("\n").as_bytes());
+    let (_, job, _) = create_job(
+        s.port,
+        "sk-heavy",
+        &job_request(heavy_file["id"].as_str().unwrap(), &model, 2, 2),
     );
     let id = job["id"].as_str().unwrap().to_string();
-    wait_status(s.port, "sk-heavy", &id, Duration::from_secs(30), |st| st == "queued");
-    std::fs::write(tmp.path().join("state/jobs").join(&id).join("checkpoints"), "not a folder").unwrap();
-    json(s.port, "POST", &format!("/v1/fine_tuning/jobs/{busy}/cancel"), Some("sk-light"), None);
+    wait_status(s.port, "sk-heavy", &id, Duration::from_secs(30), |st| {
+        st == "queued"
+    });
+    std::fs::write(
+        tmp.path().join("state/jobs").join(&id).join("checkpoints"),
+        "not a folder",
+    )
+    .unwrap();
+    json(
+        s.port,
+        "POST",
+        &format!("/v1/fine_tuning/jobs/{busy}/cancel"),
+        Some("sk-light"),
+        None,
+    );
     let job = wait_status(s.port, "sk-heavy", &id, Duration::from_secs(60), |st| {
         matches!(st, "failed" | "succeeded")
     });
     assert_eq!(job["status"], "failed", "{job}");
     let message = job["error"]["message"].as_str().unwrap();
     assert_eq!(job["error"]["code"], "training_failed");
-    assert!(!message.contains(&tmp.path().display().to_string()), "{message}");
+    assert!(
+        !message.contains(&tmp.path().display().to_string()),
+        "{message}"
+    );
     assert!(message.contains("checkpoints"), "{message}");
 }
 
@@ -535,7 +714,13 @@ fn a_flood_of_huge_detokenize_bodies_leaves_room_for_the_other_tenant() {
         })
         .collect();
     std::thread::sleep(Duration::from_millis(300));
-    let (status, _, text) = json(port, "POST", "/detokenize", Some("sk-light"), Some(&j!({"tokens": [17, 18]})));
+    let (status, _, text) = json(
+        port,
+        "POST",
+        "/detokenize",
+        Some("sk-light"),
+        Some(&j!({"tokens": [17, 18]})),
+    );
     let light = begun.elapsed();
     assert_eq!(status, 200, "{text}");
     let ends: Vec<Duration> = heavy
@@ -549,5 +734,8 @@ fn a_flood_of_huge_detokenize_bodies_leaves_room_for_the_other_tenant() {
     let first = ends.iter().min().unwrap();
     eprintln!("light answered at {light:?}; the heavy tenant's four at {ends:?}");
     // Its request came in after the flood's: it is answered before the first of those is done.
-    assert!(light < *first, "the light tenant waited behind the flood ({light:?} vs {first:?})");
+    assert!(
+        light < *first,
+        "the light tenant waited behind the flood ({light:?} vs {first:?})"
+    );
 }

@@ -13,7 +13,10 @@ const ALLOWED: [(&str, &[&str]); 13] = [
     ("guided", &["tokenizer"]),
     ("model", &["ops", "quant", "tokenizer", "chat"]),
     ("adapters", &["model", "ops"]),
-    ("train", &["model", "adapters", "chat", "tokenizer", "ops", "durable"]),
+    (
+        "train",
+        &["model", "adapters", "chat", "tokenizer", "ops", "durable"],
+    ),
     (
         "engine",
         &[

@@ -441,19 +441,38 @@ fn serve_train_off_a_terminal_prints_progress_lines() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data.jsonl");
     let lines: Vec<String> = (0..8)
-        .map(|i| serde_json::json!({"prompt": format!("say {i}: "), "completion": format!("number {i}")}).to_string())
+        .map(|i| {
+            serde_json::json!({"prompt": format!("say {i}: "), "completion": format!("number {i}")})
+                .to_string()
+        })
         .collect();
     std::fs::write(&data, lines.join("\n")).unwrap();
     let run = Command::new(env!("CARGO_BIN_EXE_serve"))
-        .args(["train", "--model", tiny.to_str().unwrap(), "--data", data.to_str().unwrap()])
+        .args([
+            "train",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ])
         .args(["--output", tmp.path().join("out").to_str().unwrap()])
-        .args(["--max-steps", "5", "--batch-size", "2", "--progress-interval", "0"])
+        .args([
+            "--max-steps",
+            "5",
+            "--batch-size",
+            "2",
+            "--progress-interval",
+            "0",
+        ])
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "{stderr}");
     let progress: Vec<&str> = stderr.lines().filter(|l| l.starts_with("step ")).collect();
     assert_eq!(progress.len(), 5, "{stderr}");
-    assert!(progress[0].starts_with("step 1/5: loss ") && progress[0].contains("tokens/s, ETA "), "{stderr}");
+    assert!(
+        progress[0].starts_with("step 1/5: loss ") && progress[0].contains("tokens/s, ETA "),
+        "{stderr}"
+    );
     assert!(progress[4].starts_with("step 5/5: "), "{stderr}");
 }

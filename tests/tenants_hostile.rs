@@ -1326,7 +1326,14 @@ async fn fine_tuning_jobs_belong_to_their_tenant() {
     )
     .await;
     assert_eq!(first.status, StatusCode::OK, "{}", first.text);
-    let second = call(&app, "POST", "/v1/fine_tuning/jobs", Some(long), "sk-initech").await;
+    let second = call(
+        &app,
+        "POST",
+        "/v1/fine_tuning/jobs",
+        Some(long),
+        "sk-initech",
+    )
+    .await;
     assert_eq!(second.status, StatusCode::FORBIDDEN, "{}", second.text);
     assert!(second.text.contains("max_jobs"), "{}", second.text);
     let id = first.json["id"].as_str().unwrap();

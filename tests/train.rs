@@ -13,9 +13,7 @@ use loraplex::chat::ChatTemplate;
 use loraplex::model::llama::SeqInput;
 use loraplex::model::{BatchInput, LoadedModel, LogitsRows, Proj};
 use loraplex::train::trainer::batch_loss;
-use loraplex::train::{
-    train, Dataset, Example, Method, TrainError, TrainableAdapter,
-};
+use loraplex::train::{train, Dataset, Example, Method, TrainError, TrainableAdapter};
 
 fn set_elem(v: &Var, idx: usize, value: f32) {
     let shape = v.as_tensor().shape().clone();

@@ -8,9 +8,9 @@ mod common;
 use candle_core::{Tensor, Var};
 use common::training::*;
 use common::*;
+use loraplex::adapters::config::BnKind;
 use loraplex::model::llama::SeqInput;
 use loraplex::model::{BatchInput, LogitsRows};
-use loraplex::adapters::config::BnKind;
 use loraplex::train::trainer::micro_batches;
 use loraplex::train::{train, Example, Method, TrainReport};
 
@@ -60,18 +60,35 @@ fn a_batch_of_16_split_by_the_token_budget_or_accumulated_makes_the_same_update(
     let budget = 4 * longest;
     let order: Vec<&Example> = data.examples.iter().take(16).collect();
     let parts = micro_batches(&order, Some(budget));
-    assert!(parts.len() >= 4, "the budget splits 16 examples into {} parts", parts.len());
-    assert!(parts.iter().all(|p| p.iter().map(|e| e.ids.len()).sum::<usize>() <= budget));
+    assert!(
+        parts.len() >= 4,
+        "the budget splits 16 examples into {} parts",
+        parts.len()
+    );
+    assert!(parts
+        .iter()
+        .all(|p| p.iter().map(|e| e.ids.len()).sum::<usize>() <= budget));
     let budgeted = run("budget", 16, 1, Some(budget));
     let accumulated = run("accum", 4, 4, None);
-    let (gap_budget, gap_accum) = (weight_gap(&whole, &budgeted), weight_gap(&whole, &accumulated));
+    let (gap_budget, gap_accum) = (
+        weight_gap(&whole, &budgeted),
+        weight_gap(&whole, &accumulated),
+    );
     println!("relative weight gap: budget {gap_budget:e}, 4 × 4 accumulation {gap_accum:e}");
-    assert!(gap_budget < 1e-4, "budgeted micro-batches moved the weights by {gap_budget}");
-    assert!(gap_accum < 1e-4, "4 × 4 accumulation moved the weights by {gap_accum}");
+    assert!(
+        gap_budget < 1e-4,
+        "budgeted micro-batches moved the weights by {gap_budget}"
+    );
+    assert!(
+        gap_accum < 1e-4,
+        "4 × 4 accumulation moved the weights by {gap_accum}"
+    );
     assert!((whole.final_loss - budgeted.final_loss).abs() < 1e-4);
     // The same run with a different split is not a no-op test: the weights did move.
     let trained = weights(&whole);
-    assert!(trained.iter().any(|(k, v)| k.contains("lora_B") && v.iter().any(|x| *x != 0.0)));
+    assert!(trained
+        .iter()
+        .any(|(k, v)| k.contains("lora_B") && v.iter().any(|x| *x != 0.0)));
 }
 
 #[test]
@@ -96,7 +113,10 @@ fn activation_checkpointing_trains_the_same_weights_for_every_method() {
         let (plain, recomputed) = (run("plain", false), run("ckpt", true));
         let gap = weight_gap(&plain, &recomputed);
         println!("{method:?}: relative weight gap {gap:e}");
-        assert!(gap < 1e-4, "{method:?}: checkpointing moved the weights by {gap}");
+        assert!(
+            gap < 1e-4,
+            "{method:?}: checkpointing moved the weights by {gap}"
+        );
         assert!((plain.first_loss - recomputed.first_loss).abs() < 1e-5);
     }
 }
@@ -136,9 +156,22 @@ fn the_chunked_head_loss_is_the_loss_of_the_full_logits_and_its_gradient() {
         chunked.to_scalar::<f32>().unwrap(),
         reference.to_scalar::<f32>().unwrap(),
     );
-    assert!((a - b).abs() < 1e-5 * b.abs().max(1.0), "chunked {a} vs full {b}");
-    let ga = chunked.backward().unwrap().get(h.as_tensor()).unwrap().clone();
-    let gb = reference.backward().unwrap().get(h.as_tensor()).unwrap().clone();
+    assert!(
+        (a - b).abs() < 1e-5 * b.abs().max(1.0),
+        "chunked {a} vs full {b}"
+    );
+    let ga = chunked
+        .backward()
+        .unwrap()
+        .get(h.as_tensor())
+        .unwrap()
+        .clone();
+    let gb = reference
+        .backward()
+        .unwrap()
+        .get(h.as_tensor())
+        .unwrap()
+        .clone();
     let (ga, gb): (Vec<f32>, Vec<f32>) = (
         ga.flatten_all().unwrap().to_vec1().unwrap(),
         gb.flatten_all().unwrap().to_vec1().unwrap(),

@@ -163,7 +163,10 @@ pub async fn run_train(args: TrainArgs) -> Result<()> {
         dataset::Tokenization, optim::Schedule, trainable::TrainSpec, Dataset, Format, Method,
     };
     if args.max_batch_tokens.is_some_and(|b| b < args.max_seq_len) {
-        bail!("`--max-batch-tokens` must be at least `--max-seq-len` ({})", args.max_seq_len);
+        bail!(
+            "`--max-batch-tokens` must be at least `--max-seq-len` ({})",
+            args.max_seq_len
+        );
     }
     if !matches!(args.model.dtype, DTypeArg::F32 | DTypeArg::Auto) {
         bail!("`--dtype`: training runs in f32");

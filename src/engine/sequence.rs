@@ -135,6 +135,11 @@ impl SequenceState {
         &self.next_input
     }
 
+    /// The position the next input starts at (prompt tokens already fed).
+    pub fn position(&self) -> usize {
+        self.prompt_len.saturating_sub(self.next_input.len())
+    }
+
     /// Whether prompt tokens remain to be fed (a decode step has exactly one input token).
     pub fn prefilling(&self) -> bool {
         self.generated.is_empty() && !self.next_input.is_empty()

@@ -389,20 +389,31 @@ mod tests {
         .unwrap();
         let g = Guidance::new(&tok, 2).unwrap();
         // One tenant's flood of distinct regexes leaves the other's entry cached.
-        g.compile_for(Some("light"), &Constraint::Regex("(yes|no)".into())).unwrap();
+        g.compile_for(Some("light"), &Constraint::Regex("(yes|no)".into()))
+            .unwrap();
         for i in 0..3 * CACHED_PER_SCOPE {
-            g.compile_for(Some("heavy"), &Constraint::Regex(format!("a{{{i}}}b"))).unwrap();
+            g.compile_for(Some("heavy"), &Constraint::Regex(format!("a{{{i}}}b")))
+                .unwrap();
         }
         let before = g.compiled();
-        g.compile_for(Some("light"), &Constraint::Regex("(yes|no)".into())).unwrap();
-        assert_eq!(g.compiled(), before, "the light tenant's constraint was evicted");
+        g.compile_for(Some("light"), &Constraint::Regex("(yes|no)".into()))
+            .unwrap();
+        assert_eq!(
+            g.compiled(),
+            before,
+            "the light tenant's constraint was evicted"
+        );
         let cache = g.cache.lock().unwrap();
         let heavy = &cache[&Some("heavy".to_string())];
         assert!(heavy.lru.len() <= CACHED_PER_SCOPE && heavy.bytes <= CACHED_BYTES_PER_SCOPE);
         drop(cache);
         // Too large to compile at all: an error naming the bound.
         let big = Constraint::Regex("a".repeat(MAX_CONSTRAINT_BYTES + 1));
-        let err = g.compile_for(Some("heavy"), &big).err().unwrap().to_string();
+        let err = g
+            .compile_for(Some("heavy"), &big)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("at most"), "{err}");
     }
 

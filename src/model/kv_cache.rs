@@ -120,7 +120,10 @@ impl KvCache {
     pub fn mark(&self, layer: usize) -> LayerMark {
         LayerMark {
             tensors: self.layers.get(layer).cloned().flatten(),
-            host: self.host.get(layer).map_or((0, 0), |(k, v)| (k.len(), v.len())),
+            host: self
+                .host
+                .get(layer)
+                .map_or((0, 0), |(k, v)| (k.len(), v.len())),
         }
     }
 

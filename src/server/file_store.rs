@@ -116,13 +116,17 @@ impl FileStore {
                         Some(r) if valid_id(id) && r.id == id => {
                             index.files.insert(id.to_string(), r);
                         }
-                        _ => tracing::warn!("{}: not a file record; ignored", entry.path().display()),
+                        _ => {
+                            tracing::warn!("{}: not a file record; ignored", entry.path().display())
+                        }
                     }
                 }
             }
             for id in contents {
                 if !index.files.contains_key(&id) {
-                    tracing::info!("file {id}: contents without a record (an upload cut short); removed");
+                    tracing::info!(
+                        "file {id}: contents without a record (an upload cut short); removed"
+                    );
                     let _ = std::fs::remove_file(self.dir.join(format!("{id}.jsonl")));
                 }
             }

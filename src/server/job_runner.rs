@@ -65,11 +65,18 @@ pub(super) fn lower_priority() {
 fn redact(st: &AppState, job: &JobRecord, message: &str) -> String {
     let job_dir = st.jobs.job_dir(&job.id).display().to_string();
     let state = st.config.state_dir.display().to_string();
-    let mut out = message.replace(&format!("{job_dir}/"), "").replace(&job_dir, "job");
-    for form in [Some(state.clone()), std::fs::canonicalize(&st.config.state_dir).ok().map(|p| p.display().to_string())]
-        .into_iter()
-        .flatten()
-        .filter(|s| !s.is_empty())
+    let mut out = message
+        .replace(&format!("{job_dir}/"), "")
+        .replace(&job_dir, "job");
+    for form in [
+        Some(state.clone()),
+        std::fs::canonicalize(&st.config.state_dir)
+            .ok()
+            .map(|p| p.display().to_string()),
+    ]
+    .into_iter()
+    .flatten()
+    .filter(|s| !s.is_empty())
     {
         out = out.replace(&format!("{form}/"), "").replace(&form, "");
     }
@@ -88,9 +95,7 @@ pub(super) fn validate(st: &Arc<AppState>, id: &str) {
         st.jobs.release(id);
         return;
     }
-    let invalid = |param: &str, file: &str, message: String| {
-        json!({"code": format!("invalid_{param}"), "message": format!("file `{file}`: {message}"), "param": param})
-    };
+    let invalid = |param: &str, file: &str, message: String| json!({"code": format!("invalid_{param}"), "message": format!("file `{file}`: {message}"), "param": param});
     let checked = load_data(st, &job.training_file, &stop)
         .map_err(|e| invalid("training_file", &job.training_file, e))
         .and_then(|data| {
@@ -216,7 +221,10 @@ pub(super) fn worker(queue: Arc<WaitQueue>, st: Weak<AppState>) {
             true
         });
         if let Err(e) = finished {
-            tracing::error!("fine-tuning job {id}: its end could not be recorded: {}", e.message());
+            tracing::error!(
+                "fine-tuning job {id}: its end could not be recorded: {}",
+                e.message()
+            );
         }
         // The resume state matters no more once the record says how the job ended.
         remove_resume_state(&st, &id);
@@ -225,7 +233,12 @@ pub(super) fn worker(queue: Arc<WaitQueue>, st: Weak<AppState>) {
 }
 
 /// Sets `stop` (and `timed_out`) once `limit` has passed, unless `done` first.
-fn watchdog(limit: Duration, stop: Arc<AtomicBool>, timed_out: Arc<AtomicBool>, done: Arc<AtomicBool>) {
+fn watchdog(
+    limit: Duration,
+    stop: Arc<AtomicBool>,
+    timed_out: Arc<AtomicBool>,
+    done: Arc<AtomicBool>,
+) {
     let start = Instant::now();
     let spawned = std::thread::Builder::new()
         .name("fine-tuning-watchdog".into())
@@ -248,7 +261,12 @@ fn watchdog(limit: Duration, stop: Arc<AtomicBool>, timed_out: Arc<AtomicBool>, 
 /// Removes a job's resume checkpoint (optimizer state): its job ended.
 fn remove_resume_state(st: &AppState, id: &str) {
     let dir = st.jobs.job_dir(id).join("adapter");
-    for sub in ["checkpoint", "checkpoint.tmp", "checkpoint.old", "export.tmp"] {
+    for sub in [
+        "checkpoint",
+        "checkpoint.tmp",
+        "checkpoint.old",
+        "export.tmp",
+    ] {
         let _ = std::fs::remove_dir_all(dir.join(sub));
     }
 }
@@ -280,7 +298,11 @@ pub fn adapter_bytes(st: &AppState, rank: usize, dora: bool) -> u64 {
 
 /// Trains `job` on the served model and registers the adapter; its registered name, the tokens
 /// trained on and the bytes its outputs hold.
-fn run(st: &Arc<AppState>, job: &JobRecord, stop: &Arc<AtomicBool>) -> Result<(String, usize, u64), String> {
+fn run(
+    st: &Arc<AppState>,
+    job: &JobRecord,
+    stop: &Arc<AtomicBool>,
+) -> Result<(String, usize, u64), String> {
     use crate::model::{BaseWeight, Proj};
     use crate::train::optim::Schedule;
     use crate::train::trainable::{Method, TrainSpec};
@@ -326,7 +348,8 @@ fn run(st: &Arc<AppState>, job: &JobRecord, stop: &Arc<AtomicBool>) -> Result<(S
             })
             .map(|l| format!("{l}\n"))
             .collect();
-        crate::durable::write(&events, kept.as_bytes()).map_err(|e| redact(st, job, &e.to_string()))?;
+        crate::durable::write(&events, kept.as_bytes())
+            .map_err(|e| redact(st, job, &e.to_string()))?;
     } else {
         let _ = std::fs::remove_file(&events);
         let _ = std::fs::remove_dir_all(dir.join("checkpoints"));
@@ -491,7 +514,11 @@ fn register(st: &AppState, job: &JobRecord, name: &str, quota: bool) -> Result<(
 /// exports).
 pub(super) fn tidy(st: &AppState, job: &JobRecord) {
     let dir = st.jobs.job_dir(&job.id);
-    for entry in std::fs::read_dir(dir.join("checkpoints")).into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir(dir.join("checkpoints"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         if entry.file_name().to_string_lossy().ends_with(".tmp") {
             let _ = std::fs::remove_dir_all(entry.path());
         }
@@ -538,7 +565,11 @@ mod tests {
     #[test]
     fn names_follow_openai() {
         assert_eq!(
-            super::ft_name("HuggingFaceTB/SmolLM2-135M-Instruct", Some("x"), "ftjob-0123456789abcdef01234567"),
+            super::ft_name(
+                "HuggingFaceTB/SmolLM2-135M-Instruct",
+                Some("x"),
+                "ftjob-0123456789abcdef01234567"
+            ),
             "ft:SmolLM2-135M-Instruct:x:01234567"
         );
     }

@@ -405,8 +405,7 @@ impl JobStore {
             .or_default()
             .store(true, Ordering::SeqCst);
         // Not yet picked up by a validator or a worker: nothing runs for it.
-        let waiting =
-            self.validations.lock().remove(id) || self.queue.lock().remove(id);
+        let waiting = self.validations.lock().remove(id) || self.queue.lock().remove(id);
         if waiting || job.status == "validating_files" {
             job.status = "cancelled".into();
             job.finished_at = Some(now());

@@ -118,7 +118,11 @@ async fn generate(
         r
     };
     if defaulted && request(0).config.max_tokens == 0 {
-        let field = if matches!(kind, Kind::Chat) { "messages" } else { "prompt" };
+        let field = if matches!(kind, Kind::Chat) {
+            "messages"
+        } else {
+            "prompt"
+        };
         return Err(ApiError::bad(
             field,
             format!("`{field}` takes {} KV positions with the adapter's virtual tokens; the server holds {budget} per request", request(0).kv_positions()),
@@ -514,11 +518,15 @@ pub async fn list_files(
     Extension(caller): Extension<Caller>,
 ) -> Result<Response, ApiError> {
     let data: Vec<serde_json::Value> = st
-        .files
-        .list(Policy::owner_scope(&caller))
-        .iter()
-        .map(|f| f.public())
-        .collect();
+        .prepare_for(&caller.clone(), move |st| {
+            Ok(st
+                .files
+                .list(Policy::owner_scope(&caller))
+                .iter()
+                .map(|f| f.public())
+                .collect())
+        })
+        .await?;
     Ok(Json(json!({"object": "list", "data": data})).into_response())
 }
 
@@ -528,7 +536,11 @@ pub async fn get_file(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let record = st.files.get(&id, Policy::owner_scope(&caller))?;
+    let record = st
+        .prepare_for(&caller.clone(), move |st| {
+            st.files.get(&id, Policy::owner_scope(&caller))
+        })
+        .await?;
     Ok(Json(record.public()).into_response())
 }
 
@@ -538,7 +550,11 @@ pub async fn delete_file(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    st.files.delete(&id, Policy::owner_scope(&caller))?;
+    let file = id.clone();
+    st.prepare_for(&caller.clone(), move |st| {
+        st.files.delete(&file, Policy::owner_scope(&caller))
+    })
+    .await?;
     Ok(Json(json!({"id": id, "object": "file", "deleted": true})).into_response())
 }
 
@@ -678,7 +694,9 @@ pub async fn list_jobs(
     axum::extract::Query(page): axum::extract::Query<Page>,
 ) -> Result<Response, ApiError> {
     let jobs = st
-        .prepare_for(&caller.clone(), move |st| Ok(st.jobs.list(Policy::owner_scope(&caller))))
+        .prepare_for(&caller.clone(), move |st| {
+            Ok(st.jobs.list(Policy::owner_scope(&caller)))
+        })
         .await?;
     let start = match &page.after {
         Some(a) => jobs
@@ -704,7 +722,12 @@ pub async fn get_job(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    Ok(Json(st.jobs.get(&id, Policy::owner_scope(&caller))?.public()).into_response())
+    let job = st
+        .prepare_for(&caller.clone(), move |st| {
+            st.jobs.get(&id, Policy::owner_scope(&caller))
+        })
+        .await?;
+    Ok(Json(job.public()).into_response())
 }
 
 /// `GET /v1/fine_tuning/jobs/{id}/events?after=ID&limit=N`: a line per training step, newest

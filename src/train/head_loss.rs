@@ -89,7 +89,11 @@ impl CustomOp1 for HeadCrossEntropy {
         let vocab = self.vocab()?;
         let g = grad.to_scalar::<f32>()? / n.max(1) as f32;
         let h = arg.detach().contiguous()?;
-        let weight = self.head.base().dense()?.to_dtype(candle_core::DType::F32)?;
+        let weight = self
+            .head
+            .base()
+            .dense()?
+            .to_dtype(candle_core::DType::F32)?;
         let mut pieces = Vec::with_capacity(n.div_ceil(CHUNK_ROWS));
         for start in (0..n).step_by(CHUNK_ROWS) {
             let len = CHUNK_ROWS.min(n - start);

@@ -438,8 +438,8 @@ pub fn train(
     );
     bar.set_position(start_step as u64);
     // No bar where stderr is no terminal (indicatif hides it): plain lines instead.
-    let mut plain_progress = (cfg.progress && !std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .then(Instant::now);
+    let mut plain_progress =
+        (cfg.progress && !std::io::IsTerminal::is_terminal(&std::io::stderr())).then(Instant::now);
     let started = Instant::now();
     let mut orders: HashMap<usize, Vec<usize>> = HashMap::new();
     let (mut first_loss, mut last_loss, mut tokens_done) = (f32::NAN, f32::NAN, 0usize);
@@ -486,7 +486,11 @@ pub fn train(
             }
             // A cancel takes effect within a micro-batch, not only at the end of a large step:
             // the weights are still those after `step` steps, which the checkpoint keeps.
-            if cfg.cancel.as_ref().is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed)) {
+            if cfg
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(std::sync::atomic::Ordering::Relaxed))
+            {
                 save_checkpoint(&cfg.output, &adapter, &opt, step)?;
                 bar.abandon();
                 return Err(TrainError::Cancelled { step });
@@ -565,9 +569,13 @@ pub fn train(
         if let Some(dir) = &cfg.epoch_checkpoints {
             if epochs_done(done) > epochs_done(step) || done == total {
                 let valid = match eval {
-                    Some(e) if !e.examples.is_empty() => {
-                        Some(evaluate(model, &adapter, e, cfg.batch_size, cfg.max_batch_tokens)?)
-                    }
+                    Some(e) if !e.examples.is_empty() => Some(evaluate(
+                        model,
+                        &adapter,
+                        e,
+                        cfg.batch_size,
+                        cfg.max_batch_tokens,
+                    )?),
                     _ => None,
                 };
                 if done == total {

@@ -54,8 +54,19 @@ pub fn http(
     key: Option<&str>,
     body: Option<(&str, &[u8])>,
 ) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(600))).unwrap();
+    try_http(port, method, path, key, body).expect("the server answers")
+}
+
+/// `http` for a server that may die under the request: `None` when no answer came.
+pub fn try_http(
+    port: u16,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Option<(&str, &[u8])>,
+) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(600))).ok()?;
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
     if let Some(k) = key {
         head.push_str(&format!("Authorization: Bearer {k}\r\n"));
@@ -65,19 +76,30 @@ pub fn http(
         "Content-Type: {kind}\r\nContent-Length: {}\r\n\r\n",
         bytes.len()
     ));
-    s.write_all(head.as_bytes()).unwrap();
-    s.write_all(bytes).unwrap();
+    s.write_all(head.as_bytes()).ok()?;
+    s.write_all(bytes).ok()?;
     let mut raw = Vec::new();
-    let _ = s.read_to_end(&mut raw);
+    s.read_to_end(&mut raw).ok()?;
     let text = String::from_utf8_lossy(&raw).to_string();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    let status = text.split(' ').nth(1)?.parse().ok()?;
     // Chunked bodies (streams) are left as they come; JSON answers carry a length.
-    (status, body)
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Some((status, body))
+}
+
+/// A multipart form uploading `content` as a fine-tuning file: its content type and body.
+pub fn upload_form(content: &[u8]) -> (String, Vec<u8>) {
+    let boundary = "loraplex-test-boundary";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"data.jsonl\"\r\nContent-Type: application/jsonl\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(content);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
 }
 
 /// `http` with a JSON body, the answer parsed (`Null` when it is not JSON).
@@ -105,14 +127,7 @@ pub fn json(
 
 /// Uploads `content` as a fine-tuning file: the status and the answer.
 pub fn upload(port: u16, key: Option<&str>, content: &[u8]) -> (u16, serde_json::Value, String) {
-    let boundary = "loraplex-test-boundary";
-    let mut body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nfine-tune\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"data.jsonl\"\r\nContent-Type: application/jsonl\r\n\r\n"
-    )
-    .into_bytes();
-    body.extend_from_slice(content);
-    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    let kind = format!("multipart/form-data; boundary={boundary}");
+    let (kind, body) = upload_form(content);
     let (status, answer) = http(port, "POST", "/v1/files", key, Some((&kind, &body)));
     (
         status,
@@ -137,7 +152,12 @@ pub fn cpu_ticks(pid: u32) -> u64 {
     // Fields after the command name (which may hold spaces) start after the last ')'.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let num = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+    let num = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     // utime and stime are fields 14 and 15 of the line: 12 and 13 after the ')'.
     num(11) + num(12)
 }

@@ -111,4 +111,3 @@ pub fn config(output: PathBuf, method: Method, steps: usize) -> TrainConfig {
         progress_every: std::time::Duration::from_secs(10),
     }
 }
-
