@@ -618,3 +618,45 @@ fn served_gives_the_trained_logits(
         .fold(0f32, f32::max);
     assert!(worst < 1e-5, "{worst}");
 }
+
+/// Reading a conversation is linear in its length: rendering stops once the segments hold
+/// `max_seq_len` tokens (before, every prefix was rendered again: 20,000 messages took hours),
+/// and the example is the one the conversation's first messages make.
+#[test]
+fn a_conversation_of_20000_messages_reads_in_linear_time() {
+    let m = load_tiny();
+    let tmp = tempfile::tempdir().unwrap();
+    let turns = |n: usize| -> String {
+        let msgs: Vec<serde_json::Value> = (0..n)
+            .map(|i| {
+                let role = if i % 2 == 0 { "user" } else { "assistant" };
+                serde_json::json!({"role": role, "content": format!("m{i}")})
+            })
+            .collect();
+        serde_json::json!({ "messages": msgs }).to_string()
+    };
+    let long = tmp.path().join("long.jsonl");
+    let short = tmp.path().join("short.jsonl");
+    std::fs::write(&long, turns(20_000)).unwrap();
+    std::fs::write(&short, turns(60)).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    // On its own thread, so that a quadratic reader fails the test instead of hanging it.
+    let path = long.clone();
+    std::thread::spawn(move || {
+        let m = load_tiny();
+        let template = ChatTemplate::select(None, m.chat_template.as_deref()).unwrap();
+        let special = m.special_tokens();
+        let t = tok(&m, &template, &special, 64);
+        let _ = tx.send(Dataset::load(&path, &t, false).map(|d| d.examples));
+    });
+    let got = rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("20,000 messages were not read within 2 minutes")
+        .unwrap();
+    let template = ChatTemplate::select(None, m.chat_template.as_deref()).unwrap();
+    let special = m.special_tokens();
+    let t = tok(&m, &template, &special, 64);
+    let expected = Dataset::load(&short, &t, false).unwrap().examples;
+    assert_eq!(got, expected);
+    assert_eq!(got[0].ids.len(), 63);
+}
