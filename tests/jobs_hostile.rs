@@ -260,7 +260,7 @@ fn create_and_cancel_loops_leave_no_work_running() {
     assert!(busy < 0.15, "cancelled jobs still burn {busy:.2} of a core");
     for id in &ids {
         let job = wait_status(s.port, "sk-heavy", id, Duration::from_secs(5), |st| {
-            st != ""
+            !st.is_empty()
         });
         assert_eq!(job["status"], "cancelled", "{job}");
     }

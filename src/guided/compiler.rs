@@ -230,12 +230,14 @@ pub struct Guide {
     eos: TokenId,
     /// The next mask, being computed: the matcher comes back with it. (In a mutex only so that
     /// a guide is `Sync`, as the requests holding one are shared across an await.)
-    pending: Option<Mutex<std::sync::mpsc::Receiver<Result<(Matcher, Mask), String>>>>,
+    pending: Option<Mutex<std::sync::mpsc::Receiver<Computed>>>,
     /// Nanoseconds spent computing masks (for the benchmark).
     pub mask_nanos: Vec<u64>,
 }
 
 type Mask = (Result<llguidance::toktrie::SimpleVob, String>, u64);
+/// A computed mask with its matcher back, or why there is none.
+type Computed = Result<(Matcher, Mask), String>;
 
 impl Clone for Guide {
     /// A copy in the same state (before it runs: a guide is cloned from the compiled one).

@@ -419,32 +419,22 @@ impl Llama {
         mut x: Tensor,
         staged: &Staged<'a>,
         input: &mut BatchInput<'a>,
-        mut pool: Option<&mut KvPool>,
+        pool: Option<&mut KvPool>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (groups, spans) = (&staged.groups, &staged.spans);
         let block = &self.layers[li];
-        let sites = Sites {
-            groups: &groups,
-            layer: li,
-        };
+        let sites = Sites { groups, layer: li };
         let h = time(Part::Norm, || {
             rms_norm(&x, &block.input_layernorm, c.rms_norm_eps)
         })?;
-        let attn = self.attention(
-            &sites,
-            &block.self_attn,
-            &h,
-            &spans,
-            &mut input.seqs,
-            pool.as_deref_mut(),
-        )?;
+        let attn = self.attention(&sites, &block.self_attn, &h, spans, &mut input.seqs, pool)?;
         let o = time(Part::OProj, || {
             sites.project(&block.self_attn.o_proj, Proj::O, &attn)
         })?;
         let before = x.clone();
         x = time(Part::Activation, || x + &o)?;
-        x = add_bottlenecks(&groups, li, 0, x, &before, &o)?;
+        x = add_bottlenecks(groups, li, 0, x, &before, &o)?;
         let h = time(Part::Norm, || {
             rms_norm(&x, &block.post_attention_layernorm, c.rms_norm_eps)
         })?;
@@ -467,7 +457,7 @@ impl Llama {
         })?;
         let before = x.clone();
         x = time(Part::Activation, || x + &down)?;
-        x = add_bottlenecks(&groups, li, 1, x, &before, &down)?;
+        x = add_bottlenecks(groups, li, 1, x, &before, &down)?;
         Ok(x)
     }
 
