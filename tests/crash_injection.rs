@@ -34,6 +34,18 @@ struct Acked {
     deleted_models: BTreeSet<String>,
 }
 
+impl Acked {
+    /// A random acknowledged file not known to be deleted.
+    fn live_file(&self, rng: &mut impl Rng) -> Option<String> {
+        let live: Vec<&String> = self
+            .files
+            .keys()
+            .filter(|f| !self.deleted_files.contains(*f))
+            .collect();
+        (!live.is_empty()).then(|| live[rng.random_range(0..live.len())].clone())
+    }
+}
+
 /// One request that tolerates the server dying under it: `None` when no answer came.
 fn try_json(port: u16, method: &str, path: &str, body: Option<&Value>) -> Option<(u16, Value)> {
     let text = body.map(|b| b.to_string());
@@ -70,15 +82,7 @@ fn drive(port: u16, model: String, acked: Arc<Mutex<Acked>>, seed: u64) {
                 }
             })
         } else if roll < 55 {
-            let file = {
-                let a = acked.lock().unwrap();
-                let live: Vec<&String> = a
-                    .files
-                    .keys()
-                    .filter(|f| !a.deleted_files.contains(*f))
-                    .collect();
-                (!live.is_empty()).then(|| live[rng.random_range(0..live.len())].clone())
-            };
+            let file = acked.lock().unwrap().live_file(&mut rng);
             let Some(file) = file else { continue };
             let body = json!({"training_file": file, "model": model,
                 "method": {"type": "supervised", "supervised": {"hyperparameters": {
@@ -93,15 +97,7 @@ fn drive(port: u16, model: String, acked: Arc<Mutex<Acked>>, seed: u64) {
                 }
             })
         } else if roll < 63 {
-            let file = {
-                let a = acked.lock().unwrap();
-                let live: Vec<&String> = a
-                    .files
-                    .keys()
-                    .filter(|f| !a.deleted_files.contains(*f))
-                    .collect();
-                (!live.is_empty()).then(|| live[rng.random_range(0..live.len())].clone())
-            };
+            let file = acked.lock().unwrap().live_file(&mut rng);
             let Some(file) = file else { continue };
             acked.lock().unwrap().maybe_deleted.insert(file.clone());
             try_json(port, "DELETE", &format!("/v1/files/{file}"), None).map(|(status, _)| {

@@ -24,6 +24,7 @@ tenant = "light"
 tenant = "capped"
 max_jobs = 2
 max_file_bytes = 10000
+max_files = 3
 max_job_bytes = 1000
 "#;
 
@@ -399,6 +400,16 @@ fn concurrent_requests_cannot_overshoot_max_jobs_or_max_file_bytes() {
         .sum();
     assert_eq!(files["data"].as_array().unwrap().len(), accepted);
     assert!(kept <= 10_000, "{accepted} uploads kept {kept} bytes");
+    // However small, at most `max_files` of them: each costs an index entry and two inodes.
+    let tiny: &[u8] = b"{\"prompt\": \"a\", \"completion\": \"b\"}";
+    let statuses: Vec<u16> = (0..4)
+        .map(|_| upload(port, Some("sk-capped"), tiny).0)
+        .collect();
+    let (_, files, _) = json(port, "GET", "/v1/files", Some("sk-capped"), None);
+    assert_eq!(files["data"].as_array().unwrap().len(), 3, "{statuses:?}");
+    let (status, _, text) = upload(port, Some("sk-capped"), tiny);
+    assert_eq!(status, 403, "{text}");
+    assert!(text.contains("max_files"), "{text}");
     // The heavy tenant's jobs (its adapters and job bytes have room).
     let (_, file, _) = upload(
         port,

@@ -550,6 +550,18 @@ impl Worker {
 /// What each running sequence feeds this step, within `budget` tokens (0: no limit): decode rows
 /// one token each, always; prompts, in order, as much of their rest as the budget leaves (at
 /// least one token for the first waiting prompt, so a prompt never starves). Empty: skip.
+/// The most prompt tokens a chunk starting at `position` may hold. A chunk's attention grows
+/// with its position: at most `budget × 1024` query–key pairs a step (a full chunk up to position
+/// 1,024), so a long prompt's late chunks shrink and the streams beside it keep their pace where
+/// attention is slow (a CPU without AVX-512: 12 s steps at position 8,000 with whole 256-token
+/// chunks). `budget` 0 (whole prompts at once) is not capped.
+fn chunk_cap(budget: usize, position: usize) -> usize {
+    match budget {
+        0 => usize::MAX,
+        b => (b.saturating_mul(1024) / (position + 1)).max(16),
+    }
+}
+
 fn step_inputs(active: &[Active], budget: usize) -> Vec<Vec<u32>> {
     let decode = active.iter().filter(|a| !a.seq.prefilling()).count();
     let mut left = if budget == 0 {
@@ -565,12 +577,10 @@ fn step_inputs(active: &[Active], budget: usize) -> Vec<Vec<u32>> {
             if !a.seq.prefilling() {
                 return input.to_vec();
             }
-            // A chunk's attention grows with its position: at most `budget × 1024` query–key
-            // pairs a step (a full chunk up to position 1,024), so a long prompt's late chunks
-            // shrink and the streams beside it keep their pace where attention is slow (a CPU
-            // without AVX-512: 12 s steps at position 8,000 with whole 256-token chunks).
-            let by_cost = (budget.saturating_mul(1024) / (a.seq.position() + 1)).max(16);
-            let mut n = input.len().min(left).min(by_cost);
+            let mut n = input
+                .len()
+                .min(left)
+                .min(chunk_cap(budget, a.seq.position()));
             if n == 0 && first_prompt {
                 n = 1;
             }
@@ -579,4 +589,17 @@ fn step_inputs(active: &[Active], budget: usize) -> Vec<Vec<u32>> {
             input[..n].to_vec()
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_cap;
+
+    #[test]
+    fn chunks_shrink_with_their_position_and_unchunked_stays_whole() {
+        assert_eq!(chunk_cap(0, 8000), usize::MAX);
+        assert!(chunk_cap(256, 0) >= 256 && chunk_cap(256, 1023) >= 256);
+        assert_eq!(chunk_cap(256, 8000), 32);
+        assert_eq!(chunk_cap(256, 1_000_000), 16);
+    }
 }

@@ -8,6 +8,7 @@
 //! max_adapter_bytes = 1073741824
 //! allow_hub = false            # may add adapters by hub id
 //! max_file_bytes = 268435456   # uploaded training files together (`/v1/files`)
+//! max_files = 1000             # uploaded training files kept at once
 //! max_jobs = 2                 # fine-tuning jobs queued or running at once
 //! max_job_bytes = 1073741824   # fine-tuning jobs' outputs on disk together
 //! ```
@@ -39,6 +40,9 @@ pub struct TenantLimits {
     pub allow_hub: bool,
     /// `max_file_bytes`: the tenant's uploaded files together.
     pub max_file_bytes: u64,
+    /// `max_files`: how many uploaded files the tenant keeps (each costs an index entry and two
+    /// inodes however small it is).
+    pub max_files: usize,
     /// `max_jobs`: the tenant's fine-tuning jobs queued or running at once.
     pub max_jobs: usize,
     /// `max_job_bytes`: what the tenant's fine-tuning jobs keep on disk (adapters, served
@@ -53,6 +57,7 @@ impl Default for TenantLimits {
             max_adapter_bytes: 1 << 30,
             allow_hub: false,
             max_file_bytes: 256 << 20,
+            max_files: 1000,
             max_jobs: 2,
             max_job_bytes: 1 << 30,
         }
@@ -89,6 +94,7 @@ struct KeyEntry {
     #[serde(default)]
     allow_hub: bool,
     max_file_bytes: Option<u64>,
+    max_files: Option<usize>,
     max_jobs: Option<usize>,
     max_job_bytes: Option<u64>,
 }
@@ -187,6 +193,7 @@ impl ApiKeys {
                             .unwrap_or(defaults.max_adapter_bytes),
                         allow_hub: entry.allow_hub,
                         max_file_bytes: entry.max_file_bytes.unwrap_or(defaults.max_file_bytes),
+                        max_files: entry.max_files.unwrap_or(defaults.max_files),
                         max_jobs: entry.max_jobs.unwrap_or(defaults.max_jobs),
                         max_job_bytes: entry.max_job_bytes.unwrap_or(defaults.max_job_bytes),
                     },

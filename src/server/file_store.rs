@@ -48,8 +48,8 @@ pub struct FileStore {
 struct Index {
     loaded: bool,
     files: std::collections::HashMap<String, FileRecord>,
-    /// Bytes of uploads accepted but not yet on disk, by owner.
-    reserved: std::collections::HashMap<Option<String>, u64>,
+    /// Bytes and count of uploads accepted but not yet on disk, by owner.
+    reserved: std::collections::HashMap<Option<String>, (u64, usize)>,
 }
 
 /// Whether `id` has the shape of our ids (anything else is simply not found).
@@ -134,36 +134,31 @@ impl FileStore {
         index
     }
 
-    /// Bytes `owner`'s files hold, uploads in progress included.
-    pub fn used_bytes(&self, owner: Option<&str>) -> u64 {
-        let index = self.index();
-        Self::used(&index, owner)
-    }
-
-    fn used(index: &Index, owner: Option<&str>) -> u64 {
-        let kept: u64 = index
+    /// Bytes and count of `owner`'s files, uploads in progress included.
+    fn usage(index: &Index, owner: Option<&str>) -> (u64, usize) {
+        let (bytes, count) = index
             .files
             .values()
             .filter(|f| f.owner.as_deref() == owner)
-            .map(|f| f.bytes as u64)
-            .sum();
-        kept + index
+            .fold((0u64, 0usize), |(b, n), f| (b + f.bytes as u64, n + 1));
+        let (rb, rn) = index
             .reserved
             .get(&owner.map(str::to_string))
             .copied()
-            .unwrap_or(0)
+            .unwrap_or_default();
+        (bytes + rb, count + rn)
     }
 
     /// Checks `content` (JSONL of training records) and keeps it for `owner`, within `limit`
-    /// bytes of files for that owner (checked and reserved under one lock: concurrent uploads
-    /// cannot overshoot). Contents are written and fsynced first, the record last.
+    /// (bytes of files, number of files) for that owner (checked and reserved under one lock:
+    /// concurrent uploads cannot overshoot). Contents are written and fsynced first, the record last.
     pub fn create(
         &self,
         owner: Option<&str>,
         filename: &str,
         purpose: &str,
         content: &[u8],
-        limit: Option<u64>,
+        limit: Option<(u64, usize)>,
         max_messages: Option<usize>,
     ) -> Result<FileRecord, ApiError> {
         if purpose != "fine-tune" {
@@ -176,8 +171,15 @@ impl FileStore {
         let key = owner.map(str::to_string);
         {
             let mut index = self.index();
-            if let Some(limit) = limit {
-                if Self::used(&index, owner) + content.len() as u64 > limit {
+            if let Some((limit, max_files)) = limit {
+                let (bytes, count) = Self::usage(&index, owner);
+                if count >= max_files {
+                    return Err(ApiError::forbidden(
+                        "file",
+                        format!("quota: your key keeps at most {max_files} files (`max_files`); delete some first"),
+                    ));
+                }
+                if bytes + content.len() as u64 > limit {
                     return Err(ApiError::forbidden(
                         "file",
                         format!(
@@ -187,7 +189,8 @@ impl FileStore {
                     ));
                 }
             }
-            *index.reserved.entry(key.clone()).or_default() += content.len() as u64;
+            let r = index.reserved.entry(key.clone()).or_default();
+            *r = (r.0 + content.len() as u64, r.1 + 1);
         }
         let record = FileRecord {
             id: format!("file-{:024x}", rand::random::<u128>() >> 32),
@@ -209,7 +212,10 @@ impl FileStore {
         })();
         let mut index = self.index();
         if let Some(r) = index.reserved.get_mut(&key) {
-            *r = r.saturating_sub(content.len() as u64);
+            *r = (
+                r.0.saturating_sub(content.len() as u64),
+                r.1.saturating_sub(1),
+            );
         }
         match written {
             Ok(()) => {

@@ -498,7 +498,8 @@ pub async fn upload_file(
     // The check, the quota and the write off the async threads, in the caller's share.
     let record = st
         .prepare_for(&caller.clone(), move |st| {
-            let limit = (!caller.admin).then_some(caller.limits.max_file_bytes);
+            let limit =
+                (!caller.admin).then_some((caller.limits.max_file_bytes, caller.limits.max_files));
             st.files.create(
                 caller.tenant.as_deref(),
                 &name,
