@@ -123,6 +123,7 @@ async fn main() {
                             adapter_label: None,
                             adapter_name: None,
                             tenant: None,
+                            class: Default::default(),
                         })
                         .unwrap()
                 })

@@ -119,6 +119,7 @@ async fn main() {
                     adapter_label: None,
                     adapter_name: None,
                     tenant: None,
+                    class: Default::default(),
                 })
                 .unwrap();
             pending.push(rx);

@@ -39,6 +39,11 @@ pub struct Metrics {
     pub adapter_tokens: IntCounterVec,
     pub lora_info: GaugeVec,
     pub engine_restarts: IntCounter,
+    pub preemptions: IntCounter,
+    pub shed_requests: IntCounter,
+    pub rate_limited: IntCounterVec,
+    pub usage_tokens: IntCounterVec,
+    pub usage_requests: IntCounterVec,
     pub prefix_cache_queries: IntCounter,
     pub prefix_cache_hits: IntCounter,
     pub kv_pool_bytes: IntGauge,
@@ -180,6 +185,40 @@ impl Metrics {
                 "Model steps that panicked (their requests failed; serving went on)",
             )
             .expect("valid"),
+            preemptions: IntCounter::new(
+                "loraplex_num_preemptions_total",
+                "Running sequences preempted (recomputed later) for a better priority or a tenant within its share",
+            )
+            .expect("valid"),
+            shed_requests: IntCounter::new(
+                "loraplex_shed_requests_total",
+                "Waiting requests shed (503) for better-priority ones when the queue was full",
+            )
+            .expect("valid"),
+            rate_limited: IntCounterVec::new(
+                Opts::new(
+                    "loraplex_rate_limited_total",
+                    "Requests refused with 429 by a tenant's rate limit, by limit",
+                ),
+                &["limit"],
+            )
+            .expect("valid"),
+            usage_tokens: IntCounterVec::new(
+                Opts::new(
+                    "loraplex_usage_tokens_total",
+                    "Tokens served per tenant and adapter (kind: prompt, completion, cached)",
+                ),
+                &["tenant", "adapter", "kind"],
+            )
+            .expect("valid"),
+            usage_requests: IntCounterVec::new(
+                Opts::new(
+                    "loraplex_usage_requests_total",
+                    "Requests served per tenant and adapter",
+                ),
+                &["tenant", "adapter"],
+            )
+            .expect("valid"),
             prefix_cache_queries: IntCounter::new(
                 "loraplex_prefix_cache_queries_total",
                 "Prompt tokens looked up in the prefix cache",
@@ -228,6 +267,11 @@ impl Metrics {
             Box::new(m.adapter_tokens.clone()),
             Box::new(m.lora_info.clone()),
             Box::new(m.engine_restarts.clone()),
+            Box::new(m.preemptions.clone()),
+            Box::new(m.shed_requests.clone()),
+            Box::new(m.rate_limited.clone()),
+            Box::new(m.usage_tokens.clone()),
+            Box::new(m.usage_requests.clone()),
             Box::new(m.prefix_cache_queries.clone()),
             Box::new(m.prefix_cache_hits.clone()),
             Box::new(m.kv_pool_bytes.clone()),

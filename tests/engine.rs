@@ -48,6 +48,7 @@ fn every_one_of_many_concurrent_submissions_finishes() {
                                 adapter_label: None,
                                 adapter_name: None,
                                 tenant: Some(format!("t{}", i % 3)),
+                                class: Default::default(),
                             })
                             .unwrap()
                     })
@@ -136,6 +137,7 @@ fn a_panicking_step_fails_its_requests_and_the_next_request_succeeds() {
         adapter_label: None,
         adapter_name: None,
         tenant: None,
+        class: Default::default(),
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let last = |mut rx: tokio::sync::mpsc::UnboundedReceiver<Event>| {

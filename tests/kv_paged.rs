@@ -149,6 +149,7 @@ fn request(prompt: Vec<u32>, adapter: Option<Lease>, max_tokens: usize) -> Valid
         adapter_label: None,
         adapter_name: None,
         tenant: None,
+        class: Default::default(),
     }
 }
 

@@ -310,6 +310,7 @@ fn engine_serves(name: &str, peft_type: &str) {
                 adapter_label: None,
                 adapter_name: None,
                 tenant: None,
+                class: Default::default(),
             })
             .unwrap();
         while worker.step() {}

@@ -183,6 +183,7 @@ fn lora_info_names_running_and_waiting_adapters_as_requested() {
         // A tenant's request says `lora-r4-qv` for `acme/lora-r4-qv`: the picker sees `model`.
         adapter_name: Some(name.to_string()),
         tenant: Some("acme".into()),
+        class: Default::default(),
     };
     let _rx = [
         engine.submit(request("lora-r4-qv")).unwrap(),

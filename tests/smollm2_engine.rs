@@ -71,6 +71,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> ValidRequest {
         adapter_label: None,
         adapter_name: None,
         tenant: None,
+        class: Default::default(),
     }
 }
 

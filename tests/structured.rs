@@ -252,6 +252,7 @@ fn constrained_rows_leave_the_others_as_they_are() {
             adapter_label: None,
             adapter_name: None,
             tenant: None,
+            class: Default::default(),
         }
     };
     let run = |batch: Vec<ValidRequest>| -> Vec<Vec<u32>> {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::generate::{FinishReason, GenerationConfig};
-use super::scheduler::{QueueGate, SchedulerConfig};
+use super::scheduler::{QueueGate, RequestClass, SchedulerConfig};
 use super::sequence::TokenLogprob;
 use super::worker::Worker;
 use crate::adapters::Lease;
@@ -29,8 +29,10 @@ pub struct ValidRequest {
     /// The adapter as the request named it (its `model` field, else `adapter`): what the
     /// Inference Extension's picker matches against `loraplex_lora_requests_info`.
     pub adapter_name: Option<String>,
-    /// Whose request it is: each tenant has its own share of the queue and its turn.
+    /// Whose request it is: each tenant has its own share of the queue and of the service.
     pub tenant: Option<String>,
+    /// Its priority and its tenant's weight.
+    pub class: RequestClass,
 }
 
 impl ValidRequest {
@@ -60,6 +62,8 @@ pub enum Event {
         finish_reason: FinishReason,
         prompt_tokens: usize,
         completion_tokens: usize,
+        /// Prompt tokens whose KV came from the prefix cache.
+        cached_tokens: usize,
     },
     Error(String),
     /// Ended by the server, not by a fault (shutdown past its timeout); the message says why.
@@ -121,8 +125,8 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub fn leave_queue(&self, tenant: &str) {
-        self.gate.lock().expect("gate lock").leave(tenant);
+    pub fn leave_queue(&self, tenant: &str, priority: i32) {
+        self.gate.lock().expect("gate lock").leave(tenant, priority);
     }
 }
 
@@ -213,8 +217,9 @@ impl Engine {
             .gate
             .lock()
             .expect("gate lock")
-            .enter(&tenant)
+            .enter(&tenant, request.class.priority)
             .map_err(|_| EngineError::QueueFull)?;
+        let priority = request.class.priority;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (events, rx) = unbounded_channel();
         let sent = self.tx.send(Submitted {
@@ -223,7 +228,7 @@ impl Engine {
             events,
         });
         if sent.is_err() {
-            self.shared.leave_queue(&tenant);
+            self.shared.leave_queue(&tenant, priority);
             return Err(EngineError::Draining);
         }
         Ok(rx)

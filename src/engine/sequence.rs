@@ -135,14 +135,25 @@ impl SequenceState {
         &self.next_input
     }
 
-    /// The position the next input starts at (prompt tokens already fed).
+    /// The position the next input starts at (the sequence's own tokens already fed).
     pub fn position(&self) -> usize {
-        self.prompt_len.saturating_sub(self.next_input.len())
+        (self.prompt_len + self.generated.len()).saturating_sub(self.next_input.len())
     }
 
-    /// Whether prompt tokens remain to be fed (a decode step has exactly one input token).
+    /// Whether tokens remain to be fed before the next sample: the prompt, or after a
+    /// `restart` the prompt and the answer so far (a decode step has one input token).
     pub fn prefilling(&self) -> bool {
-        self.generated.is_empty() && !self.next_input.is_empty()
+        !self.next_input.is_empty() && (self.generated.is_empty() || self.next_input.len() > 1)
+    }
+
+    /// After preemption (its KV was given back): starts `prompt`'s sequence again from `cache`, which holds the
+    /// first `cached` of its own tokens (prompt, then answer); the rest is fed again before the
+    /// next token is sampled. Sampling state, stop matching and text so far are kept.
+    pub fn restart(&mut self, prompt: &[u32], cache: KvCache, cached: usize) {
+        let all: Vec<u32> = prompt.iter().chain(&self.generated).copied().collect();
+        let cached = cached.min(all.len().saturating_sub(1));
+        self.cache = cache;
+        self.next_input = all[cached..].to_vec();
     }
 
     /// Records that the first `n` tokens of `next_input` went through the model without

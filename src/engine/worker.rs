@@ -37,6 +37,10 @@ struct Active {
     /// Hashes of the sequence's full blocks so far (paged caches).
     chain: Vec<BlockHash>,
     seed: BlockHash,
+    /// Prompt tokens from the prefix cache when it was admitted.
+    cached: usize,
+    /// Prompt tokens charged to its tenant's share so far (a recompute is not charged again).
+    charged_prompt: usize,
 }
 
 impl Active {
@@ -77,6 +81,8 @@ pub struct Worker {
     /// Received, not yet admitted.
     pending: HashMap<u64, Submitted>,
     active: Vec<Active>,
+    /// Preempted (their KV given back), waiting to be admitted again.
+    parked: HashMap<u64, Active>,
     /// `None` where the model cannot run paged (not the CPU f32 path): per-sequence caches.
     paged: Option<Paged>,
 }
@@ -131,12 +137,13 @@ impl Worker {
             config,
             pending: HashMap::new(),
             active: Vec::new(),
+            parked: HashMap::new(),
             paged,
         })
     }
 
     fn idle(&self) -> bool {
-        self.active.is_empty() && self.pending.is_empty()
+        self.active.is_empty() && self.pending.is_empty() && self.parked.is_empty()
     }
 
     /// Runs until every handle is gone; a panicking step is recovered from, not fatal.
@@ -171,6 +178,7 @@ impl Worker {
             return false;
         }
         self.drop_abandoned();
+        self.shed();
         self.admit();
         // Before the step (what it runs, for a scrape during a long step) and after it (what
         // finished no longer shows as running).
@@ -185,7 +193,10 @@ impl Worker {
     fn receive(&mut self, s: Submitted) {
         let tenant = s.request.tenant.clone().unwrap_or_default();
         let needed = s.request.kv_positions();
-        match self.scheduler.enqueue(s.id, &tenant, needed) {
+        match self
+            .scheduler
+            .enqueue(s.id, &tenant, needed, s.request.class)
+        {
             Ok(()) => {
                 self.pending.insert(s.id, s);
             }
@@ -193,7 +204,7 @@ impl Worker {
                 let _ = s.events.send(Event::Error(
                     "the request needs more KV positions than the server holds".into(),
                 ));
-                self.shared.leave_queue(&tenant);
+                self.shared.leave_queue(&tenant, s.request.class.priority);
             }
         }
     }
@@ -211,7 +222,36 @@ impl Worker {
         for (id, s) in std::mem::take(&mut self.pending) {
             let _ = s.events.send(Event::Aborted(cancelled.into()));
             self.scheduler.remove(id);
-            self.shared.leave_queue(Self::tenant(&s.request));
+            self.leave_queue(&s.request);
+        }
+        for (id, a) in std::mem::take(&mut self.parked) {
+            let _ = a.events.send(Event::Aborted(cancelled.into()));
+            self.scheduler.remove(id);
+        }
+    }
+
+    fn leave_queue(&self, r: &ValidRequest) {
+        self.shared.leave_queue(Self::tenant(r), r.class.priority);
+    }
+
+    /// Better-priority requests found the queue full: the worst waiting ones (not preempted
+    /// ones, which hold their answers so far) make room.
+    fn shed(&mut self) {
+        let n = self.shared.gate.lock().expect("gate lock").pending_sheds();
+        for _ in 0..n {
+            let parked = &self.parked;
+            let victim = self.scheduler.shed_worst(|id| !parked.contains_key(&id));
+            let mut gate = self.shared.gate.lock().expect("gate lock");
+            match victim.and_then(|id| self.pending.remove(&id)) {
+                Some(s) => {
+                    gate.shed(Self::tenant(&s.request));
+                    self.shared.metrics.shed_requests.inc();
+                    let _ = s.events.send(Event::Aborted(
+                        "the server is overloaded and shed this request for one of a better priority; retry later".into(),
+                    ));
+                }
+                None => gate.cancel_shed(),
+            }
         }
     }
 
@@ -235,8 +275,15 @@ impl Worker {
         for id in gone {
             let s = self.pending.remove(&id).expect("pending");
             self.scheduler.remove(id);
-            self.shared.leave_queue(Self::tenant(&s.request));
+            self.leave_queue(&s.request);
         }
+        self.parked.retain(|id, a| {
+            let open = !a.events.is_closed();
+            if !open {
+                self.scheduler.remove(*id);
+            }
+            open
+        });
         for i in (0..self.active.len()).rev() {
             if self.active[i].events.is_closed() {
                 self.finish(i);
@@ -246,14 +293,22 @@ impl Worker {
 
     fn admit(&mut self) {
         let context = self.model.model.config.max_position_embeddings;
-        for id in self.scheduler.admit() {
+        let admission = self.scheduler.admit();
+        for id in admission.preempted {
+            self.park(id);
+        }
+        for id in admission.admitted {
+            if let Some(a) = self.parked.remove(&id) {
+                self.resume(a);
+                continue;
+            }
             let Some(s) = self.pending.remove(&id) else {
                 self.scheduler.remove(id);
                 continue;
             };
             // Counted running before it leaves the queue: `Engine::is_idle` never sees a gap.
             self.shared.running.fetch_add(1, Ordering::SeqCst);
-            self.shared.leave_queue(Self::tenant(&s.request));
+            self.leave_queue(&s.request);
             let seed = chain_seed(
                 Self::tenant(&s.request),
                 s.request
@@ -313,6 +368,8 @@ impl Worker {
                         last_token: None,
                         chain,
                         seed,
+                        cached: fed,
+                        charged_prompt: 0,
                     });
                 }
                 Err(e) => {
@@ -324,10 +381,59 @@ impl Worker {
         }
     }
 
+    /// Preempts running `id`: its blocks go back (full ones stay in the prefix cache, so the
+    /// recompute is mostly a cache hit), it keeps its answer so far and waits to resume.
+    fn park(&mut self, id: u64) {
+        let Some(i) = self.active.iter().position(|a| a.id == id) else {
+            return;
+        };
+        let mut a = self.active.swap_remove(i);
+        self.shared.running.fetch_sub(1, Ordering::SeqCst);
+        if let Some(p) = &mut self.paged {
+            p.blocks.release(&a.seq.cache.take_table());
+        }
+        a.chain.clear();
+        self.shared.metrics.preemptions.inc();
+        self.parked.insert(id, a);
+    }
+
+    /// Admits a preempted sequence again: from the longest cached prefix of its prompt and
+    /// answer so far; the rest is fed again (not charged again) before its next token.
+    fn resume(&mut self, mut a: Active) {
+        self.shared.running.fetch_add(1, Ordering::SeqCst);
+        let v = a.request.virtual_tokens();
+        let (mut cache, mut reused) = (self.model.model.new_cache(), 0);
+        a.chain.clear();
+        if let Some(p) = &mut self.paged {
+            cache = KvCache::paged();
+            let known: Vec<u32> = (0..v as u32)
+                .map(|i| u32::MAX - i)
+                .chain(a.request.prompt.iter().copied())
+                .chain(a.seq.generated.iter().copied())
+                .collect();
+            let (mut blocks, mut hashes) = p.blocks.lookup(&a.seed, &known);
+            if blocks.len() * p.blocks.block_size() < v {
+                p.blocks.release(&blocks);
+                (blocks, hashes) = (Vec::new(), Vec::new());
+            }
+            reused = blocks.len() * p.blocks.block_size();
+            cache.start_from(blocks, reused);
+            a.chain = hashes;
+        }
+        let Active { seq, request, .. } = &mut a;
+        seq.restart(&request.prompt, cache, reused.saturating_sub(v));
+        self.active.push(a);
+    }
+
     fn forward_and_sample(&mut self) {
         let metrics = self.shared.metrics.clone();
         self.active.sort_by_key(Active::adapter_ptr);
-        let mut inputs = step_inputs(&self.active, self.config.max_batched_tokens);
+        let ranks: Vec<_> = self
+            .active
+            .iter()
+            .map(|a| self.scheduler.rank(a.id).unwrap_or((0, 0.0, a.id)))
+            .collect();
+        let mut inputs = step_inputs(&self.active, &ranks, self.config.max_batched_tokens);
         let mut finished = Vec::new();
         if let Some(p) = &mut self.paged {
             let bs = p.blocks.block_size();
@@ -405,10 +511,18 @@ impl Worker {
                 continue; // no room in this step's token budget
             }
             let row = rows.next().expect("one logits row per fed sequence");
+            let tenant = a.request.tenant.as_deref().unwrap_or("");
             if tokens.len() < a.seq.next_input().len() {
                 a.seq.fed(tokens.len()); // a chunk of the prompt: nothing to sample yet
+                let done = a.seq.position().min(a.seq.prompt_len);
+                let new = done.saturating_sub(a.charged_prompt);
+                a.charged_prompt += new;
+                self.scheduler.charge(tenant, new, 0);
                 continue;
             }
+            let new = a.seq.prompt_len.saturating_sub(a.charged_prompt);
+            a.charged_prompt += new;
+            self.scheduler.charge(tenant, new, 1);
             let now = Instant::now();
             match a.seq.step(row, tokenizer) {
                 Ok(out) => {
@@ -438,6 +552,7 @@ impl Worker {
                             finish_reason: reason,
                             prompt_tokens: a.seq.prompt_len,
                             completion_tokens: completion,
+                            cached_tokens: a.cached,
                         });
                         finished.push(i);
                     }
@@ -501,6 +616,11 @@ impl Worker {
             ));
             self.shared.running.fetch_sub(1, Ordering::SeqCst);
         }
+        for (_, a) in self.parked.drain() {
+            let _ = a.events.send(Event::Error(
+                "internal error in the model step; the engine restarted".into(),
+            ));
+        }
         self.scheduler = Scheduler::new(self.config.clone());
         if let Some(p) = &mut self.paged {
             p.blocks.reset();
@@ -510,15 +630,15 @@ impl Worker {
             .values()
             .map(|s| {
                 let r = &s.request;
-                (s.id, Self::tenant(r).to_string(), r.kv_positions())
+                (s.id, Self::tenant(r).to_string(), r.kv_positions(), r.class)
             })
             .collect();
         waiting.sort_unstable_by_key(|w| w.0);
-        for (id, tenant, needed) in waiting {
-            if self.scheduler.enqueue(id, &tenant, needed).is_err() {
+        for (id, tenant, needed, class) in waiting {
+            if self.scheduler.enqueue(id, &tenant, needed, class).is_err() {
                 let s = self.pending.remove(&id).expect("pending");
                 let _ = s.events.send(Event::Error("internal error".into()));
-                self.shared.leave_queue(&tenant);
+                self.shared.leave_queue(&tenant, class.priority);
             }
         }
         self.shared.rebuilding.store(false, Ordering::SeqCst);
@@ -562,33 +682,47 @@ fn chunk_cap(budget: usize, position: usize) -> usize {
     }
 }
 
-fn step_inputs(active: &[Active], budget: usize) -> Vec<Vec<u32>> {
+fn step_inputs(active: &[Active], ranks: &[(i32, f64, u64)], budget: usize) -> Vec<Vec<u32>> {
     let decode = active.iter().filter(|a| !a.seq.prefilling()).count();
     let mut left = if budget == 0 {
         usize::MAX
     } else {
         budget.saturating_sub(decode)
     };
-    let mut first_prompt = true;
-    active
+    let mut inputs: Vec<Vec<u32>> = active
         .iter()
         .map(|a| {
-            let input = a.seq.next_input();
-            if !a.seq.prefilling() {
-                return input.to_vec();
+            if a.seq.prefilling() {
+                Vec::new()
+            } else {
+                a.seq.next_input().to_vec()
             }
-            let mut n = input
-                .len()
-                .min(left)
-                .min(chunk_cap(budget, a.seq.position()));
-            if n == 0 && first_prompt {
-                n = 1;
-            }
-            first_prompt = false;
-            left = left.saturating_sub(n);
-            input[..n].to_vec()
         })
-        .collect()
+        .collect();
+    // Prompts take the budget in the scheduler's order: better priority, then the tenant with
+    // the least service, then the earliest admitted.
+    let mut prompts: Vec<usize> = (0..active.len())
+        .filter(|&i| active[i].seq.prefilling())
+        .collect();
+    prompts.sort_by(|&a, &b| {
+        ranks[a]
+            .partial_cmp(&ranks[b])
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    for (k, i) in prompts.into_iter().enumerate() {
+        let a = &active[i];
+        let input = a.seq.next_input();
+        let mut n = input
+            .len()
+            .min(left)
+            .min(chunk_cap(budget, a.seq.position()));
+        if n == 0 && k == 0 {
+            n = 1;
+        }
+        left = left.saturating_sub(n);
+        inputs[i] = input[..n].to_vec();
+    }
+    inputs
 }
 
 #[cfg(test)]

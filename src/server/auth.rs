@@ -11,7 +11,15 @@
 //! max_files = 1000             # uploaded training files kept at once
 //! max_jobs = 2                 # fine-tuning jobs queued or running at once
 //! max_job_bytes = 1073741824   # fine-tuning jobs' outputs on disk together
+//! weight = 1.0                 # share of the engine against other busy tenants
+//! tokens_per_minute = 100000   # prompt + completion tokens served in any 60 s (429 past it)
+//! requests_per_minute = 600    # requests started in any 60 s
+//! max_concurrent_requests = 64 # requests in flight at once
+//! min_priority = 0             # the most urgent `priority` the key may ask for (lower: sooner)
 //! ```
+//!
+//! Rate limits and the weight are the tenant's: every key of a tenant draws on one budget (each
+//! request is checked against its own key's values, so give a tenant's keys the same ones).
 //!
 //! A top-level `max_queue_per_tenant` bounds each tenant's waiting requests. Keys are kept only
 //! as SHA-256 digests and compared in constant time.
@@ -30,7 +38,7 @@ pub enum AuthError {
 }
 
 /// What one tenant may load at run time (from its key's entry; admins are not bounded).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TenantLimits {
     /// `max_adapters`: adapters registered at run time in the tenant's namespace.
     pub max_adapters: usize,
@@ -48,6 +56,21 @@ pub struct TenantLimits {
     /// `max_job_bytes`: what the tenant's fine-tuning jobs keep on disk (adapters, served
     /// checkpoints; a job at work counts its estimate).
     pub max_job_bytes: u64,
+    /// `weight`: the tenant's share of the engine while others are busy too (2: twice).
+    pub weight: f64,
+    /// `tokens_per_minute`, `requests_per_minute`, `max_concurrent_requests`.
+    pub rate: RateLimits,
+    /// `min_priority`: the most urgent (lowest) request priority the key may ask for (tenant
+    /// keys: 0, so they may only defer their own requests; admin keys: any).
+    pub min_priority: i32,
+}
+
+/// A tenant's rate limits (`None`: unlimited).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateLimits {
+    pub tokens_per_minute: Option<u64>,
+    pub requests_per_minute: Option<u64>,
+    pub max_concurrent_requests: Option<u64>,
 }
 
 impl Default for TenantLimits {
@@ -60,12 +83,15 @@ impl Default for TenantLimits {
             max_files: 1000,
             max_jobs: 2,
             max_job_bytes: 1 << 30,
+            weight: 1.0,
+            rate: RateLimits::default(),
+            min_priority: 0,
         }
     }
 }
 
 /// Who is calling.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Caller {
     /// `None` when the server runs without keys.
     pub tenant: Option<String>,
@@ -78,7 +104,10 @@ impl Caller {
         Self {
             tenant: None,
             admin: true,
-            limits: TenantLimits::default(),
+            limits: TenantLimits {
+                min_priority: i32::MIN,
+                ..TenantLimits::default()
+            },
         }
     }
 }
@@ -97,6 +126,11 @@ struct KeyEntry {
     max_files: Option<usize>,
     max_jobs: Option<usize>,
     max_job_bytes: Option<u64>,
+    weight: Option<f64>,
+    tokens_per_minute: Option<u64>,
+    requests_per_minute: Option<u64>,
+    max_concurrent_requests: Option<u64>,
+    min_priority: Option<i32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -181,6 +215,32 @@ impl ApiKeys {
                 });
             }
             let defaults = TenantLimits::default();
+            let bad = |message: String| AuthError::Parse {
+                path: path.to_string(),
+                message,
+            };
+            let weight = entry.weight.unwrap_or(1.0);
+            if !(weight.is_finite() && (0.01..=1000.0).contains(&weight)) {
+                return Err(bad(format!(
+                    "`keys.\"…\".weight` = {weight} for tenant `{}`: must be between 0.01 and 1000",
+                    entry.tenant
+                )));
+            }
+            for (field, v) in [
+                ("tokens_per_minute", entry.tokens_per_minute),
+                ("requests_per_minute", entry.requests_per_minute),
+                ("max_concurrent_requests", entry.max_concurrent_requests),
+            ] {
+                if v == Some(0) {
+                    return Err(bad(format!(
+                        "`keys.\"…\".{field}` for tenant `{}` must be at least 1 (leave it out for no limit)",
+                        entry.tenant
+                    )));
+                }
+            }
+            let min_priority = entry
+                .min_priority
+                .unwrap_or(if entry.admin { i32::MIN } else { 0 });
             keys.push((
                 digest(&key),
                 Caller {
@@ -196,6 +256,13 @@ impl ApiKeys {
                         max_files: entry.max_files.unwrap_or(defaults.max_files),
                         max_jobs: entry.max_jobs.unwrap_or(defaults.max_jobs),
                         max_job_bytes: entry.max_job_bytes.unwrap_or(defaults.max_job_bytes),
+                        weight,
+                        rate: RateLimits {
+                            tokens_per_minute: entry.tokens_per_minute,
+                            requests_per_minute: entry.requests_per_minute,
+                            max_concurrent_requests: entry.max_concurrent_requests,
+                        },
+                        min_priority,
                     },
                 },
             ));

@@ -29,6 +29,9 @@ pub enum ApiError {
     Conflict(String),
     RequestTimeout,
     TooManyRequests,
+    /// 429 from a tenant's rate limit: OpenAI's `rate_limit_exceeded`, the limit named, and
+    /// `Retry-After`.
+    RateLimited(super::rate_limit::Limited),
     Unavailable(String),
     Internal(String),
 }
@@ -57,7 +60,7 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
-            Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
+            Self::TooManyRequests | Self::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -114,6 +117,16 @@ impl ApiError {
                 None,
                 None,
             ),
+            Self::RateLimited(l) => (
+                l.message.clone(),
+                if l.limit == "tokens" {
+                    "tokens"
+                } else {
+                    "requests"
+                },
+                None,
+                Some("rate_limit_exceeded"),
+            ),
             Self::Unavailable(m) => (m.clone(), "server_error", None, None),
             Self::Internal(_) => ("internal server error".into(), "server_error", None, None),
         };
@@ -127,9 +140,19 @@ impl IntoResponse for ApiError {
             tracing::error!("internal error: {detail}");
         }
         let mut resp = (self.status(), axum::Json(self.body())).into_response();
-        if matches!(self, Self::TooManyRequests) {
+        let retry = match &self {
+            Self::TooManyRequests => Some(1),
+            Self::RateLimited(l) => Some(l.retry_after),
+            _ => None,
+        };
+        if let Some(secs) = retry {
+            let h = resp.headers_mut();
+            h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            h.insert("retry-after-ms", HeaderValue::from(secs * 1000));
+        }
+        if let Self::RateLimited(l) = &self {
             resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert("x-ratelimit-limited", HeaderValue::from_static(l.limit));
         }
         resp
     }

@@ -9,12 +9,15 @@ pub mod job_queue;
 pub mod job_request;
 pub mod job_runner;
 pub mod jobs;
+mod meter;
 pub mod openai;
 pub mod policy;
+pub mod rate_limit;
 mod responses;
 mod routes;
 pub mod stage;
 pub mod state;
+pub mod usage;
 pub mod validate;
 
 use std::sync::Arc;
@@ -98,6 +101,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/tokenize", post(routes::tokenize))
         .route("/detokenize", post(routes::detokenize))
         .route("/v1/unload_lora_adapter", post(routes::vllm_unload))
+        .route("/v1/usage", get(routes::usage))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     Router::new()
         .route("/health", get(routes::health))
@@ -137,6 +141,33 @@ pub async fn serve(state: Arc<AppState>, listener: tokio::net::TcpListener) -> s
     };
     let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
     let limit = state.config.shutdown_timeout + Duration::from_secs(2);
+    // The usage ledger is written every minute (a crash loses at most that) and at the end.
+    let ledger = state.usage.clone();
+    let flusher = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(usage::FLUSH_SECONDS));
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let l = ledger.clone();
+            let r = tokio::task::spawn_blocking(move || l.flush(state::unix_now())).await;
+            if let Ok(Err(e)) = r {
+                tracing::error!("{e}");
+            }
+        }
+    });
+    let served = serve_until(server, signaled, limit).await;
+    flusher.abort();
+    if let Err(e) = state.usage.flush(state::unix_now()) {
+        tracing::error!("{e}");
+    }
+    served
+}
+
+async fn serve_until(
+    server: impl std::future::IntoFuture<Output = std::io::Result<()>>,
+    signaled: Arc<tokio::sync::Notify>,
+    limit: Duration,
+) -> std::io::Result<()> {
     tokio::select! {
         r = std::future::IntoFuture::into_future(server) => r,
         _ = async {

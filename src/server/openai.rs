@@ -79,6 +79,8 @@ pub struct Sampling {
     pub guided_json: Option<serde_json::Value>,
     pub guided_regex: Option<String>,
     pub guided_choice: Option<Vec<String>>,
+    /// Extension (vLLM's): lower is served first; default 0.
+    pub priority: Option<i64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

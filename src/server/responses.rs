@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::error::ApiError;
+use super::meter::Meter;
 use crate::engine::sequence::TokenLogprob;
 use crate::engine::Event;
 use crate::tokenizer::Tokenizer;
@@ -96,8 +97,16 @@ fn merged(choices: Vec<Choice>) -> BoxStream<'static, (usize, Event)> {
     .boxed()
 }
 
-fn usage(prompt: usize, completion: usize) -> Value {
-    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+fn usage(prompt: usize, completion: usize, cached: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+           "prompt_tokens_details": {"cached_tokens": cached}})
+}
+
+/// The choices' events, each seen by the request's meter on its way out.
+fn metered(choices: Vec<Choice>, mut meter: Meter) -> BoxStream<'static, (usize, Event)> {
+    merged(choices)
+        .inspect(move |(i, ev)| meter.observe(*i, ev))
+        .boxed()
 }
 
 /// Waits for every choice's whole answer and returns one JSON body.
@@ -105,13 +114,14 @@ pub async fn collect(
     meta: Meta,
     choices: Vec<Choice>,
     want_logprobs: bool,
+    meter: Meter,
 ) -> Result<Response, ApiError> {
     let n = choices.len();
     let mut texts = vec![meta.echo.clone().unwrap_or_default(); n];
     let mut lps: Vec<Vec<TokenLogprob>> = vec![Vec::new(); n];
     let mut finish = vec![None; n];
-    let (mut prompt_tokens, mut completion_tokens) = (0, 0);
-    let mut events = merged(choices);
+    let (mut prompt_tokens, mut completion_tokens, mut cached) = (0, 0, 0);
+    let mut events = metered(choices, meter);
     while let Some((i, ev)) = events.next().await {
         match ev {
             Event::Token {
@@ -128,7 +138,11 @@ pub async fn collect(
                 finish_reason,
                 prompt_tokens: p,
                 completion_tokens: c,
+                cached_tokens,
             } => {
+                if i == 0 {
+                    cached = cached_tokens;
+                }
                 finish[i] = Some(finish_reason);
                 prompt_tokens = p;
                 completion_tokens += c;
@@ -170,7 +184,7 @@ pub async fn collect(
     };
     Ok(axum::Json(json!({
         "id": meta.id, "object": object, "created": meta.created, "model": meta.model,
-        "choices": choices, "usage": usage(prompt_tokens, completion_tokens),
+        "choices": choices, "usage": usage(prompt_tokens, completion_tokens, cached),
     }))
     .into_response())
 }
@@ -215,12 +229,13 @@ struct Progress {
     offsets: Vec<usize>,
     prompt_tokens: usize,
     completion_tokens: usize,
+    cached_tokens: usize,
     done: bool,
 }
 
 /// Streams the choices as server-sent events, interleaved by `index`. Dropping the stream
 /// (client gone) drops the receivers, which cancels the sequences at the engine's next step.
-pub fn stream(meta: Meta, choices: Vec<Choice>) -> Response {
+pub fn stream(meta: Meta, choices: Vec<Choice>, meter: Meter) -> Response {
     let n = choices.len();
     let mut first: Vec<SseEvent> = Vec::new();
     for i in 0..n {
@@ -239,9 +254,10 @@ pub fn stream(meta: Meta, choices: Vec<Choice>) -> Response {
         offsets: vec![offset; n],
         prompt_tokens: 0,
         completion_tokens: 0,
+        cached_tokens: 0,
         done: false,
     };
-    let state = (meta, merged(choices), progress);
+    let state = (meta, metered(choices, meter), progress);
     let body = stream::unfold(state, |(meta, mut events, mut p)| async move {
         if p.done {
             return None;
@@ -281,7 +297,11 @@ pub fn stream(meta: Meta, choices: Vec<Choice>) -> Response {
                 finish_reason,
                 prompt_tokens,
                 completion_tokens,
+                cached_tokens,
             } => {
+                if i == 0 {
+                    p.cached_tokens = cached_tokens;
+                }
                 p.left -= 1;
                 p.prompt_tokens = prompt_tokens;
                 p.completion_tokens += completion_tokens;
@@ -302,7 +322,7 @@ pub fn stream(meta: Meta, choices: Vec<Choice>) -> Response {
                         v.push(chunk(
                             &meta,
                             json!([]),
-                            Some(usage(p.prompt_tokens, p.completion_tokens)),
+                            Some(usage(p.prompt_tokens, p.completion_tokens, p.cached_tokens)),
                         ));
                     }
                     v.push(SseEvent::default().data("[DONE]"));

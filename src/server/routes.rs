@@ -6,19 +6,22 @@ use std::sync::Arc;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde_json::json;
 
 use super::auth::Caller;
 use super::error::ApiError;
+use super::meter::Meter;
 use super::openai::{self, AddAdapterRequest, VllmLoraRequest};
 use super::policy::{AdapterSource, Policy, Registration};
+use super::rate_limit::{duration_text, Standing};
 use super::responses::{self, Kind, Meta};
 use super::stage;
 use super::state::AppState;
 use crate::adapters::{bind, hub, AdapterError, PeftAdapter};
+use crate::engine::scheduler::RequestClass;
 use crate::engine::ValidRequest;
 
 type St = State<Arc<AppState>>;
@@ -46,9 +49,43 @@ fn request_id(prefix: &str) -> String {
 
 /// Chat and completions alike: the validation stage off the async threads, the adapter's
 /// lease, the engine, the response.
+/// The header a gateway sets to pass a request's priority (vLLM's sense: lower is served
+/// first); it overrides the body's `priority`.
+pub const PRIORITY_HEADER: &str = "x-loraplex-priority";
+
+/// The request's priority from the header or the body, within what the key may ask for.
+fn priority(headers: &HeaderMap, body: Option<i64>, caller: &Caller) -> Result<i32, ApiError> {
+    let (field, value) = match headers.get(PRIORITY_HEADER) {
+        Some(v) => (
+            PRIORITY_HEADER,
+            v.to_str()
+                .ok()
+                .and_then(|t| t.trim().parse::<i64>().ok())
+                .ok_or_else(|| {
+                    ApiError::bad(
+                        PRIORITY_HEADER,
+                        format!("`{PRIORITY_HEADER}` must be an integer"),
+                    )
+                })?,
+        ),
+        None => ("priority", body.unwrap_or(0)),
+    };
+    let p = i32::try_from(value)
+        .map_err(|_| ApiError::bad(field, format!("`{field}` = {value} is out of range")))?;
+    let min = caller.limits.min_priority;
+    if p < min {
+        return Err(ApiError::forbidden(
+            field,
+            format!("`{field}` = {p} is more urgent than this key may ask for (its `min_priority` is {min}; lower values are served first)"),
+        ));
+    }
+    Ok(p)
+}
+
 async fn generate(
     st: Arc<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     kind: Kind,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -86,6 +123,7 @@ async fn generate(
         ));
     }
     let loaded = st.engine.model().clone();
+    let priority = priority(&headers, p.sampling.priority, &caller)?;
     // `n` choices: choice i samples with seed + i. The first prefills the prompt; the others
     // are submitted once its first token is out, when the prompt's full KV blocks are in the
     // prefix cache, so they reuse them instead of prefilling again.
@@ -101,6 +139,10 @@ async fn generate(
             adapter_label: adapter_label.clone(),
             adapter_name: p.adapter_name.clone(),
             tenant: caller.tenant.clone(),
+            class: RequestClass {
+                priority,
+                weight: caller.limits.weight,
+            },
         }
     };
     // A default `max_tokens` (the client sent none) is what the KV budget leaves, so that
@@ -128,6 +170,25 @@ async fn generate(
             format!("`{field}` takes {} KV positions with the adapter's virtual tokens; the server holds {budget} per request", request(0).kv_positions()),
         ));
     }
+    // The tenant's rate limits: the request is estimated at its prompt and `max_tokens` per
+    // choice, and counted as it is served.
+    let tenant = caller.tenant.clone().unwrap_or_default();
+    let estimate = (p.prompt.len() + n * request(0).config.max_tokens) as u64;
+    let permit = st
+        .rate
+        .admit(&tenant, &caller.limits.rate, estimate)
+        .map_err(|l| {
+            st.metrics.rate_limited.with_label_values(&[l.limit]).inc();
+            ApiError::RateLimited(l)
+        })?;
+    let meter = Meter::new(
+        permit,
+        st.usage.clone(),
+        st.metrics.clone(),
+        &tenant,
+        adapter_label.as_deref().unwrap_or(""),
+        p.prompt.len(),
+    );
     let mut first = st.engine.submit(request(0))?;
     let mut rxs = Vec::with_capacity(n);
     if n > 1 {
@@ -160,27 +221,109 @@ async fn generate(
         tokenizer: loaded.tokenizer.clone(),
         echo: p.echo,
     };
-    if p.sampling.stream {
-        Ok(responses::stream(meta, rxs))
+    let mut resp = if p.sampling.stream {
+        responses::stream(meta, rxs, meter)
     } else {
-        responses::collect(meta, rxs, p.logprobs.is_some()).await
+        responses::collect(meta, rxs, p.logprobs.is_some(), meter).await?
+    };
+    rate_headers(
+        resp.headers_mut(),
+        &st.rate.standing(&tenant, &caller.limits.rate),
+    );
+    Ok(resp)
+}
+
+/// OpenAI's `x-ratelimit-*` headers, for the limits the tenant has.
+fn rate_headers(h: &mut HeaderMap, s: &Standing) {
+    let mut put = |name: &'static str, v: String| {
+        if let Ok(v) = HeaderValue::from_str(&v) {
+            h.insert(name, v);
+        }
+    };
+    if let Some(l) = s.limit_requests {
+        put("x-ratelimit-limit-requests", l.to_string());
+        put(
+            "x-ratelimit-remaining-requests",
+            s.remaining_requests.to_string(),
+        );
+        put(
+            "x-ratelimit-reset-requests",
+            duration_text(s.reset_requests),
+        );
     }
+    if let Some(l) = s.limit_tokens {
+        put("x-ratelimit-limit-tokens", l.to_string());
+        put(
+            "x-ratelimit-remaining-tokens",
+            s.remaining_tokens.to_string(),
+        );
+        put("x-ratelimit-reset-tokens", duration_text(s.reset_tokens));
+    }
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct UsageQuery {
+    tenant: Option<String>,
+    start: Option<u64>,
+    end: Option<u64>,
+}
+
+/// `GET /v1/usage?tenant=…&start=…&end=…` (unix seconds; buckets of a minute, of an hour past a
+/// day): prompt, completion and cached tokens and requests per tenant and adapter. Admins read
+/// any tenant (all without `tenant`); a tenant's key reads its own only.
+pub async fn usage(
+    State(st): St,
+    Extension(caller): Extension<Caller>,
+    query: Result<axum::extract::Query<UsageQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let axum::extract::Query(q) = query.map_err(|e| ApiError::BadRequest {
+        message: format!("bad query: {}", e.body_text()),
+        param: None,
+    })?;
+    let start = q.start.unwrap_or(0);
+    let end = q.end.unwrap_or(u64::MAX);
+    if end <= start {
+        return Err(ApiError::bad(
+            "end",
+            format!("`end` ({end}) must be after `start` ({start})"),
+        ));
+    }
+    let tenant = match (caller.admin, &q.tenant, &caller.tenant) {
+        (true, want, _) => want.clone(),
+        (false, Some(want), Some(mine)) if want != mine => {
+            return Err(ApiError::forbidden(
+                "tenant",
+                "a tenant's key may read only its own usage",
+            ))
+        }
+        (false, _, mine) => Some(mine.clone().unwrap_or_default()),
+    };
+    let rows = st.usage.report(tenant.as_deref(), start, end);
+    Ok(Json(json!({
+        "object": "list",
+        "start": start,
+        "end": q.end,
+        "data": rows,
+    }))
+    .into_response())
 }
 
 pub async fn chat(
     State(st): St,
     Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    generate(st, caller, Kind::Chat, body(b)?).await
+    generate(st, caller, headers, Kind::Chat, body(b)?).await
 }
 
 pub async fn completions(
     State(st): St,
     Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
     b: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    generate(st, caller, Kind::Completion, body(b)?).await
+    generate(st, caller, headers, Kind::Completion, body(b)?).await
 }
 
 pub async fn models(

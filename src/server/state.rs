@@ -80,6 +80,10 @@ pub struct AppState {
     pub guidance: Option<crate::guided::Guidance>,
     /// Adapters' default constraints (`loraplex.json`), read once per adapter version.
     pub sidecars: std::sync::Mutex<lru::LruCache<AdapterKey, Sidecar>>,
+    /// Tenants' rate limits (`tokens_per_minute` and the like in the keys file).
+    pub rate: Arc<super::rate_limit::RateLimiter>,
+    /// Usage per tenant and adapter (`GET /v1/usage`), kept under `--state-dir`.
+    pub usage: Arc<super::usage::UsageLedger>,
     evictions_seen: AtomicU64,
 }
 
@@ -120,6 +124,15 @@ impl AppState {
             sidecars: std::sync::Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(1024).expect("non-zero"),
             )),
+            usage: Arc::new(
+                super::usage::UsageLedger::open(&config.state_dir, unix_now()).unwrap_or_else(
+                    |e| {
+                        tracing::error!("{e}; usage is kept in memory only");
+                        super::usage::UsageLedger::in_memory()
+                    },
+                ),
+            ),
+            rate: Arc::default(),
             files: super::file_store::FileStore::new(&config.state_dir),
             jobs: super::jobs::JobStore::new(&config.state_dir),
             policy: Policy::new(config.policy.clone(), registry.root()),
