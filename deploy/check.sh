@@ -10,8 +10,10 @@
 #      server) with mixed traffic; then every PromQL expression of the dashboard and of the
 #      recording rules through Prometheus' HTTP API must return data, and the picker's series
 #      must be stored as it reads them.
+#   5. the official `openai` client's `RateLimitError` against a server with a rate-limited key
+#      (deploy/openai_client_check.py).
 # Installs what is missing: Debian's `prometheus` package (apt), PyPI's check-jsonschema,
-# kubernetes-validate and PyYAML in a venv (~/.cache/loraplex-deploy/venv). Fails, saying why,
+# kubernetes-validate, PyYAML and openai in a venv (~/.cache/loraplex-deploy/venv). Fails, saying why,
 # when one cannot be installed. Stops what it started, by PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,11 +35,11 @@ if ! works prometheus || ! works promtool; then
   works prometheus && works promtool || die "the prometheus package installed no working prometheus/promtool"
 fi
 VENV="${LORAPLEX_DEPLOY_VENV:-$HOME/.cache/loraplex-deploy/venv}"
-if ! "$VENV/bin/python" -c "import yaml, kubernetes_validate" 2>/dev/null || [ ! -x "$VENV/bin/check-jsonschema" ]; then
-  say "installing check-jsonschema, kubernetes-validate, PyYAML into $VENV"
+if ! "$VENV/bin/python" -c "import yaml, kubernetes_validate, openai" 2>/dev/null || [ ! -x "$VENV/bin/check-jsonschema" ]; then
+  say "installing check-jsonschema, kubernetes-validate, PyYAML, openai into $VENV"
   python3 -m venv "$VENV" || die "cannot create a Python venv at $VENV"
-  "$VENV/bin/pip" install -q check-jsonschema kubernetes-validate pyyaml \
-    || die "pip could not install check-jsonschema, kubernetes-validate and PyYAML"
+  "$VENV/bin/pip" install -q check-jsonschema kubernetes-validate pyyaml openai \
+    || die "pip could not install check-jsonschema, kubernetes-validate, PyYAML and openai"
 fi
 export PATH="$VENV/bin:$PATH"
 PY="$VENV/bin/python"
@@ -93,4 +95,14 @@ up="$(curl -sf "http://127.0.0.1:$PROM_PORT/api/v1/query?query=up" | "$PY" -c 'i
 [ "$up" = "1" ] || { tail -20 "$TMP/prometheus.log"; die "Prometheus does not scrape serve (up=$up)"; }
 say "queries"
 "$PY" deploy/check.py queries "http://127.0.0.1:$PROM_PORT"
+
+# --- rate limits as the openai client sees them ------------------------------------------------
+say "openai client against a rate-limited key"
+LIMITED_PORT="$(free_port)"
+printf '[keys."sk-limited"]\ntenant = "limited"\nrequests_per_minute = 2\n' >"$TMP/limited.toml"
+LORAPLEX_HOME="$TMP/home" "$SERVE" --model tests/fixtures/tiny-llama --host 127.0.0.1 --port "$LIMITED_PORT" \
+  --api-keys "$TMP/limited.toml" --state-dir "$TMP/limited-state" >"$TMP/limited.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 300); do curl -sf "http://127.0.0.1:$LIMITED_PORT/health" >/dev/null && break; sleep 0.2; done
+"$PY" deploy/openai_client_check.py "http://127.0.0.1:$LIMITED_PORT" || { tail -20 "$TMP/limited.log"; die "the openai client check failed"; }
 echo "deploy/check.sh: all checks passed"
