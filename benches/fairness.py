@@ -33,6 +33,9 @@ ap.add_argument("--seconds", type=float, default=60)
 ap.add_argument("--weights", default="1,2")
 ap.add_argument("--tpm", type=int, default=2000)
 ap.add_argument("--json")
+ap.add_argument("--light-requests", type=int, default=30)
+ap.add_argument("--plain-keys", action="store_true",
+                help="keys without weights, limits or priorities (a binary from before them)")
 ap.add_argument("extra", nargs="*")
 opt = ap.parse_args()
 
@@ -55,20 +58,61 @@ tenant = "gateway"
 min_priority = -10
 [keys."sk-flood"]
 tenant = "gateway"
+[keys."sk-admin"]
+tenant = "ops"
+admin = true
 """
+
+if opt.plain_keys:
+    KEYS = "\n".join(l for l in KEYS.splitlines() if l.startswith(("[", "tenant", "admin")))
 
 tmp = tempfile.mkdtemp()
 open(f"{tmp}/keys.toml", "w").write(KEYS)
-server = subprocess.Popen([opt.serve, "--port", "0", "--api-keys", f"{tmp}/keys.toml", "--state-dir",
-                           f"{tmp}/state", *opt.extra], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-port = None
-for line in server.stderr:
-    m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
-    if m:
-        port = int(m.group(1))
-        break
-assert port, "serve did not start"
-threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+server, port = None, None
+
+
+def start_server():
+    """A fresh server for each scenario, so none inherits another's backlog."""
+    global server, port
+    stop_server()
+    state = tempfile.mkdtemp(dir=tmp)
+    server = subprocess.Popen([opt.serve, "--port", "0", "--api-keys", f"{tmp}/keys.toml", "--state-dir",
+                               state, *opt.extra], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    port = None
+    for line in server.stderr:
+        m = re.search(r"http://127\.0\.0\.1:(\d+)", line)
+        if m:
+            port = int(m.group(1))
+            break
+    assert port, "serve did not start"
+    threading.Thread(target=lambda s=server: [None for _ in s.stderr], daemon=True).start()
+
+
+def stop_server():
+    global server
+    if server is not None:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        server = None
+
+
+OPEN = set()
+OPEN_LOCK = threading.Lock()
+
+
+def stop_all(stop):
+    """Ends every client at once: their connections are shut (the server cancels them)."""
+    stop.set()
+    with OPEN_LOCK:
+        for c in list(OPEN):
+            try:
+                c.sock.shutdown(2)
+            except Exception:
+                pass
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly judge "
          "boxing matches under amber lanterns near the old harbour ").split()
@@ -89,29 +133,46 @@ def chat(key, content, max_tokens, priority=None, header_priority=None, timeout=
         headers["x-loraplex-priority"] = str(header_priority)
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     t0 = time.time()
-    c.request("POST", "/v1/chat/completions", json.dumps(body), headers)
-    r = c.getresponse()
+    try:
+        c.request("POST", "/v1/chat/completions", json.dumps(body), headers)
+        if stop is not None:
+            with OPEN_LOCK:
+                OPEN.add(c)
+            if stop.is_set():
+                raise OSError("stopped")
+        r = c.getresponse()
+        return read_stream(c, r, t0, stop)
+    except (OSError, http.client.HTTPException):
+        return 0, None, [], 0
+    finally:
+        with OPEN_LOCK:
+            OPEN.discard(c)
+        c.close()
+
+
+def read_stream(c, r, t0, stop):
     if r.status != 200:
         r.read()
-        c.close()
         return r.status, None, [], 0
     ttft, times, prompt = None, [], 0
-    for line in r:
-        if stop is not None and stop.is_set():
-            break  # closing the connection cancels the request at the engine's next step
-        if not line.startswith(b"data: {"):
-            continue
-        ev = json.loads(line[6:])
-        now = time.time()
-        if ev.get("usage"):
-            prompt = ev["usage"]["prompt_tokens"]
-            continue
-        ch = ev["choices"][0]
-        if ch.get("delta", {}).get("content") or ch.get("finish_reason"):
-            if ttft is None:
-                ttft = now - t0
-            times.append(now)
-    c.close()
+    try:
+        for line in r:
+            if stop is not None and stop.is_set():
+                break  # closing the connection cancels the request at the engine's next step
+            if not line.startswith(b"data: {"):
+                continue
+            ev = json.loads(line[6:])
+            now = time.time()
+            if ev.get("usage"):
+                prompt = ev["usage"]["prompt_tokens"]
+                continue
+            ch = ev["choices"][0]
+            if ch.get("delta", {}).get("content") or ch.get("finish_reason"):
+                if ttft is None:
+                    ttft = now - t0
+                times.append(now)
+    except (OSError, http.client.HTTPException, ValueError):
+        pass  # cut by `stop_all`: what arrived before counts
     return 200, ttft, times, prompt
 
 
@@ -123,7 +184,10 @@ def p99(xs):
 def loop(stop, fn):
     def run():
         while not stop.is_set():
-            fn(stop)
+            try:
+                fn(stop)
+            except (OSError, http.client.HTTPException, ValueError):
+                pass
     t = threading.Thread(target=run, daemon=True)
     t.start()
     return t
@@ -148,12 +212,12 @@ def report(d):
 
 def ttft():
     light_ttfts("sk-b", 3)  # warm up
-    alone = light_ttfts("sk-b", 30)
+    alone = light_ttfts("sk-b", opt.light_requests)
     stop = threading.Event()
     heavy = [loop(stop, lambda st, i=i: chat("sk-a", long_text(1000, i), 400, stop=st)) for i in range(24)]
     time.sleep(20)  # the heavy tenant fills the engine
-    loaded = light_ttfts("sk-b", 30)
-    stop.set()
+    loaded = light_ttfts("sk-b", opt.light_requests)
+    stop_all(stop)
     report({"scenario": "ttft", "light_alone_p99_s": round(p99(alone), 3),
             "light_with_heavy_p99_s": round(p99(loaded), 3), "ratio": round(p99(loaded) / p99(alone), 2),
             "light_with_heavy_p50_s": round(sorted(loaded)[len(loaded) // 2], 3)})
@@ -161,8 +225,18 @@ def ttft():
 
 
 def wait_idle():
-    # Clients closed their streams; the engine drops them at its next step.
-    time.sleep(3)
+    pass  # each scenario has a server of its own
+
+
+def served_by_server():
+    c = http.client.HTTPConnection("127.0.0.1", port)
+    c.request("GET", "/metrics", headers={"authorization": "Bearer sk-admin"})
+    text = c.getresponse().read().decode()
+    c.close()
+    got = {}
+    for m in re.finditer(r'^loraplex_tenant_served_tokens_total\{kind="(\w+)",tenant="(\w*)"\} (\d+)', text, re.M):
+        got[(m.group(2), m.group(1))] = int(m.group(3))
+    return got if "loraplex_tenant_served_tokens_total" in text else None
 
 
 def share():
@@ -170,22 +244,38 @@ def share():
     lock = threading.Lock()
     stop = threading.Event()
 
+    contents = {"one": [long_text(400, i) for i in range(24)], "two": [f"Say {i} words." for i in range(24)]}
+    # Prompt sizes, learned first (a stream cut at the window's end never gets its usage), by
+    # another tenant: service to "one" or "two" before the window would count against them.
+    size = {}
+    for tenant, key in (("one", "sk-admin"), ("two", "sk-admin")):
+        for text in contents[tenant]:
+            c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+            c.request("POST", "/v1/chat/completions", json.dumps(
+                {"messages": [{"role": "user", "content": text}], "max_tokens": 1}),
+                {"content-type": "application/json", "authorization": f"Bearer {key}"})
+            size[text] = json.loads(c.getresponse().read())["usage"]["prompt_tokens"]
+            c.close()
+
     def client(key, tenant, content, n):
         def go(st):
-            s, _, times, prompt = chat(key, content, n, stop=st)
+            s, _, times, _ = chat(key, content, n, stop=st)
             with lock:
                 if times:
-                    served[tenant].append((times[0], prompt, 1))
+                    served[tenant].append((times[0], size[content], 1))
                     served[tenant].extend((t, 0, 1) for t in times[1:])
         return go
 
-    ts = [loop(stop, client("sk-w1", "one", long_text(400, i), 200)) for i in range(24)]
-    ts += [loop(stop, client("sk-w2", "two", f"Say {i} words.", 16)) for i in range(24)]
+    ts = [loop(stop, client("sk-w1", "one", contents["one"][i], 200)) for i in range(24)]
+    ts += [loop(stop, client("sk-w2", "two", contents["two"][i], 16)) for i in range(24)]
     time.sleep(20)  # both backlogged
     t0 = time.time()
+    m0 = served_by_server()
     time.sleep(opt.seconds)
     t1 = time.time()
-    stop.set()
+    m1 = served_by_server()
+    stop_all(stop)
+    time.sleep(3)  # the clients record what their cut streams got
     w = [float(x) for x in opt.weights.split(",")]
     out = {"scenario": "share", "seconds": opt.seconds, "weights": w}
     cost = {}
@@ -199,6 +289,16 @@ def share():
     out["one_share"] = round(cost["one"] / total, 3)
     out["one_expected_share"] = round(w[0] / total_w, 3)
     out["deviation"] = round(abs(cost["one"] / total - w[0] / total_w) / (w[0] / total_w), 3)
+    # The server's count of what it served in the window (prompt tokens as they are fed, so a
+    # request longer than the window is counted fairly; the client sees prompts only at the
+    # first token). Only with a server that has the metric.
+    if m0 is not None:
+        srv = {t: {k: m1.get((t, k), 0) - m0.get((t, k), 0) for k in ("prompt", "generated")}
+               for t in ("one", "two")}
+        scost = {t: srv[t]["prompt"] + 2 * srv[t]["generated"] for t in srv}
+        out["server_served"] = srv
+        out["server_one_share"] = round(scost["one"] / max(1, scost["one"] + scost["two"]), 3)
+        out["server_deviation"] = round(abs(out["server_one_share"] - w[0] / total_w) / (w[0] / total_w), 3)
     report(out)
     wait_idle()
 
@@ -225,8 +325,8 @@ def tpm():
     ts = [loop(stop, lambda st, i=i: go(i, st)) for i in range(10)]
     t0 = time.time()
     time.sleep(120)
-    stop.set()
-    time.sleep(5)
+    stop_all(stop)
+    time.sleep(2)
     arrivals.sort()
     worst = 0
     j = 0
@@ -245,12 +345,12 @@ def tpm():
 
 def priority():
     light_ttfts("sk-gw", 3, header_priority=-1)
-    alone = light_ttfts("sk-gw", 30, header_priority=-1)
+    alone = light_ttfts("sk-gw", opt.light_requests, header_priority=-1)
     stop = threading.Event()
     [loop(stop, lambda st, i=i: chat("sk-flood", long_text(300, i), 200, priority=5, stop=st)) for i in range(24)]
     time.sleep(20)
-    loaded = light_ttfts("sk-gw", 30, header_priority=-1)
-    stop.set()
+    loaded = light_ttfts("sk-gw", opt.light_requests, header_priority=-1)
+    stop_all(stop)
     report({"scenario": "priority", "high_alone_p99_s": round(p99(alone), 3),
             "high_under_low_flood_p99_s": round(p99(loaded), 3), "ratio": round(p99(loaded) / p99(alone), 2)})
     wait_idle()
@@ -260,9 +360,9 @@ try:
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     report({"cpu": cpu, "cores": os.cpu_count()})
     for s in opt.scenarios.split(","):
+        start_server()
         {"ttft": ttft, "share": share, "tpm": tpm, "priority": priority}[s]()
 finally:
-    server.terminate()
-    server.wait(timeout=60)
+    stop_server()
     if opt.json:
         json.dump(results, open(opt.json, "w"), indent=1)

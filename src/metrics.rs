@@ -44,6 +44,7 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     pub usage_tokens: IntCounterVec,
     pub usage_requests: IntCounterVec,
+    pub served_tokens: IntCounterVec,
     pub prefix_cache_queries: IntCounter,
     pub prefix_cache_hits: IntCounter,
     pub kv_pool_bytes: IntGauge,
@@ -219,6 +220,14 @@ impl Metrics {
                 &["tenant", "adapter"],
             )
             .expect("valid"),
+            served_tokens: IntCounterVec::new(
+                Opts::new(
+                    "loraplex_tenant_served_tokens_total",
+                    "Tokens the engine served per tenant as it served them (kind: prompt, generated; a recompute after preemption is not counted again): the fair scheduler's measure",
+                ),
+                &["tenant", "kind"],
+            )
+            .expect("valid"),
             prefix_cache_queries: IntCounter::new(
                 "loraplex_prefix_cache_queries_total",
                 "Prompt tokens looked up in the prefix cache",
@@ -272,6 +281,7 @@ impl Metrics {
             Box::new(m.rate_limited.clone()),
             Box::new(m.usage_tokens.clone()),
             Box::new(m.usage_requests.clone()),
+            Box::new(m.served_tokens.clone()),
             Box::new(m.prefix_cache_queries.clone()),
             Box::new(m.prefix_cache_hits.clone()),
             Box::new(m.kv_pool_bytes.clone()),

@@ -305,6 +305,8 @@ impl Scheduler {
             .collect();
         let (mut running, mut reserved) = (self.running.len(), self.reserved);
         let mut victims: Vec<u64> = Vec::new();
+        // (Letting `c` be up to its head's cost ahead was tried: it breaks the fairness bound,
+        // gap 1,528 against 1,200 in the unit test below.)
         let mine = self.tenants[c].counter;
         while !self.fits(running, reserved, head.tokens) {
             let over = |name: &str| {

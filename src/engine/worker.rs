@@ -518,11 +518,13 @@ impl Worker {
                 let new = done.saturating_sub(a.charged_prompt);
                 a.charged_prompt += new;
                 self.scheduler.charge(tenant, new, 0);
+                served(&metrics, tenant, new, 0);
                 continue;
             }
             let new = a.seq.prompt_len.saturating_sub(a.charged_prompt);
             a.charged_prompt += new;
             self.scheduler.charge(tenant, new, 1);
+            served(&metrics, tenant, new, 1);
             let now = Instant::now();
             match a.seq.step(row, tokenizer) {
                 Ok(out) => {
@@ -646,7 +648,8 @@ impl Worker {
 
     fn publish_gauges(&self) {
         let m = &self.shared.metrics;
-        m.waiting.set(self.pending.len() as i64);
+        m.waiting
+            .set((self.pending.len() + self.parked.len()) as i64);
         m.running.set(self.active.len() as i64);
         m.kv_usage.set(match &self.paged {
             Some(p) => p.blocks.used() as f64 / p.blocks.total().max(1) as f64,
@@ -662,26 +665,53 @@ impl Worker {
             v
         };
         let running = names(&mut self.active.iter().map(|a| &a.request));
-        let waiting = names(&mut self.pending.values().map(|s| &s.request));
+        let waiting = names(
+            &mut self
+                .pending
+                .values()
+                .map(|s| &s.request)
+                .chain(self.parked.values().map(|a| &a.request)),
+        );
         m.set_lora_info(self.config.max_running, &running, &waiting);
     }
 }
 
-/// What each running sequence feeds this step, within `budget` tokens (0: no limit): decode rows
-/// one token each, always; prompts, in order, as much of their rest as the budget leaves (at
-/// least one token for the first waiting prompt, so a prompt never starves). Empty: skip.
-/// The most prompt tokens a chunk starting at `position` may hold. A chunk's attention grows
-/// with its position: at most `budget × 1024` query–key pairs a step (a full chunk up to position
-/// 1,024), so a long prompt's late chunks shrink and the streams beside it keep their pace where
-/// attention is slow (a CPU without AVX-512: 12 s steps at position 8,000 with whole 256-token
-/// chunks). `budget` 0 (whole prompts at once) is not capped.
-fn chunk_cap(budget: usize, position: usize) -> usize {
-    match budget {
-        0 => usize::MAX,
-        b => (b.saturating_mul(1024) / (position + 1)).max(16),
+/// Counts tokens served to `tenant` (the admin-only `loraplex_tenant_served_tokens_total`).
+fn served(metrics: &crate::metrics::Metrics, tenant: &str, prompt: usize, generated: usize) {
+    for (kind, n) in [("prompt", prompt), ("generated", generated)] {
+        if n > 0 {
+            metrics
+                .served_tokens
+                .with_label_values(&[tenant, kind])
+                .inc_by(n as u64);
+        }
     }
 }
 
+/// Query–key pairs of prompt attention one step may compute, per token of `budget`: a chunk's
+/// attention grows with its position, so a long prompt's late chunks shrink and the streams
+/// beside it keep their pace where attention is slow (a CPU without AVX-512: 12 s steps at
+/// position 8,000 with whole 256-token chunks; 1.8 s steps with 22 streams at ~1,500 positions
+/// and a 256-token chunk at 1,000, when the cap was 1,024 per chunk).
+const PAIRS_PER_TOKEN: usize = 384;
+
+/// The most prompt tokens a chunk starting at `position` may hold when `pairs` query–key pairs
+/// are left this step (at least 16). `budget` 0 (whole prompts at once) is not capped.
+fn chunk_cap(budget: usize, pairs: usize, position: usize) -> usize {
+    match budget {
+        0 => usize::MAX,
+        _ => (pairs / (position + 1)).max(16),
+    }
+}
+
+/// What each running sequence feeds this step, within `budget` tokens (0: no limit): decode rows
+/// one token each, always; prompts in the scheduler's order (better priority, then the tenant
+/// with the least service, then the earliest admitted), as much of their rest as the token and
+/// attention budgets leave; at least one token for the first, so a prompt never starves. Only
+/// prompts of the best priority present share a step, and while one is fed, worse priorities'
+/// streams skip the step: they wait rather than slow its first token. (Giving an under-served
+/// tenant's prompt the step to itself was tried: a tenant sending short prompts non-stop then
+/// kept every other tenant's prompts out for minutes.) Empty: skip.
 fn step_inputs(active: &[Active], ranks: &[(i32, f64, u64)], budget: usize) -> Vec<Vec<u32>> {
     let decode = active.iter().filter(|a| !a.seq.prefilling()).count();
     let mut left = if budget == 0 {
@@ -689,6 +719,7 @@ fn step_inputs(active: &[Active], ranks: &[(i32, f64, u64)], budget: usize) -> V
     } else {
         budget.saturating_sub(decode)
     };
+    let mut pairs = budget.saturating_mul(PAIRS_PER_TOKEN);
     let mut inputs: Vec<Vec<u32>> = active
         .iter()
         .map(|a| {
@@ -699,8 +730,6 @@ fn step_inputs(active: &[Active], ranks: &[(i32, f64, u64)], budget: usize) -> V
             }
         })
         .collect();
-    // Prompts take the budget in the scheduler's order: better priority, then the tenant with
-    // the least service, then the earliest admitted.
     let mut prompts: Vec<usize> = (0..active.len())
         .filter(|&i| active[i].seq.prefilling())
         .collect();
@@ -709,31 +738,51 @@ fn step_inputs(active: &[Active], ranks: &[(i32, f64, u64)], budget: usize) -> V
             .partial_cmp(&ranks[b])
             .unwrap_or(std::cmp::Ordering::Equal)
     });
+    let first = prompts.first().map(|&i| ranks[i].0);
     for (k, i) in prompts.into_iter().enumerate() {
+        if Some(ranks[i].0) != first {
+            continue;
+        }
         let a = &active[i];
         let input = a.seq.next_input();
+        let position = a.seq.position();
         let mut n = input
             .len()
             .min(left)
-            .min(chunk_cap(budget, a.seq.position()));
+            .min(chunk_cap(budget, pairs, position));
+        if pairs < position + 1 && k > 0 {
+            n = 0; // this step's attention budget is spent
+        }
         if n == 0 && k == 0 {
             n = 1;
         }
         left = left.saturating_sub(n);
+        pairs = pairs.saturating_sub(n * (position + n / 2 + 1));
         inputs[i] = input[..n].to_vec();
+    }
+    // A better priority's prompt gets the step to itself (with its own priority's streams):
+    // worse priorities wait a step rather than slow its first token.
+    if let Some(best) = first {
+        for (i, input) in inputs.iter_mut().enumerate() {
+            if ranks[i].0 > best {
+                input.clear();
+            }
+        }
     }
     inputs
 }
 
 #[cfg(test)]
 mod tests {
-    use super::chunk_cap;
+    use super::{chunk_cap, PAIRS_PER_TOKEN};
 
     #[test]
     fn chunks_shrink_with_their_position_and_unchunked_stays_whole() {
-        assert_eq!(chunk_cap(0, 8000), usize::MAX);
-        assert!(chunk_cap(256, 0) >= 256 && chunk_cap(256, 1023) >= 256);
-        assert_eq!(chunk_cap(256, 8000), 32);
-        assert_eq!(chunk_cap(256, 1_000_000), 16);
+        let pairs = 256 * PAIRS_PER_TOKEN;
+        assert_eq!(chunk_cap(0, pairs, 8000), usize::MAX);
+        assert!(chunk_cap(256, pairs, 0) >= 256 && chunk_cap(256, pairs, 383) >= 256);
+        assert_eq!(chunk_cap(256, pairs, 8000), 16);
+        assert_eq!(chunk_cap(256, pairs, 1000), 98);
+        assert_eq!(chunk_cap(256, 0, 10), 16);
     }
 }
