@@ -150,10 +150,6 @@ impl IntoResponse for ApiError {
             h.insert(header::RETRY_AFTER, HeaderValue::from(secs));
             h.insert("retry-after-ms", HeaderValue::from(secs * 1000));
         }
-        if let Self::RateLimited(l) = &self {
-            resp.headers_mut()
-                .insert("x-ratelimit-limited", HeaderValue::from_static(l.limit));
-        }
         resp
     }
 }
