@@ -41,6 +41,7 @@ pub struct Metrics {
     pub engine_restarts: IntCounter,
     pub preemptions: IntCounter,
     pub shed_requests: IntCounter,
+    pub interrupted_steps: IntCounter,
     pub rate_limited: IntCounterVec,
     pub usage_tokens: IntCounterVec,
     pub usage_requests: IntCounterVec,
@@ -196,6 +197,11 @@ impl Metrics {
                 "Waiting requests shed (503) for better-priority ones when the queue was full",
             )
             .expect("valid"),
+            interrupted_steps: IntCounter::new(
+                "loraplex_interrupted_steps_total",
+                "Steps stopped between layers (and redone) for a request owed a prompt step of its own",
+            )
+            .expect("valid"),
             rate_limited: IntCounterVec::new(
                 Opts::new(
                     "loraplex_rate_limited_total",
@@ -278,6 +284,7 @@ impl Metrics {
             Box::new(m.engine_restarts.clone()),
             Box::new(m.preemptions.clone()),
             Box::new(m.shed_requests.clone()),
+            Box::new(m.interrupted_steps.clone()),
             Box::new(m.rate_limited.clone()),
             Box::new(m.usage_tokens.clone()),
             Box::new(m.usage_requests.clone()),

@@ -201,3 +201,78 @@ fn a_better_priority_is_admitted_first_from_the_queue() {
     assert!(low_steps > 0);
     assert!(drive(&mut w, vec![first])[0].as_ref().unwrap().len() == 2);
 }
+
+#[test]
+fn interrupted_steps_are_redone_and_change_no_answer() {
+    let model = Arc::new(load_tiny());
+    let adapters = AdapterCache::new(CacheConfig::default());
+    let lora = lease(&adapters, &model, "lora-r8-all", "lora-r8-all", 1);
+    let work: Vec<(Vec<u32>, Option<Lease>)> = vec![
+        (prompt(4, 25), Some(lora.clone())),
+        (prompt(5, 13), None),
+        (prompt(6, 31), Some(lora)),
+    ];
+    let run = |stop_every: usize| {
+        let (e, mut w, metrics) = engine(&model, 4, 4096, true);
+        let rxs: Vec<_> = work
+            .iter()
+            .map(|(p, l)| e.submit(request(p.clone(), 20, "x", 0, l.clone())).unwrap())
+            .collect();
+        // Chunked prompts and decode rows alike: every `stop_every`-th step stops part-way.
+        for n in 0..400 {
+            if stop_every > 0 && n % stop_every == 0 {
+                e.interrupt_next_step();
+            }
+            if !w.step() {
+                break;
+            }
+        }
+        let answers: Vec<Vec<u32>> = drive(&mut w, rxs).into_iter().map(Result::unwrap).collect();
+        (answers, metrics.interrupted_steps.get())
+    };
+    let (want, none) = run(0);
+    assert_eq!(none, 0);
+    for every in [2, 3] {
+        let (got, stopped) = run(every);
+        assert!(stopped >= 10, "every {every}: {stopped} steps stopped");
+        assert_eq!(got, want, "stopping every {every}th step changed an answer");
+    }
+}
+
+#[test]
+fn a_newcomer_gets_a_prompt_step_of_its_own_then_waits_its_turn() {
+    let model = Arc::new(load_tiny());
+    let (e, mut w, _) = engine(&model, 8, 4096, true);
+    let mut heavy: Vec<_> = (0..3)
+        .map(|k| e.submit(request(prompt(k, 20), 40, "heavy", 0, None)).unwrap())
+        .collect();
+    for _ in 0..12 {
+        w.step();
+    }
+    let mut seen: Vec<Vec<Event>> = heavy.iter_mut().map(received).collect();
+    assert!(seen.iter().all(|s| !s.is_empty()), "the heavy streams run");
+    // A tenant with nothing in the engine and a prompt within one step's budget: its first
+    // token comes from the very next step, which feeds nothing else.
+    let mut light = e.submit(request(prompt(8, 7), 4, "light", 0, None)).unwrap();
+    w.step();
+    assert_eq!(tokens(&received(&mut light)).len(), 1, "first token in one step");
+    for (rx, s) in heavy.iter_mut().zip(&mut seen) {
+        assert!(received(rx).is_empty(), "a heavy stream was fed beside the newcomer");
+        s.clear();
+    }
+    // Another newcomer right after waits for a shared step (one such step in four at most).
+    let mut other = e.submit(request(prompt(9, 7), 4, "other", 0, None)).unwrap();
+    w.step();
+    assert!(tokens(&received(&mut other)).len() <= 1);
+    let fed = heavy.iter_mut().map(received).filter(|e| !e.is_empty()).count();
+    assert_eq!(fed, 3, "the heavy streams share the second newcomer's step");
+    // A heavy request arriving is not a newcomer: no step of its own.
+    let mut more = e.submit(request(prompt(10, 7), 4, "heavy", 0, None)).unwrap();
+    for _ in 0..4 {
+        w.step();
+    }
+    let fed = heavy.iter_mut().map(received).filter(|e| e.len() >= 3).count();
+    assert_eq!(fed, 3, "the streams kept their pace");
+    let _ = (&mut more, &mut light, &mut other);
+    run_to_idle(&mut w);
+}

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::generate::{FinishReason, GenerationConfig};
+use super::interrupt::{Arrival, Interrupt};
 use super::scheduler::{QueueGate, RequestClass, SchedulerConfig};
 use super::sequence::TokenLogprob;
 use super::worker::Worker;
@@ -122,6 +123,8 @@ pub(crate) struct Shared {
     /// Test hook: the next model step panics.
     pub inject_panic: AtomicBool,
     pub kv_cache_tokens: usize,
+    /// Requests sent but not yet received, for the step in progress to stop for.
+    pub interrupt: Interrupt,
 }
 
 impl Shared {
@@ -176,6 +179,7 @@ impl Engine {
             cancel: AtomicBool::new(false),
             rebuilding: AtomicBool::new(false),
             inject_panic: AtomicBool::new(false),
+            interrupt: Interrupt::default(),
         });
         let worker = Worker::new(model.clone(), rx, shared.clone(), config, kv)?;
         Ok((
@@ -222,12 +226,19 @@ impl Engine {
         let priority = request.class.priority;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (events, rx) = unbounded_channel();
+        self.shared.interrupt.sent(Arrival {
+            id,
+            tenant: tenant.clone(),
+            priority,
+            prompt: request.prompt.len(),
+        });
         let sent = self.tx.send(Submitted {
             id,
             request,
             events,
         });
         if sent.is_err() {
+            self.shared.interrupt.received(id);
             self.shared.leave_queue(&tenant, priority);
             return Err(EngineError::Draining);
         }
@@ -264,6 +275,13 @@ impl Engine {
     pub fn is_idle(&self) -> bool {
         // `running` goes up before a request leaves the queue, so no request is between.
         self.waiting() == 0 && self.running() == 0
+    }
+
+    /// Test hook: the next model step stops between layers and is redone (what a request owed
+    /// a step of its own does, `interrupt`).
+    #[doc(hidden)]
+    pub fn interrupt_next_step(&self) {
+        self.shared.interrupt.stop_next_step();
     }
 
     /// Test hook: the next model step panics (the worker's recovery is what is tested).

@@ -4,6 +4,7 @@
 
 pub mod generate;
 pub mod handle;
+pub mod interrupt;
 pub mod kv_blocks;
 pub mod sampling;
 pub mod scheduler;

@@ -21,6 +21,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::handle::{EngineError, Event, KvConfig, Shared, Submitted, ValidRequest};
+use super::interrupt::{owed, StepView, SAME_PRIORITY_EVERY};
 use super::kv_blocks::{chain_seed, next_hash, BlockHash, KvBlocks};
 use super::scheduler::{Scheduler, SchedulerConfig};
 use super::sequence::SequenceState;
@@ -41,6 +42,8 @@ struct Active {
     cached: usize,
     /// Prompt tokens charged to its tenant's share so far (a recompute is not charged again).
     charged_prompt: usize,
+    /// Owed a prompt step of its own (`interrupt::owed`), not given yet.
+    owed_step: bool,
 }
 
 impl Active {
@@ -85,6 +88,8 @@ pub struct Worker {
     parked: HashMap<u64, Active>,
     /// `None` where the model cannot run paged (not the CPU f32 path): per-sequence caches.
     paged: Option<Paged>,
+    /// Steps since the last prompt step given to a newcomer of the same priority.
+    since_newcomer: u64,
 }
 
 impl Worker {
@@ -139,6 +144,7 @@ impl Worker {
             active: Vec::new(),
             parked: HashMap::new(),
             paged,
+            since_newcomer: SAME_PRIORITY_EVERY,
         })
     }
 
@@ -191,6 +197,7 @@ impl Worker {
     }
 
     fn receive(&mut self, s: Submitted) {
+        self.shared.interrupt.received(s.id);
         let tenant = s.request.tenant.clone().unwrap_or_default();
         let needed = s.request.kv_positions();
         match self
@@ -291,8 +298,30 @@ impl Worker {
         }
     }
 
+    /// What the engine serves now: the step's best priority, the tenants in it (running,
+    /// preempted, and with `waiting`, those admitted or waiting too).
+    fn view(&self, waiting: bool) -> StepView {
+        let mut tenants: std::collections::HashSet<String> = self
+            .active
+            .iter()
+            .map(|a| &a.request)
+            .chain(self.parked.values().map(|a| &a.request))
+            .map(|r| Self::tenant(r).to_string())
+            .collect();
+        if waiting {
+            tenants.extend(self.pending.values().map(|s| Self::tenant(&s.request).to_string()));
+        }
+        StepView {
+            best_priority: self.active.iter().map(|a| a.request.class.priority).min(),
+            tenants,
+            same_priority_open: self.since_newcomer >= SAME_PRIORITY_EVERY,
+            budget: self.config.max_batched_tokens,
+        }
+    }
+
     fn admit(&mut self) {
         let context = self.model.model.config.max_position_embeddings;
+        let before = self.view(false);
         let admission = self.scheduler.admit();
         for id in admission.preempted {
             self.park(id);
@@ -355,6 +384,12 @@ impl Worker {
             match created {
                 Ok(mut seq) => {
                     seq.fed(fed);
+                    let owed_step = owed(
+                        &before,
+                        Self::tenant(&s.request),
+                        s.request.class.priority,
+                        seq.prompt_len.saturating_sub(fed),
+                    );
                     metrics.prompt_tokens.observe(seq.prompt_len as f64);
                     if let Some(label) = &s.request.adapter_label {
                         metrics.adapter_requests.with_label_values(&[label]).inc();
@@ -370,6 +405,7 @@ impl Worker {
                         seed,
                         cached: fed,
                         charged_prompt: 0,
+                        owed_step,
                     });
                 }
                 Err(e) => {
@@ -466,6 +502,9 @@ impl Worker {
         if inputs.iter().all(Vec::is_empty) {
             return self.end(finished);
         }
+        let view = self.view(true);
+        let interrupt = &self.shared.interrupt;
+        let stop = || interrupt.should_stop(&view);
         let result = {
             let seqs = self
                 .active
@@ -486,13 +525,21 @@ impl Worker {
                 panic!("a fault injected by a test");
             }
             match &mut self.paged {
-                Some(p) => self.model.model.forward_paged(&mut batch, &mut p.pool),
-                None => self.model.model.forward(&mut batch),
+                Some(p) => self
+                    .model
+                    .model
+                    .forward_paged_until(&mut batch, &mut p.pool, &stop),
+                None => self.model.model.forward(&mut batch).map(Some),
             }
-            .and_then(|l| l.to_vec2::<f32>())
+            .and_then(|l| l.map(|l| l.to_vec2::<f32>()).transpose())
         };
         let rows = match result {
-            Ok(rows) => rows,
+            Ok(Some(rows)) => rows,
+            Ok(None) => {
+                // A request owed a step arrived: this one is redone after it.
+                metrics.interrupted_steps.inc();
+                return self.end(finished);
+            }
             Err(e) => {
                 tracing::error!("forward step failed: {e}");
                 for a in &self.active {
@@ -504,6 +551,13 @@ impl Worker {
             }
         };
         self.register_full_blocks(&inputs);
+        self.since_newcomer += 1;
+        for (a, tokens) in self.active.iter_mut().zip(&inputs) {
+            if a.owed_step && !tokens.is_empty() {
+                a.owed_step = false;
+                self.since_newcomer = 0;
+            }
+        }
         let mut rows = rows.into_iter();
         let tokenizer = &self.model.tokenizer;
         for (i, (a, tokens)) in self.active.iter_mut().zip(&inputs).enumerate() {
@@ -714,8 +768,11 @@ fn chunk_cap(budget: usize, pairs: usize, position: usize) -> usize {
 /// kept every other tenant's prompts out for minutes.) Empty: skip.
 fn step_inputs(active: &[Active], ranks: &[(i32, f64, u64)], budget: usize) -> Vec<Vec<u32>> {
     let decode = active.iter().filter(|a| !a.seq.prefilling()).count();
+    let owed = active.iter().any(|a| a.owed_step && a.seq.prefilling());
     let mut left = if budget == 0 {
         usize::MAX
+    } else if owed {
+        budget
     } else {
         budget.saturating_sub(decode)
     };
@@ -738,6 +795,11 @@ fn step_inputs(active: &[Active], ranks: &[(i32, f64, u64)], budget: usize) -> V
             .partial_cmp(&ranks[b])
             .unwrap_or(std::cmp::Ordering::Equal)
     });
+    // Prompts owed a step of their own (`interrupt`) have it: nothing else is fed beside them.
+    if owed {
+        prompts.retain(|&i| active[i].owed_step);
+        inputs.iter_mut().for_each(Vec::clear);
+    }
     let first = prompts.first().map(|&i| ranks[i].0);
     for (k, i) in prompts.into_iter().enumerate() {
         if Some(ranks[i].0) != first {

@@ -183,6 +183,27 @@ impl Llama {
         crate::ops::cpu_features::on_pool(|| self.forward_here(input, Some(pool)))
     }
 
+    /// `forward_paged`, asking `stop` between layers: `Ok(None)` when it said stop. The caches
+    /// then have not advanced, so the next step writes the same positions again (the step's
+    /// work is lost, nothing else; prefix-tuning rows placed first stay placed and counted).
+    pub fn forward_paged_until(
+        &self,
+        input: &mut BatchInput<'_>,
+        pool: &mut KvPool,
+        stop: &(dyn Fn() -> bool + Sync),
+    ) -> Result<Option<Tensor>> {
+        crate::ops::cpu_features::on_pool(|| {
+            let (mut x, staged) = self.begin(input, Some(&mut *pool))?;
+            for li in 0..self.layers.len() {
+                if li > 0 && stop() {
+                    return Ok(None);
+                }
+                x = self.layer(li, x, &staged, input, Some(&mut *pool))?;
+            }
+            self.finish(x, &staged, input).map(Some)
+        })
+    }
+
     /// Whether `forward_paged` can run: the host attention path (CPU, f32 activations).
     pub fn supports_paged(&self) -> bool {
         matches!(self.device, Device::Cpu) && self.dtype == DType::F32
