@@ -33,6 +33,7 @@ ap.add_argument("--seconds", type=float, default=60)
 ap.add_argument("--weights", default="1,2")
 ap.add_argument("--tpm", type=int, default=2000)
 ap.add_argument("--json")
+ap.add_argument("--server-log", help="append the server's stderr here")
 ap.add_argument("--light-requests", type=int, default=30)
 ap.add_argument("--plain-keys", action="store_true",
                 help="keys without weights, limits or priorities (a binary from before them)")
@@ -85,7 +86,9 @@ def start_server():
             port = int(m.group(1))
             break
     assert port, "serve did not start"
-    threading.Thread(target=lambda s=server: [None for _ in s.stderr], daemon=True).start()
+    log = open(opt.server_log, "a") if opt.server_log else None
+    threading.Thread(target=lambda s=server: [log and (log.write(l), log.flush()) for l in s.stderr],
+                     daemon=True).start()
 
 
 def stop_server():
@@ -193,9 +196,13 @@ def loop(stop, fn):
     return t
 
 
+LIGHT_STARTS = []
+
+
 def light_ttfts(key, n, **kw):
     out = []
     for i in range(n):
+        LIGHT_STARTS.append(time.time())
         s, ttft, _, _ = chat(key, f"What is {i} plus {i}? Answer briefly.", 16, **kw)
         assert s == 200, s
         out.append(ttft)
@@ -216,16 +223,38 @@ def ttft():
     stop = threading.Event()
     heavy = [loop(stop, lambda st, i=i: chat("sk-a", long_text(1000, i), 400, stop=st)) for i in range(24)]
     time.sleep(20)  # the heavy tenant fills the engine
+    m0, t0 = served_by_server(), time.time()
     loaded = light_ttfts("sk-b", opt.light_requests)
+    m1, t1 = served_by_server(), time.time()
     stop_all(stop)
-    report({"scenario": "ttft", "light_alone_p99_s": round(p99(alone), 3),
-            "light_with_heavy_p99_s": round(p99(loaded), 3), "ratio": round(p99(loaded) / p99(alone), 2),
-            "light_with_heavy_p50_s": round(sorted(loaded)[len(loaded) // 2], 3)})
+    out = {"scenario": "ttft", "light_alone_p99_s": round(p99(alone), 3),
+           "light_with_heavy_p99_s": round(p99(loaded), 3), "ratio": round(p99(loaded) / p99(alone), 2),
+           "light_with_heavy_p50_s": round(sorted(loaded)[len(loaded) // 2], 3)}
+    if m0 is not None:
+        # What the light tenant's first tokens cost the heavy one: its service meanwhile.
+        for kind in ("prompt", "generated"):
+            n = m1.get(("heavy", kind), 0) - m0.get(("heavy", kind), 0)
+            out[f"heavy_{kind}_tokens_per_s"] = round(n / (t1 - t0), 1)
+        out["interrupted_steps"] = metric("loraplex_interrupted_steps_total")
+        out["preemptions"] = metric("loraplex_num_preemptions_total")
+    out["light_with_heavy_s"] = [round(x, 2) for x in loaded]
+    if opt.server_log:
+        out["light_starts_ms"] = [int(t * 1000) for t in LIGHT_STARTS[-len(loaded):]]
+    report(out)
     wait_idle()
 
 
 def wait_idle():
     pass  # each scenario has a server of its own
+
+
+def metric(name):
+    c = http.client.HTTPConnection("127.0.0.1", port)
+    c.request("GET", "/metrics", headers={"authorization": "Bearer sk-admin"})
+    text = c.getresponse().read().decode()
+    c.close()
+    m = re.search(rf"^{name} (\S+)", text, re.M)
+    return float(m.group(1)) if m else None
 
 
 def served_by_server():
@@ -271,9 +300,13 @@ def share():
     time.sleep(20)  # both backlogged
     t0 = time.time()
     m0 = served_by_server()
-    time.sleep(opt.seconds)
+    # The server's count every 60 s too: each minute's share, beside the whole window's.
+    marks = [m0]
+    while time.time() < t0 + opt.seconds - 1:
+        time.sleep(min(60, t0 + opt.seconds - time.time()))
+        marks.append(served_by_server())
     t1 = time.time()
-    m1 = served_by_server()
+    m1 = marks[-1]
     stop_all(stop)
     time.sleep(3)  # the clients record what their cut streams got
     w = [float(x) for x in opt.weights.split(",")]
@@ -299,6 +332,12 @@ def share():
         out["server_served"] = srv
         out["server_one_share"] = round(scost["one"] / max(1, scost["one"] + scost["two"]), 3)
         out["server_deviation"] = round(abs(out["server_one_share"] - w[0] / total_w) / (w[0] / total_w), 3)
+        minutes = []
+        for a, b in zip(marks, marks[1:]):
+            c = {t: (b.get((t, "prompt"), 0) - a.get((t, "prompt"), 0))
+                 + 2 * (b.get((t, "generated"), 0) - a.get((t, "generated"), 0)) for t in ("one", "two")}
+            minutes.append(round(abs(c["one"] / max(1, c["one"] + c["two"]) - w[0] / total_w) / (w[0] / total_w), 3))
+        out["server_deviation_each_minute"] = minutes
     report(out)
     wait_idle()
 
