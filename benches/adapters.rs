@@ -33,6 +33,7 @@ fn config() -> LlamaConfig {
         mlp_bias: false,
         bos_token_id: Some(1),
         eos_token_ids: vec![2],
+        arch: Default::default(),
     }
 }
 
@@ -50,6 +51,8 @@ fn random_llama(c: &LlamaConfig) -> Llama {
         .map(|_| Block {
             input_layernorm: Tensor::ones(h, DType::F32, &Device::Cpu).unwrap(),
             self_attn: Attention {
+                q_norm: None,
+                k_norm: None,
                 q_proj: linear(c.num_attention_heads * hd, h),
                 k_proj: linear(c.num_key_value_heads * hd, h),
                 v_proj: linear(c.num_key_value_heads * hd, h),

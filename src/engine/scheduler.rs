@@ -204,12 +204,16 @@ impl Scheduler {
         Some((r.priority, self.counter(&r.tenant), r.admitted))
     }
 
-    /// The waiting tenant whose head goes next: best priority, least counter, earliest.
-    fn next_tenant(&self, skipped: &[String]) -> Option<&str> {
+    /// The waiting tenant whose head goes next: best priority, least counter (plus what this
+    /// admission round already gave it, `ahead`), earliest.
+    fn next_tenant(&self, skipped: &[String], ahead: &HashMap<String, f64>) -> Option<&str> {
         self.tenants
             .iter()
             .filter(|(name, _)| !skipped.contains(name))
-            .filter_map(|(name, t)| t.waiting.first().map(|h| (name, t.counter, h)))
+            .filter_map(|(name, t)| {
+                let c = t.counter + ahead.get(name.as_str()).copied().unwrap_or(0.0);
+                t.waiting.first().map(|h| (name, c, h))
+            })
             .min_by(|a, b| {
                 (a.2.priority, a.1, a.2.arrival)
                     .partial_cmp(&(b.2.priority, b.1, b.2.arrival))
@@ -228,7 +232,13 @@ impl Scheduler {
     pub fn admit(&mut self) -> Admission {
         let mut out = Admission::default();
         let mut skipped: Vec<String> = Vec::new();
-        while let Some(name) = self.next_tenant(&skipped).map(str::to_string) {
+        // Within one round the counters have not moved yet: each admission counts at once as
+        // the service it may take (its KV positions as prompt tokens), so that tenants whose
+        // requests arrived together are interleaved by cost, not by arrival (measured: without
+        // this the tenant whose 24 long requests came first held 24 of 32 slots, and the share
+        // of the first minute was 41 % off its weight).
+        let mut ahead: HashMap<String, f64> = HashMap::new();
+        while let Some(name) = self.next_tenant(&skipped, &ahead).map(str::to_string) {
             let head = self.tenants[&name].waiting[0].clone();
             if !self.fits(self.running.len(), self.reserved, head.tokens) {
                 let within = self.within_share(&name, &head);
@@ -253,6 +263,8 @@ impl Scheduler {
             self.waiting -= 1;
             self.reserved += head.tokens;
             self.clock += 1;
+            let w = self.tenants[&name].weight;
+            *ahead.entry(name.clone()).or_default() += head.tokens as f64 * INPUT_COST / w;
             self.running.push(Running {
                 id: head.id,
                 tenant: name,

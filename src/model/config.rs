@@ -1,4 +1,5 @@
-//! Llama hyper-parameters, read from a Hugging Face `config.json` or from GGUF metadata.
+//! Decoder hyper-parameters, read from a Hugging Face `config.json` or from GGUF metadata. One
+//! decoder serves every supported family; what sets a family apart is data here (`Arch`).
 
 use std::path::Path;
 
@@ -8,7 +9,60 @@ use serde_json::Value;
 use super::error::ModelError;
 use crate::ops::rope::Llama3Scaling;
 
-/// Validated architecture of a Llama-family model.
+/// The families the decoder serves (`model_type` in `config.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Family {
+    #[default]
+    Llama,
+    Mistral,
+    Qwen2,
+    Qwen3,
+}
+
+impl Family {
+    pub const SUPPORTED: &'static str = "llama, mistral, qwen2, qwen3";
+
+    pub fn from_model_type(t: &str) -> Option<Self> {
+        Some(match t {
+            "llama" => Self::Llama,
+            "mistral" => Self::Mistral,
+            "qwen2" => Self::Qwen2,
+            "qwen3" => Self::Qwen3,
+            _ => return None,
+        })
+    }
+
+    pub fn model_type(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+            Self::Mistral => "mistral",
+            Self::Qwen2 => "qwen2",
+            Self::Qwen3 => "qwen3",
+        }
+    }
+}
+
+/// What a family changes in the one decoder (all off: the Llama).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Arch {
+    pub family: Family,
+    /// Biases on q, k and v only (Qwen2); `attention_bias` puts them on all four.
+    pub qkv_bias: bool,
+    /// RMSNorm over each head of q and of k before RoPE (`q_norm`, `k_norm`: Qwen3).
+    pub qk_norm: bool,
+    /// Per layer, the sliding window in positions (a query sees itself and the `w - 1`
+    /// positions before it); empty or `None`: the whole context.
+    pub windows: Vec<Option<usize>>,
+}
+
+impl Arch {
+    /// Layer `layer`'s sliding window, if it has one.
+    pub fn window(&self, layer: usize) -> Option<usize> {
+        self.windows.get(layer).copied().flatten()
+    }
+}
+
+/// Validated architecture of a decoder model.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
     pub vocab_size: usize,
@@ -27,6 +81,7 @@ pub struct LlamaConfig {
     pub mlp_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    pub arch: Arch,
 }
 
 #[derive(Deserialize)]
@@ -51,6 +106,10 @@ struct RawConfig {
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
     hidden_act: Option<String>,
+    sliding_window: Option<usize>,
+    use_sliding_window: Option<bool>,
+    max_window_layers: Option<usize>,
+    layer_types: Option<Vec<String>>,
 }
 
 /// Token ids given as a number or a list of numbers (`eos_token_id` takes both forms).
@@ -122,23 +181,29 @@ impl LlamaConfig {
             path: path.to_path_buf(),
             source,
         })?;
-        let is_llama = raw.model_type.as_deref() == Some("llama")
-            || (raw.model_type.is_none()
-                && raw
-                    .architectures
-                    .iter()
-                    .flatten()
-                    .any(|a| a == "LlamaForCausalLM"));
-        if !is_llama {
+        let family = match raw.model_type.as_deref() {
+            Some(t) => Family::from_model_type(t),
+            None if raw
+                .architectures
+                .iter()
+                .flatten()
+                .any(|a| a == "LlamaForCausalLM") =>
+            {
+                Some(Family::Llama)
+            }
+            None => None,
+        };
+        let Some(family) = family else {
             return Err(ModelError::field(
                 path,
                 "model_type",
                 format!(
-                    "is {:?}; only Llama models (`llama`) are supported",
-                    raw.model_type.as_deref().unwrap_or("missing")
+                    "is {:?}; the supported families are {}",
+                    raw.model_type.as_deref().unwrap_or("missing"),
+                    Family::SUPPORTED
                 ),
             ));
-        }
+        };
         if let Some(act) = raw.hidden_act.as_deref() {
             if act != "silu" {
                 return Err(ModelError::field(
@@ -183,11 +248,13 @@ impl LlamaConfig {
             ),
             _ => (raw.rope_theta.unwrap_or(10000.0), None),
         };
+        let layers = required(path, "num_hidden_layers", raw.num_hidden_layers)?;
+        let windows = layer_windows(path, family, &raw, layers)?;
         let config = Self {
             vocab_size: required(path, "vocab_size", raw.vocab_size)?,
             hidden_size,
             intermediate_size: required(path, "intermediate_size", raw.intermediate_size)?,
-            num_hidden_layers: required(path, "num_hidden_layers", raw.num_hidden_layers)?,
+            num_hidden_layers: layers,
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
             head_dim,
@@ -200,9 +267,60 @@ impl LlamaConfig {
             mlp_bias: raw.mlp_bias.unwrap_or(false),
             bos_token_id: token_ids(raw.bos_token_id.as_ref()).first().copied(),
             eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
+            arch: Arch {
+                family,
+                qkv_bias: family == Family::Qwen2,
+                qk_norm: family == Family::Qwen3,
+                windows,
+            },
         };
         Ok(config)
     }
+}
+
+/// Each layer's sliding window as transformers reads the config: Mistral's `sliding_window` on
+/// every layer; Qwen's `layer_types` (`sliding_attention`), or without them the layers from
+/// `max_window_layers` on when `use_sliding_window`.
+fn layer_windows(
+    path: &Path,
+    family: Family,
+    raw: &RawConfig,
+    layers: usize,
+) -> Result<Vec<Option<usize>>, ModelError> {
+    let w = match (family, raw.sliding_window) {
+        (_, Some(0)) => return Err(ModelError::field(path, "sliding_window", "must be positive")),
+        (Family::Llama, _) | (_, None) => return Ok(Vec::new()),
+        (_, Some(w)) => w,
+    };
+    if family == Family::Mistral {
+        return Ok(vec![Some(w); layers]);
+    }
+    if let Some(types) = &raw.layer_types {
+        if types.len() != layers {
+            return Err(ModelError::field(
+                path,
+                "layer_types",
+                format!("has {} entries for {layers} layers", types.len()),
+            ));
+        }
+        return types
+            .iter()
+            .map(|t| match t.as_str() {
+                "sliding_attention" => Ok(Some(w)),
+                "full_attention" => Ok(None),
+                other => Err(ModelError::field(
+                    path,
+                    "layer_types",
+                    format!("`{other}` is not a layer type here (full_attention, sliding_attention)"),
+                )),
+            })
+            .collect();
+    }
+    if !raw.use_sliding_window.unwrap_or(false) {
+        return Ok(Vec::new());
+    }
+    let from = raw.max_window_layers.unwrap_or(0);
+    Ok((0..layers).map(|i| (i >= from).then_some(w)).collect())
 }
 
 #[cfg(test)]
@@ -241,7 +359,10 @@ mod tests {
         let err = LlamaConfig::from_hf_json(Path::new("/m/config.json"), &text).unwrap_err();
         let msg = err.to_string();
         assert!(
-            msg.contains("/m/config.json") && msg.contains("`model_type`") && msg.contains("gpt2"),
+            msg.contains("/m/config.json")
+                && msg.contains("`model_type`")
+                && msg.contains("gpt2")
+                && msg.contains("llama, mistral, qwen2, qwen3"),
             "{msg}"
         );
     }

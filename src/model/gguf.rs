@@ -126,6 +126,7 @@ fn config_from_meta(
             .opt_usize("tokenizer.ggml.bos_token_id")
             .map(|id| id as u32),
         eos_token_ids: eos,
+        arch: Default::default(),
     })
 }
 

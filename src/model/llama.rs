@@ -73,6 +73,9 @@ pub struct Attention {
     pub k_proj: Linear,
     pub v_proj: Linear,
     pub o_proj: Linear,
+    /// Per-head RMSNorm weights `[head_dim]` for q and k before RoPE (`Arch::qk_norm`).
+    pub q_norm: Option<Tensor>,
+    pub k_norm: Option<Tensor>,
 }
 
 #[derive(Debug, Clone)]
@@ -594,19 +597,31 @@ impl Llama {
         let c = &self.config;
         let (hd, nh, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
         let layer = sites.layer;
-        let (q, k, v) = time(Part::QkvProj, || {
+        let (mut q, mut k, v) = time(Part::QkvProj, || {
             Ok::<_, candle_core::Error>((
                 sites.project(&attn.q_proj, Proj::Q, h)?,
                 sites.project(&attn.k_proj, Proj::K, h)?,
                 sites.project(&attn.v_proj, Proj::V, h)?,
             ))
         })?;
+        // Qwen3: each head of q and k normalised before RoPE.
+        let head_norm = |x: &Tensor, w: &Tensor, heads: usize| -> Result<Tensor> {
+            let n = x.dim(0)?;
+            rms_norm(&x.reshape((n * heads, hd))?, w, c.rms_norm_eps)?.reshape((n, heads * hd))
+        };
+        if let Some(w) = &attn.q_norm {
+            q = time(Part::Norm, || head_norm(&q, w, nh))?;
+        }
+        if let Some(w) = &attn.k_norm {
+            k = time(Part::Norm, || head_norm(&k, w, nkv))?;
+        }
+        let window = c.arch.window(layer);
         let host = !q.track_op()
             && matches!(self.device, Device::Cpu)
             && q.dtype() == DType::F32
             && seqs.iter().all(|s| !s.cache.has_tensors());
         if host {
-            return self.attention_host(&q, &k, &v, layer, spans, seqs, pool);
+            return self.attention_host(&q, &k, &v, layer, spans, seqs, pool, window);
         }
         let mut outs = Vec::with_capacity(spans.len());
         for (s, &(start, len, offset)) in seqs.iter_mut().zip(spans) {
@@ -625,7 +640,7 @@ impl Llama {
             })?;
             outs.push(time(Part::Attention, || {
                 let (kall, vall) = s.cache.append(layer, ks, vs)?;
-                causal_attention(&qs, &kall, &vall)
+                causal_attention(&qs, &kall, &vall, window)
             })?);
         }
         if outs.len() == 1 {
@@ -648,6 +663,7 @@ impl Llama {
         spans: &[(usize, usize, usize)],
         seqs: &mut [SeqInput<'_>],
         mut pool: Option<&mut KvPool>,
+        window: Option<usize>,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (hd, nh, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
@@ -706,6 +722,7 @@ impl Llama {
                 heads: nh,
                 kv_heads: nkv,
                 head_dim: hd,
+                window,
             };
             seqs.par_iter()
                 .zip(outs)

@@ -249,14 +249,25 @@ impl Weights {
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
             let ab = c.attention_bias;
+            let qkv = ab || c.arch.qkv_bias;
             let mb = c.mlp_bias;
+            let head_norm = |w: &mut Self, which: &str| -> Result<Option<Tensor>, ModelError> {
+                if c.arch.qk_norm {
+                    Ok(Some(w.take(&format!("{p}.self_attn.{which}.weight"), &[hd])?))
+                } else {
+                    Ok(None)
+                }
+            };
+            let (q_norm, k_norm) = (head_norm(&mut self, "q_norm")?, head_norm(&mut self, "k_norm")?);
             layers.push(Block {
                 input_layernorm: self.take(&format!("{p}.input_layernorm.weight"), &[h])?,
                 self_attn: Attention {
-                    q_proj: self.linear(&format!("{p}.self_attn.q_proj"), q_out, h, ab)?,
-                    k_proj: self.linear(&format!("{p}.self_attn.k_proj"), kv_out, h, ab)?,
-                    v_proj: self.linear(&format!("{p}.self_attn.v_proj"), kv_out, h, ab)?,
+                    q_proj: self.linear(&format!("{p}.self_attn.q_proj"), q_out, h, qkv)?,
+                    k_proj: self.linear(&format!("{p}.self_attn.k_proj"), kv_out, h, qkv)?,
+                    v_proj: self.linear(&format!("{p}.self_attn.v_proj"), kv_out, h, qkv)?,
                     o_proj: self.linear(&format!("{p}.self_attn.o_proj"), h, q_out, ab)?,
+                    q_norm,
+                    k_norm,
                 },
                 post_attention_layernorm: self
                     .take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,

@@ -5,9 +5,10 @@ use candle_core::{DType, Result, Tensor, D};
 use super::vexp;
 
 /// `q`: `[heads, len, head_dim]` for positions `total - len .. total`;
-/// `k`, `v`: `[kv_heads, total, head_dim]` (cache plus the new rows).
+/// `k`, `v`: `[kv_heads, total, head_dim]` (cache plus the new rows); `window`: a query at
+/// position `p` sees keys `p - window + 1 ..= p` only (a sliding window), else all up to `p`.
 /// Returns `[len, heads * head_dim]`.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>) -> Result<Tensor> {
     let (heads, len, head_dim) = q.dims3()?;
     let (kv_heads, total, _) = k.dims3()?;
     let group = heads / kv_heads;
@@ -16,7 +17,8 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     // batched matmul per key head serves them all, with no copy of the keys.
     let qg = q.reshape((kv_heads, group * len, head_dim))?;
     let scale = 1.0 / (head_dim as f64).sqrt();
-    if q.track_op() && len > 1 && super::fused::applies(q) {
+    let windowed = window.is_some_and(|w| w < total);
+    if q.track_op() && len > 1 && !windowed && super::fused::applies(q) {
         // Training on the CPU: scale, mask and softmax as one node with its derivative.
         let probs = super::fused::causal_softmax(&qg.matmul(&k.t()?)?, scale, len)?;
         return probs
@@ -26,12 +28,13 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
             .reshape((len, heads * head_dim));
     }
     let scores = (qg.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
-    let scores = if len > 1 {
+    let scores = if len > 1 || windowed {
         let offset = total - len;
+        let w = window.unwrap_or(usize::MAX);
         let mask: Vec<f32> = (0..len)
             .flat_map(|i| {
                 (0..total).map(move |j| {
-                    if j <= offset + i {
+                    if j <= offset + i && offset + i - j < w {
                         0.0
                     } else {
                         f32::NEG_INFINITY
@@ -95,6 +98,8 @@ pub struct Heads {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// A sliding window (see `causal_attention`); `None`: every earlier position.
+    pub window: Option<usize>,
 }
 
 /// Where one sequence's keys and values live: blocks of `block_rows()` positions. `keys(b, g)`
@@ -177,11 +182,13 @@ pub fn causal_attention_host(q: &[f32], kv: &dyn KvSource, shape: Heads, out: &m
         heads,
         kv_heads,
         head_dim: hd,
+        window,
     } = shape;
     let width = heads * hd;
     let len = q.len() / width;
     let total = kv.total();
     assert!(len <= total, "attention: more queries than positions");
+    let window = window.unwrap_or(usize::MAX);
     let group = heads / kv_heads;
     let gw = group * hd;
     let bs = kv.block_rows();
@@ -192,8 +199,10 @@ pub fn causal_attention_host(q: &[f32], kv: &dyn KvSource, shape: Heads, out: &m
         .flat_map(|g| {
             (0..row_tasks).flat_map(move |t| {
                 let rows = t * ROWS_PER_TASK..((t + 1) * ROWS_PER_TASK).min(len);
-                // The last row of the task sees keys up to `total - len + rows.end - 1`.
+                // The last row of the task sees keys up to `total - len + rows.end - 1`; the
+                // first, with a window, none before `total - len + rows.start + 1 - window`.
                 let seen = total - len + rows.end;
+                let from = (total - len + rows.start + 1).saturating_sub(window);
                 (0..shares)
                     .map(move |s| Share {
                         g,
@@ -201,7 +210,7 @@ pub fn causal_attention_host(q: &[f32], kv: &dyn KvSource, shape: Heads, out: &m
                         b1: ((s + 1) * per_share).min(total.div_ceil(bs)),
                         rows: (rows.start, rows.end),
                     })
-                    .filter(move |sh| sh.b0 * bs < seen)
+                    .filter(move |sh| sh.b0 * bs < seen && sh.b1 * bs > from)
             })
         })
         .collect();
@@ -371,11 +380,13 @@ fn one_group_body<const AVX: bool, const VNNI: bool>(
         heads,
         kv_heads,
         head_dim: hd,
+        window,
     } = shape;
     let width = heads * hd;
     let len = q.len() / width;
     let total = kv.total();
     let bs = kv.block_rows();
+    let window = window.unwrap_or(usize::MAX);
     let group = heads / kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let span = (b1 - b0) * bs;
@@ -385,8 +396,10 @@ fn one_group_body<const AVX: bool, const VNNI: bool>(
     for i in r0..r1 {
         let visible = total - len + i + 1;
         let (start, end) = (b0 * bs, visible.min(b1 * bs));
-        if start >= end {
-            continue; // every key of the share is after this query (stats stay empty)
+        // Keys before `lo` are outside the window: scored, then weighted zero.
+        let lo = visible.saturating_sub(window);
+        if start >= end || lo >= end {
+            continue; // every key of the share is after this query or outside its window
         }
         let blocks = b0..end.div_ceil(bs);
         if VNNI {
@@ -425,6 +438,9 @@ fn one_group_body<const AVX: bool, const VNNI: bool>(
         }
         for j in 0..group {
             let sh = &mut scores[j * span..][..end - start];
+            if lo > start {
+                sh[..lo - start].fill(f32::NEG_INFINITY);
+            }
             let max = max_of(sh, f32::NEG_INFINITY);
             stats[(i - r0) * group + j] = (max, exp_sub_sum::<AVX>(sh, max));
         }
@@ -680,7 +696,7 @@ mod tests {
             t.transpose(0, 1)?.contiguous()?.flatten_all()?.to_vec1()
         };
         // Head sizes 8 (the AVX2 scores kernel), 64 (its weighted sum too), 12 (portable).
-        for (len, total, head_dim) in [
+        for case in [
             (3, 7, 8),
             (1, 300, 8),
             (300, 333, 8),
@@ -692,16 +708,22 @@ mod tests {
             // Long enough to be split between tasks (when read in blocks).
             (1, 1500, 64),
             (3, 2000, 8),
-        ] {
+        ]
+        .into_iter()
+        // Sliding windows too: shorter than the prompt, than one block, than the history.
+        .flat_map(|c| [None, Some(1), Some(5), Some(250)].map(move |w| (c, w)))
+        {
+            let ((len, total, head_dim), window) = case;
             let shape = Heads {
                 heads: 6,
                 kv_heads: 2,
                 head_dim,
+                window,
             };
             let q = Tensor::randn(0f32, 1.0, (shape.heads, len, shape.head_dim), &dev)?;
             let k = Tensor::randn(0f32, 1.0, (shape.kv_heads, total, shape.head_dim), &dev)?;
             let v = Tensor::randn(0f32, 1.0, (shape.kv_heads, total, shape.head_dim), &dev)?;
-            let want: Vec<f32> = causal_attention(&q, &k, &v)?.flatten_all()?.to_vec1()?;
+            let want: Vec<f32> = causal_attention(&q, &k, &v, window)?.flatten_all()?.to_vec1()?;
             let mut got = vec![0f32; len * shape.heads * shape.head_dim];
             let (kr, vr) = (rows(&k)?, rows(&v)?);
             let kv_width = shape.kv_heads * shape.head_dim;
@@ -730,13 +752,13 @@ mod tests {
                 .zip(&paged)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
-            assert!(apart < 1e-5, "len {len} total {total} paged: {apart}");
+            assert!(apart < 1e-5, "len {len} total {total} window {window:?} paged: {apart}");
             let worst = got
                 .iter()
                 .zip(&want)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
-            assert!(worst < 1e-4, "len {len} total {total}: {worst}");
+            assert!(worst < 1e-4, "len {len} total {total} window {window:?}: {worst}");
         }
         Ok(())
     }
@@ -795,6 +817,7 @@ mod tests {
             heads: 6,
             kv_heads: 2,
             head_dim: hd,
+            window: None,
         };
         let kv_width = shape.kv_heads * hd;
         let width = shape.heads * hd;
@@ -856,8 +879,8 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (4, 5, 8), &dev)?;
         let k = Tensor::randn(0f32, 1.0, (2, 5, 8), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (2, 5, 8), &dev)?;
-        let full = causal_attention(&q, &k, &v)?;
-        let last = causal_attention(&q.narrow(1, 4, 1)?.contiguous()?, &k, &v)?;
+        let full = causal_attention(&q, &k, &v, None)?;
+        let last = causal_attention(&q.narrow(1, 4, 1)?.contiguous()?, &k, &v, None)?;
         let diff = (full.narrow(0, 4, 1)? - last)?
             .abs()?
             .max_all()?
