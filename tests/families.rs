@@ -204,3 +204,64 @@ fn an_unknown_family_is_named_with_the_supported_ones() {
         "{err}"
     );
 }
+
+#[test]
+fn every_family_trains_lora_and_dora_and_serves_what_it_trained() {
+    use common::training::{config, small_dataset};
+    use loraplex::adapters::{bind, BindOptions, PeftAdapter};
+    use loraplex::train::{train, Method};
+    for family in FAMILIES {
+        let m = load(family);
+        let tmp = tempfile::tempdir().unwrap();
+        // Examples up to 64 tokens: the windows (6) are in play in training too.
+        let data = small_dataset(&m, tmp.path());
+        for method in [Method::Lora, Method::Dora] {
+            let out = tmp.path().join(format!("{method:?}"));
+            let mut cfg = config(out.clone(), method, 30);
+            cfg.spec.base_model = family.into();
+            let report = train(&m.model, &data, None, &cfg).unwrap();
+            eprintln!(
+                "{family} {method:?}: loss {} -> {}",
+                report.first_loss, report.final_loss
+            );
+            assert!(
+                report.final_loss < 0.6 * report.first_loss,
+                "{family} {method:?}: {} -> {}",
+                report.first_loss,
+                report.final_loss
+            );
+            let served = bind(&PeftAdapter::load(&out).unwrap(), &m.model, &BindOptions::default())
+                .unwrap();
+            let in_memory = report.adapter.weights(&m.model, None).unwrap();
+            let ids = data.examples[0].ids.clone();
+            let a = logits_all(&m, &[(&ids, Some(&served))]);
+            let b = logits_all(&m, &[(&ids, Some(&in_memory))]);
+            let d = worst(&a, &b);
+            assert!(d < 1e-5, "{family} {method:?}: served vs trained {d}");
+        }
+    }
+}
+
+#[test]
+fn every_family_exports_a_directory_that_loads_back_the_same() {
+    for family in FAMILIES {
+        let m = load(family);
+        let tmp = tempfile::tempdir().unwrap();
+        loraplex::model::export::save_hf_dir(&m.model, &m, tmp.path()).unwrap();
+        let config: serde_json::Value = read_json(tmp.path().join("config.json"));
+        assert_eq!(config["model_type"], family);
+        let resolved = loraplex::model::source::ResolvedModel::HfDir {
+            id: "x".into(),
+            path: tmp.path().to_path_buf(),
+        };
+        let back = load_model(&resolved, &ModelOptions::default()).unwrap();
+        assert_eq!(back.model.config.arch, m.model.config.arch, "{family}");
+        let e = expected(family);
+        let prompt = ids(&e["input_ids_2"]);
+        let d = worst(
+            &logits_all(&back, &[(&prompt, None)]),
+            &logits_all(&m, &[(&prompt, None)]),
+        );
+        assert!(d == 0.0, "{family}: {d}");
+    }
+}

@@ -9,6 +9,7 @@ use serde_json::json;
 
 use super::adapter_site::Proj;
 use super::error::ModelError;
+use super::config::Family;
 use super::llama::Llama;
 use super::loaded::LoadedModel;
 
@@ -25,9 +26,16 @@ pub fn hf_config_json(model: &Llama, loaded: &LoadedModel) -> serde_json::Value 
             "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
             "original_max_position_embeddings": s.original_max_position_embeddings});
     }
-    json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    let family = c.arch.family;
+    let class = match family {
+        Family::Llama => "LlamaForCausalLM",
+        Family::Mistral => "MistralForCausalLM",
+        Family::Qwen2 => "Qwen2ForCausalLM",
+        Family::Qwen3 => "Qwen3ForCausalLM",
+    };
+    let mut config = json!({
+        "architectures": [class],
+        "model_type": family.model_type(),
         "vocab_size": c.vocab_size,
         "hidden_size": c.hidden_size,
         "intermediate_size": c.intermediate_size,
@@ -47,7 +55,26 @@ pub fn hf_config_json(model: &Llama, loaded: &LoadedModel) -> serde_json::Value 
         "bos_token_id": c.bos_token_id,
         "eos_token_id": loaded.eos_token_ids.first(),
         "torch_dtype": format!("{:?}", model.dtype()).to_lowercase().replace("f32", "float32").replace("bf16", "bfloat16").replace("f16", "float16"),
-    })
+    });
+    // The sliding windows as the family's config states them (transformers derives the rest).
+    let window = c.arch.windows.iter().flatten().next().copied();
+    if family != Family::Llama {
+        config["sliding_window"] = json!(window);
+    }
+    if matches!(family, Family::Qwen2 | Family::Qwen3) {
+        let types: Vec<&str> = (0..c.num_hidden_layers)
+            .map(|l| match c.arch.window(l) {
+                Some(_) => "sliding_attention",
+                None => "full_attention",
+            })
+            .collect();
+        config["use_sliding_window"] = json!(window.is_some());
+        config["layer_types"] = json!(types);
+        if let Some(first) = (0..c.num_hidden_layers).find(|&l| c.arch.window(l).is_some()) {
+            config["max_window_layers"] = json!(first);
+        }
+    }
+    config
 }
 
 /// Writes `model` (e.g. with an adapter merged in) with `loaded`'s tokenizer and template.
@@ -80,6 +107,14 @@ pub fn save_hf_dir(model: &Llama, loaded: &LoadedModel, dir: &Path) -> Result<()
             );
             if let Some(b) = linear.bias() {
                 tensors.insert(format!("{p}.{}.bias", proj.module()), b.clone());
+            }
+        }
+        for (name, norm) in [
+            ("q_norm", &block.self_attn.q_norm),
+            ("k_norm", &block.self_attn.k_norm),
+        ] {
+            if let Some(w) = norm {
+                tensors.insert(format!("{p}.self_attn.{name}.weight"), w.clone());
             }
         }
     }
