@@ -265,3 +265,28 @@ fn every_family_exports_a_directory_that_loads_back_the_same() {
         assert!(d == 0.0, "{family}: {d}");
     }
 }
+
+/// LoRA and DoRA adapters trained by `serve train` on each family (`check_trained.py` made them
+/// and PEFT's logits of them): PEFT reads our exports as we mean them.
+#[test]
+fn trained_exports_give_our_logits_in_peft() {
+    for family in FAMILIES {
+        let loaded = load(family);
+        let e = expected(family);
+        let trained = dir(family).join("trained");
+        let want: HashMap<String, Tensor> =
+            candle_core::safetensors::load(trained.join("expected.safetensors"), &Device::Cpu)
+                .unwrap();
+        for name in ["lora", "dora"] {
+            let w = bind_dir(&loaded, &trained.join(name));
+            let mut off = 0f32;
+            for i in 0..3 {
+                let prompt = ids(&e[&format!("input_ids_{i}")]);
+                let got = logits_all(&loaded, &[(&prompt, Some(&w))]);
+                off = off.max(worst(&got, &rows(&want[&format!("{name}_{i}")])));
+            }
+            eprintln!("{family} trained {name}: max |logit - PEFT| = {off:e}");
+            assert!(off < 1e-4, "{family} trained {name}: {off}");
+        }
+    }
+}
