@@ -50,6 +50,8 @@ fn random_llama(c: &LlamaConfig) -> Llama {
     let layers = (0..c.num_hidden_layers)
         .map(|_| Block {
             input_layernorm: Tensor::ones(h, DType::F32, &Device::Cpu).unwrap(),
+            attn_out_norm: None,
+            mlp_out_norm: None,
             self_attn: Attention {
                 q_norm: None,
                 k_norm: None,

@@ -20,7 +20,7 @@ use loraplex::engine::{
 use loraplex::metrics::Metrics;
 use loraplex::model::{load_model, KvDtype, LoadedModel, ModelOptions};
 
-const FAMILIES: [&str; 3] = ["mistral", "qwen2", "qwen3"];
+const FAMILIES: [&str; 4] = ["mistral", "qwen2", "qwen3", "gemma2"];
 const ADAPTERS: [&str; 3] = ["lora", "dora", "ia3"];
 
 fn dir(family: &str) -> PathBuf {
@@ -76,7 +76,7 @@ fn every_family_matches_transformers_at_every_position() {
 fn a_sliding_window_shows_past_its_length() {
     // The windowed families' longer prompts would be scored differently with full attention:
     // the fixture's window is in play (compared with the model that ignores it).
-    for family in ["mistral", "qwen2"] {
+    for family in ["mistral", "qwen2", "gemma2"] {
         let loaded = load(family);
         let mut full = load(family);
         full.model.config.arch.windows.clear();

@@ -17,10 +17,11 @@ pub enum Family {
     Mistral,
     Qwen2,
     Qwen3,
+    Gemma2,
 }
 
 impl Family {
-    pub const SUPPORTED: &'static str = "llama, mistral, qwen2, qwen3";
+    pub const SUPPORTED: &'static str = "llama, mistral, qwen2, qwen3, gemma2";
 
     pub fn from_model_type(t: &str) -> Option<Self> {
         Some(match t {
@@ -28,6 +29,7 @@ impl Family {
             "mistral" => Self::Mistral,
             "qwen2" => Self::Qwen2,
             "qwen3" => Self::Qwen3,
+            "gemma2" => Self::Gemma2,
             _ => return None,
         })
     }
@@ -38,6 +40,7 @@ impl Family {
             Self::Mistral => "mistral",
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
+            Self::Gemma2 => "gemma2",
         }
     }
 }
@@ -53,6 +56,30 @@ pub struct Arch {
     /// Per layer, the sliding window in positions (a query sees itself and the `w - 1`
     /// positions before it); empty or `None`: the whole context.
     pub windows: Vec<Option<usize>>,
+    /// Norm weights stored as `w` and applied as `1 + w` (Gemma); the loader adds the one.
+    pub norm_plus_one: bool,
+    /// Token embeddings multiplied by this (Gemma: `sqrt(hidden_size)`).
+    pub embed_scale: Option<f32>,
+    /// RMSNorms on the attention output and on the MLP output before each residual add
+    /// (Gemma 2: `post_attention_layernorm` and `post_feedforward_layernorm`).
+    pub sandwich_norms: bool,
+    /// The MLP's gate activation.
+    pub activation: Activation,
+    /// The softmax scale `1 / sqrt(query_pre_attn_scalar)` where it is not `1 / sqrt(head_dim)`.
+    pub attn_scale: Option<f32>,
+    /// Attention scores soft-capped: `cap · tanh(s / cap)` (Gemma 2).
+    pub attn_softcap: Option<f32>,
+    /// Final logits soft-capped likewise (Gemma 2).
+    pub final_softcap: Option<f32>,
+}
+
+/// The MLP's gate activation (`hidden_act` / `hidden_activation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Activation {
+    #[default]
+    Silu,
+    /// GELU, tanh approximation (`gelu_pytorch_tanh`): GeGLU.
+    GeluTanh,
 }
 
 impl Arch {
@@ -110,6 +137,10 @@ struct RawConfig {
     use_sliding_window: Option<bool>,
     max_window_layers: Option<usize>,
     layer_types: Option<Vec<String>>,
+    hidden_activation: Option<String>,
+    query_pre_attn_scalar: Option<f64>,
+    attn_logit_softcapping: Option<f64>,
+    final_logit_softcapping: Option<f64>,
 }
 
 /// Token ids given as a number or a list of numbers (`eos_token_id` takes both forms).
@@ -121,6 +152,15 @@ pub fn token_ids(value: Option<&Value>) -> Vec<u32> {
             .filter_map(|v| v.as_u64().map(|n| n as u32))
             .collect(),
         _ => Vec::new(),
+    }
+}
+
+/// An optional positive number (`None` stays `None`).
+fn positive(path: &Path, field: &str, value: Option<f64>) -> Result<Option<f32>, ModelError> {
+    match value {
+        Some(v) if v > 0.0 && v.is_finite() => Ok(Some(v as f32)),
+        Some(_) => Err(ModelError::field(path, field, "must be positive")),
+        None => Ok(None),
     }
 }
 
@@ -204,15 +244,23 @@ impl LlamaConfig {
                 ),
             ));
         };
-        if let Some(act) = raw.hidden_act.as_deref() {
-            if act != "silu" {
+        let (act_field, act) = match (&raw.hidden_activation, &raw.hidden_act) {
+            (Some(a), _) => ("hidden_activation", a.as_str()),
+            (None, Some(a)) => ("hidden_act", a.as_str()),
+            (None, None) if family == Family::Gemma2 => ("hidden_activation", "gelu_pytorch_tanh"),
+            (None, None) => ("hidden_act", "silu"),
+        };
+        let activation = match act {
+            "silu" => Activation::Silu,
+            "gelu_pytorch_tanh" => Activation::GeluTanh,
+            other => {
                 return Err(ModelError::field(
                     path,
-                    "hidden_act",
-                    format!("is `{act}`; only `silu` is supported"),
-                ));
+                    act_field,
+                    format!("is `{other}`; supported: silu, gelu_pytorch_tanh"),
+                ))
             }
-        }
+        };
         let hidden_size = required(path, "hidden_size", raw.hidden_size)?;
         let heads = required(path, "num_attention_heads", raw.num_attention_heads)?;
         let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
@@ -249,6 +297,7 @@ impl LlamaConfig {
             _ => (raw.rope_theta.unwrap_or(10000.0), None),
         };
         let layers = required(path, "num_hidden_layers", raw.num_hidden_layers)?;
+        let gemma = family == Family::Gemma2;
         let windows = layer_windows(path, family, &raw, layers)?;
         let config = Self {
             vocab_size: required(path, "vocab_size", raw.vocab_size)?,
@@ -262,7 +311,9 @@ impl LlamaConfig {
             rope_theta,
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            tie_word_embeddings: raw
+                .tie_word_embeddings
+                .unwrap_or(family == Family::Gemma2),
             attention_bias: raw.attention_bias.unwrap_or(false),
             mlp_bias: raw.mlp_bias.unwrap_or(false),
             bos_token_id: token_ids(raw.bos_token_id.as_ref()).first().copied(),
@@ -272,6 +323,19 @@ impl LlamaConfig {
                 qkv_bias: family == Family::Qwen2,
                 qk_norm: family == Family::Qwen3,
                 windows,
+                norm_plus_one: gemma,
+                embed_scale: gemma.then(|| (hidden_size as f32).sqrt()),
+                sandwich_norms: gemma,
+                activation,
+                attn_scale: match (gemma, raw.query_pre_attn_scalar) {
+                    (true, Some(s)) if s > 0.0 => Some((1.0 / s.sqrt()) as f32),
+                    (true, Some(_)) => {
+                        return Err(ModelError::field(path, "query_pre_attn_scalar", "must be positive"))
+                    }
+                    _ => None,
+                },
+                attn_softcap: if gemma { positive(path, "attn_logit_softcapping", raw.attn_logit_softcapping)? } else { None },
+                final_softcap: if gemma { positive(path, "final_logit_softcapping", raw.final_logit_softcapping)? } else { None },
             },
         };
         Ok(config)
@@ -294,6 +358,10 @@ fn layer_windows(
     };
     if family == Family::Mistral {
         return Ok(vec![Some(w); layers]);
+    }
+    if family == Family::Gemma2 && raw.layer_types.is_none() {
+        // Gemma 2's default: every other layer, from the first, slides.
+        return Ok((0..layers).map(|i| (i % 2 == 0).then_some(w)).collect());
     }
     if let Some(types) = &raw.layer_types {
         if types.len() != layers {

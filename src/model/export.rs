@@ -32,6 +32,7 @@ pub fn hf_config_json(model: &Llama, loaded: &LoadedModel) -> serde_json::Value 
         Family::Mistral => "MistralForCausalLM",
         Family::Qwen2 => "Qwen2ForCausalLM",
         Family::Qwen3 => "Qwen3ForCausalLM",
+        Family::Gemma2 => "Gemma2ForCausalLM",
     };
     let mut config = json!({
         "architectures": [class],
@@ -61,14 +62,24 @@ pub fn hf_config_json(model: &Llama, loaded: &LoadedModel) -> serde_json::Value 
     if family != Family::Llama {
         config["sliding_window"] = json!(window);
     }
-    if matches!(family, Family::Qwen2 | Family::Qwen3) {
+    if family == Family::Gemma2 {
+        let a = &c.arch;
+        config["hidden_activation"] = json!("gelu_pytorch_tanh");
+        config.as_object_mut().expect("object").remove("hidden_act");
+        config["query_pre_attn_scalar"] = json!(a.attn_scale.map(|s| (1.0 / (s as f64 * s as f64)).round()));
+        config["attn_logit_softcapping"] = json!(a.attn_softcap);
+        config["final_logit_softcapping"] = json!(a.final_softcap);
+    }
+    if matches!(family, Family::Qwen2 | Family::Qwen3 | Family::Gemma2) {
         let types: Vec<&str> = (0..c.num_hidden_layers)
             .map(|l| match c.arch.window(l) {
                 Some(_) => "sliding_attention",
                 None => "full_attention",
             })
             .collect();
-        config["use_sliding_window"] = json!(window.is_some());
+        if family != Family::Gemma2 {
+            config["use_sliding_window"] = json!(window.is_some());
+        }
         config["layer_types"] = json!(types);
         if let Some(first) = (0..c.num_hidden_layers).find(|&l| c.arch.window(l).is_some()) {
             config["max_window_layers"] = json!(first);
@@ -85,7 +96,15 @@ pub fn save_hf_dir(model: &Llama, loaded: &LoadedModel, dir: &Path) -> Result<()
         "model.embed_tokens.weight".into(),
         model.embed_tokens.dense()?,
     );
-    tensors.insert("model.norm.weight".into(), model.norm.clone());
+    // Norms as the family stores them (Gemma: `w`, applied as `1 + w`).
+    let norm = |t: &Tensor| -> candle_core::Result<Tensor> {
+        if model.config.arch.norm_plus_one {
+            t - 1.0
+        } else {
+            Ok(t.clone())
+        }
+    };
+    tensors.insert("model.norm.weight".into(), norm(&model.norm)?);
     if !model.config.tie_word_embeddings {
         tensors.insert("lm_head.weight".into(), model.lm_head.base().dense()?);
     }
@@ -93,12 +112,24 @@ pub fn save_hf_dir(model: &Llama, loaded: &LoadedModel, dir: &Path) -> Result<()
         let p = format!("model.layers.{i}");
         tensors.insert(
             format!("{p}.input_layernorm.weight"),
-            block.input_layernorm.clone(),
+            norm(&block.input_layernorm)?,
         );
-        tensors.insert(
-            format!("{p}.post_attention_layernorm.weight"),
-            block.post_attention_layernorm.clone(),
-        );
+        match (&block.attn_out_norm, &block.mlp_out_norm) {
+            (Some(attn_out), Some(mlp_out)) => {
+                tensors.insert(
+                    format!("{p}.pre_feedforward_layernorm.weight"),
+                    norm(&block.post_attention_layernorm)?,
+                );
+                tensors.insert(format!("{p}.post_attention_layernorm.weight"), norm(attn_out)?);
+                tensors.insert(format!("{p}.post_feedforward_layernorm.weight"), norm(mlp_out)?);
+            }
+            _ => {
+                tensors.insert(
+                    format!("{p}.post_attention_layernorm.weight"),
+                    norm(&block.post_attention_layernorm)?,
+                );
+            }
+        }
         for proj in Proj::ALL {
             let linear = model.linear(i, proj).expect("layer exists");
             tensors.insert(

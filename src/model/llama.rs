@@ -7,12 +7,13 @@
 use candle_core::{DType, Device, Result, Tensor};
 
 use super::adapter_site::{AdapterGroup, AdapterWeights, Proj, Rows};
-use super::config::LlamaConfig;
+use super::config::{Activation, LlamaConfig};
 use super::embedding::Embedding;
 use super::kv_cache::KvCache;
 use super::kv_pool::{KvDtype, KvPool, PoolShape};
 use super::linear::Linear;
 use crate::ops::profile::{time, Part};
+use crate::ops::attention::Scoring;
 use crate::ops::{causal_attention, rms_norm, Rope};
 
 /// Which rows' logits a forward returns.
@@ -89,8 +90,14 @@ pub struct Mlp {
 pub struct Block {
     pub input_layernorm: Tensor,
     pub self_attn: Attention,
+    /// The norm before the MLP (Llama's `post_attention_layernorm`; Gemma 2's
+    /// `pre_feedforward_layernorm`).
     pub post_attention_layernorm: Tensor,
     pub mlp: Mlp,
+    /// `Arch::sandwich_norms`: norms of the attention output and of the MLP output before
+    /// their residual adds (Gemma 2's `post_attention_layernorm`, `post_feedforward_layernorm`).
+    pub attn_out_norm: Option<Tensor>,
+    pub mlp_out_norm: Option<Tensor>,
 }
 
 #[derive(Debug, Clone)]
@@ -422,6 +429,9 @@ impl Llama {
         let ids = Tensor::new(ids.as_slice(), &self.device)?;
         let groups = self.adapter_groups(&input.seqs, &spans, total)?;
         let mut x = time(Part::Embed, || self.embed_tokens.lookup(&ids))?;
+        if let Some(s) = c.arch.embed_scale {
+            x = (x * f64::from(s))?;
+        }
         if soft.iter().any(Option::is_some) {
             x = self.with_soft_prompts(&x, &spans, &soft)?;
         }
@@ -453,9 +463,12 @@ impl Llama {
             rms_norm(&x, &block.input_layernorm, c.rms_norm_eps)
         })?;
         let attn = self.attention(&sites, &block.self_attn, &h, spans, &mut input.seqs, pool)?;
-        let o = time(Part::OProj, || {
+        let mut o = time(Part::OProj, || {
             sites.project(&block.self_attn.o_proj, Proj::O, &attn)
         })?;
+        if let Some(w) = &block.attn_out_norm {
+            o = time(Part::Norm, || rms_norm(&o, w, c.rms_norm_eps))?;
+        }
         let before = x.clone();
         x = time(Part::Activation, || x + &o)?;
         x = add_bottlenecks(groups, li, 0, x, &before, &o)?;
@@ -469,16 +482,21 @@ impl Llama {
                 sites.project(&mlp.up_proj, Proj::Up, &h)?,
             ))
         })?;
-        let act = time(Part::Activation, || {
-            if (gate.track_op() || up.track_op()) && crate::ops::fused::applies(&gate) {
+        let act = time(Part::Activation, || match c.arch.activation {
+            Activation::GeluTanh => gate.gelu()? * up,
+            Activation::Silu
+                if (gate.track_op() || up.track_op()) && crate::ops::fused::applies(&gate) =>
+            {
                 crate::ops::fused::silu_mul(&gate, &up)
-            } else {
-                gate.silu()? * up
             }
+            Activation::Silu => gate.silu()? * up,
         })?;
-        let down = time(Part::DownProj, || {
+        let mut down = time(Part::DownProj, || {
             sites.project(&mlp.down_proj, Proj::Down, &act)
         })?;
+        if let Some(w) = &block.mlp_out_norm {
+            down = time(Part::Norm, || rms_norm(&down, w, c.rms_norm_eps))?;
+        }
         let before = x.clone();
         x = time(Part::Activation, || x + &down)?;
         x = add_bottlenecks(groups, li, 1, x, &before, &down)?;
@@ -533,9 +551,13 @@ impl Llama {
         if matches!(logits, LogitsRows::SelectHidden(_)) {
             return Ok(x);
         }
-        time(Part::LmHead, || {
+        let logits = time(Part::LmHead, || {
             self.lm_head.forward(&x)?.to_dtype(DType::F32)
-        })
+        })?;
+        match c.arch.final_softcap {
+            Some(cap) => (logits / f64::from(cap))?.tanh()? * f64::from(cap),
+            None => Ok(logits),
+        }
     }
 
     /// Groups the batch's sequences by adapter (pointer identity) into row sets.
@@ -615,13 +637,17 @@ impl Llama {
         if let Some(w) = &attn.k_norm {
             k = time(Part::Norm, || head_norm(&k, w, nkv))?;
         }
-        let window = c.arch.window(layer);
+        let scoring = Scoring {
+            window: c.arch.window(layer),
+            scale: c.arch.attn_scale,
+            softcap: c.arch.attn_softcap,
+        };
         let host = !q.track_op()
             && matches!(self.device, Device::Cpu)
             && q.dtype() == DType::F32
             && seqs.iter().all(|s| !s.cache.has_tensors());
         if host {
-            return self.attention_host(&q, &k, &v, layer, spans, seqs, pool, window);
+            return self.attention_host(&q, &k, &v, layer, spans, seqs, pool, scoring);
         }
         let mut outs = Vec::with_capacity(spans.len());
         for (s, &(start, len, offset)) in seqs.iter_mut().zip(spans) {
@@ -640,7 +666,7 @@ impl Llama {
             })?;
             outs.push(time(Part::Attention, || {
                 let (kall, vall) = s.cache.append(layer, ks, vs)?;
-                causal_attention(&qs, &kall, &vall, window)
+                causal_attention(&qs, &kall, &vall, scoring)
             })?);
         }
         if outs.len() == 1 {
@@ -663,7 +689,7 @@ impl Llama {
         spans: &[(usize, usize, usize)],
         seqs: &mut [SeqInput<'_>],
         mut pool: Option<&mut KvPool>,
-        window: Option<usize>,
+        scoring: Scoring,
     ) -> Result<Tensor> {
         let c = &self.config;
         let (hd, nh, nkv) = (c.head_dim, c.num_attention_heads, c.num_key_value_heads);
@@ -722,7 +748,7 @@ impl Llama {
                 heads: nh,
                 kv_heads: nkv,
                 head_dim: hd,
-                window,
+                scoring,
             };
             seqs.par_iter()
                 .zip(outs)

@@ -236,6 +236,15 @@ impl Weights {
         Ok(Linear::new(BaseWeight::Dense(w), b))
     }
 
+    /// A norm weight `[hidden]` as the decoder applies it (`1 + w` where the family stores `w`).
+    fn norm(&mut self, name: &str, c: &LlamaConfig) -> Result<Tensor, ModelError> {
+        let w = self.take(name, &[c.hidden_size])?;
+        if c.arch.norm_plus_one {
+            return Ok((w + 1.0)?);
+        }
+        Ok(w)
+    }
+
     /// Assembles the Llama, checking every tensor's presence and shape against the config.
     pub fn into_llama(mut self, config: LlamaConfig) -> Result<Llama, ModelError> {
         let c = &config;
@@ -259,8 +268,26 @@ impl Weights {
                 }
             };
             let (q_norm, k_norm) = (head_norm(&mut self, "q_norm")?, head_norm(&mut self, "k_norm")?);
+            // Gemma 2 names its pre-MLP norm `pre_feedforward_layernorm`; its
+            // `post_attention_layernorm` normalises the attention output.
+            let sandwich = c.arch.sandwich_norms;
+            let (pre_mlp, attn_out, mlp_out) = if sandwich {
+                (
+                    self.norm(&format!("{p}.pre_feedforward_layernorm.weight"), c)?,
+                    Some(self.norm(&format!("{p}.post_attention_layernorm.weight"), c)?),
+                    Some(self.norm(&format!("{p}.post_feedforward_layernorm.weight"), c)?),
+                )
+            } else {
+                (
+                    self.norm(&format!("{p}.post_attention_layernorm.weight"), c)?,
+                    None,
+                    None,
+                )
+            };
             layers.push(Block {
-                input_layernorm: self.take(&format!("{p}.input_layernorm.weight"), &[h])?,
+                attn_out_norm: attn_out,
+                mlp_out_norm: mlp_out,
+                input_layernorm: self.norm(&format!("{p}.input_layernorm.weight"), c)?,
                 self_attn: Attention {
                     q_proj: self.linear(&format!("{p}.self_attn.q_proj"), q_out, h, qkv)?,
                     k_proj: self.linear(&format!("{p}.self_attn.k_proj"), kv_out, h, qkv)?,
@@ -269,8 +296,7 @@ impl Weights {
                     q_norm,
                     k_norm,
                 },
-                post_attention_layernorm: self
-                    .take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                post_attention_layernorm: pre_mlp,
                 mlp: Mlp {
                     gate_proj: self.linear(
                         &format!("{p}.mlp.gate_proj"),
@@ -293,7 +319,7 @@ impl Weights {
                 },
             });
         }
-        let norm = self.take("model.norm.weight", &[h])?;
+        let norm = self.norm("model.norm.weight", c)?;
         let has_head = self.tensors.contains_key("lm_head.weight")
             || self.quant.contains_key("lm_head.weight");
         let lm_head = if c.tie_word_embeddings || !has_head {

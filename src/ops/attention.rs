@@ -4,11 +4,22 @@ use candle_core::{DType, Result, Tensor, D};
 
 use super::vexp;
 
+/// How a family scores keys: a sliding window (a query at position `p` sees keys
+/// `p - window + 1 ..= p` only; `None`: all up to `p`), the softmax scale (`None`:
+/// `1 / sqrt(head_dim)`; Gemma: `query_pre_attn_scalar^-0.5`), and soft-capping of the scaled
+/// scores (`cap · tanh(s / cap)`, Gemma 2).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Scoring {
+    pub window: Option<usize>,
+    pub scale: Option<f32>,
+    pub softcap: Option<f32>,
+}
+
 /// `q`: `[heads, len, head_dim]` for positions `total - len .. total`;
-/// `k`, `v`: `[kv_heads, total, head_dim]` (cache plus the new rows); `window`: a query at
-/// position `p` sees keys `p - window + 1 ..= p` only (a sliding window), else all up to `p`.
+/// `k`, `v`: `[kv_heads, total, head_dim]` (cache plus the new rows), scored as `scoring` says.
 /// Returns `[len, heads * head_dim]`.
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize>) -> Result<Tensor> {
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, scoring: Scoring) -> Result<Tensor> {
+    let window = scoring.window;
     let (heads, len, head_dim) = q.dims3()?;
     let (kv_heads, total, _) = k.dims3()?;
     let group = heads / kv_heads;
@@ -16,9 +27,12 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize
     // Query heads of one group share a key head: fold the group into the row dimension so one
     // batched matmul per key head serves them all, with no copy of the keys.
     let qg = q.reshape((kv_heads, group * len, head_dim))?;
-    let scale = 1.0 / (head_dim as f64).sqrt();
+    let scale = scoring
+        .scale
+        .map_or(1.0 / (head_dim as f64).sqrt(), f64::from);
     let windowed = window.is_some_and(|w| w < total);
-    if q.track_op() && len > 1 && !windowed && super::fused::applies(q) {
+    let plain = !windowed && scoring.scale.is_none() && scoring.softcap.is_none();
+    if q.track_op() && len > 1 && plain && super::fused::applies(q) {
         // Training on the CPU: scale, mask and softmax as one node with its derivative.
         let probs = super::fused::causal_softmax(&qg.matmul(&k.t()?)?, scale, len)?;
         return probs
@@ -27,7 +41,10 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, window: Option<usize
             .transpose(0, 1)?
             .reshape((len, heads * head_dim));
     }
-    let scores = (qg.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let mut scores = (qg.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    if let Some(cap) = scoring.softcap {
+        scores = ((scores / f64::from(cap))?.tanh()? * f64::from(cap))?;
+    }
     let scores = if len > 1 || windowed {
         let offset = total - len;
         let w = window.unwrap_or(usize::MAX);
@@ -98,8 +115,8 @@ pub struct Heads {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
-    /// A sliding window (see `causal_attention`); `None`: every earlier position.
-    pub window: Option<usize>,
+    /// Window, scale and soft-cap (see `Scoring`).
+    pub scoring: Scoring,
 }
 
 /// Where one sequence's keys and values live: blocks of `block_rows()` positions. `keys(b, g)`
@@ -182,8 +199,9 @@ pub fn causal_attention_host(q: &[f32], kv: &dyn KvSource, shape: Heads, out: &m
         heads,
         kv_heads,
         head_dim: hd,
-        window,
+        scoring,
     } = shape;
+    let window = scoring.window;
     let width = heads * hd;
     let len = q.len() / width;
     let total = kv.total();
@@ -380,15 +398,16 @@ fn one_group_body<const AVX: bool, const VNNI: bool>(
         heads,
         kv_heads,
         head_dim: hd,
-        window,
+        scoring,
     } = shape;
+    let window = scoring.window;
     let width = heads * hd;
     let len = q.len() / width;
     let total = kv.total();
     let bs = kv.block_rows();
     let window = window.unwrap_or(usize::MAX);
     let group = heads / kv_heads;
-    let scale = 1.0 / (hd as f32).sqrt();
+    let scale = scoring.scale.unwrap_or(1.0 / (hd as f32).sqrt());
     let span = (b1 - b0) * bs;
     let mut scores = vec![0f32; group * span];
     let mut scratch = Vec::new();
@@ -438,6 +457,9 @@ fn one_group_body<const AVX: bool, const VNNI: bool>(
         }
         for j in 0..group {
             let sh = &mut scores[j * span..][..end - start];
+            if let Some(cap) = scoring.softcap {
+                sh.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
+            }
             if lo > start {
                 sh[..lo - start].fill(f32::NEG_INFINITY);
             }
@@ -718,12 +740,15 @@ mod tests {
                 heads: 6,
                 kv_heads: 2,
                 head_dim,
-                window,
+                scoring: Scoring {
+                    window,
+                    ..Default::default()
+                },
             };
             let q = Tensor::randn(0f32, 1.0, (shape.heads, len, shape.head_dim), &dev)?;
             let k = Tensor::randn(0f32, 1.0, (shape.kv_heads, total, shape.head_dim), &dev)?;
             let v = Tensor::randn(0f32, 1.0, (shape.kv_heads, total, shape.head_dim), &dev)?;
-            let want: Vec<f32> = causal_attention(&q, &k, &v, window)?.flatten_all()?.to_vec1()?;
+            let want: Vec<f32> = causal_attention(&q, &k, &v, shape.scoring)?.flatten_all()?.to_vec1()?;
             let mut got = vec![0f32; len * shape.heads * shape.head_dim];
             let (kr, vr) = (rows(&k)?, rows(&v)?);
             let kv_width = shape.kv_heads * shape.head_dim;
@@ -817,7 +842,7 @@ mod tests {
             heads: 6,
             kv_heads: 2,
             head_dim: hd,
-            window: None,
+            scoring: Scoring::default(),
         };
         let kv_width = shape.kv_heads * hd;
         let width = shape.heads * hd;
@@ -879,8 +904,8 @@ mod tests {
         let q = Tensor::randn(0f32, 1.0, (4, 5, 8), &dev)?;
         let k = Tensor::randn(0f32, 1.0, (2, 5, 8), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (2, 5, 8), &dev)?;
-        let full = causal_attention(&q, &k, &v, None)?;
-        let last = causal_attention(&q.narrow(1, 4, 1)?.contiguous()?, &k, &v, None)?;
+        let full = causal_attention(&q, &k, &v, Scoring::default())?;
+        let last = causal_attention(&q.narrow(1, 4, 1)?.contiguous()?, &k, &v, Scoring::default())?;
         let diff = (full.narrow(0, 4, 1)? - last)?
             .abs()?
             .max_all()?
