@@ -66,7 +66,9 @@ pub fn hf_config_json(model: &Llama, loaded: &LoadedModel) -> serde_json::Value 
         let a = &c.arch;
         config["hidden_activation"] = json!("gelu_pytorch_tanh");
         config.as_object_mut().expect("object").remove("hidden_act");
-        config["query_pre_attn_scalar"] = json!(a.attn_scale.map(|s| (1.0 / (s as f64 * s as f64)).round()));
+        // An integer in transformers' config class (it refuses `24.0`).
+        config["query_pre_attn_scalar"] =
+            json!(a.attn_scale.map(|s| (1.0 / (s as f64 * s as f64)).round() as u64));
         config["attn_logit_softcapping"] = json!(a.attn_softcap);
         config["final_logit_softcapping"] = json!(a.final_softcap);
     }
