@@ -494,7 +494,7 @@ mod tests {
             heads: 9,
             kv_heads: 3,
             head_dim: 64,
-            window: None,
+            scoring: Default::default(),
         };
         for total in [37usize, 700, 2100] {
             let shape = PoolShape {
