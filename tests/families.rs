@@ -1,6 +1,8 @@
 //! Model families against transformers + PEFT (`tests/fixtures/families/`, made by
 //! `make_families.py`): tiny random Mistral (sliding window 6 on every layer), Qwen2 (q/k/v
-//! biases, window 6 on layers 1 and 2) and Qwen3 (q/k head norms). Logits at every position of
+//! biases, window 6 on layers 1 and 2), Qwen3 (q/k head norms), Gemma 2 (see `Arch`: scaled
+//! embeddings, 1 + w and sandwich norms, GeGLU, soft-caps, alternating windows) and Gemma 3
+//! (q/k norms, a local RoPE base on sliding layers, linear RoPE scaling on full ones). Logits at every position of
 //! three prompts (two longer than the window), base and under LoRA, DoRA and IA³; a mixed batch
 //! equals each row alone; the engine's greedy answers (paged KV in blocks of 4, prompts in
 //! chunks of at most 9 tokens, so windows cross blocks and chunks) equal transformers'.
@@ -20,7 +22,7 @@ use loraplex::engine::{
 use loraplex::metrics::Metrics;
 use loraplex::model::{load_model, KvDtype, LoadedModel, ModelOptions};
 
-const FAMILIES: [&str; 4] = ["mistral", "qwen2", "qwen3", "gemma2"];
+const FAMILIES: [&str; 5] = ["mistral", "qwen2", "qwen3", "gemma2", "gemma3"];
 const ADAPTERS: [&str; 3] = ["lora", "dora", "ia3"];
 
 fn dir(family: &str) -> PathBuf {
@@ -76,10 +78,14 @@ fn every_family_matches_transformers_at_every_position() {
 fn a_sliding_window_shows_past_its_length() {
     // The windowed families' longer prompts would be scored differently with full attention:
     // the fixture's window is in play (compared with the model that ignores it).
-    for family in ["mistral", "qwen2", "gemma2"] {
+    for family in ["mistral", "qwen2", "gemma2", "gemma3"] {
         let loaded = load(family);
         let mut full = load(family);
-        full.model.config.arch.windows.clear();
+        // Windows longer than any prompt: full attention, the same layers still "sliding"
+        // (Gemma 3 picks its local RoPE by that).
+        for w in full.model.config.arch.windows.iter_mut().flatten() {
+            *w = 1 << 20;
+        }
         let e = expected(family);
         let prompt = ids(&e["input_ids_2"]);
         let a = logits_all(&loaded, &[(&prompt, None)]);
@@ -249,8 +255,9 @@ fn every_family_exports_a_directory_that_loads_back_the_same() {
         let tmp = tempfile::tempdir().unwrap();
         loraplex::model::export::save_hf_dir(&m.model, &m, tmp.path()).unwrap();
         let config: serde_json::Value = read_json(tmp.path().join("config.json"));
-        assert_eq!(config["model_type"], family);
-        if family == "gemma2" {
+        let model_type = if family == "gemma3" { "gemma3_text" } else { family };
+        assert_eq!(config["model_type"], model_type);
+        if family.starts_with("gemma") {
             // transformers' config class takes an integer only.
             assert!(config["query_pre_attn_scalar"].is_u64(), "{config}");
         }

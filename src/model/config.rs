@@ -18,10 +18,12 @@ pub enum Family {
     Qwen2,
     Qwen3,
     Gemma2,
+    /// Gemma 3's text model (`gemma3_text`; Gemma-3-1B, and the text part of the larger ones).
+    Gemma3,
 }
 
 impl Family {
-    pub const SUPPORTED: &'static str = "llama, mistral, qwen2, qwen3, gemma2";
+    pub const SUPPORTED: &'static str = "llama, mistral, qwen2, qwen3, gemma2, gemma3_text";
 
     pub fn from_model_type(t: &str) -> Option<Self> {
         Some(match t {
@@ -30,6 +32,7 @@ impl Family {
             "qwen2" => Self::Qwen2,
             "qwen3" => Self::Qwen3,
             "gemma2" => Self::Gemma2,
+            "gemma3_text" => Self::Gemma3,
             _ => return None,
         })
     }
@@ -41,7 +44,13 @@ impl Family {
             Self::Qwen2 => "qwen2",
             Self::Qwen3 => "qwen3",
             Self::Gemma2 => "gemma2",
+            Self::Gemma3 => "gemma3_text",
         }
+    }
+
+    /// Gemma's conventions (`1 + w` norms, scaled embeddings, sandwich norms, GeGLU).
+    pub fn is_gemma(self) -> bool {
+        matches!(self, Self::Gemma2 | Self::Gemma3)
     }
 }
 
@@ -71,6 +80,10 @@ pub struct Arch {
     pub attn_softcap: Option<f32>,
     /// Final logits soft-capped likewise (Gemma 2).
     pub final_softcap: Option<f32>,
+    /// RoPE base of the sliding-window layers where it differs (Gemma 3's local base).
+    pub local_rope_theta: Option<f64>,
+    /// Linear RoPE scaling (positions divided by this) of the full-attention layers (Gemma 3).
+    pub rope_linear: Option<f64>,
 }
 
 /// The MLP's gate activation (`hidden_act` / `hidden_activation`).
@@ -141,6 +154,7 @@ struct RawConfig {
     query_pre_attn_scalar: Option<f64>,
     attn_logit_softcapping: Option<f64>,
     final_logit_softcapping: Option<f64>,
+    rope_local_base_freq: Option<f64>,
 }
 
 /// Token ids given as a number or a list of numbers (`eos_token_id` takes both forms).
@@ -169,6 +183,22 @@ fn required(path: &Path, field: &str, value: Option<usize>) -> Result<usize, Mod
         Some(v) if v > 0 => Ok(v),
         Some(_) => Err(ModelError::field(path, field, "must be positive")),
         None => Err(ModelError::field(path, field, "is missing")),
+    }
+}
+
+/// The factor of a `linear` RoPE scaling block (`None` for any other type).
+fn linear_factor(path: &Path, field: &str, v: &Value) -> Result<Option<f64>, ModelError> {
+    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str);
+    if kind != Some("linear") {
+        return Ok(None);
+    }
+    match v.get("factor").and_then(Value::as_f64) {
+        Some(f) if f > 0.0 => Ok(Some(f)),
+        _ => Err(ModelError::field(
+            path,
+            &format!("{field}.factor"),
+            "must be a positive number for rope_type linear",
+        )),
     }
 }
 
@@ -247,7 +277,7 @@ impl LlamaConfig {
         let (act_field, act) = match (&raw.hidden_activation, &raw.hidden_act) {
             (Some(a), _) => ("hidden_activation", a.as_str()),
             (None, Some(a)) => ("hidden_act", a.as_str()),
-            (None, None) if family == Family::Gemma2 => ("hidden_activation", "gelu_pytorch_tanh"),
+            (None, None) if family.is_gemma() => ("hidden_activation", "gelu_pytorch_tanh"),
             (None, None) => ("hidden_act", "silu"),
         };
         let activation = match act {
@@ -282,7 +312,43 @@ impl LlamaConfig {
                 ))
             }
         };
+        // Gemma 3: one RoPE for the full-attention layers, another for the sliding ones.
+        let per_layer_type = raw
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("full_attention"))
+            .is_some();
+        let mut rope_linear = None;
+        let mut local_rope_theta = raw.rope_local_base_freq;
         let (rope_theta, rope_scaling) = match (&raw.rope_parameters, &raw.rope_scaling) {
+            (Some(p), _) if per_layer_type => {
+                let full = &p["full_attention"];
+                if let Some(local) = p.get("sliding_attention") {
+                    local_rope_theta = local.get("rope_theta").and_then(Value::as_f64);
+                    if linear_factor(path, "rope_parameters.sliding_attention", local)?.is_some() {
+                        return Err(ModelError::field(
+                            path,
+                            "rope_parameters.sliding_attention.rope_type",
+                            "only `default` is supported for the sliding layers",
+                        ));
+                    }
+                }
+                rope_linear = linear_factor(path, "rope_parameters.full_attention", full)?;
+                (
+                    full.get("rope_theta")
+                        .and_then(Value::as_f64)
+                        .or(raw.rope_theta)
+                        .unwrap_or(10000.0),
+                    match rope_linear {
+                        Some(_) => None,
+                        None => parse_llama3_scaling(path, "rope_parameters.full_attention", full)?,
+                    },
+                )
+            }
+            (None, Some(s)) if !s.is_null() && linear_factor(path, "rope_scaling", s)?.is_some() => {
+                rope_linear = linear_factor(path, "rope_scaling", s)?;
+                (raw.rope_theta.unwrap_or(10000.0), None)
+            }
             (Some(p), _) => (
                 p.get("rope_theta")
                     .and_then(Value::as_f64)
@@ -297,7 +363,7 @@ impl LlamaConfig {
             _ => (raw.rope_theta.unwrap_or(10000.0), None),
         };
         let layers = required(path, "num_hidden_layers", raw.num_hidden_layers)?;
-        let gemma = family == Family::Gemma2;
+        let gemma = family.is_gemma();
         let windows = layer_windows(path, family, &raw, layers)?;
         let config = Self {
             vocab_size: required(path, "vocab_size", raw.vocab_size)?,
@@ -313,7 +379,7 @@ impl LlamaConfig {
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: raw
                 .tie_word_embeddings
-                .unwrap_or(family == Family::Gemma2),
+                .unwrap_or(family.is_gemma()),
             attention_bias: raw.attention_bias.unwrap_or(false),
             mlp_bias: raw.mlp_bias.unwrap_or(false),
             bos_token_id: token_ids(raw.bos_token_id.as_ref()).first().copied(),
@@ -321,7 +387,7 @@ impl LlamaConfig {
             arch: Arch {
                 family,
                 qkv_bias: family == Family::Qwen2,
-                qk_norm: family == Family::Qwen3,
+                qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
                 windows,
                 norm_plus_one: gemma,
                 embed_scale: gemma.then(|| (hidden_size as f32).sqrt()),
@@ -336,6 +402,8 @@ impl LlamaConfig {
                 },
                 attn_softcap: if gemma { positive(path, "attn_logit_softcapping", raw.attn_logit_softcapping)? } else { None },
                 final_softcap: if gemma { positive(path, "final_logit_softcapping", raw.final_logit_softcapping)? } else { None },
+                local_rope_theta: local_rope_theta.filter(|_| family == Family::Gemma3),
+                rope_linear,
             },
         };
         Ok(config)
@@ -362,6 +430,10 @@ fn layer_windows(
     if family == Family::Gemma2 && raw.layer_types.is_none() {
         // Gemma 2's default: every other layer, from the first, slides.
         return Ok((0..layers).map(|i| (i % 2 == 0).then_some(w)).collect());
+    }
+    if family == Family::Gemma3 && raw.layer_types.is_none() {
+        // Gemma 3's default: five sliding layers, then a full one.
+        return Ok((0..layers).map(|i| ((i + 1) % 6 != 0).then_some(w)).collect());
     }
     if let Some(types) = &raw.layer_types {
         if types.len() != layers {

@@ -33,6 +33,7 @@ pub fn hf_config_json(model: &Llama, loaded: &LoadedModel) -> serde_json::Value 
         Family::Qwen2 => "Qwen2ForCausalLM",
         Family::Qwen3 => "Qwen3ForCausalLM",
         Family::Gemma2 => "Gemma2ForCausalLM",
+        Family::Gemma3 => "Gemma3ForCausalLM",
     };
     let mut config = json!({
         "architectures": [class],
@@ -62,7 +63,17 @@ pub fn hf_config_json(model: &Llama, loaded: &LoadedModel) -> serde_json::Value 
     if family != Family::Llama {
         config["sliding_window"] = json!(window);
     }
-    if family == Family::Gemma2 {
+    if family == Family::Gemma3 {
+        let mut full = json!({"rope_type": "default", "rope_theta": c.rope_theta});
+        if let Some(f) = c.arch.rope_linear {
+            full = json!({"rope_type": "linear", "factor": f, "rope_theta": c.rope_theta});
+        }
+        let local = c.arch.local_rope_theta.unwrap_or(c.rope_theta);
+        config["rope_parameters"] = json!({"full_attention": full,
+            "sliding_attention": {"rope_type": "default", "rope_theta": local}});
+        config.as_object_mut().expect("object").remove("rope_scaling");
+    }
+    if family.is_gemma() {
         let a = &c.arch;
         config["hidden_activation"] = json!("gelu_pytorch_tanh");
         config.as_object_mut().expect("object").remove("hidden_act");
@@ -72,14 +83,14 @@ pub fn hf_config_json(model: &Llama, loaded: &LoadedModel) -> serde_json::Value 
         config["attn_logit_softcapping"] = json!(a.attn_softcap);
         config["final_logit_softcapping"] = json!(a.final_softcap);
     }
-    if matches!(family, Family::Qwen2 | Family::Qwen3 | Family::Gemma2) {
+    if matches!(family, Family::Qwen2 | Family::Qwen3) || family.is_gemma() {
         let types: Vec<&str> = (0..c.num_hidden_layers)
             .map(|l| match c.arch.window(l) {
                 Some(_) => "sliding_attention",
                 None => "full_attention",
             })
             .collect();
-        if family != Family::Gemma2 {
+        if !family.is_gemma() {
             config["use_sliding_window"] = json!(window.is_some());
         }
         config["layer_types"] = json!(types);
@@ -147,7 +158,8 @@ pub fn save_hf_dir(model: &Llama, loaded: &LoadedModel, dir: &Path) -> Result<()
             ("k_norm", &block.self_attn.k_norm),
         ] {
             if let Some(w) = norm {
-                tensors.insert(format!("{p}.self_attn.{name}.weight"), w.clone());
+                let w = if model.config.arch.norm_plus_one { (w - 1.0)? } else { w.clone() };
+                tensors.insert(format!("{p}.self_attn.{name}.weight"), w);
             }
         }
     }

@@ -108,6 +108,8 @@ pub struct Llama {
     pub norm: Tensor,
     pub lm_head: Linear,
     rope: Rope,
+    /// The sliding layers' RoPE where its base differs (`Arch::local_rope_theta`).
+    rope_local: Option<Rope>,
     dtype: DType,
     device: Device,
 }
@@ -126,10 +128,23 @@ impl Llama {
             config.head_dim,
             config.rope_theta,
             config.rope_scaling.as_ref(),
+            config.arch.rope_linear,
             config.max_position_embeddings,
             dtype,
             &device,
         )?;
+        let rope_local = match config.arch.local_rope_theta {
+            Some(theta) => Some(Rope::new(
+                config.head_dim,
+                theta,
+                None,
+                None,
+                config.max_position_embeddings,
+                dtype,
+                &device,
+            )?),
+            None => None,
+        };
         Ok(Self {
             config,
             embed_tokens,
@@ -137,6 +152,7 @@ impl Llama {
             norm,
             lm_head,
             rope,
+            rope_local,
             dtype,
             device,
         })
@@ -175,6 +191,14 @@ impl Llama {
             Proj::Up => &mut b.mlp.up_proj,
             Proj::Down => &mut b.mlp.down_proj,
         })
+    }
+
+    /// Layer `layer`'s RoPE: the local one on a sliding layer where the family has one.
+    fn rope_of(&self, layer: usize) -> &Rope {
+        match (&self.rope_local, self.config.arch.window(layer)) {
+            (Some(local), Some(_)) => local,
+            _ => &self.rope,
+        }
     }
 
     pub fn new_cache(&self) -> KvCache {
@@ -659,8 +683,8 @@ impl Llama {
             };
             let (qs, ks, vs) = time(Part::Rope, || {
                 Ok::<_, candle_core::Error>((
-                    self.rope.apply(&heads(&q, nh)?, offset)?,
-                    self.rope.apply(&heads(&k, nkv)?, offset)?,
+                    self.rope_of(layer).apply(&heads(&q, nh)?, offset)?,
+                    self.rope_of(layer).apply(&heads(&k, nkv)?, offset)?,
                     heads(&v, nkv)?,
                 ))
             })?;
@@ -705,10 +729,9 @@ impl Llama {
         let mut out = vec![0f32; tokens * w];
         time(Part::Rope, || {
             spans.iter().try_for_each(|&(start, len, offset)| {
-                self.rope
-                    .apply_host(&mut qv[start * w..(start + len) * w], nh, hd, offset)?;
-                self.rope
-                    .apply_host(&mut kv[start * kw..(start + len) * kw], nkv, hd, offset)
+                let rope = self.rope_of(layer);
+                rope.apply_host(&mut qv[start * w..(start + len) * w], nh, hd, offset)?;
+                rope.apply_host(&mut kv[start * kw..(start + len) * kw], nkv, hd, offset)
             })
         })?;
         // An int8 pool holds its rows rotated: so are the queries that read it (and, below, the

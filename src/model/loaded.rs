@@ -262,7 +262,8 @@ impl Weights {
             let mb = c.mlp_bias;
             let head_norm = |w: &mut Self, which: &str| -> Result<Option<Tensor>, ModelError> {
                 if c.arch.qk_norm {
-                    Ok(Some(w.take(&format!("{p}.self_attn.{which}.weight"), &[hd])?))
+                    let t = w.take(&format!("{p}.self_attn.{which}.weight"), &[hd])?;
+                    Ok(Some(if c.arch.norm_plus_one { (t + 1.0)? } else { t }))
                 } else {
                     Ok(None)
                 }

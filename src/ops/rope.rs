@@ -32,6 +32,7 @@ impl Rope {
         head_dim: usize,
         theta: f64,
         scaling: Option<&Llama3Scaling>,
+        linear: Option<f64>,
         max_positions: usize,
         dtype: DType,
         device: &Device,
@@ -42,6 +43,12 @@ impl Rope {
         let mut inv_freq: Vec<f32> = (0..half)
             .map(|i| (1.0 / theta.powf((2 * i) as f64 / head_dim as f64)) as f32)
             .collect();
+        if let Some(factor) = linear {
+            // Linear scaling (transformers' `linear`): the frequencies divided by the factor.
+            for f in inv_freq.iter_mut() {
+                *f /= factor as f32;
+            }
+        }
         if let Some(s) = scaling {
             let low_wavelen = s.original_max_position_embeddings / s.low_freq_factor;
             let high_wavelen = s.original_max_position_embeddings / s.high_freq_factor;
@@ -164,7 +171,7 @@ mod tests {
     #[test]
     fn fast_and_differentiable_paths_agree() -> Result<()> {
         let dev = Device::Cpu;
-        let rope = Rope::new(16, 10000.0, None, 64, DType::F32, &dev)?;
+        let rope = Rope::new(16, 10000.0, None, None, 64, DType::F32, &dev)?;
         let x = Tensor::randn(0f32, 1.0, (3, 7, 16), &dev)?;
         let fast = rope.apply(&x, 5)?;
         let var = Var::from_tensor(&x)?;
@@ -178,7 +185,7 @@ mod tests {
     #[test]
     fn host_rotation_equals_the_fused_kernel() -> Result<()> {
         let dev = Device::Cpu;
-        let rope = Rope::new(16, 10000.0, None, 64, DType::F32, &dev)?;
+        let rope = Rope::new(16, 10000.0, None, None, 64, DType::F32, &dev)?;
         let x = Tensor::randn(0f32, 1.0, (3, 7, 16), &dev)?; // [heads, len, dim]
         let want = rope.apply(&x, 5)?.transpose(0, 1)?.contiguous()?; // [len, heads, dim]
         let mut rows: Vec<f32> = x.transpose(0, 1)?.contiguous()?.flatten_all()?.to_vec1()?;
@@ -192,7 +199,7 @@ mod tests {
     #[test]
     fn position_zero_is_identity_and_overflow_errors() -> Result<()> {
         let dev = Device::Cpu;
-        let rope = Rope::new(8, 10000.0, None, 4, DType::F32, &dev)?;
+        let rope = Rope::new(8, 10000.0, None, None, 4, DType::F32, &dev)?;
         let x = Tensor::randn(0f32, 1.0, (2, 1, 8), &dev)?;
         let y = rope.apply(&x, 0)?;
         let diff = (x - y)?.abs()?.max_all()?.to_scalar::<f32>()?;
