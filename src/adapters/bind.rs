@@ -62,6 +62,31 @@ pub fn parse_module(module: &str) -> Option<(usize, Proj)> {
     Some((layer.parse().ok()?, proj))
 }
 
+/// A fused module of a family that stores q/k/v (or gate/up) as one weight (Phi-3's
+/// `self_attn.qkv_proj`, `mlp.gate_up_proj`): its layer and its parts (projection, first
+/// output row, rows). The model holds the parts split; an adapter on the fused module is split
+/// by the same rows (LoRA's B, DoRA's magnitudes and row norms, IA³'s output scales: all
+/// row-wise, so the split is exact).
+pub fn fused_parts(module: &str, model: &Llama) -> Option<(usize, Vec<(Proj, usize, usize)>)> {
+    let c = &model.config;
+    if !c.arch.fused {
+        return None;
+    }
+    let (layer, rest) = module.strip_prefix("model.layers.")?.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (q, kv, inter) = (
+        c.num_attention_heads * c.head_dim,
+        c.num_key_value_heads * c.head_dim,
+        c.intermediate_size,
+    );
+    let parts = match rest {
+        "self_attn.qkv_proj" => vec![(Proj::Q, 0, q), (Proj::K, q, kv), (Proj::V, q + kv, kv)],
+        "mlp.gate_up_proj" => vec![(Proj::Gate, 0, inter), (Proj::Up, inter, inter)],
+        _ => return None,
+    };
+    Some((layer, parts))
+}
+
 /// Row norms of `W + s·B A` (DoRA's `‖·‖` per output row), in f32.
 pub fn dora_weight_norm(
     w: &Tensor,
@@ -74,12 +99,22 @@ pub fn dora_weight_norm(
     (w + ba)?.sqr()?.sum(D::Minus1)?.sqrt()
 }
 
-fn check_config(cfg: &AdapterConfig, dir: &Path, opts: &BindOptions) -> Result<(), AdapterError> {
+fn check_config(
+    cfg: &AdapterConfig,
+    dir: &Path,
+    opts: &BindOptions,
+    model: &Llama,
+) -> Result<(), AdapterError> {
     if let TargetModules::List(names) = &cfg.target_modules {
         for n in names {
-            let known = Proj::ALL.iter().any(|p| {
-                p.short() == n || p.module() == n || n.ends_with(&format!(".{}", p.short()))
-            });
+            let fused = model.config.arch.fused
+                && ["qkv_proj", "gate_up_proj"]
+                    .iter()
+                    .any(|f| n == f || n.ends_with(&format!(".{f}")));
+            let known = fused
+                || Proj::ALL.iter().any(|p| {
+                    p.short() == n || p.module() == n || n.ends_with(&format!(".{}", p.short()))
+                });
             if !known {
                 return Err(AdapterError::config(
                     dir.join(super::peft::CONFIG_FILE),
@@ -113,11 +148,25 @@ fn check_module(
         module: module.to_string(),
         problem,
     };
-    let (layer, proj) = parse_module(module)
-        .filter(|(l, _)| *l < model.layers.len())
-        .ok_or_else(|| err("the base model has no such module".into()))?;
-    let linear = model.linear(layer, proj).expect("layer checked");
-    let (out, inp) = linear.base().dims()?;
+    let (layer, proj, out, inp) = match fused_parts(module, model) {
+        Some((layer, parts)) if layer < model.layers.len() => {
+            if matches!(cfg.method, Method::Ia3 { .. }) && cfg.is_feedforward(module) {
+                return Err(err(
+                    "an IA³ feed-forward (input) scale on a fused module is not supported".into(),
+                ));
+            }
+            let rows = parts.iter().map(|p| p.2).sum();
+            (layer, parts[0].0, rows, model.config.hidden_size)
+        }
+        _ => {
+            let (layer, proj) = parse_module(module)
+                .filter(|(l, _)| *l < model.layers.len())
+                .ok_or_else(|| err("the base model has no such module".into()))?;
+            let linear = model.linear(layer, proj).expect("layer checked");
+            let (out, inp) = linear.base().dims()?;
+            (layer, proj, out, inp)
+        }
+    };
     if let Method::Ia3 { .. } = cfg.method {
         let want = if cfg.is_feedforward(module) {
             vec![1, inp]
@@ -307,7 +356,7 @@ pub fn check(
     model: &Llama,
     opts: &BindOptions,
 ) -> Result<(), AdapterError> {
-    check_config(&header.config, &header.dir, opts)?;
+    check_config(&header.config, &header.dir, opts, model)?;
     let path = header.dir.join(super::peft::WEIGHTS_FILE);
     let fusion = matches!(header.config.method, Method::Fusion { .. });
     if header.modules.is_empty() && header.prompt_embeddings.is_none() && !fusion {
@@ -348,7 +397,7 @@ pub fn bind(
 ) -> Result<AdapterWeights, AdapterError> {
     let cfg = &adapter.config;
     let path = adapter.dir.join(super::peft::WEIGHTS_FILE);
-    check_config(cfg, &adapter.dir, opts)?;
+    check_config(cfg, &adapter.dir, opts, model)?;
     let dtype = model.dtype();
     let mut layers: Vec<[Option<LoraSite>; 7]> = (0..model.layers.len())
         .map(|_| Default::default())
@@ -392,7 +441,21 @@ pub fn bind(
         }
     }
     for (module, w) in adapter.modules.iter().filter(|_| bottleneck.is_empty()) {
-        let (layer, proj) = check_module(cfg, &path, module, &w.shapes(), model, opts)?;
+        let (layer, first) = check_module(cfg, &path, module, &w.shapes(), model, opts)?;
+        // One part (the module itself), or the rows of each part of a fused module.
+        let parts = match fused_parts(module, model) {
+            Some((_, parts)) => parts,
+            None => vec![(first, 0, 0)],
+        };
+        let whole = parts.len() == 1;
+        let rows = |t: &Tensor, from: usize, n: usize| -> candle_core::Result<Tensor> {
+            if whole {
+                Ok(t.clone())
+            } else {
+                t.narrow(0, from, n)
+            }
+        };
+        for (proj, from, n) in parts {
         if let Some(l) = &w.ia3 {
             if ia3.is_empty() {
                 ia3 = (0..model.layers.len())
@@ -400,8 +463,7 @@ pub fn bind(
                     .collect();
             }
             ia3[layer][proj as usize] = Some(Ia3Site {
-                scale: l
-                    .flatten_all()?
+                scale: rows(&l.flatten_all()?, from, n)?
                     .to_dtype(dtype)?
                     .to_device(model.device())?,
                 on_input: cfg.is_feedforward(module),
@@ -412,7 +474,11 @@ pub fn bind(
         let (Some(a), Some(b)) = (&w.lora_a, &w.lora_b) else {
             unreachable!("check_module requires lora_A and lora_B")
         };
-        let magnitude = &w.magnitude;
+        let b = &rows(b, from, n)?;
+        let magnitude = &match &w.magnitude {
+            Some(m) => Some(rows(m, from, n)?),
+            None => None,
+        };
         let scale = cfg.scale_for(module);
         let dora_scale = match magnitude {
             None => None,
@@ -436,6 +502,7 @@ pub fn bind(
             },
             dropout: None,
         });
+        }
     }
     let fusion = match (&cfg.method, &adapter.fusion) {
         (Method::Fusion { .. }, Some(parts)) => {

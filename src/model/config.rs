@@ -20,10 +20,12 @@ pub enum Family {
     Gemma2,
     /// Gemma 3's text model (`gemma3_text`; Gemma-3-1B, and the text part of the larger ones).
     Gemma3,
+    /// Phi-3: q, k, v stored as one `qkv_proj`, gate and up as one `gate_up_proj`.
+    Phi3,
 }
 
 impl Family {
-    pub const SUPPORTED: &'static str = "llama, mistral, qwen2, qwen3, gemma2, gemma3_text";
+    pub const SUPPORTED: &'static str = "llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3";
 
     pub fn from_model_type(t: &str) -> Option<Self> {
         Some(match t {
@@ -33,6 +35,7 @@ impl Family {
             "qwen3" => Self::Qwen3,
             "gemma2" => Self::Gemma2,
             "gemma3_text" => Self::Gemma3,
+            "phi3" => Self::Phi3,
             _ => return None,
         })
     }
@@ -45,6 +48,7 @@ impl Family {
             Self::Qwen3 => "qwen3",
             Self::Gemma2 => "gemma2",
             Self::Gemma3 => "gemma3_text",
+            Self::Phi3 => "phi3",
         }
     }
 
@@ -84,6 +88,10 @@ pub struct Arch {
     pub local_rope_theta: Option<f64>,
     /// Linear RoPE scaling (positions divided by this) of the full-attention layers (Gemma 3).
     pub rope_linear: Option<f64>,
+    /// q, k, v stored as one `self_attn.qkv_proj` and gate, up as one `mlp.gate_up_proj`
+    /// (Phi-3): split into the seven projections at load, adapters on the fused modules split
+    /// by rows (`adapters::bind`), written fused again on export.
+    pub fused: bool,
 }
 
 /// The MLP's gate activation (`hidden_act` / `hidden_activation`).
@@ -155,6 +163,7 @@ struct RawConfig {
     attn_logit_softcapping: Option<f64>,
     final_logit_softcapping: Option<f64>,
     rope_local_base_freq: Option<f64>,
+    partial_rotary_factor: Option<f64>,
 }
 
 /// Token ids given as a number or a list of numbers (`eos_token_id` takes both forms).
@@ -364,6 +373,20 @@ impl LlamaConfig {
         };
         let layers = required(path, "num_hidden_layers", raw.num_hidden_layers)?;
         let gemma = family.is_gemma();
+        let partial = raw
+            .rope_parameters
+            .as_ref()
+            .and_then(|p| p.get("partial_rotary_factor"))
+            .and_then(Value::as_f64)
+            .or(raw.partial_rotary_factor)
+            .unwrap_or(1.0);
+        if partial != 1.0 {
+            return Err(ModelError::field(
+                path,
+                "partial_rotary_factor",
+                format!("is {partial}; only 1.0 (RoPE over the whole head) is supported"),
+            ));
+        }
         let windows = layer_windows(path, family, &raw, layers)?;
         let config = Self {
             vocab_size: required(path, "vocab_size", raw.vocab_size)?,
@@ -404,6 +427,7 @@ impl LlamaConfig {
                 final_softcap: if gemma { positive(path, "final_logit_softcapping", raw.final_logit_softcapping)? } else { None },
                 local_rope_theta: local_rope_theta.filter(|_| family == Family::Gemma3),
                 rope_linear,
+                fused: family == Family::Phi3,
             },
         };
         Ok(config)
@@ -424,7 +448,7 @@ fn layer_windows(
         (Family::Llama, _) | (_, None) => return Ok(Vec::new()),
         (_, Some(w)) => w,
     };
-    if family == Family::Mistral {
+    if matches!(family, Family::Mistral | Family::Phi3) {
         return Ok(vec![Some(w); layers]);
     }
     if family == Family::Gemma2 && raw.layer_types.is_none() {

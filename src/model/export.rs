@@ -34,6 +34,7 @@ pub fn hf_config_json(model: &Llama, loaded: &LoadedModel) -> serde_json::Value 
         Family::Qwen3 => "Qwen3ForCausalLM",
         Family::Gemma2 => "Gemma2ForCausalLM",
         Family::Gemma3 => "Gemma3ForCausalLM",
+        Family::Phi3 => "Phi3ForCausalLM",
     };
     let mut config = json!({
         "architectures": [class],
@@ -143,7 +144,20 @@ pub fn save_hf_dir(model: &Llama, loaded: &LoadedModel, dir: &Path) -> Result<()
                 );
             }
         }
+        if model.config.arch.fused {
+            // Phi-3 stores q/k/v and gate/up fused.
+            let dense = |p: Proj| model.linear(i, p).expect("layer exists").base().dense();
+            let qkv = Tensor::cat(&[dense(Proj::Q)?, dense(Proj::K)?, dense(Proj::V)?], 0)?;
+            let gate_up = Tensor::cat(&[dense(Proj::Gate)?, dense(Proj::Up)?], 0)?;
+            tensors.insert(format!("{p}.self_attn.qkv_proj.weight"), qkv);
+            tensors.insert(format!("{p}.mlp.gate_up_proj.weight"), gate_up);
+        }
         for proj in Proj::ALL {
+            if model.config.arch.fused
+                && matches!(proj, Proj::Q | Proj::K | Proj::V | Proj::Gate | Proj::Up)
+            {
+                continue;
+            }
             let linear = model.linear(i, proj).expect("layer exists");
             tensors.insert(
                 format!("{p}.{}.weight", proj.module()),

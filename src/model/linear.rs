@@ -106,6 +106,10 @@ impl Linear {
         self.base = base;
     }
 
+    pub fn set_bias(&mut self, bias: Option<Tensor>) {
+        self.bias = bias;
+    }
+
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }

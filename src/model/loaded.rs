@@ -285,6 +285,35 @@ impl Weights {
                     None,
                 )
             };
+            if c.arch.fused {
+                // Phi-3: one weight each for q/k/v and gate/up, split by rows here.
+                let inter = c.intermediate_size;
+                let qkv = self.take(&format!("{p}.self_attn.qkv_proj.weight"), &[q_out + 2 * kv_out, h])?;
+                let gate_up = self.take(&format!("{p}.mlp.gate_up_proj.weight"), &[2 * inter, h])?;
+                let part = |t: &Tensor, from: usize, n: usize| -> Result<Linear, ModelError> {
+                    Ok(Linear::new(BaseWeight::Dense(t.narrow(0, from, n)?.contiguous()?), None))
+                };
+                layers.push(Block {
+                    attn_out_norm: None,
+                    mlp_out_norm: None,
+                    input_layernorm: self.norm(&format!("{p}.input_layernorm.weight"), c)?,
+                    self_attn: Attention {
+                        q_proj: part(&qkv, 0, q_out)?,
+                        k_proj: part(&qkv, q_out, kv_out)?,
+                        v_proj: part(&qkv, q_out + kv_out, kv_out)?,
+                        o_proj: self.linear(&format!("{p}.self_attn.o_proj"), h, q_out, ab)?,
+                        q_norm,
+                        k_norm,
+                    },
+                    post_attention_layernorm: pre_mlp,
+                    mlp: Mlp {
+                        gate_proj: part(&gate_up, 0, inter)?,
+                        up_proj: part(&gate_up, inter, inter)?,
+                        down_proj: self.linear(&format!("{p}.mlp.down_proj"), h, inter, mb)?,
+                    },
+                });
+                continue;
+            }
             layers.push(Block {
                 attn_out_norm: attn_out,
                 mlp_out_norm: mlp_out,

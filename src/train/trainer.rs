@@ -14,7 +14,7 @@ use serde_json::json;
 use super::dataset::{Dataset, Example};
 use super::error::TrainError;
 use super::optim::{clip_global_norm, lr_at, AdamW, Schedule};
-use super::trainable::{TrainSpec, TrainableAdapter};
+use super::trainable::{Method, TrainSpec, TrainableAdapter};
 use crate::model::llama::SeqInput;
 use crate::model::{AdapterWeights, BatchInput, Llama, LogitsRows, Proj};
 
@@ -379,6 +379,20 @@ pub fn train(
     eval: Option<&Dataset>,
     cfg: &TrainConfig,
 ) -> Result<TrainReport, TrainError> {
+    let fused_target = cfg.spec.targets.iter().any(|p| {
+        matches!(p, Proj::Q | Proj::K | Proj::V | Proj::Gate | Proj::Up)
+    });
+    if model.config.arch.fused
+        && fused_target
+        && matches!(cfg.spec.method, Method::Lora | Method::Dora | Method::Ia3)
+    {
+        // PEFT's adapters for such a model live on `qkv_proj` / `gate_up_proj`, whose LoRA A is
+        // shared by q, k and v: not what the per-projection trainer makes (yet).
+        return Err(TrainError::config(
+            "--target-modules",
+            "names q/k/v or gate/up, which this model stores fused (Phi-3: qkv_proj, gate_up_proj); training on them is not supported yet: target o_proj and down_proj, or train another method",
+        ));
+    }
     if cfg.batch_size == 0 || cfg.grad_accum == 0 {
         return Err(TrainError::config(
             "--batch-size",
