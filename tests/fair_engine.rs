@@ -244,7 +244,10 @@ fn a_newcomer_gets_a_prompt_step_of_its_own_then_waits_its_turn() {
     let model = Arc::new(load_tiny());
     let (e, mut w, _) = engine(&model, 8, 4096, true);
     let mut heavy: Vec<_> = (0..3)
-        .map(|k| e.submit(request(prompt(k, 20), 40, "heavy", 0, None)).unwrap())
+        .map(|k| {
+            e.submit(request(prompt(k, 20), 40, "heavy", 0, None))
+                .unwrap()
+        })
         .collect();
     for _ in 0..12 {
         w.step();
@@ -253,25 +256,46 @@ fn a_newcomer_gets_a_prompt_step_of_its_own_then_waits_its_turn() {
     assert!(seen.iter().all(|s| !s.is_empty()), "the heavy streams run");
     // A tenant with nothing in the engine and a prompt within one step's budget: its first
     // token comes from the very next step, which feeds nothing else.
-    let mut light = e.submit(request(prompt(8, 7), 4, "light", 0, None)).unwrap();
+    let mut light = e
+        .submit(request(prompt(8, 7), 4, "light", 0, None))
+        .unwrap();
     w.step();
-    assert_eq!(tokens(&received(&mut light)).len(), 1, "first token in one step");
+    assert_eq!(
+        tokens(&received(&mut light)).len(),
+        1,
+        "first token in one step"
+    );
     for (rx, s) in heavy.iter_mut().zip(&mut seen) {
-        assert!(received(rx).is_empty(), "a heavy stream was fed beside the newcomer");
+        assert!(
+            received(rx).is_empty(),
+            "a heavy stream was fed beside the newcomer"
+        );
         s.clear();
     }
     // Another newcomer right after waits for a shared step (one such step in four at most).
-    let mut other = e.submit(request(prompt(9, 7), 4, "other", 0, None)).unwrap();
+    let mut other = e
+        .submit(request(prompt(9, 7), 4, "other", 0, None))
+        .unwrap();
     w.step();
     assert!(tokens(&received(&mut other)).len() <= 1);
-    let fed = heavy.iter_mut().map(received).filter(|e| !e.is_empty()).count();
+    let fed = heavy
+        .iter_mut()
+        .map(received)
+        .filter(|e| !e.is_empty())
+        .count();
     assert_eq!(fed, 3, "the heavy streams share the second newcomer's step");
     // A heavy request arriving is not a newcomer: no step of its own.
-    let mut more = e.submit(request(prompt(10, 7), 4, "heavy", 0, None)).unwrap();
+    let mut more = e
+        .submit(request(prompt(10, 7), 4, "heavy", 0, None))
+        .unwrap();
     for _ in 0..4 {
         w.step();
     }
-    let fed = heavy.iter_mut().map(received).filter(|e| e.len() >= 3).count();
+    let fed = heavy
+        .iter_mut()
+        .map(received)
+        .filter(|e| e.len() >= 3)
+        .count();
     assert_eq!(fed, 3, "the streams kept their pace");
     let _ = (&mut more, &mut light, &mut other);
     run_to_idle(&mut w);

@@ -44,7 +44,11 @@ fn expected(family: &str) -> HashMap<String, Tensor> {
 }
 
 fn ids(t: &Tensor) -> Vec<u32> {
-    t.to_vec1::<i64>().unwrap().into_iter().map(|x| x as u32).collect()
+    t.to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect()
 }
 
 fn rows(t: &Tensor) -> Vec<Vec<f32>> {
@@ -93,7 +97,10 @@ fn a_sliding_window_shows_past_its_length() {
         let b = logits_all(&full, &[(&prompt, None)]);
         // Within the window the two agree; past it they part.
         assert!(max_abs_diff(&a[3], &b[3]) < 1e-5, "{family}");
-        assert!(max_abs_diff(&a[29], &b[29]) > 1e-3, "{family}: the window changed nothing");
+        assert!(
+            max_abs_diff(&a[29], &b[29]) > 1e-3,
+            "{family}: the window changed nothing"
+        );
     }
 }
 
@@ -136,7 +143,10 @@ fn every_family_with_lora_dora_and_ia3_matches_peft() {
             .flat_map(|r| logits_all(&loaded, std::slice::from_ref(r)))
             .collect();
         let d = worst(&batch, &alone);
-        assert!(d < 1e-5, "{family}: mixed batch differs from rows alone by {d}");
+        assert!(
+            d < 1e-5,
+            "{family}: mixed batch differs from rows alone by {d}"
+        );
     }
 }
 
@@ -180,7 +190,11 @@ fn the_engine_answers_as_transformers_greedy() {
         // All three at once (a batch), then again (prefix-cache hits in the window's blocks).
         for round in 0..2 {
             let rxs: Vec<_> = (0..3)
-                .map(|i| engine.submit(request(ids(&e[&format!("input_ids_{i}")]))).unwrap())
+                .map(|i| {
+                    engine
+                        .submit(request(ids(&e[&format!("input_ids_{i}")])))
+                        .unwrap()
+                })
                 .collect();
             let got = drive(&mut worker, rxs);
             for (i, g) in got.into_iter().enumerate() {
@@ -194,7 +208,11 @@ fn the_engine_answers_as_transformers_greedy() {
 #[test]
 fn an_unknown_family_is_named_with_the_supported_ones() {
     let tmp = tempfile::tempdir().unwrap();
-    for f in ["model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+    for f in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
         std::fs::copy(dir("qwen3").join(f), tmp.path().join(f)).unwrap();
     }
     let config = std::fs::read_to_string(dir("qwen3").join("config.json"))
@@ -205,9 +223,13 @@ fn an_unknown_family_is_named_with_the_supported_ones() {
         id: "x".into(),
         path: tmp.path().to_path_buf(),
     };
-    let err = load_model(&resolved, &ModelOptions::default()).unwrap_err().to_string();
+    let err = load_model(&resolved, &ModelOptions::default())
+        .unwrap_err()
+        .to_string();
     assert!(
-        err.contains("falcon") && err.contains("model_type") && err.contains("mistral, qwen2, qwen3"),
+        err.contains("falcon")
+            && err.contains("model_type")
+            && err.contains("mistral, qwen2, qwen3"),
         "{err}"
     );
 }
@@ -230,7 +252,10 @@ fn every_family_trains_lora_and_dora_and_serves_what_it_trained() {
             if family == "phi3" {
                 // q/k/v and gate/up are fused there: training on them is refused, by name.
                 let err = train(&m.model, &data, None, &cfg).unwrap_err().to_string();
-                assert!(err.contains("--target-modules") && err.contains("qkv_proj"), "{err}");
+                assert!(
+                    err.contains("--target-modules") && err.contains("qkv_proj"),
+                    "{err}"
+                );
                 cfg.spec.targets = vec![Proj::O, Proj::Down];
                 // Two projections of seven learn more slowly: more steps, same bar.
                 cfg.max_steps = Some(90);
@@ -246,8 +271,12 @@ fn every_family_trains_lora_and_dora_and_serves_what_it_trained() {
                 report.first_loss,
                 report.final_loss
             );
-            let served = bind(&PeftAdapter::load(&out).unwrap(), &m.model, &BindOptions::default())
-                .unwrap();
+            let served = bind(
+                &PeftAdapter::load(&out).unwrap(),
+                &m.model,
+                &BindOptions::default(),
+            )
+            .unwrap();
             let in_memory = report.adapter.weights(&m.model, None).unwrap();
             let ids = data.examples[0].ids.clone();
             let a = logits_all(&m, &[(&ids, Some(&served))]);
@@ -265,7 +294,11 @@ fn every_family_exports_a_directory_that_loads_back_the_same() {
         let tmp = tempfile::tempdir().unwrap();
         loraplex::model::export::save_hf_dir(&m.model, &m, tmp.path()).unwrap();
         let config: serde_json::Value = read_json(tmp.path().join("config.json"));
-        let model_type = if family == "gemma3" { "gemma3_text" } else { family };
+        let model_type = if family == "gemma3" {
+            "gemma3_text"
+        } else {
+            family
+        };
         assert_eq!(config["model_type"], model_type);
         if family.starts_with("gemma") {
             // transformers' config class takes an integer only.
@@ -328,7 +361,10 @@ fn merging_each_adapter_gives_peft_logits() {
             let mut m = load(family);
             m.model = merged;
             let prompt = ids(&e["input_ids_2"]);
-            let d = worst(&logits_all(&m, &[(&prompt, None)]), &rows(&e[&format!("{name}_2")]));
+            let d = worst(
+                &logits_all(&m, &[(&prompt, None)]),
+                &rows(&e[&format!("{name}_2")]),
+            );
             assert!(d < 1e-4, "{family} {name} merged: {d}");
         }
     }

@@ -456,52 +456,52 @@ pub fn bind(
             }
         };
         for (proj, from, n) in parts {
-        if let Some(l) = &w.ia3 {
-            if ia3.is_empty() {
-                ia3 = (0..model.layers.len())
-                    .map(|_| Default::default())
-                    .collect();
+            if let Some(l) = &w.ia3 {
+                if ia3.is_empty() {
+                    ia3 = (0..model.layers.len())
+                        .map(|_| Default::default())
+                        .collect();
+                }
+                ia3[layer][proj as usize] = Some(Ia3Site {
+                    scale: rows(&l.flatten_all()?, from, n)?
+                        .to_dtype(dtype)?
+                        .to_device(model.device())?,
+                    on_input: cfg.is_feedforward(module),
+                });
+                continue;
             }
-            ia3[layer][proj as usize] = Some(Ia3Site {
-                scale: rows(&l.flatten_all()?, from, n)?
-                    .to_dtype(dtype)?
-                    .to_device(model.device())?,
-                on_input: cfg.is_feedforward(module),
-            });
-            continue;
-        }
-        let linear = model.linear(layer, proj).expect("layer checked");
-        let (Some(a), Some(b)) = (&w.lora_a, &w.lora_b) else {
-            unreachable!("check_module requires lora_A and lora_B")
-        };
-        let b = &rows(b, from, n)?;
-        let magnitude = &match &w.magnitude {
-            Some(m) => Some(rows(m, from, n)?),
-            None => None,
-        };
-        let scale = cfg.scale_for(module);
-        let dora_scale = match magnitude {
-            None => None,
-            Some(m) => {
-                let norm = dora_weight_norm(&linear.base().dense()?, a, b, scale)?;
-                Some((m.to_dtype(DType::F32)? / norm)?.to_dtype(dtype)?)
-            }
-        };
-        let device = model.device();
-        let keep = storage_dtype(opts, a.dtype(), model);
-        layers[layer][proj as usize] = Some(LoraSite {
-            a_t: a.to_dtype(keep)?.to_device(device)?.t()?.contiguous()?,
-            b_t: (b.to_dtype(DType::F32)? * scale)?
-                .to_dtype(keep)?
-                .to_device(device)?
-                .t()?
-                .contiguous()?,
-            dora_scale: match dora_scale {
-                Some(s) => Some(s.to_device(device)?),
+            let linear = model.linear(layer, proj).expect("layer checked");
+            let (Some(a), Some(b)) = (&w.lora_a, &w.lora_b) else {
+                unreachable!("check_module requires lora_A and lora_B")
+            };
+            let b = &rows(b, from, n)?;
+            let magnitude = &match &w.magnitude {
+                Some(m) => Some(rows(m, from, n)?),
                 None => None,
-            },
-            dropout: None,
-        });
+            };
+            let scale = cfg.scale_for(module);
+            let dora_scale = match magnitude {
+                None => None,
+                Some(m) => {
+                    let norm = dora_weight_norm(&linear.base().dense()?, a, b, scale)?;
+                    Some((m.to_dtype(DType::F32)? / norm)?.to_dtype(dtype)?)
+                }
+            };
+            let device = model.device();
+            let keep = storage_dtype(opts, a.dtype(), model);
+            layers[layer][proj as usize] = Some(LoraSite {
+                a_t: a.to_dtype(keep)?.to_device(device)?.t()?.contiguous()?,
+                b_t: (b.to_dtype(DType::F32)? * scale)?
+                    .to_dtype(keep)?
+                    .to_device(device)?
+                    .t()?
+                    .contiguous()?,
+                dora_scale: match dora_scale {
+                    Some(s) => Some(s.to_device(device)?),
+                    None => None,
+                },
+                dropout: None,
+            });
         }
     }
     let fusion = match (&cfg.method, &adapter.fusion) {

@@ -32,7 +32,13 @@ pub fn merge(model: &Llama, adapter: &PeftAdapter) -> Result<Llama, AdapterError
     for (module, w) in &adapter.modules {
         // A fused module (Phi-3's `qkv_proj`, `gate_up_proj`) merges into each part by rows.
         let (layer, parts) = match fused_parts(module, model) {
-            Some((layer, parts)) => (layer, parts.into_iter().map(|(p, from, n)| (p, Some((from, n)))).collect()),
+            Some((layer, parts)) => (
+                layer,
+                parts
+                    .into_iter()
+                    .map(|(p, from, n)| (p, Some((from, n))))
+                    .collect(),
+            ),
             None => {
                 let (layer, proj) = parse_module(module).expect("validated by bind");
                 (layer, vec![(proj, None)])

@@ -120,9 +120,18 @@ mod tests {
     fn a_new_tenant_or_a_better_priority_is_owed_a_step() {
         let v = view(0, &["heavy"], true);
         assert!(owed(&v, "light", 0, 40));
-        assert!(!owed(&v, "heavy", 0, 40), "a tenant already served waits its turn");
-        assert!(!owed(&v, "light", 1, 40), "a worse priority never interrupts");
-        assert!(!owed(&v, "light", 0, 257), "a prompt over the budget takes steps anyway");
+        assert!(
+            !owed(&v, "heavy", 0, 40),
+            "a tenant already served waits its turn"
+        );
+        assert!(
+            !owed(&v, "light", 1, 40),
+            "a worse priority never interrupts"
+        );
+        assert!(
+            !owed(&v, "light", 0, 257),
+            "a prompt over the budget takes steps anyway"
+        );
         assert!(owed(&v, "heavy", -1, 40), "a better priority always does");
     }
 
@@ -150,7 +159,10 @@ mod tests {
         i.sent(note(2, "light"));
         assert!(i.should_stop(&running));
         i.received(2);
-        assert!(!i.should_stop(&running), "received: the worker knows it now");
+        assert!(
+            !i.should_stop(&running),
+            "received: the worker knows it now"
+        );
         i.received(1);
         assert!(!i.should_stop(&running));
     }

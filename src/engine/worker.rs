@@ -309,7 +309,11 @@ impl Worker {
             .map(|r| Self::tenant(r).to_string())
             .collect();
         if waiting {
-            tenants.extend(self.pending.values().map(|s| Self::tenant(&s.request).to_string()));
+            tenants.extend(
+                self.pending
+                    .values()
+                    .map(|s| Self::tenant(&s.request).to_string()),
+            );
         }
         StepView {
             best_priority: self.active.iter().map(|a| a.request.class.priority).min(),

@@ -197,7 +197,10 @@ fn required(path: &Path, field: &str, value: Option<usize>) -> Result<usize, Mod
 
 /// The factor of a `linear` RoPE scaling block (`None` for any other type).
 fn linear_factor(path: &Path, field: &str, v: &Value) -> Result<Option<f64>, ModelError> {
-    let kind = v.get("rope_type").or_else(|| v.get("type")).and_then(Value::as_str);
+    let kind = v
+        .get("rope_type")
+        .or_else(|| v.get("type"))
+        .and_then(Value::as_str);
     if kind != Some("linear") {
         return Ok(None);
     }
@@ -354,7 +357,9 @@ impl LlamaConfig {
                     },
                 )
             }
-            (None, Some(s)) if !s.is_null() && linear_factor(path, "rope_scaling", s)?.is_some() => {
+            (None, Some(s))
+                if !s.is_null() && linear_factor(path, "rope_scaling", s)?.is_some() =>
+            {
                 rope_linear = linear_factor(path, "rope_scaling", s)?;
                 (raw.rope_theta.unwrap_or(10000.0), None)
             }
@@ -400,9 +405,7 @@ impl LlamaConfig {
             rope_theta,
             rope_scaling,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
-            tie_word_embeddings: raw
-                .tie_word_embeddings
-                .unwrap_or(family.is_gemma()),
+            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(family.is_gemma()),
             attention_bias: raw.attention_bias.unwrap_or(false),
             mlp_bias: raw.mlp_bias.unwrap_or(false),
             bos_token_id: token_ids(raw.bos_token_id.as_ref()).first().copied(),
@@ -419,12 +422,24 @@ impl LlamaConfig {
                 attn_scale: match (gemma, raw.query_pre_attn_scalar) {
                     (true, Some(s)) if s > 0.0 => Some((1.0 / s.sqrt()) as f32),
                     (true, Some(_)) => {
-                        return Err(ModelError::field(path, "query_pre_attn_scalar", "must be positive"))
+                        return Err(ModelError::field(
+                            path,
+                            "query_pre_attn_scalar",
+                            "must be positive",
+                        ))
                     }
                     _ => None,
                 },
-                attn_softcap: if gemma { positive(path, "attn_logit_softcapping", raw.attn_logit_softcapping)? } else { None },
-                final_softcap: if gemma { positive(path, "final_logit_softcapping", raw.final_logit_softcapping)? } else { None },
+                attn_softcap: if gemma {
+                    positive(path, "attn_logit_softcapping", raw.attn_logit_softcapping)?
+                } else {
+                    None
+                },
+                final_softcap: if gemma {
+                    positive(path, "final_logit_softcapping", raw.final_logit_softcapping)?
+                } else {
+                    None
+                },
                 local_rope_theta: local_rope_theta.filter(|_| family == Family::Gemma3),
                 rope_linear,
                 fused: family == Family::Phi3,
@@ -444,7 +459,13 @@ fn layer_windows(
     layers: usize,
 ) -> Result<Vec<Option<usize>>, ModelError> {
     let w = match (family, raw.sliding_window) {
-        (_, Some(0)) => return Err(ModelError::field(path, "sliding_window", "must be positive")),
+        (_, Some(0)) => {
+            return Err(ModelError::field(
+                path,
+                "sliding_window",
+                "must be positive",
+            ))
+        }
         (Family::Llama, _) | (_, None) => return Ok(Vec::new()),
         (_, Some(w)) => w,
     };
@@ -457,7 +478,9 @@ fn layer_windows(
     }
     if family == Family::Gemma3 && raw.layer_types.is_none() {
         // Gemma 3's default: five sliding layers, then a full one.
-        return Ok((0..layers).map(|i| ((i + 1) % 6 != 0).then_some(w)).collect());
+        return Ok((0..layers)
+            .map(|i| ((i + 1) % 6 != 0).then_some(w))
+            .collect());
     }
     if let Some(types) = &raw.layer_types {
         if types.len() != layers {
@@ -475,7 +498,9 @@ fn layer_windows(
                 other => Err(ModelError::field(
                     path,
                     "layer_types",
-                    format!("`{other}` is not a layer type here (full_attention, sliding_attention)"),
+                    format!(
+                        "`{other}` is not a layer type here (full_attention, sliding_attention)"
+                    ),
                 )),
             })
             .collect();

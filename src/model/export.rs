@@ -8,8 +8,8 @@ use candle_core::Tensor;
 use serde_json::json;
 
 use super::adapter_site::Proj;
-use super::error::ModelError;
 use super::config::Family;
+use super::error::ModelError;
 use super::llama::Llama;
 use super::loaded::LoadedModel;
 
@@ -72,15 +72,19 @@ pub fn hf_config_json(model: &Llama, loaded: &LoadedModel) -> serde_json::Value 
         let local = c.arch.local_rope_theta.unwrap_or(c.rope_theta);
         config["rope_parameters"] = json!({"full_attention": full,
             "sliding_attention": {"rope_type": "default", "rope_theta": local}});
-        config.as_object_mut().expect("object").remove("rope_scaling");
+        config
+            .as_object_mut()
+            .expect("object")
+            .remove("rope_scaling");
     }
     if family.is_gemma() {
         let a = &c.arch;
         config["hidden_activation"] = json!("gelu_pytorch_tanh");
         config.as_object_mut().expect("object").remove("hidden_act");
         // An integer in transformers' config class (it refuses `24.0`).
-        config["query_pre_attn_scalar"] =
-            json!(a.attn_scale.map(|s| (1.0 / (s as f64 * s as f64)).round() as u64));
+        config["query_pre_attn_scalar"] = json!(a
+            .attn_scale
+            .map(|s| (1.0 / (s as f64 * s as f64)).round() as u64));
         config["attn_logit_softcapping"] = json!(a.attn_softcap);
         config["final_logit_softcapping"] = json!(a.final_softcap);
     }
@@ -134,8 +138,14 @@ pub fn save_hf_dir(model: &Llama, loaded: &LoadedModel, dir: &Path) -> Result<()
                     format!("{p}.pre_feedforward_layernorm.weight"),
                     norm(&block.post_attention_layernorm)?,
                 );
-                tensors.insert(format!("{p}.post_attention_layernorm.weight"), norm(attn_out)?);
-                tensors.insert(format!("{p}.post_feedforward_layernorm.weight"), norm(mlp_out)?);
+                tensors.insert(
+                    format!("{p}.post_attention_layernorm.weight"),
+                    norm(attn_out)?,
+                );
+                tensors.insert(
+                    format!("{p}.post_feedforward_layernorm.weight"),
+                    norm(mlp_out)?,
+                );
             }
             _ => {
                 tensors.insert(
@@ -172,7 +182,11 @@ pub fn save_hf_dir(model: &Llama, loaded: &LoadedModel, dir: &Path) -> Result<()
             ("k_norm", &block.self_attn.k_norm),
         ] {
             if let Some(w) = norm {
-                let w = if model.config.arch.norm_plus_one { (w - 1.0)? } else { w.clone() };
+                let w = if model.config.arch.norm_plus_one {
+                    (w - 1.0)?
+                } else {
+                    w.clone()
+                };
                 tensors.insert(format!("{p}.self_attn.{name}.weight"), w);
             }
         }

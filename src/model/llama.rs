@@ -12,8 +12,8 @@ use super::embedding::Embedding;
 use super::kv_cache::KvCache;
 use super::kv_pool::{KvDtype, KvPool, PoolShape};
 use super::linear::Linear;
-use crate::ops::profile::{time, Part};
 use crate::ops::attention::Scoring;
+use crate::ops::profile::{time, Part};
 use crate::ops::{causal_attention, rms_norm, Rope};
 
 /// Which rows' logits a forward returns.

@@ -268,7 +268,10 @@ impl Weights {
                     Ok(None)
                 }
             };
-            let (q_norm, k_norm) = (head_norm(&mut self, "q_norm")?, head_norm(&mut self, "k_norm")?);
+            let (q_norm, k_norm) = (
+                head_norm(&mut self, "q_norm")?,
+                head_norm(&mut self, "k_norm")?,
+            );
             // Gemma 2 names its pre-MLP norm `pre_feedforward_layernorm`; its
             // `post_attention_layernorm` normalises the attention output.
             let sandwich = c.arch.sandwich_norms;
@@ -288,10 +291,17 @@ impl Weights {
             if c.arch.fused {
                 // Phi-3: one weight each for q/k/v and gate/up, split by rows here.
                 let inter = c.intermediate_size;
-                let qkv = self.take(&format!("{p}.self_attn.qkv_proj.weight"), &[q_out + 2 * kv_out, h])?;
-                let gate_up = self.take(&format!("{p}.mlp.gate_up_proj.weight"), &[2 * inter, h])?;
+                let qkv = self.take(
+                    &format!("{p}.self_attn.qkv_proj.weight"),
+                    &[q_out + 2 * kv_out, h],
+                )?;
+                let gate_up =
+                    self.take(&format!("{p}.mlp.gate_up_proj.weight"), &[2 * inter, h])?;
                 let part = |t: &Tensor, from: usize, n: usize| -> Result<Linear, ModelError> {
-                    Ok(Linear::new(BaseWeight::Dense(t.narrow(0, from, n)?.contiguous()?), None))
+                    Ok(Linear::new(
+                        BaseWeight::Dense(t.narrow(0, from, n)?.contiguous()?),
+                        None,
+                    ))
                 };
                 layers.push(Block {
                     attn_out_norm: None,

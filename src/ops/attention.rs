@@ -748,7 +748,9 @@ mod tests {
             let q = Tensor::randn(0f32, 1.0, (shape.heads, len, shape.head_dim), &dev)?;
             let k = Tensor::randn(0f32, 1.0, (shape.kv_heads, total, shape.head_dim), &dev)?;
             let v = Tensor::randn(0f32, 1.0, (shape.kv_heads, total, shape.head_dim), &dev)?;
-            let want: Vec<f32> = causal_attention(&q, &k, &v, shape.scoring)?.flatten_all()?.to_vec1()?;
+            let want: Vec<f32> = causal_attention(&q, &k, &v, shape.scoring)?
+                .flatten_all()?
+                .to_vec1()?;
             let mut got = vec![0f32; len * shape.heads * shape.head_dim];
             let (kr, vr) = (rows(&k)?, rows(&v)?);
             let kv_width = shape.kv_heads * shape.head_dim;
@@ -777,13 +779,19 @@ mod tests {
                 .zip(&paged)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
-            assert!(apart < 1e-5, "len {len} total {total} window {window:?} paged: {apart}");
+            assert!(
+                apart < 1e-5,
+                "len {len} total {total} window {window:?} paged: {apart}"
+            );
             let worst = got
                 .iter()
                 .zip(&want)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
-            assert!(worst < 1e-4, "len {len} total {total} window {window:?}: {worst}");
+            assert!(
+                worst < 1e-4,
+                "len {len} total {total} window {window:?}: {worst}"
+            );
         }
         Ok(())
     }
@@ -905,7 +913,12 @@ mod tests {
         let k = Tensor::randn(0f32, 1.0, (2, 5, 8), &dev)?;
         let v = Tensor::randn(0f32, 1.0, (2, 5, 8), &dev)?;
         let full = causal_attention(&q, &k, &v, Scoring::default())?;
-        let last = causal_attention(&q.narrow(1, 4, 1)?.contiguous()?, &k, &v, Scoring::default())?;
+        let last = causal_attention(
+            &q.narrow(1, 4, 1)?.contiguous()?,
+            &k,
+            &v,
+            Scoring::default(),
+        )?;
         let diff = (full.narrow(0, 4, 1)? - last)?
             .abs()?
             .max_all()?

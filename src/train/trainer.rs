@@ -379,9 +379,11 @@ pub fn train(
     eval: Option<&Dataset>,
     cfg: &TrainConfig,
 ) -> Result<TrainReport, TrainError> {
-    let fused_target = cfg.spec.targets.iter().any(|p| {
-        matches!(p, Proj::Q | Proj::K | Proj::V | Proj::Gate | Proj::Up)
-    });
+    let fused_target = cfg
+        .spec
+        .targets
+        .iter()
+        .any(|p| matches!(p, Proj::Q | Proj::K | Proj::V | Proj::Gate | Proj::Up));
     if model.config.arch.fused
         && fused_target
         && matches!(cfg.spec.method, Method::Lora | Method::Dora | Method::Ia3)
