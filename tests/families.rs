@@ -369,3 +369,43 @@ fn merging_each_adapter_gives_peft_logits() {
         }
     }
 }
+
+/// NF4 (`--quantize nf4`) on each family: with and without adapters, the same logits as the
+/// model whose NF4 projections are dequantized to dense weights (the QLoRA contract).
+#[test]
+fn every_family_serves_an_nf4_base_as_its_dequantized_weights() {
+    use loraplex::model::{quantize_nf4, BaseWeight, Proj};
+    for family in FAMILIES {
+        let mut q = load(family);
+        quantize_nf4(&mut q.model).unwrap();
+        let mut dense = load(family);
+        dense.model = q.model.clone();
+        for l in 0..dense.model.layers.len() {
+            for p in Proj::ALL {
+                let lin = dense.model.linear_mut(l, p).unwrap();
+                assert!(matches!(lin.base(), BaseWeight::Nf4(_)), "{family}");
+                let w = lin.base().dense().unwrap();
+                lin.set_base(BaseWeight::Dense(w));
+            }
+        }
+        let e = expected(family);
+        let prompt = ids(&e["input_ids_2"]);
+        for name in [None, Some("lora"), Some("dora")] {
+            let (wq, wd) = match name {
+                None => (None, None),
+                Some(n) => {
+                    let d = dir(family).join("adapters").join(n);
+                    (Some(bind_dir(&q, &d)), Some(bind_dir(&dense, &d)))
+                }
+            };
+            let a = logits_all(&q, &[(&prompt, wq.as_ref())]);
+            let b = logits_all(&dense, &[(&prompt, wd.as_ref())]);
+            let d = worst(&a, &b);
+            assert!(d < 1e-4, "{family} {name:?}: NF4 vs dequantized {d}");
+            // And NF4 is not the f32 model (the comparison would be vacuous otherwise).
+            if name.is_none() {
+                assert!(worst(&a, &rows(&e["base_2"])) > 1e-4, "{family}");
+            }
+        }
+    }
+}
