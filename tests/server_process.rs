@@ -149,6 +149,9 @@ fn serve_train_writes_an_adapter_and_registers_it_with_a_running_server() {
             "dora",
             "--eval-split",
             "0.25",
+            // PEFT's shorthand for every projection.
+            "--target-modules",
+            "all-linear",
         ])
         .args(["--register", &format!("http://127.0.0.1:{port}")])
         .output()
@@ -167,6 +170,10 @@ fn serve_train_writes_an_adapter_and_registers_it_with_a_running_server() {
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["target_modules"].as_array().unwrap().len(), 7, "{cfg}");
     // The server serves it right away.
     let mut s = post(
         port,

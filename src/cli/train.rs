@@ -102,7 +102,7 @@ pub struct TrainArgs {
     pub alpha: f64,
     #[arg(long, default_value_t = 0.05)]
     pub dropout: f32,
-    /// Comma-separated projections (default: all seven).
+    /// Comma-separated projections, or `all-linear` (PEFT's shorthand for all seven; the default).
     #[arg(
         long,
         value_delimiter = ',',
@@ -179,11 +179,20 @@ pub async fn run_train(args: TrainArgs) -> Result<()> {
     if !args.stored_weights {
         args.model.dtype = DTypeArg::F32;
     }
-    let targets = args
-        .target_modules
-        .iter()
-        .map(|t| crate::model::Proj::from_short(t).with_context(|| format!("`--target-modules`: unknown projection `{t}` (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)")))
-        .collect::<Result<Vec<_>>>()?;
+    // `all-linear` is PEFT's shorthand for every linear layer but the head: the seven projections.
+    let targets = if args.target_modules.iter().any(|t| t == "all-linear") {
+        if args.target_modules.len() > 1 {
+            bail!(
+                "`--target-modules`: `all-linear` stands alone (it already names every projection)"
+            );
+        }
+        crate::model::Proj::ALL.to_vec()
+    } else {
+        args.target_modules
+            .iter()
+            .map(|t| crate::model::Proj::from_short(t).with_context(|| format!("`--target-modules`: unknown projection `{t}` (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, or all-linear)")))
+            .collect::<Result<Vec<_>>>()?
+    };
     if !(0.0..1.0).contains(&args.eval_split) {
         bail!("`--eval-split` must be in [0, 1)");
     }
