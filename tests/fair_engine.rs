@@ -300,3 +300,40 @@ fn a_newcomer_gets_a_prompt_step_of_its_own_then_waits_its_turn() {
     let _ = (&mut more, &mut light, &mut other);
     run_to_idle(&mut w);
 }
+
+#[test]
+fn requests_sent_and_dropped_in_a_loop_cannot_stop_every_step() {
+    let model = Arc::new(load_tiny());
+    let (e, mut w, metrics) = engine(&model, 8, 4096, true);
+    let e = Arc::new(e);
+    let mut heavy = e
+        .submit(request(prompt(1, 30), 40, "heavy", 0, None))
+        .unwrap();
+    // Another thread sends short requests from ever new tenants (each owed a step of its own)
+    // and drops them at once, as fast as it can, while the worker steps here.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let (e, stop) = (e.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = e.submit(request(prompt(2, 5), 2, &format!("t{i}"), 0, None));
+                i += 1;
+            }
+            i
+        })
+    };
+    let mut seen = Vec::new();
+    let steps = steps_until_done(&mut w, &mut heavy, &mut seen);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let sent = flood.join().unwrap();
+    let stopped = metrics.interrupted_steps.get();
+    let run = metrics.batch_size.get_sample_count() - stopped;
+    eprintln!("{sent} requests sent and dropped; {stopped} steps stopped, {run} completed");
+    assert_eq!(tokens(&seen).len(), 40);
+    assert!(
+        stopped <= run / loraplex::engine::interrupt::SAME_PRIORITY_EVERY + 1,
+        "{stopped} steps stopped against {run} completed ({steps} steps)"
+    );
+    run_to_idle(&mut w);
+}

@@ -11,6 +11,10 @@
 //! one after another cannot keep the streams from ever finishing a step), and a prompt that
 //! fits one step's token budget (a longer one needs several steps anyway).
 //!
+//! Whatever the reason, a step is stopped at most once in `SAME_PRIORITY_EVERY` completed steps
+//! (`StepView::interrupt_open`): a client that sends requests and drops them at once, in a loop,
+//! would otherwise stop every step and the streams would never advance.
+//!
 //! `Engine::submit` notes each request it sends (`Interrupt::sent`); the step in progress asks
 //! between layers whether a request sent since it began is owed (`Interrupt::should_stop`).
 
@@ -33,6 +37,9 @@ pub struct StepView {
     pub same_priority_open: bool,
     /// The step's token budget (0: whole prompts, not interrupted for a newcomer).
     pub budget: usize,
+    /// Whether the step in progress may be stopped at all: `SAME_PRIORITY_EVERY` steps have
+    /// completed since the last one was (a bound on the work stopped steps throw away).
+    pub interrupt_open: bool,
 }
 
 /// Whether a request of `tenant` at `priority` with `prompt` tokens to compute is owed a
@@ -93,7 +100,7 @@ impl Interrupt {
         if self.once.swap(false, Ordering::SeqCst) {
             return true;
         }
-        if !self.any.load(Ordering::Relaxed) {
+        if !view.interrupt_open || !self.any.load(Ordering::Relaxed) {
             return false;
         }
         let notes = self.notes.lock().expect("interrupt lock");
@@ -113,6 +120,7 @@ mod tests {
             tenants: tenants.iter().map(|t| t.to_string()).collect(),
             same_priority_open: open,
             budget: 256,
+            interrupt_open: true,
         }
     }
 
@@ -165,5 +173,12 @@ mod tests {
         );
         i.received(1);
         assert!(!i.should_stop(&running));
+        // Right after a stopped step, nothing stops the next ones for a while.
+        i.sent(note(3, "light"));
+        let closed = StepView {
+            interrupt_open: false,
+            ..running
+        };
+        assert!(!i.should_stop(&closed));
     }
 }

@@ -90,6 +90,8 @@ pub struct Worker {
     paged: Option<Paged>,
     /// Steps since the last prompt step given to a newcomer of the same priority.
     since_newcomer: u64,
+    /// Steps completed since the last one stopped part-way (`interrupt`).
+    since_interrupt: u64,
 }
 
 impl Worker {
@@ -145,6 +147,7 @@ impl Worker {
             parked: HashMap::new(),
             paged,
             since_newcomer: SAME_PRIORITY_EVERY,
+            since_interrupt: SAME_PRIORITY_EVERY,
         })
     }
 
@@ -320,6 +323,7 @@ impl Worker {
             tenants,
             same_priority_open: self.since_newcomer >= SAME_PRIORITY_EVERY,
             budget: self.config.max_batched_tokens,
+            interrupt_open: self.since_interrupt >= SAME_PRIORITY_EVERY,
         }
     }
 
@@ -542,6 +546,7 @@ impl Worker {
             Ok(None) => {
                 // A request owed a step arrived: this one is redone after it.
                 metrics.interrupted_steps.inc();
+                self.since_interrupt = 0;
                 return self.end(finished);
             }
             Err(e) => {
@@ -556,6 +561,7 @@ impl Worker {
         };
         self.register_full_blocks(&inputs);
         self.since_newcomer += 1;
+        self.since_interrupt += 1;
         for (a, tokens) in self.active.iter_mut().zip(&inputs) {
             if a.owed_step && !tokens.is_empty() {
                 a.owed_step = false;
