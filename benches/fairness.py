@@ -300,10 +300,11 @@ def share():
     time.sleep(20)  # both backlogged
     t0 = time.time()
     m0 = served_by_server()
-    # The server's count every 60 s too: each minute's share, beside the whole window's.
+    # The server's count every 10 s too: each minute's share and every sliding 60-s window's,
+    # beside the whole window's.
     marks = [m0]
     while time.time() < t0 + opt.seconds - 1:
-        time.sleep(min(60, t0 + opt.seconds - time.time()))
+        time.sleep(max(0, min(10, t0 + opt.seconds - time.time())))
         marks.append(served_by_server())
     t1 = time.time()
     m1 = marks[-1]
@@ -332,12 +333,20 @@ def share():
         out["server_served"] = srv
         out["server_one_share"] = round(scost["one"] / max(1, scost["one"] + scost["two"]), 3)
         out["server_deviation"] = round(abs(out["server_one_share"] - w[0] / total_w) / (w[0] / total_w), 3)
-        minutes = []
-        for a, b in zip(marks, marks[1:]):
+        def dev(a, b):
             c = {t: (b.get((t, "prompt"), 0) - a.get((t, "prompt"), 0))
                  + 2 * (b.get((t, "generated"), 0) - a.get((t, "generated"), 0)) for t in ("one", "two")}
-            minutes.append(round(abs(c["one"] / max(1, c["one"] + c["two"]) - w[0] / total_w) / (w[0] / total_w), 3))
-        out["server_deviation_each_minute"] = minutes
+            return round(abs(c["one"] / max(1, c["one"] + c["two"]) - w[0] / total_w) / (w[0] / total_w), 3)
+        out["server_deviation_each_minute"] = [dev(marks[i], marks[i + 6]) for i in range(0, len(marks) - 6, 6)]
+        sliding = [dev(marks[i], marks[i + 6]) for i in range(len(marks) - 6)]
+        out["server_deviation_worst_sliding_minute"] = max(sliding) if sliding else None
+        out["server_deviation_each_10s"] = [dev(a, b) for a, b in zip(marks, marks[1:])]
+        out["server_one_cost_each_10s"] = [
+            (b.get(("one", "prompt"), 0) - a.get(("one", "prompt"), 0)) + 2 * (b.get(("one", "generated"), 0) - a.get(("one", "generated"), 0))
+            for a, b in zip(marks, marks[1:])]
+        out["server_two_cost_each_10s"] = [
+            (b.get(("two", "prompt"), 0) - a.get(("two", "prompt"), 0)) + 2 * (b.get(("two", "generated"), 0) - a.get(("two", "generated"), 0))
+            for a, b in zip(marks, marks[1:])]
     report(out)
     wait_idle()
 

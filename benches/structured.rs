@@ -90,6 +90,7 @@ async fn main() {
             max_queue: 64,
             max_queue_per_tenant: 64,
             max_batched_tokens: 256,
+            fair_lag_tokens: 256,
         },
         KvConfig {
             dtype: loaded.model.auto_kv_dtype(),

@@ -42,6 +42,7 @@ pub struct Metrics {
     pub preemptions: IntCounter,
     pub shed_requests: IntCounter,
     pub interrupted_steps: IntCounter,
+    pub held_rows: IntCounter,
     pub rate_limited: IntCounterVec,
     pub usage_tokens: IntCounterVec,
     pub usage_requests: IntCounterVec,
@@ -202,6 +203,11 @@ impl Metrics {
                 "Steps stopped between layers (and redone) for a request owed a prompt step of its own",
             )
             .expect("valid"),
+            held_rows: IntCounter::new(
+                "loraplex_fair_held_rows_total",
+                "Rows that sat a step out: their tenant was too far ahead of one sharing the step",
+            )
+            .expect("valid"),
             rate_limited: IntCounterVec::new(
                 Opts::new(
                     "loraplex_rate_limited_total",
@@ -285,6 +291,7 @@ impl Metrics {
             Box::new(m.preemptions.clone()),
             Box::new(m.shed_requests.clone()),
             Box::new(m.interrupted_steps.clone()),
+            Box::new(m.held_rows.clone()),
             Box::new(m.rate_limited.clone()),
             Box::new(m.usage_tokens.clone()),
             Box::new(m.usage_requests.clone()),

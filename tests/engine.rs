@@ -23,6 +23,7 @@ fn every_one_of_many_concurrent_submissions_finishes() {
             max_queue: 4096,
             max_queue_per_tenant: 4096,
             max_batched_tokens: 0,
+            fair_lag_tokens: 256,
         },
         Arc::new(loraplex::metrics::Metrics::new()),
     ));
@@ -100,6 +101,7 @@ fn a_panicking_step_fails_its_requests_and_the_next_request_succeeds() {
             max_queue: 16,
             max_queue_per_tenant: 16,
             max_batched_tokens: 0,
+            fair_lag_tokens: 256,
         },
         metrics.clone(),
     );

@@ -33,6 +33,7 @@ fn engine(
             max_queue: 64,
             max_queue_per_tenant: 64,
             max_batched_tokens: 9,
+            fair_lag_tokens: 256,
         },
         KvConfig {
             block_size: 4,

@@ -163,6 +163,7 @@ fn the_engine_answers_as_transformers_greedy() {
                 max_queue: 16,
                 max_queue_per_tenant: 16,
                 max_batched_tokens: 9,
+                fair_lag_tokens: 256,
             },
             KvConfig {
                 block_size: 4,

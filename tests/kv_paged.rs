@@ -124,6 +124,7 @@ fn config(max_running: usize, batched: usize) -> SchedulerConfig {
         max_queue: 64,
         max_queue_per_tenant: 64,
         max_batched_tokens: batched,
+        fair_lag_tokens: 256,
     }
 }
 

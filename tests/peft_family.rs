@@ -290,6 +290,7 @@ fn engine_serves(name: &str, peft_type: &str) {
             max_queue: 16,
             max_queue_per_tenant: 16,
             max_batched_tokens: 0,
+            fair_lag_tokens: 256,
         },
         KvConfig::default(),
         metrics.clone(),

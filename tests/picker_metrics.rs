@@ -164,6 +164,7 @@ fn lora_info_names_running_and_waiting_adapters_as_requested() {
             max_queue: 8,
             max_queue_per_tenant: 8,
             max_batched_tokens: 256,
+            fair_lag_tokens: 256,
         },
         KvConfig::default(),
         metrics.clone(),

@@ -45,6 +45,7 @@ fn default_engine(
             max_queue: 64,
             max_queue_per_tenant: 64,
             max_batched_tokens: 256,
+            fair_lag_tokens: 256,
         },
         KvConfig {
             block_size: 16,

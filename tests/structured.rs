@@ -264,6 +264,7 @@ fn constrained_rows_leave_the_others_as_they_are() {
                 max_queue: 16,
                 max_queue_per_tenant: 16,
                 max_batched_tokens: 256,
+                fair_lag_tokens: 256,
             },
             KvConfig::default(),
             Arc::new(Metrics::new()),

@@ -478,6 +478,7 @@ impl Worker {
             .map(|a| self.scheduler.rank(a.id).unwrap_or((0, 0.0, a.id)))
             .collect();
         let mut inputs = step_inputs(&self.active, &ranks, self.config.max_batched_tokens);
+        self.hold_back(&mut inputs);
         let mut finished = Vec::new();
         if let Some(p) = &mut self.paged {
             let bs = p.blocks.block_size();
@@ -630,6 +631,34 @@ impl Worker {
             }
         }
         self.end(finished);
+    }
+
+    /// Clears the rows of tenants too far ahead of one that shares the step and wants more
+    /// (`Scheduler::held_back`); never beside a prompt owed a step of its own.
+    fn hold_back(&self, inputs: &mut [Vec<u32>]) {
+        if self.active.iter().any(|a| a.owed_step) {
+            return;
+        }
+        let rows: Vec<_> = self
+            .active
+            .iter()
+            .zip(inputs.iter())
+            .map(|(a, t)| {
+                let more = a.seq.prefilling() && t.len() < a.seq.next_input().len();
+                (a.id, !t.is_empty(), more)
+            })
+            .collect();
+        let held = self
+            .scheduler
+            .held_back(&rows, self.config.fair_lag_tokens as f64);
+        let mut n = 0;
+        for (input, held) in inputs.iter_mut().zip(held) {
+            if held {
+                input.clear();
+                n += 1;
+            }
+        }
+        self.shared.metrics.held_rows.inc_by(n);
     }
 
     fn end(&mut self, mut finished: Vec<usize>) {
