@@ -119,6 +119,23 @@ impl ChatTemplate {
         add_generation_prompt: bool,
         special: &SpecialTokens,
     ) -> Result<String, ChatError> {
+        self.render_with(
+            messages,
+            add_generation_prompt,
+            special,
+            &std::collections::BTreeMap::new(),
+        )
+    }
+
+    /// `render` with more variables in the template's context (as `apply_chat_template`'s
+    /// keyword arguments: `date_string`, `enable_thinking`, …).
+    pub fn render_with(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+        special: &SpecialTokens,
+        vars: &std::collections::BTreeMap<String, minijinja::Value>,
+    ) -> Result<String, ChatError> {
         let err = |e: Error| {
             let mut message = e.to_string();
             let mut source = std::error::Error::source(&e);
@@ -138,16 +155,100 @@ impl ChatTemplate {
         env.add_function("raise_exception", |msg: String| -> Result<String, Error> {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
+        // transformers' `strftime_now` (Llama 3.x templates date their system header with it).
+        env.add_function("strftime_now", |format: String| -> String {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            strftime(&format, now)
+        });
         env.add_template("chat", &self.source).map_err(err)?;
         let tmpl = env.get_template("chat").map_err(err)?;
+        let extra = minijinja::Value::from_serialize(vars);
         tmpl.render(minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
             bos_token => special.bos_token.clone().unwrap_or_default(),
             eos_token => special.eos_token.clone().unwrap_or_default(),
+            ..extra
         })
         .map_err(err)
     }
+}
+
+const MONTHS: [&str; 12] = [
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+];
+const DAYS: [&str; 7] = [
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+];
+
+/// Python's `strftime` for the UTC time `secs` after the epoch: `%d %m %Y %y %b %B %a %A %H %M
+/// %S %j %%`; other directives are written as they are.
+pub fn strftime(format: &str, secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    let before = [0, 31, 59, 90, 120, 151, 181, 212, 243, 273, 304, 334][month as usize - 1];
+    let yday = before + day + i64::from(leap && month > 2);
+    let weekday = DAYS[days.rem_euclid(7) as usize];
+    let month_name = MONTHS[month as usize - 1];
+    let mut out = String::new();
+    let mut chars = format.chars();
+    while let Some(c) = chars.next() {
+        if c != '%' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('d') => out.push_str(&format!("{day:02}")),
+            Some('m') => out.push_str(&format!("{month:02}")),
+            Some('Y') => out.push_str(&year.to_string()),
+            Some('y') => out.push_str(&format!("{:02}", year % 100)),
+            Some('b') => out.push_str(&month_name[..3]),
+            Some('B') => out.push_str(month_name),
+            Some('a') => out.push_str(&weekday[..3]),
+            Some('A') => out.push_str(weekday),
+            Some('H') => out.push_str(&format!("{:02}", rem / 3600)),
+            Some('M') => out.push_str(&format!("{:02}", rem / 60 % 60)),
+            Some('S') => out.push_str(&format!("{:02}", rem % 60)),
+            Some('j') => out.push_str(&format!("{yday:03}")),
+            Some('%') => out.push('%'),
+            Some(o) => {
+                out.push('%');
+                out.push(o);
+            }
+            None => out.push('%'),
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -242,6 +343,21 @@ mod tests {
             )
             .unwrap();
         assert_eq!(out, "[AB]");
+    }
+
+    #[test]
+    fn strftime_writes_pythons_dates() {
+        // date -u -d @... +"%d %b %Y %A %j %H:%M:%S"
+        assert_eq!(
+            strftime("%d %b %Y %A %j %H:%M:%S", 1_721_952_000),
+            "26 Jul 2024 Friday 208 00:00:00"
+        );
+        assert_eq!(
+            strftime("%Y-%m-%d %a %B", 951_782_400),
+            "2000-02-29 Tue February"
+        );
+        assert_eq!(strftime("%d/%m/%y %% %H:%M", 0), "01/01/70 % 00:00");
+        assert_eq!(strftime("%j %F", 1_735_689_599), "366 %F");
     }
 
     #[test]
