@@ -196,3 +196,56 @@ async fn tokenize_and_detokenize_as_vllm_has_them() {
     assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
     assert_eq!(v["error"]["param"], "tokens");
 }
+
+#[tokio::test]
+async fn chat_template_kwargs_reach_the_template_and_bad_ones_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let template = tmp.path().join("thinking.jinja");
+    std::fs::write(
+        &template,
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}\
+         {% if enable_thinking is defined and not enable_thinking %}(no thinking)\n{% endif %}\
+         {% if add_generation_prompt %}assistant:{% endif %}",
+    )
+    .unwrap();
+    let st = state(&["--chat-template", template.to_str().unwrap()]).await;
+    let app = router(st.clone());
+    let loaded = st.engine.model();
+    let messages = json!([{"role": "user", "content": "hello world"}]);
+    let ids = |v: &Value| serde_json::from_value::<Vec<u32>>(v["tokens"].clone()).unwrap();
+    let want = |text: &str| {
+        let mut w: Vec<u32> = loaded.prompt_bos().into_iter().collect();
+        w.extend(loaded.tokenizer.encode(text).unwrap());
+        w
+    };
+    let (status, plain, text) = call(&app, "/tokenize", json!({"messages": messages}), None).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(ids(&plain), want("user: hello world\nassistant:"));
+    let (status, off, text) = call(
+        &app,
+        "/tokenize",
+        json!({"messages": messages, "chat_template_kwargs": {"enable_thinking": false}}),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(
+        ids(&off),
+        want("user: hello world\n(no thinking)\nassistant:")
+    );
+    for bad in [
+        json!([1]),
+        json!({"messages": []}),
+        json!({"add_generation_prompt": false}),
+    ] {
+        let (status, v, text) = call(
+            &app,
+            "/v1/chat/completions",
+            json!({"messages": messages, "max_tokens": 1, "chat_template_kwargs": bad}),
+            None,
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+        assert_eq!(v["error"]["param"], "chat_template_kwargs", "{text}");
+    }
+}

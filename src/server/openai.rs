@@ -89,6 +89,9 @@ pub struct ChatCompletionRequest {
     #[serde(default)]
     pub logprobs: bool,
     pub top_logprobs: Option<i64>,
+    /// Extension (vLLM's): more variables for the chat template, as `apply_chat_template`'s
+    /// keyword arguments (`{"enable_thinking": false}` for Qwen3, `date_string` for Llama 3).
+    pub chat_template_kwargs: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

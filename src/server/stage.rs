@@ -255,6 +255,40 @@ pub fn tokenize(st: &AppState, body: &[u8]) -> Result<Vec<u32>, ApiError> {
     Ok(p.ids)
 }
 
+/// `chat_template_kwargs`: an object whose keys are not the ones the server sets itself.
+fn template_kwargs(
+    v: Option<&serde_json::Value>,
+) -> Result<std::collections::BTreeMap<String, minijinja::Value>, ApiError> {
+    const FIELD: &str = "chat_template_kwargs";
+    let Some(v) = v else {
+        return Ok(Default::default());
+    };
+    let Some(map) = v.as_object() else {
+        return Err(ApiError::bad(
+            FIELD,
+            "`chat_template_kwargs` must be an object",
+        ));
+    };
+    map.iter()
+        .map(|(k, v)| {
+            if [
+                "messages",
+                "add_generation_prompt",
+                "bos_token",
+                "eos_token",
+            ]
+            .contains(&k.as_str())
+            {
+                return Err(ApiError::bad(
+                    FIELD,
+                    format!("`chat_template_kwargs.{k}` is set by the server"),
+                ));
+            }
+            Ok((k.clone(), minijinja::Value::from_serialize(v)))
+        })
+        .collect()
+}
+
 fn chat_prompt(st: &AppState, loaded: &LoadedModel, body: &[u8]) -> Result<Prompt, ApiError> {
     let (req, sampling): (ChatCompletionRequest, Sampling) = openai::parse_generation(body)?;
     let messages = validate::messages(&req.messages)?;
@@ -265,9 +299,10 @@ fn chat_prompt(st: &AppState, loaded: &LoadedModel, body: &[u8]) -> Result<Promp
         .iter()
         .map(|m| ChatMessage::new(&m.role, &tok.escape(&m.content)))
         .collect();
+    let vars = template_kwargs(req.chat_template_kwargs.as_ref())?;
     let text = st
         .template
-        .render(&escaped, true, &loaded.special_tokens())
+        .render_with(&escaped, true, &loaded.special_tokens(), &vars)
         .map_err(|e| ApiError::bad("messages", e.to_string()))?;
     let ids = tok
         .encode_escaped(&text)
