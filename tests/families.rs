@@ -410,3 +410,205 @@ fn every_family_serves_an_nf4_base_as_its_dequantized_weights() {
         }
     }
 }
+
+/// The family's HF directory as llama.cpp reads its GGUF (`model::gguf`): a copy whose config
+/// says what the file carries (Mistral, Qwen2 and Phi-3 without windows; Gemma's attention
+/// scale `1/sqrt(head_dim)`; Gemma 3 sliding on five layers of six), its 2-D weights rounded to
+/// f16 when `f16` (the converter keeps 1-D ones in f32).
+fn as_llama_cpp_reads(family: &str, f16: bool) -> (tempfile::TempDir, LoadedModel) {
+    let tmp = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(dir(family)).unwrap() {
+        let f = f.unwrap().path();
+        if f.is_file() {
+            std::fs::copy(&f, tmp.path().join(f.file_name().unwrap())).unwrap();
+        }
+    }
+    let cfg_path = tmp.path().join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    let layers = cfg["num_hidden_layers"].as_u64().unwrap() as usize;
+    let head_dim = cfg["head_dim"].clone();
+    let all = |t: &str| serde_json::Value::from(vec![t; layers]);
+    match family {
+        "mistral" | "phi3" => cfg["sliding_window"] = serde_json::Value::Null,
+        "qwen2" | "qwen3" => {
+            cfg["use_sliding_window"] = false.into();
+            cfg["layer_types"] = all("full_attention");
+        }
+        "gemma2" => cfg["query_pre_attn_scalar"] = head_dim,
+        "gemma3" => {
+            cfg["query_pre_attn_scalar"] = head_dim;
+            cfg["layer_types"] = (0..layers)
+                .map(|i| {
+                    if i % 6 < 5 {
+                        "sliding_attention"
+                    } else {
+                        "full_attention"
+                    }
+                })
+                .collect::<Vec<_>>()
+                .into();
+        }
+        _ => unreachable!(),
+    }
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    if f16 {
+        let st = tmp.path().join("model.safetensors");
+        let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(&st, &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(n, t)| {
+                let t = if t.rank() == 2 {
+                    t.to_dtype(candle_core::DType::F16)
+                        .unwrap()
+                        .to_dtype(candle_core::DType::F32)
+                        .unwrap()
+                } else {
+                    t
+                };
+                (n, t)
+            })
+            .collect();
+        candle_core::safetensors::save(&tensors, &st).unwrap();
+    }
+    let resolved = loraplex::model::source::ResolvedModel::HfDir {
+        id: family.into(),
+        path: tmp.path().to_path_buf(),
+    };
+    let loaded = load_model(&resolved, &ModelOptions::default()).unwrap();
+    (tmp, loaded)
+}
+
+fn load_gguf(family: &str, file: &str, native: bool) -> LoadedModel {
+    let resolved = loraplex::model::source::ResolvedModel::Gguf {
+        id: family.into(),
+        path: dir(family).join("gguf").join(file),
+    };
+    let opts = ModelOptions {
+        native_quant: native,
+        ..ModelOptions::default()
+    };
+    load_model(&resolved, &opts).unwrap_or_else(|e| panic!("{family} {file}: {e}"))
+}
+
+#[test]
+fn every_family_gguf_from_llama_cpp_matches_its_hf_directory() {
+    // F16: exactly the HF directory with its weights rounded to f16. Q8_0 (served as stored,
+    // and dequantized): within the quantization's error of the f32 directory.
+    for family in FAMILIES {
+        let e = expected(family);
+        let prompts: Vec<Vec<u32>> = (0..3).map(|i| ids(&e[&format!("input_ids_{i}")])).collect();
+        let all = |m: &LoadedModel| -> Vec<Vec<Vec<f32>>> {
+            prompts
+                .iter()
+                .map(|p| logits_all(m, &[(p, None)]))
+                .collect()
+        };
+        let diff = |a: &[Vec<Vec<f32>>], b: &[Vec<Vec<f32>>]| {
+            a.iter()
+                .zip(b)
+                .map(|(x, y)| worst(x, y))
+                .fold(0.0, f32::max)
+        };
+        let (_t, rounded) = as_llama_cpp_reads(family, true);
+        let f16 = load_gguf(family, "f16.gguf", true);
+        let mut arch = rounded.model.config.arch.clone();
+        if family == "mistral" {
+            // The converter writes Mistral as `llama`.
+            arch.family = loraplex::model::config::Family::Llama;
+        }
+        if arch.windows.iter().all(Option::is_none) {
+            arch.windows.clear();
+        }
+        assert_eq!(f16.model.config.arch, arch, "{family}");
+        assert_eq!(
+            f16.tokenizer.encode("Hello world").unwrap(),
+            rounded.tokenizer.encode("Hello world").unwrap()
+        );
+        let mut exact = diff(&all(&f16), &all(&rounded));
+        // PEFT adapters bind to the GGUF's modules as to the directory's (Phi-3's fused ones
+        // split by rows): the same logits.
+        for name in ADAPTERS {
+            let adapter = dir(family).join("adapters").join(name);
+            let (a, b) = (bind_dir(&f16, &adapter), bind_dir(&rounded, &adapter));
+            for p in &prompts {
+                exact = exact.max(worst(
+                    &logits_all(&f16, &[(p, Some(&a))]),
+                    &logits_all(&rounded, &[(p, Some(&b))]),
+                ));
+            }
+        }
+        let (_t, reference) = as_llama_cpp_reads(family, false);
+        let want = all(&reference);
+        // Relative RMS error over every logit: ||got - want|| / ||want||.
+        let rel = |got: &[Vec<Vec<f32>>]| {
+            let (mut num, mut den) = (0f64, 0f64);
+            for (g, w) in got
+                .iter()
+                .flatten()
+                .flatten()
+                .zip(want.iter().flatten().flatten())
+            {
+                num += f64::from(g - w).powi(2);
+                den += f64::from(*w).powi(2);
+            }
+            (num / den).sqrt()
+        };
+        let q8_native = rel(&all(&load_gguf(family, "q8_0.gguf", true)));
+        let q8_dequant = rel(&all(&load_gguf(family, "q8_0.gguf", false)));
+        let f16_rel = rel(&all(&f16));
+        eprintln!("{family}: f16 gguf vs the f16-rounded dir (base, lora, dora, ia3): max |diff| {exact:e}; relative RMS error vs the f32 dir: f16 {f16_rel:.1e}, q8_0 as stored {q8_native:.1e}, q8_0 dequantized {q8_dequant:.1e}");
+        assert!(
+            exact <= 1e-6,
+            "{family}: f16 gguf off the rounded directory by {exact}"
+        );
+        // The quantization's tolerance, from the step sizes: f16 rounds each weight to 2^-11
+        // of itself, Q8_0 to 1/127 of its block's largest (about 2.5 standard deviations for
+        // 32 Gaussian weights): 2.5 · 2048 / 127 ≈ 40 times coarser. Served as stored, the
+        // activations are rounded to 8 bits too: √2 more.
+        assert!(f16_rel < 5e-3, "{family}: f16 {f16_rel}");
+        for (what, d, k) in [
+            ("q8_0 as stored", q8_native, 40.0 * 2f64.sqrt()),
+            ("q8_0 dequantized", q8_dequant, 40.0),
+        ] {
+            assert!(
+                d < k * f16_rel,
+                "{family}: {what} off by {d} (relative RMS), f16 {f16_rel}"
+            );
+            assert!(
+                d > f16_rel,
+                "{family}: {what} closer than f16: was it quantized?"
+            );
+        }
+    }
+}
+
+#[test]
+fn an_unknown_gguf_architecture_is_named_with_the_supported_ones() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut bytes = std::fs::read(dir("qwen2").join("gguf").join("f16.gguf")).unwrap();
+    // `general.architecture` = "qwen2" → "qwen9" (same length; the keys stay "qwen2.*").
+    let at = bytes
+        .windows(5)
+        .position(|w| w == b"qwen2")
+        .expect("the architecture string");
+    bytes[at + 4] = b'9';
+    let path = tmp.path().join("odd.gguf");
+    std::fs::write(&path, bytes).unwrap();
+    let resolved = loraplex::model::source::ResolvedModel::Gguf {
+        id: "odd".into(),
+        path: path.clone(),
+    };
+    let err = load_model(&resolved, &ModelOptions::default())
+        .err()
+        .expect("refused")
+        .to_string();
+    for want in [
+        "odd.gguf",
+        "general.architecture",
+        "qwen9",
+        "llama, qwen2, qwen3, gemma2, gemma3, phi3",
+    ] {
+        assert!(err.contains(want), "{err} lacks {want}");
+    }
+}

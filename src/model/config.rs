@@ -420,6 +420,8 @@ impl LlamaConfig {
                 sandwich_norms: gemma,
                 activation,
                 attn_scale: match (gemma, raw.query_pre_attn_scalar) {
+                    // The default scale, said explicitly (Gemma 2 2B/9B: 256 = head_dim).
+                    (true, Some(s)) if s == head_dim as f64 => None,
                     (true, Some(s)) if s > 0.0 => Some((1.0 / s.sqrt()) as f32),
                     (true, Some(_)) => {
                         return Err(ModelError::field(

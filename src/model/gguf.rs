@@ -1,5 +1,7 @@
-//! Loading a Llama GGUF file: metadata → config and tokenizer, blocks dequantized to the target
-//! dtype, q/k rows un-permuted back to Hugging Face layout so PEFT adapters apply unchanged.
+//! Loading a GGUF file of any served family (llama, qwen2, qwen3, gemma2, gemma3, phi3):
+//! metadata → config and tokenizer, tensors renamed to Hugging Face's names, quantized blocks
+//! served as stored or dequantized to the target dtype, the Llama's q/k rows un-permuted back
+//! to Hugging Face layout so PEFT adapters apply unchanged.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -9,7 +11,7 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::Tensor;
 
-use super::config::LlamaConfig;
+use super::config::{Activation, Arch, Family, LlamaConfig};
 use super::error::ModelError;
 use super::loaded::{LoadedModel, ModelOptions, Weights};
 use crate::tokenizer::{GgufVocab, Tokenizer};
@@ -73,52 +75,124 @@ impl Meta<'_> {
     }
 }
 
+/// The GGUF architectures served (`general.architecture`) and the family each is. llama.cpp's
+/// converter writes Mistral as `llama`.
+const ARCHITECTURES: [(&str, Family); 6] = [
+    ("llama", Family::Llama),
+    ("qwen2", Family::Qwen2),
+    ("qwen3", Family::Qwen3),
+    ("gemma2", Family::Gemma2),
+    ("gemma3", Family::Gemma3),
+    ("phi3", Family::Phi3),
+];
+
+/// The config a GGUF file describes, read as llama.cpp reads it (what the file means is what
+/// llama.cpp does with it; where that differs from transformers it is said here):
+/// - sliding windows only for Gemma (llama.cpp runs Mistral, Qwen2 and Phi-3 GGUFs with full
+///   attention: the converter writes no window for the first two and llama.cpp disables Phi-3's);
+///   Gemma 2 slides on every other layer from the first, Gemma 3 on five of six, unless the file
+///   has `sliding_window_pattern`;
+/// - Gemma's attention scale is `1/sqrt(head_dim)` (`1/sqrt(hidden/heads)` for the 27B models,
+///   46 and 62 layers): the file has no `query_pre_attn_scalar`, and these are its real values;
+/// - Gemma 3's linear RoPE scaling is on its full-attention layers, `rope.freq_base_swa` the
+///   base of the sliding ones.
 fn config_from_meta(
     meta: &Meta<'_>,
     vocab_len: usize,
     tied: bool,
 ) -> Result<LlamaConfig, ModelError> {
     let arch = meta.string("general.architecture").unwrap_or_default();
-    if arch != "llama" {
+    let Some(family) = ARCHITECTURES
+        .iter()
+        .find(|(a, _)| *a == arch)
+        .map(|(_, f)| *f)
+    else {
         return Err(ModelError::field(
             meta.path,
             "general.architecture",
-            format!("is `{arch}`; only `llama` is supported"),
+            format!(
+                "is `{arch}`; the supported architectures are {}",
+                ARCHITECTURES.map(|(a, _)| a).join(", ")
+            ),
         ));
-    }
-    let hidden = meta.usize("llama.embedding_length")?;
-    let heads = meta.usize("llama.attention.head_count")?;
+    };
+    let key = |k: &str| format!("{arch}.{k}");
+    let hidden = meta.usize(&key("embedding_length"))?;
+    let heads = meta.usize(&key("attention.head_count"))?;
     let kv_heads = meta
-        .opt_usize("llama.attention.head_count_kv")
+        .opt_usize(&key("attention.head_count_kv"))
         .unwrap_or(heads);
     if kv_heads == 0 || heads % kv_heads != 0 {
         return Err(ModelError::field(
             meta.path,
-            "llama.attention.head_count_kv",
+            &key("attention.head_count_kv"),
             "must divide the head count",
         ));
     }
     let head_dim = meta
-        .opt_usize("llama.attention.key_length")
+        .opt_usize(&key("attention.key_length"))
         .unwrap_or(hidden / heads);
+    let layers = meta.usize(&key("block_count"))?;
     let eos: Vec<u32> = meta
         .opt_usize("tokenizer.ggml.eos_token_id")
         .map(|id| vec![id as u32])
         .unwrap_or_default();
+    let gemma = family.is_gemma();
+    let window = meta
+        .opt_usize(&key("attention.sliding_window"))
+        .filter(|&w| w > 0);
+    let windows = match (family, window) {
+        (Family::Gemma2, w) => sliding_layers(
+            meta,
+            &key("attention.sliding_window_pattern"),
+            layers,
+            2,
+            w.unwrap_or(4096),
+        ),
+        (Family::Gemma3, Some(w)) => {
+            sliding_layers(meta, &key("attention.sliding_window_pattern"), layers, 6, w)
+        }
+        _ => Vec::new(),
+    };
+    let rope_linear = match meta.string(&key("rope.scaling.type")).as_deref() {
+        None | Some("none") => None,
+        Some("linear") => meta
+            .opt_f64(&key("rope.scaling.factor"))
+            .filter(|&f| f != 1.0),
+        Some(other) => {
+            return Err(ModelError::field(
+                meta.path,
+                &key("rope.scaling.type"),
+                format!("is `{other}`; supported: linear"),
+            ))
+        }
+    };
+    if rope_linear.is_some() && family != Family::Gemma3 {
+        return Err(ModelError::field(
+            meta.path,
+            &key("rope.scaling.type"),
+            "linear RoPE scaling is served for gemma3 only",
+        ));
+    }
+    let softcap = |k: &str| meta.opt_f64(&key(k)).filter(|&c| c > 0.0).map(|c| c as f32);
+    let big = matches!(
+        (family, layers),
+        (Family::Gemma2, 46) | (Family::Gemma3, 62)
+    );
     Ok(LlamaConfig {
-        vocab_size: meta.opt_usize("llama.vocab_size").unwrap_or(vocab_len),
+        vocab_size: meta.opt_usize(&key("vocab_size")).unwrap_or(vocab_len),
         hidden_size: hidden,
-        intermediate_size: meta.usize("llama.feed_forward_length")?,
-        num_hidden_layers: meta.usize("llama.block_count")?,
+        intermediate_size: meta.usize(&key("feed_forward_length"))?,
+        num_hidden_layers: layers,
         num_attention_heads: heads,
         num_key_value_heads: kv_heads,
         head_dim,
         rms_norm_eps: meta
-            .opt_f64("llama.attention.layer_norm_rms_epsilon")
+            .opt_f64(&key("attention.layer_norm_rms_epsilon"))
             .unwrap_or(1e-5),
-        rope_theta: meta.opt_f64("llama.rope.freq_base").unwrap_or(10000.0),
+        rope_theta: meta.opt_f64(&key("rope.freq_base")).unwrap_or(10000.0),
         rope_scaling: None,
-        max_position_embeddings: meta.opt_usize("llama.context_length").unwrap_or(2048),
+        max_position_embeddings: meta.opt_usize(&key("context_length")).unwrap_or(2048),
         tie_word_embeddings: tied,
         attention_bias: false,
         mlp_bias: false,
@@ -126,12 +200,63 @@ fn config_from_meta(
             .opt_usize("tokenizer.ggml.bos_token_id")
             .map(|id| id as u32),
         eos_token_ids: eos,
-        arch: Default::default(),
+        arch: Arch {
+            family,
+            qkv_bias: family == Family::Qwen2,
+            qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
+            windows,
+            norm_plus_one: gemma,
+            embed_scale: gemma.then(|| (hidden as f32).sqrt()),
+            sandwich_norms: gemma,
+            activation: if gemma {
+                Activation::GeluTanh
+            } else {
+                Activation::Silu
+            },
+            attn_scale: big.then(|| 1.0 / ((hidden / heads) as f32).sqrt()),
+            attn_softcap: if family == Family::Gemma2 {
+                softcap("attn_logit_softcapping")
+            } else {
+                None
+            },
+            final_softcap: if gemma {
+                softcap("final_logit_softcapping")
+            } else {
+                None
+            },
+            local_rope_theta: (family == Family::Gemma3)
+                .then(|| meta.opt_f64(&key("rope.freq_base_swa")).unwrap_or(10000.0)),
+            rope_linear,
+            fused: family == Family::Phi3,
+        },
     })
 }
 
-/// GGUF tensor name → Hugging Face name.
-fn hf_name(gguf: &str) -> Option<String> {
+/// Which layers slide, as llama.cpp reads `sliding_window_pattern`: an array of one flag per
+/// layer, or `n` (layer `i` slides when `i % n < n - 1`), `default_n` if absent.
+fn sliding_layers(
+    meta: &Meta<'_>,
+    key: &str,
+    layers: usize,
+    default_n: usize,
+    window: usize,
+) -> Vec<Option<usize>> {
+    if let Some(flags) = meta.get(key).and_then(|v| v.to_vec().ok()) {
+        return (0..layers)
+            .map(|i| {
+                let slides = flags.get(i).and_then(|f| f.to_bool().ok()).unwrap_or(false);
+                slides.then_some(window)
+            })
+            .collect();
+    }
+    let n = meta.opt_usize(key).unwrap_or(default_n);
+    (0..layers)
+        .map(|i| (n == 0 || i % n < n - 1).then_some(window))
+        .collect()
+}
+
+/// GGUF tensor name → Hugging Face name, for `family`.
+fn hf_name(gguf: &str, family: Family) -> Option<String> {
     let direct = match gguf {
         "token_embd.weight" => Some("model.embed_tokens.weight"),
         "output_norm.weight" => Some("model.norm.weight"),
@@ -144,14 +269,25 @@ fn hf_name(gguf: &str) -> Option<String> {
     let rest = gguf.strip_prefix("blk.")?;
     let (layer, rest) = rest.split_once('.')?;
     let (module, suffix) = rest.rsplit_once('.')?;
+    let gemma = family.is_gemma();
     let hf = match module {
         "attn_norm" => "input_layernorm",
+        // Gemma's `post_attention_layernorm` normalises the attention output; its pre-MLP
+        // norm is `pre_feedforward_layernorm`.
+        "ffn_norm" if gemma => "pre_feedforward_layernorm",
         "ffn_norm" => "post_attention_layernorm",
+        "post_attention_norm" if gemma => "post_attention_layernorm",
+        "post_ffw_norm" if gemma => "post_feedforward_layernorm",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
         "attn_q" => "self_attn.q_proj",
         "attn_k" => "self_attn.k_proj",
         "attn_v" => "self_attn.v_proj",
+        "attn_qkv" if family == Family::Phi3 => "self_attn.qkv_proj",
         "attn_output" => "self_attn.o_proj",
         "ffn_gate" => "mlp.gate_proj",
+        // Phi-3's `ffn_up` is gate and up, fused.
+        "ffn_up" if family == Family::Phi3 => "mlp.gate_up_proj",
         "ffn_up" => "mlp.up_proj",
         "ffn_down" => "mlp.down_proj",
         _ => return None,
@@ -207,8 +343,22 @@ pub fn load(id: &str, path: &Path, opts: &ModelOptions) -> Result<LoadedModel, M
 
     let mut tensors = HashMap::new();
     let mut quant = HashMap::new();
+    let family = config.arch.family;
+    if let Some(name) = content
+        .tensor_infos
+        .keys()
+        .find(|n| n.starts_with("rope_factors") || n.ends_with("rope_factors_long.weight"))
+    {
+        return Err(ModelError::Tensor {
+            path: path.to_path_buf(),
+            name: name.clone(),
+            problem: "is LongRoPE's per-frequency factors; LongRoPE is not supported".into(),
+        });
+    }
     for name in content.tensor_infos.keys() {
-        let Some(hf) = hf_name(name) else { continue };
+        let Some(hf) = hf_name(name, family) else {
+            continue;
+        };
         let q = content
             .tensor(&mut reader, name, &opts.device)
             .map_err(|e| ModelError::Tensor {
@@ -221,7 +371,10 @@ pub fn load(id: &str, path: &Path, opts: &ModelOptions) -> Result<LoadedModel, M
                     crate::quant::gguf::supported_names()
                 ),
             })?;
-        let heads = if name.ends_with("attn_q.weight") {
+        // The converter permutes q and k rows for the Llama's interleaved RoPE only.
+        let heads = if family != Family::Llama {
+            None
+        } else if name.ends_with("attn_q.weight") {
             Some(config.num_attention_heads)
         } else if name.ends_with("attn_k.weight") {
             Some(config.num_key_value_heads)
@@ -260,6 +413,8 @@ pub fn load(id: &str, path: &Path, opts: &ModelOptions) -> Result<LoadedModel, M
         path: path.to_path_buf(),
         tensors,
         quant,
+        // The converter adds Gemma's one to its norms.
+        norms_hold_one: family.is_gemma(),
     };
     let model = weights.into_llama(config.clone())?;
     let token = |key: &str| {
@@ -312,18 +467,26 @@ mod tests {
     #[test]
     fn names_map_to_hugging_face() {
         assert_eq!(
-            hf_name("blk.3.attn_q.weight").unwrap(),
+            hf_name("blk.3.attn_q.weight", Family::Llama).unwrap(),
             "model.layers.3.self_attn.q_proj.weight"
         );
         assert_eq!(
-            hf_name("blk.0.ffn_norm.weight").unwrap(),
+            hf_name("blk.0.ffn_norm.weight", Family::Llama).unwrap(),
             "model.layers.0.post_attention_layernorm.weight"
         );
         assert_eq!(
-            hf_name("token_embd.weight").unwrap(),
+            hf_name("token_embd.weight", Family::Llama).unwrap(),
             "model.embed_tokens.weight"
         );
-        assert!(hf_name("rope_freqs.weight").is_none());
+        assert!(hf_name("rope_freqs.weight", Family::Llama).is_none());
+        assert_eq!(
+            hf_name("blk.1.ffn_norm.weight", Family::Gemma2).unwrap(),
+            "model.layers.1.pre_feedforward_layernorm.weight"
+        );
+        assert_eq!(
+            hf_name("blk.1.ffn_up.weight", Family::Phi3).unwrap(),
+            "model.layers.1.mlp.gate_up_proj.weight"
+        );
     }
 
     #[test]

@@ -152,6 +152,9 @@ pub(crate) struct Weights {
     pub tensors: HashMap<String, Tensor>,
     /// GGUF tensors kept in their quantization, served as stored.
     pub quant: HashMap<String, std::sync::Arc<candle_core::quantized::QTensor>>,
+    /// Norm weights already hold the one that `1 + w` families add (llama.cpp's converter adds
+    /// it to Gemma's norms): taken as they are.
+    pub norms_hold_one: bool,
 }
 
 impl Weights {
@@ -236,10 +239,46 @@ impl Weights {
         Ok(Linear::new(BaseWeight::Dense(w), b))
     }
 
+    /// A fused weight (`[sum(parts), inp]`, dense or quantized) split by rows into one linear
+    /// per part, in order.
+    fn fused(
+        &mut self,
+        name: &str,
+        parts: &[usize],
+        inp: usize,
+    ) -> Result<Vec<Linear>, ModelError> {
+        let total: usize = parts.iter().sum();
+        let starts = parts.iter().scan(0, |at, &n| {
+            let from = *at;
+            *at += n;
+            Some((from, n))
+        });
+        if let Some(q) = self.take_quant(name, &[total, inp])? {
+            return starts
+                .map(|(from, n)| {
+                    let rows: Vec<usize> = (from..from + n).collect();
+                    let part = crate::quant::gguf::select_rows(&q, &rows)?;
+                    let base =
+                        BaseWeight::Quant(self.quant_linear(name, std::sync::Arc::new(part))?);
+                    Ok(Linear::new(base, None))
+                })
+                .collect();
+        }
+        let t = self.take(name, &[total, inp])?;
+        starts
+            .map(|(from, n)| {
+                Ok(Linear::new(
+                    BaseWeight::Dense(t.narrow(0, from, n)?.contiguous()?),
+                    None,
+                ))
+            })
+            .collect()
+    }
+
     /// A norm weight `[hidden]` as the decoder applies it (`1 + w` where the family stores `w`).
     fn norm(&mut self, name: &str, c: &LlamaConfig) -> Result<Tensor, ModelError> {
         let w = self.take(name, &[c.hidden_size])?;
-        if c.arch.norm_plus_one {
+        if c.arch.norm_plus_one && !self.norms_hold_one {
             return Ok((w + 1.0)?);
         }
         Ok(w)
@@ -263,7 +302,11 @@ impl Weights {
             let head_norm = |w: &mut Self, which: &str| -> Result<Option<Tensor>, ModelError> {
                 if c.arch.qk_norm {
                     let t = w.take(&format!("{p}.self_attn.{which}.weight"), &[hd])?;
-                    Ok(Some(if c.arch.norm_plus_one { (t + 1.0)? } else { t }))
+                    Ok(Some(if c.arch.norm_plus_one && !w.norms_hold_one {
+                        (t + 1.0)?
+                    } else {
+                        t
+                    }))
                 } else {
                     Ok(None)
                 }
@@ -291,34 +334,35 @@ impl Weights {
             if c.arch.fused {
                 // Phi-3: one weight each for q/k/v and gate/up, split by rows here.
                 let inter = c.intermediate_size;
-                let qkv = self.take(
-                    &format!("{p}.self_attn.qkv_proj.weight"),
-                    &[q_out + 2 * kv_out, h],
-                )?;
-                let gate_up =
-                    self.take(&format!("{p}.mlp.gate_up_proj.weight"), &[2 * inter, h])?;
-                let part = |t: &Tensor, from: usize, n: usize| -> Result<Linear, ModelError> {
-                    Ok(Linear::new(
-                        BaseWeight::Dense(t.narrow(0, from, n)?.contiguous()?),
-                        None,
-                    ))
+                let mut qkv = self
+                    .fused(
+                        &format!("{p}.self_attn.qkv_proj.weight"),
+                        &[q_out, kv_out, kv_out],
+                        h,
+                    )?
+                    .into_iter();
+                let mut gate_up = self
+                    .fused(&format!("{p}.mlp.gate_up_proj.weight"), &[inter, inter], h)?
+                    .into_iter();
+                let next = |parts: &mut std::vec::IntoIter<Linear>| {
+                    parts.next().expect("one part per row range")
                 };
                 layers.push(Block {
                     attn_out_norm: None,
                     mlp_out_norm: None,
                     input_layernorm: self.norm(&format!("{p}.input_layernorm.weight"), c)?,
                     self_attn: Attention {
-                        q_proj: part(&qkv, 0, q_out)?,
-                        k_proj: part(&qkv, q_out, kv_out)?,
-                        v_proj: part(&qkv, q_out + kv_out, kv_out)?,
+                        q_proj: next(&mut qkv),
+                        k_proj: next(&mut qkv),
+                        v_proj: next(&mut qkv),
                         o_proj: self.linear(&format!("{p}.self_attn.o_proj"), h, q_out, ab)?,
                         q_norm,
                         k_norm,
                     },
                     post_attention_layernorm: pre_mlp,
                     mlp: Mlp {
-                        gate_proj: part(&gate_up, 0, inter)?,
-                        up_proj: part(&gate_up, inter, inter)?,
+                        gate_proj: next(&mut gate_up),
+                        up_proj: next(&mut gate_up),
                         down_proj: self.linear(&format!("{p}.mlp.down_proj"), h, inter, mb)?,
                     },
                 });

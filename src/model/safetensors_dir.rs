@@ -58,6 +58,7 @@ pub fn load(id: &str, dir: &Path, opts: &ModelOptions) -> Result<LoadedModel, Mo
         path: dir.to_path_buf(),
         tensors,
         quant: HashMap::new(),
+        norms_hold_one: false,
     };
     let model = weights.into_llama(config.clone())?;
     let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;

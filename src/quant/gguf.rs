@@ -263,12 +263,22 @@ impl CustomOp1 for QuantOp {
 /// Rows of a quantized `[rows, cols]` tensor reordered by `perm` (`out[i] = in[perm[i]]`):
 /// whole rows of blocks move, nothing is requantized.
 pub fn permute_rows(q: &QTensor, perm: &[usize]) -> Result<QTensor> {
+    let rows = q.shape().dims2()?.0;
+    if perm.len() != rows {
+        candle_core::bail!("a row permutation of {} rows for {rows} rows", perm.len());
+    }
+    select_rows(q, perm)
+}
+
+/// The rows `pick` of a quantized `[rows, cols]` tensor, in that order (blocks run along a
+/// row, so rows move whole): a `[pick.len(), cols]` tensor.
+pub fn select_rows(q: &QTensor, perm: &[usize]) -> Result<QTensor> {
     let (rows, cols) = q.shape().dims2()?;
     let dtype = q.dtype();
     let row_bytes = cols / dtype.block_size() * dtype.type_size();
     let data = q.data()?;
-    if perm.len() != rows || data.len() != rows * row_bytes {
-        candle_core::bail!("row permutation does not fit a [{rows}, {cols}] {dtype:?} tensor");
+    if perm.iter().any(|&r| r >= rows) || data.len() != rows * row_bytes {
+        candle_core::bail!("row selection does not fit a [{rows}, {cols}] {dtype:?} tensor");
     }
     let mut out = Vec::with_capacity(data.len());
     for &p in perm {
@@ -279,7 +289,7 @@ pub fn permute_rows(q: &QTensor, perm: &[usize]) -> Result<QTensor> {
         &Device::Cpu,
         dtype,
     )?;
-    QTensor::new(storage, (rows, cols))
+    QTensor::new(storage, (perm.len(), cols))
 }
 
 #[cfg(test)]
