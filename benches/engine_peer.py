@@ -22,9 +22,13 @@ def post(url, body, stream=False):
     return urllib.request.urlopen(req, timeout=600)
 
 
+VOCAB = 40000
+
+
 def ids(n, salt):
     # Ordinary vocabulary ids, different for each salt from the first token on.
-    return [1000 + (i * 7919 + salt * 104729) % 39000 for i in range(n)]
+    low = min(1000, VOCAB // 4)
+    return [low + (i * 7919 + salt * 104729) % (VOCAB - low) for i in range(n)]
 
 
 def prefill(a):
@@ -112,7 +116,7 @@ def decode(a):
     for ctx in (64, a.tokens):
         got = []
         for r in range(a.runs):
-            body = {"prompt": ids(ctx, 3000 + r + int(time.time()) % 1000), "max_tokens": 129,
+            body = {"prompt": ids(ctx, 3000 + r + int(time.time()) % 1000), "max_tokens": a.max_tokens,
                     "temperature": 0, "ignore_eos": True, "stream": True, **model(a)}
             stamps = []
             for line in post(a.url + "/v1/completions", body):
@@ -136,9 +140,13 @@ def main():
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--model")
+    p.add_argument("--max-tokens", type=int, default=129, help="decode: tokens per run")
+    p.add_argument("--vocab", type=int, default=40000, help="prompt ids stay below this")
     p.add_argument("--flavor", default="ours")
     a = p.parse_args()
     a.url = a.url.rstrip("/")
+    global VOCAB
+    VOCAB = a.vocab
     a.tokens = a.tokens or {"prefill": 3000, "itl": 2000, "ttft": 500, "decode": 2048}[a.test]
     out = {"prefill": prefill, "itl": itl, "ttft": ttft, "decode": decode}[a.test](a)
     out["flavor"] = a.flavor

@@ -188,10 +188,22 @@ pub async fn run_train(args: TrainArgs) -> Result<()> {
         }
         crate::model::Proj::ALL.to_vec()
     } else {
-        args.target_modules
-            .iter()
-            .map(|t| crate::model::Proj::from_short(t).with_context(|| format!("`--target-modules`: unknown projection `{t}` (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, or all-linear)")))
-            .collect::<Result<Vec<_>>>()?
+        use crate::model::Proj;
+        let mut targets: Vec<Proj> = Vec::new();
+        for t in &args.target_modules {
+            // The fused modules' names (Phi-3's) name their parts.
+            let parts = match t.as_str() {
+                "qkv_proj" => vec![Proj::Q, Proj::K, Proj::V],
+                "gate_up_proj" => vec![Proj::Gate, Proj::Up],
+                _ => vec![Proj::from_short(t).with_context(|| format!("`--target-modules`: unknown projection `{t}` (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, qkv_proj, gate_up_proj, or all-linear)"))?],
+            };
+            for p in parts {
+                if !targets.contains(&p) {
+                    targets.push(p);
+                }
+            }
+        }
+        targets
     };
     if !(0.0..1.0).contains(&args.eval_split) {
         bail!("`--eval-split` must be in [0, 1)");

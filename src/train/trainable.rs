@@ -69,13 +69,24 @@ pub struct TrainSite {
     /// DoRA magnitude `[out]`.
     pub m: Option<Var>,
     pub scale: f64,
+    /// A module the model stores fused (Phi-3's `self_attn.qkv_proj`, `mlp.gate_up_proj`), as
+    /// PEFT trains it: one A for all its parts, B and m over the fused rows, split by rows for
+    /// each forward (`adapters::bind::fused_parts`). `proj` is then its first part.
+    pub fused: Option<&'static str>,
 }
 
 impl TrainSite {
     pub fn module(&self) -> String {
-        format!("model.layers.{}.{}", self.layer, self.proj.module())
+        let name = self.fused.unwrap_or(self.proj.module());
+        format!("model.layers.{}.{name}", self.layer)
     }
 }
+
+/// The fused modules and the projections each holds, in row order.
+const FUSED: [(&str, &[Proj]); 2] = [
+    ("self_attn.qkv_proj", &[Proj::Q, Proj::K, Proj::V]),
+    ("mlp.gate_up_proj", &[Proj::Gate, Proj::Up]),
+];
 
 /// An IA³ vector on one projection.
 #[derive(Debug, Clone)]
@@ -243,15 +254,49 @@ impl TrainableAdapter {
             spec.alpha / spec.rank as f64
         };
         let dev = model.device();
+        // The modules trained: each target, or on a fused model its fused module once.
+        let mut modules: Vec<(Proj, Option<&'static str>, Vec<Proj>)> = Vec::new();
+        for &proj in &spec.targets {
+            let group = FUSED
+                .iter()
+                .find(|(_, parts)| model.config.arch.fused && parts.contains(&proj));
+            match group {
+                None => modules.push((proj, None, vec![proj])),
+                Some((name, parts)) => {
+                    if modules.iter().any(|m| m.1 == Some(*name)) {
+                        continue;
+                    }
+                    let short = name.rsplit('.').next().unwrap_or(name);
+                    if let Some(missing) = parts.iter().find(|p| !spec.targets.contains(p)) {
+                        return Err(TrainError::config(
+                            "--target-modules",
+                            format!(
+                                "names {} but not {}: this model stores {} fused as `{short}`, trained as one module (target all of them, or `{short}`)",
+                                proj.short(),
+                                missing.short(),
+                                parts.iter().map(|p| p.short()).collect::<Vec<_>>().join(", "),
+                            ),
+                        ));
+                    }
+                    modules.push((parts[0], Some(*name), parts.to_vec()));
+                }
+            }
+        }
         let mut sites = Vec::new();
         for layer in 0..model.layers.len() {
-            for &proj in &spec.targets {
-                let w = model
-                    .linear(layer, proj)
-                    .expect("layer exists")
-                    .base()
-                    .dense()?
-                    .to_dtype(DType::F32)?;
+            for (proj, fused, parts) in &modules {
+                let ws = parts
+                    .iter()
+                    .map(|&p| {
+                        model
+                            .linear(layer, p)
+                            .expect("layer exists")
+                            .base()
+                            .dense()?
+                            .to_dtype(DType::F32)
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let w = Tensor::cat(&ws, 0)?;
                 let (out, inp) = w.dims2()?;
                 let bound = 1.0 / (inp as f64).sqrt();
                 let a: Vec<f32> = (0..spec.rank * inp)
@@ -263,15 +308,22 @@ impl TrainableAdapter {
                 };
                 sites.push(TrainSite {
                     layer,
-                    proj,
+                    proj: *proj,
                     a: Var::from_tensor(&Tensor::from_vec(a, (spec.rank, inp), dev)?)?,
                     b: Var::from_tensor(&Tensor::zeros((out, spec.rank), DType::F32, dev)?)?,
                     m,
                     scale,
+                    fused: *fused,
                 });
             }
         }
-        let mut targets: Vec<String> = spec.targets.iter().map(|p| p.short().to_string()).collect();
+        let mut targets: Vec<String> = modules
+            .iter()
+            .map(|(p, fused, _)| match fused {
+                Some(name) => name.rsplit('.').next().unwrap_or(name).to_string(),
+                None => p.short().to_string(),
+            })
+            .collect();
         targets.dedup();
         let config = AdapterConfig {
             method: crate::adapters::config::Method::Lora,
@@ -629,8 +681,27 @@ impl TrainableAdapter {
                 });
                 continue;
             }
-            let (layer, proj) =
-                crate::adapters::bind::parse_module(module).expect("validated by bind");
+            let (layer, proj, fused) = match crate::adapters::bind::fused_parts(module, model) {
+                Some((layer, parts)) => {
+                    let name = FUSED
+                        .iter()
+                        .find(|(_, ps)| ps[0] == parts[0].0)
+                        .map(|(n, _)| *n)
+                        .expect("a fused module");
+                    (layer, parts[0].0, Some(name))
+                }
+                None => {
+                    let (layer, proj) =
+                        crate::adapters::bind::parse_module(module).expect("validated by bind");
+                    (layer, proj, None)
+                }
+            };
+            if w.ia3.is_some() && fused.is_some() {
+                return Err(TrainError::config(
+                    "--resume",
+                    format!("{module}: IA³ on a fused module is not trained here"),
+                ));
+            }
             if let Some(l) = &w.ia3 {
                 ia3.push(Ia3TrainSite {
                     layer,
@@ -659,6 +730,7 @@ impl TrainableAdapter {
                 b: var(&w.lora_b)?.expect("validated"),
                 m: var(&w.magnitude)?,
                 scale: peft.config.scale_for(module),
+                fused,
             });
         }
         let var = |p: &Tensor| -> Result<Var, TrainError> {
@@ -701,36 +773,26 @@ impl TrainableAdapter {
             .map(|_| Default::default())
             .collect();
         for (i, s) in self.sites.iter().enumerate() {
-            let (a, b) = (s.a.as_tensor(), s.b.as_tensor());
-            let dora_scale = match &s.m {
-                None => None,
-                Some(m) => {
-                    let w = model
-                        .linear(s.layer, s.proj)
-                        .expect("layer")
-                        .base()
-                        .dense()?
-                        .to_dtype(DType::F32)?;
-                    let ba = (b.detach().matmul(&a.detach())? * s.scale)?;
-                    let norm = row_norm(&(w + ba)?)?.detach();
-                    Some(m.as_tensor().broadcast_div(&norm)?)
+            let a = s.a.as_tensor();
+            // The projections this site covers and their rows of B and m (a fused module's
+            // parts share A, and one dropout mask on their shared input, as in PEFT).
+            let parts = match s.fused {
+                None => vec![(s.proj, 0, s.b.as_tensor().dims()[0])],
+                Some(_) => {
+                    crate::adapters::bind::fused_parts(&s.module(), model)
+                        .expect("a fused model")
+                        .1
                 }
             };
-            let dropout = match step {
-                Some(step) if self.dropout > 0.0 => Some(Dropout {
-                    p: self.dropout,
-                    seed: self.seed
-                        ^ ((step as u64) << 20)
-                        ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                }),
-                _ => None,
-            };
-            layers[s.layer][s.proj as usize] = Some(LoraSite {
-                a_t: a.t()?,
-                b_t: (b * s.scale)?.t()?,
-                dora_scale,
-                dropout,
-            });
+            for (proj, from, rows) in parts {
+                let b = s.b.as_tensor().narrow(0, from, rows)?;
+                let m =
+                    s.m.as_ref()
+                        .map(|m| m.as_tensor().narrow(0, from, rows))
+                        .transpose()?;
+                let site = self.site(model, s, i, proj, a, &b, m.as_ref(), step)?;
+                layers[s.layer][proj as usize] = Some(site);
+            }
         }
         let mut weights = AdapterWeights::from_lora(layers);
         weights.soft_prompt = self.soft_prompt.as_ref().map(|v| v.as_tensor().clone());
@@ -793,6 +855,51 @@ impl TrainableAdapter {
             }
         }
         Ok(weights)
+    }
+
+    /// One projection's LoRA site for a forward: `b` and `m` are its rows of site `s`'s (the
+    /// `i`-th, which seeds its dropout mask).
+    #[allow(clippy::too_many_arguments)]
+    fn site(
+        &self,
+        model: &Llama,
+        s: &TrainSite,
+        i: usize,
+        proj: Proj,
+        a: &Tensor,
+        b: &Tensor,
+        m: Option<&Tensor>,
+        step: Option<usize>,
+    ) -> Result<LoraSite, TrainError> {
+        let dora_scale = match m {
+            None => None,
+            Some(m) => {
+                let w = model
+                    .linear(s.layer, proj)
+                    .expect("layer")
+                    .base()
+                    .dense()?
+                    .to_dtype(DType::F32)?;
+                let ba = (b.detach().matmul(&a.detach())? * s.scale)?;
+                let norm = row_norm(&(w + ba)?)?.detach();
+                Some(m.broadcast_div(&norm)?)
+            }
+        };
+        let dropout = match step {
+            Some(step) if self.dropout > 0.0 => Some(Dropout {
+                p: self.dropout,
+                seed: self.seed
+                    ^ ((step as u64) << 20)
+                    ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            }),
+            _ => None,
+        };
+        Ok(LoraSite {
+            a_t: a.t()?,
+            b_t: (b * s.scale)?.t()?,
+            dora_scale,
+            dropout,
+        })
     }
 
     /// Prefix tuning's key/value rows (through the projection when there is one).

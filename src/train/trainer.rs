@@ -384,15 +384,11 @@ pub fn train(
         .targets
         .iter()
         .any(|p| matches!(p, Proj::Q | Proj::K | Proj::V | Proj::Gate | Proj::Up));
-    if model.config.arch.fused
-        && fused_target
-        && matches!(cfg.spec.method, Method::Lora | Method::Dora | Method::Ia3)
-    {
-        // PEFT's adapters for such a model live on `qkv_proj` / `gate_up_proj`, whose LoRA A is
-        // shared by q, k and v: not what the per-projection trainer makes (yet).
+    if model.config.arch.fused && fused_target && cfg.spec.method == Method::Ia3 {
+        // LoRA and DoRA train the fused modules as PEFT does (`TrainSite::fused`); IA³ not yet.
         return Err(TrainError::config(
             "--target-modules",
-            "names q/k/v or gate/up, which this model stores fused (Phi-3: qkv_proj, gate_up_proj); training on them is not supported yet: target o_proj and down_proj, or train another method",
+            "names q/k/v or gate/up, which this model stores fused (Phi-3: qkv_proj, gate_up_proj); IA³ on them is not supported yet: target o_proj and down_proj, or train LoRA or DoRA",
         ));
     }
     if cfg.batch_size == 0 || cfg.grad_accum == 0 {
