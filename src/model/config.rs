@@ -558,6 +558,64 @@ mod tests {
         );
     }
 
+    /// What a family's config may say that the decoder does not do: refused naming the field.
+    #[test]
+    fn unsupported_family_settings_are_named() {
+        // `t`'s config with `extra` fields first.
+        let with = |t: &str, extra: &str| {
+            TINY.replace(r#""model_type":"llama""#, &format!(r#""model_type":"{t}""#))
+                .replacen('{', &format!("{{{extra}"), 1)
+        };
+        let cases = [
+            (
+                with("phi3", r#""partial_rotary_factor":0.5,"#),
+                "partial_rotary_factor",
+            ),
+            (
+                with("phi3", "").replace(r#""rope_type":"default""#, r#""rope_type":"longrope""#),
+                "rope_parameters.rope_type",
+            ),
+            (
+                with(
+                    "qwen2",
+                    r#""sliding_window":4,"layer_types":["full_attention"],"#,
+                ),
+                "layer_types",
+            ),
+            (
+                with(
+                    "qwen2",
+                    r#""sliding_window":4,"layer_types":["full_attention","chunked_attention"],"#,
+                ),
+                "layer_types",
+            ),
+            (with("mistral", r#""sliding_window":0,"#), "sliding_window"),
+            (
+                with("gemma2", r#""hidden_activation":"relu","#),
+                "hidden_activation",
+            ),
+            (
+                with("gemma2", r#""query_pre_attn_scalar":-1,"#),
+                "query_pre_attn_scalar",
+            ),
+            (
+                with("llama", "")
+                    .replace(r#""num_key_value_heads":2"#, r#""num_key_value_heads":3"#),
+                "num_key_value_heads",
+            ),
+        ];
+        for (text, field) in cases {
+            let msg = LlamaConfig::from_hf_json(Path::new("/m/config.json"), &text)
+                .err()
+                .unwrap_or_else(|| panic!("accepted: {text}"))
+                .to_string();
+            assert!(
+                msg.contains("/m/config.json") && msg.contains(&format!("`{field}`")),
+                "{field}: {msg}"
+            );
+        }
+    }
+
     #[test]
     fn missing_field_is_named() {
         let text = TINY.replace(r#""hidden_size":64,"#, "");
