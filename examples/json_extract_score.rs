@@ -79,6 +79,7 @@ async fn main() {
             max_queue: 1024,
             max_queue_per_tenant: 1024,
             max_batched_tokens: 0,
+            fair_lag_tokens: 256,
         },
         metrics,
     );
