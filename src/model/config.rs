@@ -104,6 +104,29 @@ pub enum Activation {
 }
 
 impl Arch {
+    /// What the family fixes, whatever file it is read from (`config.json` or GGUF): biases,
+    /// norms, embedding scale, fused projections; the rest off, for the reader to set.
+    pub fn of_family(
+        family: Family,
+        hidden_size: usize,
+        windows: Vec<Option<usize>>,
+        activation: Activation,
+    ) -> Self {
+        let gemma = family.is_gemma();
+        Self {
+            family,
+            qkv_bias: family == Family::Qwen2,
+            qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
+            windows,
+            norm_plus_one: gemma,
+            embed_scale: gemma.then(|| (hidden_size as f32).sqrt()),
+            sandwich_norms: gemma,
+            activation,
+            fused: family == Family::Phi3,
+            ..Self::default()
+        }
+    }
+
     /// Layer `layer`'s sliding window, if it has one.
     pub fn window(&self, layer: usize) -> Option<usize> {
         self.windows.get(layer).copied().flatten()
@@ -411,14 +434,6 @@ impl LlamaConfig {
             bos_token_id: token_ids(raw.bos_token_id.as_ref()).first().copied(),
             eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
             arch: Arch {
-                family,
-                qkv_bias: family == Family::Qwen2,
-                qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
-                windows,
-                norm_plus_one: gemma,
-                embed_scale: gemma.then(|| (hidden_size as f32).sqrt()),
-                sandwich_norms: gemma,
-                activation,
                 attn_scale: match (gemma, raw.query_pre_attn_scalar) {
                     // The default scale, said explicitly (Gemma 2 2B/9B: 256 = head_dim).
                     (true, Some(s)) if s == head_dim as f64 => None,
@@ -444,7 +459,7 @@ impl LlamaConfig {
                 },
                 local_rope_theta: local_rope_theta.filter(|_| family == Family::Gemma3),
                 rope_linear,
-                fused: family == Family::Phi3,
+                ..Arch::of_family(family, hidden_size, windows, activation)
             },
         };
         Ok(config)

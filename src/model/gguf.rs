@@ -201,18 +201,6 @@ fn config_from_meta(
             .map(|id| id as u32),
         eos_token_ids: eos,
         arch: Arch {
-            family,
-            qkv_bias: family == Family::Qwen2,
-            qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
-            windows,
-            norm_plus_one: gemma,
-            embed_scale: gemma.then(|| (hidden as f32).sqrt()),
-            sandwich_norms: gemma,
-            activation: if gemma {
-                Activation::GeluTanh
-            } else {
-                Activation::Silu
-            },
             attn_scale: big.then(|| 1.0 / ((hidden / heads) as f32).sqrt()),
             attn_softcap: if family == Family::Gemma2 {
                 softcap("attn_logit_softcapping")
@@ -227,7 +215,16 @@ fn config_from_meta(
             local_rope_theta: (family == Family::Gemma3)
                 .then(|| meta.opt_f64(&key("rope.freq_base_swa")).unwrap_or(10000.0)),
             rope_linear,
-            fused: family == Family::Phi3,
+            ..Arch::of_family(
+                family,
+                hidden,
+                windows,
+                if gemma {
+                    Activation::GeluTanh
+                } else {
+                    Activation::Silu
+                },
+            )
         },
     })
 }
