@@ -642,3 +642,34 @@ fn an_unknown_gguf_architecture_is_named_with_the_supported_ones() {
         assert!(err.contains(want), "{err} lacks {want}");
     }
 }
+
+/// Gemma 3 as its multimodal checkpoints ship (`model_type: gemma3`, the text model under
+/// `language_model.model.`, a vision tower beside it; `make_families.py gemma3-mm`): its text
+/// model is served, equal to transformers' text-only logits, base and under a PEFT LoRA on the
+/// language model (keys `model.language_model.…`).
+#[test]
+fn gemma3_multimodal_checkpoints_serve_their_text_model() {
+    let loaded = load("gemma3-mm");
+    assert_eq!(
+        loaded.model.config.arch.family,
+        loraplex::model::config::Family::Gemma3
+    );
+    let e = expected("gemma3-mm");
+    let w = bind_dir(&loaded, &dir("gemma3-mm").join("adapters").join("lora"));
+    let (mut base, mut lora) = (0f32, 0f32);
+    for i in 0..3 {
+        let prompt = ids(&e[&format!("input_ids_{i}")]);
+        base = base.max(worst(
+            &logits_all(&loaded, &[(&prompt, None)]),
+            &rows(&e[&format!("base_{i}")]),
+        ));
+        let want = rows(&e[&format!("lora_{i}")]);
+        assert!(
+            worst(&want, &rows(&e[&format!("base_{i}")])) > 1e-3,
+            "no effect"
+        );
+        lora = lora.max(worst(&logits_all(&loaded, &[(&prompt, Some(&w))]), &want));
+    }
+    eprintln!("gemma3 multimodal: base {base:e}, lora {lora:e}");
+    assert!(base < 1e-4 && lora < 1e-4, "base {base}, lora {lora}");
+}

@@ -262,6 +262,9 @@ fn parse_key(key: &str) -> Option<(String, &'static str)> {
         return Some((module.to_string(), role));
     }
     let rest = key.strip_prefix(KEY_PREFIX).unwrap_or(key);
+    // A multimodal model's language model (Gemma 3): its modules under the text model's names.
+    let rest = crate::model::text_model_name(rest).unwrap_or_else(|| rest.to_string());
+    let rest = rest.as_str();
     for (suffix, role) in [
         (".lora_A.weight", "A"),
         (".lora_B.weight", "B"),

@@ -25,7 +25,8 @@ pub enum Family {
 }
 
 impl Family {
-    pub const SUPPORTED: &'static str = "llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3";
+    pub const SUPPORTED: &'static str =
+        "llama, mistral, qwen2, qwen3, gemma2, gemma3_text, gemma3 (its text model), phi3";
 
     pub fn from_model_type(t: &str) -> Option<Self> {
         Some(match t {
@@ -282,6 +283,9 @@ impl LlamaConfig {
     }
 
     pub fn from_hf_json(path: &Path, text: &str) -> Result<Self, ModelError> {
+        if let Some(text) = multimodal_text_config(path, text)? {
+            return Self::from_hf_json(path, &text);
+        }
         let raw: RawConfig = serde_json::from_str(text).map_err(|source| ModelError::Json {
             path: path.to_path_buf(),
             source,
@@ -464,6 +468,34 @@ impl LlamaConfig {
         };
         Ok(config)
     }
+}
+
+/// Gemma 3's multimodal checkpoints (`model_type: gemma3`, `Gemma3ForConditionalGeneration`):
+/// the text model's config (`text_config`, as `gemma3_text`, with the top level's token ids and
+/// tying where it leaves them out), which is what is served; `None` for any other config.
+fn multimodal_text_config(path: &Path, text: &str) -> Result<Option<String>, ModelError> {
+    let v: Value = serde_json::from_str(text).map_err(|source| ModelError::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    if v.get("model_type").and_then(Value::as_str) != Some("gemma3") {
+        return Ok(None);
+    }
+    let Some(Value::Object(inner)) = v.get("text_config") else {
+        return Err(ModelError::field(
+            path,
+            "text_config",
+            "is missing: a `gemma3` (multimodal) config holds its text model there",
+        ));
+    };
+    let mut inner = inner.clone();
+    inner.insert("model_type".into(), "gemma3_text".into());
+    for key in ["tie_word_embeddings", "bos_token_id", "eos_token_id"] {
+        if let (false, Some(top)) = (inner.contains_key(key), v.get(key)) {
+            inner.insert(key.into(), top.clone());
+        }
+    }
+    Ok(Some(Value::Object(inner).to_string()))
 }
 
 /// Each layer's sliding window as transformers reads the config: Mistral's `sliding_window` on

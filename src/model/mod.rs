@@ -30,4 +30,5 @@ pub use llama::{BatchInput, Llama, LogitsRows, Staged};
 pub use loaded::{
     load_model, projection_footprint, quantize_nf4, to_bf16_weights, LoadedModel, ModelOptions,
 };
+pub use safetensors_dir::text_model_name;
 pub use source::{ModelSource, DEFAULT_MODEL_ID};

@@ -43,6 +43,31 @@ pub fn weight_files(dir: &Path) -> Result<Vec<std::path::PathBuf>, ModelError> {
     Ok(shards.into_iter().map(|s| dir.join(s)).collect())
 }
 
+/// A multimodal checkpoint's text-model tensor under the text model's own name (Gemma 3:
+/// `language_model.model.…` as saved, `model.language_model.…` as transformers 5 names it
+/// inside); `None` for the vision tower and projector, which are not served.
+pub fn text_model_name(name: &str) -> Option<String> {
+    for (from, to) in [
+        ("language_model.model.", "model."),
+        ("model.language_model.", "model."),
+        ("language_model.lm_head.", "lm_head."),
+    ] {
+        if let Some(rest) = name.strip_prefix(from) {
+            return Some(format!("{to}{rest}"));
+        }
+    }
+    let vision = ["vision_tower.", "multi_modal_projector."];
+    if vision.iter().any(|p| {
+        name.starts_with(p)
+            || name
+                .strip_prefix("model.")
+                .is_some_and(|r| r.starts_with(p))
+    }) {
+        return None;
+    }
+    Some(name.to_string())
+}
+
 pub fn load(id: &str, dir: &Path, opts: &ModelOptions) -> Result<LoadedModel, ModelError> {
     let config = LlamaConfig::from_hf_file(&dir.join("config.json"))?;
     let mut tensors = HashMap::new();
@@ -51,6 +76,9 @@ pub fn load(id: &str, dir: &Path, opts: &ModelOptions) -> Result<LoadedModel, Mo
             ModelError::format(&file, format!("not a readable safetensors file: {e}"))
         })?;
         for (name, t) in loaded {
+            let Some(name) = text_model_name(&name) else {
+                continue;
+            };
             tensors.insert(name, t.to_dtype(opts.dtype)?);
         }
     }
