@@ -6,6 +6,7 @@ pub mod generate;
 pub mod handle;
 pub mod interrupt;
 pub mod kv_blocks;
+pub mod queue_gate;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;

@@ -2,6 +2,7 @@
 //! same Llama, AdamW with clipping and schedules, checkpoints and resume, PEFT export.
 //! Depends on `model`, `adapters` (format), `chat`, `tokenizer`; never on `engine` or `server`.
 
+pub mod bottleneck_train;
 pub mod checkpointed;
 pub mod dataset;
 pub mod error;
