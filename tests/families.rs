@@ -672,4 +672,34 @@ fn gemma3_multimodal_checkpoints_serve_their_text_model() {
     }
     eprintln!("gemma3 multimodal: base {base:e}, lora {lora:e}");
     assert!(base < 1e-4 && lora < 1e-4, "base {base}, lora {lora}");
+    // PEFT's `all-linear` reaches the vision tower too: those adapters are left out, the rest
+    // serves the same.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = dir("gemma3-mm").join("adapters").join("lora");
+    std::fs::copy(
+        src.join("adapter_config.json"),
+        tmp.path().join("adapter_config.json"),
+    )
+    .unwrap();
+    let mut tensors: HashMap<String, Tensor> =
+        candle_core::safetensors::load(src.join("adapter_model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let vision =
+        "base_model.model.model.vision_tower.vision_model.encoder.layers.0.self_attn.q_proj";
+    tensors.insert(
+        format!("{vision}.lora_A.weight"),
+        Tensor::ones((4, 32), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    tensors.insert(
+        format!("{vision}.lora_B.weight"),
+        Tensor::ones((32, 4), candle_core::DType::F32, &Device::Cpu).unwrap(),
+    );
+    candle_core::safetensors::save(&tensors, tmp.path().join("adapter_model.safetensors")).unwrap();
+    let with_vision = bind_dir(&loaded, tmp.path());
+    let prompt = ids(&e["input_ids_2"]);
+    let d = worst(
+        &logits_all(&loaded, &[(&prompt, Some(&with_vision))]),
+        &logits_all(&loaded, &[(&prompt, Some(&w))]),
+    );
+    assert_eq!(d, 0.0, "the vision tower's adapters changed the text model");
 }

@@ -176,6 +176,11 @@ fn by_module<T>(
                 ),
             )
         })?;
+        if crate::model::text_model_name(&module).is_none() {
+            // A multimodal model's vision tower (PEFT's `all-linear` reaches it): images are not
+            // served, so neither are its adapters.
+            continue;
+        }
         let slot = match role {
             "A" => 0,
             "B" => 1,

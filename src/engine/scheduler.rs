@@ -235,10 +235,10 @@ impl Scheduler {
                 more || !t.waiting.is_empty(),
             ))
         };
-        let info: Vec<_> = rows.iter().map(row).collect();
         if lag <= 0.0 {
             return vec![false; rows.len()];
         }
+        let info: Vec<_> = rows.iter().map(row).collect();
         info.iter()
             .map(|me| {
                 let Some((tenant, priority, counter, true, _)) = *me else {
