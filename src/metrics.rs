@@ -43,6 +43,7 @@ pub struct Metrics {
     pub shed_requests: IntCounter,
     pub interrupted_steps: IntCounter,
     pub held_rows: IntCounter,
+    pub kv_window_dropped: IntCounter,
     pub rate_limited: IntCounterVec,
     pub usage_tokens: IntCounterVec,
     pub usage_requests: IntCounterVec,
@@ -208,6 +209,11 @@ impl Metrics {
                 "Rows that sat a step out: their tenant was too far ahead of one sharing the step",
             )
             .expect("valid"),
+            kv_window_dropped: IntCounter::new(
+                "loraplex_kv_window_dropped_blocks_total",
+                "KV blocks given back because they left every layer's sliding window",
+            )
+            .expect("valid"),
             rate_limited: IntCounterVec::new(
                 Opts::new(
                     "loraplex_rate_limited_total",
@@ -292,6 +298,7 @@ impl Metrics {
             Box::new(m.shed_requests.clone()),
             Box::new(m.interrupted_steps.clone()),
             Box::new(m.held_rows.clone()),
+            Box::new(m.kv_window_dropped.clone()),
             Box::new(m.rate_limited.clone()),
             Box::new(m.usage_tokens.clone()),
             Box::new(m.usage_requests.clone()),

@@ -206,6 +206,90 @@ fn the_engine_answers_as_transformers_greedy() {
     }
 }
 
+/// Where every layer slides (Mistral and Phi-3 here), the engine gives back the KV blocks that
+/// left the window as a sequence moves on, and a request holds at most its window, one step's
+/// positions and a block of the budget (6 + 9 + 4): the three prompts with answers of 40 tokens
+/// each (the longest needs more positions than the whole budget of 48) run at once in a pool of
+/// 64 positions, and equal the unpaged path's answers (whose logits match transformers at every
+/// position). A family with a full-attention layer still needs the whole request's positions,
+/// and the longest is refused naming them.
+#[test]
+fn windowed_families_give_back_the_blocks_behind_the_window() {
+    let mut served = 0;
+    for family in FAMILIES {
+        let model = Arc::new(load(family));
+        let e = expected(family);
+        let metrics = Arc::new(Metrics::new());
+        let (engine, mut worker) = Engine::manual(
+            model.clone(),
+            SchedulerConfig {
+                max_running: 4,
+                kv_cache_tokens: 48,
+                max_queue: 16,
+                max_queue_per_tenant: 16,
+                max_batched_tokens: 9,
+                fair_lag_tokens: 256,
+            },
+            KvConfig {
+                block_size: 4,
+                dtype: KvDtype::F32,
+                prefix_caching: true,
+            },
+            metrics.clone(),
+        )
+        .unwrap();
+        let config = GenerationConfig {
+            max_tokens: 40,
+            ignore_eos: true,
+            sampling: SamplingParams::greedy(),
+            ..Default::default()
+        };
+        let request = |prompt: Vec<u32>| ValidRequest {
+            prompt,
+            config: config.clone(),
+            logprobs: None,
+            adapter: None,
+            adapter_label: None,
+            adapter_name: None,
+            tenant: None,
+            class: RequestClass::default(),
+        };
+        let prompts: Vec<Vec<u32>> = (0..3).map(|i| ids(&e[&format!("input_ids_{i}")])).collect();
+        let Some(window) = model.model.kv_horizon() else {
+            let longest = prompts.iter().max_by_key(|p| p.len()).unwrap();
+            assert!(longest.len() + 40 > 48);
+            let err = engine.submit(request(longest.clone())).unwrap_err();
+            assert!(err.to_string().contains("KV positions"), "{family}: {err}");
+            continue;
+        };
+        assert_eq!(window, 6, "{family}: the fixture's window on every layer");
+        assert_eq!(engine.kv_held(&request(prompts[0].clone())), 6 + 9 + 4);
+        let rxs: Vec<_> = prompts
+            .iter()
+            .map(|p| engine.submit(request(p.clone())).unwrap())
+            .collect();
+        let got = drive(&mut worker, rxs);
+        for (i, (g, p)) in got.into_iter().zip(&prompts).enumerate() {
+            let want = loraplex::engine::generate::generate(
+                &model.model,
+                &model.tokenizer,
+                p,
+                None,
+                &config,
+                |_| {},
+            )
+            .unwrap()
+            .token_ids;
+            assert_eq!(g.unwrap(), want, "{family} prompt {i}");
+        }
+        let dropped = metrics.kv_window_dropped.get();
+        eprintln!("{family}: {dropped} blocks given back behind the window");
+        assert!(dropped >= 3 * 8, "{family}: {dropped}");
+        served += 1;
+    }
+    assert_eq!(served, 2, "Mistral and Phi-3 slide on every layer");
+}
+
 #[test]
 fn an_unknown_family_is_named_with_the_supported_ones() {
     let tmp = tempfile::tempdir().unwrap();

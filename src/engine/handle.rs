@@ -50,6 +50,33 @@ impl ValidRequest {
     }
 }
 
+/// How many KV positions a request holds at most at once: all it will have
+/// (`ValidRequest::kv_positions`), unless every layer of the model has a sliding window and the
+/// engine pages its cache. The worker then gives back the blocks that left the window
+/// (`KvCache::drop_blocks_before`), and a sequence holds at most its virtual tokens, the window,
+/// one step's new positions (`--max-batched-tokens`) and the block that the window's start
+/// falls in. A long answer from Mistral or Phi-3 then needs no more KV than its window.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KvHold {
+    /// `Llama::kv_horizon` where the engine pages.
+    pub horizon: Option<usize>,
+    pub block_size: usize,
+    /// Positions one step feeds a sequence at most (0: no limit).
+    pub step: usize,
+}
+
+impl KvHold {
+    pub fn of(&self, r: &ValidRequest) -> usize {
+        let all = r.kv_positions();
+        match self.horizon {
+            Some(w) if self.step > 0 => {
+                all.min(r.virtual_tokens() + w + self.step + self.block_size)
+            }
+            _ => all,
+        }
+    }
+}
+
 /// What a request's stream carries.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -123,6 +150,8 @@ pub(crate) struct Shared {
     /// Test hook: the next model step panics.
     pub inject_panic: AtomicBool,
     pub kv_cache_tokens: usize,
+    /// What a request holds of the KV budget at most.
+    pub kv_hold: KvHold,
     /// Requests sent but not yet received, for the step in progress to stop for.
     pub interrupt: Interrupt,
 }
@@ -174,6 +203,15 @@ impl Engine {
             gate: Mutex::new(QueueGate::new(&config)),
             running: AtomicUsize::new(0),
             kv_cache_tokens: config.kv_cache_tokens,
+            kv_hold: KvHold {
+                horizon: model
+                    .model
+                    .supports_paged()
+                    .then(|| model.model.kv_horizon())
+                    .flatten(),
+                block_size: kv.block_size,
+                step: config.max_batched_tokens,
+            },
             metrics,
             draining: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
@@ -198,6 +236,12 @@ impl Engine {
         self.shared.kv_cache_tokens
     }
 
+    /// KV positions `request` holds of the budget at most at once (`kv_positions`, or less where
+    /// every layer of the model has a sliding window: see `KvHold`).
+    pub fn kv_held(&self, request: &ValidRequest) -> usize {
+        self.shared.kv_hold.of(request)
+    }
+
     pub fn model(&self) -> &Arc<LoadedModel> {
         &self.model
     }
@@ -209,7 +253,7 @@ impl Engine {
         if self.shared.draining.load(Ordering::SeqCst) {
             return Err(EngineError::Draining);
         }
-        let needed = request.kv_positions();
+        let needed = self.kv_held(&request);
         if needed > self.shared.kv_cache_tokens {
             return Err(EngineError::TooLarge {
                 needed,

@@ -9,7 +9,8 @@
 //! - **Priorities** as vLLM has them (lower is served first, default 0) come before fairness;
 //!   within a tenant, FIFO by priority then arrival.
 //! - **Capacity**: a cap on running sequences and a KV budget in tokens. A sequence reserves
-//!   `prompt + max_tokens` positions when admitted, so a running sequence can always finish.
+//!   `prompt + max_tokens` positions when admitted (less where every layer has a sliding
+//!   window: `handle::KvHold`), so a running sequence can always finish.
 //!   When the next request does not fit, running sequences are **preempted** (by recompute, as
 //!   vLLM does: they go back to the front of their tenant's queue and keep what they generated)
 //!   when they have a worse priority, or belong to a tenant holding more than its weighted share

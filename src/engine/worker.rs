@@ -25,6 +25,7 @@ use super::interrupt::{owed, StepView, SAME_PRIORITY_EVERY};
 use super::kv_blocks::{chain_seed, next_hash, BlockHash, KvBlocks};
 use super::scheduler::{Scheduler, SchedulerConfig};
 use super::sequence::SequenceState;
+use crate::model::kv_cache::DROPPED;
 use crate::model::llama::SeqInput;
 use crate::model::{BatchInput, KvCache, KvPool, LoadedModel, LogitsRows};
 
@@ -73,6 +74,21 @@ impl Active {
 struct Paged {
     pool: KvPool,
     blocks: KvBlocks,
+    /// `Llama::kv_horizon`: where every layer has a sliding window, the blocks behind it.
+    horizon: Option<usize>,
+}
+
+impl Paged {
+    /// Gives back the blocks of `cache` that no query from its next position on will read (all
+    /// their positions are behind the window of the next query; later queries' windows start
+    /// later still). Returns how many.
+    fn drop_behind(&mut self, cache: &mut KvCache) -> u64 {
+        let Some(w) = self.horizon else { return 0 };
+        let first = (cache.len() + 1).saturating_sub(w) / self.blocks.block_size();
+        let gone = cache.drop_blocks_before(first);
+        self.blocks.release(&gone);
+        gone.len() as u64
+    }
 }
 
 pub struct Worker {
@@ -132,6 +148,7 @@ impl Worker {
             Some(Paged {
                 blocks: KvBlocks::new(shape.blocks, kv.block_size, kv.prefix_caching),
                 pool,
+                horizon: model.model.kv_horizon(),
             })
         } else {
             None
@@ -202,7 +219,7 @@ impl Worker {
     fn receive(&mut self, s: Submitted) {
         self.shared.interrupt.received(s.id);
         let tenant = s.request.tenant.clone().unwrap_or_default();
-        let needed = s.request.kv_positions();
+        let needed = self.shared.kv_hold.of(&s.request);
         match self
             .scheduler
             .enqueue(s.id, &tenant, needed, s.request.class)
@@ -376,6 +393,8 @@ impl Worker {
                 }
                 cache.start_from(blocks, reused);
                 chain = hashes;
+                let dropped = p.drop_behind(&mut cache);
+                self.shared.metrics.kv_window_dropped.inc_by(dropped);
             }
             // Positions the sequence holds before its prompt's first uncached token, and the
             // context left for the prompt and the answer.
@@ -463,6 +482,8 @@ impl Worker {
             reused = blocks.len() * p.blocks.block_size();
             cache.start_from(blocks, reused);
             a.chain = hashes;
+            let dropped = p.drop_behind(&mut cache);
+            self.shared.metrics.kv_window_dropped.inc_by(dropped);
         }
         let Active { seq, request, .. } = &mut a;
         seq.restart(&request.prompt, cache, reused.saturating_sub(v));
@@ -481,6 +502,13 @@ impl Worker {
         self.hold_back(&mut inputs);
         let mut finished = Vec::new();
         if let Some(p) = &mut self.paged {
+            // Blocks that left the window go back first, so this step's new blocks may use them.
+            let dropped: u64 = self
+                .active
+                .iter_mut()
+                .map(|a| p.drop_behind(&mut a.seq.cache))
+                .sum();
+            metrics.kv_window_dropped.inc_by(dropped);
             let bs = p.blocks.block_size();
             for (i, (a, tokens)) in self.active.iter_mut().zip(&mut inputs).enumerate() {
                 let prefix = if a.seq.cache.is_empty() {
@@ -686,7 +714,9 @@ impl Worker {
                 let block: Vec<u32> = (i * bs..(i + 1) * bs).map(|p| a.token_at(p)).collect();
                 let h = next_hash(a.chain.last().unwrap_or(&a.seed), &block);
                 let b = a.seq.cache.table().expect("paged")[i];
-                p.blocks.register(b, h);
+                if b != DROPPED {
+                    p.blocks.register(b, h);
+                }
                 a.chain.push(h);
             }
         }
@@ -725,7 +755,8 @@ impl Worker {
             .values()
             .map(|s| {
                 let r = &s.request;
-                (s.id, Self::tenant(r).to_string(), r.kv_positions(), r.class)
+                let needed = self.shared.kv_hold.of(r);
+                (s.id, Self::tenant(r).to_string(), needed, r.class)
             })
             .collect();
         waiting.sort_unstable_by_key(|w| w.0);

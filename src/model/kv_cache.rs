@@ -6,6 +6,9 @@
 
 use candle_core::{Result, Tensor};
 
+/// A block table entry whose block was given back (`KvCache::drop_blocks_before`).
+pub const DROPPED: u32 = u32::MAX;
+
 /// One layer's history at a point (`KvCache::mark`).
 #[derive(Debug, Clone)]
 pub struct LayerMark {
@@ -57,9 +60,28 @@ impl KvCache {
         self.len = len;
     }
 
-    /// Takes the block table out (the sequence ended; its blocks go back to the engine).
+    /// Takes the block table out (the sequence ended; its blocks go back to the engine). Blocks
+    /// already given back (`drop_blocks_before`) are not in it.
     pub fn take_table(&mut self) -> Vec<u32> {
-        self.table.as_mut().map(std::mem::take).unwrap_or_default()
+        let mut t = self.table.as_mut().map(std::mem::take).unwrap_or_default();
+        t.retain(|&b| b != DROPPED);
+        t
+    }
+
+    /// Gives back the table's blocks before block `first` (positions `0 .. first · block_size`,
+    /// which no query of this sequence will see again: they left every layer's sliding window).
+    /// Their table entries become `DROPPED`, so positions keep their blocks' indices; the
+    /// attention kernel reads no block before a query's window. Returns the blocks given back.
+    pub fn drop_blocks_before(&mut self, first: usize) -> Vec<u32> {
+        let Some(t) = &mut self.table else {
+            return Vec::new();
+        };
+        let first = first.min(t.len());
+        t[..first]
+            .iter_mut()
+            .filter(|b| **b != DROPPED)
+            .map(|b| std::mem::replace(b, DROPPED))
+            .collect()
     }
 
     /// Number of positions already cached (the position of the next token).
@@ -148,5 +170,28 @@ impl KvCache {
         if let Some(t) = &mut self.table {
             t.clear();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropped_blocks_keep_their_places_and_are_not_given_back_twice() {
+        let mut c = KvCache::paged();
+        for b in [7, 3, 9, 4] {
+            c.push_block(b);
+        }
+        assert_eq!(c.drop_blocks_before(2), vec![7, 3]);
+        assert_eq!(c.table(), Some(&[DROPPED, DROPPED, 9, 4][..]));
+        assert_eq!(c.drop_blocks_before(3), vec![9], "only the newly dropped");
+        assert_eq!(c.drop_blocks_before(10), vec![4], "clamped to the table");
+        c.push_block(5);
+        assert_eq!(c.take_table(), vec![5], "what is still held");
+        assert!(
+            KvCache::new(2).drop_blocks_before(3).is_empty(),
+            "not paged"
+        );
     }
 }

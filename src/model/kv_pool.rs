@@ -532,6 +532,59 @@ mod tests {
         }
     }
 
+    /// With a sliding window, the blocks behind every query's window may be given back
+    /// (`KvCache::drop_blocks_before`): attention then reads none of them (a read would index
+    /// past the pool and panic) and gives bit for bit what the whole table gives, for decode
+    /// rows and a chunk of prompt rows, in each dtype and with the integer kernels.
+    #[test]
+    fn attention_reads_no_block_behind_the_window() {
+        use crate::model::kv_cache::DROPPED;
+        use crate::ops::attention::Scoring;
+        for dtype in [KvDtype::F32, KvDtype::Int8] {
+            for (total, len, window) in [(1500usize, 1, 300usize), (1500, 7, 300), (90, 5, 17)] {
+                let heads = Heads {
+                    heads: 8,
+                    kv_heads: 2,
+                    head_dim: 64,
+                    scoring: Scoring {
+                        window: Some(window),
+                        ..Default::default()
+                    },
+                };
+                let shape = PoolShape {
+                    layers: 1,
+                    kv_heads: 2,
+                    head_dim: 64,
+                    block_size: 16,
+                    blocks: total.div_ceil(16),
+                    dtype,
+                };
+                let mut pool = KvPool::new(shape).unwrap();
+                let table: Vec<u32> = (0..shape.blocks as u32).rev().collect();
+                let w = shape.kv_width();
+                let k: Vec<f32> = (0..total * w)
+                    .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 2.0)
+                    .collect();
+                let v: Vec<f32> = (0..total * w)
+                    .map(|i| (i * 104729 % 997) as f32 / 498.5 - 1.0)
+                    .collect();
+                pool.write(0, &table, 0, &k, &v);
+                let q: Vec<f32> = (0..len * 8 * 64)
+                    .map(|i| ((i * 31 % 113) as f32 / 56.5 - 1.0) * 3.0)
+                    .collect();
+                // The first query (position total - len) sees keys from total - len + 1 - window.
+                let first = (total - len + 1 - window) / 16;
+                assert!(first > 0, "the case drops blocks");
+                let mut dropped = table.clone();
+                dropped[..first].fill(DROPPED);
+                let (mut whole, mut part) = (vec![0f32; q.len()], vec![0f32; q.len()]);
+                causal_attention_host(&q, &pool.view(0, &table, total), heads, &mut whole);
+                causal_attention_host(&q, &pool.view(0, &dropped, total), heads, &mut part);
+                assert_eq!(whole, part, "{dtype:?} total {total} rows {len}");
+            }
+        }
+    }
+
     #[test]
     fn rows_written_through_a_table_read_back_in_each_dtype() {
         for dtype in [KvDtype::F32, KvDtype::Bf16, KvDtype::F16, KvDtype::Int8] {

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Result, Tensor};
 use super::adapter_site::{AdapterGroup, AdapterWeights, Proj, Rows};
 use super::config::{Activation, LlamaConfig};
 use super::embedding::Embedding;
-use super::kv_cache::KvCache;
+use super::kv_cache::{KvCache, DROPPED};
 use super::kv_pool::{KvDtype, KvPool, PoolShape};
 use super::linear::Linear;
 use crate::ops::attention::Scoring;
@@ -243,6 +243,18 @@ impl Llama {
         matches!(self.device, Device::Cpu) && self.dtype == DType::F32
     }
 
+    /// How far back any query's attention reaches when every layer has a sliding window (the
+    /// widest; Mistral, Phi-3): a position that far behind every query to come is never read
+    /// again, so its KV may be given back. `None` where some layer sees the whole history.
+    pub fn kv_horizon(&self) -> Option<usize> {
+        let c = &self.config;
+        (0..c.num_hidden_layers)
+            .map(|l| c.arch.window(l))
+            .collect::<Option<Vec<_>>>()?
+            .into_iter()
+            .max()
+    }
+
     /// The KV dtype `--kv-cache-dtype auto` picks: int8 (stored rotated, `ops::hadamard`) when the
     /// projections run integer kernels, which already round activations to 8 bits per block (a
     /// GGUF served as stored: the default model); f32 otherwise, so that dense and NF4 models
@@ -431,8 +443,15 @@ impl Llama {
                 let Some(p) = pool.as_deref() else {
                     candle_core::bail!("a paged KV cache needs its pool (`forward_paged`)");
                 };
-                if table.len() * p.block_size() < offset + len
-                    || table.iter().any(|&b| b as usize >= p.blocks())
+                // Blocks given back must be behind the first query's window (none is read).
+                let behind = self
+                    .kv_horizon()
+                    .map_or(0, |w| (offset + 1).saturating_sub(w) / p.block_size());
+                let bad = |(i, &b): (usize, &u32)| match b {
+                    DROPPED => i >= behind,
+                    b => b as usize >= p.blocks(),
+                };
+                if table.len() * p.block_size() < offset + len || table.iter().enumerate().any(bad)
                 {
                     candle_core::bail!(
                         "a paged KV cache's {} blocks do not hold {} positions",

@@ -337,8 +337,9 @@ fn one_group(
     if super::cpu_features::avx512_vnni()
         && shape.head_dim % 64 == 0
         && shape.heads / shape.kv_heads <= 4
-        && kv.int8_keys(share.b0, share.g).is_some()
-        && kv.int8_values(share.b0, share.g).is_some()
+        // The share's last block: its first blocks may be outside the window, given back.
+        && kv.int8_keys(share.b1 - 1, share.g).is_some()
+        && kv.int8_values(share.b1 - 1, share.g).is_some()
     {
         // SAFETY: the CPU has AVX-512 (F, BW, VNNI), AVX2 and FMA (checked at run time).
         return unsafe { one_group_vnni(q, kv, shape, share, out, stats) };
@@ -415,12 +416,14 @@ fn one_group_body<const AVX: bool, const VNNI: bool>(
     for i in r0..r1 {
         let visible = total - len + i + 1;
         let (start, end) = (b0 * bs, visible.min(b1 * bs));
-        // Keys before `lo` are outside the window: scored, then weighted zero.
+        // Keys before `lo` are outside the window: weighted zero. Blocks wholly before it are
+        // not read at all (the engine may have given them back: `KvCache::drop_blocks_before`);
+        // the rest of the share is scored and its keys before `lo` masked.
         let lo = visible.saturating_sub(window);
         if start >= end || lo >= end {
             continue; // every key of the share is after this query or outside its window
         }
-        let blocks = b0..end.div_ceil(bs);
+        let blocks = b0.max(lo / bs)..end.div_ceil(bs);
         if VNNI {
             qi8.set(&q[i * width + g * group * hd..][..group * hd], hd, scale);
         }

@@ -149,7 +149,7 @@ async fn generate(
     // it never comes back as a 400 about a field the client did not send.
     let defaulted = p.sampling.max_tokens.is_none() && p.sampling.max_completion_tokens.is_none();
     let budget = st.engine.kv_budget();
-    let fits = |r: &ValidRequest| r.kv_positions() <= budget;
+    let fits = |r: &ValidRequest| st.engine.kv_held(r) <= budget;
     let request = |i: usize| {
         let mut r = request(i);
         if defaulted && !fits(&r) {
