@@ -97,12 +97,66 @@ pub struct Ia3TrainSite {
     /// `[out]`, or `[in]` when it scales the input.
     pub l: Var,
     pub on_input: bool,
+    /// A fused module (see `TrainSite::fused`): `l` covers the fused rows, split by rows for
+    /// each forward (or, on the input, shared by the parts). `proj` is then its first part.
+    pub fused: Option<&'static str>,
 }
 
 impl Ia3TrainSite {
     pub fn module(&self) -> String {
-        format!("model.layers.{}.{}", self.layer, self.proj.module())
+        let name = self.fused.unwrap_or(self.proj.module());
+        format!("model.layers.{}.{name}", self.layer)
     }
+}
+
+/// A module trained: its first projection, the fused module's name where the model stores it
+/// fused, and the projections it covers in row order.
+type TrainModule = (Proj, Option<&'static str>, Vec<Proj>);
+
+/// The modules `spec` trains: each target, or on a fused model (Phi-3) its fused module once,
+/// as PEFT trains it; a part of a fused module without the others is refused by name.
+fn train_modules(model: &Llama, spec: &TrainSpec) -> Result<Vec<TrainModule>, TrainError> {
+    let mut modules: Vec<TrainModule> = Vec::new();
+    for &proj in &spec.targets {
+        let group = FUSED
+            .iter()
+            .find(|(_, parts)| model.config.arch.fused && parts.contains(&proj));
+        match group {
+            None => modules.push((proj, None, vec![proj])),
+            Some((name, parts)) => {
+                if modules.iter().any(|m| m.1 == Some(*name)) {
+                    continue;
+                }
+                let short = name.rsplit('.').next().unwrap_or(name);
+                if let Some(missing) = parts.iter().find(|p| !spec.targets.contains(p)) {
+                    return Err(TrainError::config(
+                        "--target-modules",
+                        format!(
+                            "names {} but not {}: this model stores {} fused as `{short}`, trained as one module (target all of them, or `{short}`)",
+                            proj.short(),
+                            missing.short(),
+                            parts.iter().map(|p| p.short()).collect::<Vec<_>>().join(", "),
+                        ),
+                    ));
+                }
+                modules.push((parts[0], Some(*name), parts.to_vec()));
+            }
+        }
+    }
+    Ok(modules)
+}
+
+/// The names `adapter_config.json` lists for `modules` (a fused module by its own name).
+fn target_names(modules: &[TrainModule]) -> Vec<String> {
+    let mut targets: Vec<String> = modules
+        .iter()
+        .map(|(p, fused, _)| match fused {
+            Some(name) => name.rsplit('.').next().unwrap_or(name).to_string(),
+            None => p.short().to_string(),
+        })
+        .collect();
+    targets.dedup();
+    targets
 }
 
 /// PEFT's prefix projection: rows = `W2 · tanh(W1 · e + b1) + b2` for each virtual token's
@@ -195,34 +249,7 @@ impl TrainableAdapter {
             spec.alpha / spec.rank as f64
         };
         let dev = model.device();
-        // The modules trained: each target, or on a fused model its fused module once.
-        let mut modules: Vec<(Proj, Option<&'static str>, Vec<Proj>)> = Vec::new();
-        for &proj in &spec.targets {
-            let group = FUSED
-                .iter()
-                .find(|(_, parts)| model.config.arch.fused && parts.contains(&proj));
-            match group {
-                None => modules.push((proj, None, vec![proj])),
-                Some((name, parts)) => {
-                    if modules.iter().any(|m| m.1 == Some(*name)) {
-                        continue;
-                    }
-                    let short = name.rsplit('.').next().unwrap_or(name);
-                    if let Some(missing) = parts.iter().find(|p| !spec.targets.contains(p)) {
-                        return Err(TrainError::config(
-                            "--target-modules",
-                            format!(
-                                "names {} but not {}: this model stores {} fused as `{short}`, trained as one module (target all of them, or `{short}`)",
-                                proj.short(),
-                                missing.short(),
-                                parts.iter().map(|p| p.short()).collect::<Vec<_>>().join(", "),
-                            ),
-                        ));
-                    }
-                    modules.push((parts[0], Some(*name), parts.to_vec()));
-                }
-            }
-        }
+        let modules = train_modules(model, spec)?;
         let mut sites = Vec::new();
         for layer in 0..model.layers.len() {
             for (proj, fused, parts) in &modules {
@@ -258,14 +285,7 @@ impl TrainableAdapter {
                 });
             }
         }
-        let mut targets: Vec<String> = modules
-            .iter()
-            .map(|(p, fused, _)| match fused {
-                Some(name) => name.rsplit('.').next().unwrap_or(name).to_string(),
-                None => p.short().to_string(),
-            })
-            .collect();
-        targets.dedup();
+        let targets = target_names(&modules);
         let config = AdapterConfig {
             method: crate::adapters::config::Method::Lora,
             r: spec.rank,
@@ -388,28 +408,35 @@ impl TrainableAdapter {
         })
     }
 
-    /// IA³ as PEFT starts it: every vector ones (the model unchanged).
+    /// IA³ as PEFT starts it: every vector ones (the model unchanged). On a fused module
+    /// (Phi-3's `qkv_proj`, `gate_up_proj`) one vector over the fused rows, as PEFT has it.
     fn init_ia3(model: &Llama, spec: &TrainSpec) -> Result<Self, TrainError> {
+        let modules = train_modules(model, spec)?;
         let mut ia3 = Vec::new();
         for layer in 0..model.layers.len() {
-            for &proj in &spec.targets {
-                let (out, inp) = model
-                    .linear(layer, proj)
-                    .expect("layer exists")
-                    .base()
-                    .dims()?;
-                let on_input = proj == Proj::Down;
+            for (proj, fused, parts) in &modules {
+                let mut out = 0;
+                let mut inp = 0;
+                for &p in parts {
+                    let (o, i) = model
+                        .linear(layer, p)
+                        .expect("layer exists")
+                        .base()
+                        .dims()?;
+                    (out, inp) = (out + o, i);
+                }
+                let on_input = *proj == Proj::Down;
                 let n = if on_input { inp } else { out };
                 ia3.push(Ia3TrainSite {
                     layer,
-                    proj,
+                    proj: *proj,
                     l: Var::from_tensor(&Tensor::ones(n, DType::F32, model.device())?)?,
                     on_input,
+                    fused: *fused,
                 });
             }
         }
-        let mut targets: Vec<String> = spec.targets.iter().map(|p| p.short().to_string()).collect();
-        targets.dedup();
+        let targets = target_names(&modules);
         let feedforward: Vec<String> = targets
             .iter()
             .filter(|t| *t == "down_proj")
@@ -475,12 +502,6 @@ impl TrainableAdapter {
                     (layer, proj, None)
                 }
             };
-            if w.ia3.is_some() && fused.is_some() {
-                return Err(TrainError::config(
-                    "--resume",
-                    format!("{module}: IA³ on a fused module is not trained here"),
-                ));
-            }
             if let Some(l) = &w.ia3 {
                 ia3.push(Ia3TrainSite {
                     layer,
@@ -491,6 +512,7 @@ impl TrainableAdapter {
                             .to_device(model.device())?,
                     )?,
                     on_input: peft.config.is_feedforward(module),
+                    fused,
                 });
                 continue;
             }
@@ -627,10 +649,28 @@ impl TrainableAdapter {
                 .map(|_| Default::default())
                 .collect();
             for s in &self.ia3 {
-                weights.ia3[s.layer][s.proj as usize] = Some(crate::model::Ia3Site {
-                    scale: s.l.as_tensor().clone(),
-                    on_input: s.on_input,
-                });
+                let l = s.l.as_tensor();
+                // A fused module's parts: their rows of an output vector, or all of an input
+                // one (they share their input).
+                let parts = match s.fused {
+                    None => vec![(s.proj, 0, l.dims()[0])],
+                    Some(_) => {
+                        crate::adapters::bind::fused_parts(&s.module(), model)
+                            .expect("a fused model")
+                            .1
+                    }
+                };
+                for (proj, from, rows) in parts {
+                    let scale = if s.on_input {
+                        l.clone()
+                    } else {
+                        l.narrow(0, from, rows)?
+                    };
+                    weights.ia3[s.layer][proj as usize] = Some(crate::model::Ia3Site {
+                        scale,
+                        on_input: s.on_input,
+                    });
+                }
             }
         }
         Ok(weights)

@@ -14,7 +14,7 @@ use serde_json::json;
 use super::dataset::{Dataset, Example};
 use super::error::TrainError;
 use super::optim::{clip_global_norm, lr_at, AdamW, Schedule};
-use super::trainable::{Method, TrainSpec, TrainableAdapter};
+use super::trainable::{TrainSpec, TrainableAdapter};
 use crate::model::llama::SeqInput;
 use crate::model::{AdapterWeights, BatchInput, Llama, LogitsRows, Proj};
 
@@ -379,18 +379,6 @@ pub fn train(
     eval: Option<&Dataset>,
     cfg: &TrainConfig,
 ) -> Result<TrainReport, TrainError> {
-    let fused_target = cfg
-        .spec
-        .targets
-        .iter()
-        .any(|p| matches!(p, Proj::Q | Proj::K | Proj::V | Proj::Gate | Proj::Up));
-    if model.config.arch.fused && fused_target && cfg.spec.method == Method::Ia3 {
-        // LoRA and DoRA train the fused modules as PEFT does (`TrainSite::fused`); IA³ not yet.
-        return Err(TrainError::config(
-            "--target-modules",
-            "names q/k/v or gate/up, which this model stores fused (Phi-3: qkv_proj, gate_up_proj); IA³ on them is not supported yet: target o_proj and down_proj, or train LoRA or DoRA",
-        ));
-    }
     if cfg.batch_size == 0 || cfg.grad_accum == 0 {
         return Err(TrainError::config(
             "--batch-size",
