@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ModelError;
-use crate::ops::rope::Llama3Scaling;
+use crate::ops::rope::{Llama3Scaling, LongRope};
 
 /// The families the decoder serves (`model_type` in `config.json`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -93,6 +93,11 @@ pub struct Arch {
     /// (Phi-3): split into the seven projections at load, adapters on the fused modules split
     /// by rows (`adapters::bind`), written fused again on export.
     pub fused: bool,
+    /// Phi-3's LongRoPE (`rope_type: longrope`, also `su` and `yarn` as transformers reads Phi-3).
+    pub longrope: Option<LongRope>,
+    /// Dimensions of each head that RoPE turns where not all (`partial_rotary_factor`, Phi-3
+    /// configs such as Phi-4-mini's 0.75): the first ones, the rest pass.
+    pub rotary_dim: Option<usize>,
 }
 
 /// The MLP's gate activation (`hidden_act` / `hidden_activation`).
@@ -188,6 +193,7 @@ struct RawConfig {
     final_logit_softcapping: Option<f64>,
     rope_local_base_freq: Option<f64>,
     partial_rotary_factor: Option<f64>,
+    original_max_position_embeddings: Option<usize>,
 }
 
 /// Token ids given as a number or a list of numbers (`eos_token_id` takes both forms).
@@ -359,7 +365,20 @@ impl LlamaConfig {
             .is_some();
         let mut rope_linear = None;
         let mut local_rope_theta = raw.rope_local_base_freq;
+        let rotary_dim = rotary_dim(path, family, &raw, head_dim)?;
+        let longrope = match family {
+            Family::Phi3 => parse_longrope(path, &raw, rotary_dim.unwrap_or(head_dim))?,
+            _ => None,
+        };
         let (rope_theta, rope_scaling) = match (&raw.rope_parameters, &raw.rope_scaling) {
+            (p, _) if longrope.is_some() => (
+                p.as_ref()
+                    .and_then(|p| p.get("rope_theta"))
+                    .and_then(Value::as_f64)
+                    .or(raw.rope_theta)
+                    .unwrap_or(10000.0),
+                None,
+            ),
             (Some(p), _) if per_layer_type => {
                 let full = &p["full_attention"];
                 if let Some(local) = p.get("sliding_attention") {
@@ -405,20 +424,6 @@ impl LlamaConfig {
         };
         let layers = required(path, "num_hidden_layers", raw.num_hidden_layers)?;
         let gemma = family.is_gemma();
-        let partial = raw
-            .rope_parameters
-            .as_ref()
-            .and_then(|p| p.get("partial_rotary_factor"))
-            .and_then(Value::as_f64)
-            .or(raw.partial_rotary_factor)
-            .unwrap_or(1.0);
-        if partial != 1.0 {
-            return Err(ModelError::field(
-                path,
-                "partial_rotary_factor",
-                format!("is {partial}; only 1.0 (RoPE over the whole head) is supported"),
-            ));
-        }
         let windows = layer_windows(path, family, &raw, layers)?;
         let config = Self {
             vocab_size: required(path, "vocab_size", raw.vocab_size)?,
@@ -463,11 +468,126 @@ impl LlamaConfig {
                 },
                 local_rope_theta: local_rope_theta.filter(|_| family == Family::Gemma3),
                 rope_linear,
+                longrope,
+                rotary_dim,
                 ..Arch::of_family(family, hidden_size, windows, activation)
             },
         };
         Ok(config)
     }
+}
+
+/// The dimensions RoPE turns where `partial_rotary_factor` says fewer than the head's (Phi-3
+/// only: the other families' transformers classes turn the whole head whatever it says).
+fn rotary_dim(
+    path: &Path,
+    family: Family,
+    raw: &RawConfig,
+    head_dim: usize,
+) -> Result<Option<usize>, ModelError> {
+    let partial = raw
+        .rope_parameters
+        .as_ref()
+        .and_then(|p| p.get("partial_rotary_factor"))
+        .and_then(Value::as_f64)
+        .or(raw.partial_rotary_factor)
+        .unwrap_or(1.0);
+    if partial == 1.0 {
+        return Ok(None);
+    }
+    // transformers: `int(head_dim * partial_rotary_factor)`.
+    let dim = (head_dim as f64 * partial) as usize;
+    if family != Family::Phi3 {
+        return Err(ModelError::field(
+            path,
+            "partial_rotary_factor",
+            format!(
+                "is {partial}; only 1.0 (RoPE over the whole head) is supported for {}",
+                family.model_type()
+            ),
+        ));
+    }
+    if !(0.0..1.0).contains(&partial) || dim == 0 || dim % 2 != 0 {
+        return Err(ModelError::field(
+            path,
+            "partial_rotary_factor",
+            format!(
+                "is {partial}: {dim} of a head's {head_dim} dimensions, not an even number above 0"
+            ),
+        ));
+    }
+    Ok(Some(dim))
+}
+
+/// Phi-3's LongRoPE, where its RoPE block (`rope_parameters`, or the older `rope_scaling`) says
+/// `longrope` (or `su` / `yarn`, which transformers reads as it for Phi-3): one short and one
+/// long factor per frequency, the pretraining context (`original_max_position_embeddings`), and
+/// the cos/sin factor (`attention_factor`, else `sqrt(1 + ln f / ln original)` for `f` the
+/// context over the original one, as transformers computes it).
+fn parse_longrope(
+    path: &Path,
+    raw: &RawConfig,
+    rotary_dim: usize,
+) -> Result<Option<LongRope>, ModelError> {
+    let (field, block) = match (&raw.rope_parameters, &raw.rope_scaling) {
+        (Some(p), _) => ("rope_parameters", p),
+        (None, Some(s)) if !s.is_null() => ("rope_scaling", s),
+        _ => return Ok(None),
+    };
+    let kind = block
+        .get("rope_type")
+        .or_else(|| block.get("type"))
+        .and_then(Value::as_str);
+    if !matches!(kind, Some("longrope" | "su" | "yarn")) {
+        return Ok(None);
+    }
+    let factors = |key: &str| -> Result<Vec<f64>, ModelError> {
+        let list: Option<Vec<f64>> = block
+            .get(key)
+            .and_then(Value::as_array)
+            .map(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<f64>>>())
+            .unwrap_or(None);
+        match list {
+            Some(l) if l.len() == rotary_dim / 2 && l.iter().all(|f| *f > 0.0) => Ok(l),
+            _ => Err(ModelError::field(
+                path,
+                &format!("{field}.{key}"),
+                format!(
+                    "must list {} positive numbers, one per rotary frequency",
+                    rotary_dim / 2
+                ),
+            )),
+        }
+    };
+    let max = raw.max_position_embeddings.unwrap_or(2048);
+    let original = block
+        .get("original_max_position_embeddings")
+        .and_then(Value::as_u64)
+        .map(|v| v as usize)
+        .or(raw.original_max_position_embeddings)
+        .unwrap_or(max);
+    if original == 0 {
+        return Err(ModelError::field(
+            path,
+            "original_max_position_embeddings",
+            "must be positive",
+        ));
+    }
+    let factor = block
+        .get("factor")
+        .and_then(Value::as_f64)
+        .unwrap_or(max as f64 / original as f64);
+    let attention_factor = match block.get("attention_factor").and_then(Value::as_f64) {
+        Some(a) => a,
+        None if factor <= 1.0 => 1.0,
+        None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+    };
+    Ok(Some(LongRope {
+        short: factors("short_factor")?,
+        long: factors("long_factor")?,
+        original_max: original,
+        attention_factor,
+    }))
 }
 
 /// Gemma 3's multimodal checkpoints (`model_type: gemma3`, `Gemma3ForConditionalGeneration`):
@@ -615,11 +735,19 @@ mod tests {
         };
         let cases = [
             (
-                with("phi3", r#""partial_rotary_factor":0.5,"#),
+                with("llama", r#""partial_rotary_factor":0.5,"#),
+                "partial_rotary_factor",
+            ),
+            (
+                with("phi3", r#""partial_rotary_factor":0.1,"#),
                 "partial_rotary_factor",
             ),
             (
                 with("phi3", "").replace(r#""rope_type":"default""#, r#""rope_type":"longrope""#),
+                "rope_parameters.short_factor",
+            ),
+            (
+                with("llama", "").replace(r#""rope_type":"default""#, r#""rope_type":"longrope""#),
                 "rope_parameters.rope_type",
             ),
             (

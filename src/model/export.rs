@@ -59,10 +59,36 @@ pub fn hf_config_json(model: &Llama, loaded: &LoadedModel) -> serde_json::Value 
         "eos_token_id": loaded.eos_token_ids.first(),
         "torch_dtype": format!("{:?}", model.dtype()).to_lowercase().replace("f32", "float32").replace("bf16", "bfloat16").replace("f16", "float16"),
     });
+    // The padding id as the source's config states it (Phi-3's config class defaults to 32000,
+    // past a smaller vocabulary); none where it states none.
+    let source = std::fs::read_to_string(loaded.path.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+    config["pad_token_id"] = source
+        .as_ref()
+        .and_then(|v| v.get("pad_token_id").cloned())
+        .unwrap_or(serde_json::Value::Null);
     // The sliding windows as the family's config states them (transformers derives the rest).
     let window = c.arch.windows.iter().flatten().next().copied();
     if family != Family::Llama {
         config["sliding_window"] = json!(window);
+    }
+    if let Some(d) = c.arch.rotary_dim {
+        let partial = d as f64 / c.head_dim as f64;
+        config["partial_rotary_factor"] = json!(partial);
+        config["rope_parameters"]["partial_rotary_factor"] = json!(partial);
+    }
+    if let Some(l) = &c.arch.longrope {
+        let mut rope = json!({"rope_type": "longrope", "rope_theta": c.rope_theta,
+            "short_factor": l.short, "long_factor": l.long,
+            "original_max_position_embeddings": l.original_max,
+            "attention_factor": l.attention_factor});
+        if let Some(d) = c.arch.rotary_dim {
+            rope["partial_rotary_factor"] = json!(d as f64 / c.head_dim as f64);
+        }
+        config["original_max_position_embeddings"] = json!(l.original_max);
+        config["rope_parameters"] = rope.clone();
+        config["rope_scaling"] = rope;
     }
     if family == Family::Gemma3 {
         let mut full = json!({"rope_type": "default", "rope_theta": c.rope_theta});

@@ -14,6 +14,7 @@ use super::kv_pool::{KvDtype, KvPool, PoolShape};
 use super::linear::Linear;
 use crate::ops::attention::Scoring;
 use crate::ops::profile::{time, Part};
+use crate::ops::rope::RopeSpec;
 use crate::ops::{causal_attention, rms_norm, Rope};
 
 /// Which rows' logits a forward returns.
@@ -124,21 +125,23 @@ impl Llama {
     ) -> Result<Self> {
         let dtype = embed_tokens.dtype();
         let device = embed_tokens.device();
-        let rope = Rope::new(
-            config.head_dim,
-            config.rope_theta,
-            config.rope_scaling.as_ref(),
-            config.arch.rope_linear,
-            config.max_position_embeddings,
-            dtype,
-            &device,
-        )?;
+        let spec = RopeSpec {
+            head_dim: config.head_dim,
+            rotary_dim: config.arch.rotary_dim.unwrap_or(config.head_dim),
+            theta: config.rope_theta,
+            llama3: config.rope_scaling.as_ref(),
+            linear: config.arch.rope_linear,
+            longrope: config.arch.longrope.as_ref(),
+        };
+        let rope = Rope::of(&spec, config.max_position_embeddings, dtype, &device)?;
         let rope_local = match config.arch.local_rope_theta {
-            Some(theta) => Some(Rope::new(
-                config.head_dim,
-                theta,
-                None,
-                None,
+            Some(theta) => Some(Rope::of(
+                &RopeSpec {
+                    theta,
+                    llama3: None,
+                    linear: None,
+                    ..spec
+                },
                 config.max_position_embeddings,
                 dtype,
                 &device,
