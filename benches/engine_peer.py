@@ -7,6 +7,8 @@
   engine_peer.py URL itl [--tokens 2000] [--streams 8]
       N streams decode; once each has 5 tokens a prompt of N tokens arrives; the streams'
       inter-token gaps while it prefills: p50, p99, max; and the prompt's time to answer.
+  engine_peer.py URL concurrent [--tokens 32] [--streams 8] [--runs 3] [--max-tokens 129]
+      --streams streams at once, --runs requests each: completion tokens/s over the wall time.
   engine_peer.py URL ttft [--tokens 500] [--requests 16] [--model ADAPTER]
       requests one after another, all sharing an N-token system prompt (then a short question
       of their own): time to first token of each, mean of the first and of the rest.
@@ -138,10 +140,35 @@ def decode(a):
             "ratio": rates[a.tokens] / rates[64]}
 
 
+def concurrent(a):
+    """`--streams` streams at once, each a prompt of N token ids then `--max-tokens` tokens (no
+    end of sequence), `--runs` requests per stream back to back: tokens per second over the
+    wall time (the concurrency-8 decode figure when N is short)."""
+    counts, lock = [], threading.Lock()
+
+    def stream(s):
+        for r in range(a.runs):
+            body = {"prompt": ids(a.tokens, 5000 + 97 * s + r + int(time.time()) % 1000),
+                    "max_tokens": a.max_tokens, "temperature": 0, "ignore_eos": True, **model(a)}
+            out = json.load(post(a.url + "/v1/completions", body))
+            with lock:
+                counts.append(out["usage"]["completion_tokens"])
+
+    t = time.perf_counter()
+    threads = [threading.Thread(target=stream, args=(s,)) for s in range(a.streams)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t
+    return {"test": "concurrent", "streams": a.streams, "tokens": sum(counts),
+            "tokens_per_s": sum(counts) / wall}
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("url")
-    p.add_argument("test", choices=["prefill", "itl", "ttft", "decode"])
+    p.add_argument("test", choices=["prefill", "itl", "ttft", "decode", "concurrent"])
     p.add_argument("--tokens", type=int)
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--streams", type=int, default=8)
@@ -154,8 +181,10 @@ def main():
     a.url = a.url.rstrip("/")
     global VOCAB
     VOCAB = a.vocab
-    a.tokens = a.tokens or {"prefill": 3000, "itl": 2000, "ttft": 500, "decode": 2048}[a.test]
-    out = {"prefill": prefill, "itl": itl, "ttft": ttft, "decode": decode}[a.test](a)
+    a.tokens = a.tokens or {"prefill": 3000, "itl": 2000, "ttft": 500, "decode": 2048,
+                            "concurrent": 32}[a.test]
+    out = {"prefill": prefill, "itl": itl, "ttft": ttft, "decode": decode,
+           "concurrent": concurrent}[a.test](a)
     out["flavor"] = a.flavor
     print(json.dumps(out))
 

@@ -64,6 +64,12 @@ impl Activations {
         (self.d[i * kb + b], self.s[i * kb + b])
     }
 
+    /// Row `i`'s `xd` and `xd · Σ xq`, one per block.
+    pub fn scales_row(&self, i: usize) -> (&[f32], &[f32]) {
+        let kb = self.cols / QK;
+        (&self.d[i * kb..(i + 1) * kb], &self.s[i * kb..(i + 1) * kb])
+    }
+
     /// `Σ xq` of row `i`, block `b`.
     pub fn sum(&self, i: usize, b: usize) -> i32 {
         self.sum[i * (self.cols / QK) + b]
@@ -155,9 +161,10 @@ pub fn broadcast4(x: &[i8], at: usize) -> i32 {
     ])
 }
 
-/// `x · Wᵀ` over `tiles` (`[row tile][block of 32 columns]`) of a `[rows, cols]` weight, for `n`
-/// activation rows held in `act` (in whatever form the kernel reads): `run(tiles of one row
-/// tile, act, i, k, acc)` accumulates activation rows `i..i + k` (k ≤ 4) into `acc`.
+/// `x · Wᵀ` over `tiles` (`[row tile][block of columns]`: 32 columns each, or a K-quant's
+/// super-block of 256) of a `[rows, cols]` weight, for `n` activation rows held in `act` (in
+/// whatever form the kernel reads): `run(tiles of one row tile, act, i, k, acc)` accumulates
+/// activation rows `i..i + k` (k ≤ 4) into `acc`.
 pub fn matmul_tiles<T: Sync, A: Sync>(
     tiles: &[T],
     rows: usize,
@@ -166,10 +173,10 @@ pub fn matmul_tiles<T: Sync, A: Sync>(
     act: &A,
     run: impl Fn(&[T], &A, usize, usize, &mut [[f32; TILE]; 4]) + Sync,
 ) -> Vec<f32> {
-    let kb = cols.div_ceil(QK);
     let row_tiles = rows.div_ceil(TILE);
+    let kb = tiles.len() / row_tiles.max(1);
     // Enough tiles per task that a task outweighs its hand-off.
-    let per_task = ((1 << 18) / (kb * QK * TILE * n.max(1))).clamp(1, row_tiles.max(1));
+    let per_task = ((1 << 18) / (cols.max(1) * TILE * n.max(1))).clamp(1, row_tiles.max(1));
     let chunks: Vec<(usize, Vec<f32>)> = (0..row_tiles)
         .step_by(per_task)
         .collect::<Vec<_>>()

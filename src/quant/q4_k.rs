@@ -1,0 +1,448 @@
+//! GGUF Q4_K weights served as stored, with integer dot products (the bulk of a Q4_K_M file).
+//!
+//! Q4_K (ggml): super-blocks of 256 values along a row: `d` and `dmin` as f16, 12 bytes packing
+//! eight 6-bit scales and eight 6-bit mins (one pair per sub-block of 32), and 128 bytes of
+//! nibbles (each 64 values: 32 bytes, low nibbles the first 32, high nibbles the next 32). A
+//! value is `d·sc·q − dmin·m`, `q` in 0..15.
+//!
+//! At load the rows are repacked into tiles of 16 output rows × one super-block: each sub-block
+//! of 32 in the Q4_1 tiles' layout (`q4_1.rs`: for each group of 8 values, 16 rows × 4 bytes,
+//! byte `j` holding value `j` in its low nibble and `j + 4` in its high nibble), then the rows'
+//! `d`, `dmin` (f16) and the unpacked scales and mins (a byte each): 2,368 bytes per 16 × 256
+//! values, 4.6 bits a weight against the file's 4.5.
+//!
+//! Activations are the shared 8-bit blocks of 32 (`int8.rs`), one per sub-block, so a sub-block's
+//! dot product is `d·sc·xd·Σ q·xq − dmin·m·xs`, the sum exact in integers: the only error against
+//! dequantize-then-f32-matmul is the activations' rounding, as for Q4_1. Paths: AVX-512 VNNI, AVX2
+//! and portable, on the same tiles; a row's result never depends on the other rows.
+
+use half::f16;
+
+use super::int8::{self, broadcast4, Activations, Kernel, TileWeight, QK, TILE};
+
+/// Values per super-block.
+pub const QK_K: usize = 256;
+/// Sub-blocks of 32 per super-block.
+const SUBS: usize = QK_K / QK;
+/// Bytes of one GGUF Q4_K super-block.
+pub const BLOCK_BYTES: usize = 144;
+
+/// One super-block of 256 values for 16 output rows.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct Tile {
+    /// `[sub-block (8)][group of 8 values (4)][row (16)][4 bytes]`.
+    qs: [u8; 2048],
+    d: [u16; TILE],
+    dmin: [u16; TILE],
+    /// `[sub-block][row]`: the 6-bit scale and min of each row's sub-block.
+    sc: [[u8; TILE]; SUBS],
+    mn: [[u8; TILE]; SUBS],
+}
+
+/// A Q4_K weight `[rows, cols]` repacked for the kernels.
+#[derive(Clone)]
+pub struct Q4KWeight {
+    rows: usize,
+    cols: usize,
+    /// `[row tile][super-block]`.
+    tiles: Vec<Tile>,
+}
+
+impl std::fmt::Debug for Q4KWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Q4KWeight[{}, {}]", self.rows, self.cols)
+    }
+}
+
+/// Sub-block `j`'s 6-bit scale and min from a super-block's 12 packed bytes (ggml's
+/// `get_scale_min_k4`).
+fn scale_min(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        (
+            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
+            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
+        )
+    }
+}
+
+impl Q4KWeight {
+    /// Repacks GGUF Q4_K data of `rows` rows × `cols` values (`cols` a multiple of 256).
+    pub fn from_gguf(data: &[u8], rows: usize, cols: usize) -> Result<Self, String> {
+        if cols % QK_K != 0 {
+            return Err(format!(
+                "Q4_K rows of {cols} values are not whole super-blocks of {QK_K}"
+            ));
+        }
+        let kb = cols / QK_K;
+        if data.len() != rows * kb * BLOCK_BYTES {
+            return Err(format!(
+                "Q4_K data of {} bytes does not hold {rows} × {cols} values",
+                data.len()
+            ));
+        }
+        let empty = Tile {
+            qs: [0; 2048],
+            d: [0; TILE],
+            dmin: [0; TILE],
+            sc: [[0; TILE]; SUBS],
+            mn: [[0; TILE]; SUBS],
+        };
+        let mut tiles = vec![empty; rows.div_ceil(TILE) * kb];
+        for r in 0..rows {
+            let (t, lane) = (r / TILE, r % TILE);
+            for b in 0..kb {
+                let block = &data[(r * kb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
+                let tile = &mut tiles[t * kb + b];
+                tile.d[lane] = u16::from_le_bytes([block[0], block[1]]);
+                tile.dmin[lane] = u16::from_le_bytes([block[2], block[3]]);
+                let (scales, qs) = (&block[4..16], &block[16..]);
+                for s in 0..SUBS {
+                    (tile.sc[s][lane], tile.mn[s][lane]) = scale_min(s, scales);
+                    // Sub-block s: the low (even s) or high (odd s) nibbles of bytes
+                    // 32·(s/2) .. 32·(s/2) + 32.
+                    let bytes = &qs[32 * (s / 2)..][..32];
+                    let q = |v: usize| {
+                        if s % 2 == 0 {
+                            bytes[v] & 0x0F
+                        } else {
+                            bytes[v] >> 4
+                        }
+                    };
+                    for g in 0..4 {
+                        for j in 0..4 {
+                            tile.qs[s * 256 + g * 64 + lane * 4 + j] =
+                                q(8 * g + j) | (q(8 * g + j + 4) << 4);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Self { rows, cols, tiles })
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Bytes held (2,368 per 16 rows × 256 values, plus padding rows up to a multiple of 16).
+    pub fn bytes(&self) -> usize {
+        self.tiles.len() * std::mem::size_of::<Tile>()
+    }
+
+    /// The weight as f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.dequantize_rows(&(0..self.rows as u32).collect::<Vec<_>>())
+    }
+
+    /// Rows `ids` as f32, `[ids.len(), cols]`, as ggml dequantizes them.
+    pub fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32> {
+        let kb = self.cols / QK_K;
+        let mut out = vec![0f32; ids.len() * self.cols];
+        for (o, &r) in ids.iter().enumerate() {
+            let r = r as usize;
+            let (t, lane) = (r / TILE, r % TILE);
+            for b in 0..kb {
+                let tile = &self.tiles[t * kb + b];
+                let d = f16::from_bits(tile.d[lane]).to_f32();
+                let dmin = f16::from_bits(tile.dmin[lane]).to_f32();
+                for s in 0..SUBS {
+                    let d1 = d * tile.sc[s][lane] as f32;
+                    let m1 = dmin * tile.mn[s][lane] as f32;
+                    let row = &mut out[o * self.cols + b * QK_K + s * QK..][..QK];
+                    for g in 0..4 {
+                        for j in 0..4 {
+                            let byte = tile.qs[s * 256 + g * 64 + lane * 4 + j];
+                            row[8 * g + j] = d1 * (byte & 0x0F) as f32 - m1;
+                            row[8 * g + j + 4] = d1 * (byte >> 4) as f32 - m1;
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// `x · Wᵀ` for `x` of `[n, cols]` (row-major) → `[n, rows]`.
+    pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
+        int8::matmul_t(self, x, n)
+    }
+}
+
+impl TileWeight for Q4KWeight {
+    type Tile = Tile;
+
+    fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    fn tiles(&self) -> &[Tile] {
+        &self.tiles
+    }
+
+    fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32> {
+        Q4KWeight::dequantize_rows(self, ids)
+    }
+
+    fn run(
+        kernel: Kernel,
+        tiles: &[Tile],
+        act: &Activations,
+        i: usize,
+        rows: usize,
+        acc: &mut [[f32; TILE]; 4],
+    ) {
+        match kernel {
+            Kernel::Portable => portable(tiles, act, i, rows, acc),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: chosen only where the CPU reports the features.
+            Kernel::Avx2 => unsafe { avx2(tiles, act, i, rows, acc) },
+            #[cfg(target_arch = "x86_64")]
+            Kernel::Avx512Vnni => unsafe { avx512(tiles, act, i, rows, acc) },
+        }
+    }
+}
+
+fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
+    for (b, tile) in tiles.iter().enumerate() {
+        for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
+            for s in 0..SUBS {
+                let blk = b * SUBS + s;
+                let xq = &act.row(i + r)[blk * QK..(blk + 1) * QK];
+                let (xd, xs) = act.scale(i + r, blk);
+                for lane in 0..TILE {
+                    let mut isum = 0i32;
+                    for g in 0..4 {
+                        for j in 0..4 {
+                            let byte = tile.qs[s * 256 + g * 64 + lane * 4 + j];
+                            isum += (byte & 0x0F) as i32 * xq[8 * g + j] as i32;
+                            isum += (byte >> 4) as i32 * xq[8 * g + j + 4] as i32;
+                        }
+                    }
+                    let d = f16::from_bits(tile.d[lane]).to_f32() * tile.sc[s][lane] as f32;
+                    let m = f16::from_bits(tile.dmin[lane]).to_f32() * tile.mn[s][lane] as f32;
+                    acc_r[lane] += isum as f32 * (d * xd) - m * xs;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn avx512(
+    tiles: &[Tile],
+    act: &Activations,
+    i: usize,
+    rows: usize,
+    acc: &mut [[f32; TILE]; 4],
+) {
+    use std::arch::x86_64::*;
+    let mask = _mm512_set1_epi8(0x0F);
+    let mut facc = [_mm512_setzero_ps(); 4];
+    let cols = tiles.len() * QK_K;
+    let xrows: [&[i8]; 4] = std::array::from_fn(|r| act.row(i + r.min(rows - 1)));
+    let scales: [(&[f32], &[f32]); 4] =
+        std::array::from_fn(|r| act.scales_row(i + r.min(rows - 1)));
+    assert!(xrows.iter().all(|x| x.len() == cols));
+    // Four bytes of activation row `r` from `at` (in bounds: `at + 4 <= cols`, checked above).
+    let x4 = |r: usize, at: usize| {
+        _mm512_set1_epi32(std::ptr::read_unaligned(
+            xrows[r].as_ptr().add(at) as *const i32
+        ))
+    };
+    for (b, tile) in tiles.iter().enumerate() {
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr() as *const _));
+        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(tile.dmin.as_ptr() as *const _));
+        // Sub-blocks in pairs, with independent accumulators: a decode row's chain of
+        // `vpdpbusd` is then two chains, not one.
+        for pair in 0..SUBS / 2 {
+            let (sa, sb) = (2 * pair, 2 * pair + 1);
+            let mut ia = [_mm512_setzero_si512(); 4];
+            let mut ib = [_mm512_setzero_si512(); 4];
+            for g in 0..4 {
+                let wa = _mm512_loadu_si512(tile.qs.as_ptr().add(sa * 256 + g * 64) as *const _);
+                let wb = _mm512_loadu_si512(tile.qs.as_ptr().add(sb * 256 + g * 64) as *const _);
+                let (lo_a, hi_a) = (
+                    _mm512_and_si512(wa, mask),
+                    _mm512_and_si512(_mm512_srli_epi16(wa, 4), mask),
+                );
+                let (lo_b, hi_b) = (
+                    _mm512_and_si512(wb, mask),
+                    _mm512_and_si512(_mm512_srli_epi16(wb, 4), mask),
+                );
+                let at_a = (b * SUBS + sa) * QK + 8 * g;
+                let at_b = at_a + QK;
+                for r in 0..rows {
+                    ia[r] = _mm512_dpbusd_epi32(ia[r], lo_a, x4(r, at_a));
+                    ia[r] = _mm512_dpbusd_epi32(ia[r], hi_a, x4(r, at_a + 4));
+                    ib[r] = _mm512_dpbusd_epi32(ib[r], lo_b, x4(r, at_b));
+                    ib[r] = _mm512_dpbusd_epi32(ib[r], hi_b, x4(r, at_b + 4));
+                }
+            }
+            for (s, isum) in [(sa, &ia), (sb, &ib)] {
+                let sc = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                    tile.sc[s].as_ptr() as *const _,
+                )));
+                let mn = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                    tile.mn[s].as_ptr() as *const _,
+                )));
+                let (ds, ms) = (_mm512_mul_ps(d, sc), _mm512_mul_ps(dmin, mn));
+                let blk = b * SUBS + s;
+                for r in 0..rows {
+                    let (xd, xs) = (scales[r].0[blk], scales[r].1[blk]);
+                    let sum = _mm512_cvtepi32_ps(isum[r]);
+                    facc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(ds, _mm512_set1_ps(xd)), facc[r]);
+                    facc[r] = _mm512_fnmadd_ps(ms, _mm512_set1_ps(xs), facc[r]);
+                }
+            }
+        }
+    }
+    for r in 0..rows {
+        _mm512_storeu_ps(acc[r].as_mut_ptr(), facc[r]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn avx2(
+    tiles: &[Tile],
+    act: &Activations,
+    i: usize,
+    rows: usize,
+    acc: &mut [[f32; TILE]; 4],
+) {
+    use std::arch::x86_64::*;
+    let mask = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    let mut facc = [[_mm256_setzero_ps(); 2]; 4];
+    let xrows: [&[i8]; 4] = std::array::from_fn(|r| act.row(i + r.min(rows - 1)));
+    for (b, tile) in tiles.iter().enumerate() {
+        let d = [0, 1]
+            .map(|h| _mm256_cvtph_ps(_mm_loadu_si128(tile.d.as_ptr().add(h * 8) as *const _)));
+        let dmin = [0, 1]
+            .map(|h| _mm256_cvtph_ps(_mm_loadu_si128(tile.dmin.as_ptr().add(h * 8) as *const _)));
+        for s in 0..SUBS {
+            let blk = b * SUBS + s;
+            let mut isum = [[_mm256_setzero_si256(); 2]; 4];
+            for g in 0..4 {
+                for h in 0..2 {
+                    let v = _mm256_loadu_si256(
+                        tile.qs.as_ptr().add(s * 256 + g * 64 + h * 32) as *const _
+                    );
+                    let lo = _mm256_and_si256(v, mask);
+                    let hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+                    for r in 0..rows {
+                        let at = blk * QK + 8 * g;
+                        let xa = _mm256_set1_epi32(broadcast4(xrows[r], at));
+                        let xb = _mm256_set1_epi32(broadcast4(xrows[r], at + 4));
+                        // u8 × i8 pairs to i16 (|15·127·2| fits), then pairs to i32.
+                        let p = _mm256_add_epi16(
+                            _mm256_maddubs_epi16(lo, xa),
+                            _mm256_maddubs_epi16(hi, xb),
+                        );
+                        isum[r][h] = _mm256_add_epi32(isum[r][h], _mm256_madd_epi16(p, ones));
+                    }
+                }
+            }
+            for h in 0..2 {
+                let sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                    tile.sc[s].as_ptr().add(h * 8) as *const _,
+                )));
+                let mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(
+                    tile.mn[s].as_ptr().add(h * 8) as *const _,
+                )));
+                let (ds, ms) = (_mm256_mul_ps(d[h], sc), _mm256_mul_ps(dmin[h], mn));
+                for r in 0..rows {
+                    let (xd, xs) = act.scale(i + r, blk);
+                    let sum = _mm256_cvtepi32_ps(isum[r][h]);
+                    facc[r][h] =
+                        _mm256_fmadd_ps(sum, _mm256_mul_ps(ds, _mm256_set1_ps(xd)), facc[r][h]);
+                    facc[r][h] = _mm256_fnmadd_ps(ms, _mm256_set1_ps(xs), facc[r][h]);
+                }
+            }
+        }
+    }
+    for r in 0..rows {
+        for h in 0..2 {
+            _mm256_storeu_ps(acc[r].as_mut_ptr().add(h * 8), facc[r][h]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::int8::checks;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    /// GGUF Q4_K bytes of a `rows × cols` weight, quantized by ggml's own rules (candle's port).
+    fn q4k(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                let h = (i as u64 + seed * 7919).wrapping_mul(2654435761) % 10007;
+                (h as f32 / 10007.0 - 0.5) * 0.2 + if i % 97 == 0 { 0.3 } else { 0.0 }
+            })
+            .collect();
+        let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        QTensor::quantize(&t, GgmlDType::Q4K)
+            .unwrap()
+            .data()
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn dequantize_follows_ggml() {
+        for (rows, cols) in [(3, 256), (17, 512)] {
+            let data = q4k(rows, cols, 5);
+            let w = Q4KWeight::from_gguf(&data, rows, cols).unwrap();
+            let theirs = QTensor::new(
+                candle_core::quantized::QStorage::from_data(
+                    std::borrow::Cow::Borrowed(&data),
+                    &Device::Cpu,
+                    GgmlDType::Q4K,
+                )
+                .unwrap(),
+                (rows, cols),
+            )
+            .unwrap()
+            .dequantize(&Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+            assert_eq!(w.dequantize(), theirs, "{rows}x{cols}");
+        }
+        assert!(Q4KWeight::from_gguf(&q4k(2, 256, 1), 2, 128).is_err());
+        assert!(Q4KWeight::from_gguf(&q4k(2, 256, 1)[1..], 2, 256).is_err());
+    }
+
+    #[test]
+    fn matches_dequantized_matmul_within_the_activation_rounding_bound() {
+        for (rows, cols) in [(16, 256), (37, 512), (100, 768), (48, 2048)] {
+            let w = Q4KWeight::from_gguf(&q4k(rows, cols, rows as u64), rows, cols).unwrap();
+            checks::within_rounding_bound(&w);
+        }
+    }
+
+    #[test]
+    fn simd_and_portable_paths_agree() {
+        let (rows, cols) = (45, 512);
+        checks::simd_matches_portable(
+            &Q4KWeight::from_gguf(&q4k(rows, cols, 3), rows, cols).unwrap(),
+        );
+    }
+
+    #[test]
+    fn rows_are_independent_of_the_batch() {
+        let (rows, cols) = (45, 512);
+        checks::rows_are_independent(
+            &Q4KWeight::from_gguf(&q4k(rows, cols, 3), rows, cols).unwrap(),
+        );
+    }
+}
