@@ -20,6 +20,10 @@ PY="${PY:-python3}"
 ROUNDS="${ROUNDS:-2}"
 TYPES="${TYPES:-q4_k_m q8_0 q4_0}"
 WORK="${WORK:-/tmp/loraplex-real-size}"
+# Extra llama-server flags. On an Intel Xeon with AMX (family 6, model 143/167) the vendored
+# llama.cpp's repacked CPU path dies of a general protection fault at the first prompt batch;
+# LLAMA_ARGS=--no-repack runs it there (its decode with repacking is then llama-bench's figure).
+LLAMA_ARGS="${LLAMA_ARGS:-}"
 BIN="$(bash "$SHARED/llamacpp.sh" build)"
 LLAMA_CPP="$(dirname "$(dirname "$BIN")")"
 SHAPES=("${@:-llama}")
@@ -61,7 +65,8 @@ for shape in "${SHAPES[@]}"; do
       echo "{${tag}\"test\": \"load\", \"s\": $(first_answer http://127.0.0.1:8080 "$t0"), \"flavor\": \"ours\"}"
       measure ours http://127.0.0.1:8080 | sed "s/^{/{$tag/"
       stop; t0=$(date +%s.%N)
-      (cd "$BIN" && LD_LIBRARY_PATH=. exec ./llama-server -m "$gguf" -np 8 -c 20480 -t 2 --port 8091) >/dev/null 2>&1 & PID=$!
+      # shellcheck disable=SC2086
+      (cd "$BIN" && LD_LIBRARY_PATH=. exec ./llama-server -m "$gguf" -np 8 -c 20480 -t 2 --port 8091 $LLAMA_ARGS) >/dev/null 2>&1 & PID=$!
       wait_up http://127.0.0.1:8091
       echo "{${tag}\"test\": \"load\", \"s\": $(first_answer http://127.0.0.1:8091 "$t0"), \"flavor\": \"llamacpp\"}"
       measure llamacpp http://127.0.0.1:8091 | sed "s/^{/{$tag/"

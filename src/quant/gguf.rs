@@ -1,5 +1,5 @@
-//! GGUF quantized tensors served in their stored quantization: Q4_1 and Q8_0 by our own
-//! repacked integer kernels (`q4_1.rs`, `q8_0.rs`), the other types (Q4_0, Q5_0, Q5_1, Q8_0, Q2_K … Q6_K) by candle's
+//! GGUF quantized tensors served in their stored quantization: Q4_1, Q8_0 and Q4_K by our own
+//! repacked integer kernels (`q4_1.rs`, `q8_0.rs`, `q4_k.rs`), the other types (Q4_0, Q5_0, Q5_1, Q8_0, Q2_K … Q6_K) by candle's
 //! `QMatMul`, which also quantizes activations to 8 bits and takes integer dot products (with
 //! repacked AVX-512 VNNI kernels for Q4_K, Q6_K and Q8_0). Never dequantized for serving.
 //! Differentiable in the activations (training adapters on the served weights, as QLoRA does on
@@ -13,6 +13,7 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Result, Shape, Tensor};
 
 use super::q4_1::Q41Weight;
+use super::q4_k::Q4KWeight;
 use super::q8_0::Q80Weight;
 
 /// The quantization types served natively.
@@ -38,12 +39,13 @@ pub fn supported_names() -> String {
         .join(", ")
 }
 
-/// Q4_1 and Q8_0 keep only their repacked tiles (the GGUF bytes are dropped); the others keep
-/// the stored tensor.
+/// Q4_1, Q8_0 and Q4_K keep only their repacked tiles (the GGUF bytes are dropped); the others
+/// keep the stored tensor.
 #[derive(Clone)]
 enum Kernel {
     Q41(Arc<Q41Weight>),
     Q80(Arc<Q80Weight>),
+    Q4K(Arc<Q4KWeight>),
     Ggml(QMatMul, Arc<QTensor>),
 }
 
@@ -82,6 +84,9 @@ impl QuantLinear {
             GgmlDType::Q8_0 if whole_blocks => Kernel::Q80(Arc::new(
                 Q80Weight::from_gguf(&q.data()?, rows, cols).map_err(candle_core::Error::msg)?,
             )),
+            GgmlDType::Q4K => Kernel::Q4K(Arc::new(
+                Q4KWeight::from_gguf(&q.data()?, rows, cols).map_err(candle_core::Error::msg)?,
+            )),
             _ => Kernel::Ggml(QMatMul::from_arc(q.clone())?, q),
         };
         Ok(Some(Self {
@@ -105,6 +110,7 @@ impl QuantLinear {
         match &self.kernel {
             Kernel::Q41(w) => w.bytes(),
             Kernel::Q80(w) => w.bytes(),
+            Kernel::Q4K(w) => w.bytes(),
             Kernel::Ggml(_, q) => q.storage_size_in_bytes(),
         }
     }
@@ -116,6 +122,9 @@ impl QuantLinear {
                 Tensor::from_vec(w.dequantize(), (self.rows, self.cols), &Device::Cpu)
             }
             Kernel::Q80(w) => {
+                Tensor::from_vec(w.dequantize(), (self.rows, self.cols), &Device::Cpu)
+            }
+            Kernel::Q4K(w) => {
                 Tensor::from_vec(w.dequantize(), (self.rows, self.cols), &Device::Cpu)
             }
             Kernel::Ggml(_, q) => q.dequantize(&Device::Cpu),
@@ -138,6 +147,9 @@ impl QuantLinear {
                 Tensor::from_vec(w.dequantize_rows(&idx), (n, self.cols), &Device::Cpu)
             }
             Kernel::Q80(w) => {
+                Tensor::from_vec(w.dequantize_rows(&idx), (n, self.cols), &Device::Cpu)
+            }
+            Kernel::Q4K(w) => {
                 Tensor::from_vec(w.dequantize_rows(&idx), (n, self.cols), &Device::Cpu)
             }
             Kernel::Ggml(_, q) => q.embedding(ids),
@@ -179,6 +191,7 @@ impl QuantLinear {
         Ok(match &self.kernel {
             Kernel::Q41(w) => w.matmul_t(x, n),
             Kernel::Q80(w) => w.matmul_t(x, n),
+            Kernel::Q4K(w) => w.matmul_t(x, n),
             Kernel::Ggml(m, _) => m
                 .forward(&Tensor::from_slice(x, (n, self.cols), &Device::Cpu)?)?
                 .flatten_all()?
@@ -192,6 +205,7 @@ impl QuantLinear {
         Ok(match &self.kernel {
             Kernel::Q41(w) => w.dequantize_rows(&ids),
             Kernel::Q80(w) => w.dequantize_rows(&ids),
+            Kernel::Q4K(w) => w.dequantize_rows(&ids),
             Kernel::Ggml(_, q) => q
                 .dequantize(&Device::Cpu)?
                 .narrow(0, start, count)?
