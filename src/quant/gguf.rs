@@ -1,5 +1,5 @@
-//! GGUF quantized tensors served in their stored quantization: Q4_1, Q8_0 and Q4_K by our own
-//! repacked integer kernels (`q4_1.rs`, `q8_0.rs`, `q4_k.rs`), the other types (Q4_0, Q5_0, Q5_1, Q8_0, Q2_K … Q6_K) by candle's
+//! GGUF quantized tensors served in their stored quantization: Q4_1 (and Q4_0 as Q4_1), Q8_0
+//! and Q4_K by our own repacked integer kernels (`q4_1.rs`, `q8_0.rs`, `q4_k.rs`), the other types (Q4_0, Q5_0, Q5_1, Q8_0, Q2_K … Q6_K) by candle's
 //! `QMatMul`, which also quantizes activations to 8 bits and takes integer dot products (with
 //! repacked AVX-512 VNNI kernels for Q4_K, Q6_K and Q8_0). Never dequantized for serving.
 //! Differentiable in the activations (training adapters on the served weights, as QLoRA does on
@@ -39,8 +39,8 @@ pub fn supported_names() -> String {
         .join(", ")
 }
 
-/// Q4_1, Q8_0 and Q4_K keep only their repacked tiles (the GGUF bytes are dropped); the others
-/// keep the stored tensor.
+/// Q4_1 / Q4_0, Q8_0 and Q4_K keep only their repacked tiles (the GGUF bytes are dropped); the
+/// others keep the stored tensor.
 #[derive(Clone)]
 enum Kernel {
     Q41(Arc<Q41Weight>),
@@ -80,6 +80,11 @@ impl QuantLinear {
         let kernel = match dtype {
             GgmlDType::Q4_1 if whole_blocks => Kernel::Q41(Arc::new(
                 Q41Weight::from_gguf(&q.data()?, rows, cols).map_err(candle_core::Error::msg)?,
+            )),
+            // Q4_0 is Q4_1 with `m = −8·d` (exact): the same tiles and kernels.
+            GgmlDType::Q4_0 if whole_blocks => Kernel::Q41(Arc::new(
+                Q41Weight::from_gguf_q4_0(&q.data()?, rows, cols)
+                    .map_err(candle_core::Error::msg)?,
             )),
             GgmlDType::Q8_0 if whole_blocks => Kernel::Q80(Arc::new(
                 Q80Weight::from_gguf(&q.data()?, rows, cols).map_err(candle_core::Error::msg)?,

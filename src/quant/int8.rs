@@ -153,12 +153,8 @@ pub fn matmul_t_int<W: TileWeight>(w: &W, x: &[f32], n: usize, kernel: Kernel) -
 /// Four bytes of `x` from `at` as one little-endian `i32` (to broadcast to every lane).
 #[inline]
 pub fn broadcast4(x: &[i8], at: usize) -> i32 {
-    i32::from_le_bytes([
-        x[at] as u8,
-        x[at + 1] as u8,
-        x[at + 2] as u8,
-        x[at + 3] as u8,
-    ])
+    let four: [i8; 4] = x[at..at + 4].try_into().expect("four bytes");
+    i32::from_le_bytes(four.map(|b| b as u8))
 }
 
 /// `x · Wᵀ` over `tiles` (`[row tile][block of columns]`: 32 columns each, or a K-quant's

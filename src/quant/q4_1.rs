@@ -99,6 +99,31 @@ impl Q41Weight {
         Ok(Self { rows, cols, tiles })
     }
 
+    /// Repacks GGUF Q4_0 data (blocks of 32: `d` as f16 and 16 bytes of nibbles in Q4_1's
+    /// order; a value is `d·(q − 8)`) as Q4_1 with `m = −8·d`, which is exact in f16 (a power
+    /// of two times `d`), so the Q4_1 kernels serve it unchanged.
+    pub fn from_gguf_q4_0(data: &[u8], rows: usize, cols: usize) -> Result<Self, String> {
+        const Q4_0_BYTES: usize = 18;
+        if cols % QK != 0 || data.len() != rows * (cols / QK) * Q4_0_BYTES {
+            return Err(format!(
+                "Q4_0 data of {} bytes does not hold {rows} × {cols} values in blocks of {QK}",
+                data.len()
+            ));
+        }
+        let mut q41 = Vec::with_capacity(data.len() / Q4_0_BYTES * BLOCK_BYTES);
+        for block in data.chunks_exact(Q4_0_BYTES) {
+            let d = f16::from_bits(u16::from_le_bytes([block[0], block[1]]));
+            let m = f16::from_f32(-8.0 * d.to_f32());
+            if m.is_infinite() && d.is_finite() {
+                return Err("a Q4_0 block scale times 8 overflows f16".into());
+            }
+            q41.extend_from_slice(&block[..2]);
+            q41.extend_from_slice(&m.to_bits().to_le_bytes());
+            q41.extend_from_slice(&block[2..]);
+        }
+        Self::from_gguf(&q41, rows, cols)
+    }
+
     pub fn dims(&self) -> (usize, usize) {
         (self.rows, self.cols)
     }
@@ -345,6 +370,33 @@ mod tests {
         checks::rows_are_independent(
             &Q41Weight::from_gguf(&random_q4_1(rows, cols, 3), rows, cols).unwrap(),
         );
+    }
+
+    /// Q4_0 served by the Q4_1 tiles: exactly ggml's dequantization (candle's port), and the
+    /// kernels' shared checks.
+    #[test]
+    fn q4_0_as_q4_1_is_exact() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use candle_core::{Device, Tensor};
+        for (rows, cols) in [(3, 64), (37, 320)] {
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 0.3)
+                .collect();
+            let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&t, GgmlDType::Q4_0).unwrap();
+            let ours = Q41Weight::from_gguf_q4_0(&q.data().unwrap(), rows, cols).unwrap();
+            let theirs: Vec<f32> = q
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(ours.dequantize(), theirs);
+            checks::within_rounding_bound(&ours);
+            checks::simd_matches_portable(&ours);
+        }
+        assert!(Q41Weight::from_gguf_q4_0(&[0; 17], 1, 32).is_err());
     }
 
     #[test]
