@@ -21,7 +21,15 @@ fn time<F: FnMut()>(mut f: F, n: usize) -> f64 {
 fn main() {
     loraplex::init_threads();
     let dev = Device::Cpu;
-    println!("kernel: {:?}", loraplex::quant::int8::Kernel::detect());
+    // `KERNEL=avx2` (or `portable`) times that path of ours instead of the detected one.
+    use loraplex::quant::int8::Kernel;
+    let kernel = match std::env::var("KERNEL").as_deref() {
+        Ok("portable") => Kernel::Portable,
+        #[cfg(target_arch = "x86_64")]
+        Ok("avx2") => Kernel::Avx2,
+        _ => Kernel::detect(),
+    };
+    println!("kernel: {kernel:?}");
     // q/o, k/v, gate/up, down of Llama-3.2-1B (hidden 2048, intermediate 8192, kv 512).
     for (out, inp, copies) in [
         (2048usize, 2048usize, 24),
@@ -59,7 +67,7 @@ fn main() {
             let to = time(
                 || {
                     for q in &ours {
-                        q.matmul_t(&xv, m);
+                        loraplex::quant::int8::matmul_t_int(q, &xv, m, kernel);
                     }
                 },
                 n,

@@ -100,6 +100,15 @@ impl Kernel {
         Self::Portable
     }
 
+    /// Whether this is the AVX-512 VNNI kernel.
+    pub fn is_avx512(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self == Self::Avx512Vnni {
+            return true;
+        }
+        false
+    }
+
     /// Every kernel this CPU runs (for tests comparing them).
     pub fn available() -> Vec<Self> {
         let mut k = vec![Self::Portable];
