@@ -143,6 +143,50 @@ pub trait TileWeight: Sync {
     );
 }
 
+/// Implements `TileWeight` for a weight type with `rows`, `cols` and `tiles` fields and an
+/// inherent `dequantize_rows`, whose module has the kernels `portable`, `avx2` and `avx512`
+/// (`fn(&[Tile], &Activations, i, rows, &mut acc)`, the last two `unsafe`, compiled for their
+/// instruction sets).
+macro_rules! tile_weight {
+    ($weight:ty, $tile:ty) => {
+        impl $crate::quant::int8::TileWeight for $weight {
+            type Tile = $tile;
+
+            fn dims(&self) -> (usize, usize) {
+                (self.rows, self.cols)
+            }
+
+            fn tiles(&self) -> &[$tile] {
+                &self.tiles
+            }
+
+            fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32> {
+                <$weight>::dequantize_rows(self, ids)
+            }
+
+            fn run(
+                kernel: $crate::quant::int8::Kernel,
+                tiles: &[$tile],
+                act: &$crate::quant::int8::Activations,
+                i: usize,
+                rows: usize,
+                acc: &mut [[f32; $crate::quant::int8::TILE]; 4],
+            ) {
+                use $crate::quant::int8::Kernel;
+                match kernel {
+                    Kernel::Portable => portable(tiles, act, i, rows, acc),
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: chosen only where the CPU reports the features.
+                    Kernel::Avx2 => unsafe { avx2(tiles, act, i, rows, acc) },
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx512Vnni => unsafe { avx512(tiles, act, i, rows, acc) },
+                }
+            }
+        }
+    };
+}
+pub(crate) use tile_weight;
+
 /// `x · Wᵀ` for `x` of `[n, cols]` → `[n, rows]` by the integer kernels, at every batch size: a
 /// row's result depends on that row alone (a prefill step of 256 rows computes each row exactly
 /// as a decode step of one does), so prefix-cache hits and batching never change an answer.

@@ -20,7 +20,7 @@
 use half::f16;
 
 pub use super::int8::QK;
-use super::int8::{self, broadcast4, Activations, Kernel, TileWeight, TILE};
+use super::int8::{self, broadcast4, Activations, TILE};
 /// Bytes of one GGUF Q4_1 block.
 pub const BLOCK_BYTES: usize = 20;
 
@@ -168,39 +168,7 @@ impl Q41Weight {
     }
 }
 
-impl TileWeight for Q41Weight {
-    type Tile = Tile;
-
-    fn dims(&self) -> (usize, usize) {
-        (self.rows, self.cols)
-    }
-
-    fn tiles(&self) -> &[Tile] {
-        &self.tiles
-    }
-
-    fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32> {
-        Q41Weight::dequantize_rows(self, ids)
-    }
-
-    fn run(
-        kernel: Kernel,
-        tiles: &[Tile],
-        act: &Activations,
-        i: usize,
-        rows: usize,
-        acc: &mut [[f32; TILE]; 4],
-    ) {
-        match kernel {
-            Kernel::Portable => portable(tiles, act, i, rows, acc),
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: chosen only where the CPU reports the features.
-            Kernel::Avx2 => unsafe { avx2(tiles, act, i, rows, acc) },
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => unsafe { avx512(tiles, act, i, rows, acc) },
-        }
-    }
-}
+int8::tile_weight!(Q41Weight, Tile);
 
 fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
     for (b, tile) in tiles.iter().enumerate() {

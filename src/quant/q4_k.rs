@@ -18,7 +18,7 @@
 
 use half::f16;
 
-use super::int8::{self, broadcast4, Activations, Kernel, TileWeight, QK, TILE};
+use super::int8::{self, broadcast4, Activations, QK, TILE};
 
 /// Values per super-block.
 pub const QK_K: usize = 256;
@@ -171,39 +171,7 @@ impl Q4KWeight {
     }
 }
 
-impl TileWeight for Q4KWeight {
-    type Tile = Tile;
-
-    fn dims(&self) -> (usize, usize) {
-        (self.rows, self.cols)
-    }
-
-    fn tiles(&self) -> &[Tile] {
-        &self.tiles
-    }
-
-    fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32> {
-        Q4KWeight::dequantize_rows(self, ids)
-    }
-
-    fn run(
-        kernel: Kernel,
-        tiles: &[Tile],
-        act: &Activations,
-        i: usize,
-        rows: usize,
-        acc: &mut [[f32; TILE]; 4],
-    ) {
-        match kernel {
-            Kernel::Portable => portable(tiles, act, i, rows, acc),
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: chosen only where the CPU reports the features.
-            Kernel::Avx2 => unsafe { avx2(tiles, act, i, rows, acc) },
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => unsafe { avx512(tiles, act, i, rows, acc) },
-        }
-    }
-}
+int8::tile_weight!(Q4KWeight, Tile);
 
 fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
     for (b, tile) in tiles.iter().enumerate() {

@@ -10,7 +10,7 @@
 
 use half::f16;
 
-use super::int8::{self, broadcast4, Activations, Kernel, TileWeight, QK, TILE};
+use super::int8::{self, broadcast4, Activations, QK, TILE};
 
 /// Bytes of one GGUF Q8_0 block.
 pub const BLOCK_BYTES: usize = 34;
@@ -112,39 +112,7 @@ impl Q80Weight {
     }
 }
 
-impl TileWeight for Q80Weight {
-    type Tile = Tile;
-
-    fn dims(&self) -> (usize, usize) {
-        (self.rows, self.cols)
-    }
-
-    fn tiles(&self) -> &[Tile] {
-        &self.tiles
-    }
-
-    fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32> {
-        Q80Weight::dequantize_rows(self, ids)
-    }
-
-    fn run(
-        kernel: Kernel,
-        tiles: &[Tile],
-        act: &Activations,
-        i: usize,
-        rows: usize,
-        acc: &mut [[f32; TILE]; 4],
-    ) {
-        match kernel {
-            Kernel::Portable => portable(tiles, act, i, rows, acc),
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: chosen only where the CPU reports the features.
-            Kernel::Avx2 => unsafe { avx2(tiles, act, i, rows, acc) },
-            #[cfg(target_arch = "x86_64")]
-            Kernel::Avx512Vnni => unsafe { avx512(tiles, act, i, rows, acc) },
-        }
-    }
-}
+int8::tile_weight!(Q80Weight, Tile);
 
 fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
     for (b, tile) in tiles.iter().enumerate() {
