@@ -14,6 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Result, Shape, 
 
 use super::q4_1::Q41Weight;
 use super::q4_k::Q4KWeight;
+use super::q6_k::Q6KWeight;
 use super::q8_0::Q80Weight;
 
 /// The quantization types served natively.
@@ -46,6 +47,7 @@ enum Kernel {
     Q41(Arc<Q41Weight>),
     Q80(Arc<Q80Weight>),
     Q4K(Arc<Q4KWeight>),
+    Q6K(Arc<Q6KWeight>),
     Ggml(QMatMul, Arc<QTensor>),
 }
 
@@ -95,6 +97,10 @@ impl QuantLinear {
             GgmlDType::Q4K if super::int8::Kernel::detect().is_avx512() => Kernel::Q4K(Arc::new(
                 Q4KWeight::from_gguf(&q.data()?, rows, cols).map_err(candle_core::Error::msg)?,
             )),
+            // Likewise (no AVX2 kernel of ours yet).
+            GgmlDType::Q6K if super::int8::Kernel::detect().is_avx512() => Kernel::Q6K(Arc::new(
+                Q6KWeight::from_gguf(&q.data()?, rows, cols).map_err(candle_core::Error::msg)?,
+            )),
             _ => Kernel::Ggml(QMatMul::from_arc(q.clone())?, q),
         };
         Ok(Some(Self {
@@ -119,6 +125,7 @@ impl QuantLinear {
             Kernel::Q41(w) => w.bytes(),
             Kernel::Q80(w) => w.bytes(),
             Kernel::Q4K(w) => w.bytes(),
+            Kernel::Q6K(w) => w.bytes(),
             Kernel::Ggml(_, q) => q.storage_size_in_bytes(),
         }
     }
@@ -133,6 +140,9 @@ impl QuantLinear {
                 Tensor::from_vec(w.dequantize(), (self.rows, self.cols), &Device::Cpu)
             }
             Kernel::Q4K(w) => {
+                Tensor::from_vec(w.dequantize(), (self.rows, self.cols), &Device::Cpu)
+            }
+            Kernel::Q6K(w) => {
                 Tensor::from_vec(w.dequantize(), (self.rows, self.cols), &Device::Cpu)
             }
             Kernel::Ggml(_, q) => q.dequantize(&Device::Cpu),
@@ -158,6 +168,9 @@ impl QuantLinear {
                 Tensor::from_vec(w.dequantize_rows(&idx), (n, self.cols), &Device::Cpu)
             }
             Kernel::Q4K(w) => {
+                Tensor::from_vec(w.dequantize_rows(&idx), (n, self.cols), &Device::Cpu)
+            }
+            Kernel::Q6K(w) => {
                 Tensor::from_vec(w.dequantize_rows(&idx), (n, self.cols), &Device::Cpu)
             }
             Kernel::Ggml(_, q) => q.embedding(ids),
@@ -200,6 +213,7 @@ impl QuantLinear {
             Kernel::Q41(w) => w.matmul_t(x, n),
             Kernel::Q80(w) => w.matmul_t(x, n),
             Kernel::Q4K(w) => w.matmul_t(x, n),
+            Kernel::Q6K(w) => w.matmul_t(x, n),
             Kernel::Ggml(m, _) => m
                 .forward(&Tensor::from_slice(x, (n, self.cols), &Device::Cpu)?)?
                 .flatten_all()?
@@ -214,6 +228,7 @@ impl QuantLinear {
             Kernel::Q41(w) => w.dequantize_rows(&ids),
             Kernel::Q80(w) => w.dequantize_rows(&ids),
             Kernel::Q4K(w) => w.dequantize_rows(&ids),
+            Kernel::Q6K(w) => w.dequantize_rows(&ids),
             Kernel::Ggml(_, q) => q
                 .dequantize(&Device::Cpu)?
                 .narrow(0, start, count)?

@@ -1,0 +1,376 @@
+//! GGUF Q6_K weights served as stored, with integer dot products (the embedding / lm_head and
+//! part of `attn_v` / `ffn_down` in Q4_K_M files; the embedding of Q4_0 ones).
+//!
+//! Q6_K (ggml): super-blocks of 256 values: 128 bytes of low nibbles, 64 bytes of 2-bit high
+//! parts, 16 signed 8-bit scales (one per 16 values) and `d` as f16. A value is `d·sc·(q − 32)`,
+//! `q` in 0..63.
+//!
+//! At load the rows are repacked into tiles of 16 output rows × one super-block, at the file's
+//! 6.56 bits a weight (the GGUF bytes are dropped): per sub-block of 32, the low nibbles in the
+//! Q4_1 tiles' layout (`q4_1.rs`), and for each pair of groups of 8 values the four 2-bit high
+//! parts that go with a low-nibble byte packed in one byte (bits 0–1 and 2–3: the pair's first
+//! group, values `j` and `j + 4`; bits 4–5 and 6–7: its second); then the scales and `d`.
+//!
+//! Activations are the shared 8-bit blocks of 32 (`int8.rs`) with their sums per 16, so a
+//! 16-value part's dot product is `d·sc·xd·(Σ q·xq − 32·Σ xq)`, exact in integers: the only error
+//! against dequantize-then-f32-matmul is the activations' rounding. Paths: AVX-512 VNNI and
+//! portable (no AVX2 kernel yet: the AVX2 entry runs the portable one, and `gguf.rs` routes Q6_K
+//! here only where the CPU has AVX-512 VNNI).
+
+use half::f16;
+
+use super::int8::{self, Activations, QK, TILE};
+
+/// Values per super-block.
+pub const QK_K: usize = 256;
+/// Sub-blocks of 32 per super-block.
+const SUBS: usize = QK_K / QK;
+/// Bytes of one GGUF Q6_K super-block.
+pub const BLOCK_BYTES: usize = 210;
+
+/// One super-block of 256 values for 16 output rows.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct Tile {
+    /// `[sub-block (8)][group of 8 (4)][row (16)][4 bytes]`: low nibbles as in Q4_1 tiles.
+    lo: [u8; 2048],
+    /// `[sub-block (8)][pair of groups (2)][row (16)][4 bytes]`: the 2-bit high parts.
+    hi: [u8; 1024],
+    /// `[part of 16 (16)][row (16)]`.
+    sc: [[i8; TILE]; 16],
+    d: [u16; TILE],
+}
+
+/// A Q6_K weight `[rows, cols]` repacked for the kernels.
+#[derive(Clone)]
+pub struct Q6KWeight {
+    rows: usize,
+    cols: usize,
+    /// `[row tile][super-block]`.
+    tiles: Vec<Tile>,
+}
+
+impl std::fmt::Debug for Q6KWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Q6KWeight[{}, {}]", self.rows, self.cols)
+    }
+}
+
+/// The 256 values (0..63) of one GGUF Q6_K super-block, in order (ggml's `dequantize_row_q6_K`).
+fn block_values(block: &[u8]) -> [u8; QK_K] {
+    let (ql, qh) = (&block[..128], &block[128..192]);
+    let mut q = [0u8; QK_K];
+    for half in 0..2 {
+        let (ql, qh, out) = (&ql[64 * half..], &qh[32 * half..], &mut q[128 * half..]);
+        for l in 0..32 {
+            out[l] = (ql[l] & 0xF) | ((qh[l] & 3) << 4);
+            out[l + 32] = (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4);
+            out[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4);
+            out[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4);
+        }
+    }
+    q
+}
+
+impl Q6KWeight {
+    /// Repacks GGUF Q6_K data of `rows` rows × `cols` values (`cols` a multiple of 256).
+    pub fn from_gguf(data: &[u8], rows: usize, cols: usize) -> Result<Self, String> {
+        if cols % QK_K != 0 {
+            return Err(format!(
+                "Q6_K rows of {cols} values are not whole super-blocks of {QK_K}"
+            ));
+        }
+        let kb = cols / QK_K;
+        if data.len() != rows * kb * BLOCK_BYTES {
+            return Err(format!(
+                "Q6_K data of {} bytes does not hold {rows} × {cols} values",
+                data.len()
+            ));
+        }
+        let empty = Tile {
+            lo: [0; 2048],
+            hi: [0; 1024],
+            sc: [[0; TILE]; 16],
+            d: [0; TILE],
+        };
+        let mut tiles = vec![empty; rows.div_ceil(TILE) * kb];
+        for r in 0..rows {
+            let (t, lane) = (r / TILE, r % TILE);
+            for b in 0..kb {
+                let block = &data[(r * kb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
+                let tile = &mut tiles[t * kb + b];
+                let q = block_values(block);
+                for (u, s) in block[192..208].iter().enumerate() {
+                    tile.sc[u][lane] = *s as i8;
+                }
+                tile.d[lane] = u16::from_le_bytes([block[208], block[209]]);
+                for s in 0..SUBS {
+                    let v = &q[s * QK..][..QK];
+                    for g in 0..4 {
+                        for j in 0..4 {
+                            let (a, c) = (v[8 * g + j], v[8 * g + j + 4]);
+                            tile.lo[s * 256 + g * 64 + lane * 4 + j] = (a & 0xF) | ((c & 0xF) << 4);
+                            let shift = 4 * (g % 2);
+                            tile.hi[s * 128 + (g / 2) * 64 + lane * 4 + j] |=
+                                ((a >> 4) | ((c >> 4) << 2)) << shift;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Self { rows, cols, tiles })
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Bytes held (3,360 per 16 rows × 256 values, plus padding rows up to a multiple of 16).
+    pub fn bytes(&self) -> usize {
+        self.tiles.len() * std::mem::size_of::<Tile>()
+    }
+
+    /// The weight as f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.dequantize_rows(&(0..self.rows as u32).collect::<Vec<_>>())
+    }
+
+    /// The value (0..63) of row lane `lane`, value `v` of sub-block `s` in `tile`.
+    fn value(tile: &Tile, lane: usize, s: usize, v: usize) -> u8 {
+        let (g, j, high) = (v / 8, v % 4, (v % 8) >= 4);
+        let lo = tile.lo[s * 256 + g * 64 + lane * 4 + j];
+        let hi = tile.hi[s * 128 + (g / 2) * 64 + lane * 4 + j] >> (4 * (g % 2));
+        if high {
+            (lo >> 4) | (((hi >> 2) & 3) << 4)
+        } else {
+            (lo & 0xF) | ((hi & 3) << 4)
+        }
+    }
+
+    /// Rows `ids` as f32, `[ids.len(), cols]`, as ggml dequantizes them.
+    pub fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32> {
+        let kb = self.cols / QK_K;
+        let mut out = vec![0f32; ids.len() * self.cols];
+        for (o, &r) in ids.iter().enumerate() {
+            let r = r as usize;
+            let (t, lane) = (r / TILE, r % TILE);
+            for b in 0..kb {
+                let tile = &self.tiles[t * kb + b];
+                let d = f16::from_bits(tile.d[lane]).to_f32();
+                for s in 0..SUBS {
+                    for v in 0..QK {
+                        let sc = tile.sc[2 * s + v / 16][lane] as f32;
+                        let q = Self::value(tile, lane, s, v) as i32 - 32;
+                        out[o * self.cols + b * QK_K + s * QK + v] = d * sc * q as f32;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// `x · Wᵀ` for `x` of `[n, cols]` (row-major) → `[n, rows]`.
+    pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
+        int8::matmul_t(self, x, n)
+    }
+}
+
+int8::tile_weight!(Q6KWeight, Tile);
+
+fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
+    for (b, tile) in tiles.iter().enumerate() {
+        for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
+            for s in 0..SUBS {
+                let blk = b * SUBS + s;
+                let xq = &act.row(i + r)[blk * QK..(blk + 1) * QK];
+                let (xd, _) = act.scale(i + r, blk);
+                let sums: [i32; 2] =
+                    [0, 1].map(|h| xq[16 * h..16 * h + 16].iter().map(|&x| x as i32).sum());
+                for (lane, a) in acc_r.iter_mut().enumerate() {
+                    let d = f16::from_bits(tile.d[lane]).to_f32();
+                    for h in 0..2 {
+                        let mut isum = 0i32;
+                        for v in 16 * h..16 * h + 16 {
+                            isum += Q6KWeight::value(tile, lane, s, v) as i32 * xq[v] as i32;
+                        }
+                        let sc = tile.sc[2 * s + h][lane] as f32;
+                        *a += (isum - 32 * sums[h]) as f32 * (d * sc * xd);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// No AVX2 kernel yet: the portable one (`gguf.rs` routes Q6_K here only with AVX-512 VNNI).
+#[cfg(target_arch = "x86_64")]
+unsafe fn avx2(
+    tiles: &[Tile],
+    act: &Activations,
+    i: usize,
+    rows: usize,
+    acc: &mut [[f32; TILE]; 4],
+) {
+    portable(tiles, act, i, rows, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn avx512(
+    tiles: &[Tile],
+    act: &Activations,
+    i: usize,
+    rows: usize,
+    acc: &mut [[f32; TILE]; 4],
+) {
+    use std::arch::x86_64::*;
+    let m4 = _mm512_set1_epi8(0x0F);
+    let m30 = _mm512_set1_epi8(0x30);
+    let mut facc = [_mm512_setzero_ps(); 4];
+    let cols = tiles.len() * QK_K;
+    let xrows: [&[i8]; 4] = std::array::from_fn(|r| act.row(i + r.min(rows - 1)));
+    let scales: [(&[f32], &[f32]); 4] =
+        std::array::from_fn(|r| act.scales_row(i + r.min(rows - 1)));
+    assert!(xrows.iter().all(|x| x.len() == cols));
+    for (b, tile) in tiles.iter().enumerate() {
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr() as *const _));
+        for s in 0..SUBS {
+            let blk = b * SUBS + s;
+            // Two 16-value parts (groups 0–1 and 2–3), each with its own accumulator.
+            let mut ia = [_mm512_setzero_si512(); 4];
+            let mut ib = [_mm512_setzero_si512(); 4];
+            for gp in 0..2 {
+                let h = _mm512_loadu_si512(tile.hi.as_ptr().add(s * 128 + gp * 64) as *const _);
+                for k in 0..2 {
+                    let g = 2 * gp + k;
+                    let v = _mm512_loadu_si512(tile.lo.as_ptr().add(s * 256 + g * 64) as *const _);
+                    // High parts into bits 4–5: the group's bits 0–1 (value j) and 2–3 (j + 4),
+                    // or 4–5 and 6–7 for the pair's second group.
+                    let (ha, hb) = if k == 0 {
+                        (
+                            _mm512_and_si512(_mm512_slli_epi16(h, 4), m30),
+                            _mm512_and_si512(_mm512_slli_epi16(h, 2), m30),
+                        )
+                    } else {
+                        (
+                            _mm512_and_si512(h, m30),
+                            _mm512_and_si512(_mm512_srli_epi16(h, 2), m30),
+                        )
+                    };
+                    let qa = _mm512_or_si512(_mm512_and_si512(v, m4), ha);
+                    let qb = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), hb);
+                    let at = blk * QK + 8 * g;
+                    for r in 0..rows {
+                        let xa = _mm512_set1_epi32(std::ptr::read_unaligned(
+                            xrows[r].as_ptr().add(at) as *const i32,
+                        ));
+                        let xb = _mm512_set1_epi32(std::ptr::read_unaligned(
+                            xrows[r].as_ptr().add(at + 4) as *const i32,
+                        ));
+                        if gp == 0 {
+                            ia[r] = _mm512_dpbusd_epi32(ia[r], qa, xa);
+                            ia[r] = _mm512_dpbusd_epi32(ia[r], qb, xb);
+                        } else {
+                            ib[r] = _mm512_dpbusd_epi32(ib[r], qa, xa);
+                            ib[r] = _mm512_dpbusd_epi32(ib[r], qb, xb);
+                        }
+                    }
+                }
+            }
+            for (part, isum) in [(2 * s, &ia), (2 * s + 1, &ib)] {
+                let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    tile.sc[part].as_ptr() as *const _,
+                )));
+                let ds = _mm512_mul_ps(d, sc);
+                let h = part % 2;
+                for r in 0..rows {
+                    let xq = &xrows[r][blk * QK + 16 * h..][..16];
+                    let sum: i32 = xq.iter().map(|&x| x as i32).sum();
+                    let fixed = _mm512_sub_epi32(isum[r], _mm512_set1_epi32(32 * sum));
+                    let xd = scales[r].0[blk];
+                    facc[r] = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(fixed),
+                        _mm512_mul_ps(ds, _mm512_set1_ps(xd)),
+                        facc[r],
+                    );
+                }
+            }
+        }
+    }
+    for r in 0..rows {
+        _mm512_storeu_ps(acc[r].as_mut_ptr(), facc[r]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::int8::checks;
+    use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+    use candle_core::{Device, Tensor};
+
+    /// GGUF Q6_K bytes of a `rows × cols` weight, quantized by ggml's rules (candle's port).
+    fn q6k(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                let h = (i as u64 + seed * 7919).wrapping_mul(2654435761) % 10007;
+                (h as f32 / 10007.0 - 0.5) * 0.2 + if i % 89 == 0 { -0.3 } else { 0.0 }
+            })
+            .collect();
+        let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
+        QTensor::quantize(&t, GgmlDType::Q6K)
+            .unwrap()
+            .data()
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn dequantize_follows_ggml() {
+        for (rows, cols) in [(3, 256), (17, 512)] {
+            let data = q6k(rows, cols, 5);
+            let w = Q6KWeight::from_gguf(&data, rows, cols).unwrap();
+            let storage = QStorage::from_data(
+                std::borrow::Cow::Borrowed(&data),
+                &Device::Cpu,
+                GgmlDType::Q6K,
+            )
+            .unwrap();
+            let theirs: Vec<f32> = QTensor::new(storage, (rows, cols))
+                .unwrap()
+                .dequantize(&Device::Cpu)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert_eq!(w.dequantize(), theirs, "{rows}x{cols}");
+        }
+        assert!(Q6KWeight::from_gguf(&q6k(2, 256, 1), 2, 128).is_err());
+        assert!(Q6KWeight::from_gguf(&q6k(2, 256, 1)[1..], 2, 256).is_err());
+    }
+
+    #[test]
+    fn matches_dequantized_matmul_within_the_activation_rounding_bound() {
+        for (rows, cols) in [(16, 256), (37, 512), (48, 2048)] {
+            let w = Q6KWeight::from_gguf(&q6k(rows, cols, rows as u64), rows, cols).unwrap();
+            checks::within_rounding_bound(&w);
+        }
+    }
+
+    #[test]
+    fn simd_and_portable_paths_agree() {
+        let (rows, cols) = (45, 512);
+        checks::simd_matches_portable(
+            &Q6KWeight::from_gguf(&q6k(rows, cols, 3), rows, cols).unwrap(),
+        );
+    }
+
+    #[test]
+    fn rows_are_independent_of_the_batch() {
+        let (rows, cols) = (45, 512);
+        checks::rows_are_independent(
+            &Q6KWeight::from_gguf(&q6k(rows, cols, 3), rows, cols).unwrap(),
+        );
+    }
+}
