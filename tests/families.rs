@@ -155,39 +155,8 @@ fn the_engine_answers_as_transformers_greedy() {
     for family in FAMILIES {
         let model = Arc::new(load(family));
         let e = expected(family);
-        let (engine, mut worker) = Engine::manual(
-            model.clone(),
-            SchedulerConfig {
-                max_running: 4,
-                kv_cache_tokens: 512,
-                max_queue: 16,
-                max_queue_per_tenant: 16,
-                max_batched_tokens: 9,
-                fair_lag_tokens: 256,
-            },
-            KvConfig {
-                block_size: 4,
-                dtype: KvDtype::F32,
-                prefix_caching: true,
-            },
-            Arc::new(Metrics::new()),
-        )
-        .unwrap();
-        let request = |prompt: Vec<u32>| ValidRequest {
-            prompt,
-            config: GenerationConfig {
-                max_tokens: 16,
-                ignore_eos: true,
-                sampling: SamplingParams::greedy(),
-                ..Default::default()
-            },
-            logprobs: None,
-            adapter: None,
-            adapter_label: None,
-            adapter_name: None,
-            tenant: None,
-            class: RequestClass::default(),
-        };
+        let (engine, mut worker) = paged_engine(model.clone(), 512, 9, Arc::new(Metrics::new()));
+        let request = |prompt: Vec<u32>| greedy_request(prompt, 16);
         // All three at once (a batch), then again (prefix-cache hits in the window's blocks).
         for round in 0..2 {
             let rxs: Vec<_> = (0..3)
@@ -220,40 +189,8 @@ fn windowed_families_give_back_the_blocks_behind_the_window() {
         let model = Arc::new(load(family));
         let e = expected(family);
         let metrics = Arc::new(Metrics::new());
-        let (engine, mut worker) = Engine::manual(
-            model.clone(),
-            SchedulerConfig {
-                max_running: 4,
-                kv_cache_tokens: 48,
-                max_queue: 16,
-                max_queue_per_tenant: 16,
-                max_batched_tokens: 9,
-                fair_lag_tokens: 256,
-            },
-            KvConfig {
-                block_size: 4,
-                dtype: KvDtype::F32,
-                prefix_caching: true,
-            },
-            metrics.clone(),
-        )
-        .unwrap();
-        let config = GenerationConfig {
-            max_tokens: 40,
-            ignore_eos: true,
-            sampling: SamplingParams::greedy(),
-            ..Default::default()
-        };
-        let request = |prompt: Vec<u32>| ValidRequest {
-            prompt,
-            config: config.clone(),
-            logprobs: None,
-            adapter: None,
-            adapter_label: None,
-            adapter_name: None,
-            tenant: None,
-            class: RequestClass::default(),
-        };
+        let (engine, mut worker) = paged_engine(model.clone(), 48, 9, metrics.clone());
+        let request = |prompt: Vec<u32>| greedy_request(prompt, 40);
         let prompts: Vec<Vec<u32>> = (0..3).map(|i| ids(&e[&format!("input_ids_{i}")])).collect();
         let Some(window) = model.model.kv_horizon() else {
             let longest = prompts.iter().max_by_key(|p| p.len()).unwrap();
@@ -275,7 +212,7 @@ fn windowed_families_give_back_the_blocks_behind_the_window() {
                 &model.tokenizer,
                 p,
                 None,
-                &config,
+                &request(p.clone()).config,
                 |_| {},
             )
             .unwrap()

@@ -86,39 +86,8 @@ fn longrope_with_partial_rotary_matches_transformers() {
 fn the_engine_decodes_past_the_original_context_as_transformers() {
     let (m, e) = load();
     let model = Arc::new(m);
-    let (engine, mut worker) = Engine::manual(
-        model,
-        SchedulerConfig {
-            max_running: 4,
-            kv_cache_tokens: 512,
-            max_queue: 16,
-            max_queue_per_tenant: 16,
-            max_batched_tokens: 5,
-            fair_lag_tokens: 256,
-        },
-        KvConfig {
-            block_size: 4,
-            dtype: KvDtype::F32,
-            prefix_caching: true,
-        },
-        Arc::new(Metrics::new()),
-    )
-    .unwrap();
-    let request = |prompt: Vec<u32>| ValidRequest {
-        prompt,
-        config: GenerationConfig {
-            max_tokens: 24,
-            ignore_eos: true,
-            sampling: SamplingParams::greedy(),
-            ..Default::default()
-        },
-        logprobs: None,
-        adapter: None,
-        adapter_label: None,
-        adapter_name: None,
-        tenant: None,
-        class: RequestClass::default(),
-    };
+    let (engine, mut worker) = paged_engine(model, 512, 5, Arc::new(Metrics::new()));
+    let request = |prompt: Vec<u32>| greedy_request(prompt, 24);
     for round in 0..2 {
         let rxs: Vec<_> = (0..3)
             .map(|i| {

@@ -74,7 +74,7 @@ impl Active {
 struct Paged {
     pool: KvPool,
     blocks: KvBlocks,
-    /// `Llama::kv_horizon`: where every layer has a sliding window, the blocks behind it.
+    /// `KvHold::horizon`: where every layer has a sliding window, the blocks behind it go back.
     horizon: Option<usize>,
 }
 
@@ -148,7 +148,7 @@ impl Worker {
             Some(Paged {
                 blocks: KvBlocks::new(shape.blocks, kv.block_size, kv.prefix_caching),
                 pool,
-                horizon: model.model.kv_horizon(),
+                horizon: shared.kv_hold.horizon,
             })
         } else {
             None

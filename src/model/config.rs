@@ -578,7 +578,14 @@ fn parse_longrope(
         .and_then(Value::as_f64)
         .unwrap_or(max as f64 / original as f64);
     let attention_factor = match block.get("attention_factor").and_then(Value::as_f64) {
-        Some(a) => a,
+        Some(a) if a > 0.0 && a.is_finite() => a,
+        Some(_) => {
+            return Err(ModelError::field(
+                path,
+                &format!("{field}.attention_factor"),
+                "must be a positive number",
+            ))
+        }
         None if factor <= 1.0 => 1.0,
         None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
     };
@@ -749,6 +756,13 @@ mod tests {
             (
                 with("llama", "").replace(r#""rope_type":"default""#, r#""rope_type":"longrope""#),
                 "rope_parameters.rope_type",
+            ),
+            (
+                with("phi3", "").replace(
+                    r#""rope_type":"default""#,
+                    r#""rope_type":"longrope","short_factor":[1,1,1,1,1,1,1,1],"long_factor":[2,2,2,2,2,2,2,2],"attention_factor":-1"#,
+                ),
+                "rope_parameters.attention_factor",
             ),
             (
                 with(

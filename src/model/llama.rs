@@ -252,10 +252,8 @@ impl Llama {
     pub fn kv_horizon(&self) -> Option<usize> {
         let c = &self.config;
         (0..c.num_hidden_layers)
-            .map(|l| c.arch.window(l))
-            .collect::<Option<Vec<_>>>()?
-            .into_iter()
-            .max()
+            .try_fold(0, |widest, l| Some(widest.max(c.arch.window(l)?)))
+            .filter(|_| c.num_hidden_layers > 0)
     }
 
     /// The KV dtype `--kv-cache-dtype auto` picks: int8 (stored rotated, `ops::hadamard`) when the

@@ -267,6 +267,45 @@ pub fn matmul_tiles<T: Sync, A: Sync>(
 pub(crate) mod checks {
     use super::*;
 
+    /// GGUF bytes of a `rows × cols` pseudo-random weight (with a few larger values, so scales
+    /// vary) quantized to `dtype` by ggml's rules (candle's port).
+    pub fn ggml_quantized(
+        rows: usize,
+        cols: usize,
+        seed: u64,
+        dtype: candle_core::quantized::GgmlDType,
+    ) -> Vec<u8> {
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| {
+                let h = (i as u64 + seed * 7919).wrapping_mul(2654435761) % 10007;
+                (h as f32 / 10007.0 - 0.5) * 0.2 + if i % 97 == 0 { 0.3 } else { 0.0 }
+            })
+            .collect();
+        let t = candle_core::Tensor::from_vec(w, (rows, cols), &candle_core::Device::Cpu).unwrap();
+        let q = candle_core::quantized::QTensor::quantize(&t, dtype).unwrap();
+        q.data().unwrap().to_vec()
+    }
+
+    /// ggml's dequantization (candle's port) of GGUF `dtype` bytes of a `rows × cols` weight.
+    pub fn ggml_dequantized(
+        data: &[u8],
+        rows: usize,
+        cols: usize,
+        dtype: candle_core::quantized::GgmlDType,
+    ) -> Vec<f32> {
+        use candle_core::quantized::{QStorage, QTensor};
+        let dev = candle_core::Device::Cpu;
+        let storage = QStorage::from_data(std::borrow::Cow::Borrowed(data), &dev, dtype).unwrap();
+        QTensor::new(storage, (rows, cols))
+            .unwrap()
+            .dequantize(&dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
     pub fn activations(n: usize, cols: usize) -> Vec<f32> {
         (0..n * cols)
             .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 3.0)

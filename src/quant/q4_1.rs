@@ -59,6 +59,39 @@ fn block_values(block: &[u8]) -> [u8; QK] {
     q
 }
 
+/// Writes row `lane`'s 32 values `q` (each below 16) into a tile's nibble bytes `dst` (256 bytes,
+/// `[group of 8 (4)][row (16)][4 bytes]`, byte `j` = `q[8g + j] | q[8g + j + 4] << 4`): the
+/// layout the Q4_1, Q4_K and Q6_K (low nibbles) tiles share.
+pub(super) fn pack_nibbles(dst: &mut [u8], lane: usize, q: &[u8; QK]) {
+    for g in 0..4 {
+        for j in 0..4 {
+            dst[g * 64 + lane * 4 + j] = q[8 * g + j] | (q[8 * g + j + 4] << 4);
+        }
+    }
+}
+
+/// Row `lane`'s 32 values from nibble bytes laid out as `pack_nibbles` writes them.
+pub(super) fn unpack_nibbles(src: &[u8], lane: usize) -> [u8; QK] {
+    let mut q = [0u8; QK];
+    for g in 0..4 {
+        for j in 0..4 {
+            let byte = src[g * 64 + lane * 4 + j];
+            q[8 * g + j] = byte & 0x0F;
+            q[8 * g + j + 4] = byte >> 4;
+        }
+    }
+    q
+}
+
+/// `Σ q·xq` over row `lane`'s 32 values in such bytes (the portable kernels).
+pub(super) fn nibble_dot(src: &[u8], lane: usize, xq: &[i8]) -> i32 {
+    unpack_nibbles(src, lane)
+        .iter()
+        .zip(xq)
+        .map(|(&q, &x)| q as i32 * x as i32)
+        .sum()
+}
+
 impl Q41Weight {
     /// Repacks GGUF Q4_1 data of `rows` rows × `cols` values (`cols` a multiple of 32).
     pub fn from_gguf(data: &[u8], rows: usize, cols: usize) -> Result<Self, String> {
@@ -88,12 +121,7 @@ impl Q41Weight {
                 let tile = &mut tiles[t * kb + b];
                 tile.d[lane] = u16::from_le_bytes([block[0], block[1]]);
                 tile.m[lane] = u16::from_le_bytes([block[2], block[3]]);
-                let q = block_values(block);
-                for g in 0..4 {
-                    for j in 0..4 {
-                        tile.qs[g * 64 + lane * 4 + j] = q[8 * g + j] | (q[8 * g + j + 4] << 4);
-                    }
-                }
+                pack_nibbles(&mut tile.qs, lane, &block_values(block));
             }
         }
         Ok(Self { rows, cols, tiles })
@@ -150,12 +178,8 @@ impl Q41Weight {
                 let d = f16::from_bits(tile.d[lane]).to_f32();
                 let m = f16::from_bits(tile.m[lane]).to_f32();
                 let row = &mut out[o * self.cols + b * QK..][..QK];
-                for g in 0..4 {
-                    for j in 0..4 {
-                        let byte = tile.qs[g * 64 + lane * 4 + j];
-                        row[8 * g + j] = d * (byte & 0x0F) as f32 + m;
-                        row[8 * g + j + 4] = d * (byte >> 4) as f32 + m;
-                    }
+                for (y, q) in row.iter_mut().zip(unpack_nibbles(&tile.qs, lane)) {
+                    *y = d * q as f32 + m;
                 }
             }
         }
@@ -176,14 +200,7 @@ fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut 
             let xq = &act.row(i + r)[b * QK..(b + 1) * QK];
             let (xd, xs) = act.scale(i + r, b);
             for lane in 0..TILE {
-                let mut isum = 0i32;
-                for g in 0..4 {
-                    for j in 0..4 {
-                        let byte = tile.qs[g * 64 + lane * 4 + j];
-                        isum += (byte & 0x0F) as i32 * xq[8 * g + j] as i32;
-                        isum += (byte >> 4) as i32 * xq[8 * g + j + 4] as i32;
-                    }
-                }
+                let isum = nibble_dot(&tile.qs, lane, xq);
                 let d = f16::from_bits(tile.d[lane]).to_f32();
                 let m = f16::from_bits(tile.m[lane]).to_f32();
                 acc_r[lane] += isum as f32 * (d * xd) + m * xs;
@@ -344,22 +361,11 @@ mod tests {
     /// kernels' shared checks.
     #[test]
     fn q4_0_as_q4_1_is_exact() {
-        use candle_core::quantized::{GgmlDType, QTensor};
-        use candle_core::{Device, Tensor};
+        use candle_core::quantized::GgmlDType;
         for (rows, cols) in [(3, 64), (37, 320)] {
-            let w: Vec<f32> = (0..rows * cols)
-                .map(|i| ((i * 7919 % 1013) as f32 / 1013.0 - 0.5) * 0.3)
-                .collect();
-            let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
-            let q = QTensor::quantize(&t, GgmlDType::Q4_0).unwrap();
-            let ours = Q41Weight::from_gguf_q4_0(&q.data().unwrap(), rows, cols).unwrap();
-            let theirs: Vec<f32> = q
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let data = checks::ggml_quantized(rows, cols, 7, GgmlDType::Q4_0);
+            let ours = Q41Weight::from_gguf_q4_0(&data, rows, cols).unwrap();
+            let theirs = checks::ggml_dequantized(&data, rows, cols, GgmlDType::Q4_0);
             assert_eq!(ours.dequantize(), theirs);
             checks::within_rounding_bound(&ours);
             checks::simd_matches_portable(&ours);

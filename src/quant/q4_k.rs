@@ -19,6 +19,7 @@
 use half::f16;
 
 use super::int8::{self, broadcast4, Activations, QK, TILE};
+use super::q4_1::{nibble_dot, pack_nibbles, unpack_nibbles};
 
 /// Values per super-block.
 pub const QK_K: usize = 256;
@@ -104,19 +105,14 @@ impl Q4KWeight {
                     // Sub-block s: the low (even s) or high (odd s) nibbles of bytes
                     // 32·(s/2) .. 32·(s/2) + 32.
                     let bytes = &qs[32 * (s / 2)..][..32];
-                    let q = |v: usize| {
+                    let q: [u8; QK] = std::array::from_fn(|v| {
                         if s % 2 == 0 {
                             bytes[v] & 0x0F
                         } else {
                             bytes[v] >> 4
                         }
-                    };
-                    for g in 0..4 {
-                        for j in 0..4 {
-                            tile.qs[s * 256 + g * 64 + lane * 4 + j] =
-                                q(8 * g + j) | (q(8 * g + j + 4) << 4);
-                        }
-                    }
+                    });
+                    pack_nibbles(&mut tile.qs[s * 256..], lane, &q);
                 }
             }
         }
@@ -152,12 +148,11 @@ impl Q4KWeight {
                     let d1 = d * tile.sc[s][lane] as f32;
                     let m1 = dmin * tile.mn[s][lane] as f32;
                     let row = &mut out[o * self.cols + b * QK_K + s * QK..][..QK];
-                    for g in 0..4 {
-                        for j in 0..4 {
-                            let byte = tile.qs[s * 256 + g * 64 + lane * 4 + j];
-                            row[8 * g + j] = d1 * (byte & 0x0F) as f32 - m1;
-                            row[8 * g + j + 4] = d1 * (byte >> 4) as f32 - m1;
-                        }
+                    for (y, q) in row
+                        .iter_mut()
+                        .zip(unpack_nibbles(&tile.qs[s * 256..], lane))
+                    {
+                        *y = d1 * q as f32 - m1;
                     }
                 }
             }
@@ -181,14 +176,7 @@ fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut 
                 let xq = &act.row(i + r)[blk * QK..(blk + 1) * QK];
                 let (xd, xs) = act.scale(i + r, blk);
                 for lane in 0..TILE {
-                    let mut isum = 0i32;
-                    for g in 0..4 {
-                        for j in 0..4 {
-                            let byte = tile.qs[s * 256 + g * 64 + lane * 4 + j];
-                            isum += (byte & 0x0F) as i32 * xq[8 * g + j] as i32;
-                            isum += (byte >> 4) as i32 * xq[8 * g + j + 4] as i32;
-                        }
-                    }
+                    let isum = nibble_dot(&tile.qs[s * 256..], lane, xq);
                     let d = f16::from_bits(tile.d[lane]).to_f32() * tile.sc[s][lane] as f32;
                     let m = f16::from_bits(tile.dmin[lane]).to_f32() * tile.mn[s][lane] as f32;
                     acc_r[lane] += isum as f32 * (d * xd) - m * xs;
@@ -344,23 +332,10 @@ unsafe fn avx2(
 mod tests {
     use super::*;
     use crate::quant::int8::checks;
-    use candle_core::quantized::{GgmlDType, QTensor};
-    use candle_core::{Device, Tensor};
+    use candle_core::quantized::GgmlDType;
 
-    /// GGUF Q4_K bytes of a `rows × cols` weight, quantized by ggml's own rules (candle's port).
     fn q4k(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
-        let w: Vec<f32> = (0..rows * cols)
-            .map(|i| {
-                let h = (i as u64 + seed * 7919).wrapping_mul(2654435761) % 10007;
-                (h as f32 / 10007.0 - 0.5) * 0.2 + if i % 97 == 0 { 0.3 } else { 0.0 }
-            })
-            .collect();
-        let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
-        QTensor::quantize(&t, GgmlDType::Q4K)
-            .unwrap()
-            .data()
-            .unwrap()
-            .to_vec()
+        checks::ggml_quantized(rows, cols, seed, GgmlDType::Q4K)
     }
 
     #[test]
@@ -368,22 +343,7 @@ mod tests {
         for (rows, cols) in [(3, 256), (17, 512)] {
             let data = q4k(rows, cols, 5);
             let w = Q4KWeight::from_gguf(&data, rows, cols).unwrap();
-            let theirs = QTensor::new(
-                candle_core::quantized::QStorage::from_data(
-                    std::borrow::Cow::Borrowed(&data),
-                    &Device::Cpu,
-                    GgmlDType::Q4K,
-                )
-                .unwrap(),
-                (rows, cols),
-            )
-            .unwrap()
-            .dequantize(&Device::Cpu)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+            let theirs = checks::ggml_dequantized(&data, rows, cols, GgmlDType::Q4K);
             assert_eq!(w.dequantize(), theirs, "{rows}x{cols}");
         }
         assert!(Q4KWeight::from_gguf(&q4k(2, 256, 1), 2, 128).is_err());

@@ -20,6 +20,7 @@
 use half::f16;
 
 use super::int8::{self, Activations, QK, TILE};
+use super::q4_1::pack_nibbles;
 
 /// Values per super-block.
 pub const QK_K: usize = 256;
@@ -106,10 +107,14 @@ impl Q6KWeight {
                 tile.d[lane] = u16::from_le_bytes([block[208], block[209]]);
                 for s in 0..SUBS {
                     let v = &q[s * QK..][..QK];
+                    pack_nibbles(
+                        &mut tile.lo[s * 256..],
+                        lane,
+                        &std::array::from_fn(|k| v[k] & 0xF),
+                    );
                     for g in 0..4 {
                         for j in 0..4 {
                             let (a, c) = (v[8 * g + j], v[8 * g + j + 4]);
-                            tile.lo[s * 256 + g * 64 + lane * 4 + j] = (a & 0xF) | ((c & 0xF) << 4);
                             let shift = 4 * (g % 2);
                             tile.hi[s * 128 + (g / 2) * 64 + lane * 4 + j] |=
                                 ((a >> 4) | ((c >> 4) << 2)) << shift;
@@ -306,23 +311,10 @@ unsafe fn avx512(
 mod tests {
     use super::*;
     use crate::quant::int8::checks;
-    use candle_core::quantized::{GgmlDType, QStorage, QTensor};
-    use candle_core::{Device, Tensor};
+    use candle_core::quantized::GgmlDType;
 
-    /// GGUF Q6_K bytes of a `rows × cols` weight, quantized by ggml's rules (candle's port).
     fn q6k(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
-        let w: Vec<f32> = (0..rows * cols)
-            .map(|i| {
-                let h = (i as u64 + seed * 7919).wrapping_mul(2654435761) % 10007;
-                (h as f32 / 10007.0 - 0.5) * 0.2 + if i % 89 == 0 { -0.3 } else { 0.0 }
-            })
-            .collect();
-        let t = Tensor::from_vec(w, (rows, cols), &Device::Cpu).unwrap();
-        QTensor::quantize(&t, GgmlDType::Q6K)
-            .unwrap()
-            .data()
-            .unwrap()
-            .to_vec()
+        checks::ggml_quantized(rows, cols, seed, GgmlDType::Q6K)
     }
 
     #[test]
@@ -330,20 +322,7 @@ mod tests {
         for (rows, cols) in [(3, 256), (17, 512)] {
             let data = q6k(rows, cols, 5);
             let w = Q6KWeight::from_gguf(&data, rows, cols).unwrap();
-            let storage = QStorage::from_data(
-                std::borrow::Cow::Borrowed(&data),
-                &Device::Cpu,
-                GgmlDType::Q6K,
-            )
-            .unwrap();
-            let theirs: Vec<f32> = QTensor::new(storage, (rows, cols))
-                .unwrap()
-                .dequantize(&Device::Cpu)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let theirs = checks::ggml_dequantized(&data, rows, cols, GgmlDType::Q6K);
             assert_eq!(w.dequantize(), theirs, "{rows}x{cols}");
         }
         assert!(Q6KWeight::from_gguf(&q6k(2, 256, 1), 2, 128).is_err());

@@ -170,3 +170,53 @@ pub fn lease(
         )
         .unwrap()
 }
+
+/// A hand-driven engine on `model` with a paged f32 KV pool of `kv_tokens` positions in blocks of
+/// 4 (prefix caching on) and prompts fed in chunks of at most `chunk` tokens, so windows and
+/// rotations cross blocks and chunks.
+pub fn paged_engine(
+    model: std::sync::Arc<LoadedModel>,
+    kv_tokens: usize,
+    chunk: usize,
+    metrics: std::sync::Arc<loraplex::metrics::Metrics>,
+) -> (loraplex::engine::Engine, loraplex::engine::Worker) {
+    use loraplex::engine::{Engine, KvConfig, SchedulerConfig};
+    Engine::manual(
+        model,
+        SchedulerConfig {
+            max_running: 4,
+            kv_cache_tokens: kv_tokens,
+            max_queue: 16,
+            max_queue_per_tenant: 16,
+            max_batched_tokens: chunk,
+            fair_lag_tokens: 256,
+        },
+        KvConfig {
+            block_size: 4,
+            dtype: loraplex::model::KvDtype::F32,
+            prefix_caching: true,
+        },
+        metrics,
+    )
+    .unwrap()
+}
+
+/// A request for `max_tokens` greedy tokens after `prompt`, end of sequence ignored.
+pub fn greedy_request(prompt: Vec<u32>, max_tokens: usize) -> loraplex::engine::ValidRequest {
+    use loraplex::engine::{GenerationConfig, SamplingParams};
+    loraplex::engine::ValidRequest {
+        prompt,
+        config: GenerationConfig {
+            max_tokens,
+            ignore_eos: true,
+            sampling: SamplingParams::greedy(),
+            ..Default::default()
+        },
+        logprobs: None,
+        adapter: None,
+        adapter_label: None,
+        adapter_name: None,
+        tenant: None,
+        class: Default::default(),
+    }
+}
