@@ -44,6 +44,12 @@ pub struct Metrics {
     pub interrupted_steps: IntCounter,
     pub held_rows: IntCounter,
     pub kv_window_dropped: IntCounter,
+    /// Speculative decoding (prompt lookup): see `Metrics::new`.
+    pub spec_steps: IntCounter,
+    pub spec_tokens: IntCounter,
+    pub spec_drafts: IntCounter,
+    pub spec_draft_tokens: IntCounter,
+    pub spec_accepted_tokens: IntCounter,
     pub rate_limited: IntCounterVec,
     pub usage_tokens: IntCounterVec,
     pub usage_requests: IntCounterVec,
@@ -214,6 +220,31 @@ impl Metrics {
                 "KV blocks given back because they left every layer's sliding window",
             )
             .expect("valid"),
+            spec_steps: IntCounter::new(
+                "loraplex_spec_decode_steps_total",
+                "Decode steps of sequences that speculate (with or without a proposal)",
+            )
+            .expect("valid"),
+            spec_tokens: IntCounter::new(
+                "loraplex_spec_decode_tokens_total",
+                "Tokens those steps produced: divided by the steps, the tokens per forward (1 without speculation)",
+            )
+            .expect("valid"),
+            spec_drafts: IntCounter::new(
+                "loraplex_spec_decode_drafts_total",
+                "Steps that verified a proposal of one or more tokens",
+            )
+            .expect("valid"),
+            spec_draft_tokens: IntCounter::new(
+                "loraplex_spec_decode_draft_tokens_total",
+                "Tokens proposed by prompt lookup",
+            )
+            .expect("valid"),
+            spec_accepted_tokens: IntCounter::new(
+                "loraplex_spec_decode_accepted_tokens_total",
+                "Proposed tokens kept (acceptance rate: over the proposed)",
+            )
+            .expect("valid"),
             rate_limited: IntCounterVec::new(
                 Opts::new(
                     "loraplex_rate_limited_total",
@@ -299,6 +330,11 @@ impl Metrics {
             Box::new(m.interrupted_steps.clone()),
             Box::new(m.held_rows.clone()),
             Box::new(m.kv_window_dropped.clone()),
+            Box::new(m.spec_steps.clone()),
+            Box::new(m.spec_tokens.clone()),
+            Box::new(m.spec_drafts.clone()),
+            Box::new(m.spec_draft_tokens.clone()),
+            Box::new(m.spec_accepted_tokens.clone()),
             Box::new(m.rate_limited.clone()),
             Box::new(m.usage_tokens.clone()),
             Box::new(m.usage_requests.clone()),

@@ -94,6 +94,14 @@ pub struct ServeArgs {
     /// priority (nice 10) than serving's threads.
     #[arg(long, default_value_t = 0)]
     pub train_threads: usize,
+    /// Prompt-lookup speculative decoding for requests that do not say (`speculative` in the
+    /// request): tokens proposed per step from the request's own prompt and answer (0: off).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=16))]
+    pub speculative_ngram: u16,
+    /// Speculate only while a step holds at most this many answers being decoded: in a fuller
+    /// step the proposed rows take compute from the others.
+    #[arg(long, default_value_t = 4)]
+    pub speculative_max_batch: usize,
     /// The longest stop string a request may send, in bytes (at most 4 strings).
     #[arg(long, default_value_t = 256)]
     pub max_stop_bytes: usize,
@@ -182,6 +190,13 @@ pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::serve
             max_tokens_cap: args.max_tokens_cap,
             max_stop_bytes: args.max_stop_bytes,
             context,
+            speculative: (args.speculative_ngram > 0).then_some(crate::engine::NgramSpec {
+                num_tokens: args.speculative_ngram as usize,
+                min_ngram: 1,
+                max_ngram: 3,
+                max_batch: args.speculative_max_batch,
+            }),
+            speculative_max_batch: args.speculative_max_batch,
         },
         bind: args.model.bind_options(),
         sources: SourceConfig::from_env(),

@@ -38,6 +38,9 @@ pub struct GenerationConfig {
     pub sampling: SamplingParams,
     /// A constraint on the answer (structured outputs): its compiled matcher masks each step.
     pub guide: Option<crate::guided::Guide>,
+    /// Prompt lookup (speculative decoding): the engine proposes tokens from the sequence's own
+    /// prompt and answer and verifies them in one step (`engine::speculative`).
+    pub speculative: Option<super::speculative::NgramSpec>,
 }
 
 impl Default for GenerationConfig {
@@ -51,6 +54,7 @@ impl Default for GenerationConfig {
             stop_token_ids: Vec::new(),
             sampling: SamplingParams::default(),
             guide: None,
+            speculative: None,
         }
     }
 }

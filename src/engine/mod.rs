@@ -10,6 +10,7 @@ pub mod queue_gate;
 pub mod sampling;
 pub mod scheduler;
 pub mod sequence;
+pub mod speculative;
 pub mod stop;
 pub mod worker;
 
@@ -17,4 +18,5 @@ pub use generate::{generate, FinishReason, GenerateError, Generation, Generation
 pub use handle::{Engine, EngineError, Event, KvConfig, ValidRequest};
 pub use sampling::{Sampler, SamplingParams};
 pub use scheduler::SchedulerConfig;
+pub use speculative::NgramSpec;
 pub use worker::Worker;

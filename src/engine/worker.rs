@@ -539,6 +539,20 @@ impl Worker {
         if inputs.iter().all(Vec::is_empty) {
             return self.end(finished);
         }
+        // Speculating rows (the last token and a proposal) want the logits of every position
+        // they feed; every other row its last.
+        let tails: Vec<usize> = self
+            .active
+            .iter()
+            .zip(&inputs)
+            .filter(|(_, t)| !t.is_empty())
+            .map(|(a, t)| drafted(a, t).len() + 1)
+            .collect();
+        let logits = if tails.iter().all(|&n| n == 1) {
+            LogitsRows::Last
+        } else {
+            LogitsRows::Tail(tails)
+        };
         let view = self.view(true);
         let interrupt = &self.shared.interrupt;
         let stop = || interrupt.should_stop(&view);
@@ -554,10 +568,7 @@ impl Worker {
                         .with_adapter(request.adapter.as_ref().map(|l| &*l.weights))
                 })
                 .collect();
-            let mut batch = BatchInput {
-                seqs,
-                logits: LogitsRows::Last,
-            };
+            let mut batch = BatchInput { seqs, logits };
             if self.shared.inject_panic.swap(false, Ordering::SeqCst) {
                 panic!("a fault injected by a test");
             }
@@ -588,7 +599,6 @@ impl Worker {
                 return self.end((0..self.active.len()).collect());
             }
         };
-        self.register_full_blocks(&inputs);
         self.since_newcomer += 1;
         self.since_interrupt += 1;
         for (a, tokens) in self.active.iter_mut().zip(&inputs) {
@@ -603,7 +613,10 @@ impl Worker {
             if tokens.is_empty() {
                 continue; // no room in this step's token budget
             }
-            let row = rows.next().expect("one logits row per fed sequence");
+            let drafts = drafted(a, tokens);
+            let mut own: Vec<Vec<f32>> = (0..=drafts.len())
+                .map(|_| rows.next().expect("logits rows for every fed sequence"))
+                .collect();
             let tenant = a.request.tenant.as_deref().unwrap_or("");
             if tokens.len() < a.seq.next_input().len() {
                 a.seq.fed(tokens.len()); // a chunk of the prompt: nothing to sample yet
@@ -614,50 +627,86 @@ impl Worker {
                 served(&metrics, tenant, new, 0);
                 continue;
             }
-            let new = a.seq.prompt_len.saturating_sub(a.charged_prompt);
-            a.charged_prompt += new;
-            self.scheduler.charge(tenant, new, 1);
-            served(&metrics, tenant, new, 1);
-            let now = Instant::now();
-            match a.seq.step(row, tokenizer) {
-                Ok(out) => {
-                    match a.last_token {
-                        None => metrics.ttft.observe((now - a.started).as_secs_f64()),
-                        Some(t) => metrics.itl.observe((now - t).as_secs_f64()),
-                    }
-                    a.last_token = Some(now);
-                    let _ = a.events.send(Event::Token {
-                        token: out.token,
-                        text: out.text,
-                        logprobs: out.logprobs,
-                    });
-                    if let Some(reason) = out.finished {
-                        let completion = a.seq.generated.len();
-                        metrics.generation_tokens.observe(completion as f64);
-                        metrics
-                            .e2e_latency
-                            .observe(a.started.elapsed().as_secs_f64());
-                        if let Some(label) = &a.request.adapter_label {
-                            metrics
-                                .adapter_tokens
-                                .with_label_values(&[label])
-                                .inc_by(completion as u64);
+            // Each fed position in order: its token is sampled as a plain step would sample it;
+            // the next position counts only if the token is the one proposed for it.
+            let speculating = a.seq.speculative().is_some() && !a.seq.prefilling();
+            let mut kept = 0;
+            for (j, row) in own.drain(..).enumerate() {
+                let draft = drafts.get(j).copied();
+                let new = a.seq.prompt_len.saturating_sub(a.charged_prompt);
+                a.charged_prompt += new;
+                self.scheduler.charge(tenant, new, 1);
+                served(&metrics, tenant, new, 1);
+                let now = Instant::now();
+                match a.seq.step_drafted(row, tokenizer, draft) {
+                    Ok(out) => {
+                        match a.last_token {
+                            None => metrics.ttft.observe((now - a.started).as_secs_f64()),
+                            Some(t) => metrics.itl.observe((now - t).as_secs_f64()),
                         }
-                        let _ = a.events.send(Event::Done {
-                            finish_reason: reason,
-                            prompt_tokens: a.seq.prompt_len,
-                            completion_tokens: completion,
-                            cached_tokens: a.cached,
+                        a.last_token = Some(now);
+                        let token = out.token;
+                        let _ = a.events.send(Event::Token {
+                            token,
+                            text: out.text,
+                            logprobs: out.logprobs,
                         });
+                        if let Some(reason) = out.finished {
+                            let completion = a.seq.generated.len();
+                            metrics.generation_tokens.observe(completion as f64);
+                            metrics
+                                .e2e_latency
+                                .observe(a.started.elapsed().as_secs_f64());
+                            if let Some(label) = &a.request.adapter_label {
+                                metrics
+                                    .adapter_tokens
+                                    .with_label_values(&[label])
+                                    .inc_by(completion as u64);
+                            }
+                            let _ = a.events.send(Event::Done {
+                                finish_reason: reason,
+                                prompt_tokens: a.seq.prompt_len,
+                                completion_tokens: completion,
+                                cached_tokens: a.cached,
+                            });
+                            finished.push(i);
+                            break;
+                        }
+                        if draft != Some(token) {
+                            break;
+                        }
+                        kept += 1;
+                    }
+                    Err(e) => {
+                        let _ = a.events.send(Event::Error(e.to_string()));
                         finished.push(i);
+                        break;
                     }
                 }
-                Err(e) => {
-                    let _ = a.events.send(Event::Error(e.to_string()));
+            }
+            if speculating {
+                metrics.spec_steps.inc();
+                metrics.spec_tokens.inc_by(kept as u64 + 1);
+                if !drafts.is_empty() {
+                    metrics.spec_drafts.inc();
+                    metrics.spec_draft_tokens.inc_by(drafts.len() as u64);
+                    metrics.spec_accepted_tokens.inc_by(kept as u64);
+                }
+            }
+            // The positions of proposed tokens not kept leave the cache.
+            let rejected = drafts.len() - kept;
+            if rejected > 0 {
+                let len = a.seq.cache.len() - rejected;
+                if let Err(e) = a.seq.cache.truncate(len) {
+                    tracing::error!("taking back proposed positions failed: {e}");
+                    let _ = a
+                        .events
+                        .send(Event::Error("internal error in the model step".into()));
                     finished.push(i);
                 }
             }
         }
+        self.register_full_blocks(&inputs);
         self.end(finished);
     }
 
@@ -800,6 +849,16 @@ impl Worker {
     }
 }
 
+/// The tokens proposed in a row fed to `a` (after its last sampled token): none unless it was
+/// decoding and was fed more than its one next token.
+fn drafted<'t>(a: &Active, tokens: &'t [u32]) -> &'t [u32] {
+    if a.seq.prefilling() || tokens.len() <= 1 {
+        &[]
+    } else {
+        &tokens[1..]
+    }
+}
+
 /// Counts tokens served to `tenant` (the admin-only `loraplex_tenant_served_tokens_total`).
 fn served(metrics: &crate::metrics::Metrics, tenant: &str, prompt: usize, generated: usize) {
     for (kind, n) in [("prompt", prompt), ("generated", generated)] {
@@ -900,6 +959,34 @@ fn step_inputs(active: &[Active], ranks: &[(i32, f64, u64)], budget: usize) -> V
                 input.clear();
             }
         }
+    }
+    // Speculative decoding: streams that ask for it get the tokens prompt lookup proposes, in
+    // what is left of the budget, while the step holds few streams.
+    let streams = (0..active.len())
+        .filter(|&i| !active[i].seq.prefilling() && !inputs[i].is_empty())
+        .count();
+    for (a, input) in active.iter().zip(inputs.iter_mut()) {
+        let Some(spec) = a.seq.speculative() else {
+            continue;
+        };
+        if a.seq.prefilling() || input.is_empty() || streams > spec.max_batch || left == 0 {
+            continue;
+        }
+        // No proposal past the answer's last token (nor past the positions it reserved).
+        let limit = a.seq.remaining().saturating_sub(1).min(left);
+        if limit == 0 {
+            continue;
+        }
+        let context: Vec<u32> = a
+            .request
+            .prompt
+            .iter()
+            .chain(&a.seq.generated)
+            .copied()
+            .collect();
+        let proposal = super::speculative::propose(&context, spec, limit);
+        left = left.saturating_sub(proposal.len());
+        input.extend(proposal);
     }
     inputs
 }

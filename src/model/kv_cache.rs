@@ -160,6 +160,29 @@ impl KvCache {
         }
     }
 
+    /// Takes the cache back to its first `len` positions (speculative decoding: the positions
+    /// of proposed tokens that were not kept). A paged cache keeps its blocks: the next step
+    /// writes over the positions past `len`.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len >= self.len {
+            return Ok(());
+        }
+        for slot in self.layers.iter_mut() {
+            if let Some((k, v)) = slot {
+                // `[kv_heads, len, head_dim]`: positions are dimension 1.
+                *slot = Some((k.narrow(1, 0, len)?, v.narrow(1, 0, len)?));
+            }
+        }
+        for (k, v) in self.host.iter_mut() {
+            let row = k.len() / self.len;
+            k.truncate(len * row);
+            let row = v.len() / self.len;
+            v.truncate(len * row);
+        }
+        self.len = len;
+        Ok(())
+    }
+
     pub fn clear(&mut self) {
         self.layers.iter_mut().for_each(|l| *l = None);
         self.host.iter_mut().for_each(|(k, v)| {

@@ -27,6 +27,9 @@ pub enum LogitsRows {
     /// These rows of the flattened batch (training: only the positions with a target; a new
     /// prompt-tuning sequence's rows start with its soft prompt's).
     Select(Vec<u32>),
+    /// Each sequence's last `n` positions, `n` per sequence in batch order (speculative
+    /// decoding: the logits of the last token and of every proposed one).
+    Tail(Vec<usize>),
     /// These rows' final hidden states (after the last norm), without the `lm_head`: training
     /// computes their logits in chunks inside its loss (`ops::fused::head_cross_entropy`).
     SelectHidden(Vec<u32>),
@@ -581,6 +584,23 @@ impl Llama {
             }
             LogitsRows::All => x,
             LogitsRows::Select(rows) | LogitsRows::SelectHidden(rows) => {
+                x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?
+            }
+            LogitsRows::Tail(counts) => {
+                if counts.len() != spans.len() {
+                    candle_core::bail!(
+                        "{} row counts for a batch of {} sequences",
+                        counts.len(),
+                        spans.len()
+                    );
+                }
+                let rows: Vec<u32> = spans
+                    .iter()
+                    .zip(counts)
+                    .flat_map(|(&(start, len, _), &n)| {
+                        (start + len - n.clamp(1, len)) as u32..(start + len) as u32
+                    })
+                    .collect();
                 x.index_select(&Tensor::new(rows.as_slice(), &self.device)?, 0)?
             }
             LogitsRows::Last => {

@@ -81,6 +81,10 @@ pub struct Sampling {
     pub guided_choice: Option<Vec<String>>,
     /// Extension (vLLM's): lower is served first; default 0.
     pub priority: Option<i64>,
+    /// Extension: prompt-lookup speculative decoding, `{"method": "ngram", "num_tokens": k,
+    /// "prompt_lookup_min": a, "prompt_lookup_max": b}` (`num_tokens` 0: off); absent: the
+    /// server's default (`--speculative-ngram`).
+    pub speculative: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -4,7 +4,7 @@
 use super::error::ApiError;
 use super::openai::{Content, MessageIn, Sampling, StopField};
 use crate::chat::ChatMessage;
-use crate::engine::{GenerationConfig, SamplingParams};
+use crate::engine::{GenerationConfig, NgramSpec, SamplingParams};
 
 pub const ROLES: [&str; 5] = ["system", "developer", "user", "assistant", "tool"];
 
@@ -22,6 +22,10 @@ pub struct Limits {
     /// `--max-stop-bytes`: the longest stop string (at most 4 of them): each is matched
     /// against the new text of every step, and held-back text is checked against its prefixes.
     pub max_stop_bytes: usize,
+    /// `--speculative-ngram` and its settings: the prompt lookup of a request that does not say.
+    pub speculative: Option<NgramSpec>,
+    /// `--speculative-max-batch`.
+    pub speculative_max_batch: usize,
 }
 
 pub fn messages(messages: &[MessageIn]) -> Result<Vec<ChatMessage>, ApiError> {
@@ -245,7 +249,9 @@ pub fn generation(
             ),
         ));
     }
+    let speculative = speculative(s.speculative.as_ref(), limits)?;
     Ok(GenerationConfig {
+        speculative,
         max_tokens,
         min_tokens,
         ignore_eos: s.ignore_eos,
@@ -266,6 +272,84 @@ pub fn generation(
     })
 }
 
+/// A request's `speculative` object (absent or null: the server's default).
+fn speculative(
+    v: Option<&serde_json::Value>,
+    limits: &Limits,
+) -> Result<Option<NgramSpec>, ApiError> {
+    let default = limits.speculative;
+    let Some(v) = v.filter(|v| !v.is_null()) else {
+        return Ok(default);
+    };
+    let Some(obj) = v.as_object() else {
+        return Err(ApiError::bad(
+            "speculative",
+            "`speculative` must be an object such as {\"method\": \"ngram\", \"num_tokens\": 4}",
+        ));
+    };
+    const KEYS: [&str; 4] = [
+        "method",
+        "num_tokens",
+        "prompt_lookup_min",
+        "prompt_lookup_max",
+    ];
+    if let Some(k) = obj.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        let field = format!("speculative.{k}");
+        return Err(ApiError::bad(
+            &field,
+            format!("`{field}` is not a setting; expected {}", KEYS.join(", ")),
+        ));
+    }
+    match obj.get("method").and_then(|m| m.as_str()) {
+        Some("ngram") => {}
+        _ => {
+            return Err(ApiError::bad(
+                "speculative.method",
+                "`speculative.method` must be \"ngram\" (prompt lookup; there is no draft model)",
+            ))
+        }
+    }
+    let int = |key: &str, lo: usize, hi: usize, default: usize| -> Result<usize, ApiError> {
+        let field = format!("speculative.{key}");
+        match obj.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(default),
+            Some(x) => match x.as_u64() {
+                Some(n) if (lo as u64..=hi as u64).contains(&n) => Ok(n as usize),
+                _ => Err(ApiError::bad(
+                    &field,
+                    format!("`{field}` must be an integer from {lo} to {hi}"),
+                )),
+            },
+        }
+    };
+    let base = default.unwrap_or(NgramSpec {
+        num_tokens: 4,
+        min_ngram: 1,
+        max_ngram: 3,
+        max_batch: limits.speculative_max_batch,
+    });
+    let num_tokens = int("num_tokens", 0, NgramSpec::MAX_TOKENS, base.num_tokens)?;
+    let min_ngram = int("prompt_lookup_min", 1, NgramSpec::MAX_NGRAM, base.min_ngram)?;
+    let max_ngram = int(
+        "prompt_lookup_max",
+        1,
+        NgramSpec::MAX_NGRAM,
+        base.max_ngram.max(min_ngram),
+    )?;
+    if min_ngram > max_ngram {
+        return Err(ApiError::bad(
+            "speculative.prompt_lookup_min",
+            "`speculative.prompt_lookup_min` must not exceed `speculative.prompt_lookup_max`",
+        ));
+    }
+    Ok((num_tokens > 0).then_some(NgramSpec {
+        num_tokens,
+        min_ngram,
+        max_ngram,
+        max_batch: limits.speculative_max_batch,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -277,6 +361,8 @@ mod tests {
             context: 256,
             vocab: 512,
             max_n: 4,
+            speculative: None,
+            speculative_max_batch: 4,
         }
     }
 
@@ -370,5 +456,89 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(matches!(messages(&[]), Err(ApiError::BadRequest { .. })));
+    }
+
+    #[test]
+    fn speculative_settings_are_checked_by_field_and_default_to_the_server() {
+        let g = |v: serde_json::Value, l: &Limits| {
+            generation(
+                &Sampling {
+                    speculative: Some(v),
+                    ..Sampling::default()
+                },
+                10,
+                l,
+                vec![2],
+                "messages",
+            )
+        };
+        let l = limits();
+        for (v, field) in [
+            (serde_json::json!("ngram"), "speculative"),
+            (serde_json::json!({"method": "draft"}), "speculative.method"),
+            (serde_json::json!({"num_tokens": 2}), "speculative.method"),
+            (
+                serde_json::json!({"method": "ngram", "num_tokens": 17}),
+                "speculative.num_tokens",
+            ),
+            (
+                serde_json::json!({"method": "ngram", "num_tokens": -1}),
+                "speculative.num_tokens",
+            ),
+            (
+                serde_json::json!({"method": "ngram", "k": 2}),
+                "speculative.k",
+            ),
+            (
+                serde_json::json!({"method": "ngram", "prompt_lookup_min": 3, "prompt_lookup_max": 2}),
+                "speculative.prompt_lookup_min",
+            ),
+            (
+                serde_json::json!({"method": "ngram", "prompt_lookup_max": 9}),
+                "speculative.prompt_lookup_max",
+            ),
+        ] {
+            assert_eq!(param(g(v.clone(), &l)), field, "{v}");
+        }
+        let on = g(serde_json::json!({"method": "ngram", "num_tokens": 6}), &l).unwrap();
+        assert_eq!(
+            on.speculative,
+            Some(NgramSpec {
+                num_tokens: 6,
+                min_ngram: 1,
+                max_ngram: 3,
+                max_batch: 4
+            })
+        );
+        let off = g(serde_json::json!({"method": "ngram", "num_tokens": 0}), &l).unwrap();
+        assert_eq!(off.speculative, None);
+        // The server's default applies where the request does not say, and a request may turn
+        // it off or change its settings.
+        let server = Limits {
+            speculative: Some(NgramSpec {
+                num_tokens: 3,
+                min_ngram: 2,
+                max_ngram: 4,
+                max_batch: 4,
+            }),
+            ..limits()
+        };
+        let plain = generation(&Sampling::default(), 10, &server, vec![2], "messages").unwrap();
+        assert_eq!(plain.speculative, server.speculative);
+        let off = g(
+            serde_json::json!({"method": "ngram", "num_tokens": 0}),
+            &server,
+        )
+        .unwrap();
+        assert_eq!(off.speculative, None);
+        let more = g(
+            serde_json::json!({"method": "ngram", "num_tokens": 8}),
+            &server,
+        )
+        .unwrap();
+        assert_eq!(
+            more.speculative.map(|s| (s.num_tokens, s.min_ngram)),
+            Some((8, 2))
+        );
     }
 }
