@@ -102,7 +102,7 @@ async fn main() {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
-    let rounds = args.first().copied().unwrap_or(3);
+    let rounds = args.first().copied().unwrap_or(2);
     let k = args.get(1).copied().unwrap_or(4);
     let resolved = ModelSource::parse(None)
         .unwrap()
@@ -149,40 +149,51 @@ async fn main() {
             },
         )
         .unwrap();
-    let json: Vec<(Vec<u32>, Option<Lease>)> =
-        std::fs::read_to_string("adapters/json-extract-data/eval.jsonl")
-            .unwrap()
-            .lines()
-            .take(16)
-            .map(|l| {
-                let ex: serde_json::Value = serde_json::from_str(l).unwrap();
-                let user = format!(
-                    "{}\n\n{}",
-                    ex["instruction"].as_str().unwrap(),
-                    ex["input"].as_str().unwrap()
-                );
-                (chat(&user), Some(lease.clone()))
-            })
-            .collect();
-    let copy: Vec<(Vec<u32>, Option<Lease>)> = [
-        "The committee met on Tuesday to review the budget for the new library wing. After a long \
-         discussion, the members agreed to fund the reading room, the children's corner and the \
-         archive, but postponed the cafe until the spring.",
-        "Our train leaves Vienna at 9:40 and arrives in Salzburg at 12:08. From the station, bus \
-         number 25 goes to the old town every ten minutes; the hotel is two streets from the stop.",
-        "To reset the router, hold the small button on the back for ten seconds until the light \
-         blinks orange, then wait two minutes and connect to the network named on the label.",
-        "The recipe needs two cups of flour, one cup of milk, two eggs, a spoon of sugar and a \
-         pinch of salt; whisk everything, rest the batter for an hour, then fry thin pancakes.",
-    ]
-    .iter()
-    .map(|t| {
-        (
-            chat(&format!("Repeat the following text word for word.\n\n{t}")),
-            None,
-        )
-    })
-    .collect();
+    // Every run gets prompts no earlier run had (the json-extract data's 380 lines): prompt
+    // lookup also searches the tenant's recent answers, and an answer to the same prompt would
+    // be found there whole.
+    let lines: Vec<serde_json::Value> = ["eval", "train"]
+        .iter()
+        .flat_map(|f| {
+            std::fs::read_to_string(format!("adapters/json-extract-data/{f}.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let mut next = 0usize;
+    // 12 json-extract prompts with the adapter (kind 0), or 3 prompts (kind 1) asking the base
+    // model to repeat 4 of the data's sentences.
+    let mut prompts = |kind: usize| -> Vec<(Vec<u32>, Option<Lease>)> {
+        assert!(
+            next + 12 <= lines.len(),
+            "more runs than the data has fresh prompts for"
+        );
+        let batch = &lines[next..next + 12];
+        next += 12;
+        let field = |ex: &serde_json::Value, f: &str| ex[f].as_str().unwrap().to_string();
+        match kind {
+            0 => batch
+                .iter()
+                .map(|ex| {
+                    let user = format!("{}\n\n{}", field(ex, "instruction"), field(ex, "input"));
+                    (chat(&user), Some(lease.clone()))
+                })
+                .collect(),
+            _ => batch
+                .chunks(4)
+                .map(|four| {
+                    let text: Vec<String> = four.iter().map(|ex| field(ex, "input")).collect();
+                    let user = format!(
+                        "Repeat the following text word for word.\n\n{}",
+                        text.join(" ")
+                    );
+                    (chat(&user), None)
+                })
+                .collect(),
+        }
+    };
     let metrics = Arc::new(loraplex::metrics::Metrics::new());
     let engine = Engine::start(
         loaded.clone(),
@@ -211,12 +222,14 @@ async fn main() {
             .unwrap_or("?")
     );
     println!("prompt lookup, K = {k}, {rounds} rounds alternating\n");
-    println!("| load | without: tok/s (decode) | with: tok/s (decode) | ratio | kept / proposed | tokens per step |");
+    println!("| load | without: tok/s (decode, per stream) | with: tok/s (decode, per stream) | ratio | kept / proposed | tokens per step |");
     println!("|---|---|---|---|---|---|");
-    for (name, prompts, concurrency, max_tokens) in [
-        ("json-extract, 1 stream", &json, 1, 48),
-        ("copy a paragraph, 1 stream", &copy, 1, 64),
-        ("json-extract, 8 streams", &json, 8, 48),
+    for (name, kind, concurrency, max_tokens) in [
+        ("json-extract, 1 stream", 0, 1, 48),
+        ("repeat 4 sentences, 1 stream", 1, 1, 96),
+        ("json-extract, 2 streams", 0, 2, 48),
+        ("json-extract, 4 streams", 0, 4, 48),
+        ("json-extract, 8 streams", 0, 8, 48),
     ] {
         let (mut off, mut on) = (Vec::new(), Vec::new());
         let (p0, k0, s0, t0) = (
@@ -225,19 +238,24 @@ async fn main() {
             metrics.spec_steps.get(),
             metrics.spec_tokens.get(),
         );
-        // One warm-up of each, then alternate.
-        run(&engine, prompts, &eos, None, concurrency, max_tokens).await;
-        run(&engine, prompts, &eos, Some(spec), concurrency, max_tokens).await;
+        // One warm-up with speculation (its answers fill the history as a running server's
+        // would), then alternate, each run on fresh prompts; then the last run's prompts once
+        // more without speculation: the same answers.
+        let warm = prompts(kind);
+        run(&engine, &warm, &eos, Some(spec), concurrency, max_tokens).await;
+        let mut last = Vec::new();
         for _ in 0..rounds {
-            off.push(run(&engine, prompts, &eos, None, concurrency, max_tokens).await);
-            on.push(run(&engine, prompts, &eos, Some(spec), concurrency, max_tokens).await);
+            let p = prompts(kind);
+            off.push(run(&engine, &p, &eos, None, concurrency, max_tokens).await);
+            last = prompts(kind);
+            on.push(run(&engine, &last, &eos, Some(spec), concurrency, max_tokens).await);
         }
-        for (a, b) in off.iter().zip(&on) {
-            assert_eq!(
-                a.answers, b.answers,
-                "{name}: answers differ with prompt lookup"
-            );
-        }
+        let again = run(&engine, &last, &eos, None, concurrency, max_tokens).await;
+        assert_eq!(
+            again.answers,
+            on.last().unwrap().answers,
+            "{name}: answers differ with prompt lookup"
+        );
         let rate = |r: &[Run]| {
             let (t, w, dt, dw) = r.iter().fold((0, 0.0, 0, 0.0), |acc, x| {
                 (
@@ -247,7 +265,7 @@ async fn main() {
                     acc.3 + x.decode_wall,
                 )
             });
-            (t as f64 / w, dt as f64 / dw * concurrency as f64)
+            (t as f64 / w, dt as f64 / dw)
         };
         let (a, b) = (rate(&off), rate(&on));
         let proposed = metrics.spec_draft_tokens.get() - p0;

@@ -249,3 +249,53 @@ async fn chat_template_kwargs_reach_the_template_and_bad_ones_are_named() {
         assert_eq!(v["error"]["param"], "chat_template_kwargs", "{text}");
     }
 }
+
+/// `speculative` over HTTP, with `--speculative-ngram` as the server's default: answers equal
+/// those without it (greedy, and sampled with a seed), a request may turn it off, a bad setting
+/// is a 400 naming its field, and `/metrics` counts the proposals.
+#[tokio::test]
+async fn speculative_requests_answer_as_without_and_are_counted() {
+    let st = state(&["--speculative-ngram", "3", "--speculative-max-batch", "8"]).await;
+    let app = router(st.clone());
+    let prompt = "one two three one two three one two three one two";
+    let off = json!({"speculative": {"method": "ngram", "num_tokens": 0}});
+    let on = json!({"speculative": {"method": "ngram", "num_tokens": 5, "prompt_lookup_max": 2}});
+    let (plain, _) = complete(&app, prompt, off.clone()).await;
+    let steps = || st.metrics.spec_steps.get();
+    assert_eq!(steps(), 0, "num_tokens 0 turns the server's default off");
+    assert_eq!(complete(&app, prompt, json!({})).await.0, plain);
+    let by_default = steps();
+    assert!(by_default > 0, "the server's default speculates");
+    assert_eq!(complete(&app, prompt, on).await.0, plain);
+    assert!(steps() > by_default);
+    let seeded = json!({"temperature": 1.0, "seed": 5, "top_k": 20});
+    let mut with_off = seeded.clone();
+    with_off["speculative"] = off["speculative"].clone();
+    assert_eq!(
+        complete(&app, prompt, seeded).await.0,
+        complete(&app, prompt, with_off).await.0,
+        "a seed gives the same answer with and without speculation"
+    );
+    for (bad, field) in [
+        (json!({"method": "eagle"}), "speculative.method"),
+        (
+            json!({"method": "ngram", "num_tokens": 99}),
+            "speculative.num_tokens",
+        ),
+    ] {
+        let body = json!({"prompt": prompt, "max_tokens": 4, "speculative": bad});
+        let (status, v, text) = call(&app, "/v1/completions", body, None).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+        assert_eq!(v["error"]["param"], field, "{text}");
+    }
+    let (status, _, text) = common::http::request(&app, "GET", "/metrics", None, None).await;
+    assert_eq!(status, StatusCode::OK);
+    for series in [
+        "loraplex_spec_decode_steps_total",
+        "loraplex_spec_decode_tokens_total",
+        "loraplex_spec_decode_draft_tokens_total",
+        "loraplex_spec_decode_accepted_tokens_total",
+    ] {
+        assert!(text.contains(series), "{series} missing from /metrics");
+    }
+}

@@ -266,16 +266,17 @@ fn greedy_answers_with_prompt_lookup_equal_those_without_bit_for_bit() {
 }
 
 /// The tiny model at temperature 1 with top-k 8, a prompt that repeats and a bias towards its
-/// tokens so that lookup proposes at most steps and its proposals are often right, 1,500 seeds with and without speculation: the distribution of each of the
-/// first six tokens is the same (two-sample chi-square per position, 0.1 % critical value),
-/// while many proposals were kept and many refused.
+/// tokens so that lookup proposes at most steps and its proposals are often right, 4,000 seeds
+/// with and without speculation: each seed gives the same answer (each position is sampled with
+/// the same one draw as without speculation), so the token frequencies are the same, while many
+/// proposals were kept and many refused.
 #[test]
-fn sampled_answers_with_prompt_lookup_keep_their_distribution() {
+fn sampled_answers_with_prompt_lookup_are_the_same_for_each_seed() {
     let model = Arc::new(load_tiny());
     let prompt: Vec<u32> = (0..6).flat_map(|_| [5u32, 17, 33, 5, 90, 17, 61]).collect();
     let n = 4000;
     let positions = 6;
-    let mut counts: Vec<Vec<std::collections::HashMap<u32, usize>>> = Vec::new();
+    let mut answers: Vec<Vec<Vec<u32>>> = Vec::new();
     let mut kept_refused = (0, 0);
     for speculative in [None, Some(spec(3, 64))] {
         let metrics = Arc::new(Metrics::new());
@@ -325,16 +326,12 @@ fn sampled_answers_with_prompt_lookup_keep_their_distribution() {
                     .unwrap()
             })
             .collect();
-        let tokens = drive(&mut worker, rxs);
-        let mut per_position = vec![std::collections::HashMap::new(); positions];
-        for t in tokens {
-            let t = t.unwrap();
-            assert_eq!(t.len(), positions);
-            for (p, &tok) in t.iter().enumerate() {
-                *per_position[p].entry(tok).or_insert(0) += 1;
-            }
-        }
-        counts.push(per_position);
+        let tokens: Vec<Vec<u32>> = drive(&mut worker, rxs)
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        assert!(tokens.iter().all(|t| t.len() == positions));
+        answers.push(tokens);
         if speculative.is_some() {
             let kept = metrics.spec_accepted_tokens.get();
             kept_refused = (kept, metrics.spec_draft_tokens.get() - kept);
@@ -344,41 +341,13 @@ fn sampled_answers_with_prompt_lookup_keep_their_distribution() {
         kept_refused.0 > 500 && kept_refused.1 > 500,
         "proposals kept / refused: {kept_refused:?}"
     );
-    for p in 0..positions {
-        let (a, b) = (&counts[0][p], &counts[1][p]);
-        let mut keys: Vec<u32> = a.keys().chain(b.keys()).copied().collect();
-        keys.sort_unstable();
-        keys.dedup();
-        // Tokens seen fewer than 10 times in all are pooled into one category.
-        let (mut chi2, mut df) = (0.0, 0usize);
-        let (mut pool_a, mut pool_b) = (0usize, 0usize);
-        let mut cells = Vec::new();
-        for k in keys {
-            let (x, y) = (*a.get(&k).unwrap_or(&0), *b.get(&k).unwrap_or(&0));
-            if x + y < 10 {
-                pool_a += x;
-                pool_b += y;
-            } else {
-                cells.push((x, y));
-            }
-        }
-        if pool_a + pool_b > 0 {
-            cells.push((pool_a, pool_b));
-        }
-        for &(x, y) in &cells {
-            // Equal sample sizes: (x − y)² / (x + y).
-            chi2 += (x as f64 - y as f64).powi(2) / (x + y) as f64;
-            df += 1;
-        }
-        df -= 1;
-        assert!(df >= 1, "position {p}: {cells:?}");
-        // The 0.1 % critical value of chi-square (Wilson–Hilferty; 10.9 for 1 degree of
-        // freedom against 10.83 exact, 18.5 for 4 against 18.47).
-        let d = df as f64;
-        let critical = d * (1.0 - 2.0 / (9.0 * d) + 3.09 * (2.0 / (9.0 * d)).sqrt()).powi(3);
-        assert!(
-            chi2 < critical,
-            "position {p}: chi2 {chi2:.2} with {df} degrees of freedom; {cells:?}"
-        );
+    let distinct: std::collections::HashSet<_> = answers[0].iter().collect();
+    assert!(
+        distinct.len() > n / 2,
+        "{} distinct answers of {n}",
+        distinct.len()
+    );
+    for (seed, (plain, spec)) in answers[0].iter().zip(&answers[1]).enumerate() {
+        assert_eq!(plain, spec, "seed {seed}");
     }
 }

@@ -137,38 +137,6 @@ impl Sampler {
         pick(&cand, &probs, r)
     }
 
-    /// A token for a position whose token was proposed (`draft`, speculative decoding), with
-    /// the same distribution as `sample`: greedy takes the argmax; otherwise the draft is kept
-    /// with its probability p(draft), and else a token is drawn from the distribution without
-    /// the draft (p renormalised over the rest). A one-token proposal's distribution is one
-    /// point, so P(token) = p(draft)·[token = draft] + (1 − p(draft))·p(token)/(1 − p(draft))
-    /// for every other token: exactly p (speculative sampling, Leviathan et al. 2023).
-    pub fn sample_drafted(&mut self, logits: &[f32], draft: u32) -> u32 {
-        if self.params.is_greedy() {
-            return argmax(logits);
-        }
-        let Some((mut cand, mut probs)) = self.distribution(logits) else {
-            return argmax(logits);
-        };
-        let at = cand.iter().position(|&t| t == draft);
-        let p_draft = at.map_or(0.0, |i| probs[i]);
-        let r: f32 = self.rng.random();
-        if let Some(i) = at {
-            if r < p_draft || p_draft >= 1.0 {
-                return draft;
-            }
-            cand.remove(i);
-            probs.remove(i);
-        }
-        if probs.is_empty() {
-            return draft;
-        }
-        let rest: f32 = probs.iter().sum();
-        probs.iter_mut().for_each(|p| *p /= rest);
-        let r: f32 = self.rng.random();
-        pick(&cand, &probs, r)
-    }
-
     /// The candidates (most likely first) and their probabilities after temperature, top-k and
     /// top-p; `None` where no logit is finite.
     fn distribution(&self, logits: &[f32]) -> Option<(Vec<u32>, Vec<f32>)> {
@@ -323,51 +291,5 @@ mod tests {
         for _ in 0..200 {
             assert_eq!(s.sample(&logits), 0);
         }
-    }
-
-    #[test]
-    fn a_drafted_position_keeps_the_distribution_of_a_plain_one() {
-        // Chi-square of 40,000 draws against the sampler's own distribution (temperature 0.8,
-        // top-k 5: token 5 is outside the support), for drafts inside, at the top of, and
-        // outside the support; plain sampling as the control. 4 degrees of freedom: 18.47 is
-        // the 0.1 % critical value.
-        let logits = [2.0f32, 1.5, 1.0, 0.2, -0.5, -3.0];
-        let params = SamplingParams {
-            temperature: 0.8,
-            top_k: 5,
-            seed: Some(11),
-            ..SamplingParams::default()
-        };
-        let s = Sampler::new(params.clone());
-        let (cand, probs) = s.distribution(&logits).unwrap();
-        assert_eq!(cand.len(), 5);
-        let n = 40_000;
-        for draft in [None, Some(0u32), Some(1), Some(4), Some(5)] {
-            let mut s = Sampler::new(params.clone());
-            let mut counts = [0usize; 6];
-            for _ in 0..n {
-                let t = match draft {
-                    Some(d) => s.sample_drafted(&logits, d),
-                    None => s.sample(&logits),
-                };
-                counts[t as usize] += 1;
-            }
-            assert_eq!(counts[5], 0, "outside top-k");
-            let chi2: f64 = cand
-                .iter()
-                .zip(&probs)
-                .map(|(&t, &p)| {
-                    let e = p as f64 * n as f64;
-                    (counts[t as usize] as f64 - e).powi(2) / e
-                })
-                .sum();
-            assert!(
-                chi2 < 18.47,
-                "draft {draft:?}: chi2 {chi2:.2}, counts {counts:?}"
-            );
-        }
-        // Greedy keeps the argmax whatever was proposed.
-        let mut g = Sampler::new(SamplingParams::greedy());
-        assert_eq!(g.sample_drafted(&logits, 3), 0);
     }
 }

@@ -184,20 +184,8 @@ impl SequenceState {
     /// Turns this step's last-position logits into a token and its text.
     pub fn step(
         &mut self,
-        logits: Vec<f32>,
-        tokenizer: &Tokenizer,
-    ) -> Result<StepOutput, TokenizerError> {
-        self.step_drafted(logits, tokenizer, None)
-    }
-
-    /// `step` for a position whose token was proposed (`draft`, speculative decoding): the
-    /// token is drawn with the same distribution (`Sampler::sample_drafted`); the caller keeps
-    /// the proposal's next position only if the token equals the draft.
-    pub fn step_drafted(
-        &mut self,
         mut logits: Vec<f32>,
         tokenizer: &Tokenizer,
-        draft: Option<u32>,
     ) -> Result<StepOutput, TokenizerError> {
         let early = self.generated.len() < self.cfg.min_tokens;
         if early || self.cfg.ignore_eos {
@@ -234,10 +222,7 @@ impl SequenceState {
         }
         let token = match (forced_end, self.cfg.eos_token_ids.first()) {
             (true, Some(&eos)) => eos,
-            _ => match draft {
-                Some(d) => self.sampler.sample_drafted(&logits, d),
-                None => self.sampler.sample(&logits),
-            },
+            _ => self.sampler.sample(&logits),
         };
         let ends =
             self.cfg.eos_token_ids.contains(&token) || self.cfg.stop_token_ids.contains(&token);

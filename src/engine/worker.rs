@@ -108,6 +108,8 @@ pub struct Worker {
     since_newcomer: u64,
     /// Steps completed since the last one stopped part-way (`interrupt`).
     since_interrupt: u64,
+    /// Recent answers of requests that speculate, per tenant and adapter (prompt lookup).
+    history: super::speculative::History,
 }
 
 impl Worker {
@@ -165,6 +167,7 @@ impl Worker {
             paged,
             since_newcomer: SAME_PRIORITY_EVERY,
             since_interrupt: SAME_PRIORITY_EVERY,
+            history: super::speculative::History::new(HISTORY_TOKENS, HISTORY_KEYS),
         })
     }
 
@@ -285,6 +288,11 @@ impl Worker {
     /// Ends running sequence `i`: its blocks go back, the scheduler forgets it.
     fn finish(&mut self, i: usize) {
         let mut a = self.active.swap_remove(i);
+        if a.seq.speculative().is_some() && a.seq.finished.is_some() {
+            let adapter = a.adapter_ptr();
+            self.history
+                .record(Self::tenant(&a.request), adapter, &a.seq.generated);
+        }
         self.scheduler.remove(a.id);
         self.shared.running.fetch_sub(1, Ordering::SeqCst);
         if let Some(p) = &mut self.paged {
@@ -498,7 +506,12 @@ impl Worker {
             .iter()
             .map(|a| self.scheduler.rank(a.id).unwrap_or((0, 0.0, a.id)))
             .collect();
-        let mut inputs = step_inputs(&self.active, &ranks, self.config.max_batched_tokens);
+        let mut inputs = step_inputs(
+            &self.active,
+            &ranks,
+            self.config.max_batched_tokens,
+            &self.history,
+        );
         self.hold_back(&mut inputs);
         let mut finished = Vec::new();
         if let Some(p) = &mut self.paged {
@@ -638,7 +651,7 @@ impl Worker {
                 self.scheduler.charge(tenant, new, 1);
                 served(&metrics, tenant, new, 1);
                 let now = Instant::now();
-                match a.seq.step_drafted(row, tokenizer, draft) {
+                match a.seq.step(row, tokenizer) {
                     Ok(out) => {
                         match a.last_token {
                             None => metrics.ttft.observe((now - a.started).as_secs_f64()),
@@ -859,6 +872,11 @@ fn drafted<'t>(a: &Active, tokens: &'t [u32]) -> &'t [u32] {
     }
 }
 
+/// Prompt lookup's memory of recent answers (`speculative::History`): tokens per tenant and
+/// adapter, and how many such pairs (about 2 MiB at most).
+const HISTORY_TOKENS: usize = 2048;
+const HISTORY_KEYS: usize = 256;
+
 /// Counts tokens served to `tenant` (the admin-only `loraplex_tenant_served_tokens_total`).
 fn served(metrics: &crate::metrics::Metrics, tenant: &str, prompt: usize, generated: usize) {
     for (kind, n) in [("prompt", prompt), ("generated", generated)] {
@@ -895,7 +913,12 @@ fn chunk_cap(budget: usize, pairs: usize, position: usize) -> usize {
 /// streams skip the step: they wait rather than slow its first token. (Giving an under-served
 /// tenant's prompt the step to itself was tried: a tenant sending short prompts non-stop then
 /// kept every other tenant's prompts out for minutes.) Empty: skip.
-fn step_inputs(active: &[Active], ranks: &[(i32, f64, u64)], budget: usize) -> Vec<Vec<u32>> {
+fn step_inputs(
+    active: &[Active],
+    ranks: &[(i32, f64, u64)],
+    budget: usize,
+    history: &super::speculative::History,
+) -> Vec<Vec<u32>> {
     let decode = active.iter().filter(|a| !a.seq.prefilling()).count();
     let owed = active.iter().any(|a| a.owed_step && a.seq.prefilling());
     let mut left = if budget == 0 {
@@ -984,7 +1007,8 @@ fn step_inputs(active: &[Active], ranks: &[(i32, f64, u64)], budget: usize) -> V
             .chain(&a.seq.generated)
             .copied()
             .collect();
-        let proposal = super::speculative::propose(&context, spec, limit);
+        let past = history.past(Worker::tenant(&a.request), a.adapter_ptr());
+        let proposal = super::speculative::propose(&context, past, spec, limit);
         left = left.saturating_sub(proposal.len());
         input.extend(proposal);
     }
