@@ -119,6 +119,17 @@ impl QuantLinear {
         self.dtype
     }
 
+    /// Which kernel serves it: ours (`q4_1`, `q8_0`, `q4_k`, `q6_k`) or candle's (`ggml`).
+    pub fn kernel_name(&self) -> &'static str {
+        match &self.kernel {
+            Kernel::Q41(_) => "q4_1",
+            Kernel::Q80(_) => "q8_0",
+            Kernel::Q4K(_) => "q4_k",
+            Kernel::Q6K(_) => "q6_k",
+            Kernel::Ggml(..) => "ggml",
+        }
+    }
+
     /// Bytes held for serving.
     pub fn bytes(&self) -> usize {
         match &self.kernel {
