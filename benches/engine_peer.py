@@ -146,10 +146,21 @@ def concurrent(a):
     wall time (the concurrency-8 decode figure when N is short)."""
     counts, lock = [], threading.Lock()
 
+    def adapter(s):
+        """`--adapters a,b,…`: stream s asks for adapter s mod their count (llama.cpp: its `lora`
+        ids in the order of `--lora`, the others at scale 0)."""
+        if not a.adapters:
+            return model(a)
+        names = a.adapters.split(",")
+        i = s % len(names)
+        if a.flavor == "llamacpp":
+            return {"lora": [{"id": j, "scale": 1.0 if j == i else 0.0} for j in range(len(names))]}
+        return {"model": names[i]}
+
     def stream(s):
         for r in range(a.runs):
             body = {"prompt": ids(a.tokens, 5000 + 97 * s + r + int(time.time()) % 1000),
-                    "max_tokens": a.max_tokens, "temperature": 0, "ignore_eos": True, **model(a)}
+                    "max_tokens": a.max_tokens, "temperature": 0, "ignore_eos": True, **adapter(s)}
             out = json.load(post(a.url + "/v1/completions", body))
             with lock:
                 counts.append(out["usage"]["completion_tokens"])
@@ -161,8 +172,8 @@ def concurrent(a):
     for th in threads:
         th.join()
     wall = time.perf_counter() - t
-    return {"test": "concurrent", "streams": a.streams, "tokens": sum(counts),
-            "tokens_per_s": sum(counts) / wall}
+    return {"test": "mixed" if a.adapters else "concurrent", "streams": a.streams,
+            "tokens": sum(counts), "tokens_per_s": sum(counts) / wall}
 
 
 def main():
@@ -174,6 +185,7 @@ def main():
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--model")
+    p.add_argument("--adapters", help="concurrent: adapter names, one per stream in turn")
     p.add_argument("--max-tokens", type=int, default=129, help="decode: tokens per run")
     p.add_argument("--vocab", type=int, default=40000, help="prompt ids stay below this")
     p.add_argument("--flavor", default="ours")

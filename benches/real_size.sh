@@ -8,9 +8,13 @@
 #   prefill  seconds to answer a 2,000-token prompt with one token (engine_peer.py prefill)
 #   rss      the server's peak resident set (VmHWM) after the runs, MB
 #   load     seconds from launch to the first answered request
+#   mixed    (ADAPTERS=N) N distinct random rank-16 LoRA adapters on all projections, 8 streams
+#            each asking for one in turn (benches/shape_adapters.py: the same adapters as PEFT
+#            directories for us and as llama.cpp GGUF LoRAs, `--lora … --lora-init-without-apply`)
 # One JSON line per measure and server, then per shape × type the ratios (ours / llama.cpp; for
 # prefill, rss and load the peer's over ours, so > 1 is better for us throughout).
-#   benches/real_size.sh [SHAPE...]    TYPES="q4_k_m q8_0 q4_0" ROUNDS=2 PY=python3
+#   benches/real_size.sh [SHAPE...]    TYPES="q4_k_m q8_0 q4_0" ROUNDS=2 PY=python3 ADAPTERS=8
+#   (ONLY_MIXED=1 with ADAPTERS: the mixed-adapter measure only)
 # Needs: target/release/serve, ../shared/bench/llamacpp.sh build, a Python with torch,
 # transformers and safetensors (PY) for the model and the converter. Takes tens of minutes.
 set -euo pipefail
@@ -58,6 +62,28 @@ for shape in "${SHAPES[@]}"; do
     gguf="$WORK/$shape.$ty.gguf"
     [ -f "$gguf" ] || (cd "$BIN" && LD_LIBRARY_PATH=. ./llama-quantize "$f16" "$gguf" "${ty^^}" >/dev/null 2>&1)
     tag="\"shape\": \"$shape\", \"type\": \"$ty\", \"bytes\": $(stat -c %s "$gguf"), "
+    if [ -n "${ADAPTERS:-}" ]; then
+      ad="$WORK/$shape-adapters"
+      [ -f "$ad/gguf/synthetic-$((ADAPTERS - 1))-r16.gguf" ] ||
+        "$PY" benches/shape_adapters.py "$shape" "$ad" "$ADAPTERS" 16 "$LLAMA_CPP" >&2
+      names=$(seq -s, -f "synthetic-%g-r16" 0 $((ADAPTERS - 1)))
+      loras=(); for n in ${names//,/ }; do loras+=(--lora "$ad/gguf/$n.gguf"); done
+      mixed() {
+        python3 benches/engine_peer.py "$2" concurrent --streams 8 --runs 2 --tokens 32 --max-tokens 48 \
+          --vocab "$VOCAB" --adapters "$names" --flavor "$1" | sed "s/^{/{$tag/"
+      }
+      for _ in $(seq "$ROUNDS"); do
+        stop; target/release/serve --port 8080 --model "$gguf" --adapters "$ad/peft" 2>/dev/null & PID=$!
+        wait_up http://127.0.0.1:8080; mixed ours http://127.0.0.1:8080
+        stop
+        # shellcheck disable=SC2086
+        (cd "$BIN" && LD_LIBRARY_PATH=. exec ./llama-server -m "$gguf" "${loras[@]}" --lora-init-without-apply \
+          -np 8 -c 20480 -t 2 --port 8091 $LLAMA_ARGS) >/dev/null 2>&1 & PID=$!
+        wait_up http://127.0.0.1:8091; mixed llamacpp http://127.0.0.1:8091
+      done
+      stop
+      [ "${ONLY_MIXED:-}" = 1 ] && continue
+    fi
     for _ in $(seq "$ROUNDS"); do
       stop; t0=$(date +%s.%N)
       target/release/serve --port 8080 --model "$gguf" 2>/dev/null & PID=$!
@@ -81,12 +107,14 @@ val = collections.defaultdict(list)
 for r in rows:
     t = r["test"]
     v = {"decode": lambda: r["tokens_per_s"]["64"], "concurrent": lambda: r["tokens_per_s"],
+         "mixed": lambda: r["tokens_per_s"],
          "prefill": lambda: r["mean_s"] if "mean_s" in r else statistics.mean(r["runs_s"]),
          "rss": lambda: r["mb"], "load": lambda: r["s"]}[t]()
     val[(r["shape"], r["type"], t, r["flavor"])].append(v)
 for shape, ty in sorted({(k[0], k[1]) for k in val}):
     out = {"shape": shape, "type": ty}
-    for t, higher_better in [("decode", 1), ("concurrent", 1), ("prefill", 0), ("rss", 0), ("load", 0)]:
+    for t, higher_better in [("decode", 1), ("concurrent", 1), ("mixed", 1), ("prefill", 0), ("rss", 0),
+                             ("load", 0)]:
         o, l = val.get((shape, ty, t, "ours")), val.get((shape, ty, t, "llamacpp"))
         if o and l:
             o, l = statistics.median(o), statistics.median(l)

@@ -9,7 +9,10 @@
 //! cargo run --release --example step_profile -- nf4
 //! cargo run --release --example step_profile -- q4_1 adapters   # 8 distinct rank-16 adapters
 //! cargo run --release --example step_profile -- q4_1 adapters-bf16   # the same, A/B in bf16
+//! cargo run --release --example step_profile -- q4_k --gguf=/tmp/loraplex-real-size/llama.q4_k_m.gguf
 //! ```
+//!
+//! `--gguf=PATH`: another GGUF served as stored (the real-size files of `benches/real_size.sh`).
 
 use std::time::Instant;
 
@@ -66,6 +69,13 @@ fn main() {
                 .resolve(&SourceConfig::from_env()),
         )
         .unwrap();
+    let resolved = match args.iter().find_map(|a| a.strip_prefix("--gguf=")) {
+        Some(path) => loraplex::model::source::ResolvedModel::Gguf {
+            id: path.into(),
+            path: path.into(),
+        },
+        None => resolved,
+    };
     let loaded = load_model(&resolved, &opts).unwrap();
     let model = &loaded.model;
     let mut adapters: Vec<AdapterWeights> = if with_adapters {

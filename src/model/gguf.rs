@@ -13,7 +13,7 @@ use candle_core::Tensor;
 
 use super::config::{Activation, Arch, Family, LlamaConfig};
 use super::error::ModelError;
-use super::loaded::{LoadedModel, ModelOptions, Weights};
+use super::loaded::{LoadedModel, ModelOptions, Quantized, Weights};
 use crate::tokenizer::{GgufVocab, Tokenizer};
 use candle_core::quantized::GgmlDType;
 
@@ -318,7 +318,130 @@ fn unpermuted_order(rows: usize, heads: usize) -> Vec<usize> {
     order
 }
 
+/// The file's tensors in Hugging Face naming: dense ones in `opts.dtype`, quantized 2-D ones
+/// (with `opts.native_quant`) kept as stored or already in their kernel's layout.
+#[allow(clippy::type_complexity)]
+fn read_weights(
+    content: &Content,
+    reader: &mut (impl std::io::Read + std::io::Seek),
+    path: &Path,
+    opts: &ModelOptions,
+    config: &LlamaConfig,
+) -> Result<(HashMap<String, Tensor>, HashMap<String, Quantized>), ModelError> {
+    let mut tensors = HashMap::new();
+    let mut quant = HashMap::new();
+    let family = config.arch.family;
+    if let Some(name) = content
+        .tensor_infos
+        .keys()
+        .find(|n| n.starts_with("rope_factors") || n.ends_with("rope_factors_long.weight"))
+    {
+        return Err(ModelError::Tensor {
+            path: path.to_path_buf(),
+            name: name.clone(),
+            problem: "is LongRoPE's per-frequency factors; LongRoPE is not supported".into(),
+        });
+    }
+    // Quantized projections are prepared (read, un-permuted, repacked into their kernel's
+    // layout) in parallel, each task holding one tensor's stored bytes at a time; the rest is
+    // read here.
+    let mut jobs = Vec::new();
+    for (name, info) in content.tensor_infos.iter() {
+        let Some(hf) = hf_name(name, family) else {
+            continue;
+        };
+        // The converter permutes q and k rows for the Llama's interleaved RoPE only.
+        let heads = if family != Family::Llama {
+            None
+        } else if name.ends_with("attn_q.weight") {
+            Some(config.num_attention_heads)
+        } else if name.ends_with("attn_k.weight") {
+            Some(config.num_key_value_heads)
+        } else {
+            None
+        };
+        // Served as stored: 2-D quantized tensors (projections, embedding); rows move whole.
+        let quantized = !matches!(
+            info.ggml_dtype,
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16
+        );
+        if opts.native_quant && quantized && info.shape.rank() == 2 {
+            jobs.push((name, hf, heads));
+            continue;
+        }
+        let q = read_tensor(content, reader, path, name, &opts.device)?;
+        let mut t = q.dequantize(&opts.device)?;
+        if let Some(h) = heads {
+            t = unpermute_rows(&t, h)?;
+        }
+        tensors.insert(hf, t.to_dtype(opts.dtype)?);
+    }
+    // The largest first, so the two threads finish together.
+    jobs.sort_by_key(|(name, _, _)| {
+        std::cmp::Reverse(content.tensor_infos[*name].shape.elem_count())
+    });
+    use rayon::prelude::*;
+    let prepared: Vec<(String, Quantized)> = jobs
+        .into_par_iter()
+        .map(|(name, hf, heads)| {
+            let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+            let q = read_tensor(content, &mut file, path, name, &opts.device)?;
+            let q = match heads {
+                Some(h) => {
+                    let rows = q.shape().dims()[0];
+                    if h == 0 || rows % (2 * h) != 0 {
+                        return Err(ModelError::Tensor {
+                            path: path.to_path_buf(),
+                            name: name.clone(),
+                            problem: format!(
+                                "has {rows} rows, not a whole number of {h} heads of even size"
+                            ),
+                        });
+                    }
+                    crate::quant::gguf::permute_rows(&q, &unpermuted_order(rows, h))?
+                }
+                None => q,
+            };
+            let q = std::sync::Arc::new(q);
+            // Fused weights (Phi-3) are split by rows first; a type not served natively is
+            // refused by `into_llama`, by name.
+            let fused = hf.ends_with("qkv_proj.weight") || hf.ends_with("gate_up_proj.weight");
+            let ready = if fused {
+                None
+            } else {
+                crate::quant::gguf::QuantLinear::new(q.clone())?
+            };
+            Ok((hf, ready.map_or(Quantized::Stored(q), Quantized::Ready)))
+        })
+        .collect::<Result<_, ModelError>>()?;
+    quant.extend(prepared);
+    Ok((tensors, quant))
+}
+
+/// Reads tensor `name` of the file as stored.
+fn read_tensor(
+    content: &Content,
+    reader: &mut (impl std::io::Read + std::io::Seek),
+    path: &Path,
+    name: &str,
+    device: &candle_core::Device,
+) -> Result<candle_core::quantized::QTensor, ModelError> {
+    content
+        .tensor(reader, name, device)
+        .map_err(|e| ModelError::Tensor {
+            path: path.to_path_buf(),
+            name: name.to_string(),
+            problem: format!(
+                "({:?}) cannot be read: {}; the types served are F32, F16, BF16 and {}",
+                content.tensor_infos[name].ggml_dtype,
+                e.to_string().lines().next().unwrap_or_default(),
+                crate::quant::gguf::supported_names()
+            ),
+        })
+}
+
 pub fn load(id: &str, path: &Path, opts: &ModelOptions) -> Result<LoadedModel, ModelError> {
+    let started = std::time::Instant::now();
     let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
     let mut reader = BufReader::new(file);
     let content = Content::read(&mut reader)
@@ -336,76 +459,17 @@ pub fn load(id: &str, path: &Path, opts: &ModelOptions) -> Result<LoadedModel, M
     };
     let tied = !content.tensor_infos.contains_key("output.weight");
     let config = config_from_meta(&meta, vocab.tokens.len(), tied)?;
-    let tokenizer = Tokenizer::from_gguf(path, &vocab)?;
-
-    let mut tensors = HashMap::new();
-    let mut quant = HashMap::new();
+    // The tokenizer (a vocabulary of 128k tokens takes a few tenths of a second) is built while
+    // the weights are read.
+    let (tokenizer, read) = std::thread::scope(|s| {
+        let tokenizer = s.spawn(|| Tokenizer::from_gguf(path, &vocab));
+        let read = read_weights(&content, &mut reader, path, opts, &config);
+        (tokenizer.join(), read)
+    });
+    let tokenizer =
+        tokenizer.map_err(|_| ModelError::format(path, "building its tokenizer failed"))??;
+    let (tensors, quant) = read?;
     let family = config.arch.family;
-    if let Some(name) = content
-        .tensor_infos
-        .keys()
-        .find(|n| n.starts_with("rope_factors") || n.ends_with("rope_factors_long.weight"))
-    {
-        return Err(ModelError::Tensor {
-            path: path.to_path_buf(),
-            name: name.clone(),
-            problem: "is LongRoPE's per-frequency factors; LongRoPE is not supported".into(),
-        });
-    }
-    for name in content.tensor_infos.keys() {
-        let Some(hf) = hf_name(name, family) else {
-            continue;
-        };
-        let q = content
-            .tensor(&mut reader, name, &opts.device)
-            .map_err(|e| ModelError::Tensor {
-                path: path.to_path_buf(),
-                name: name.clone(),
-                problem: format!(
-                    "({:?}) cannot be read: {}; the types served are F32, F16, BF16 and {}",
-                    content.tensor_infos[name].ggml_dtype,
-                    e.to_string().lines().next().unwrap_or_default(),
-                    crate::quant::gguf::supported_names()
-                ),
-            })?;
-        // The converter permutes q and k rows for the Llama's interleaved RoPE only.
-        let heads = if family != Family::Llama {
-            None
-        } else if name.ends_with("attn_q.weight") {
-            Some(config.num_attention_heads)
-        } else if name.ends_with("attn_k.weight") {
-            Some(config.num_key_value_heads)
-        } else {
-            None
-        };
-        // Served as stored: 2-D quantized tensors (projections, embedding); rows move whole.
-        let quantized = !matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16);
-        if opts.native_quant && quantized && q.shape().rank() == 2 {
-            let q = match heads {
-                Some(h) => {
-                    let rows = q.shape().dims()[0];
-                    if h == 0 || rows % (2 * h) != 0 {
-                        return Err(ModelError::Tensor {
-                            path: path.to_path_buf(),
-                            name: name.clone(),
-                            problem: format!(
-                                "has {rows} rows, not a whole number of {h} heads of even size"
-                            ),
-                        });
-                    }
-                    crate::quant::gguf::permute_rows(&q, &unpermuted_order(rows, h))?
-                }
-                None => q,
-            };
-            quant.insert(hf, std::sync::Arc::new(q));
-            continue;
-        }
-        let mut t = q.dequantize(&opts.device)?;
-        if let Some(h) = heads {
-            t = unpermute_rows(&t, h)?;
-        }
-        tensors.insert(hf, t.to_dtype(opts.dtype)?);
-    }
     let weights = Weights {
         path: path.to_path_buf(),
         tensors,
@@ -414,6 +478,11 @@ pub fn load(id: &str, path: &Path, opts: &ModelOptions) -> Result<LoadedModel, M
         norms_hold_one: family.is_gemma(),
     };
     let model = weights.into_llama(config.clone())?;
+    tracing::info!(
+        "{}: read in {:.2} s",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
     let token = |key: &str| {
         meta.opt_usize(key)
             .and_then(|i| vocab.tokens.get(i).cloned())

@@ -145,13 +145,35 @@ impl LoadedModel {
     }
 }
 
+/// A GGUF tensor kept in its quantization.
+pub(crate) enum Quantized {
+    /// As read (a fused weight, split by rows before its kernels are built; or a type whose
+    /// refusal `into_llama` words).
+    Stored(std::sync::Arc<candle_core::quantized::QTensor>),
+    /// Already in its kernel's layout: built while the file was read, so the stored bytes of
+    /// one tensor at a time are held, not the whole file's.
+    Ready(crate::quant::gguf::QuantLinear),
+}
+
+impl Quantized {
+    fn dims(&self) -> Vec<usize> {
+        match self {
+            Self::Stored(q) => q.shape().dims().to_vec(),
+            Self::Ready(l) => {
+                let (r, c) = l.dims();
+                vec![r, c]
+            }
+        }
+    }
+}
+
 /// Tensors in Hugging Face naming (`model.layers.0.self_attn.q_proj.weight`), already in the
 /// target dtype and device.
 pub(crate) struct Weights {
     pub path: PathBuf,
     pub tensors: HashMap<String, Tensor>,
     /// GGUF tensors kept in their quantization, served as stored.
-    pub quant: HashMap<String, std::sync::Arc<candle_core::quantized::QTensor>>,
+    pub quant: HashMap<String, Quantized>,
     /// Norm weights already hold the one that `1 + w` families add (llama.cpp's converter adds
     /// it to Gemma's norms): taken as they are.
     pub norms_hold_one: bool,
@@ -178,19 +200,15 @@ impl Weights {
     }
 
     /// A quantized tensor of `shape` if the file's was kept quantized.
-    fn take_quant(
-        &mut self,
-        name: &str,
-        shape: &[usize],
-    ) -> Result<Option<std::sync::Arc<candle_core::quantized::QTensor>>, ModelError> {
+    fn take_quant(&mut self, name: &str, shape: &[usize]) -> Result<Option<Quantized>, ModelError> {
         let Some(q) = self.quant.remove(name) else {
             return Ok(None);
         };
-        if q.shape().dims() != shape {
+        if q.dims() != shape {
             return Err(ModelError::Tensor {
                 path: self.path.clone(),
                 name: name.to_string(),
-                problem: format!("has shape {:?}, expected {:?}", q.shape().dims(), shape),
+                problem: format!("has shape {:?}, expected {:?}", q.dims(), shape),
             });
         }
         Ok(Some(q))
@@ -199,8 +217,12 @@ impl Weights {
     fn quant_linear(
         &self,
         name: &str,
-        q: std::sync::Arc<candle_core::quantized::QTensor>,
+        q: Quantized,
     ) -> Result<crate::quant::gguf::QuantLinear, ModelError> {
+        let q = match q {
+            Quantized::Ready(l) => return Ok(l),
+            Quantized::Stored(q) => q,
+        };
         let dtype = q.dtype();
         crate::quant::gguf::QuantLinear::new(q)?
             .ok_or_else(|| ModelError::Tensor {
@@ -254,12 +276,22 @@ impl Weights {
             Some((from, n))
         });
         if let Some(q) = self.take_quant(name, &[total, inp])? {
+            let q = match q {
+                Quantized::Stored(q) => q,
+                Quantized::Ready(_) => {
+                    return Err(ModelError::Tensor {
+                        path: self.path.clone(),
+                        name: name.to_string(),
+                        problem: "is fused but was prepared as one weight (a loader bug)".into(),
+                    })
+                }
+            };
             return starts
                 .map(|(from, n)| {
                     let rows: Vec<usize> = (from..from + n).collect();
                     let part = crate::quant::gguf::select_rows(&q, &rows)?;
-                    let base =
-                        BaseWeight::Quant(self.quant_linear(name, std::sync::Arc::new(part))?);
+                    let part = Quantized::Stored(std::sync::Arc::new(part));
+                    let base = BaseWeight::Quant(self.quant_linear(name, part)?);
                     Ok(Linear::new(base, None))
                 })
                 .collect();
