@@ -3,7 +3,8 @@
 
     python benches/families_shapes.py FAMILY OUT_DIR
 
-Shapes (from the models' own config.json): llama = Llama-3.2-1B, qwen2 = Qwen2.5-0.5B,
+Shapes (from the models' own config.json): llama = Llama-3.2-1B, llama3b = Llama-3.2-3B,
+qwen2 = Qwen2.5-0.5B,
 qwen3 = Qwen3-0.6B, gemma2 = Gemma-2-2B, gemma3 = Gemma-3-1B, phi3 = Phi-3-mini-4k,
 mistral = Mistral-7B-v0.3.
 """
@@ -18,6 +19,9 @@ SHAPES = {
     "llama": dict(model_type="llama", hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                   num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
                   rope_theta=500000.0, head_dim=64),
+    "llama3b": dict(model_type="llama", hidden_size=3072, num_hidden_layers=28, num_attention_heads=24,
+                    num_key_value_heads=8, intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True,
+                    rope_theta=500000.0, head_dim=128),
     "qwen2": dict(model_type="qwen2", hidden_size=896, num_hidden_layers=24, num_attention_heads=14,
                   num_key_value_heads=2, intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True,
                   rope_theta=1000000.0),
@@ -39,7 +43,7 @@ SHAPES = {
                     num_key_value_heads=8, intermediate_size=14336, vocab_size=32768, rope_theta=1000000.0,
                     sliding_window=None),
 }
-FIXTURE = {"llama": "mistral"}  # the tokenizer files (all families' fixtures share one)
+FIXTURE = {"llama": "mistral", "llama3b": "mistral"}  # the tokenizer files (all families' fixtures share one)
 
 
 def main():

@@ -483,3 +483,41 @@ fn serve_train_off_a_terminal_prints_progress_lines() {
     );
     assert!(progress[4].starts_with("step 5/5: "), "{stderr}");
 }
+
+/// `--mlock`: where the memory lock limit allows it (root, or a limit above the model), the
+/// model's pages are locked once the server listens (VmLck at least the default model's
+/// ~100 MB of Q4_1/Q8_0 weights); where it does not, nothing is locked and the server runs.
+#[cfg(target_os = "linux")]
+#[test]
+fn mlock_locks_the_model_where_the_limit_allows() {
+    let (mut child, port) = start(&["--adapters", "adapters", "--mlock"]);
+    let locked_kb = common::process::status_kb(child.id(), "VmLck");
+    let mut health = String::new();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    s.read_to_string(&mut health).unwrap();
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(health.starts_with("HTTP/1.1 200"), "{health}");
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: fills `lim`.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) },
+        0
+    );
+    // SAFETY: no arguments.
+    let root = unsafe { libc::geteuid() } == 0;
+    eprintln!(
+        "VmLck {locked_kb} kB; RLIMIT_MEMLOCK {}; root {root}",
+        lim.rlim_cur
+    );
+    if root || lim.rlim_cur == libc::RLIM_INFINITY || lim.rlim_cur >= 2 << 30 {
+        assert!(locked_kb >= 60_000, "only {locked_kb} kB locked");
+    } else {
+        assert_eq!(locked_kb, 0);
+    }
+}

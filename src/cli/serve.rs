@@ -102,6 +102,12 @@ pub struct ServeArgs {
     /// step the proposed rows take compute from the others.
     #[arg(long, default_value_t = 4)]
     pub speculative_max_batch: usize,
+    /// Lock the model's weights in RAM once loaded (`mlockall` of what is mapped then, before
+    /// the KV cache is allocated), as llama.cpp's `--mlock`: never swapped out or compressed.
+    /// Needs the memory lock limit (`ulimit -l`; in Kubernetes the IPC_LOCK capability); where
+    /// it is too low the server says so and runs unlocked.
+    #[arg(long)]
+    pub mlock: bool,
     /// The longest stop string a request may send, in bytes (at most 4 strings).
     #[arg(long, default_value_t = 256)]
     pub max_stop_bytes: usize,
@@ -145,6 +151,15 @@ pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::serve
         );
     }
     let loaded = Arc::new(args.model.load().await?);
+    if args.mlock {
+        match lock_memory() {
+            Ok(()) => tracing::info!("--mlock: the model's weights are locked in RAM"),
+            Err(e) => {
+                tracing::warn!("--mlock: {e}");
+                eprintln!("warning: --mlock: {e}");
+            }
+        }
+    }
     let kv_dtype = args
         .kv_cache_dtype
         .0
@@ -282,4 +297,18 @@ fn parse_kv_dtype(s: &str) -> std::result::Result<KvDtypeChoice, String> {
     s.parse()
         .map(|d| KvDtypeChoice(Some(d)))
         .map_err(|e: String| e.replace("expected", "expected auto,"))
+}
+
+/// `--mlock`: locks every page mapped now (the model's weights, the code) in RAM.
+fn lock_memory() -> std::result::Result<(), String> {
+    // SAFETY: `mlockall` takes flags only and touches no memory of ours.
+    let rc = unsafe { libc::mlockall(libc::MCL_CURRENT) };
+    if rc == 0 {
+        return Ok(());
+    }
+    Err(format!(
+        "the weights could not be locked in RAM ({}); raise the memory lock limit (`ulimit -l`, \
+         RLIMIT_MEMLOCK; in Kubernetes the IPC_LOCK capability)",
+        std::io::Error::last_os_error()
+    ))
 }
