@@ -6,7 +6,7 @@
 
 mod common;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use common::*;
 use loraplex::engine::{
@@ -16,19 +16,6 @@ use loraplex::engine::{
 use loraplex::metrics::Metrics;
 use loraplex::model::LoadedModel;
 use tokio::sync::mpsc::UnboundedReceiver;
-
-fn model() -> Arc<LoadedModel> {
-    static MODEL: OnceLock<Arc<LoadedModel>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            // As `serve` loads it (`--dtype auto`): the GGUF's Q4_1 and Q8_0 served as stored.
-            Arc::new(load_default_with(&loraplex::model::ModelOptions {
-                native_quant: true,
-                ..Default::default()
-            }))
-        })
-        .clone()
-}
 
 /// The engine `serve` builds by default, not started; and its metrics.
 fn default_engine(
@@ -108,7 +95,7 @@ fn encode(model: &LoadedModel, text: &str) -> Vec<u32> {
 /// steps of 256) — and answer exactly as with the cache off.
 #[test]
 fn default_model_answers_the_same_with_the_prefix_cache_on_and_off() {
-    let model = model();
+    let model = default_as_stored();
     let facts = [
         "The lighthouse keeper logs the weather at dawn, noon and dusk.",
         "Ships that pass the northern reef must signal twice with their horn.",
@@ -166,7 +153,7 @@ fn default_model_answers_the_same_with_the_prefix_cache_on_and_off() {
 /// (steps of its own prompt's size, then of one row): the same tokens and log-probabilities.
 #[test]
 fn default_model_rows_batched_together_equal_each_alone() {
-    let model = model();
+    let model = default_as_stored();
     let prompts: Vec<Vec<u32>> = (0..16)
         .map(|i| {
             encode(

@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use common::*;
 use loraplex::adapters::{
@@ -19,19 +19,6 @@ use loraplex::engine::{
 use loraplex::metrics::Metrics;
 use loraplex::model::LoadedModel;
 use tokio::sync::mpsc::UnboundedReceiver;
-
-fn default_model() -> Arc<LoadedModel> {
-    static MODEL: OnceLock<Arc<LoadedModel>> = OnceLock::new();
-    MODEL
-        .get_or_init(|| {
-            // As `serve` runs it: the GGUF's Q4_1 and Q8_0 weights as stored.
-            Arc::new(load_default_with(&loraplex::model::ModelOptions {
-                native_quant: true,
-                ..Default::default()
-            }))
-        })
-        .clone()
-}
 
 fn engine(model: &Arc<LoadedModel>, max_running: usize) -> (Engine, Worker, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());
@@ -74,23 +61,13 @@ struct Case {
 }
 
 fn request(c: &Case, eos: &[u32], speculative: Option<NgramSpec>) -> ValidRequest {
-    ValidRequest {
-        prompt: c.prompt.clone(),
-        config: GenerationConfig {
-            max_tokens: c.max_tokens,
-            ignore_eos: c.ignore_eos,
-            eos_token_ids: eos.to_vec(),
-            sampling: SamplingParams::greedy(),
-            speculative,
-            ..Default::default()
-        },
-        logprobs: Some(2),
-        adapter: c.adapter.clone(),
-        adapter_label: None,
-        adapter_name: None,
-        tenant: None,
-        class: Default::default(),
-    }
+    let mut r = greedy_request(c.prompt.clone(), c.max_tokens);
+    r.config.ignore_eos = c.ignore_eos;
+    r.config.eos_token_ids = eos.to_vec();
+    r.config.speculative = speculative;
+    r.logprobs = Some(2);
+    r.adapter = c.adapter.clone();
+    r
 }
 
 /// Each token with the bits of its log-probability and of its two best alternatives'.
@@ -204,7 +181,7 @@ fn cases(model: &LoadedModel) -> Vec<Case> {
 /// tokens and log-probabilities bit for bit; and proposals were both kept and refused.
 #[test]
 fn greedy_answers_with_prompt_lookup_equal_those_without_bit_for_bit() {
-    let model = default_model();
+    let model = default_as_stored();
     let eos =
         model.stop_token_ids(&ChatTemplate::select(None, model.chat_template.as_deref()).unwrap());
     let cases = cases(&model);
@@ -300,30 +277,16 @@ fn sampled_answers_with_prompt_lookup_are_the_same_for_each_seed() {
         .unwrap();
         let rxs: Vec<_> = (0..n)
             .map(|seed| {
-                engine
-                    .submit(ValidRequest {
-                        prompt: prompt.clone(),
-                        config: GenerationConfig {
-                            max_tokens: positions,
-                            ignore_eos: true,
-                            sampling: SamplingParams {
-                                temperature: 1.0,
-                                top_k: 8,
-                                seed: Some(seed as u64),
-                                logit_bias: [5, 17, 33, 61, 90].map(|t| (t, 3.0)).to_vec(),
-                                ..SamplingParams::default()
-                            },
-                            speculative,
-                            ..Default::default()
-                        },
-                        logprobs: None,
-                        adapter: None,
-                        adapter_label: None,
-                        adapter_name: None,
-                        tenant: None,
-                        class: Default::default(),
-                    })
-                    .unwrap()
+                let mut r = greedy_request(prompt.clone(), positions);
+                r.config.sampling = SamplingParams {
+                    temperature: 1.0,
+                    top_k: 8,
+                    seed: Some(seed as u64),
+                    logit_bias: [5, 17, 33, 61, 90].map(|t| (t, 3.0)).to_vec(),
+                    ..SamplingParams::default()
+                };
+                r.config.speculative = speculative;
+                engine.submit(r).unwrap()
             })
             .collect();
         let tokens: Vec<Vec<u32>> = drive(&mut worker, rxs)

@@ -38,6 +38,20 @@ pub fn load_default() -> LoadedModel {
     load_default_with(&ModelOptions::default())
 }
 
+/// The default model as `serve` loads it (`--dtype auto`: the GGUF's Q4_1 and Q8_0 served as
+/// stored), loaded once per test binary.
+pub fn default_as_stored() -> std::sync::Arc<LoadedModel> {
+    static MODEL: std::sync::OnceLock<std::sync::Arc<LoadedModel>> = std::sync::OnceLock::new();
+    MODEL
+        .get_or_init(|| {
+            std::sync::Arc::new(load_default_with(&ModelOptions {
+                native_quant: true,
+                ..Default::default()
+            }))
+        })
+        .clone()
+}
+
 /// The default model loaded with `opts`.
 pub fn load_default_with(opts: &ModelOptions) -> LoadedModel {
     let rt = tokio::runtime::Runtime::new().unwrap();
