@@ -13,8 +13,7 @@ use loraplex::adapters::{
 };
 use loraplex::chat::{ChatMessage, ChatTemplate};
 use loraplex::engine::{
-    Engine, Event, GenerationConfig, KvConfig, NgramSpec, SamplingParams, SchedulerConfig,
-    ValidRequest, Worker,
+    Engine, Event, KvConfig, NgramSpec, SamplingParams, SchedulerConfig, ValidRequest, Worker,
 };
 use loraplex::metrics::Metrics;
 use loraplex::model::LoadedModel;
