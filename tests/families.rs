@@ -16,12 +16,8 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use loraplex::engine::scheduler::RequestClass;
-use loraplex::engine::{
-    Engine, GenerationConfig, KvConfig, SamplingParams, SchedulerConfig, ValidRequest,
-};
 use loraplex::metrics::Metrics;
-use loraplex::model::{load_model, KvDtype, LoadedModel, ModelOptions};
+use loraplex::model::{load_model, LoadedModel, ModelOptions};
 
 const FAMILIES: [&str; 6] = ["mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3"];
 const ADAPTERS: [&str; 3] = ["lora", "dora", "ia3"];

@@ -13,12 +13,8 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use loraplex::engine::scheduler::RequestClass;
-use loraplex::engine::{
-    Engine, GenerationConfig, KvConfig, SamplingParams, SchedulerConfig, ValidRequest,
-};
 use loraplex::metrics::Metrics;
-use loraplex::model::{load_model, KvDtype, LoadedModel, ModelOptions};
+use loraplex::model::{load_model, LoadedModel, ModelOptions};
 
 fn load() -> (LoadedModel, HashMap<String, Tensor>) {
     let dir = fixtures().join("families").join("phi3-longrope");
