@@ -2,7 +2,7 @@
 # Training speed against PEFT, one run, alternating (A B A B): LoRA r8 on all seven projections,
 # batch 4, STEPS steps (80), the default model in float32, chat examples (the json-extract rows as
 # chat messages, ~60-90 tokens each); both trainers see the same micro-batches in the same order.
-# Needs: python3 with torch, transformers and peft==0.21.2 (PYTHON=...), target/release/serve.
+# Needs: python3 with torch, transformers, gguf>=0.10 and peft==0.21.2 (PYTHON=...), target/release/serve.
 #   benches/train_peer.sh [ROUNDS] [STEPS]    -> JSON lines on stdout
 set -euo pipefail
 cd "$(dirname "$0")/.."
