@@ -57,6 +57,9 @@ struct Case {
     max_tokens: usize,
     ignore_eos: bool,
     adapter: Option<Lease>,
+    /// Constrained to the json-extract schema (structured outputs): each proposed position is
+    /// masked after the tokens before it were committed.
+    guide: Option<loraplex::guided::Guide>,
 }
 
 fn request(c: &Case, eos: &[u32], speculative: Option<NgramSpec>) -> ValidRequest {
@@ -66,6 +69,7 @@ fn request(c: &Case, eos: &[u32], speculative: Option<NgramSpec>) -> ValidReques
     r.config.speculative = speculative;
     r.logprobs = Some(2);
     r.adapter = c.adapter.clone();
+    r.config.guide = c.guide.clone();
     r
 }
 
@@ -143,6 +147,20 @@ fn cases(model: &LoadedModel) -> Vec<Case> {
             .join("adapters/json-extract-data/eval.jsonl"),
     )
     .unwrap();
+    let eos = model.stop_token_ids(&template);
+    let schema = loraplex::guided::Guidance::new(&model.tokenizer, eos[0])
+        .unwrap()
+        .compile(&loraplex::guided::Constraint::JsonSchema(
+            serde_json::json!({
+                "type": "object",
+                "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                               "city": {"type": "string"}},
+                "required": ["name", "age", "city"],
+                "additionalProperties": false
+            })
+            .to_string(),
+        ))
+        .unwrap();
     let mut cases = Vec::new();
     for (i, line) in eval.lines().take(6).enumerate() {
         let ex: serde_json::Value = serde_json::from_str(line).unwrap();
@@ -156,6 +174,7 @@ fn cases(model: &LoadedModel) -> Vec<Case> {
             max_tokens: 40,
             ignore_eos: false,
             adapter: (i % 3 != 2).then(|| lease.clone()),
+            guide: (i % 2 == 1).then(|| schema.clone()),
         });
     }
     for text in [
@@ -170,13 +189,14 @@ fn cases(model: &LoadedModel) -> Vec<Case> {
             max_tokens: 48,
             ignore_eos: true,
             adapter: None,
+            guide: None,
         });
     }
     cases
 }
 
 /// Every request alone without speculation, then all at once with it (steps mixing adapters,
-/// base rows, prompts and streams), then with only every other one speculating: the same
+/// base rows, rows constrained to a JSON schema, prompts and streams), then with only every other one speculating: the same
 /// tokens and log-probabilities bit for bit; and proposals were both kept and refused.
 #[test]
 fn greedy_answers_with_prompt_lookup_equal_those_without_bit_for_bit() {
