@@ -10,6 +10,8 @@
 //!
 //! `cargo bench --bench speculative [-- ROUNDS [K]]`
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -20,8 +22,6 @@ use loraplex::chat::{ChatMessage, ChatTemplate};
 use loraplex::engine::{
     Engine, Event, GenerationConfig, NgramSpec, SamplingParams, SchedulerConfig, ValidRequest,
 };
-use loraplex::model::source::SourceConfig;
-use loraplex::model::{load_model, ModelOptions, ModelSource};
 
 struct Run {
     tokens: usize,
@@ -104,21 +104,7 @@ async fn main() {
         .collect();
     let rounds = args.first().copied().unwrap_or(2);
     let k = args.get(1).copied().unwrap_or(4);
-    let resolved = ModelSource::parse(None)
-        .unwrap()
-        .resolve(&SourceConfig::from_env())
-        .await
-        .unwrap();
-    let loaded = Arc::new(
-        load_model(
-            &resolved,
-            &ModelOptions {
-                native_quant: true,
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-    );
+    let loaded = common::default_as_stored().await;
     let template = ChatTemplate::select(None, loaded.chat_template.as_deref()).unwrap();
     let eos = loaded.stop_token_ids(&template);
     let chat = |user: &str| {

@@ -8,6 +8,8 @@
 //!
 //! `cargo bench --bench structured [-- ROUNDS]`
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -16,8 +18,6 @@ use loraplex::engine::{
     Engine, Event, GenerationConfig, KvConfig, SamplingParams, SchedulerConfig, ValidRequest,
 };
 use loraplex::guided::{Constraint, Guidance};
-use loraplex::model::source::SourceConfig;
-use loraplex::model::{load_model, ModelOptions, ModelSource};
 use serde_json::{json, Value};
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -27,21 +27,7 @@ async fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(3);
-    let resolved = ModelSource::parse(None)
-        .unwrap()
-        .resolve(&SourceConfig::from_env())
-        .await
-        .unwrap();
-    let loaded = Arc::new(
-        load_model(
-            &resolved,
-            &ModelOptions {
-                native_quant: true,
-                ..Default::default()
-            },
-        )
-        .unwrap(),
-    );
+    let loaded = common::default_as_stored().await;
     let template = ChatTemplate::select(None, loaded.chat_template.as_deref()).unwrap();
     let eos = loaded.stop_token_ids(&template);
     let guidance = Guidance::new(&loaded.tokenizer, eos[0]).unwrap();

@@ -63,27 +63,8 @@ fn request(prompt: Vec<u32>, max_tokens: usize) -> ValidRequest {
     }
 }
 
-/// Each token with the bits of its log-probability and of its two best alternatives'.
-type Answer = Vec<(u32, u32, Vec<(u32, u32)>)>;
-
 fn drive(worker: &mut Worker, rxs: Vec<UnboundedReceiver<Event>>) -> Vec<Answer> {
-    run_to_idle(worker);
-    rxs.into_iter()
-        .map(|mut rx| {
-            let mut answer = Vec::new();
-            for e in received(&mut rx) {
-                match e {
-                    Event::Token { logprobs, .. } => answer.extend(logprobs.into_iter().map(|l| {
-                        let top = l.top.iter().map(|&(t, p)| (t, p.to_bits())).collect();
-                        (l.id, l.logprob.to_bits(), top)
-                    })),
-                    Event::Error(m) | Event::Aborted(m) => panic!("request failed: {m}"),
-                    Event::Done { .. } => {}
-                }
-            }
-            answer
-        })
-        .collect()
+    drive_answers(worker, rxs).0
 }
 
 fn encode(model: &LoadedModel, text: &str) -> Vec<u32> {

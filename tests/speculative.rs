@@ -13,11 +13,10 @@ use loraplex::adapters::{
 };
 use loraplex::chat::{ChatMessage, ChatTemplate};
 use loraplex::engine::{
-    Engine, Event, KvConfig, NgramSpec, SamplingParams, SchedulerConfig, ValidRequest, Worker,
+    Engine, KvConfig, NgramSpec, SamplingParams, SchedulerConfig, ValidRequest, Worker,
 };
 use loraplex::metrics::Metrics;
 use loraplex::model::LoadedModel;
-use tokio::sync::mpsc::UnboundedReceiver;
 
 fn engine(model: &Arc<LoadedModel>, max_running: usize) -> (Engine, Worker, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());
@@ -71,43 +70,6 @@ fn request(c: &Case, eos: &[u32], speculative: Option<NgramSpec>) -> ValidReques
     r.adapter = c.adapter.clone();
     r.config.guide = c.guide.clone();
     r
-}
-
-/// Each token with the bits of its log-probability and of its two best alternatives'.
-type Answer = Vec<(u32, u32, Vec<(u32, u32)>)>;
-
-/// Steps until idle; each answer, and the steps taken.
-fn answers(worker: &mut Worker, rxs: Vec<UnboundedReceiver<Event>>) -> (Vec<Answer>, usize) {
-    let mut steps = 0;
-    while worker.step() {
-        steps += 1;
-        assert!(steps < 10_000, "the worker never went idle");
-    }
-    let answers = rxs
-        .into_iter()
-        .map(|mut rx| {
-            let mut answer = Vec::new();
-            let mut done = false;
-            for e in received(&mut rx) {
-                match e {
-                    Event::Token { logprobs, .. } => answer.extend(logprobs.into_iter().map(|l| {
-                        let top = l.top.iter().map(|&(t, p)| (t, p.to_bits())).collect();
-                        (l.id, l.logprob.to_bits(), top)
-                    })),
-                    Event::Error(m) | Event::Aborted(m) => panic!("request failed: {m}"),
-                    Event::Done {
-                        completion_tokens, ..
-                    } => {
-                        assert_eq!(completion_tokens, answer.len());
-                        done = true;
-                    }
-                }
-            }
-            assert!(done, "the request never finished");
-            answer
-        })
-        .collect();
-    (answers, steps)
 }
 
 /// The json-extract task's prompts (the example adapter's held-out lines, chat template) with
@@ -209,7 +171,7 @@ fn greedy_answers_with_prompt_lookup_equal_those_without_bit_for_bit() {
     let mut plain_steps = 0;
     for c in &cases {
         let rx = engine_a.submit(request(c, &eos, None)).unwrap();
-        let (mut a, steps) = answers(&mut worker_a, vec![rx]);
+        let (mut a, steps) = drive_answers(&mut worker_a, vec![rx]);
         alone.push(a.remove(0));
         plain_steps += steps;
     }
@@ -220,7 +182,7 @@ fn greedy_answers_with_prompt_lookup_equal_those_without_bit_for_bit() {
         let rx = engine_s
             .submit(request(c, &eos, Some(spec(4, 16))))
             .unwrap();
-        let (mut a, steps) = answers(&mut worker_s, vec![rx]);
+        let (mut a, steps) = drive_answers(&mut worker_s, vec![rx]);
         assert_eq!(a.remove(0), alone[i], "case {i} speculating alone");
         spec_steps += steps;
     }
@@ -250,7 +212,7 @@ fn greedy_answers_with_prompt_lookup_equal_those_without_bit_for_bit() {
                 engine_m.submit(request(c, &eos, s)).unwrap()
             })
             .collect();
-        let (together, _) = answers(&mut worker_m, rxs);
+        let (together, _) = drive_answers(&mut worker_m, rxs);
         for (i, (t, a)) in together.iter().zip(&alone).enumerate() {
             assert_eq!(
                 t, a,

@@ -234,3 +234,46 @@ pub fn greedy_request(prompt: Vec<u32>, max_tokens: usize) -> loraplex::engine::
         class: Default::default(),
     }
 }
+
+/// Each token of an answer with the bits of its log-probability and of its best alternatives'.
+pub type Answer = Vec<(u32, u32, Vec<(u32, u32)>)>;
+
+/// Steps the worker until idle; each receiver's answer (requests asked for log-probabilities;
+/// a failed request panics, and so does one that never finished or whose usage does not count
+/// its tokens), and the steps taken.
+pub fn drive_answers(
+    worker: &mut loraplex::engine::Worker,
+    rxs: Vec<tokio::sync::mpsc::UnboundedReceiver<loraplex::engine::Event>>,
+) -> (Vec<Answer>, usize) {
+    use loraplex::engine::Event;
+    let mut steps = 0;
+    while worker.step() {
+        steps += 1;
+        assert!(steps < 10_000, "the worker never went idle");
+    }
+    let answers = rxs
+        .into_iter()
+        .map(|mut rx| {
+            let mut answer = Vec::new();
+            let mut done = false;
+            for e in received(&mut rx) {
+                match e {
+                    Event::Token { logprobs, .. } => answer.extend(logprobs.into_iter().map(|l| {
+                        let top = l.top.iter().map(|&(t, p)| (t, p.to_bits())).collect();
+                        (l.id, l.logprob.to_bits(), top)
+                    })),
+                    Event::Error(m) | Event::Aborted(m) => panic!("request failed: {m}"),
+                    Event::Done {
+                        completion_tokens, ..
+                    } => {
+                        assert_eq!(completion_tokens, answer.len());
+                        done = true;
+                    }
+                }
+            }
+            assert!(done, "the request never finished");
+            answer
+        })
+        .collect();
+    (answers, steps)
+}
