@@ -281,6 +281,7 @@ fn sampled_answers_with_prompt_lookup_are_the_same_for_each_seed() {
             kept_refused = (kept, metrics.spec_draft_tokens.get() - kept);
         }
     }
+    eprintln!("proposed tokens kept / refused: {kept_refused:?}");
     assert!(
         kept_refused.0 > 500 && kept_refused.1 > 500,
         "proposals kept / refused: {kept_refused:?}"
