@@ -709,9 +709,12 @@ impl Worker {
                     metrics.spec_accepted_tokens.inc_by(kept as u64);
                 }
             }
-            // The positions of proposed tokens not kept leave the cache.
+            // The positions of proposed tokens not kept leave the cache. They were computed
+            // all the same: the tenant's fair share pays for them as for prompt tokens, so
+            // long proposals that miss cost their sender, not the others in the step.
             let rejected = drafts.len() - kept;
             if rejected > 0 {
+                self.scheduler.charge(tenant, rejected, 0);
                 let len = a.seq.cache.len() - rejected;
                 if let Err(e) = a.seq.cache.truncate(len) {
                     tracing::error!("taking back proposed positions failed: {e}");
