@@ -79,10 +79,10 @@ fn main() {
         let weights = adapter.weights(model, Some(step)).unwrap();
         let loss = batch_loss(model, &weights, &refs).unwrap();
         let t_fwd = t.elapsed().as_secs_f64();
-        profile::enable(false);
         let t = Instant::now();
         let grads = loss.backward().unwrap();
         let t_bwd = t.elapsed().as_secs_f64();
+        profile::enable(false);
         let t = Instant::now();
         let mut g: Vec<Tensor> = vars
             .iter()
@@ -115,26 +115,40 @@ fn main() {
     println!("| part | ms | share |");
     println!("|---|---|---|");
     let parts = profile::totals();
-    let measured: f64 = parts.iter().map(|(_, ns)| *ns as f64 * 1e-9).sum();
-    for (part, ns) in parts {
-        let s = ns as f64 * 1e-9 / n;
-        if s > 0.0 {
-            println!(
-                "| forward: {} | {:.1} | {:.1} % |",
-                part.name(),
-                s * 1e3,
-                100.0 * s / total
-            );
-        }
+    let backward_part = |p: Part| matches!(p, Part::BwdLora | Part::BwdHead | Part::BwdElementwise);
+    let mut measured = [0f64; 2];
+    for (part, ns) in &parts {
+        measured[backward_part(*part) as usize] += *ns as f64 * 1e-9;
     }
-    let other = fwd / n - measured / n;
-    println!(
-        "| forward: the rest (loss, weights, glue) | {:.1} | {:.1} % |",
-        other * 1e3,
-        100.0 * other / total
-    );
+    for pass in [false, true] {
+        for (part, ns) in parts.iter().filter(|(p, _)| backward_part(*p) == pass) {
+            let s = *ns as f64 * 1e-9 / n;
+            if s > 0.0 {
+                println!(
+                    "| {}: {} | {:.1} | {:.1} % |",
+                    if pass { "backward" } else { "forward" },
+                    part.name(),
+                    s * 1e3,
+                    100.0 * s / total
+                );
+            }
+        }
+        let (name, all) = if pass {
+            (
+                "backward: candle's own ops (attention matmuls, adds of gradients, copies)",
+                bwd,
+            )
+        } else {
+            ("forward: the rest (loss, weights, glue)", fwd)
+        };
+        let other = (all - measured[pass as usize]) / n;
+        println!(
+            "| {name} | {:.1} | {:.1} % |",
+            other * 1e3,
+            100.0 * other / total
+        );
+    }
     for (name, s) in [
-        ("backward (candle autograd)", bwd),
         ("gradient collection", collect),
         ("global-norm clipping", clip),
         ("AdamW", adam),
@@ -145,5 +159,4 @@ fn main() {
             100.0 * s / n / total
         );
     }
-    let _ = Part::ALL;
 }

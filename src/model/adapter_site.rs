@@ -69,20 +69,28 @@ fn splitmix64(mut z: u64) -> u64 {
 }
 
 impl Dropout {
-    /// The factor element `i` is multiplied by: 0 with probability `p`, else `1/(1-p)`; a pure
-    /// function of the seed and the index, so forward and backward agree and threads may split
-    /// the work.
+    /// The factor element `i` is multiplied by: 0 with probability `p` (to 1/65,536), else
+    /// `1/(1-p)`; a pure function of the seed and the index, so forward and backward agree
+    /// and threads may split the work. One hash draws four elements' 16-bit uniforms.
     #[inline]
-    fn factor(&self, i: u64, threshold: u64, keep: f32) -> f32 {
-        if splitmix64(self.seed ^ i.wrapping_mul(0xD6E8_FEB8_6659_FD93)) < threshold {
+    fn factor(&self, i: u64, threshold: u32, keep: f32) -> f32 {
+        if self.uniform16(i) < threshold {
             0.0
         } else {
             keep
         }
     }
 
-    fn threshold(&self) -> u64 {
-        (self.p as f64 * u64::MAX as f64) as u64
+    /// Element `i`'s 16-bit uniform: a quarter of the hash of `i / 4`.
+    #[inline]
+    fn uniform16(&self, i: u64) -> u32 {
+        let h = splitmix64(self.seed ^ (i >> 2).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+        ((h >> ((i & 3) * 16)) & 0xFFFF) as u32
+    }
+
+    /// Uniforms below this are dropped.
+    fn threshold(&self) -> u32 {
+        (self.p as f64 * 65_536.0).round() as u32
     }
 
     /// `v[i] ← v[i] · factor(i)` for the elements `first ..` that `v` holds.
@@ -106,6 +114,27 @@ impl Dropout {
             .collect();
         let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
         x * mask
+    }
+}
+
+impl crate::ops::lora_train::Mask for Dropout {
+    fn scale(&self) -> f32 {
+        1.0 / (1.0 - self.p)
+    }
+
+    /// The elements `factor` keeps, as bits: 16 hashes a word.
+    fn fill(&self, first: usize, bits: &mut [u64]) {
+        let threshold = self.threshold() as u64;
+        for (w, word) in bits.iter_mut().enumerate() {
+            let quad = (first + w * 64) as u64 >> 2;
+            *word = (0..16u64).fold(0, |acc, q| {
+                let h = splitmix64(self.seed ^ (quad + q).wrapping_mul(0xD6E8_FEB8_6659_FD93));
+                (0..4).fold(acc, |acc, e| {
+                    let kept = ((h >> (e * 16)) & 0xFFFF) >= threshold;
+                    acc | ((kept as u64) << (q * 4 + e))
+                })
+            });
+        }
     }
 }
 
@@ -393,4 +422,31 @@ pub enum Rows {
 pub struct AdapterGroup<'a> {
     pub adapter: &'a AdapterWeights,
     pub rows: Rows,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::lora_train::Mask;
+
+    /// The bits the fused training op reads are the factors the tensor path multiplies by,
+    /// and about `p` of the elements are dropped.
+    #[test]
+    fn dropout_bits_match_factors() {
+        let d = Dropout { p: 0.1, seed: 7 };
+        let (first, words) = (64 * 5, 40);
+        let mut bits = vec![0u64; words];
+        d.fill(first, &mut bits);
+        let mut v = vec![1f32; words * 64];
+        d.scale_from(first, &mut v);
+        let mut dropped = 0;
+        for (k, f) in v.iter().enumerate() {
+            let kept = (bits[k / 64] >> (k % 64)) & 1 == 1;
+            assert_eq!(kept, *f != 0.0, "element {k}");
+            assert!(!kept || (*f - d.scale()).abs() < 1e-6);
+            dropped += !kept as usize;
+        }
+        let rate = dropped as f64 / v.len() as f64;
+        assert!((rate - 0.1).abs() < 0.03, "drop rate {rate}");
+    }
 }

@@ -8,7 +8,10 @@
 use candle_core::{DType, Result, Tensor};
 
 use super::adapter_site::{LoraSite, Rows};
+use std::sync::Arc;
+
 use crate::ops::lora_cpu::{self, RowSite};
+use crate::ops::lora_train::{lora_train, Frozen, Mask};
 use crate::quant::bf16::Bf16Weight;
 use crate::quant::gguf::QuantLinear;
 use crate::quant::nf4_matmul::Nf4Linear;
@@ -86,6 +89,35 @@ impl BaseWeight {
     }
 }
 
+/// The frozen base weight as training's two host products (`ops::lora_train`).
+struct FrozenBase(BaseWeight);
+
+impl Frozen for FrozenBase {
+    fn dims(&self) -> (usize, usize) {
+        self.0.dims().unwrap_or((0, 0))
+    }
+
+    fn forward(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        use crate::ops::frozen_matmul::{dense_forward, with_f32};
+        match &self.0 {
+            BaseWeight::Dense(w) => with_f32(w, |w| Ok(dense_forward(w, self.dims(), x, n))),
+            BaseWeight::Nf4(q) => Ok(q.forward_raw(x, n)),
+            BaseWeight::Quant(q) => q.matmul_host(x, n),
+            BaseWeight::Bf16(_) => candle_core::bail!("a bf16 base has no backward"),
+        }
+    }
+
+    fn backward(&self, g: &[f32], n: usize) -> Result<Vec<f32>> {
+        use crate::ops::frozen_matmul::{dense_backward, with_f32};
+        match &self.0 {
+            BaseWeight::Dense(w) => with_f32(w, |w| Ok(dense_backward(w, self.dims(), g, n))),
+            BaseWeight::Nf4(q) => Ok(q.backward_raw(g, n)),
+            BaseWeight::Quant(q) => q.backward_raw(g, n),
+            BaseWeight::Bf16(_) => candle_core::bail!("a bf16 base has no backward"),
+        }
+    }
+}
+
 /// One projection: `y = x Wᵀ + b`.
 #[derive(Debug, Clone)]
 pub struct Linear {
@@ -119,8 +151,24 @@ impl Linear {
         self.forward_with(x, &[])
     }
 
+    /// `x[n, in] · Wᵀ` on host rows, without bias (training's written-out backward passes).
+    pub fn host_forward(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+        FrozenBase(self.base.clone()).forward(x, n)
+    }
+
+    /// `g[n, out] · W` on host rows.
+    pub fn host_backward(&self, g: &[f32], n: usize) -> Result<Vec<f32>> {
+        FrozenBase(self.base.clone()).backward(g, n)
+    }
+
     /// Base product for all rows, plus each site's delta on its rows, plus bias.
     pub fn forward_with(&self, x: &Tensor, sites: &[(&Rows, &LoraSite)]) -> Result<Tensor> {
+        if let Some(y) = self.train_fused(x, sites)? {
+            return match &self.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            };
+        }
         let y = self.base.matmul_t(x)?;
         if sites.is_empty() {
             return match &self.bias {
@@ -131,6 +179,33 @@ impl Linear {
         crate::ops::profile::time(crate::ops::profile::Part::AdapterDelta, || {
             self.add_deltas(x, y, sites)
         })
+    }
+
+    /// Training a LoRA site on all rows over an f32 base on the CPU: base and delta as one
+    /// node with its backward written out (`ops::lora_train`); `None` where that does not apply
+    /// (serving, DoRA, several sites, a bf16 base).
+    fn train_fused(&self, x: &Tensor, sites: &[(&Rows, &LoraSite)]) -> Result<Option<Tensor>> {
+        let [(Rows::All, site)] = sites else {
+            return Ok(None);
+        };
+        let tracked = x.track_op() || site.a_t.track_op() || site.b_t.track_op();
+        let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+        if !tracked
+            || site.dora_scale.is_some()
+            || !f32_cpu(x)
+            || !f32_cpu(&site.a_t)
+            || !f32_cpu(&site.b_t)
+            || matches!(self.base, BaseWeight::Bf16(_))
+            || matches!(&self.base, BaseWeight::Dense(w) if !f32_cpu(w))
+        {
+            return Ok(None);
+        }
+        let mask = site
+            .dropout
+            .filter(|d| d.p > 0.0)
+            .map(|d| Arc::new(d) as Arc<dyn Mask>);
+        let base = Arc::new(FrozenBase(self.base.clone()));
+        lora_train(x, &site.a_t, &site.b_t, base, mask).map(Some)
     }
 
     /// Each site's delta on its rows, plus bias.

@@ -713,6 +713,38 @@ impl Llama {
         if host {
             return self.attention_host(&q, &k, &v, layer, spans, seqs, pool, scoring);
         }
+        // Training on the CPU, every sequence from position 0: RoPE and attention for all
+        // of them as one node with its backward written out (`ops::attention_train`). Nothing
+        // reads these keys back, so none go to the cache.
+        let contiguous = spans
+            .iter()
+            .scan(0, |next, &(start, len, offset)| {
+                let ok = start == *next && offset == 0;
+                *next = start + len;
+                Some(ok)
+            })
+            .all(|ok| ok);
+        if q.track_op() && crate::ops::fused::applies(&q) && scoring.softcap.is_none() && contiguous
+        {
+            let shape = crate::ops::attention_train::TrainHeads {
+                heads: nh,
+                kv_heads: nkv,
+                head_dim: hd,
+                scale: scoring.scale.unwrap_or(1.0 / (hd as f32).sqrt()),
+                window: scoring.window,
+            };
+            let spans = spans.iter().map(|&(start, len, _)| (start, len)).collect();
+            return time(Part::Attention, || {
+                crate::ops::attention_train::attention_train(
+                    &q,
+                    &k,
+                    &v,
+                    shape,
+                    self.rope_of(layer),
+                    spans,
+                )
+            });
+        }
         let mut outs = Vec::with_capacity(spans.len());
         for (s, &(start, len, offset)) in seqs.iter_mut().zip(spans) {
             let heads = |t: &Tensor, n: usize| -> Result<Tensor> {

@@ -4,15 +4,13 @@
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
-use super::gemm::{gemm_f32, Mat};
-
 struct FrozenMatmul {
     /// `[out, in]`
     w: Tensor,
 }
 
 /// Runs `f` on `t`'s elements (f32, CPU), contiguous in row-major order.
-fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+pub fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
     let t = t.to_dtype(DType::F32)?.contiguous()?;
     let (guard, layout) = t.storage_and_layout();
     let (a, b) = layout.contiguous_offsets().expect("contiguous");
@@ -22,11 +20,14 @@ fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
     }
 }
 
-fn threads() -> gemm::Parallelism {
-    match rayon::current_num_threads() {
-        0 | 1 => gemm::Parallelism::None,
-        n => gemm::Parallelism::Rayon(n),
-    }
+/// `y[n, out] = x[n, in] · Wᵀ` for a row-major `w` `[out, in]`.
+pub fn dense_forward(w: &[f32], dims: (usize, usize), x: &[f32], n: usize) -> Vec<f32> {
+    super::gemm::matmul_wt(w, dims, x, n)
+}
+
+/// `dx[n, in] = g[n, out] · W` for a row-major `w` `[out, in]`.
+pub fn dense_backward(w: &[f32], dims: (usize, usize), g: &[f32], n: usize) -> Vec<f32> {
+    super::gemm::matmul_w(w, dims, g, n)
 }
 
 impl CustomOp1 for FrozenMatmul {
@@ -34,8 +35,7 @@ impl CustomOp1 for FrozenMatmul {
         "frozen-matmul"
     }
 
-    /// `y[n, out] = x[n, in] · Wᵀ`, straight from the two buffers into the output (the strides
-    /// read W transposed in place).
+    /// `y[n, out] = x[n, in] · Wᵀ`, straight from the two buffers into the output.
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let (start, end) = layout.contiguous_offsets().ok_or_else(|| {
             candle_core::Error::Msg("frozen-matmul: input must be contiguous".into())
@@ -46,23 +46,7 @@ impl CustomOp1 for FrozenMatmul {
         };
         let (out, inp) = self.w.dims2()?;
         let n = x.len() / inp.max(1);
-        let mut y = vec![0f32; n * out];
-        with_f32(&self.w, |w| {
-            gemm_f32(
-                (n, out, inp),
-                &mut y,
-                out,
-                false,
-                Mat::rows(x, inp),
-                Mat {
-                    data: w,
-                    rs: 1,
-                    cs: inp,
-                },
-                threads(),
-            );
-            Ok(())
-        })?;
+        let y = with_f32(&self.w, |w| Ok(dense_forward(w, (out, inp), x, n)))?;
         let mut dims = layout.shape().dims().to_vec();
         *dims.last_mut().expect("a matrix") = out;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -70,22 +54,11 @@ impl CustomOp1 for FrozenMatmul {
 
     /// `dx[n, in] = grad[n, out] · W`.
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _region = crate::ops::profile::region(crate::ops::profile::Part::BwdLora);
         let (out, inp) = self.w.dims2()?;
         let n = grad.elem_count() / out.max(1);
-        let mut dx = vec![0f32; n * inp];
-        with_f32(grad, |g| {
-            with_f32(&self.w, |w| {
-                gemm_f32(
-                    (n, inp, out),
-                    &mut dx,
-                    inp,
-                    false,
-                    Mat::rows(g, out),
-                    Mat::rows(w, inp),
-                    threads(),
-                );
-                Ok(())
-            })
+        let dx = with_f32(grad, |g| {
+            with_f32(&self.w, |w| Ok(dense_backward(w, (out, inp), g, n)))
         })?;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }

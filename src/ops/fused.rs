@@ -97,6 +97,7 @@ impl CustomOp1 for RmsNorm {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _region = crate::ops::profile::region(crate::ops::profile::Part::BwdElementwise);
         let (x, g) = (host(arg)?, host(grad)?);
         let mut dx = vec![0f32; x.len()];
         let t = per_task(self.weight.len());
@@ -161,6 +162,7 @@ impl CustomOp1 for Rope {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _region = crate::ops::profile::region(crate::ops::profile::Part::BwdElementwise);
         let back = Rope {
             cos: self.cos.clone(),
             sin: self.sin.clone(),
@@ -227,6 +229,7 @@ impl CustomOp2 for SiluMul {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let _region = crate::ops::profile::region(crate::ops::profile::Part::BwdElementwise);
         let (g, u, d) = (host(gate)?, host(up)?, host(grad)?);
         let n = ELEMS_PER_TASK;
         let mut dg = vec![0f32; g.len()];
@@ -302,6 +305,7 @@ impl CustomOp1 for CausalSoftmax {
 
     /// `ds = scale · p ⊙ (dp − Σ dp⊙p)` per row (masked entries have p = 0).
     fn bwd(&self, arg: &Tensor, res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _region = crate::ops::profile::region(crate::ops::profile::Part::BwdElementwise);
         let (p, g) = (host(res)?, host(grad)?);
         let total = *arg.dims().last().expect("scores");
         let mut ds = vec![0f32; p.len()];
@@ -372,6 +376,7 @@ impl CustomOp1 for CrossEntropy {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let _region = crate::ops::profile::region(crate::ops::profile::Part::BwdElementwise);
         let x = host(arg)?;
         let (n, vocab) = arg.dims2()?;
         let g = grad.to_scalar::<f32>()? / n.max(1) as f32;

@@ -61,3 +61,114 @@ pub fn gemm_f32(
         )
     }
 }
+
+/// Rows of the other operand below which a product runs on one thread.
+const SPLIT_MIN_WORK: usize = 1 << 18;
+
+/// `y[n, out] = x[n, in] · Wᵀ` for a row-major `w` `[out, in]`, computed as `W · xᵀ` into `y`
+/// seen as `yᵀ` (W's rows read in place, the layout the gemm runs fastest). Threads take
+/// disjoint bands of W's rows — the columns of `y` — each one single-threaded product: on two
+/// cores that beats letting the gemm split one product (measured 1.1–1.3× at the default
+/// model's shapes, 85–340 rows).
+pub fn matmul_wt(w: &[f32], (out, inp): (usize, usize), x: &[f32], n: usize) -> Vec<f32> {
+    let mut y = vec![0f32; n * out];
+    if n == 0 || out == 0 || inp == 0 {
+        return y;
+    }
+    assert!(
+        w.len() >= out * inp && x.len() >= n * inp,
+        "matmul_wt: matrix bounds"
+    );
+    let threads = rayon::current_num_threads().max(1);
+    let bands = if n * out * inp < SPLIT_MIN_WORK {
+        1
+    } else {
+        threads.min(out.div_ceil(16))
+    };
+    let per = out.div_ceil(bands).next_multiple_of(16).min(out);
+    let dst = SendPtr(y.as_mut_ptr());
+    let band = |b: usize| {
+        let (start, end) = (b * per, ((b + 1) * per).min(out));
+        if start >= end {
+            return;
+        }
+        // SAFETY: bounds checked above; band `b` writes only the columns `start..end` of `y`
+        // (elements `r * out + c`, `c` in the band), which no other band touches, and `y`
+        // outlives the scope.
+        unsafe {
+            gemm::gemm(
+                end - start,
+                n,
+                inp,
+                dst.get().add(start),
+                out as isize,
+                1,
+                false,
+                w.as_ptr().add(start * inp),
+                1,
+                inp as isize,
+                x.as_ptr(),
+                inp as isize,
+                1,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    };
+    if bands == 1 {
+        band(0);
+    } else {
+        use rayon::prelude::*;
+        (0..bands).into_par_iter().for_each(band);
+    }
+    y
+}
+
+/// `dx[n, in] = g[n, out] · W` for a row-major `w` `[out, in]`; threads take bands of rows of
+/// `g`, each one single-threaded product.
+pub fn matmul_w(w: &[f32], (out, inp): (usize, usize), g: &[f32], n: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut dx = vec![0f32; n * inp];
+    if n == 0 || out == 0 || inp == 0 {
+        return dx;
+    }
+    let threads = rayon::current_num_threads().max(1);
+    let bands = if n * out * inp < SPLIT_MIN_WORK {
+        1
+    } else {
+        threads.min(n)
+    };
+    let per = n.div_ceil(bands);
+    dx.par_chunks_mut(per * inp)
+        .zip(g[..n * out].par_chunks(per * out))
+        .for_each(|(d, g)| {
+            gemm_f32(
+                (g.len() / out, inp, out),
+                d,
+                inp,
+                false,
+                Mat::rows(g, out),
+                Mat::rows(w, inp),
+                gemm::Parallelism::None,
+            )
+        });
+    dx
+}
+
+/// A raw pointer that bands of one product share (each writes its own elements).
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+
+// SAFETY: only used by `matmul_wt`, whose bands write disjoint elements.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+impl SendPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}

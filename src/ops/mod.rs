@@ -6,6 +6,7 @@
 //! its gradient, and serving keeps the fast kernels.
 
 pub mod attention;
+pub mod attention_train;
 pub mod cpu_features;
 pub mod frozen_matmul;
 pub mod fused;
@@ -13,6 +14,7 @@ pub mod gemm;
 pub mod hadamard;
 pub mod lora_avx2;
 pub mod lora_cpu;
+pub mod lora_train;
 pub mod profile;
 pub mod rms_norm;
 pub mod rope;

@@ -19,10 +19,14 @@ pub enum Part {
     DownProj,
     AdapterDelta,
     LmHead,
+    /// Backward parts (training).
+    BwdLora,
+    BwdHead,
+    BwdElementwise,
 }
 
 impl Part {
-    pub const ALL: [Part; 11] = [
+    pub const ALL: [Part; 14] = [
         Part::Embed,
         Part::Norm,
         Part::QkvProj,
@@ -34,6 +38,9 @@ impl Part {
         Part::DownProj,
         Part::AdapterDelta,
         Part::LmHead,
+        Part::BwdLora,
+        Part::BwdHead,
+        Part::BwdElementwise,
     ];
 
     pub fn name(self) -> &'static str {
@@ -49,12 +56,15 @@ impl Part {
             Part::DownProj => "down projection (base)",
             Part::AdapterDelta => "adapter deltas",
             Part::LmHead => "lm_head (sampled rows)",
+            Part::BwdLora => "LoRA projections (frozen base and adapter)",
+            Part::BwdHead => "lm_head and loss",
+            Part::BwdElementwise => "RMSNorm, RoPE, softmax, SiLU",
         }
     }
 }
 
 static ON: AtomicBool = AtomicBool::new(false);
-static NANOS: [AtomicU64; 11] = [const { AtomicU64::new(0) }; 11];
+static NANOS: [AtomicU64; 14] = [const { AtomicU64::new(0) }; 14];
 
 thread_local! {
     /// Open regions: (start, nanoseconds spent in nested regions).
@@ -83,11 +93,31 @@ pub fn totals() -> Vec<(Part, u64)> {
 /// Runs `f`, counting its time (minus nested regions) to `part` when profiling is on.
 #[inline]
 pub fn time<T>(part: Part, f: impl FnOnce() -> T) -> T {
+    let _region = region(part);
+    f()
+}
+
+/// A region that counts to `part` until it is dropped (see [`time`]).
+pub struct Region(Option<Part>);
+
+/// Opens a region counted to `part` when profiling is on.
+#[inline]
+pub fn region(part: Part) -> Region {
     if !ON.load(Ordering::Relaxed) {
-        return f();
+        return Region(None);
     }
     STACK.with(|s| s.borrow_mut().push((Instant::now(), 0)));
-    let out = f();
+    Region(Some(part))
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        let Some(part) = self.0 else { return };
+        close(part);
+    }
+}
+
+fn close(part: Part) {
     STACK.with(|s| {
         let mut s = s.borrow_mut();
         let (start, nested) = s.pop().expect("profile stack");
@@ -97,5 +127,4 @@ pub fn time<T>(part: Part, f: impl FnOnce() -> T) -> T {
             parent.1 += total;
         }
     });
-    out
 }

@@ -196,6 +196,20 @@ impl Rope {
         head_dim: usize,
         offset: usize,
     ) -> Result<()> {
+        self.rotate_host(rows, heads, head_dim, offset, false)
+    }
+
+    /// [`Rope::apply_host`], or with `inverse` its inverse (the rotation's transpose: how a
+    /// gradient goes back through it).
+    pub fn rotate_host(
+        &self,
+        rows: &mut [f32],
+        heads: usize,
+        head_dim: usize,
+        offset: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        let sign = if inverse { -1.0 } else { 1.0 };
         let half = self.rotary_dim / 2;
         let len = rows.len() / (heads * head_dim);
         if offset + len > self.max_positions {
@@ -211,9 +225,9 @@ impl Rope {
             for head in token.chunks_exact_mut(head_dim) {
                 let (x1, x2) = head[..2 * half].split_at_mut(half);
                 for d in 0..half {
-                    let (a, b) = (x1[d], x2[d]);
-                    x1[d] = a * cos[d] - b * sin[d];
-                    x2[d] = b * cos[d] + a * sin[d];
+                    let (a, b, sn) = (x1[d], x2[d], sign * sin[d]);
+                    x1[d] = a * cos[d] - b * sn;
+                    x2[d] = b * cos[d] + a * sn;
                 }
             }
         }

@@ -219,7 +219,7 @@ const BAND: usize = 256;
 
 impl QuantLinear {
     /// `x · Wᵀ` on host rows (`x`: `[n, cols]`).
-    fn matmul_host(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
+    pub(crate) fn matmul_host(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
         Ok(match &self.kernel {
             Kernel::Q41(w) => w.matmul_t(x, n),
             Kernel::Q80(w) => w.matmul_t(x, n),
@@ -251,7 +251,7 @@ impl QuantLinear {
     /// `grad_x[n, cols] = grad_y[n, rows] · W`, band by band in order (the same sums every
     /// time: no reduction across threads). candle's types dequantize a whole tensor at a time:
     /// one band.
-    fn backward_raw(&self, grad_y: &[f32], n: usize) -> Result<Vec<f32>> {
+    pub(crate) fn backward_raw(&self, grad_y: &[f32], n: usize) -> Result<Vec<f32>> {
         use crate::ops::gemm::{gemm_f32, Mat};
         let (rows, cols) = (self.rows, self.cols);
         let band = match self.kernel {

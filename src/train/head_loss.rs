@@ -1,14 +1,19 @@
 //! The training loss through the frozen `lm_head`, in chunks of rows: mean cross-entropy of
 //! `h · Wᵀ` against the targets, without ever holding a `rows × vocab` logits tensor (at the
 //! default model's 49,152-token vocabulary that is 196 KB a row: a batch of 64 examples of 500
-//! tokens held 6 GB of logits and as much again for their gradient). The forward keeps only the
-//! loss; the backward recomputes each chunk's logits and turns `(softmax − onehot) / n` into
-//! `dL/dh = dlogits · W` with the weight dequantized once. Depends on `model` (the `Linear`).
+//! tokens held 6 GB of logits and as much again for their gradient). Where `h` tracks a
+//! gradient the forward also turns each chunk's `(softmax − onehot) / n` into `dL/dh =
+//! dlogits · W` while the chunk's logits are at hand, and keeps that `[n, hidden]` for the
+//! backward, which only scales it: the logits are computed once, not again in the backward.
+//! Depends on `model` (the `Linear`).
+
+use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::model::Linear;
+use crate::ops::frozen_matmul::dense_backward;
 use crate::ops::vexp::exp;
 
 /// Rows whose logits exist at once: 128 × 49,152 × 4 bytes = 25 MB on the default model.
@@ -17,6 +22,8 @@ pub const CHUNK_ROWS: usize = 128;
 struct HeadCrossEntropy {
     head: Linear,
     targets: Vec<u32>,
+    /// `dL/dh` for an upstream gradient of 1, made by the forward when `h` tracks one.
+    grad: Option<Mutex<Vec<f32>>>,
 }
 
 /// Each row's `logsumexp` and, with `grad`, its `softmax − onehot(target)` scaled by `grad`.
@@ -34,22 +41,6 @@ fn row_loss(row: &mut [f32], target: usize, grad: Option<f32>) -> f64 {
     loss
 }
 
-impl HeadCrossEntropy {
-    /// The logits of rows `start..start + len` of `h` (`[n, hidden]`), on the host.
-    fn logits(&self, h: &Tensor, start: usize, len: usize) -> Result<Vec<f32>> {
-        let x = h.narrow(0, start, len)?.contiguous()?;
-        self.head
-            .forward(&x)?
-            .to_dtype(candle_core::DType::F32)?
-            .flatten_all()?
-            .to_vec1()
-    }
-
-    fn vocab(&self) -> Result<usize> {
-        Ok(self.head.base().dims()?.0)
-    }
-}
-
 impl CustomOp1 for HeadCrossEntropy {
     fn name(&self) -> &'static str {
         "head-cross-entropy"
@@ -57,7 +48,7 @@ impl CustomOp1 for HeadCrossEntropy {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (n, hidden) = l.shape().dims2()?;
-        let vocab = self.vocab()?;
+        let vocab = self.head.base().dims()?.0;
         if n != self.targets.len() || self.targets.iter().any(|&t| t as usize >= vocab) {
             candle_core::bail!("head cross-entropy: targets do not fit the rows");
         }
@@ -67,47 +58,65 @@ impl CustomOp1 for HeadCrossEntropy {
         let CpuStorage::F32(v) = s else {
             candle_core::bail!("head cross-entropy: f32 only");
         };
-        let h = Tensor::from_slice(&v[a..b], (n, hidden), &candle_core::Device::Cpu)?;
+        let h = &v[a..b];
+        let share = 1.0 / n.max(1) as f32;
+        let mut dh = Vec::with_capacity(if self.grad.is_some() { n * hidden } else { 0 });
+        // A quantized head is dequantized once for all chunks' `dlogits · W` (transient, as
+        // the chunks' logits are), not band by band per chunk.
+        let dense = match self.head.base() {
+            crate::model::BaseWeight::Dense(_) => None,
+            _ if self.grad.is_some() => Some(
+                self.head
+                    .base()
+                    .dense()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            ),
+            _ => None,
+        };
         let mut total = 0f64;
         for start in (0..n).step_by(CHUNK_ROWS) {
             let len = CHUNK_ROWS.min(n - start);
-            let mut logits = self.logits(&h, start, len)?;
+            let mut logits = self
+                .head
+                .host_forward(&h[start * hidden..(start + len) * hidden], len)?;
+            let grad = self.grad.as_ref().map(|_| share);
             total += logits
                 .par_chunks_mut(vocab)
                 .zip(self.targets[start..start + len].par_iter())
-                .map(|(row, &t)| row_loss(row, t as usize, None))
+                .map(|(row, &t)| row_loss(row, t as usize, grad))
                 .sum::<f64>();
+            if self.grad.is_some() {
+                dh.extend(match &dense {
+                    Some(w) => dense_backward(w, (vocab, hidden), &logits, len),
+                    None => self.head.host_backward(&logits, len)?,
+                });
+            }
+        }
+        if let Some(slot) = &self.grad {
+            *slot.lock().expect("head loss state") = dh;
         }
         Ok((
-            CpuStorage::F32(vec![(total / n.max(1) as f64) as f32]),
+            CpuStorage::F32(vec![(total * share as f64) as f32]),
             Shape::from(()),
         ))
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let (n, _) = arg.dims2()?;
-        let vocab = self.vocab()?;
-        let g = grad.to_scalar::<f32>()? / n.max(1) as f32;
-        let h = arg.detach().contiguous()?;
-        let weight = self
-            .head
-            .base()
-            .dense()?
-            .to_dtype(candle_core::DType::F32)?;
-        let mut pieces = Vec::with_capacity(n.div_ceil(CHUNK_ROWS));
-        for start in (0..n).step_by(CHUNK_ROWS) {
-            let len = CHUNK_ROWS.min(n - start);
-            let mut logits = self.logits(&h, start, len)?;
-            logits
-                .par_chunks_mut(vocab)
-                .zip(self.targets[start..start + len].par_iter())
-                .for_each(|(row, &t)| {
-                    row_loss(row, t as usize, Some(g));
-                });
-            let dlogits = Tensor::from_vec(logits, (len, vocab), arg.device())?;
-            pieces.push(dlogits.matmul(&weight)?);
+        let _region = crate::ops::profile::region(crate::ops::profile::Part::BwdHead);
+        let g = grad.to_scalar::<f32>()?;
+        let Some(slot) = &self.grad else {
+            candle_core::bail!("head cross-entropy: backward of an input without a gradient");
+        };
+        let mut dh = std::mem::take(&mut *slot.lock().expect("head loss state"));
+        if dh.len() != arg.elem_count() {
+            candle_core::bail!("head cross-entropy: backward without its forward");
         }
-        Ok(Some(Tensor::cat(&pieces, 0)?))
+        if g != 1.0 {
+            dh.par_iter_mut().for_each(|v| *v *= g);
+        }
+        Ok(Some(Tensor::from_vec(dh, arg.shape(), arg.device())?))
     }
 }
 
@@ -117,5 +126,6 @@ pub fn head_cross_entropy(h: &Tensor, head: &Linear, targets: &[u32]) -> Result<
     h.contiguous()?.apply_op1(HeadCrossEntropy {
         head: head.clone(),
         targets: targets.to_vec(),
+        grad: h.track_op().then(|| Mutex::new(Vec::new())),
     })
 }
