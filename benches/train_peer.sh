@@ -4,6 +4,10 @@
 # chat messages, ~60-90 tokens each); both trainers see the same micro-batches in the same order.
 # Needs: python3 with torch, transformers, gguf>=0.10 and peft==0.21.2 (PYTHON=...), target/release/serve.
 #   benches/train_peer.sh [ROUNDS] [STEPS]    -> JSON lines on stdout
+# MODEL=FILE.gguf trains another GGUF instead of the default model (both trainers in float32;
+# the same token ids, from the default model's tokenizer and chat template: with the random
+# weights of benches/real_size.sh's shapes only the timings mean anything), e.g.
+#   MODEL=/tmp/loraplex-real-size/llama.f16.gguf benches/train_peer.sh 1 5   # Llama-3.2-1B's shape
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS="${1:-1}"
@@ -26,7 +30,7 @@ target/release/examples/train_peer_batches "$WORK/chat.jsonl" "$STEPS" 4 42 > "$
 ours() {
   rm -rf "$WORK/out"
   local t0=$(date +%s.%N)
-  target/release/serve train --data "$WORK/chat.jsonl" --output "$WORK/out" --rank 8 --alpha 16 \
+  target/release/serve train ${MODEL:+--model "$MODEL"} --data "$WORK/chat.jsonl" --output "$WORK/out" --rank 8 --alpha 16 \
     --dropout 0.05 --batch-size 4 --max-steps "$STEPS" --lr "$LR" --seed 42 --save-steps 0 "$@" >/dev/null 2>&1
   local t1=$(date +%s.%N)
   python3 - "$WORK/out/metrics.jsonl" "$WORK/batches.jsonl" "$t0" "$t1" "$*" <<'PY'
@@ -44,5 +48,5 @@ PY
 }
 for _ in $(seq "$ROUNDS"); do
   ours
-  "$PYTHON" benches/train_peer.py "$WORK/batches.jsonl" "$LR" 2 2>/dev/null
+  GGUF="${MODEL:-}" "$PYTHON" benches/train_peer.py "$WORK/batches.jsonl" "$LR" 2 2>/dev/null
 done

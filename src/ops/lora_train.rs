@@ -177,48 +177,80 @@ mod rows {
         mask: Option<(&[u64], f32)>,
         (inp, out, r): (usize, usize, usize),
     ) {
-        let mut xd = vec![0f32; if mask.is_some() { inp } else { 0 }];
+        let rows = h.len() / r.max(1);
+        let mut xd = vec![0f32; BLOCK * inp];
         let mut t = vec![0f32; inp];
-        let mut gh = vec![0f32; r];
-        for (i, ((x, g), h)) in x
-            .chunks_exact(inp)
-            .zip(g.chunks_exact(out))
-            .zip(h.chunks_exact(r))
-            .enumerate()
-        {
-            let row = first_row + i;
-            let x = match mask {
-                Some((bits, scale)) => {
-                    masked(&mut xd, x, bits, row * inp, scale);
-                    &xd[..]
+        let mut gh = vec![0f32; BLOCK * r];
+        for b0 in (0..rows).step_by(BLOCK) {
+            let nb = BLOCK.min(rows - b0);
+            // The block's rows of drop(x), and gh = g · (sB).
+            for u in 0..nb {
+                let (i, row) = (b0 + u, first_row + b0 + u);
+                let xr = &x[i * inp..(i + 1) * inp];
+                let dst = &mut xd[u * inp..(u + 1) * inp];
+                match mask {
+                    Some((bits, scale)) => masked(dst, xr, bits, row * inp, scale),
+                    None => dst.copy_from_slice(xr),
                 }
-                None => x,
+                let gr = &g[i * out..(i + 1) * out];
+                for j in 0..r {
+                    gh[u * r + j] = dot(gr, &bt[j * out..(j + 1) * out]);
+                }
+            }
+            // dA_j += Σ_u gh_uj · drop(x_u), d(sB)ᵀ_j += Σ_u h_uj · g_u: each accumulator
+            // row is read and written once per block, not once per row.
+            let coef = |c: &[f32], j: usize| -> [f32; BLOCK] {
+                std::array::from_fn(|u| if u < nb { c[u * r + j] } else { 0.0 })
             };
-            for (j, ghj) in gh.iter_mut().enumerate() {
-                *ghj = dot(g, &bt[j * out..(j + 1) * out]);
-            }
+            let hb = &h[b0 * r..(b0 + nb) * r];
             for j in 0..r {
-                axpy(&mut da[j * inp..(j + 1) * inp], gh[j], x);
-                axpy(&mut dbt[j * out..(j + 1) * out], h[j], g);
+                let xs: [&[f32]; BLOCK] =
+                    std::array::from_fn(|u| &xd[u.min(nb - 1) * inp..][..inp]);
+                axpy4(&mut da[j * inp..(j + 1) * inp], coef(&gh, j), xs);
+                let gs: [&[f32]; BLOCK] =
+                    std::array::from_fn(|u| &g[(b0 + u.min(nb - 1)) * out..][..out]);
+                axpy4(&mut dbt[j * out..(j + 1) * out], coef(hb, j), gs);
             }
-            if let Some(dx) = dx.as_deref_mut() {
+            let Some(dx) = dx.as_deref_mut() else {
+                continue;
+            };
+            for u in 0..nb {
+                let (i, row) = (b0 + u, first_row + b0 + u);
                 let dx = &mut dx[i * inp..(i + 1) * inp];
+                let ghu = &gh[u * r..(u + 1) * r];
                 match mask {
                     None => {
                         for j in 0..r {
-                            axpy(dx, gh[j], &a[j * inp..(j + 1) * inp]);
+                            axpy(dx, ghu[j], &a[j * inp..(j + 1) * inp]);
                         }
                     }
                     Some((bits, scale)) => {
                         t.iter_mut().for_each(|v| *v = 0.0);
                         for j in 0..r {
-                            axpy(&mut t, gh[j], &a[j * inp..(j + 1) * inp]);
+                            axpy(&mut t, ghu[j], &a[j * inp..(j + 1) * inp]);
                         }
-                        masked(&mut xd, &t, bits, row * inp, scale);
-                        dx.iter_mut().zip(&xd).for_each(|(o, v)| *o += v);
+                        let tmp = &mut xd[u * inp..(u + 1) * inp];
+                        masked(tmp, &t, bits, row * inp, scale);
+                        dx.iter_mut().zip(tmp.iter()).for_each(|(o, v)| *o += v);
                     }
                 }
             }
+        }
+    }
+
+    /// Rows the backward takes together.
+    const BLOCK: usize = 4;
+
+    /// `y += Σ_u c_u · x_u`.
+    #[inline(always)]
+    fn axpy4(y: &mut [f32], c: [f32; BLOCK], x: [&[f32]; BLOCK]) {
+        let n = y.len();
+        let (x0, x1, x2, x3) = (&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n]);
+        for k in 0..n {
+            y[k] = x3[k].mul_add(
+                c[3],
+                x2[k].mul_add(c[2], x1[k].mul_add(c[1], x0[k].mul_add(c[0], y[k]))),
+            );
         }
     }
 }
