@@ -62,7 +62,7 @@ pub fn gemm_f32(
     }
 }
 
-/// Rows of the other operand below which a product runs on one thread.
+/// Multiply-adds below which a split product runs on one thread.
 const SPLIT_MIN_WORK: usize = 1 << 18;
 
 /// `y[n, out] = x[n, in] · Wᵀ` for a row-major `w` `[out, in]`, computed as `W · xᵀ` into `y`
@@ -71,61 +71,24 @@ const SPLIT_MIN_WORK: usize = 1 << 18;
 /// cores that beats letting the gemm split one product (measured 1.1–1.3× at the default
 /// model's shapes, 85–340 rows).
 pub fn matmul_wt(w: &[f32], (out, inp): (usize, usize), x: &[f32], n: usize) -> Vec<f32> {
-    let mut y = vec![0f32; n * out];
-    if n == 0 || out == 0 || inp == 0 {
-        return y;
-    }
     assert!(
         w.len() >= out * inp && x.len() >= n * inp,
         "matmul_wt: matrix bounds"
     );
-    let threads = rayon::current_num_threads().max(1);
-    let bands = if n * out * inp < SPLIT_MIN_WORK {
-        1
-    } else {
-        threads.min(out.div_ceil(16))
-    };
-    let per = out.div_ceil(bands).next_multiple_of(16).min(out);
-    let dst = SendPtr(y.as_mut_ptr());
-    let band = |b: usize| {
-        let (start, end) = (b * per, ((b + 1) * per).min(out));
-        if start >= end {
-            return;
-        }
-        // SAFETY: bounds checked above; band `b` writes only the columns `start..end` of `y`
-        // (elements `r * out + c`, `c` in the band), which no other band touches, and `y`
-        // outlives the scope.
-        unsafe {
-            gemm::gemm(
-                end - start,
-                n,
-                inp,
-                dst.get().add(start),
-                out as isize,
-                1,
-                false,
-                w.as_ptr().add(start * inp),
-                1,
-                inp as isize,
-                x.as_ptr(),
-                inp as isize,
-                1,
-                1.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            )
-        }
-    };
-    if bands == 1 {
-        band(0);
-    } else {
-        use rayon::prelude::*;
-        (0..bands).into_par_iter().for_each(band);
-    }
-    y
+    // yᵀ[out, n] = W[out, in] · xᵀ[in, n]
+    banded(
+        (out, n, inp),
+        Mat {
+            data: w,
+            rs: inp,
+            cs: 1,
+        },
+        Mat {
+            data: x,
+            rs: 1,
+            cs: inp,
+        },
+    )
 }
 
 /// `dx[n, in] = g[n, out] · W` for a row-major `w` `[out, in]`, computed as `Wᵀ · gᵀ` into
@@ -133,44 +96,69 @@ pub fn matmul_wt(w: &[f32], (out, inp): (usize, usize), x: &[f32], n: usize) -> 
 /// one single-threaded product that packs only its band of W (banding the rows of `g` instead
 /// had every thread pack all of W: measured 1.1–1.5× slower, most of it in packing).
 pub fn matmul_w(w: &[f32], (out, inp): (usize, usize), g: &[f32], n: usize) -> Vec<f32> {
-    let mut dx = vec![0f32; n * inp];
-    if n == 0 || out == 0 || inp == 0 {
-        return dx;
-    }
     assert!(
         w.len() >= out * inp && g.len() >= n * out,
         "matmul_w: matrix bounds"
     );
+    // dxᵀ[in, n] = Wᵀ[in, out] · gᵀ[out, n]
+    banded(
+        (inp, n, out),
+        Mat {
+            data: w,
+            rs: 1,
+            cs: inp,
+        },
+        Mat {
+            data: g,
+            rs: 1,
+            cs: out,
+        },
+    )
+}
+
+/// `dstᵀ[m, n] = lhs[m, k] · rhs[k, n]` into a row-major `dst` `[n, m]` (so `dst`'s element
+/// `(j, i)` is the product's `(i, j)`), bands of the product's rows on the pool's threads.
+fn banded((m, n, k): (usize, usize, usize), lhs: Mat<'_>, rhs: Mat<'_>) -> Vec<f32> {
+    let mut dst = vec![0f32; n * m];
+    if m == 0 || n == 0 || k == 0 {
+        return dst;
+    }
+    assert!(
+        lhs.data.len() > (m - 1) * lhs.rs + (k - 1) * lhs.cs
+            && rhs.data.len() > (k - 1) * rhs.rs + (n - 1) * rhs.cs,
+        "banded gemm: matrix bounds"
+    );
     let threads = rayon::current_num_threads().max(1);
-    let bands = if n * out * inp < SPLIT_MIN_WORK {
+    let bands = if m * n * k < SPLIT_MIN_WORK {
         1
     } else {
-        threads.min(inp.div_ceil(16))
+        threads.min(m.div_ceil(16))
     };
-    let per = inp.div_ceil(bands).next_multiple_of(16).min(inp);
-    let dst = SendPtr(dx.as_mut_ptr());
+    let per = m.div_ceil(bands).next_multiple_of(16).min(m);
+    let out = SendPtr(dst.as_mut_ptr());
     let band = |b: usize| {
-        let (start, end) = (b * per, ((b + 1) * per).min(inp));
+        let (start, end) = (b * per, ((b + 1) * per).min(m));
         if start >= end {
             return;
         }
-        // SAFETY: bounds checked above; band `b` writes only the columns `start..end` of `dx`,
-        // which no other band touches, and `dx` outlives the scope.
+        // SAFETY: the operands' bounds are checked above and `dst` holds `n × m` values;
+        // band `b` writes only the elements `j * m + i` with `i` in `start..end`, which no
+        // other band touches, and `dst` outlives the bands.
         unsafe {
             gemm::gemm(
                 end - start,
                 n,
-                out,
-                dst.get().add(start),
-                inp as isize,
+                k,
+                out.get().add(start),
+                m as isize,
                 1,
                 false,
-                w.as_ptr().add(start),
-                inp as isize,
-                1,
-                g.as_ptr(),
-                out as isize,
-                1,
+                lhs.data.as_ptr().add(start * lhs.rs),
+                lhs.cs as isize,
+                lhs.rs as isize,
+                rhs.data.as_ptr(),
+                rhs.cs as isize,
+                rhs.rs as isize,
                 1.0,
                 1.0,
                 false,
@@ -186,14 +174,14 @@ pub fn matmul_w(w: &[f32], (out, inp): (usize, usize), g: &[f32], n: usize) -> V
         use rayon::prelude::*;
         (0..bands).into_par_iter().for_each(band);
     }
-    dx
+    dst
 }
 
 /// A raw pointer that bands of one product share (each writes its own elements).
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 
-// SAFETY: only used by `matmul_wt` and `matmul_w`, whose bands write disjoint elements.
+// SAFETY: only used by `banded`, whose bands write disjoint elements.
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 

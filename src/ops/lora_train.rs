@@ -126,19 +126,39 @@ mod rows {
         }
     }
 
-    /// Forward of rows: `h_i = drop(x_i)·Aᵀ`, `y_i += h_i · Bᵀ` (`a`: `[r, in]`, `bt`: `[r, out]`).
+    /// What a band of rows reads in the forward: its first row's index in the batch, its rows
+    /// of `x`, `A` (`[r, in]`), `Bᵀ` (`[r, out]`), the mask bits with the keep scale, and
+    /// `(in, out, r)`.
+    #[derive(Clone, Copy)]
+    pub struct Fwd<'a> {
+        pub first_row: usize,
+        pub x: &'a [f32],
+        pub a: &'a [f32],
+        pub bt: &'a [f32],
+        pub mask: Option<(&'a [u64], f32)>,
+        pub dims: (usize, usize, usize),
+    }
+
+    /// What a band of rows reads in the backward: as [`Fwd`], plus its rows of the output's
+    /// gradient `g` and of the saved `h`.
+    #[derive(Clone, Copy)]
+    pub struct Bwd<'a> {
+        pub f: Fwd<'a>,
+        pub g: &'a [f32],
+        pub h: &'a [f32],
+    }
+
+    /// Forward of rows: `h_i = drop(x_i)·Aᵀ`, `y_i += h_i · Bᵀ`.
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    pub fn forward(
-        first_row: usize,
-        x: &[f32],
-        y: &mut [f32],
-        h: &mut [f32],
-        a: &[f32],
-        bt: &[f32],
-        mask: Option<(&[u64], f32)>,
-        (inp, out, r): (usize, usize, usize),
-    ) {
+    pub fn forward(f: Fwd<'_>, y: &mut [f32], h: &mut [f32]) {
+        let Fwd {
+            first_row,
+            x,
+            a,
+            bt,
+            mask,
+            dims: (inp, out, r),
+        } = f;
         let mut xd = vec![0f32; if mask.is_some() { inp } else { 0 }];
         for (i, ((x, y), h)) in x
             .chunks_exact(inp)
@@ -165,18 +185,16 @@ mod rows {
     /// Backward of rows: `gh_i = g_i · (sB)`, `dx_i += drop'(gh_i · A)`, and the band's
     /// `dA += gh_iᵀ drop(x_i)`, `d(sB)ᵀ += h_iᵀ g_i` (`da`: `[r, in]`, `dbt`: `[r, out]`).
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    pub fn backward(
-        first_row: usize,
-        x: &[f32],
-        g: &[f32],
-        h: &[f32],
-        mut dx: Option<&mut [f32]>,
-        (da, dbt): (&mut [f32], &mut [f32]),
-        (a, bt): (&[f32], &[f32]),
-        mask: Option<(&[u64], f32)>,
-        (inp, out, r): (usize, usize, usize),
-    ) {
+    pub fn backward(b: Bwd<'_>, mut dx: Option<&mut [f32]>, (da, dbt): (&mut [f32], &mut [f32])) {
+        let Bwd { f, g, h } = b;
+        let Fwd {
+            first_row,
+            x,
+            a,
+            bt,
+            mask,
+            dims: (inp, out, r),
+        } = f;
         let rows = h.len() / r.max(1);
         let mut xd = vec![0f32; BLOCK * inp];
         let mut t = vec![0f32; inp];
@@ -255,38 +273,40 @@ mod rows {
     }
 }
 
+/// The row kernels with AVX2 + FMA (the same code, vectorized by the compiler).
 #[cfg(target_arch = "x86_64")]
 mod rows_avx2 {
+    use super::rows::{Bwd, Fwd};
+
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn forward(
-        first_row: usize,
-        x: &[f32],
-        y: &mut [f32],
-        h: &mut [f32],
-        a: &[f32],
-        bt: &[f32],
-        mask: Option<(&[u64], f32)>,
-        dims: (usize, usize, usize),
-    ) {
-        super::rows::forward(first_row, x, y, h, a, bt, mask, dims)
+    pub unsafe fn forward(f: Fwd<'_>, y: &mut [f32], h: &mut [f32]) {
+        super::rows::forward(f, y, h)
     }
 
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn backward(
-        first_row: usize,
-        x: &[f32],
-        g: &[f32],
-        h: &[f32],
-        dx: Option<&mut [f32]>,
-        grads: (&mut [f32], &mut [f32]),
-        weights: (&[f32], &[f32]),
-        mask: Option<(&[u64], f32)>,
-        dims: (usize, usize, usize),
-    ) {
-        super::rows::backward(first_row, x, g, h, dx, grads, weights, mask, dims)
+    pub unsafe fn backward(b: Bwd<'_>, dx: Option<&mut [f32]>, grads: (&mut [f32], &mut [f32])) {
+        super::rows::backward(b, dx, grads)
     }
+}
+
+/// [`rows::forward`] on the fastest path this CPU has.
+fn forward_rows(f: rows::Fwd<'_>, y: &mut [f32], h: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu_features::avx2_fma() {
+        // SAFETY: the CPU reports AVX2 and FMA.
+        return unsafe { rows_avx2::forward(f, y, h) };
+    }
+    rows::forward(f, y, h)
+}
+
+/// [`rows::backward`] on the fastest path this CPU has.
+fn backward_rows(b: rows::Bwd<'_>, dx: Option<&mut [f32]>, grads: (&mut [f32], &mut [f32])) {
+    #[cfg(target_arch = "x86_64")]
+    if super::cpu_features::avx2_fma() {
+        // SAFETY: the CPU reports AVX2 and FMA.
+        return unsafe { rows_avx2::backward(b, dx, grads) };
+    }
+    rows::backward(b, dx, grads)
 }
 
 /// Rows a task takes: the weight gradients are summed per band of this many rows, bands in
@@ -348,14 +368,15 @@ impl CustomOp3 for LoraTrain {
             .for_each(|(b, (y, h))| {
                 let first = b * band;
                 let x = &x[first * inp..(first + h.len() / r.max(1)) * inp];
-                let dims = (inp, out, r);
-                #[cfg(target_arch = "x86_64")]
-                if super::cpu_features::avx2_fma() {
-                    // SAFETY: the CPU reports AVX2 and FMA.
-                    unsafe { rows_avx2::forward(first, x, y, h, &a, &bt, mask, dims) };
-                    return;
-                }
-                rows::forward(first, x, y, h, &a, &bt, mask, dims);
+                let f = rows::Fwd {
+                    first_row: first,
+                    x,
+                    a: &a,
+                    bt: &bt,
+                    mask,
+                    dims: (inp, out, r),
+                };
+                forward_rows(f, y, h);
             });
         *self.saved.lock().expect("lora-train state") = Saved { h, bits };
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
@@ -407,36 +428,19 @@ impl CustomOp3 for LoraTrain {
                     &saved.h[first * r..(first + rows) * r],
                 );
                 let (mut da, mut dbt) = (vec![0f32; r * inp], vec![0f32; r * out]);
-                let dx = dx.as_deref_mut();
-                #[cfg(target_arch = "x86_64")]
-                if super::cpu_features::avx2_fma() {
-                    // SAFETY: the CPU reports AVX2 and FMA.
-                    unsafe {
-                        rows_avx2::backward(
-                            first,
-                            x,
-                            g,
-                            h,
-                            dx,
-                            (&mut da, &mut dbt),
-                            (&a, &bt),
-                            mask,
-                            dims,
-                        )
-                    };
-                    return (da, dbt);
-                }
-                rows::backward(
-                    first,
-                    x,
+                let b = rows::Bwd {
+                    f: rows::Fwd {
+                        first_row: first,
+                        x,
+                        a: &a,
+                        bt: &bt,
+                        mask,
+                        dims,
+                    },
                     g,
                     h,
-                    dx,
-                    (&mut da, &mut dbt),
-                    (&a, &bt),
-                    mask,
-                    dims,
-                );
+                };
+                backward_rows(b, dx.as_deref_mut(), (&mut da, &mut dbt));
                 (da, dbt)
             })
             .collect();
