@@ -86,6 +86,20 @@ fn host(t: &Tensor) -> Result<Vec<f32>> {
     t.contiguous()?.flatten_all()?.to_vec1()
 }
 
+/// Runs `f` on `t`'s values (f32, CPU) in row-major order, borrowed from its storage (copied
+/// only where `t` is not contiguous).
+fn borrowed<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+    let t = t.contiguous()?;
+    let (storage, layout) = t.storage_and_layout();
+    let (a, b) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("lora-train: not contiguous".into()))?;
+    match &*storage {
+        candle_core::Storage::Cpu(CpuStorage::F32(v)) => f(&v[a..b]),
+        _ => candle_core::bail!("lora-train: f32 CPU tensors only"),
+    }
+}
+
 /// Row-wise kernels, compiled twice: portable and with AVX2 + FMA (the same code; the
 /// compiler vectorizes the inner loops over independent lanes).
 mod rows {
@@ -395,8 +409,28 @@ impl CustomOp3 for LoraTrain {
         let n = x_t.dims2()?.0;
         let r = a_t.dims2()?.1;
         let dev = x_t.device();
-        let g = host(grad)?;
-        let x = host(x_t)?;
+        // The gradient and x are read where they lie (no copy when contiguous).
+        borrowed(grad, |g| {
+            borrowed(x_t, |x| {
+                self.backward(x_t, a_t, b_t, x, g, (n, out, inp, r), dev)
+            })
+        })
+    }
+}
+
+impl LoraTrain {
+    /// The backward on host rows `x` (`[n, in]`) and `g` (`[n, out]`).
+    #[allow(clippy::too_many_arguments)]
+    fn backward(
+        &self,
+        x_t: &Tensor,
+        a_t: &Tensor,
+        b_t: &Tensor,
+        x: &[f32],
+        g: &[f32],
+        (n, out, inp, r): (usize, usize, usize, usize),
+        dev: &candle_core::Device,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let a = host(&a_t.t()?)?;
         let bt = host(b_t)?;
         let saved = self.saved.lock().expect("lora-train state");
@@ -405,7 +439,7 @@ impl CustomOp3 for LoraTrain {
         }
         let mask = self.mask.as_ref().map(|m| (&saved.bits[..], m.scale()));
         let mut dx = if x_t.track_op() {
-            Some(self.base.backward(&g, n)?)
+            Some(self.base.backward(g, n)?)
         } else {
             None
         };
