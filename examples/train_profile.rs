@@ -77,7 +77,7 @@ fn main() {
         profile::enable(step > 0);
         let t = Instant::now();
         let weights = adapter.weights(model, Some(step)).unwrap();
-        let loss = batch_loss(model, &weights, &refs).unwrap();
+        let loss = batch_loss(model, &weights, &refs, true).unwrap();
         let t_fwd = t.elapsed().as_secs_f64();
         let t = Instant::now();
         let grads = loss.backward().unwrap();

@@ -46,7 +46,7 @@ fn gradients_match_central_finite_differences() {
                     }
                 }
             }
-            batch_loss(&m.model, &w, &batch).unwrap()
+            batch_loss(&m.model, &w, &batch, true).unwrap()
         };
         let loss = |a: &TrainableAdapter| loss_with(a, false);
         let grads = loss(&adapter).backward().unwrap();

@@ -5,11 +5,11 @@
 //! on its own rows only (SGMV-style: gather the group's rows, two thin matmuls, scatter-add).
 //! Rows without an adapter cost nothing extra.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Result, Tensor};
 
 use super::adapter_site::{LoraSite, Rows};
-use std::sync::Arc;
-
 use crate::ops::lora_cpu::{self, RowSite};
 use crate::ops::lora_train::{lora_train, Frozen, Mask};
 use crate::quant::bf16::Bf16Weight;
@@ -98,9 +98,9 @@ impl Frozen for FrozenBase {
     }
 
     fn forward(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
-        use crate::ops::frozen_matmul::{dense_forward, with_f32};
+        use crate::ops::{frozen_matmul::with_f32, gemm::matmul_wt};
         match &self.0 {
-            BaseWeight::Dense(w) => with_f32(w, |w| Ok(dense_forward(w, self.dims(), x, n))),
+            BaseWeight::Dense(w) => with_f32(w, |w| Ok(matmul_wt(w, self.dims(), x, n))),
             BaseWeight::Nf4(q) => Ok(q.forward_raw(x, n)),
             BaseWeight::Quant(q) => q.matmul_host(x, n),
             BaseWeight::Bf16(_) => candle_core::bail!("a bf16 base has no backward"),
@@ -108,9 +108,9 @@ impl Frozen for FrozenBase {
     }
 
     fn backward(&self, g: &[f32], n: usize) -> Result<Vec<f32>> {
-        use crate::ops::frozen_matmul::{dense_backward, with_f32};
+        use crate::ops::{frozen_matmul::with_f32, gemm::matmul_w};
         match &self.0 {
-            BaseWeight::Dense(w) => with_f32(w, |w| Ok(dense_backward(w, self.dims(), g, n))),
+            BaseWeight::Dense(w) => with_f32(w, |w| Ok(matmul_w(w, self.dims(), g, n))),
             BaseWeight::Nf4(q) => Ok(q.backward_raw(g, n)),
             BaseWeight::Quant(q) => q.backward_raw(g, n),
             BaseWeight::Bf16(_) => candle_core::bail!("a bf16 base has no backward"),

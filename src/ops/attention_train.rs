@@ -28,11 +28,12 @@ pub struct TrainHeads {
     pub window: Option<usize>,
 }
 
+/// What the forward leaves for the backward (its output is the node's own).
 #[derive(Default)]
 struct Saved {
+    /// q and k after RoPE.
     q: Vec<f32>,
     k: Vec<f32>,
-    out: Vec<f32>,
     /// `[heads, rows]`: each row's log-sum-exp of its scores, per head.
     lse: Vec<f32>,
 }
@@ -62,6 +63,14 @@ fn host(t: &Tensor) -> Result<Vec<f32>> {
 /// Whether key `j` is seen from query `i` (both positions in the sequence).
 fn seen(i: usize, j: usize, window: Option<usize>) -> bool {
     j <= i && window.is_none_or(|w| i - j < w)
+}
+
+/// Copies `src` (`[len, hd]`) into head `head`'s columns of rows `first ..` of a row-major
+/// `[rows, width]` buffer.
+fn scatter(dst: &mut [f32], width: usize, src: &[f32], first: usize, head: usize, hd: usize) {
+    for (i, row) in src.chunks_exact(hd).enumerate() {
+        dst[(first + i) * width + head * hd..][..hd].copy_from_slice(row);
+    }
 }
 
 /// One head's rows of a row-major `[rows, width]` buffer from `first`, as a `[len, hd]` view.
@@ -98,18 +107,13 @@ impl AttnTrain {
         } = self.shape;
         let mut s = vec![0f32; len * len];
         let kv = h / self.group();
-        let kt = head_rows(k, kv_heads * hd, first, kv, hd);
         gemm_f32(
             (len, len, hd),
             &mut s,
             len,
             false,
             head_rows(q, heads * hd, first, h, hd),
-            Mat {
-                data: kt.data,
-                rs: 1,
-                cs: kt.rs,
-            },
+            head_rows(k, kv_heads * hd, first, kv, hd).t(),
             gemm::Parallelism::None,
         );
         let scale = self.shape.scale;
@@ -169,7 +173,6 @@ impl AttnTrain {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn backward_part(
         &self,
         saved: &Saved,
@@ -212,16 +215,11 @@ impl AttnTrain {
                 dv,
                 hd,
                 true,
-                Mat {
-                    data: &p,
-                    rs: 1,
-                    cs: len,
-                },
+                Mat::rows(&p, len).t(),
                 d_o,
                 gemm::Parallelism::None,
             );
             // dP = dO · Vᵀ, then dS = P ⊙ (dP − Δ) · scale
-            let vt = head_rows(v, kv_heads * hd, first, kv, hd);
             let mut ds = vec![0f32; len * len];
             gemm_f32(
                 (len, len, hd),
@@ -229,11 +227,7 @@ impl AttnTrain {
                 len,
                 false,
                 d_o,
-                Mat {
-                    data: vt.data,
-                    rs: 1,
-                    cs: vt.rs,
-                },
+                head_rows(v, kv_heads * hd, first, kv, hd).t(),
                 gemm::Parallelism::None,
             );
             for i in 0..len {
@@ -258,11 +252,7 @@ impl AttnTrain {
                 dk,
                 hd,
                 true,
-                Mat {
-                    data: &ds,
-                    rs: 1,
-                    cs: len,
-                },
+                Mat::rows(&ds, len).t(),
                 head_rows(&saved.q, width, first, h, hd),
                 gemm::Parallelism::None,
             );
@@ -350,19 +340,18 @@ impl CustomOp3 for AttnTrain {
             let (first, len) = self.spans[p.seq];
             for u in 0..group {
                 let h = p.kv * group + u;
-                for i in 0..len {
-                    out[(first + i) * width + h * hd..][..hd]
-                        .copy_from_slice(&p.a[(u * len + i) * hd..][..hd]);
-                }
+                scatter(
+                    &mut out,
+                    width,
+                    &p.a[u * len * hd..][..len * hd],
+                    first,
+                    h,
+                    hd,
+                );
                 lse[h * rows + first..][..len].copy_from_slice(&p.b[u * len..][..len]);
             }
         }
-        *self.saved.lock().expect("attention state") = Saved {
-            q,
-            k,
-            out: out.clone(),
-            lse,
-        };
+        *self.saved.lock().expect("attention state") = Saved { q, k, lse };
         Ok((CpuStorage::F32(out), Shape::from((rows, width))))
     }
 
@@ -371,7 +360,7 @@ impl CustomOp3 for AttnTrain {
         _q: &Tensor,
         _k: &Tensor,
         v_t: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let _region = super::profile::region(super::profile::Part::BwdElementwise);
@@ -383,11 +372,10 @@ impl CustomOp3 for AttnTrain {
         } = self.shape;
         let (rows, width, kw, group) = (self.rows(), heads * hd, kv_heads * hd, self.group());
         let saved = self.saved.lock().expect("attention state");
-        if saved.out.len() != rows * width {
+        if saved.lse.len() != heads * rows {
             candle_core::bail!("attention-train: backward without its forward");
         }
-        let dout = host(grad)?;
-        let v = host(v_t)?;
+        let (dout, out, v) = (host(grad)?, host(res)?, host(v_t)?);
         // Δ_i = dO_i · O_i per head.
         let mut delta = vec![0f32; heads * rows];
         delta.par_chunks_mut(rows).enumerate().for_each(|(h, d)| {
@@ -395,7 +383,7 @@ impl CustomOp3 for AttnTrain {
                 let at = i * width + h * hd;
                 *o = dout[at..at + hd]
                     .iter()
-                    .zip(&saved.out[at..at + hd])
+                    .zip(&out[at..at + hd])
                     .map(|(a, b)| a * b)
                     .sum();
             }
@@ -414,16 +402,18 @@ impl CustomOp3 for AttnTrain {
             let (first, len) = self.spans[p.seq];
             for u in 0..group {
                 let h = p.kv * group + u;
-                for i in 0..len {
-                    dq[(first + i) * width + h * hd..][..hd]
-                        .copy_from_slice(&p.a[(u * len + i) * hd..][..hd]);
-                }
+                scatter(
+                    &mut dq,
+                    width,
+                    &p.a[u * len * hd..][..len * hd],
+                    first,
+                    h,
+                    hd,
+                );
             }
-            for i in 0..len {
-                let at = (first + i) * kw + p.kv * hd;
-                dk[at..at + hd].copy_from_slice(&p.b[i * hd..][..hd]);
-                dv[at..at + hd].copy_from_slice(&p.b[(len + i) * hd..][..hd]);
-            }
+            let (pk, pv) = p.b.split_at(len * hd);
+            scatter(&mut dk, kw, pk, first, p.kv, hd);
+            scatter(&mut dv, kw, pv, first, p.kv, hd);
         }
         self.rope(&mut dq, heads, true)?;
         self.rope(&mut dk, kv_heads, true)?;

@@ -4,6 +4,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
+use super::gemm::{matmul_w, matmul_wt};
+
 struct FrozenMatmul {
     /// `[out, in]`
     w: Tensor,
@@ -18,16 +20,6 @@ pub fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T>
         Storage::Cpu(CpuStorage::F32(v)) => f(&v[a..b]),
         _ => candle_core::bail!("frozen-matmul: CPU f32 tensors only"),
     }
-}
-
-/// `y[n, out] = x[n, in] · Wᵀ` for a row-major `w` `[out, in]`.
-pub fn dense_forward(w: &[f32], dims: (usize, usize), x: &[f32], n: usize) -> Vec<f32> {
-    super::gemm::matmul_wt(w, dims, x, n)
-}
-
-/// `dx[n, in] = g[n, out] · W` for a row-major `w` `[out, in]`.
-pub fn dense_backward(w: &[f32], dims: (usize, usize), g: &[f32], n: usize) -> Vec<f32> {
-    super::gemm::matmul_w(w, dims, g, n)
 }
 
 impl CustomOp1 for FrozenMatmul {
@@ -46,7 +38,7 @@ impl CustomOp1 for FrozenMatmul {
         };
         let (out, inp) = self.w.dims2()?;
         let n = x.len() / inp.max(1);
-        let y = with_f32(&self.w, |w| Ok(dense_forward(w, (out, inp), x, n)))?;
+        let y = with_f32(&self.w, |w| Ok(matmul_wt(w, (out, inp), x, n)))?;
         let mut dims = layout.shape().dims().to_vec();
         *dims.last_mut().expect("a matrix") = out;
         Ok((CpuStorage::F32(y), Shape::from(dims)))
@@ -58,7 +50,7 @@ impl CustomOp1 for FrozenMatmul {
         let (out, inp) = self.w.dims2()?;
         let n = grad.elem_count() / out.max(1);
         let dx = with_f32(grad, |g| {
-            with_f32(&self.w, |w| Ok(dense_backward(w, (out, inp), g, n)))
+            with_f32(&self.w, |w| Ok(matmul_w(w, (out, inp), g, n)))
         })?;
         Ok(Some(Tensor::from_vec(dx, arg.shape(), arg.device())?))
     }

@@ -14,6 +14,15 @@ impl<'a> Mat<'a> {
     pub fn rows(data: &'a [f32], rs: usize) -> Self {
         Self { data, rs, cs: 1 }
     }
+
+    /// The transpose (the same values, strides swapped).
+    pub fn t(self) -> Self {
+        Self {
+            data: self.data,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
 }
 
 /// `dst[m, n] (= | +=) lhs[m, k] · rhs[k, n]`; `dst` is row-major with row stride `dst_rs`.

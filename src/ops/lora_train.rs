@@ -6,8 +6,8 @@
 //! through [`Frozen`], and everything of rank r runs row by row in one pass: the forward keeps
 //! each row's `h = drop(x)·Aᵀ` and the dropout mask (one bit an element) for the backward,
 //! which then reads each row of `x` and of the gradient once for `dx`, `dAᵀ` and `d(sB)ᵀ`.
-//! Rows are independent in the forward; the weight gradients sum fixed bands of rows in order,
-//! so results do not depend on the thread count. Depends on candle only.
+//! The rank-r parts do not depend on the thread count (the weight gradients sum fixed bands of
+//! rows in order); the frozen products are the gemm's. Depends on candle only.
 
 use std::sync::{Arc, Mutex};
 
@@ -37,6 +37,9 @@ pub trait Mask: Send + Sync {
 /// What the forward leaves for the backward.
 #[derive(Default)]
 struct Saved {
+    /// `A` (`[r, in]`) and `Bᵀ` (`[r, out]`), row-major.
+    a: Vec<f32>,
+    bt: Vec<f32>,
     /// `drop(x)·Aᵀ`, `[n, r]`.
     h: Vec<f32>,
     /// The kept elements of `x`, one bit each (empty without dropout).
@@ -82,10 +85,6 @@ fn rows_of(s: &CpuStorage, l: &Layout, transpose: bool) -> Result<(Vec<f32>, usi
     })
 }
 
-fn host(t: &Tensor) -> Result<Vec<f32>> {
-    t.contiguous()?.flatten_all()?.to_vec1()
-}
-
 /// Runs `f` on `t`'s values (f32, CPU) in row-major order, borrowed from its storage (copied
 /// only where `t` is not contiguous).
 fn borrowed<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
@@ -101,32 +100,43 @@ fn borrowed<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
 }
 
 /// Row-wise kernels, compiled twice: portable and with AVX2 + FMA (the same code; the
-/// compiler vectorizes the inner loops over independent lanes).
+/// compiler vectorizes the inner loops over independent lanes). `FMA` fuses multiply-adds,
+/// only where the CPU has the instruction (elsewhere `mul_add` is a slow library call).
 mod rows {
     const LANES: usize = 16;
 
+    /// `a · b + c`.
     #[inline(always)]
-    pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+        if FMA {
+            a.mul_add(b, c)
+        } else {
+            a * b + c
+        }
+    }
+
+    #[inline(always)]
+    pub fn dot<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
         let mut acc = [0f32; LANES];
         let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
         let (ra, rb) = (ca.remainder(), cb.remainder());
         for (x, y) in ca.zip(cb) {
             for l in 0..LANES {
-                acc[l] = x[l].mul_add(y[l], acc[l]);
+                acc[l] = madd::<FMA>(x[l], y[l], acc[l]);
             }
         }
         let mut tail = 0f32;
         for (x, y) in ra.iter().zip(rb) {
-            tail = x.mul_add(*y, tail);
+            tail = madd::<FMA>(*x, *y, tail);
         }
         acc.iter().sum::<f32>() + tail
     }
 
     /// `y += a · x`.
     #[inline(always)]
-    pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    pub fn axpy<const FMA: bool>(y: &mut [f32], a: f32, x: &[f32]) {
         for (o, v) in y.iter_mut().zip(x) {
-            *o = v.mul_add(a, *o);
+            *o = madd::<FMA>(*v, a, *o);
         }
     }
 
@@ -164,7 +174,7 @@ mod rows {
 
     /// Forward of rows: `h_i = drop(x_i)·Aᵀ`, `y_i += h_i · Bᵀ`.
     #[inline(always)]
-    pub fn forward(f: Fwd<'_>, y: &mut [f32], h: &mut [f32]) {
+    pub fn forward<const FMA: bool>(f: Fwd<'_>, y: &mut [f32], h: &mut [f32]) {
         let Fwd {
             first_row,
             x,
@@ -188,10 +198,10 @@ mod rows {
                 None => x,
             };
             for (j, hj) in h.iter_mut().enumerate() {
-                *hj = dot(x, &a[j * inp..(j + 1) * inp]);
+                *hj = dot::<FMA>(x, &a[j * inp..(j + 1) * inp]);
             }
             for (j, hj) in h.iter().enumerate() {
-                axpy(y, *hj, &bt[j * out..(j + 1) * out]);
+                axpy::<FMA>(y, *hj, &bt[j * out..(j + 1) * out]);
             }
         }
     }
@@ -199,7 +209,11 @@ mod rows {
     /// Backward of rows: `gh_i = g_i · (sB)`, `dx_i += drop'(gh_i · A)`, and the band's
     /// `dA += gh_iᵀ drop(x_i)`, `d(sB)ᵀ += h_iᵀ g_i` (`da`: `[r, in]`, `dbt`: `[r, out]`).
     #[inline(always)]
-    pub fn backward(b: Bwd<'_>, mut dx: Option<&mut [f32]>, (da, dbt): (&mut [f32], &mut [f32])) {
+    pub fn backward<const FMA: bool>(
+        b: Bwd<'_>,
+        mut dx: Option<&mut [f32]>,
+        (da, dbt): (&mut [f32], &mut [f32]),
+    ) {
         let Bwd { f, g, h } = b;
         let Fwd {
             first_row,
@@ -226,7 +240,7 @@ mod rows {
                 }
                 let gr = &g[i * out..(i + 1) * out];
                 for j in 0..r {
-                    gh[u * r + j] = dot(gr, &bt[j * out..(j + 1) * out]);
+                    gh[u * r + j] = dot::<FMA>(gr, &bt[j * out..(j + 1) * out]);
                 }
             }
             // dA_j += Σ_u gh_uj · drop(x_u), d(sB)ᵀ_j += Σ_u h_uj · g_u: each accumulator
@@ -238,10 +252,10 @@ mod rows {
             for j in 0..r {
                 let xs: [&[f32]; BLOCK] =
                     std::array::from_fn(|u| &xd[u.min(nb - 1) * inp..][..inp]);
-                axpy4(&mut da[j * inp..(j + 1) * inp], coef(&gh, j), xs);
+                axpy4::<FMA>(&mut da[j * inp..(j + 1) * inp], coef(&gh, j), xs);
                 let gs: [&[f32]; BLOCK] =
                     std::array::from_fn(|u| &g[(b0 + u.min(nb - 1)) * out..][..out]);
-                axpy4(&mut dbt[j * out..(j + 1) * out], coef(hb, j), gs);
+                axpy4::<FMA>(&mut dbt[j * out..(j + 1) * out], coef(hb, j), gs);
             }
             let Some(dx) = dx.as_deref_mut() else {
                 continue;
@@ -253,13 +267,13 @@ mod rows {
                 match mask {
                     None => {
                         for j in 0..r {
-                            axpy(dx, ghu[j], &a[j * inp..(j + 1) * inp]);
+                            axpy::<FMA>(dx, ghu[j], &a[j * inp..(j + 1) * inp]);
                         }
                     }
                     Some((bits, scale)) => {
                         t.iter_mut().for_each(|v| *v = 0.0);
                         for j in 0..r {
-                            axpy(&mut t, ghu[j], &a[j * inp..(j + 1) * inp]);
+                            axpy::<FMA>(&mut t, ghu[j], &a[j * inp..(j + 1) * inp]);
                         }
                         let tmp = &mut xd[u * inp..(u + 1) * inp];
                         masked(tmp, &t, bits, row * inp, scale);
@@ -275,14 +289,14 @@ mod rows {
 
     /// `y += Σ_u c_u · x_u`.
     #[inline(always)]
-    fn axpy4(y: &mut [f32], c: [f32; BLOCK], x: [&[f32]; BLOCK]) {
+    fn axpy4<const FMA: bool>(y: &mut [f32], c: [f32; BLOCK], x: [&[f32]; BLOCK]) {
         let n = y.len();
         let (x0, x1, x2, x3) = (&x[0][..n], &x[1][..n], &x[2][..n], &x[3][..n]);
         for k in 0..n {
-            y[k] = x3[k].mul_add(
-                c[3],
-                x2[k].mul_add(c[2], x1[k].mul_add(c[1], x0[k].mul_add(c[0], y[k]))),
-            );
+            let acc = madd::<FMA>(x0[k], c[0], y[k]);
+            let acc = madd::<FMA>(x1[k], c[1], acc);
+            let acc = madd::<FMA>(x2[k], c[2], acc);
+            y[k] = madd::<FMA>(x3[k], c[3], acc);
         }
     }
 }
@@ -294,12 +308,12 @@ mod rows_avx2 {
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn forward(f: Fwd<'_>, y: &mut [f32], h: &mut [f32]) {
-        super::rows::forward(f, y, h)
+        super::rows::forward::<true>(f, y, h)
     }
 
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn backward(b: Bwd<'_>, dx: Option<&mut [f32]>, grads: (&mut [f32], &mut [f32])) {
-        super::rows::backward(b, dx, grads)
+        super::rows::backward::<true>(b, dx, grads)
     }
 }
 
@@ -310,7 +324,7 @@ fn forward_rows(f: rows::Fwd<'_>, y: &mut [f32], h: &mut [f32]) {
         // SAFETY: the CPU reports AVX2 and FMA.
         return unsafe { rows_avx2::forward(f, y, h) };
     }
-    rows::forward(f, y, h)
+    rows::forward::<false>(f, y, h)
 }
 
 /// [`rows::backward`] on the fastest path this CPU has.
@@ -320,7 +334,7 @@ fn backward_rows(b: rows::Bwd<'_>, dx: Option<&mut [f32]>, grads: (&mut [f32], &
         // SAFETY: the CPU reports AVX2 and FMA.
         return unsafe { rows_avx2::backward(b, dx, grads) };
     }
-    rows::backward(b, dx, grads)
+    rows::backward::<false>(b, dx, grads)
 }
 
 /// Rows a task takes: the weight gradients are summed per band of this many rows, bands in
@@ -392,7 +406,7 @@ impl CustomOp3 for LoraTrain {
                 };
                 forward_rows(f, y, h);
             });
-        *self.saved.lock().expect("lora-train state") = Saved { h, bits };
+        *self.saved.lock().expect("lora-train state") = Saved { a, bt, h, bits };
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
@@ -400,7 +414,7 @@ impl CustomOp3 for LoraTrain {
         &self,
         x_t: &Tensor,
         a_t: &Tensor,
-        b_t: &Tensor,
+        _b_t: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -412,33 +426,30 @@ impl CustomOp3 for LoraTrain {
         // The gradient and x are read where they lie (no copy when contiguous).
         borrowed(grad, |g| {
             borrowed(x_t, |x| {
-                self.backward(x_t, a_t, b_t, x, g, (n, out, inp, r), dev)
+                self.backward(x_t.track_op(), x, g, (n, out, inp, r), dev)
             })
         })
     }
 }
 
 impl LoraTrain {
-    /// The backward on host rows `x` (`[n, in]`) and `g` (`[n, out]`).
-    #[allow(clippy::too_many_arguments)]
+    /// The backward on host rows `x` (`[n, in]`) and `g` (`[n, out]`); `dx` only where
+    /// `x_grad`.
     fn backward(
         &self,
-        x_t: &Tensor,
-        a_t: &Tensor,
-        b_t: &Tensor,
+        x_grad: bool,
         x: &[f32],
         g: &[f32],
         (n, out, inp, r): (usize, usize, usize, usize),
         dev: &candle_core::Device,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let a = host(&a_t.t()?)?;
-        let bt = host(b_t)?;
         let saved = self.saved.lock().expect("lora-train state");
+        let (a, bt) = (&saved.a, &saved.bt);
         if saved.h.len() != n * r {
             candle_core::bail!("lora-train: backward without its forward");
         }
         let mask = self.mask.as_ref().map(|m| (&saved.bits[..], m.scale()));
-        let mut dx = if x_t.track_op() {
+        let mut dx = if x_grad {
             Some(self.base.backward(g, n)?)
         } else {
             None
@@ -466,8 +477,8 @@ impl LoraTrain {
                     f: rows::Fwd {
                         first_row: first,
                         x,
-                        a: &a,
-                        bt: &bt,
+                        a,
+                        bt,
                         mask,
                         dims,
                     },
@@ -526,21 +537,11 @@ mod tests {
         }
         fn forward(&self, x: &[f32], n: usize) -> Result<Vec<f32>> {
             let w: Vec<f32> = self.0.flatten_all()?.to_vec1()?;
-            Ok(crate::ops::frozen_matmul::dense_forward(
-                &w,
-                self.dims(),
-                x,
-                n,
-            ))
+            Ok(crate::ops::gemm::matmul_wt(&w, self.dims(), x, n))
         }
         fn backward(&self, g: &[f32], n: usize) -> Result<Vec<f32>> {
             let w: Vec<f32> = self.0.flatten_all()?.to_vec1()?;
-            Ok(crate::ops::frozen_matmul::dense_backward(
-                &w,
-                self.dims(),
-                g,
-                n,
-            ))
+            Ok(crate::ops::gemm::matmul_w(&w, self.dims(), g, n))
         }
     }
 

@@ -56,7 +56,7 @@ impl Part {
             Part::DownProj => "down projection (base)",
             Part::AdapterDelta => "adapter deltas",
             Part::LmHead => "lm_head (sampled rows)",
-            Part::BwdLora => "LoRA projections (frozen base and adapter)",
+            Part::BwdLora => "projections (frozen base, with any LoRA)",
             Part::BwdHead => "lm_head and loss",
             Part::BwdElementwise => "RMSNorm, RoPE, softmax, SiLU",
         }

@@ -13,7 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::model::Linear;
-use crate::ops::frozen_matmul::dense_backward;
+use crate::ops::gemm::matmul_w;
 use crate::ops::vexp::exp;
 
 /// Rows whose logits exist at once: 128 × 49,152 × 4 bytes = 25 MB on the default model.
@@ -89,7 +89,7 @@ impl CustomOp1 for HeadCrossEntropy {
                 .sum::<f64>();
             if self.grad.is_some() {
                 dh.extend(match &dense {
-                    Some(w) => dense_backward(w, (vocab, hidden), &logits, len),
+                    Some(w) => matmul_w(w, (vocab, hidden), &logits, len),
                     None => self.head.host_backward(&logits, len)?,
                 });
             }

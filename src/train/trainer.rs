@@ -110,11 +110,14 @@ pub(crate) fn target_rows(weights: &AdapterWeights, examples: &[&Example]) -> (V
     (rows, targets)
 }
 
-/// Mean cross-entropy over the target tokens of `examples`, with `weights` applied.
+/// Mean cross-entropy over the target tokens of `examples`, with `weights` applied;
+/// differentiable where `for_grad` (evaluation passes `false`: the head loss then skips
+/// preparing its gradient).
 pub fn batch_loss(
     model: &Llama,
     weights: &AdapterWeights,
     examples: &[&Example],
+    for_grad: bool,
 ) -> Result<Tensor, TrainError> {
     let mut caches: Vec<_> = examples.iter().map(|_| model.new_cache()).collect();
     let (rows, targets) = target_rows(weights, examples);
@@ -134,8 +137,9 @@ pub fn batch_loss(
     })?;
     if chunked {
         // The logits in chunks of rows inside the loss: never `rows × vocab` at once.
+        let hidden = if for_grad { logits } else { logits.detach() };
         return Ok(super::head_loss::head_cross_entropy(
-            &logits,
+            &hidden,
             &model.lm_head,
             &targets,
         )?);
@@ -230,7 +234,7 @@ pub fn evaluate(
         .flat_map(|c| micro_batches(c, max_batch_tokens))
     {
         let tokens: usize = refs.iter().map(|e| e.target_tokens()).sum();
-        let loss = batch_loss(model, &weights, &refs)?
+        let loss = batch_loss(model, &weights, &refs, false)?
             .detach()
             .to_scalar::<f32>()?;
         sum += loss as f64 * tokens as f64;
@@ -513,7 +517,7 @@ pub fn train(
                     other => other?,
                 }
             } else {
-                let loss = batch_loss(model, &weights, &batch)?;
+                let loss = batch_loss(model, &weights, &batch, true)?;
                 let grads = (&loss * share)?.backward()?;
                 accumulate(&grads, &vars, &mut acc)?;
                 loss.to_scalar::<f32>()?
