@@ -6,6 +6,7 @@
 //! cargo run --release --example context_profile                # 3,000-token prompt, chunks of 256
 //! cargo run --release --example context_profile -- 3000 0     # the prompt in one step
 //! cargo run --release --example context_profile -- 3000 256 bf16   # KV stored in bf16
+//! cargo run --release --example context_profile -- 2000 256 --gguf=/tmp/loraplex-real-size/llama.q4_k_m.gguf
 //! ```
 
 use std::time::Instant;
@@ -71,6 +72,13 @@ fn main() {
                 .resolve(&SourceConfig::from_env()),
         )
         .unwrap();
+    let resolved = match args.iter().find_map(|a| a.strip_prefix("--gguf=")) {
+        Some(path) => loraplex::model::source::ResolvedModel::Gguf {
+            id: path.into(),
+            path: path.into(),
+        },
+        None => resolved,
+    };
     let loaded = load_model(
         &resolved,
         &ModelOptions {

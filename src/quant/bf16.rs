@@ -10,7 +10,7 @@
 
 use half::bf16;
 
-use super::int8::{matmul_tiles, QK, TILE};
+use super::int8::{matmul_tiles, Acc, QK, TILE};
 
 /// One block of 32 columns for 16 output rows.
 #[repr(C, align(64))]
@@ -153,6 +153,7 @@ impl Bf16Weight {
             self.rows,
             self.cols,
             n,
+            4,
             &act,
             |tiles, act, i, k, acc| {
                 match kernel {
@@ -168,7 +169,7 @@ impl Bf16Weight {
     }
 }
 
-fn portable(tiles: &[Tile], act: &Act16, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
+fn portable(tiles: &[Tile], act: &Act16, i: usize, rows: usize, acc: &mut Acc) {
     let f = |bits: u16| bf16::from_bits(bits).to_f32();
     for (b, tile) in tiles.iter().enumerate() {
         for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
@@ -187,7 +188,7 @@ fn portable(tiles: &[Tile], act: &Act16, i: usize, rows: usize, acc: &mut [[f32;
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
-unsafe fn avx512(tiles: &[Tile], act: &Act16, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
+unsafe fn avx512(tiles: &[Tile], act: &Act16, i: usize, rows: usize, acc: &mut Acc) {
     use std::arch::x86_64::*;
     let mut facc = [_mm512_setzero_ps(); 4];
     let xrows: [&[u16]; 4] = std::array::from_fn(|r| act.row(i + r.min(rows - 1)));
@@ -210,7 +211,7 @@ unsafe fn avx512(tiles: &[Tile], act: &Act16, i: usize, rows: usize, acc: &mut [
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn avx2(tiles: &[Tile], act: &Act16, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
+unsafe fn avx2(tiles: &[Tile], act: &Act16, i: usize, rows: usize, acc: &mut Acc) {
     use std::arch::x86_64::*;
     let high = _mm256_set1_epi32(0xFFFF_0000u32 as i32);
     let mut facc = [[_mm256_setzero_ps(); 2]; 4];

@@ -9,6 +9,10 @@ use rayon::prelude::*;
 pub const QK: usize = 32;
 /// Output rows per tile.
 pub const TILE: usize = 16;
+/// Most activation rows one kernel call takes (`TileWeight::ROWS` ≤ this).
+pub const MAX_ROWS: usize = 8;
+/// A kernel call's results: activation row × the tile's 16 output rows.
+pub type Acc = [[f32; TILE]; MAX_ROWS];
 
 /// Activations quantized to 8 bits per block of 32: `xd = max|x| / 127`, `xq = round(x / xd)`.
 pub struct Activations {
@@ -18,6 +22,8 @@ pub struct Activations {
     d: Vec<f32>,
     s: Vec<f32>,
     sum: Vec<i32>,
+    /// Per row and half block (16 values): `Σ xq` (Q6_K's 16-value parts).
+    sum16: Vec<i32>,
 }
 
 impl Activations {
@@ -28,6 +34,7 @@ impl Activations {
         let mut d = vec![0f32; n * kb];
         let mut s = vec![0f32; n * kb];
         let mut sums = vec![0i32; n * kb];
+        let mut sum16 = vec![0i32; 2 * n * kb];
         for (blk, (xs, qs)) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).enumerate() {
             let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
             let scale = amax / 127.0;
@@ -44,6 +51,8 @@ impl Activations {
             d[blk] = scale;
             s[blk] = scale * sum as f32;
             sums[blk] = sum;
+            sum16[2 * blk] = qs[..QK / 2].iter().map(|&v| v as i32).sum();
+            sum16[2 * blk + 1] = sum - sum16[2 * blk];
         }
         Self {
             cols,
@@ -51,6 +60,7 @@ impl Activations {
             d,
             s,
             sum: sums,
+            sum16,
         }
     }
 
@@ -68,6 +78,12 @@ impl Activations {
     pub fn scales_row(&self, i: usize) -> (&[f32], &[f32]) {
         let kb = self.cols / QK;
         (&self.d[i * kb..(i + 1) * kb], &self.s[i * kb..(i + 1) * kb])
+    }
+
+    /// Row `i`'s `Σ xq` per 16 values (two per block).
+    pub fn sums16_row(&self, i: usize) -> &[i32] {
+        let parts = 2 * (self.cols / QK);
+        &self.sum16[i * parts..(i + 1) * parts]
     }
 
     /// `Σ xq` of row `i`, block `b`.
@@ -132,25 +148,31 @@ pub trait TileWeight: Sync {
     fn tiles(&self) -> &[Self::Tile];
     /// Rows `ids` as f32, `[ids.len(), cols]`.
     fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32>;
-    /// Accumulates activation rows `i..i + rows` (≤ 4) against one row tile with `kernel`.
+    /// Activation rows per kernel call (register blocking; ≤ `MAX_ROWS`).
+    const ROWS: usize = 4;
+    /// Accumulates activation rows `i..i + rows` (≤ `ROWS`) against one row tile with `kernel`.
     fn run(
         kernel: Kernel,
         tiles: &[Self::Tile],
         act: &Activations,
         i: usize,
         rows: usize,
-        acc: &mut [[f32; TILE]; 4],
+        acc: &mut Acc,
     );
 }
 
 /// Implements `TileWeight` for a weight type with `rows`, `cols` and `tiles` fields and an
 /// inherent `dequantize_rows`, whose module has the kernels `portable`, `avx2` and `avx512`
 /// (`fn(&[Tile], &Activations, i, rows, &mut acc)`, the last two `unsafe`, compiled for their
-/// instruction sets).
+/// instruction sets); `rows` sets `TileWeight::ROWS` (default 4).
 macro_rules! tile_weight {
     ($weight:ty, $tile:ty) => {
+        $crate::quant::int8::tile_weight!($weight, $tile, 4);
+    };
+    ($weight:ty, $tile:ty, $rows:expr) => {
         impl $crate::quant::int8::TileWeight for $weight {
             type Tile = $tile;
+            const ROWS: usize = $rows;
 
             fn dims(&self) -> (usize, usize) {
                 (self.rows, self.cols)
@@ -170,7 +192,7 @@ macro_rules! tile_weight {
                 act: &$crate::quant::int8::Activations,
                 i: usize,
                 rows: usize,
-                acc: &mut [[f32; $crate::quant::int8::TILE]; 4],
+                acc: &mut $crate::quant::int8::Acc,
             ) {
                 use $crate::quant::int8::Kernel;
                 match kernel {
@@ -198,9 +220,15 @@ pub fn matmul_t<W: TileWeight>(w: &W, x: &[f32], n: usize) -> Vec<f32> {
 pub fn matmul_t_int<W: TileWeight>(w: &W, x: &[f32], n: usize, kernel: Kernel) -> Vec<f32> {
     let (rows, cols) = w.dims();
     let act = Activations::quantize(x, n, cols);
-    matmul_tiles(w.tiles(), rows, cols, n, &act, |tiles, act, i, k, acc| {
-        W::run(kernel, tiles, act, i, k, acc)
-    })
+    matmul_tiles(
+        w.tiles(),
+        rows,
+        cols,
+        n,
+        W::ROWS,
+        &act,
+        |tiles, act, i, k, acc| W::run(kernel, tiles, act, i, k, acc),
+    )
 }
 
 /// Four bytes of `x` from `at` as one little-endian `i32` (to broadcast to every lane).
@@ -213,14 +241,16 @@ pub fn broadcast4(x: &[i8], at: usize) -> i32 {
 /// `x · Wᵀ` over `tiles` (`[row tile][block of columns]`: 32 columns each, or a K-quant's
 /// super-block of 256) of a `[rows, cols]` weight, for `n` activation rows held in `act` (in
 /// whatever form the kernel reads): `run(tiles of one row tile, act, i, k, acc)` accumulates
-/// activation rows `i..i + k` (k ≤ 4) into `acc`.
+/// activation rows `i..i + k` (k ≤ `group` ≤ `MAX_ROWS`) into `acc`.
+#[allow(clippy::too_many_arguments)]
 pub fn matmul_tiles<T: Sync, A: Sync>(
     tiles: &[T],
     rows: usize,
     cols: usize,
     n: usize,
+    group: usize,
     act: &A,
-    run: impl Fn(&[T], &A, usize, usize, &mut [[f32; TILE]; 4]) + Sync,
+    run: impl Fn(&[T], &A, usize, usize, &mut Acc) + Sync,
 ) -> Vec<f32> {
     let row_tiles = rows.div_ceil(TILE);
     let kb = tiles.len() / row_tiles.max(1);
@@ -237,8 +267,8 @@ pub fn matmul_tiles<T: Sync, A: Sync>(
                 let tile_row = &tiles[t * kb..(t + 1) * kb];
                 let mut i = 0;
                 while i < n {
-                    let k = (n - i).min(4);
-                    let mut acc = [[0f32; TILE]; 4];
+                    let k = (n - i).min(group);
+                    let mut acc = [[0f32; TILE]; MAX_ROWS];
                     run(tile_row, act, i, k, &mut acc);
                     for (r, a) in acc.iter().enumerate().take(k) {
                         let base = (i + r) * (t1 - t0) * TILE + (t - t0) * TILE;

@@ -20,7 +20,7 @@
 use half::f16;
 
 pub use super::int8::QK;
-use super::int8::{self, broadcast4, Activations, TILE};
+use super::int8::{self, broadcast4, Acc, Activations, TILE};
 /// Bytes of one GGUF Q4_1 block.
 pub const BLOCK_BYTES: usize = 20;
 
@@ -194,7 +194,7 @@ impl Q41Weight {
 
 int8::tile_weight!(Q41Weight, Tile);
 
-fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
+fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
     for (b, tile) in tiles.iter().enumerate() {
         for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
             let xq = &act.row(i + r)[b * QK..(b + 1) * QK];
@@ -211,13 +211,7 @@ fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn avx512(
-    tiles: &[Tile],
-    act: &Activations,
-    i: usize,
-    rows: usize,
-    acc: &mut [[f32; TILE]; 4],
-) {
+unsafe fn avx512(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
     use std::arch::x86_64::*;
     let mask = _mm512_set1_epi8(0x0F);
     let mut facc = [_mm512_setzero_ps(); 4];
@@ -252,13 +246,7 @@ unsafe fn avx512(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn avx2(
-    tiles: &[Tile],
-    act: &Activations,
-    i: usize,
-    rows: usize,
-    acc: &mut [[f32; TILE]; 4],
-) {
+unsafe fn avx2(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
     use std::arch::x86_64::*;
     let mask = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);

@@ -18,7 +18,7 @@
 
 use half::f16;
 
-use super::int8::{self, broadcast4, Activations, QK, TILE};
+use super::int8::{self, broadcast4, Acc, Activations, QK, TILE};
 use super::q4_1::{nibble_dot, pack_nibbles, unpack_nibbles};
 
 /// Values per super-block.
@@ -166,9 +166,9 @@ impl Q4KWeight {
     }
 }
 
-int8::tile_weight!(Q4KWeight, Tile);
+int8::tile_weight!(Q4KWeight, Tile, 8);
 
-fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
+fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
     for (b, tile) in tiles.iter().enumerate() {
         for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
             for s in 0..SUBS {
@@ -188,19 +188,34 @@ fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn avx512(
+unsafe fn avx512(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
+    // Eight activation rows share each unpacked sub-block pair (a prefill's rows); up to four
+    // go the four-row way. A row's arithmetic is the same in both.
+    if rows > 4 {
+        avx512_rows::<8>(tiles, act, i, rows, acc)
+    } else {
+        avx512_rows::<4>(tiles, act, i, rows, acc)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn avx512_rows<const R: usize>(
     tiles: &[Tile],
     act: &Activations,
     i: usize,
     rows: usize,
-    acc: &mut [[f32; TILE]; 4],
+    acc: &mut Acc,
 ) {
     use std::arch::x86_64::*;
     let mask = _mm512_set1_epi8(0x0F);
-    let mut facc = [_mm512_setzero_ps(); 4];
+    let mut facc = [_mm512_setzero_ps(); R];
+    // Eight rows always run all eight (constant trip counts keep the accumulators in
+    // registers; a short group repeats its last row); four run as many as there are.
+    let live = if R > 4 { R } else { rows };
     let cols = tiles.len() * QK_K;
-    let xrows: [&[i8]; 4] = std::array::from_fn(|r| act.row(i + r.min(rows - 1)));
-    let scales: [(&[f32], &[f32]); 4] =
+    let xrows: [&[i8]; R] = std::array::from_fn(|r| act.row(i + r.min(rows - 1)));
+    let scales: [(&[f32], &[f32]); R] =
         std::array::from_fn(|r| act.scales_row(i + r.min(rows - 1)));
     assert!(xrows.iter().all(|x| x.len() == cols));
     // Four bytes of activation row `r` from `at` (in bounds: `at + 4 <= cols`, checked above).
@@ -216,8 +231,8 @@ unsafe fn avx512(
         // `vpdpbusd` is then two chains, not one.
         for pair in 0..SUBS / 2 {
             let (sa, sb) = (2 * pair, 2 * pair + 1);
-            let mut ia = [_mm512_setzero_si512(); 4];
-            let mut ib = [_mm512_setzero_si512(); 4];
+            let mut ia = [_mm512_setzero_si512(); R];
+            let mut ib = [_mm512_setzero_si512(); R];
             for g in 0..4 {
                 let wa = _mm512_loadu_si512(tile.qs.as_ptr().add(sa * 256 + g * 64) as *const _);
                 let wb = _mm512_loadu_si512(tile.qs.as_ptr().add(sb * 256 + g * 64) as *const _);
@@ -231,7 +246,7 @@ unsafe fn avx512(
                 );
                 let at_a = (b * SUBS + sa) * QK + 8 * g;
                 let at_b = at_a + QK;
-                for r in 0..rows {
+                for r in 0..live {
                     ia[r] = _mm512_dpbusd_epi32(ia[r], lo_a, x4(r, at_a));
                     ia[r] = _mm512_dpbusd_epi32(ia[r], hi_a, x4(r, at_a + 4));
                     ib[r] = _mm512_dpbusd_epi32(ib[r], lo_b, x4(r, at_b));
@@ -247,7 +262,7 @@ unsafe fn avx512(
                 )));
                 let (ds, ms) = (_mm512_mul_ps(d, sc), _mm512_mul_ps(dmin, mn));
                 let blk = b * SUBS + s;
-                for r in 0..rows {
+                for r in 0..live {
                     let (xd, xs) = (scales[r].0[blk], scales[r].1[blk]);
                     let sum = _mm512_cvtepi32_ps(isum[r]);
                     facc[r] = _mm512_fmadd_ps(sum, _mm512_mul_ps(ds, _mm512_set1_ps(xd)), facc[r]);
@@ -263,13 +278,18 @@ unsafe fn avx512(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn avx2(
-    tiles: &[Tile],
-    act: &Activations,
-    i: usize,
-    rows: usize,
-    acc: &mut [[f32; TILE]; 4],
-) {
+unsafe fn avx2(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
+    for start in (0..rows).step_by(4) {
+        let mut part = [[0f32; TILE]; int8::MAX_ROWS];
+        let k = (rows - start).min(4);
+        avx2_four(tiles, act, i + start, k, &mut part);
+        acc[start..start + k].copy_from_slice(&part[..k]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn avx2_four(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
     use std::arch::x86_64::*;
     let mask = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);

@@ -19,7 +19,7 @@
 
 use half::f16;
 
-use super::int8::{self, Activations, QK, TILE};
+use super::int8::{self, Acc, Activations, QK, TILE};
 use super::q4_1::pack_nibbles;
 
 /// Values per super-block.
@@ -180,17 +180,16 @@ impl Q6KWeight {
     }
 }
 
-int8::tile_weight!(Q6KWeight, Tile);
+int8::tile_weight!(Q6KWeight, Tile, 8);
 
-fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
+fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
     for (b, tile) in tiles.iter().enumerate() {
         for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
             for s in 0..SUBS {
                 let blk = b * SUBS + s;
                 let xq = &act.row(i + r)[blk * QK..(blk + 1) * QK];
                 let (xd, _) = act.scale(i + r, blk);
-                let sums: [i32; 2] =
-                    [0, 1].map(|h| xq[16 * h..16 * h + 16].iter().map(|&x| x as i32).sum());
+                let sums: [i32; 2] = [0, 1].map(|h| act.sums16_row(i + r)[2 * blk + h]);
                 for (lane, a) in acc_r.iter_mut().enumerate() {
                     let d = f16::from_bits(tile.d[lane]).to_f32();
                     for h in 0..2 {
@@ -209,41 +208,49 @@ fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut 
 
 /// No AVX2 kernel yet: the portable one (`gguf.rs` routes Q6_K here only with AVX-512 VNNI).
 #[cfg(target_arch = "x86_64")]
-unsafe fn avx2(
-    tiles: &[Tile],
-    act: &Activations,
-    i: usize,
-    rows: usize,
-    acc: &mut [[f32; TILE]; 4],
-) {
+unsafe fn avx2(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
     portable(tiles, act, i, rows, acc)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn avx512(
+unsafe fn avx512(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
+    // As Q4_K's: eight rows share each unpacked sub-block, up to four go the four-row way.
+    if rows > 4 {
+        avx512_rows::<8>(tiles, act, i, rows, acc)
+    } else {
+        avx512_rows::<4>(tiles, act, i, rows, acc)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn avx512_rows<const R: usize>(
     tiles: &[Tile],
     act: &Activations,
     i: usize,
     rows: usize,
-    acc: &mut [[f32; TILE]; 4],
+    acc: &mut Acc,
 ) {
     use std::arch::x86_64::*;
     let m4 = _mm512_set1_epi8(0x0F);
     let m30 = _mm512_set1_epi8(0x30);
-    let mut facc = [_mm512_setzero_ps(); 4];
+    let mut facc = [_mm512_setzero_ps(); R];
+    // Constant trip counts for eight rows (a short group repeats its last row).
+    let live = if R > 4 { R } else { rows };
     let cols = tiles.len() * QK_K;
-    let xrows: [&[i8]; 4] = std::array::from_fn(|r| act.row(i + r.min(rows - 1)));
-    let scales: [(&[f32], &[f32]); 4] =
+    let xrows: [&[i8]; R] = std::array::from_fn(|r| act.row(i + r.min(rows - 1)));
+    let scales: [(&[f32], &[f32]); R] =
         std::array::from_fn(|r| act.scales_row(i + r.min(rows - 1)));
+    let sums: [&[i32]; R] = std::array::from_fn(|r| act.sums16_row(i + r.min(rows - 1)));
     assert!(xrows.iter().all(|x| x.len() == cols));
     for (b, tile) in tiles.iter().enumerate() {
         let d = _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr() as *const _));
         for s in 0..SUBS {
             let blk = b * SUBS + s;
             // Two 16-value parts (groups 0–1 and 2–3), each with its own accumulator.
-            let mut ia = [_mm512_setzero_si512(); 4];
-            let mut ib = [_mm512_setzero_si512(); 4];
+            let mut ia = [_mm512_setzero_si512(); R];
+            let mut ib = [_mm512_setzero_si512(); R];
             for gp in 0..2 {
                 let h = _mm512_loadu_si512(tile.hi.as_ptr().add(s * 128 + gp * 64) as *const _);
                 for k in 0..2 {
@@ -265,7 +272,7 @@ unsafe fn avx512(
                     let qa = _mm512_or_si512(_mm512_and_si512(v, m4), ha);
                     let qb = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), hb);
                     let at = blk * QK + 8 * g;
-                    for r in 0..rows {
+                    for r in 0..live {
                         let xa = _mm512_set1_epi32(std::ptr::read_unaligned(
                             xrows[r].as_ptr().add(at) as *const i32,
                         ));
@@ -287,10 +294,8 @@ unsafe fn avx512(
                     tile.sc[part].as_ptr() as *const _,
                 )));
                 let ds = _mm512_mul_ps(d, sc);
-                let h = part % 2;
-                for r in 0..rows {
-                    let xq = &xrows[r][blk * QK + 16 * h..][..16];
-                    let sum: i32 = xq.iter().map(|&x| x as i32).sum();
+                for r in 0..live {
+                    let sum = sums[r][2 * blk + part % 2];
                     let fixed = _mm512_sub_epi32(isum[r], _mm512_set1_epi32(32 * sum));
                     let xd = scales[r].0[blk];
                     facc[r] = _mm512_fmadd_ps(

@@ -10,7 +10,7 @@
 
 use half::f16;
 
-use super::int8::{self, broadcast4, Activations, QK, TILE};
+use super::int8::{self, broadcast4, Acc, Activations, QK, TILE};
 
 /// Bytes of one GGUF Q8_0 block.
 pub const BLOCK_BYTES: usize = 34;
@@ -114,7 +114,7 @@ impl Q80Weight {
 
 int8::tile_weight!(Q80Weight, Tile);
 
-fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut [[f32; TILE]; 4]) {
+fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
     for (b, tile) in tiles.iter().enumerate() {
         for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
             let xq = &act.row(i + r)[b * QK..(b + 1) * QK];
@@ -135,13 +135,7 @@ fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn avx512(
-    tiles: &[Tile],
-    act: &Activations,
-    i: usize,
-    rows: usize,
-    acc: &mut [[f32; TILE]; 4],
-) {
+unsafe fn avx512(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
     use std::arch::x86_64::*;
     let flip = _mm512_set1_epi8(-128);
     let mut facc = [_mm512_setzero_ps(); 4];
@@ -177,13 +171,7 @@ unsafe fn avx512(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn avx2(
-    tiles: &[Tile],
-    act: &Activations,
-    i: usize,
-    rows: usize,
-    acc: &mut [[f32; TILE]; 4],
-) {
+unsafe fn avx2(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
     use std::arch::x86_64::*;
     let ones = _mm256_set1_epi16(1);
     let mut facc = [[_mm256_setzero_ps(); 2]; 4];
