@@ -531,9 +531,8 @@ impl Llama {
         })?;
         let act = time(Part::Activation, || match c.arch.activation {
             Activation::GeluTanh => gate.gelu()? * up,
-            Activation::Silu
-                if (gate.track_op() || up.track_op()) && crate::ops::fused::applies(&gate) =>
-            {
+            // One pass, no intermediate (and its backward where training).
+            Activation::Silu if crate::ops::fused::applies(&gate) => {
                 crate::ops::fused::silu_mul(&gate, &up)
             }
             Activation::Silu => gate.silu()? * up,

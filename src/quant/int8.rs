@@ -256,39 +256,47 @@ pub fn matmul_tiles<T: Sync, A: Sync>(
     let kb = tiles.len() / row_tiles.max(1);
     // Enough tiles per task that a task outweighs its hand-off.
     let per_task = ((1 << 18) / (cols.max(1) * TILE * n.max(1))).clamp(1, row_tiles.max(1));
-    let chunks: Vec<(usize, Vec<f32>)> = (0..row_tiles)
+    let mut y = vec![0f32; n * rows];
+    let out = OutColumns(y.as_mut_ptr());
+    (0..row_tiles)
         .step_by(per_task)
         .collect::<Vec<_>>()
         .into_par_iter()
-        .map(|t0| {
+        .for_each(|t0| {
             let t1 = (t0 + per_task).min(row_tiles);
-            let mut out = vec![0f32; n * (t1 - t0) * TILE];
             for t in t0..t1 {
                 let tile_row = &tiles[t * kb..(t + 1) * kb];
+                let valid = TILE.min(rows - t * TILE);
                 let mut i = 0;
                 while i < n {
                     let k = (n - i).min(group);
                     let mut acc = [[0f32; TILE]; MAX_ROWS];
                     run(tile_row, act, i, k, &mut acc);
                     for (r, a) in acc.iter().enumerate().take(k) {
-                        let base = (i + r) * (t1 - t0) * TILE + (t - t0) * TILE;
-                        out[base..base + TILE].copy_from_slice(a);
+                        // SAFETY: row i + r < n, columns t·16 .. t·16 + valid ≤ rows: inside
+                        // `y`, and only this task writes tile t's columns.
+                        unsafe { out.write((i + r) * rows + t * TILE, &a[..valid]) };
                     }
                     i += k;
                 }
             }
-            (t0, out)
-        })
-        .collect();
-    let mut y = vec![0f32; n * rows];
-    for (t0, out) in chunks {
-        let width = out.len() / n.max(1);
-        let valid = width.min(rows - t0 * TILE);
-        for i in 0..n {
-            y[i * rows + t0 * TILE..][..valid].copy_from_slice(&out[i * width..][..valid]);
-        }
-    }
+        });
     y
+}
+
+/// The output of `matmul_tiles`, written by its tasks in place: each task owns its row tiles'
+/// columns of every row, so no two write the same element.
+struct OutColumns(*mut f32);
+
+// SAFETY: the tasks write disjoint elements (see `matmul_tiles`) and `y` outlives them.
+unsafe impl Sync for OutColumns {}
+
+impl OutColumns {
+    /// # Safety
+    /// `at .. at + values.len()` lies inside the output and no other task writes it.
+    unsafe fn write(&self, at: usize, values: &[f32]) {
+        std::ptr::copy_nonoverlapping(values.as_ptr(), self.0.add(at), values.len());
+    }
 }
 
 /// Checks shared by the kernels' tests: against the exact product of the dequantized weight
