@@ -10,7 +10,7 @@ pub const QK: usize = 32;
 /// Output rows per tile.
 pub const TILE: usize = 16;
 /// Most activation rows one kernel call takes (`TileWeight::ROWS` ≤ this).
-pub const MAX_ROWS: usize = 8;
+pub const MAX_ROWS: usize = 16;
 /// A kernel call's results: activation row × the tile's 16 output rows.
 pub type Acc = [[f32; TILE]; MAX_ROWS];
 
@@ -100,12 +100,18 @@ pub enum Kernel {
     Avx2,
     #[cfg(target_arch = "x86_64")]
     Avx512Vnni,
+    /// AVX-512 VNNI, with Intel AMX tiles for the wide calls of the kernels that have them.
+    #[cfg(target_arch = "x86_64")]
+    Amx,
 }
 
 impl Kernel {
     pub fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
+            if super::amx::available() {
+                return Self::Amx;
+            }
             if crate::ops::cpu_features::avx512_vnni() {
                 return Self::Avx512Vnni;
             }
@@ -119,7 +125,7 @@ impl Kernel {
     /// Whether this is the AVX-512 VNNI kernel.
     pub fn is_avx512(self) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if self == Self::Avx512Vnni {
+        if self == Self::Avx512Vnni || self == Self::Amx {
             return true;
         }
         false
@@ -135,6 +141,9 @@ impl Kernel {
             }
             if crate::ops::cpu_features::avx512_vnni() {
                 k.push(Self::Avx512Vnni);
+            }
+            if super::amx::available() {
+                k.push(Self::Amx);
             }
         }
         k
@@ -164,12 +173,16 @@ pub trait TileWeight: Sync {
 /// Implements `TileWeight` for a weight type with `rows`, `cols` and `tiles` fields and an
 /// inherent `dequantize_rows`, whose module has the kernels `portable`, `avx2` and `avx512`
 /// (`fn(&[Tile], &Activations, i, rows, &mut acc)`, the last two `unsafe`, compiled for their
-/// instruction sets); `rows` sets `TileWeight::ROWS` (default 4).
+/// instruction sets); `rows` sets `TileWeight::ROWS` (default 4); `amx` names the module's
+/// AMX kernel (same signature), otherwise `Kernel::Amx` runs the AVX-512 one.
 macro_rules! tile_weight {
     ($weight:ty, $tile:ty) => {
-        $crate::quant::int8::tile_weight!($weight, $tile, 4);
+        $crate::quant::int8::tile_weight!($weight, $tile, 4, avx512);
     };
     ($weight:ty, $tile:ty, $rows:expr) => {
+        $crate::quant::int8::tile_weight!($weight, $tile, $rows, avx512);
+    };
+    ($weight:ty, $tile:ty, $rows:expr, $amx:ident) => {
         impl $crate::quant::int8::TileWeight for $weight {
             type Tile = $tile;
             const ROWS: usize = $rows;
@@ -202,6 +215,8 @@ macro_rules! tile_weight {
                     Kernel::Avx2 => unsafe { avx2(tiles, act, i, rows, acc) },
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Avx512Vnni => unsafe { avx512(tiles, act, i, rows, acc) },
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Amx => unsafe { $amx(tiles, act, i, rows, acc) },
                 }
             }
         }
@@ -402,10 +417,11 @@ pub(crate) mod checks {
         }
     }
 
-    /// Every kernel this CPU runs gives the portable kernel's results.
+    /// Every kernel this CPU runs gives the portable kernel's results; AMX gives AVX-512's bit
+    /// for bit (16-row groups by AMX, the rest by AVX-512, at 16, 33 and 40 rows).
     pub fn simd_matches_portable<W: TileWeight>(w: &W) {
         let cols = w.dims().1;
-        for n in [1, 3, 8, 9] {
+        for n in [1, 3, 8, 9, 16, 33, 40] {
             let x = activations(n, cols);
             let reference = matmul_t_int(w, &x, n, Kernel::Portable);
             for k in Kernel::available() {
@@ -415,6 +431,10 @@ pub(crate) mod checks {
                         (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
                         "{k:?} n={n}: {a} vs {b}"
                     );
+                }
+                #[cfg(target_arch = "x86_64")]
+                if k == Kernel::Amx {
+                    assert_eq!(y, matmul_t_int(w, &x, n, Kernel::Avx512Vnni), "AMX n={n}");
                 }
             }
         }

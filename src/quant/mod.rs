@@ -1,6 +1,7 @@
 //! Quantized base weights: NF4 (bitsandbytes layout) with double quantization, GGUF Q4_1 served
 //! as stored, and the matmuls over them. Depends on candle only.
 
+pub mod amx;
 pub mod bf16;
 pub mod gguf;
 pub mod int8;

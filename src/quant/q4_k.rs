@@ -166,7 +166,7 @@ impl Q4KWeight {
     }
 }
 
-int8::tile_weight!(Q4KWeight, Tile, 8);
+int8::tile_weight!(Q4KWeight, Tile, 16, amx);
 
 fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
     for (b, tile) in tiles.iter().enumerate() {
@@ -191,10 +191,14 @@ fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut 
 unsafe fn avx512(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
     // Eight activation rows share each unpacked sub-block pair (a prefill's rows); up to four
     // go the four-row way. A row's arithmetic is the same in both.
-    if rows > 4 {
-        avx512_rows::<8>(tiles, act, i, rows, acc)
-    } else {
-        avx512_rows::<4>(tiles, act, i, rows, acc)
+    for start in (0..rows).step_by(8) {
+        let k = (rows - start).min(8);
+        let out = &mut acc[start..start + k];
+        if k > 4 {
+            avx512_rows::<8>(tiles, act, i + start, k, out)
+        } else {
+            avx512_rows::<4>(tiles, act, i + start, k, out)
+        }
     }
 }
 
@@ -205,7 +209,7 @@ unsafe fn avx512_rows<const R: usize>(
     act: &Activations,
     i: usize,
     rows: usize,
-    acc: &mut Acc,
+    acc: &mut [[f32; TILE]],
 ) {
     use std::arch::x86_64::*;
     let mask = _mm512_set1_epi8(0x0F);
@@ -272,6 +276,106 @@ unsafe fn avx512_rows<const R: usize>(
         }
     }
     for r in 0..rows {
+        _mm512_storeu_ps(acc[r].as_mut_ptr(), facc[r]);
+    }
+}
+
+/// Sixteen activation rows by AMX tiles (fewer go the AVX-512 way). Per super-block, each
+/// sub-block's nibbles are split into a `tdpbsud` B tile (8 rows of 16 weight rows × 4 values:
+/// the tile's layout, one group's low then high nibbles), the activations load as A tiles
+/// straight from their rows, and the eight 16 × 16 integer sums are then scaled row by row,
+/// exactly as `avx512_rows` scales them (same operations, same order).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn amx(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
+    use super::amx::{tile_dpbsud, tile_load, tile_store, tile_zero, Config, Tiles};
+    use std::arch::x86_64::*;
+    const AMX_ROWS: usize = 16;
+    if rows < AMX_ROWS {
+        return avx512(tiles, act, i, rows, acc);
+    }
+    #[repr(C, align(64))]
+    struct Scratch {
+        /// B tiles: `[sub-block][group (4)][low, high][row (16)][4 bytes]`.
+        w: [u8; SUBS * 512],
+        /// C tiles: `[sub-block][activation row (16)][weight row (16)]`.
+        c: [i32; SUBS * 256],
+    }
+    // C tiles 0–1 (16 × 16 i32), A tiles 2–3 (16 rows × 32 bytes), B tiles 4–5 (8 × 64 bytes).
+    static CONFIG: Config =
+        Config::new(&[(16, 64), (16, 64), (16, 32), (16, 32), (8, 64), (8, 64)]);
+    let cols = tiles.len() * QK_K;
+    let xrows: [&[i8]; AMX_ROWS] = std::array::from_fn(|r| act.row(i + r));
+    assert!(xrows.iter().all(|x| x.len() == cols));
+    // Rows i .. i + 16 lie one after another, `cols` bytes apart.
+    let x0 = xrows[0].as_ptr();
+    assert_eq!(xrows[AMX_ROWS - 1].as_ptr(), x0.add((AMX_ROWS - 1) * cols));
+    let scales: [(&[f32], &[f32]); AMX_ROWS] = std::array::from_fn(|r| act.scales_row(i + r));
+    let mask = _mm512_set1_epi8(0x0F);
+    let mut facc = [_mm512_setzero_ps(); AMX_ROWS];
+    let mut scratch = Scratch {
+        w: [0; SUBS * 512],
+        c: [0; SUBS * 256],
+    };
+    let _tiles = Tiles::load(&CONFIG);
+    for (b, tile) in tiles.iter().enumerate() {
+        for s in 0..SUBS {
+            for g in 0..4 {
+                let w = _mm512_loadu_si512(tile.qs.as_ptr().add(s * 256 + g * 64) as *const _);
+                let out = scratch.w.as_mut_ptr().add(s * 512 + g * 128);
+                _mm512_store_si512(out as *mut _, _mm512_and_si512(w, mask));
+                _mm512_store_si512(
+                    out.add(64) as *mut _,
+                    _mm512_and_si512(_mm512_srli_epi16(w, 4), mask),
+                );
+            }
+        }
+        for pair in 0..SUBS / 2 {
+            let (sa, sb) = (2 * pair, 2 * pair + 1);
+            let blk = b * SUBS + sa;
+            tile_load!(4, scratch.w.as_ptr().add(sa * 512), 64usize);
+            tile_load!(5, scratch.w.as_ptr().add(sb * 512), 64usize);
+            tile_load!(2, x0.add(blk * QK), cols);
+            tile_load!(3, x0.add((blk + 1) * QK), cols);
+            tile_zero!(0);
+            tile_zero!(1);
+            tile_dpbsud!(0, 2, 4);
+            tile_dpbsud!(1, 3, 5);
+            tile_store!(0, scratch.c.as_mut_ptr().add(sa * 256), 64usize);
+            tile_store!(1, scratch.c.as_mut_ptr().add(sb * 256), 64usize);
+        }
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr() as *const _));
+        let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(tile.dmin.as_ptr() as *const _));
+        let ds: [__m512; SUBS] = std::array::from_fn(|s| {
+            _mm512_mul_ps(
+                d,
+                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                    tile.sc[s].as_ptr() as *const _
+                ))),
+            )
+        });
+        let ms: [__m512; SUBS] = std::array::from_fn(|s| {
+            _mm512_mul_ps(
+                dmin,
+                _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(
+                    tile.mn[s].as_ptr() as *const _
+                ))),
+            )
+        });
+        for (r, f) in facc.iter_mut().enumerate() {
+            let xd = &scales[r].0[b * SUBS..][..SUBS];
+            let xs = &scales[r].1[b * SUBS..][..SUBS];
+            let mut v = *f;
+            for s in 0..SUBS {
+                let isum = _mm512_load_si512(scratch.c.as_ptr().add(s * 256 + r * 16) as *const _);
+                let sum = _mm512_cvtepi32_ps(isum);
+                v = _mm512_fmadd_ps(sum, _mm512_mul_ps(ds[s], _mm512_set1_ps(xd[s])), v);
+                v = _mm512_fnmadd_ps(ms[s], _mm512_set1_ps(xs[s]), v);
+            }
+            *f = v;
+        }
+    }
+    for r in 0..AMX_ROWS {
         _mm512_storeu_ps(acc[r].as_mut_ptr(), facc[r]);
     }
 }

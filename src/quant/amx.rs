@@ -1,0 +1,177 @@
+//! Intel AMX for the integer kernels' wide calls (prefill): `tdpbsud` multiplies a tile of 16
+//! activation rows (signed bytes) by a tile of 16 weight rows (unsigned bytes, the VNNI layout
+//! the Q4_1-style tiles already have once their nibbles are split), 16 × 16 × 32 products in
+//! one instruction where AVX-512 VNNI's `vpdpbusd` does 16 × 4.
+//!
+//! Used where the CPU reports AMX-TILE and AMX-INT8 and Linux grants the process the tile data
+//! state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`), checked once;
+//! `LORAPLEX_NO_AMX=1` (or `LORAPLEX_NO_SIMD=1`) turns it off. A kernel call loads its tile
+//! configuration and releases the tiles before it returns, so no AMX state outlives a call.
+//!
+//! The integer sums are exact whichever instruction makes them, and the kernels scale them in
+//! the same order as the AVX-512 ones: a row's result is bit for bit the same by either path.
+
+/// Whether the AMX kernels run here (checked once; asks Linux for the tile state).
+pub fn available() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        if std::env::var("LORAPLEX_NO_AMX").is_ok_and(|v| v == "1")
+            || !crate::ops::cpu_features::avx512_vnni()
+        {
+            return false;
+        }
+        detect()
+    })
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn detect() -> bool {
+    // CPUID leaf 7: EDX bit 24 AMX-TILE, bit 25 AMX-INT8.
+    let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+    if leaf.edx & (3 << 24) != 3 << 24 {
+        return false;
+    }
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain system call with integer arguments; failure is reported, not raised.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
+    r == 0
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn detect() -> bool {
+    false
+}
+
+/// A tile configuration (`ldtilecfg`'s 64 bytes): palette 1, per tile its rows and bytes per row.
+#[repr(C, align(64))]
+pub struct Config([u8; 64]);
+
+impl Config {
+    /// Tiles `0..shapes.len()` as `(rows, bytes per row)`.
+    pub const fn new(shapes: &[(u8, u16)]) -> Self {
+        let mut c = [0u8; 64];
+        c[0] = 1;
+        let mut t = 0;
+        while t < shapes.len() {
+            let (rows, colsb) = shapes[t];
+            c[16 + 2 * t] = colsb as u8;
+            c[17 + 2 * t] = (colsb >> 8) as u8;
+            c[48 + t] = rows;
+            t += 1;
+        }
+        Self(c)
+    }
+}
+
+/// The tiles configured for the duration of one kernel call: loaded on creation, released on
+/// drop (also when the call unwinds).
+#[cfg(target_arch = "x86_64")]
+pub struct Tiles(());
+
+#[cfg(target_arch = "x86_64")]
+impl Tiles {
+    /// # Safety
+    /// `available()` must be true.
+    pub unsafe fn load(config: &Config) -> Self {
+        std::arch::asm!("ldtilecfg [{}]", in(reg) config.0.as_ptr(), options(nostack, readonly));
+        Self(())
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Drop for Tiles {
+    fn drop(&mut self) {
+        // SAFETY: only built by `load`, so AMX is there and the tiles are configured.
+        unsafe { std::arch::asm!("tilerelease", options(nostack, nomem)) };
+    }
+}
+
+/// `tileloadd tmmN, [ptr + stride·row]` for a constant tile number.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile_load {
+    ($tmm:literal, $ptr:expr, $stride:expr) => {
+        std::arch::asm!(
+            concat!("tileloadd tmm", $tmm, ", [{p} + {s}*1]"),
+            p = in(reg) $ptr,
+            s = in(reg) $stride,
+            options(nostack, readonly)
+        )
+    };
+}
+
+/// `tilestored [ptr + stride·row], tmmN`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile_store {
+    ($tmm:literal, $ptr:expr, $stride:expr) => {
+        std::arch::asm!(
+            concat!("tilestored [{p} + {s}*1], tmm", $tmm),
+            p = in(reg) $ptr,
+            s = in(reg) $stride,
+            options(nostack)
+        )
+    };
+}
+
+/// `tilezero tmmN`.
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile_zero {
+    ($tmm:literal) => {
+        std::arch::asm!(concat!("tilezero tmm", $tmm), options(nostack, nomem))
+    };
+}
+
+/// `tdpbsud tmmC, tmmA, tmmB`: C (i32) += A (signed bytes) · B (unsigned bytes, VNNI layout).
+#[cfg(target_arch = "x86_64")]
+macro_rules! tile_dpbsud {
+    ($c:literal, $a:literal, $b:literal) => {
+        std::arch::asm!(
+            concat!("tdpbsud tmm", $c, ", tmm", $a, ", tmm", $b),
+            options(nostack, nomem)
+        )
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use {tile_dpbsud, tile_load, tile_store, tile_zero};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tile_product_is_exact() {
+        if !available() {
+            eprintln!("no AMX here: skipped");
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            // A: 16 rows × 32 signed bytes; B: 8 rows (k/4) × 16 columns × 4 unsigned bytes.
+            let a: Vec<i8> = (0..16 * 32).map(|i| ((i * 37) % 255) as i8).collect();
+            let b: Vec<u8> = (0..8 * 64).map(|i| ((i * 11) % 16) as u8).collect();
+            let mut c = [0i32; 256];
+            let cfg = Config::new(&[(16, 64), (16, 32), (8, 64)]);
+            let _tiles = Tiles::load(&cfg);
+            tile_zero!(0);
+            tile_load!(1, a.as_ptr(), 32usize);
+            tile_load!(2, b.as_ptr(), 64usize);
+            tile_dpbsud!(0, 1, 2);
+            tile_store!(0, c.as_mut_ptr(), 64usize);
+            for m in 0..16 {
+                for n in 0..16 {
+                    let want: i32 = (0..32)
+                        .map(|k| a[m * 32 + k] as i32 * b[(k / 4) * 64 + n * 4 + k % 4] as i32)
+                        .sum();
+                    assert_eq!(c[m * 16 + n], want, "[{m}][{n}]");
+                }
+            }
+        }
+    }
+}
