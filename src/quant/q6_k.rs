@@ -180,7 +180,7 @@ impl Q6KWeight {
     }
 }
 
-int8::tile_weight!(Q6KWeight, Tile, 8);
+int8::tile_weight!(Q6KWeight, Tile, 16, amx);
 
 fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
     for (b, tile) in tiles.iter().enumerate() {
@@ -216,10 +216,124 @@ unsafe fn avx2(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &m
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn avx512(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
     // As Q4_K's: eight rows share each unpacked sub-block, up to four go the four-row way.
-    if rows > 4 {
-        avx512_rows::<8>(tiles, act, i, rows, acc)
-    } else {
-        avx512_rows::<4>(tiles, act, i, rows, acc)
+    for start in (0..rows).step_by(8) {
+        let k = (rows - start).min(8);
+        let out = &mut acc[start..start + k];
+        if k > 4 {
+            avx512_rows::<8>(tiles, act, i + start, k, out)
+        } else {
+            avx512_rows::<4>(tiles, act, i + start, k, out)
+        }
+    }
+}
+
+/// Sixteen activation rows by AMX tiles, as Q4_K's (`q4_k::amx`), one `tdpbsud` per 16-value
+/// part: its 6-bit values (low nibble and high bits joined) as a B tile of 4 rows × 16 weight
+/// rows × 4 values, the activations' 16 bytes per row as the A tile; the sums are then fixed
+/// (`− 32·Σ xq`) and scaled exactly as `avx512_rows` does (same operations, same order).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn amx(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
+    use super::amx::{tile_dpbsud, tile_load, tile_store, tile_zero, Config, Tiles};
+    use std::arch::x86_64::*;
+    const AMX_ROWS: usize = 16;
+    const PARTS: usize = 2 * SUBS;
+    if rows < AMX_ROWS {
+        return avx512(tiles, act, i, rows, acc);
+    }
+    #[repr(C, align(64))]
+    struct Scratch {
+        /// B tiles: `[part (16)][group of the part (2)][values j, j + 4][row (16)][4 bytes]`.
+        w: [u8; PARTS * 256],
+        /// C tiles: `[part][activation row (16)][weight row (16)]`.
+        c: [i32; PARTS * 256],
+    }
+    // C tiles 0–1 (16 × 16 i32), A tiles 2–3 (16 rows × 16 bytes), B tiles 4–5 (4 × 64 bytes).
+    static CONFIG: Config = Config::new(&[(16, 64), (16, 64), (16, 16), (16, 16), (4, 64), (4, 64)]);
+    let cols = tiles.len() * QK_K;
+    let xrows: [&[i8]; AMX_ROWS] = std::array::from_fn(|r| act.row(i + r));
+    assert!(xrows.iter().all(|x| x.len() == cols));
+    // Rows i .. i + 16 lie one after another, `cols` bytes apart.
+    let x0 = xrows[0].as_ptr();
+    assert_eq!(xrows[AMX_ROWS - 1].as_ptr(), x0.add((AMX_ROWS - 1) * cols));
+    let scales: [&[f32]; AMX_ROWS] = std::array::from_fn(|r| act.scales_row(i + r).0);
+    let sums: [&[i32]; AMX_ROWS] = std::array::from_fn(|r| act.sums16_row(i + r));
+    let m4 = _mm512_set1_epi8(0x0F);
+    let m30 = _mm512_set1_epi8(0x30);
+    let mut facc = [_mm512_setzero_ps(); AMX_ROWS];
+    let mut scratch = Scratch {
+        w: [0; PARTS * 256],
+        c: [0; PARTS * 256],
+    };
+    let _tiles = Tiles::load(&CONFIG);
+    for (b, tile) in tiles.iter().enumerate() {
+        for s in 0..SUBS {
+            for gp in 0..2 {
+                let h = _mm512_loadu_si512(tile.hi.as_ptr().add(s * 128 + gp * 64) as *const _);
+                for k in 0..2 {
+                    let g = 2 * gp + k;
+                    let v = _mm512_loadu_si512(tile.lo.as_ptr().add(s * 256 + g * 64) as *const _);
+                    let (ha, hb) = if k == 0 {
+                        (
+                            _mm512_and_si512(_mm512_slli_epi16(h, 4), m30),
+                            _mm512_and_si512(_mm512_slli_epi16(h, 2), m30),
+                        )
+                    } else {
+                        (
+                            _mm512_and_si512(h, m30),
+                            _mm512_and_si512(_mm512_srli_epi16(h, 2), m30),
+                        )
+                    };
+                    let qa = _mm512_or_si512(_mm512_and_si512(v, m4), ha);
+                    let qb = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), hb);
+                    let out = scratch.w.as_mut_ptr().add((2 * s + gp) * 256 + k * 128);
+                    _mm512_store_si512(out as *mut _, qa);
+                    _mm512_store_si512(out.add(64) as *mut _, qb);
+                }
+            }
+        }
+        for pair in 0..PARTS / 2 {
+            let (pa, pb) = (2 * pair, 2 * pair + 1);
+            let at = b * QK_K + pa * 16;
+            tile_load!(4, scratch.w.as_ptr().add(pa * 256), 64usize);
+            tile_load!(5, scratch.w.as_ptr().add(pb * 256), 64usize);
+            tile_load!(2, x0.add(at), cols);
+            tile_load!(3, x0.add(at + 16), cols);
+            tile_zero!(0);
+            tile_zero!(1);
+            tile_dpbsud!(0, 2, 4);
+            tile_dpbsud!(1, 3, 5);
+            tile_store!(0, scratch.c.as_mut_ptr().add(pa * 256), 64usize);
+            tile_store!(1, scratch.c.as_mut_ptr().add(pb * 256), 64usize);
+        }
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr() as *const _));
+        let ds: [__m512; PARTS] = std::array::from_fn(|part| {
+            _mm512_mul_ps(
+                d,
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                    tile.sc[part].as_ptr() as *const _,
+                ))),
+            )
+        });
+        for (r, f) in facc.iter_mut().enumerate() {
+            let xd = &scales[r][b * SUBS..][..SUBS];
+            let sum = &sums[r][b * PARTS..][..PARTS];
+            let mut v = *f;
+            for part in 0..PARTS {
+                let isum =
+                    _mm512_load_si512(scratch.c.as_ptr().add(part * 256 + r * 16) as *const _);
+                let fixed = _mm512_sub_epi32(isum, _mm512_set1_epi32(32 * sum[part]));
+                v = _mm512_fmadd_ps(
+                    _mm512_cvtepi32_ps(fixed),
+                    _mm512_mul_ps(ds[part], _mm512_set1_ps(xd[part / 2])),
+                    v,
+                );
+            }
+            *f = v;
+        }
+    }
+    for r in 0..AMX_ROWS {
+        _mm512_storeu_ps(acc[r].as_mut_ptr(), facc[r]);
     }
 }
 
@@ -230,7 +344,7 @@ unsafe fn avx512_rows<const R: usize>(
     act: &Activations,
     i: usize,
     rows: usize,
-    acc: &mut Acc,
+    acc: &mut [[f32; TILE]],
 ) {
     use std::arch::x86_64::*;
     let m4 = _mm512_set1_epi8(0x0F);
