@@ -63,9 +63,11 @@ fn block_values(block: &[u8]) -> [u8; QK] {
 /// `[group of 8 (4)][row (16)][4 bytes]`, byte `j` = `q[8g + j] | q[8g + j + 4] << 4`): the
 /// layout the Q4_1, Q4_K and Q6_K (low nibbles) tiles share.
 pub(super) fn pack_nibbles(dst: &mut [u8], lane: usize, q: &[u8; QK]) {
-    for g in 0..4 {
+    let dst = &mut dst[..256];
+    for (g, v) in q.chunks_exact(8).enumerate() {
+        let out = &mut dst[g * 64 + lane * 4..][..4];
         for j in 0..4 {
-            dst[g * 64 + lane * 4 + j] = q[8 * g + j] | (q[8 * g + j + 4] << 4);
+            out[j] = v[j] | (v[j + 4] << 4);
         }
     }
 }

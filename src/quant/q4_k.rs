@@ -19,7 +19,7 @@
 use half::f16;
 
 use super::int8::{self, broadcast4, Acc, Activations, QK, TILE};
-use super::q4_1::{nibble_dot, pack_nibbles, unpack_nibbles};
+use super::q4_1::{nibble_dot, unpack_nibbles};
 
 /// Values per super-block.
 pub const QK_K: usize = 256;
@@ -102,17 +102,18 @@ impl Q4KWeight {
                 let (scales, qs) = (&block[4..16], &block[16..]);
                 for s in 0..SUBS {
                     (tile.sc[s][lane], tile.mn[s][lane]) = scale_min(s, scales);
-                    // Sub-block s: the low (even s) or high (odd s) nibbles of bytes
-                    // 32·(s/2) .. 32·(s/2) + 32.
-                    let bytes = &qs[32 * (s / 2)..][..32];
-                    let q: [u8; QK] = std::array::from_fn(|v| {
-                        if s % 2 == 0 {
-                            bytes[v] & 0x0F
-                        } else {
-                            bytes[v] >> 4
+                }
+                // Sub-blocks 2p and 2p + 1: the low and the high nibbles of bytes
+                // 32·p .. 32·p + 32. A packed byte holds values j and j + 4 of a group of 8.
+                for (p, bytes) in qs.chunks_exact(QK).enumerate() {
+                    let pair = &mut tile.qs[2 * p * 256..][..512];
+                    for (g, v) in bytes.chunks_exact(8).enumerate() {
+                        for j in 0..4 {
+                            let (a, c) = (v[j], v[j + 4]);
+                            pair[g * 64 + lane * 4 + j] = (a & 0x0F) | (c << 4);
+                            pair[256 + g * 64 + lane * 4 + j] = (a >> 4) | (c & 0xF0);
                         }
-                    });
-                    pack_nibbles(&mut tile.qs[s * 256..], lane, &q);
+                    }
                 }
             }
         }

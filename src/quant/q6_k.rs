@@ -20,7 +20,6 @@
 use half::f16;
 
 use super::int8::{self, Acc, Activations, QK, TILE};
-use super::q4_1::pack_nibbles;
 
 /// Values per super-block.
 pub const QK_K: usize = 256;
@@ -105,18 +104,15 @@ impl Q6KWeight {
                     tile.sc[u][lane] = *s as i8;
                 }
                 tile.d[lane] = u16::from_le_bytes([block[208], block[209]]);
-                for s in 0..SUBS {
-                    let v = &q[s * QK..][..QK];
-                    pack_nibbles(
-                        &mut tile.lo[s * 256..],
-                        lane,
-                        &std::array::from_fn(|k| v[k] & 0xF),
-                    );
-                    for g in 0..4 {
+                for (s, v) in q.chunks_exact(QK).enumerate() {
+                    let lo = &mut tile.lo[s * 256..][..256];
+                    let hi = &mut tile.hi[s * 128..][..128];
+                    for (g, v) in v.chunks_exact(8).enumerate() {
+                        let shift = 4 * (g % 2);
                         for j in 0..4 {
-                            let (a, c) = (v[8 * g + j], v[8 * g + j + 4]);
-                            let shift = 4 * (g % 2);
-                            tile.hi[s * 128 + (g / 2) * 64 + lane * 4 + j] |=
+                            let (a, c) = (v[j], v[j + 4]);
+                            lo[g * 64 + lane * 4 + j] = (a & 0xF) | (c << 4);
+                            hi[(g / 2) * 64 + lane * 4 + j] |=
                                 ((a >> 4) | ((c >> 4) << 2)) << shift;
                         }
                     }
@@ -249,7 +245,8 @@ unsafe fn amx(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mu
         c: [i32; PARTS * 256],
     }
     // C tiles 0–1 (16 × 16 i32), A tiles 2–3 (16 rows × 16 bytes), B tiles 4–5 (4 × 64 bytes).
-    static CONFIG: Config = Config::new(&[(16, 64), (16, 64), (16, 16), (16, 16), (4, 64), (4, 64)]);
+    static CONFIG: Config =
+        Config::new(&[(16, 64), (16, 64), (16, 16), (16, 16), (4, 64), (4, 64)]);
     let cols = tiles.len() * QK_K;
     let xrows: [&[i8]; AMX_ROWS] = std::array::from_fn(|r| act.row(i + r));
     assert!(xrows.iter().all(|x| x.len() == cols));
