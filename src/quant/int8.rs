@@ -35,25 +35,36 @@ impl Activations {
         let mut s = vec![0f32; n * kb];
         let mut sums = vec![0i32; n * kb];
         let mut sum16 = vec![0i32; 2 * n * kb];
-        for (blk, (xs, qs)) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).enumerate() {
-            let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
-            let scale = amax / 127.0;
-            let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
-            let mut sum = 0i32;
-            for (v, o) in xs.iter().zip(qs.iter_mut()) {
-                // Round to nearest (ties to even) by the float-add trick: |v·inv| <= 127, far
-                // below 2^22, and it vectorizes where `round` is a libm call.
-                const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
-                let r = ((v * inv + MAGIC) - MAGIC) as i8;
-                *o = r;
-                sum += r as i32;
-            }
-            d[blk] = scale;
-            s[blk] = scale * sum as f32;
-            sums[blk] = sum;
-            sum16[2 * blk] = qs[..QK / 2].iter().map(|&v| v as i32).sum();
-            sum16[2 * blk + 1] = sum - sum16[2 * blk];
-        }
+        // Blocks are independent: spread over threads in runs of whole blocks (a prefill's
+        // activations are quantized once per matmul, on both cores).
+        const BLOCKS_PER_TASK: usize = 512;
+        x.par_chunks(QK * BLOCKS_PER_TASK)
+            .zip(q.par_chunks_mut(QK * BLOCKS_PER_TASK))
+            .zip(d.par_chunks_mut(BLOCKS_PER_TASK))
+            .zip(s.par_chunks_mut(BLOCKS_PER_TASK))
+            .zip(sums.par_chunks_mut(BLOCKS_PER_TASK))
+            .zip(sum16.par_chunks_mut(2 * BLOCKS_PER_TASK))
+            .for_each(|(((((x, q), d), s), sums), sum16)| {
+                for (blk, (xs, qs)) in x.chunks_exact(QK).zip(q.chunks_exact_mut(QK)).enumerate() {
+                    let amax = xs.iter().fold(0f32, |a, v| a.max(v.abs()));
+                    let scale = amax / 127.0;
+                    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                    let mut sum = 0i32;
+                    for (v, o) in xs.iter().zip(qs.iter_mut()) {
+                        // Round to nearest (ties to even) by the float-add trick: |v·inv| <=
+                        // 127, far below 2^22, and it vectorizes where `round` is a libm call.
+                        const MAGIC: f32 = 12_582_912.0; // 1.5 · 2^23
+                        let r = ((v * inv + MAGIC) - MAGIC) as i8;
+                        *o = r;
+                        sum += r as i32;
+                    }
+                    d[blk] = scale;
+                    s[blk] = scale * sum as f32;
+                    sums[blk] = sum;
+                    sum16[2 * blk] = qs[..QK / 2].iter().map(|&v| v as i32).sum();
+                    sum16[2 * blk + 1] = sum - sum16[2 * blk];
+                }
+            });
         Self {
             cols,
             q,
