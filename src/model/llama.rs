@@ -531,8 +531,9 @@ impl Llama {
         })?;
         let act = time(Part::Activation, || match c.arch.activation {
             Activation::GeluTanh => gate.gelu()? * up,
-            // One pass, no intermediate (and its backward where training).
-            Activation::Silu if crate::ops::fused::applies(&gate) => {
+            Activation::Silu
+                if (gate.track_op() || up.track_op()) && crate::ops::fused::applies(&gate) =>
+            {
                 crate::ops::fused::silu_mul(&gate, &up)
             }
             Activation::Silu => gate.silu()? * up,

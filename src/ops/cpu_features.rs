@@ -1,7 +1,7 @@
 //! Which CPU kernels this machine runs: the AVX2 + FMA paths (NF4 decoding, adapter deltas)
 //! are taken when the CPU reports both, checked once. `LORAPLEX_NO_SIMD=1` turns them off, for
-//! comparing against the portable paths. The AVX-512 VNNI integer kernels (GGUF weights) are
-//! checked the same way.
+//! comparing against the portable paths. The AVX-512 VNNI integer kernels (GGUF weights) and
+//! Intel AMX are checked the same way.
 
 /// Whether the AVX2 + FMA kernels run here.
 pub fn avx2_fma() -> bool {
@@ -61,9 +61,50 @@ pub fn on_pool<T: Send>(f: impl FnOnce() -> T + Send) -> T {
     rayon::join(f, || ()).0
 }
 
+/// Whether Intel AMX tiles run the integer kernels' wide calls (`quant::amx`): the CPU reports
+/// AMX-TILE and AMX-INT8 and Linux grants the process the tile data state
+/// (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`); checked once. `LORAPLEX_NO_AMX=1`
+/// turns it off.
+pub fn amx_int8() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        if std::env::var("LORAPLEX_NO_AMX").is_ok_and(|v| v == "1") || !avx512_vnni() {
+            return false;
+        }
+        amx_granted()
+    })
+}
+
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn amx_granted() -> bool {
+    // CPUID leaf 7: EDX bit 24 AMX-TILE, bit 25 AMX-INT8.
+    let leaf = std::arch::x86_64::__cpuid_count(7, 0);
+    if leaf.edx & (3 << 24) != 3 << 24 {
+        return false;
+    }
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+    // SAFETY: a plain system call with integer arguments; failure is reported, not raised.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_arch_prctl,
+            ARCH_REQ_XCOMP_PERM,
+            XFEATURE_XTILEDATA,
+        )
+    };
+    r == 0
+}
+
+#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
+fn amx_granted() -> bool {
+    false
+}
+
 /// The kernels this CPU runs, in words (stated once at start-up).
 pub fn describe() -> &'static str {
-    if avx512_vnni() {
+    if amx_int8() {
+        "AVX-512 VNNI integer kernels with AMX tiles for prompts, AVX-512 f32 matmuls, AVX2 + FMA float kernels"
+    } else if avx512_vnni() {
         "AVX-512 VNNI integer kernels, AVX-512 f32 matmuls, AVX2 + FMA float kernels"
     } else if f16c() {
         "AVX2 integer and float kernels"

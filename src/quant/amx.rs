@@ -4,49 +4,16 @@
 //! one instruction where AVX-512 VNNI's `vpdpbusd` does 16 × 4.
 //!
 //! Used where the CPU reports AMX-TILE and AMX-INT8 and Linux grants the process the tile data
-//! state (`arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`), checked once;
-//! `LORAPLEX_NO_AMX=1` (or `LORAPLEX_NO_SIMD=1`) turns it off. A kernel call loads its tile
+//! state (`ops::cpu_features::amx_int8`, checked once); `LORAPLEX_NO_AMX=1` (or
+//! `LORAPLEX_NO_SIMD=1`) turns it off. A kernel call loads its tile
 //! configuration and releases the tiles before it returns, so no AMX state outlives a call.
 //!
 //! The integer sums are exact whichever instruction makes them, and the kernels scale them in
 //! the same order as the AVX-512 ones: a row's result is bit for bit the same by either path.
 
-/// Whether the AMX kernels run here (checked once; asks Linux for the tile state).
+/// Whether the AMX kernels run here (`cpu_features::amx_int8`).
 pub fn available() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        if std::env::var("LORAPLEX_NO_AMX").is_ok_and(|v| v == "1")
-            || !crate::ops::cpu_features::avx512_vnni()
-        {
-            return false;
-        }
-        detect()
-    })
-}
-
-#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
-fn detect() -> bool {
-    // CPUID leaf 7: EDX bit 24 AMX-TILE, bit 25 AMX-INT8.
-    let leaf = std::arch::x86_64::__cpuid_count(7, 0);
-    if leaf.edx & (3 << 24) != 3 << 24 {
-        return false;
-    }
-    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
-    const XFEATURE_XTILEDATA: libc::c_long = 18;
-    // SAFETY: a plain system call with integer arguments; failure is reported, not raised.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_arch_prctl,
-            ARCH_REQ_XCOMP_PERM,
-            XFEATURE_XTILEDATA,
-        )
-    };
-    r == 0
-}
-
-#[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
-fn detect() -> bool {
-    false
+    crate::ops::cpu_features::amx_int8()
 }
 
 /// A tile configuration (`ldtilecfg`'s 64 bytes): palette 1, per tile its rows and bytes per row.
