@@ -16,6 +16,22 @@ pub fn available() -> bool {
     crate::ops::cpu_features::amx_int8()
 }
 
+/// Activation rows `i .. i + 16` of `act` (each `cols` bytes) as one pointer to row `i`, with
+/// the rows' scales: A tiles load them with a stride of `cols`. Panics unless the rows lie one
+/// after another with that width.
+#[allow(clippy::type_complexity)]
+pub fn rows16(
+    act: &super::int8::Activations,
+    i: usize,
+    cols: usize,
+) -> (*const i8, [(&[f32], &[f32]); 16]) {
+    let xrows: [&[i8]; 16] = std::array::from_fn(|r| act.row(i + r));
+    assert!(xrows.iter().all(|x| x.len() == cols));
+    let x0 = xrows[0].as_ptr();
+    assert_eq!(xrows[15].as_ptr(), x0.wrapping_add(15 * cols));
+    (x0, std::array::from_fn(|r| act.scales_row(i + r)))
+}
+
 /// A tile configuration (`ldtilecfg`'s 64 bytes): palette 1, per tile its rows and bytes per row.
 #[repr(C, align(64))]
 pub struct Config([u8; 64]);

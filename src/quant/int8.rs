@@ -257,6 +257,19 @@ pub fn matmul_t_int<W: TileWeight>(w: &W, x: &[f32], n: usize, kernel: Kernel) -
     )
 }
 
+/// A kernel call's `rows` activation rows in groups of eight (the AVX-512 kernels' register
+/// blocking): `run(start, k, acc[start .. start + k])` for each group of `k` rows.
+pub fn by_eights(
+    rows: usize,
+    acc: &mut Acc,
+    mut run: impl FnMut(usize, usize, &mut [[f32; TILE]]),
+) {
+    for start in (0..rows).step_by(8) {
+        let k = (rows - start).min(8);
+        run(start, k, &mut acc[start..start + k]);
+    }
+}
+
 /// Four bytes of `x` from `at` as one little-endian `i32` (to broadcast to every lane).
 #[inline]
 pub fn broadcast4(x: &[i8], at: usize) -> i32 {

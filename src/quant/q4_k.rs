@@ -192,15 +192,10 @@ fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut 
 unsafe fn avx512(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
     // Eight activation rows share each unpacked sub-block pair (a prefill's rows); up to four
     // go the four-row way. A row's arithmetic is the same in both.
-    for start in (0..rows).step_by(8) {
-        let k = (rows - start).min(8);
-        let out = &mut acc[start..start + k];
-        if k > 4 {
-            avx512_rows::<8>(tiles, act, i + start, k, out)
-        } else {
-            avx512_rows::<4>(tiles, act, i + start, k, out)
-        }
-    }
+    int8::by_eights(rows, acc, |start, k, out| match k {
+        5.. => avx512_rows::<8>(tiles, act, i + start, k, out),
+        _ => avx512_rows::<4>(tiles, act, i + start, k, out),
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -306,12 +301,7 @@ unsafe fn amx(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mu
     static CONFIG: Config =
         Config::new(&[(16, 64), (16, 64), (16, 32), (16, 32), (8, 64), (8, 64)]);
     let cols = tiles.len() * QK_K;
-    let xrows: [&[i8]; AMX_ROWS] = std::array::from_fn(|r| act.row(i + r));
-    assert!(xrows.iter().all(|x| x.len() == cols));
-    // Rows i .. i + 16 lie one after another, `cols` bytes apart.
-    let x0 = xrows[0].as_ptr();
-    assert_eq!(xrows[AMX_ROWS - 1].as_ptr(), x0.add((AMX_ROWS - 1) * cols));
-    let scales: [(&[f32], &[f32]); AMX_ROWS] = std::array::from_fn(|r| act.scales_row(i + r));
+    let (x0, scales) = super::amx::rows16(act, i, cols);
     let mask = _mm512_set1_epi8(0x0F);
     let mut facc = [_mm512_setzero_ps(); AMX_ROWS];
     let mut scratch = Scratch {

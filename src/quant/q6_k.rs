@@ -212,15 +212,10 @@ unsafe fn avx2(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &m
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn avx512(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
     // As Q4_K's: eight rows share each unpacked sub-block, up to four go the four-row way.
-    for start in (0..rows).step_by(8) {
-        let k = (rows - start).min(8);
-        let out = &mut acc[start..start + k];
-        if k > 4 {
-            avx512_rows::<8>(tiles, act, i + start, k, out)
-        } else {
-            avx512_rows::<4>(tiles, act, i + start, k, out)
-        }
-    }
+    int8::by_eights(rows, acc, |start, k, out| match k {
+        5.. => avx512_rows::<8>(tiles, act, i + start, k, out),
+        _ => avx512_rows::<4>(tiles, act, i + start, k, out),
+    })
 }
 
 /// Sixteen activation rows by AMX tiles, as Q4_K's (`q4_k::amx`), one `tdpbsud` per 16-value
@@ -248,15 +243,9 @@ unsafe fn amx(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mu
     static CONFIG: Config =
         Config::new(&[(16, 64), (16, 64), (16, 16), (16, 16), (4, 64), (4, 64)]);
     let cols = tiles.len() * QK_K;
-    let xrows: [&[i8]; AMX_ROWS] = std::array::from_fn(|r| act.row(i + r));
-    assert!(xrows.iter().all(|x| x.len() == cols));
-    // Rows i .. i + 16 lie one after another, `cols` bytes apart.
-    let x0 = xrows[0].as_ptr();
-    assert_eq!(xrows[AMX_ROWS - 1].as_ptr(), x0.add((AMX_ROWS - 1) * cols));
-    let scales: [&[f32]; AMX_ROWS] = std::array::from_fn(|r| act.scales_row(i + r).0);
+    let (x0, scales) = super::amx::rows16(act, i, cols);
+    let scales: [&[f32]; AMX_ROWS] = scales.map(|s| s.0);
     let sums: [&[i32]; AMX_ROWS] = std::array::from_fn(|r| act.sums16_row(i + r));
-    let m4 = _mm512_set1_epi8(0x0F);
-    let m30 = _mm512_set1_epi8(0x30);
     let mut facc = [_mm512_setzero_ps(); AMX_ROWS];
     let mut scratch = Scratch {
         w: [0; PARTS * 256],
@@ -268,21 +257,7 @@ unsafe fn amx(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mu
             for gp in 0..2 {
                 let h = _mm512_loadu_si512(tile.hi.as_ptr().add(s * 128 + gp * 64) as *const _);
                 for k in 0..2 {
-                    let g = 2 * gp + k;
-                    let v = _mm512_loadu_si512(tile.lo.as_ptr().add(s * 256 + g * 64) as *const _);
-                    let (ha, hb) = if k == 0 {
-                        (
-                            _mm512_and_si512(_mm512_slli_epi16(h, 4), m30),
-                            _mm512_and_si512(_mm512_slli_epi16(h, 2), m30),
-                        )
-                    } else {
-                        (
-                            _mm512_and_si512(h, m30),
-                            _mm512_and_si512(_mm512_srli_epi16(h, 2), m30),
-                        )
-                    };
-                    let qa = _mm512_or_si512(_mm512_and_si512(v, m4), ha);
-                    let qb = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), hb);
+                    let (qa, qb) = values6(tile, s, 2 * gp + k, h);
                     let out = scratch.w.as_mut_ptr().add((2 * s + gp) * 256 + k * 128);
                     _mm512_store_si512(out as *mut _, qa);
                     _mm512_store_si512(out.add(64) as *mut _, qb);
@@ -334,6 +309,39 @@ unsafe fn amx(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mu
     }
 }
 
+/// Group `g` of sub-block `s` as 6-bit values (bytes), for 16 rows × 4: values `j` and
+/// `j + 4` of the group. `h` is the 64 bytes of high parts of the group's pair (`g / 2`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn values6(
+    tile: &Tile,
+    s: usize,
+    g: usize,
+    h: std::arch::x86_64::__m512i,
+) -> (std::arch::x86_64::__m512i, std::arch::x86_64::__m512i) {
+    use std::arch::x86_64::*;
+    let (m4, m30) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(0x30));
+    let v = _mm512_loadu_si512(tile.lo.as_ptr().add(s * 256 + g * 64) as *const _);
+    // High parts into bits 4–5: the group's bits 0–1 (value j) and 2–3 (j + 4), or 4–5 and
+    // 6–7 for the pair's second group.
+    let (ha, hb) = if g % 2 == 0 {
+        (
+            _mm512_and_si512(_mm512_slli_epi16(h, 4), m30),
+            _mm512_and_si512(_mm512_slli_epi16(h, 2), m30),
+        )
+    } else {
+        (
+            _mm512_and_si512(h, m30),
+            _mm512_and_si512(_mm512_srli_epi16(h, 2), m30),
+        )
+    };
+    (
+        _mm512_or_si512(_mm512_and_si512(v, m4), ha),
+        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), hb),
+    )
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn avx512_rows<const R: usize>(
@@ -344,8 +352,6 @@ unsafe fn avx512_rows<const R: usize>(
     acc: &mut [[f32; TILE]],
 ) {
     use std::arch::x86_64::*;
-    let m4 = _mm512_set1_epi8(0x0F);
-    let m30 = _mm512_set1_epi8(0x30);
     let mut facc = [_mm512_setzero_ps(); R];
     // Constant trip counts for eight rows (a short group repeats its last row).
     let live = if R > 4 { R } else { rows };
@@ -366,22 +372,7 @@ unsafe fn avx512_rows<const R: usize>(
                 let h = _mm512_loadu_si512(tile.hi.as_ptr().add(s * 128 + gp * 64) as *const _);
                 for k in 0..2 {
                     let g = 2 * gp + k;
-                    let v = _mm512_loadu_si512(tile.lo.as_ptr().add(s * 256 + g * 64) as *const _);
-                    // High parts into bits 4–5: the group's bits 0–1 (value j) and 2–3 (j + 4),
-                    // or 4–5 and 6–7 for the pair's second group.
-                    let (ha, hb) = if k == 0 {
-                        (
-                            _mm512_and_si512(_mm512_slli_epi16(h, 4), m30),
-                            _mm512_and_si512(_mm512_slli_epi16(h, 2), m30),
-                        )
-                    } else {
-                        (
-                            _mm512_and_si512(h, m30),
-                            _mm512_and_si512(_mm512_srli_epi16(h, 2), m30),
-                        )
-                    };
-                    let qa = _mm512_or_si512(_mm512_and_si512(v, m4), ha);
-                    let qb = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), hb);
+                    let (qa, qb) = values6(tile, s, g, h);
                     let at = blk * QK + 8 * g;
                     for r in 0..live {
                         let xa = _mm512_set1_epi32(std::ptr::read_unaligned(
