@@ -121,8 +121,31 @@ macro_rules! tile_dpbsud {
     };
 }
 
+/// Two independent tile products, as the kernels lay their tiles out (C tiles 0–1, A tiles 2–3,
+/// B tiles 4–5, shaped by the caller's `Config`): `c[k] = a[k] · b[k]`, A's rows `a_stride`
+/// bytes apart, B's and C's rows 64 bytes apart.
+///
+/// # Safety
+/// The tiles are configured (`Tiles`) with those numbers, and each pointer covers its tile.
 #[cfg(target_arch = "x86_64")]
-pub(crate) use {tile_dpbsud, tile_load, tile_store, tile_zero};
+#[inline(always)]
+pub unsafe fn two_products(
+    a: [*const i8; 2],
+    a_stride: usize,
+    b: [*const u8; 2],
+    c: [*mut i32; 2],
+) {
+    tile_load!(4, b[0], 64usize);
+    tile_load!(5, b[1], 64usize);
+    tile_load!(2, a[0], a_stride);
+    tile_load!(3, a[1], a_stride);
+    tile_zero!(0);
+    tile_zero!(1);
+    tile_dpbsud!(0, 2, 4);
+    tile_dpbsud!(1, 3, 5);
+    tile_store!(0, c[0], 64usize);
+    tile_store!(1, c[1], 64usize);
+}
 
 #[cfg(test)]
 mod tests {

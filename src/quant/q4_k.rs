@@ -284,7 +284,7 @@ unsafe fn avx512_rows<const R: usize>(
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn amx(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
-    use super::amx::{tile_dpbsud, tile_load, tile_store, tile_zero, Config, Tiles};
+    use super::amx::{two_products, Config, Tiles};
     use std::arch::x86_64::*;
     const AMX_ROWS: usize = 16;
     if rows < AMX_ROWS {
@@ -324,16 +324,16 @@ unsafe fn amx(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mu
         for pair in 0..SUBS / 2 {
             let (sa, sb) = (2 * pair, 2 * pair + 1);
             let blk = b * SUBS + sa;
-            tile_load!(4, scratch.w.as_ptr().add(sa * 512), 64usize);
-            tile_load!(5, scratch.w.as_ptr().add(sb * 512), 64usize);
-            tile_load!(2, x0.add(blk * QK), cols);
-            tile_load!(3, x0.add((blk + 1) * QK), cols);
-            tile_zero!(0);
-            tile_zero!(1);
-            tile_dpbsud!(0, 2, 4);
-            tile_dpbsud!(1, 3, 5);
-            tile_store!(0, scratch.c.as_mut_ptr().add(sa * 256), 64usize);
-            tile_store!(1, scratch.c.as_mut_ptr().add(sb * 256), 64usize);
+            let c = scratch.c.as_mut_ptr();
+            two_products(
+                [x0.add(blk * QK), x0.add((blk + 1) * QK)],
+                cols,
+                [
+                    scratch.w.as_ptr().add(sa * 512),
+                    scratch.w.as_ptr().add(sb * 512),
+                ],
+                [c.add(sa * 256), c.add(sb * 256)],
+            );
         }
         let d = _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr() as *const _));
         let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(tile.dmin.as_ptr() as *const _));

@@ -225,7 +225,7 @@ unsafe fn avx512(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn amx(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
-    use super::amx::{tile_dpbsud, tile_load, tile_store, tile_zero, Config, Tiles};
+    use super::amx::{two_products, Config, Tiles};
     use std::arch::x86_64::*;
     const AMX_ROWS: usize = 16;
     const PARTS: usize = 2 * SUBS;
@@ -267,16 +267,16 @@ unsafe fn amx(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mu
         for pair in 0..PARTS / 2 {
             let (pa, pb) = (2 * pair, 2 * pair + 1);
             let at = b * QK_K + pa * 16;
-            tile_load!(4, scratch.w.as_ptr().add(pa * 256), 64usize);
-            tile_load!(5, scratch.w.as_ptr().add(pb * 256), 64usize);
-            tile_load!(2, x0.add(at), cols);
-            tile_load!(3, x0.add(at + 16), cols);
-            tile_zero!(0);
-            tile_zero!(1);
-            tile_dpbsud!(0, 2, 4);
-            tile_dpbsud!(1, 3, 5);
-            tile_store!(0, scratch.c.as_mut_ptr().add(pa * 256), 64usize);
-            tile_store!(1, scratch.c.as_mut_ptr().add(pb * 256), 64usize);
+            let c = scratch.c.as_mut_ptr();
+            two_products(
+                [x0.add(at), x0.add(at + 16)],
+                cols,
+                [
+                    scratch.w.as_ptr().add(pa * 256),
+                    scratch.w.as_ptr().add(pb * 256),
+                ],
+                [c.add(pa * 256), c.add(pb * 256)],
+            );
         }
         let d = _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr() as *const _));
         let ds: [__m512; PARTS] = std::array::from_fn(|part| {
