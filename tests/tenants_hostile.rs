@@ -385,7 +385,7 @@ async fn a_tenant_cannot_time_another_tenants_schemas() {
         json!({"type": "json_schema", "json_schema": {"name": "m", "schema": schema}});
     let guidance = st
         .guidance
-        .as_ref()
+        .get()
         .expect("structured outputs on the tiny model");
     let mut compiles = Vec::new();
     for key in ["sk-globex", "sk-globex", "sk-acme", "sk-acme"] {

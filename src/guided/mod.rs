@@ -4,7 +4,9 @@
 //! a sequence clones the compiled matcher. Depends on the tokenizer only.
 
 mod compiler;
+mod deferred;
 mod error;
 
 pub use compiler::{Constraint, Guidance, Guide};
+pub use deferred::Deferred;
 pub use error::GuidedError;

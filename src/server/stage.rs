@@ -79,7 +79,7 @@ pub fn prepare(
         (None, None) => None,
     };
     if let Some((field, c)) = constraint {
-        let guidance = st.guidance.as_ref().ok_or_else(|| {
+        let guidance = st.guidance.get().map_err(|_| {
             ApiError::bad(
                 &field,
                 "structured outputs are unavailable for this model's tokenizer",

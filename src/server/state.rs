@@ -75,9 +75,9 @@ pub struct AppState {
     pub files: super::file_store::FileStore,
     /// Fine-tuning jobs (`/v1/fine_tuning/jobs`).
     pub jobs: super::jobs::JobStore,
-    /// Structured outputs' compiler over the model's tokenizer (`None`: the tokenizer's
-    /// vocabulary cannot be read for it; such requests get a 400).
-    pub guidance: Option<crate::guided::Guidance>,
+    /// Structured outputs' compiler over the model's tokenizer, built in the background (an
+    /// error: the tokenizer's vocabulary cannot be read for it; such requests get a 400).
+    pub guidance: crate::guided::Deferred,
     /// Adapters' default constraints (`loraplex.json`), read once per adapter version.
     pub sidecars: std::sync::Mutex<lru::LruCache<AdapterKey, Sidecar>>,
     /// Tenants' rate limits (`tokens_per_minute` and the like in the keys file).
@@ -109,16 +109,19 @@ impl AppState {
             template,
             config,
         } = parts;
-        let loaded = engine.model();
-        let guidance = loaded
-            .stop_token_ids(&template)
-            .first()
-            .ok_or_else(|| "the model has no end-of-sequence token".to_string())
-            .and_then(|&eos| {
+        let loaded = engine.model().clone();
+        // Built while the server already answers; a request with a constraint waits for it.
+        let guidance = match loaded.stop_token_ids(&template).first() {
+            Some(&eos) => crate::guided::Deferred::start(move || {
                 crate::guided::Guidance::new(&loaded.tokenizer, eos).map_err(|e| e.to_string())
-            })
-            .map_err(|e| tracing::warn!("structured outputs are off: {e}"))
-            .ok();
+            }),
+            None => {
+                tracing::warn!(
+                    "structured outputs are off: the model has no end-of-sequence token"
+                );
+                crate::guided::Deferred::ready(Err("the model has no end-of-sequence token".into()))
+            }
+        };
         Self {
             guidance,
             sidecars: std::sync::Mutex::new(lru::LruCache::new(
