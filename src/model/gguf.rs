@@ -14,6 +14,8 @@ use candle_core::Tensor;
 use super::config::{Activation, Arch, Family, LlamaConfig};
 use super::error::ModelError;
 use super::loaded::{LoadedModel, ModelOptions, Quantized, Weights};
+use crate::quant::gguf::QuantLinear;
+use crate::quant::int8::RowOrder;
 use crate::tokenizer::{GgufVocab, Tokenizer};
 use candle_core::quantized::GgmlDType;
 
@@ -383,39 +385,107 @@ fn read_weights(
     use rayon::prelude::*;
     let prepared: Vec<(String, Quantized)> = jobs
         .into_par_iter()
-        .map(|(name, hf, heads)| {
-            let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
-            let q = read_tensor(content, &mut file, path, name, &opts.device)?;
-            let q = match heads {
-                Some(h) => {
-                    let rows = q.shape().dims()[0];
-                    if h == 0 || rows % (2 * h) != 0 {
-                        return Err(ModelError::Tensor {
-                            path: path.to_path_buf(),
-                            name: name.clone(),
-                            problem: format!(
-                                "has {rows} rows, not a whole number of {h} heads of even size"
-                            ),
-                        });
+        .map_init(
+            || (None, Vec::new()),
+            |(file, buf), (name, hf, heads)| {
+                let info = &content.tensor_infos[name];
+                let order = match heads {
+                    Some(h) => {
+                        let rows = info.shape.dims()[0];
+                        if h == 0 || rows % (2 * h) != 0 {
+                            return Err(ModelError::Tensor {
+                                path: path.to_path_buf(),
+                                name: name.clone(),
+                                problem: format!(
+                                    "has {rows} rows, not a whole number of {h} heads of even size"
+                                ),
+                            });
+                        }
+                        Some(unpermuted_order(rows, h))
                     }
-                    crate::quant::gguf::permute_rows(&q, &unpermuted_order(rows, h))?
+                    None => None,
+                };
+                if file.is_none() {
+                    *file = Some(File::open(path).map_err(|e| ModelError::io(path, e))?);
                 }
-                None => q,
-            };
-            let q = std::sync::Arc::new(q);
-            // Fused weights (Phi-3) are split by rows first; a type not served natively is
-            // refused by `into_llama`, by name.
-            let fused = hf.ends_with("qkv_proj.weight") || hf.ends_with("gate_up_proj.weight");
-            let ready = if fused {
-                None
-            } else {
-                crate::quant::gguf::QuantLinear::new(q.clone())?
-            };
-            Ok((hf, ready.map_or(Quantized::Stored(q), Quantized::Ready)))
-        })
+                let file = file.as_ref().expect("opened above");
+                // Fused weights (Phi-3) are split by rows first; a type not served natively is
+                // refused by `into_llama`, by name.
+                let fused = hf.ends_with("qkv_proj.weight") || hf.ends_with("gate_up_proj.weight");
+                let (rows, cols) = (info.shape.dims()[0], info.shape.dims()[1]);
+                if !fused && QuantLinear::ours(info.ggml_dtype, cols) {
+                    // Ours: the stored bytes, read into this thread's buffer (reused, so its
+                    // pages are touched once), repacked straight into the kernel's layout with
+                    // the rows un-permuted on the way.
+                    let ready = stored_bytes(content, file, path, name, buf).and_then(|bytes| {
+                        let order = match &order {
+                            Some(o) => RowOrder::new(o, rows),
+                            None => Ok(RowOrder::STORED),
+                        };
+                        order
+                            .map_err(candle_core::Error::msg)
+                            .and_then(|order| {
+                                QuantLinear::from_stored(info.ggml_dtype, bytes, rows, cols, order)
+                            })
+                            .map_err(|e| ModelError::Tensor {
+                                path: path.to_path_buf(),
+                                name: name.clone(),
+                                problem: format!("cannot be repacked: {e}"),
+                            })
+                    })?;
+                    if let Some(ready) = ready {
+                        return Ok((hf, Quantized::Ready(ready)));
+                    }
+                }
+                let mut reader = file;
+                let q = read_tensor(content, &mut reader, path, name, &opts.device)?;
+                let q = match &order {
+                    Some(o) => crate::quant::gguf::permute_rows(&q, o)?,
+                    None => q,
+                };
+                let q = std::sync::Arc::new(q);
+                let ready = if fused {
+                    None
+                } else {
+                    QuantLinear::new(q.clone())?
+                };
+                Ok((hf, ready.map_or(Quantized::Stored(q), Quantized::Ready)))
+            },
+        )
         .collect::<Result<_, ModelError>>()?;
     quant.extend(prepared);
     Ok((tensors, quant))
+}
+
+/// Tensor `name`'s bytes as stored, read into `buf` (grown as needed, never shrunk).
+fn stored_bytes<'b>(
+    content: &Content,
+    file: &File,
+    path: &Path,
+    name: &str,
+    buf: &'b mut Vec<u8>,
+) -> Result<&'b [u8], ModelError> {
+    use std::os::unix::fs::FileExt;
+    let info = &content.tensor_infos[name];
+    let (elems, block) = (info.shape.elem_count(), info.ggml_dtype.block_size());
+    let problem = |problem: String| ModelError::Tensor {
+        path: path.to_path_buf(),
+        name: name.to_string(),
+        problem,
+    };
+    if elems % block != 0 {
+        return Err(problem(format!(
+            "has {elems} values, not whole blocks of {block}"
+        )));
+    }
+    let len = elems / block * info.ggml_dtype.type_size();
+    let at = content.tensor_data_offset.saturating_add(info.offset);
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    file.read_exact_at(&mut buf[..len], at)
+        .map_err(|e| problem(format!("cannot be read ({len} bytes at offset {at}): {e}")))?;
+    Ok(&buf[..len])
 }
 
 /// Reads tensor `name` of the file as stored.

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Result, Shape, Tensor};
 
+use super::int8::RowOrder;
 use super::q4_1::Q41Weight;
 use super::q4_k::Q4KWeight;
 use super::q6_k::Q6KWeight;
@@ -73,35 +74,68 @@ impl std::fmt::Debug for QuantLinear {
 impl QuantLinear {
     /// Serves `q` (`[out, in]`) as stored; `None` for a type not in `SUPPORTED`.
     pub fn new(q: Arc<QTensor>) -> Result<Option<Self>> {
-        if !SUPPORTED.contains(&q.dtype()) {
+        let dtype = q.dtype();
+        if !SUPPORTED.contains(&dtype) {
             return Ok(None);
         }
         let (rows, cols) = q.shape().dims2()?;
-        let dtype = q.dtype();
-        let whole_blocks = cols % super::int8::QK == 0;
-        let kernel = match dtype {
-            GgmlDType::Q4_1 if whole_blocks => Kernel::Q41(Arc::new(
-                Q41Weight::from_gguf(&q.data()?, rows, cols).map_err(candle_core::Error::msg)?,
-            )),
-            // Q4_0 is Q4_1 with `m = −8·d` (exact): the same tiles and kernels.
-            GgmlDType::Q4_0 if whole_blocks => Kernel::Q41(Arc::new(
-                Q41Weight::from_gguf_q4_0(&q.data()?, rows, cols)
-                    .map_err(candle_core::Error::msg)?,
-            )),
-            GgmlDType::Q8_0 if whole_blocks => Kernel::Q80(Arc::new(
-                Q80Weight::from_gguf(&q.data()?, rows, cols).map_err(candle_core::Error::msg)?,
-            )),
+        if let Some(ours) = Self::from_stored(dtype, &q.data()?, rows, cols, RowOrder::STORED)? {
+            return Ok(Some(ours));
+        }
+        Ok(Some(Self {
+            kernel: Kernel::Ggml(QMatMul::from_arc(q.clone())?, q),
+            dtype,
+            rows,
+            cols,
+        }))
+    }
+
+    /// Whether one of our kernels serves `dtype` rows of `cols` values on this CPU.
+    pub fn ours(dtype: GgmlDType, cols: usize) -> bool {
+        match dtype {
+            GgmlDType::Q4_1 | GgmlDType::Q4_0 | GgmlDType::Q8_0 => cols % super::int8::QK == 0,
             // Ours where the CPU has AVX-512 VNNI (measured there: at or above candle's speed
             // at decode, a quarter less memory); elsewhere candle's repacked kernels, which our
-            // AVX2 path has not been measured against on an AVX2-only CPU.
-            GgmlDType::Q4K if super::int8::Kernel::detect().is_avx512() => Kernel::Q4K(Arc::new(
-                Q4KWeight::from_gguf(&q.data()?, rows, cols).map_err(candle_core::Error::msg)?,
+            // AVX2 path has not been measured against on an AVX2-only CPU (and Q6_K has no
+            // AVX2 kernel of ours yet).
+            GgmlDType::Q4K | GgmlDType::Q6K => super::int8::Kernel::detect().is_avx512(),
+            _ => false,
+        }
+    }
+
+    /// Serves a `[rows, cols]` tensor's bytes as stored in the GGUF file with one of our
+    /// kernels, output row `r` taken from stored row `order.source(r)`, repacked straight from
+    /// `data` (no tensor of candle's in between); `None` where no kernel of ours serves `dtype`
+    /// on this CPU (candle's `QMatMul` does, through `new`).
+    pub fn from_stored(
+        dtype: GgmlDType,
+        data: &[u8],
+        rows: usize,
+        cols: usize,
+        order: RowOrder,
+    ) -> Result<Option<Self>> {
+        if !Self::ours(dtype, cols) {
+            return Ok(None);
+        }
+        let err = candle_core::Error::msg;
+        let kernel = match dtype {
+            GgmlDType::Q4_1 => Kernel::Q41(Arc::new(
+                Q41Weight::from_gguf_ordered(data, rows, cols, order).map_err(err)?,
             )),
-            // Likewise (no AVX2 kernel of ours yet).
-            GgmlDType::Q6K if super::int8::Kernel::detect().is_avx512() => Kernel::Q6K(Arc::new(
-                Q6KWeight::from_gguf(&q.data()?, rows, cols).map_err(candle_core::Error::msg)?,
+            // Q4_0 is Q4_1 with `m = −8·d` (exact): the same tiles and kernels.
+            GgmlDType::Q4_0 => Kernel::Q41(Arc::new(
+                Q41Weight::from_gguf_q4_0(data, rows, cols, order).map_err(err)?,
             )),
-            _ => Kernel::Ggml(QMatMul::from_arc(q.clone())?, q),
+            GgmlDType::Q8_0 => Kernel::Q80(Arc::new(
+                Q80Weight::from_gguf_ordered(data, rows, cols, order).map_err(err)?,
+            )),
+            GgmlDType::Q4K => Kernel::Q4K(Arc::new(
+                Q4KWeight::from_gguf_ordered(data, rows, cols, order).map_err(err)?,
+            )),
+            GgmlDType::Q6K => Kernel::Q6K(Arc::new(
+                Q6KWeight::from_gguf_ordered(data, rows, cols, order).map_err(err)?,
+            )),
+            _ => return Ok(None),
         };
         Ok(Some(Self {
             kernel,
@@ -447,5 +481,47 @@ mod tests {
                 .unwrap();
             assert_eq!(d, 0.0);
         }
+    }
+
+    /// Repacking straight from the file's bytes with a row order gives the same weight as
+    /// permuting the stored tensor first, for each type our kernels serve.
+    #[test]
+    fn repacking_in_a_row_order_is_permuting_first() {
+        let (rows, cols) = (40, 512);
+        let order: Vec<usize> = (0..rows).map(|i| (i * 7 + 3) % rows).collect();
+        for &ty in SUPPORTED {
+            if !QuantLinear::ours(ty, cols) {
+                continue;
+            }
+            let q = QTensor::quantize(&weight(rows, cols), ty).unwrap();
+            let data = q.data().unwrap();
+            let order = RowOrder::new(&order, rows).unwrap();
+            let direct = QuantLinear::from_stored(ty, &data, rows, cols, order)
+                .unwrap()
+                .expect("ours");
+            let first = QuantLinear::new(Arc::new(permute_rows(&q, order.0.unwrap()).unwrap()))
+                .unwrap()
+                .unwrap();
+            assert_eq!(direct.kernel_name(), first.kernel_name());
+            let (a, b) = (direct.dequantize().unwrap(), first.dequantize().unwrap());
+            assert_eq!(
+                a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                b.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{ty:?}"
+            );
+            let stored = QuantLinear::from_stored(ty, &data, rows, cols, RowOrder::STORED)
+                .unwrap()
+                .unwrap()
+                .dequantize()
+                .unwrap();
+            assert_ne!(
+                stored.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                "{ty:?}: the order was not applied"
+            );
+        }
+        assert!(RowOrder::new(&[0, 0, 1], 3).is_err());
+        assert!(RowOrder::new(&[0, 3, 1], 3).is_err());
+        assert!(RowOrder::new(&[0, 1], 3).is_err());
     }
 }

@@ -14,6 +14,65 @@ pub const MAX_ROWS: usize = 16;
 /// A kernel call's results: activation row × the tile's 16 output rows.
 pub type Acc = [[f32; TILE]; MAX_ROWS];
 
+/// `n` copies of `empty` (a weight's tiles). A large allocation's pages are populated in one
+/// call before they are written, rather than faulted in 4 kB at a time.
+pub fn tiles_of<T: Clone>(n: usize, empty: T) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    let bytes = n * std::mem::size_of::<T>();
+    #[cfg(target_os = "linux")]
+    if bytes >= 1 << 20 {
+        const PAGE: usize = 4096;
+        let start = (v.as_mut_ptr() as usize).next_multiple_of(PAGE);
+        let end = (v.as_mut_ptr() as usize + bytes) & !(PAGE - 1);
+        if end > start {
+            // SAFETY: advice on whole pages inside this vector's own allocation, not yet
+            // written; it backs them with memory and never changes what they hold.
+            unsafe {
+                libc::madvise(
+                    start as *mut libc::c_void,
+                    end - start,
+                    libc::MADV_POPULATE_WRITE,
+                );
+            }
+        }
+    }
+    v.resize(n, empty);
+    v
+}
+
+/// Which stored row each output row of a repacked weight takes: the file's order, or a
+/// permutation (a Llama GGUF's q and k rows, un-permuted for the RoPE as they are repacked).
+#[derive(Clone, Copy, Default)]
+pub struct RowOrder<'a>(pub(crate) Option<&'a [usize]>);
+
+impl<'a> RowOrder<'a> {
+    /// The stored order.
+    pub const STORED: Self = Self(None);
+
+    /// Output row `i` takes stored row `order[i]`; `order` must pick among `rows` rows, once each.
+    pub fn new(order: &'a [usize], rows: usize) -> Result<Self, String> {
+        let mut seen = vec![false; rows];
+        for &r in order {
+            if r >= rows || std::mem::replace(&mut seen[r], true) {
+                return Err(format!("the row order is not a permutation of {rows} rows"));
+            }
+        }
+        if order.len() != rows {
+            return Err(format!(
+                "a row order of {} rows for {rows} rows",
+                order.len()
+            ));
+        }
+        Ok(Self(Some(order)))
+    }
+
+    /// The stored row that output row `r` takes.
+    #[inline]
+    pub fn source(&self, r: usize) -> usize {
+        self.0.map_or(r, |o| o[r])
+    }
+}
+
 /// Activations quantized to 8 bits per block of 32: `xd = max|x| / 127`, `xq = round(x / xd)`.
 pub struct Activations {
     cols: usize,

@@ -20,7 +20,7 @@
 use half::f16;
 
 pub use super::int8::QK;
-use super::int8::{self, broadcast4, Acc, Activations, TILE};
+use super::int8::{self, broadcast4, Acc, Activations, RowOrder, TILE};
 /// Bytes of one GGUF Q4_1 block.
 pub const BLOCK_BYTES: usize = 20;
 
@@ -97,6 +97,16 @@ pub(super) fn nibble_dot(src: &[u8], lane: usize, xq: &[i8]) -> i32 {
 impl Q41Weight {
     /// Repacks GGUF Q4_1 data of `rows` rows × `cols` values (`cols` a multiple of 32).
     pub fn from_gguf(data: &[u8], rows: usize, cols: usize) -> Result<Self, String> {
+        Self::from_gguf_ordered(data, rows, cols, RowOrder::STORED)
+    }
+
+    /// `from_gguf` with output row `r` taken from stored row `order.source(r)`.
+    pub fn from_gguf_ordered(
+        data: &[u8],
+        rows: usize,
+        cols: usize,
+        order: RowOrder,
+    ) -> Result<Self, String> {
         if cols % QK != 0 {
             return Err(format!(
                 "Q4_1 rows of {cols} values are not whole blocks of {QK}"
@@ -115,11 +125,12 @@ impl Q41Weight {
             d: [0; TILE],
             m: [0; TILE],
         };
-        let mut tiles = vec![empty; row_tiles * kb];
+        let mut tiles = int8::tiles_of(row_tiles * kb, empty);
         for r in 0..rows {
             let (t, lane) = (r / TILE, r % TILE);
+            let src = order.source(r);
             for b in 0..kb {
-                let block = &data[(r * kb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
+                let block = &data[(src * kb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
                 let tile = &mut tiles[t * kb + b];
                 tile.d[lane] = u16::from_le_bytes([block[0], block[1]]);
                 tile.m[lane] = u16::from_le_bytes([block[2], block[3]]);
@@ -132,7 +143,12 @@ impl Q41Weight {
     /// Repacks GGUF Q4_0 data (blocks of 32: `d` as f16 and 16 bytes of nibbles in Q4_1's
     /// order; a value is `d·(q − 8)`) as Q4_1 with `m = −8·d`, which is exact in f16 (a power
     /// of two times `d`), so the Q4_1 kernels serve it unchanged.
-    pub fn from_gguf_q4_0(data: &[u8], rows: usize, cols: usize) -> Result<Self, String> {
+    pub fn from_gguf_q4_0(
+        data: &[u8],
+        rows: usize,
+        cols: usize,
+        order: RowOrder,
+    ) -> Result<Self, String> {
         const Q4_0_BYTES: usize = 18;
         if cols % QK != 0 || data.len() != rows * (cols / QK) * Q4_0_BYTES {
             return Err(format!(
@@ -151,7 +167,7 @@ impl Q41Weight {
             q41.extend_from_slice(&m.to_bits().to_le_bytes());
             q41.extend_from_slice(&block[2..]);
         }
-        Self::from_gguf(&q41, rows, cols)
+        Self::from_gguf_ordered(&q41, rows, cols, order)
     }
 
     pub fn dims(&self) -> (usize, usize) {
@@ -354,13 +370,13 @@ mod tests {
         use candle_core::quantized::GgmlDType;
         for (rows, cols) in [(3, 64), (37, 320)] {
             let data = checks::ggml_quantized(rows, cols, 7, GgmlDType::Q4_0);
-            let ours = Q41Weight::from_gguf_q4_0(&data, rows, cols).unwrap();
+            let ours = Q41Weight::from_gguf_q4_0(&data, rows, cols, RowOrder::STORED).unwrap();
             let theirs = checks::ggml_dequantized(&data, rows, cols, GgmlDType::Q4_0);
             assert_eq!(ours.dequantize(), theirs);
             checks::within_rounding_bound(&ours);
             checks::simd_matches_portable(&ours);
         }
-        assert!(Q41Weight::from_gguf_q4_0(&[0; 17], 1, 32).is_err());
+        assert!(Q41Weight::from_gguf_q4_0(&[0; 17], 1, 32, RowOrder::STORED).is_err());
     }
 
     #[test]

@@ -18,7 +18,7 @@
 
 use half::f16;
 
-use super::int8::{self, broadcast4, Acc, Activations, QK, TILE};
+use super::int8::{self, broadcast4, Acc, Activations, RowOrder, QK, TILE};
 use super::q4_1::{nibble_dot, unpack_nibbles};
 
 /// Values per super-block.
@@ -72,6 +72,16 @@ fn scale_min(j: usize, q: &[u8]) -> (u8, u8) {
 impl Q4KWeight {
     /// Repacks GGUF Q4_K data of `rows` rows × `cols` values (`cols` a multiple of 256).
     pub fn from_gguf(data: &[u8], rows: usize, cols: usize) -> Result<Self, String> {
+        Self::from_gguf_ordered(data, rows, cols, RowOrder::STORED)
+    }
+
+    /// `from_gguf` with output row `r` taken from stored row `order.source(r)`.
+    pub fn from_gguf_ordered(
+        data: &[u8],
+        rows: usize,
+        cols: usize,
+        order: RowOrder,
+    ) -> Result<Self, String> {
         if cols % QK_K != 0 {
             return Err(format!(
                 "Q4_K rows of {cols} values are not whole super-blocks of {QK_K}"
@@ -91,11 +101,12 @@ impl Q4KWeight {
             sc: [[0; TILE]; SUBS],
             mn: [[0; TILE]; SUBS],
         };
-        let mut tiles = vec![empty; rows.div_ceil(TILE) * kb];
+        let mut tiles = int8::tiles_of(rows.div_ceil(TILE) * kb, empty);
         for r in 0..rows {
             let (t, lane) = (r / TILE, r % TILE);
+            let src = order.source(r);
             for b in 0..kb {
-                let block = &data[(r * kb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
+                let block = &data[(src * kb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
                 let tile = &mut tiles[t * kb + b];
                 tile.d[lane] = u16::from_le_bytes([block[0], block[1]]);
                 tile.dmin[lane] = u16::from_le_bytes([block[2], block[3]]);

@@ -19,7 +19,7 @@
 
 use half::f16;
 
-use super::int8::{self, Acc, Activations, QK, TILE};
+use super::int8::{self, Acc, Activations, RowOrder, QK, TILE};
 
 /// Values per super-block.
 pub const QK_K: usize = 256;
@@ -75,6 +75,16 @@ fn block_values(block: &[u8]) -> [u8; QK_K] {
 impl Q6KWeight {
     /// Repacks GGUF Q6_K data of `rows` rows × `cols` values (`cols` a multiple of 256).
     pub fn from_gguf(data: &[u8], rows: usize, cols: usize) -> Result<Self, String> {
+        Self::from_gguf_ordered(data, rows, cols, RowOrder::STORED)
+    }
+
+    /// `from_gguf` with output row `r` taken from stored row `order.source(r)`.
+    pub fn from_gguf_ordered(
+        data: &[u8],
+        rows: usize,
+        cols: usize,
+        order: RowOrder,
+    ) -> Result<Self, String> {
         if cols % QK_K != 0 {
             return Err(format!(
                 "Q6_K rows of {cols} values are not whole super-blocks of {QK_K}"
@@ -93,11 +103,12 @@ impl Q6KWeight {
             sc: [[0; TILE]; 16],
             d: [0; TILE],
         };
-        let mut tiles = vec![empty; rows.div_ceil(TILE) * kb];
+        let mut tiles = int8::tiles_of(rows.div_ceil(TILE) * kb, empty);
         for r in 0..rows {
             let (t, lane) = (r / TILE, r % TILE);
+            let src = order.source(r);
             for b in 0..kb {
-                let block = &data[(r * kb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
+                let block = &data[(src * kb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
                 let tile = &mut tiles[t * kb + b];
                 let q = block_values(block);
                 for (u, s) in block[192..208].iter().enumerate() {

@@ -10,7 +10,7 @@
 
 use half::f16;
 
-use super::int8::{self, broadcast4, Acc, Activations, QK, TILE};
+use super::int8::{self, broadcast4, Acc, Activations, RowOrder, QK, TILE};
 
 /// Bytes of one GGUF Q8_0 block.
 pub const BLOCK_BYTES: usize = 34;
@@ -39,6 +39,16 @@ impl std::fmt::Debug for Q80Weight {
 impl Q80Weight {
     /// Repacks GGUF Q8_0 data of `rows` rows × `cols` values (`cols` a multiple of 32).
     pub fn from_gguf(data: &[u8], rows: usize, cols: usize) -> Result<Self, String> {
+        Self::from_gguf_ordered(data, rows, cols, RowOrder::STORED)
+    }
+
+    /// `from_gguf` with output row `r` taken from stored row `order.source(r)`.
+    pub fn from_gguf_ordered(
+        data: &[u8],
+        rows: usize,
+        cols: usize,
+        order: RowOrder,
+    ) -> Result<Self, String> {
         if cols % QK != 0 {
             return Err(format!(
                 "Q8_0 rows of {cols} values are not whole blocks of {QK}"
@@ -55,11 +65,12 @@ impl Q80Weight {
             qs: [0; 512],
             d: [0; TILE],
         };
-        let mut tiles = vec![empty; rows.div_ceil(TILE) * kb];
+        let mut tiles = int8::tiles_of(rows.div_ceil(TILE) * kb, empty);
         for r in 0..rows {
             let (t, lane) = (r / TILE, r % TILE);
+            let src = order.source(r);
             for b in 0..kb {
-                let block = &data[(r * kb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
+                let block = &data[(src * kb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
                 let tile = &mut tiles[t * kb + b];
                 tile.d[lane] = u16::from_le_bytes([block[0], block[1]]);
                 for g in 0..8 {
