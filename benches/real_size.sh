@@ -14,7 +14,8 @@
 # One JSON line per measure and server, then per shape × type the ratios (ours / llama.cpp; for
 # prefill, rss and load the peer's over ours, so > 1 is better for us throughout).
 #   benches/real_size.sh [SHAPE...]    TYPES="q4_k_m q8_0 q4_0" ROUNDS=2 PY=python3 ADAPTERS=8
-#   (ONLY_MIXED=1 with ADAPTERS: the mixed-adapter measure only)
+#   (ONLY_MIXED=1 with ADAPTERS: the mixed-adapter measure only; ONLY_LOAD=1: load alone, the
+#   file read from the page cache each time: it is read once beforehand)
 # Needs: target/release/serve, ../shared/bench/llamacpp.sh build, a Python with torch,
 # transformers and safetensors (PY) for the model and the converter. Takes tens of minutes.
 set -euo pipefail
@@ -84,18 +85,19 @@ for shape in "${SHAPES[@]}"; do
       stop
       [ "${ONLY_MIXED:-}" = 1 ] && continue
     fi
+    cat "$gguf" >/dev/null
     for _ in $(seq "$ROUNDS"); do
       stop; t0=$(date +%s.%N)
       target/release/serve --port 8080 --model "$gguf" 2>/dev/null & PID=$!
       wait_up http://127.0.0.1:8080
       echo "{${tag}\"test\": \"load\", \"s\": $(first_answer http://127.0.0.1:8080 "$t0"), \"flavor\": \"ours\"}"
-      measure ours http://127.0.0.1:8080 | sed "s/^{/{$tag/"
+      [ "${ONLY_LOAD:-}" = 1 ] || measure ours http://127.0.0.1:8080 | sed "s/^{/{$tag/"
       stop; t0=$(date +%s.%N)
       # shellcheck disable=SC2086
       (cd "$BIN" && LD_LIBRARY_PATH=. exec ./llama-server -m "$gguf" -np 8 -c 20480 -t 2 --port 8091 $LLAMA_ARGS) >/dev/null 2>&1 & PID=$!
       wait_up http://127.0.0.1:8091
       echo "{${tag}\"test\": \"load\", \"s\": $(first_answer http://127.0.0.1:8091 "$t0"), \"flavor\": \"llamacpp\"}"
-      measure llamacpp http://127.0.0.1:8091 | sed "s/^{/{$tag/"
+      [ "${ONLY_LOAD:-}" = 1 ] || measure llamacpp http://127.0.0.1:8091 | sed "s/^{/{$tag/"
     done
     stop
   done

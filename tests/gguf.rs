@@ -348,3 +348,37 @@ fn a_quantized_q_projection_that_is_not_whole_heads_is_refused() {
         "{err}"
     );
 }
+
+/// A GGUF cut short inside its tensor data is refused by file and tensor, as stored (its last
+/// tensor, Q4_K, repacked from the mapped file where our kernel serves it) or dequantized:
+/// never read past its end, never a panic.
+#[test]
+fn a_truncated_gguf_names_the_file_and_the_tensor() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("cut.gguf");
+    std::fs::copy(fixtures().join("kquant").join("wide-q4_k_m.gguf"), &path).unwrap();
+    let len = std::fs::metadata(&path).unwrap().len();
+    let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    // The last tensor by offset is `blk.1.ffn_up.weight` (Q4_K, 73,728 bytes).
+    file.set_len(len - 1000).unwrap();
+    for native_quant in [true, false] {
+        let err = load_model(
+            &ResolvedModel::Gguf {
+                id: "cut".into(),
+                path: path.clone(),
+            },
+            &ModelOptions {
+                native_quant,
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("cut.gguf")
+                && err.contains("blk.1.ffn_up.weight")
+                && err.contains("bytes"),
+            "native_quant {native_quant}: {err}"
+        );
+    }
+}

@@ -382,90 +382,98 @@ fn read_weights(
     jobs.sort_by_key(|(name, _, _)| {
         std::cmp::Reverse(content.tensor_infos[*name].shape.elem_count())
     });
+    // The file mapped once: our kernels' weights are repacked straight from its pages (no
+    // copy of the stored bytes on the heap), each tensor's pages mapped in one call before and
+    // let go after, so the mapping never holds more than the tensors being repacked.
+    let file = File::open(path).map_err(|e| ModelError::io(path, e))?;
+    // SAFETY: the mapping is read-only and dropped before this function returns; like every
+    // reader of a GGUF by mmap (llama.cpp, candle) it relies on the file not being truncated
+    // or rewritten during the load.
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| ModelError::io(path, e))?;
     use rayon::prelude::*;
     let prepared: Vec<(String, Quantized)> = jobs
         .into_par_iter()
-        .map_init(
-            || (None, Vec::new()),
-            |(file, buf), (name, hf, heads)| {
-                let info = &content.tensor_infos[name];
-                let order = match heads {
-                    Some(h) => {
-                        let rows = info.shape.dims()[0];
-                        if h == 0 || rows % (2 * h) != 0 {
-                            return Err(ModelError::Tensor {
-                                path: path.to_path_buf(),
-                                name: name.clone(),
-                                problem: format!(
-                                    "has {rows} rows, not a whole number of {h} heads of even size"
-                                ),
-                            });
-                        }
-                        Some(unpermuted_order(rows, h))
+        .map(|(name, hf, heads)| {
+            let info = &content.tensor_infos[name];
+            let order = match heads {
+                Some(h) => {
+                    let rows = info.shape.dims()[0];
+                    if h == 0 || rows % (2 * h) != 0 {
+                        return Err(ModelError::Tensor {
+                            path: path.to_path_buf(),
+                            name: name.clone(),
+                            problem: format!(
+                                "has {rows} rows, not a whole number of {h} heads of even size"
+                            ),
+                        });
                     }
-                    None => None,
-                };
-                if file.is_none() {
-                    *file = Some(File::open(path).map_err(|e| ModelError::io(path, e))?);
+                    Some(unpermuted_order(rows, h))
                 }
-                let file = file.as_ref().expect("opened above");
-                // Fused weights (Phi-3) are split by rows first; a type not served natively is
-                // refused by `into_llama`, by name.
-                let fused = hf.ends_with("qkv_proj.weight") || hf.ends_with("gate_up_proj.weight");
-                let (rows, cols) = (info.shape.dims()[0], info.shape.dims()[1]);
-                if !fused && QuantLinear::ours(info.ggml_dtype, cols) {
-                    // Ours: the stored bytes, read into this thread's buffer (reused, so its
-                    // pages are touched once), repacked straight into the kernel's layout with
-                    // the rows un-permuted on the way.
-                    let ready = stored_bytes(content, file, path, name, buf).and_then(|bytes| {
-                        let order = match &order {
-                            Some(o) => RowOrder::new(o, rows),
-                            None => Ok(RowOrder::STORED),
-                        };
-                        order
-                            .map_err(candle_core::Error::msg)
-                            .and_then(|order| {
-                                QuantLinear::from_stored(info.ggml_dtype, bytes, rows, cols, order)
-                            })
-                            .map_err(|e| ModelError::Tensor {
-                                path: path.to_path_buf(),
-                                name: name.clone(),
-                                problem: format!("cannot be repacked: {e}"),
-                            })
+                None => None,
+            };
+            // Fused weights (Phi-3) are split by rows first; a type not served natively is
+            // refused by `into_llama`, by name.
+            let fused = hf.ends_with("qkv_proj.weight") || hf.ends_with("gate_up_proj.weight");
+            let (rows, cols) = (info.shape.dims()[0], info.shape.dims()[1]);
+            if !fused && QuantLinear::ours(info.ggml_dtype, cols) {
+                let (at, len) = stored_range(content, &map, path, name)?;
+                let _ = map.advise_range(memmap2::Advice::PopulateRead, at, len);
+                let order = match &order {
+                    Some(o) => RowOrder::new(o, rows),
+                    None => Ok(RowOrder::STORED),
+                };
+                let ready = order
+                    .map_err(candle_core::Error::msg)
+                    .and_then(|order| {
+                        QuantLinear::from_stored(
+                            info.ggml_dtype,
+                            &map[at..at + len],
+                            rows,
+                            cols,
+                            order,
+                        )
+                    })
+                    .map_err(|e| ModelError::Tensor {
+                        path: path.to_path_buf(),
+                        name: name.clone(),
+                        problem: format!("cannot be repacked: {e}"),
                     })?;
-                    if let Some(ready) = ready {
-                        return Ok((hf, Quantized::Ready(ready)));
-                    }
+                // SAFETY: the pages are read-only file pages no reference points into any
+                // more (the repacked weight owns its memory): dropping them only unmaps them.
+                let _ = unsafe {
+                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, at, len)
+                };
+                if let Some(ready) = ready {
+                    return Ok((hf, Quantized::Ready(ready)));
                 }
-                let mut reader = file;
-                let q = read_tensor(content, &mut reader, path, name, &opts.device)?;
-                let q = match &order {
-                    Some(o) => crate::quant::gguf::permute_rows(&q, o)?,
-                    None => q,
-                };
-                let q = std::sync::Arc::new(q);
-                let ready = if fused {
-                    None
-                } else {
-                    QuantLinear::new(q.clone())?
-                };
-                Ok((hf, ready.map_or(Quantized::Stored(q), Quantized::Ready)))
-            },
-        )
+            }
+            let mut reader = &file;
+            let q = read_tensor(content, &mut reader, path, name, &opts.device)?;
+            let q = match &order {
+                Some(o) => crate::quant::gguf::permute_rows(&q, o)?,
+                None => q,
+            };
+            let q = std::sync::Arc::new(q);
+            let ready = if fused {
+                None
+            } else {
+                QuantLinear::new(q.clone())?
+            };
+            Ok((hf, ready.map_or(Quantized::Stored(q), Quantized::Ready)))
+        })
         .collect::<Result<_, ModelError>>()?;
+    drop(map);
     quant.extend(prepared);
     Ok((tensors, quant))
 }
 
-/// Tensor `name`'s bytes as stored, read into `buf` (grown as needed, never shrunk).
-fn stored_bytes<'b>(
+/// Where tensor `name`'s bytes lie in the mapped file: offset and length, checked.
+fn stored_range(
     content: &Content,
-    file: &File,
+    map: &[u8],
     path: &Path,
     name: &str,
-    buf: &'b mut Vec<u8>,
-) -> Result<&'b [u8], ModelError> {
-    use std::os::unix::fs::FileExt;
+) -> Result<(usize, usize), ModelError> {
     let info = &content.tensor_infos[name];
     let (elems, block) = (info.shape.elem_count(), info.ggml_dtype.block_size());
     let problem = |problem: String| ModelError::Tensor {
@@ -480,12 +488,13 @@ fn stored_bytes<'b>(
     }
     let len = elems / block * info.ggml_dtype.type_size();
     let at = content.tensor_data_offset.saturating_add(info.offset);
-    if buf.len() < len {
-        buf.resize(len, 0);
+    match usize::try_from(at) {
+        Ok(at) if at.checked_add(len).is_some_and(|end| end <= map.len()) => Ok((at, len)),
+        _ => Err(problem(format!(
+            "needs {len} bytes at offset {at}, past the file's {} bytes",
+            map.len()
+        ))),
     }
-    file.read_exact_at(&mut buf[..len], at)
-        .map_err(|e| problem(format!("cannot be read ({len} bytes at offset {at}): {e}")))?;
-    Ok(&buf[..len])
 }
 
 /// Reads tensor `name` of the file as stored.

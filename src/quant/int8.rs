@@ -14,17 +14,30 @@ pub const MAX_ROWS: usize = 16;
 /// A kernel call's results: activation row × the tile's 16 output rows.
 pub type Acc = [[f32; TILE]; MAX_ROWS];
 
-/// `n` copies of `empty` (a weight's tiles). A large allocation's pages are populated in one
-/// call before they are written, rather than faulted in 4 kB at a time.
-pub fn tiles_of<T: Clone>(n: usize, empty: T) -> Vec<T> {
-    let mut v: Vec<T> = Vec::with_capacity(n);
-    let bytes = n * std::mem::size_of::<T>();
+/// A weight's tiles built from GGUF rows of `kb` blocks of `block_bytes` each, in the tiles'
+/// order (row tile `t`, block `b` at `t · kb + b`), each whole before it is stored:
+/// `fill(tile, lane, block)` writes output row `16·t + lane`'s block `b` (taken from stored row
+/// `order.source(…)`) into a tile that starts as `empty`; lanes past the last row keep `empty`.
+/// The tiles' memory is written once (no fill beforehand) and, where large, populated in one
+/// call rather than faulted in page by page.
+pub fn build_tiles<T: Clone>(
+    data: &[u8],
+    rows: usize,
+    kb: usize,
+    block_bytes: usize,
+    order: RowOrder,
+    empty: &T,
+    fill: impl Fn(&mut T, usize, &[u8]),
+) -> Vec<T> {
+    let row_tiles = rows.div_ceil(TILE);
+    let mut tiles: Vec<T> = Vec::with_capacity(row_tiles * kb);
     #[cfg(target_os = "linux")]
-    if bytes >= 1 << 20 {
+    {
         const PAGE: usize = 4096;
-        let start = (v.as_mut_ptr() as usize).next_multiple_of(PAGE);
-        let end = (v.as_mut_ptr() as usize + bytes) & !(PAGE - 1);
-        if end > start {
+        let bytes = tiles.capacity() * std::mem::size_of::<T>();
+        let start = (tiles.as_mut_ptr() as usize).next_multiple_of(PAGE);
+        let end = (tiles.as_mut_ptr() as usize + bytes) & !(PAGE - 1);
+        if bytes >= 1 << 20 && end > start {
             // SAFETY: advice on whole pages inside this vector's own allocation, not yet
             // written; it backs them with memory and never changes what they hold.
             unsafe {
@@ -36,8 +49,22 @@ pub fn tiles_of<T: Clone>(n: usize, empty: T) -> Vec<T> {
             }
         }
     }
-    v.resize(n, empty);
-    v
+    for t in 0..row_tiles {
+        let lanes = TILE.min(rows - t * TILE);
+        for b in 0..kb {
+            let mut tile = empty.clone();
+            for lane in 0..lanes {
+                let src = order.source(t * TILE + lane);
+                fill(
+                    &mut tile,
+                    lane,
+                    &data[(src * kb + b) * block_bytes..][..block_bytes],
+                );
+            }
+            tiles.push(tile);
+        }
+    }
+    tiles
 }
 
 /// Which stored row each output row of a repacked weight takes: the file's order, or a

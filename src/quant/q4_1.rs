@@ -119,24 +119,24 @@ impl Q41Weight {
                 data.len()
             ));
         }
-        let row_tiles = rows.div_ceil(TILE);
         let empty = Tile {
             qs: [0; 256],
             d: [0; TILE],
             m: [0; TILE],
         };
-        let mut tiles = int8::tiles_of(row_tiles * kb, empty);
-        for r in 0..rows {
-            let (t, lane) = (r / TILE, r % TILE);
-            let src = order.source(r);
-            for b in 0..kb {
-                let block = &data[(src * kb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
-                let tile = &mut tiles[t * kb + b];
+        let tiles = int8::build_tiles(
+            data,
+            rows,
+            kb,
+            BLOCK_BYTES,
+            order,
+            &empty,
+            |tile, lane, block| {
                 tile.d[lane] = u16::from_le_bytes([block[0], block[1]]);
                 tile.m[lane] = u16::from_le_bytes([block[2], block[3]]);
                 pack_nibbles(&mut tile.qs, lane, &block_values(block));
-            }
-        }
+            },
+        );
         Ok(Self { rows, cols, tiles })
     }
 

@@ -101,13 +101,14 @@ impl Q4KWeight {
             sc: [[0; TILE]; SUBS],
             mn: [[0; TILE]; SUBS],
         };
-        let mut tiles = int8::tiles_of(rows.div_ceil(TILE) * kb, empty);
-        for r in 0..rows {
-            let (t, lane) = (r / TILE, r % TILE);
-            let src = order.source(r);
-            for b in 0..kb {
-                let block = &data[(src * kb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
-                let tile = &mut tiles[t * kb + b];
+        let tiles = int8::build_tiles(
+            data,
+            rows,
+            kb,
+            BLOCK_BYTES,
+            order,
+            &empty,
+            |tile, lane, block| {
                 tile.d[lane] = u16::from_le_bytes([block[0], block[1]]);
                 tile.dmin[lane] = u16::from_le_bytes([block[2], block[3]]);
                 let (scales, qs) = (&block[4..16], &block[16..]);
@@ -126,8 +127,8 @@ impl Q4KWeight {
                         }
                     }
                 }
-            }
-        }
+            },
+        );
         Ok(Self { rows, cols, tiles })
     }
 

@@ -103,13 +103,14 @@ impl Q6KWeight {
             sc: [[0; TILE]; 16],
             d: [0; TILE],
         };
-        let mut tiles = int8::tiles_of(rows.div_ceil(TILE) * kb, empty);
-        for r in 0..rows {
-            let (t, lane) = (r / TILE, r % TILE);
-            let src = order.source(r);
-            for b in 0..kb {
-                let block = &data[(src * kb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
-                let tile = &mut tiles[t * kb + b];
+        let tiles = int8::build_tiles(
+            data,
+            rows,
+            kb,
+            BLOCK_BYTES,
+            order,
+            &empty,
+            |tile, lane, block| {
                 let q = block_values(block);
                 for (u, s) in block[192..208].iter().enumerate() {
                     tile.sc[u][lane] = *s as i8;
@@ -128,8 +129,8 @@ impl Q6KWeight {
                         }
                     }
                 }
-            }
-        }
+            },
+        );
         Ok(Self { rows, cols, tiles })
     }
 

@@ -65,21 +65,22 @@ impl Q80Weight {
             qs: [0; 512],
             d: [0; TILE],
         };
-        let mut tiles = int8::tiles_of(rows.div_ceil(TILE) * kb, empty);
-        for r in 0..rows {
-            let (t, lane) = (r / TILE, r % TILE);
-            let src = order.source(r);
-            for b in 0..kb {
-                let block = &data[(src * kb + b) * BLOCK_BYTES..][..BLOCK_BYTES];
-                let tile = &mut tiles[t * kb + b];
+        let tiles = int8::build_tiles(
+            data,
+            rows,
+            kb,
+            BLOCK_BYTES,
+            order,
+            &empty,
+            |tile, lane, block| {
                 tile.d[lane] = u16::from_le_bytes([block[0], block[1]]);
                 for g in 0..8 {
                     for j in 0..4 {
                         tile.qs[g * 64 + lane * 4 + j] = block[2 + 4 * g + j] as i8;
                     }
                 }
-            }
-        }
+            },
+        );
         Ok(Self { rows, cols, tiles })
     }
 
