@@ -1,10 +1,11 @@
 //! A K-quant GGUF as users bring one: `tests/fixtures/kquant/wide-q4_k_m.gguf`, a random Llama of
 //! 256 hidden (whole 256-value super-blocks) converted the way llama.cpp's converter writes Llama
 //! and quantized by llama.cpp's own `llama-quantize` to Q4_K_M (Q4_K, and Q6_K for the output,
-//! layer 1's attn_v and ffn_down); `make_kquant.py` beside it. The reference is transformers'
-//! forward on the weights dequantized by gguf-py. Loaded dequantized, ours must match it to f32
-//! rounding; served as stored (Q4_K and Q6_K by our integer kernels where the CPU has AVX-512
-//! VNNI, candle's elsewhere), within what 8-bit activations cost — and the engine's answers equal
+//! layer 1's attn_v and ffn_down), and the same model as `wide-q5_k_m.gguf` (Q5_K in Q4_K's
+//! place); `make_kquant.py` beside them. The reference is transformers' forward on the weights
+//! dequantized by gguf-py. Loaded dequantized, ours must match it to f32 rounding; served as
+//! stored (Q4_K, Q5_K and Q6_K by our integer kernels where the CPU has AVX-512 VNNI, candle's
+//! elsewhere), within what 8-bit activations cost — and the engine's answers equal
 //! the single-sequence loop's.
 
 mod common;
@@ -19,9 +20,14 @@ use loraplex::model::{
 };
 
 fn resolved() -> ResolvedModel {
+    resolved_as("q4_k_m")
+}
+
+/// `wide-TYPE.gguf` (`make_kquant.py … TYPE`).
+fn resolved_as(ty: &str) -> ResolvedModel {
     ResolvedModel::Gguf {
-        id: "wide-q4_k_m".into(),
-        path: fixtures().join("kquant").join("wide-q4_k_m.gguf"),
+        id: format!("wide-{ty}"),
+        path: fixtures().join("kquant").join(format!("wide-{ty}.gguf")),
     }
 }
 
@@ -43,10 +49,20 @@ fn top(r: &[f32]) -> usize {
 
 #[test]
 fn a_llama_quantize_q4_k_m_file_serves_as_stored_close_to_its_dequantized_weights() {
-    let expected = read_json(fixtures().join("kquant").join("expected.json"));
-    let dense = load_model(&resolved(), &ModelOptions::default()).unwrap();
+    serves_as_stored_close_to_its_dequantized_weights("q4_k_m", "expected.json");
+}
+
+/// The same model quantized to Q5_K_M (Q5_K, with Q6_K where Q4_K_M has it).
+#[test]
+fn a_llama_quantize_q5_k_m_file_serves_as_stored_close_to_its_dequantized_weights() {
+    serves_as_stored_close_to_its_dequantized_weights("q5_k_m", "expected-q5_k_m.json");
+}
+
+fn serves_as_stored_close_to_its_dequantized_weights(file_type: &str, reference: &str) {
+    let expected = read_json(fixtures().join("kquant").join(reference));
+    let dense = load_model(&resolved_as(file_type), &ModelOptions::default()).unwrap();
     let native = load_model(
-        &resolved(),
+        &resolved_as(file_type),
         &ModelOptions {
             native_quant: true,
             ..Default::default()
@@ -74,6 +90,7 @@ fn a_llama_quantize_q4_k_m_file_serves_as_stored_close_to_its_dequantized_weight
                 .unwrap();
             let want = match (ty, avx512) {
                 ("Q4_K", true) => "q4_k",
+                ("Q5_K", true) => "q5_k",
                 ("Q6_K", true) => "q6_k",
                 _ => "ggml",
             };
@@ -102,7 +119,7 @@ fn a_llama_quantize_q4_k_m_file_serves_as_stored_close_to_its_dequantized_weight
         }
     }
     eprintln!(
-        "Q4_K_M: dequantized vs transformers {dense_worst:.2e}; as stored {worst:.3} (logits up to \
+        "{file_type}: dequantized vs transformers {dense_worst:.2e}; as stored {worst:.3} (logits up to \
          {scale:.2}); top-1 same at {same} of {total}"
     );
     // The reference's logits are rounded to 6 significant digits.

@@ -1,5 +1,7 @@
-//! GGUF quantized tensors served in their stored quantization: Q4_1 (and Q4_0 as Q4_1), Q8_0
-//! and Q4_K by our own repacked integer kernels (`q4_1.rs`, `q8_0.rs`, `q4_k.rs`), the other types (Q4_0, Q5_0, Q5_1, Q8_0, Q2_K … Q6_K) by candle's
+//! GGUF quantized tensors served in their stored quantization: Q4_1 (and Q4_0 as Q4_1), Q8_0,
+//! Q4_K, Q5_K and Q6_K by our own repacked integer kernels (`q4_1.rs`, `q8_0.rs`, `q4_k.rs`,
+//! `q5_k.rs`, `q6_k.rs`; the K-quants where the CPU has AVX-512 VNNI), the other types (Q5_0,
+//! Q5_1, Q2_K, Q3_K, and the K-quants elsewhere) by candle's
 //! `QMatMul`, which also quantizes activations to 8 bits and takes integer dot products (with
 //! repacked AVX-512 VNNI kernels for Q4_K, Q6_K and Q8_0). Never dequantized for serving.
 //! Differentiable in the activations (training adapters on the served weights, as QLoRA does on
@@ -15,6 +17,7 @@ use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Result, Shape, 
 use super::int8::RowOrder;
 use super::q4_1::Q41Weight;
 use super::q4_k::Q4KWeight;
+use super::q5_k::Q5KWeight;
 use super::q6_k::Q6KWeight;
 use super::q8_0::Q80Weight;
 
@@ -48,6 +51,7 @@ enum Kernel {
     Q41(Arc<Q41Weight>),
     Q80(Arc<Q80Weight>),
     Q4K(Arc<Q4KWeight>),
+    Q5K(Arc<Q5KWeight>),
     Q6K(Arc<Q6KWeight>),
     Ggml(QMatMul, Arc<QTensor>),
 }
@@ -98,7 +102,9 @@ impl QuantLinear {
             // at decode, a quarter less memory); elsewhere candle's repacked kernels, which our
             // AVX2 path has not been measured against on an AVX2-only CPU (and Q6_K has no
             // AVX2 kernel of ours yet).
-            GgmlDType::Q4K | GgmlDType::Q6K => super::int8::Kernel::detect().is_avx512(),
+            GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K => {
+                super::int8::Kernel::detect().is_avx512()
+            }
             _ => false,
         }
     }
@@ -132,6 +138,9 @@ impl QuantLinear {
             GgmlDType::Q4K => Kernel::Q4K(Arc::new(
                 Q4KWeight::from_gguf_ordered(data, rows, cols, order).map_err(err)?,
             )),
+            GgmlDType::Q5K => Kernel::Q5K(Arc::new(
+                Q5KWeight::from_gguf_ordered(data, rows, cols, order).map_err(err)?,
+            )),
             GgmlDType::Q6K => Kernel::Q6K(Arc::new(
                 Q6KWeight::from_gguf_ordered(data, rows, cols, order).map_err(err)?,
             )),
@@ -153,12 +162,13 @@ impl QuantLinear {
         self.dtype
     }
 
-    /// Which kernel serves it: ours (`q4_1`, `q8_0`, `q4_k`, `q6_k`) or candle's (`ggml`).
+    /// Which kernel serves it: ours (`q4_1`, `q8_0`, `q4_k`, `q5_k`, `q6_k`) or candle's (`ggml`).
     pub fn kernel_name(&self) -> &'static str {
         match &self.kernel {
             Kernel::Q41(_) => "q4_1",
             Kernel::Q80(_) => "q8_0",
             Kernel::Q4K(_) => "q4_k",
+            Kernel::Q5K(_) => "q5_k",
             Kernel::Q6K(_) => "q6_k",
             Kernel::Ggml(..) => "ggml",
         }
@@ -170,6 +180,7 @@ impl QuantLinear {
             Kernel::Q41(w) => w.bytes(),
             Kernel::Q80(w) => w.bytes(),
             Kernel::Q4K(w) => w.bytes(),
+            Kernel::Q5K(w) => w.bytes(),
             Kernel::Q6K(w) => w.bytes(),
             Kernel::Ggml(_, q) => q.storage_size_in_bytes(),
         }
@@ -185,6 +196,9 @@ impl QuantLinear {
                 Tensor::from_vec(w.dequantize(), (self.rows, self.cols), &Device::Cpu)
             }
             Kernel::Q4K(w) => {
+                Tensor::from_vec(w.dequantize(), (self.rows, self.cols), &Device::Cpu)
+            }
+            Kernel::Q5K(w) => {
                 Tensor::from_vec(w.dequantize(), (self.rows, self.cols), &Device::Cpu)
             }
             Kernel::Q6K(w) => {
@@ -213,6 +227,9 @@ impl QuantLinear {
                 Tensor::from_vec(w.dequantize_rows(&idx), (n, self.cols), &Device::Cpu)
             }
             Kernel::Q4K(w) => {
+                Tensor::from_vec(w.dequantize_rows(&idx), (n, self.cols), &Device::Cpu)
+            }
+            Kernel::Q5K(w) => {
                 Tensor::from_vec(w.dequantize_rows(&idx), (n, self.cols), &Device::Cpu)
             }
             Kernel::Q6K(w) => {
@@ -258,6 +275,7 @@ impl QuantLinear {
             Kernel::Q41(w) => w.matmul_t(x, n),
             Kernel::Q80(w) => w.matmul_t(x, n),
             Kernel::Q4K(w) => w.matmul_t(x, n),
+            Kernel::Q5K(w) => w.matmul_t(x, n),
             Kernel::Q6K(w) => w.matmul_t(x, n),
             Kernel::Ggml(m, _) => m
                 .forward(&Tensor::from_slice(x, (n, self.cols), &Device::Cpu)?)?
@@ -273,6 +291,7 @@ impl QuantLinear {
             Kernel::Q41(w) => w.dequantize_rows(&ids),
             Kernel::Q80(w) => w.dequantize_rows(&ids),
             Kernel::Q4K(w) => w.dequantize_rows(&ids),
+            Kernel::Q5K(w) => w.dequantize_rows(&ids),
             Kernel::Q6K(w) => w.dequantize_rows(&ids),
             Kernel::Ggml(_, q) => q
                 .dequantize(&Device::Cpu)?

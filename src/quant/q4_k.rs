@@ -41,6 +41,99 @@ pub struct Tile {
     mn: [[u8; TILE]; SUBS],
 }
 
+impl Tile {
+    /// No rows yet: every value, scale and min zero.
+    pub(crate) const EMPTY: Tile = Tile {
+        qs: [0; 2048],
+        d: [0; TILE],
+        dmin: [0; TILE],
+        sc: [[0; TILE]; SUBS],
+        mn: [[0; TILE]; SUBS],
+    };
+
+    /// Lane `lane` (an output row) from a super-block's `d` and `dmin` (`head`, 4 bytes), packed
+    /// scales and mins (12 bytes) and nibbles (128 bytes), ggml's Q4_K and Q5_K layout.
+    pub(crate) fn fill(&mut self, lane: usize, head: &[u8], scales: &[u8], qs: &[u8]) {
+        self.d[lane] = u16::from_le_bytes([head[0], head[1]]);
+        self.dmin[lane] = u16::from_le_bytes([head[2], head[3]]);
+        for s in 0..SUBS {
+            (self.sc[s][lane], self.mn[s][lane]) = scale_min(s, scales);
+        }
+        // Sub-blocks 2p and 2p + 1: the low and the high nibbles of bytes 32·p .. 32·p + 32.
+        // A packed byte holds values j and j + 4 of a group of 8.
+        for (p, bytes) in qs.chunks_exact(QK).enumerate() {
+            let pair = &mut self.qs[2 * p * 256..][..512];
+            for (g, v) in bytes.chunks_exact(8).enumerate() {
+                for j in 0..4 {
+                    let (a, c) = (v[j], v[j + 4]);
+                    pair[g * 64 + lane * 4 + j] = (a & 0x0F) | (c << 4);
+                    pair[256 + g * 64 + lane * 4 + j] = (a >> 4) | (c & 0xF0);
+                }
+            }
+        }
+    }
+}
+
+/// A tile in Q4_K's layout with a fifth bit per value (Q5_K, `q5_k.rs`: the value is then
+/// `q + 16`) or without (Q4_K): the kernels below serve both, the fifth bits' work compiled
+/// away for Q4_K.
+pub(crate) trait KTile: Sync {
+    /// Whether values carry a fifth bit.
+    const FIFTH: bool;
+    fn q4(&self) -> &Tile;
+    /// Group `g` (8 values) of sub-block `s`: bit `4·lane + j` of `[0]` set where value `j` of
+    /// row `lane` has its fifth bit, of `[1]` where value `j + 4` has (the byte order of
+    /// `Tile::qs`: `[0]` goes with the low nibbles, `[1]` with the high).
+    fn fifth(&self, s: usize, g: usize) -> [u64; 2];
+}
+
+impl KTile for Tile {
+    const FIFTH: bool = false;
+    fn q4(&self) -> &Tile {
+        self
+    }
+    fn fifth(&self, _s: usize, _g: usize) -> [u64; 2] {
+        [0, 0]
+    }
+}
+
+/// Value `v` (0..32) of sub-block `s` of row `lane`: its fifth bit's weight (0 or 16).
+fn fifth_of<T: KTile>(tile: &T, s: usize, lane: usize, v: usize) -> u8 {
+    let (g, j) = (v / 8, v % 8);
+    let bits = tile.fifth(s, g)[j / 4];
+    (((bits >> (4 * lane + j % 4)) & 1) as u8) << 4
+}
+
+/// Rows `ids` of `[row tile][super-block]` tiles as f32, `[ids.len(), cols]`, as ggml
+/// dequantizes Q4_K (and Q5_K).
+pub(crate) fn dequantize_tiles<T: KTile>(tiles: &[T], cols: usize, ids: &[u32]) -> Vec<f32> {
+    let kb = cols / QK_K;
+    let mut out = vec![0f32; ids.len() * cols];
+    for (o, &r) in ids.iter().enumerate() {
+        let r = r as usize;
+        let (t, lane) = (r / TILE, r % TILE);
+        for b in 0..kb {
+            let full = &tiles[t * kb + b];
+            let tile = full.q4();
+            let d = f16::from_bits(tile.d[lane]).to_f32();
+            let dmin = f16::from_bits(tile.dmin[lane]).to_f32();
+            for s in 0..SUBS {
+                let d1 = d * tile.sc[s][lane] as f32;
+                let m1 = dmin * tile.mn[s][lane] as f32;
+                let row = &mut out[o * cols + b * QK_K + s * QK..][..QK];
+                for (v, (y, q)) in row
+                    .iter_mut()
+                    .zip(unpack_nibbles(&tile.qs[s * 256..], lane))
+                    .enumerate()
+                {
+                    *y = d1 * (q + fifth_of(full, s, lane, v)) as f32 - m1;
+                }
+            }
+        }
+    }
+    out
+}
+
 /// A Q4_K weight `[rows, cols]` repacked for the kernels.
 #[derive(Clone)]
 pub struct Q4KWeight {
@@ -94,40 +187,14 @@ impl Q4KWeight {
                 data.len()
             ));
         }
-        let empty = Tile {
-            qs: [0; 2048],
-            d: [0; TILE],
-            dmin: [0; TILE],
-            sc: [[0; TILE]; SUBS],
-            mn: [[0; TILE]; SUBS],
-        };
         let tiles = int8::build_tiles(
             data,
             rows,
             kb,
             BLOCK_BYTES,
             order,
-            &empty,
-            |tile, lane, block| {
-                tile.d[lane] = u16::from_le_bytes([block[0], block[1]]);
-                tile.dmin[lane] = u16::from_le_bytes([block[2], block[3]]);
-                let (scales, qs) = (&block[4..16], &block[16..]);
-                for s in 0..SUBS {
-                    (tile.sc[s][lane], tile.mn[s][lane]) = scale_min(s, scales);
-                }
-                // Sub-blocks 2p and 2p + 1: the low and the high nibbles of bytes
-                // 32·p .. 32·p + 32. A packed byte holds values j and j + 4 of a group of 8.
-                for (p, bytes) in qs.chunks_exact(QK).enumerate() {
-                    let pair = &mut tile.qs[2 * p * 256..][..512];
-                    for (g, v) in bytes.chunks_exact(8).enumerate() {
-                        for j in 0..4 {
-                            let (a, c) = (v[j], v[j + 4]);
-                            pair[g * 64 + lane * 4 + j] = (a & 0x0F) | (c << 4);
-                            pair[256 + g * 64 + lane * 4 + j] = (a >> 4) | (c & 0xF0);
-                        }
-                    }
-                }
-            },
+            &Tile::EMPTY,
+            |tile, lane, block| tile.fill(lane, &block[..4], &block[4..16], &block[16..]),
         );
         Ok(Self { rows, cols, tiles })
     }
@@ -148,29 +215,7 @@ impl Q4KWeight {
 
     /// Rows `ids` as f32, `[ids.len(), cols]`, as ggml dequantizes them.
     pub fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32> {
-        let kb = self.cols / QK_K;
-        let mut out = vec![0f32; ids.len() * self.cols];
-        for (o, &r) in ids.iter().enumerate() {
-            let r = r as usize;
-            let (t, lane) = (r / TILE, r % TILE);
-            for b in 0..kb {
-                let tile = &self.tiles[t * kb + b];
-                let d = f16::from_bits(tile.d[lane]).to_f32();
-                let dmin = f16::from_bits(tile.dmin[lane]).to_f32();
-                for s in 0..SUBS {
-                    let d1 = d * tile.sc[s][lane] as f32;
-                    let m1 = dmin * tile.mn[s][lane] as f32;
-                    let row = &mut out[o * self.cols + b * QK_K + s * QK..][..QK];
-                    for (y, q) in row
-                        .iter_mut()
-                        .zip(unpack_nibbles(&tile.qs[s * 256..], lane))
-                    {
-                        *y = d1 * q as f32 - m1;
-                    }
-                }
-            }
-        }
-        out
+        dequantize_tiles(&self.tiles, self.cols, ids)
     }
 
     /// `x · Wᵀ` for `x` of `[n, cols]` (row-major) → `[n, rows]`.
@@ -181,15 +226,29 @@ impl Q4KWeight {
 
 int8::tile_weight!(Q4KWeight, Tile, 16, amx);
 
-fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
-    for (b, tile) in tiles.iter().enumerate() {
+pub(crate) fn portable<T: KTile>(
+    tiles: &[T],
+    act: &Activations,
+    i: usize,
+    rows: usize,
+    acc: &mut Acc,
+) {
+    for (b, full) in tiles.iter().enumerate() {
+        let tile = full.q4();
         for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
             for s in 0..SUBS {
                 let blk = b * SUBS + s;
                 let xq = &act.row(i + r)[blk * QK..(blk + 1) * QK];
                 let (xd, xs) = act.scale(i + r, blk);
                 for lane in 0..TILE {
-                    let isum = nibble_dot(&tile.qs[s * 256..], lane, xq);
+                    let mut isum = nibble_dot(&tile.qs[s * 256..], lane, xq);
+                    if T::FIFTH {
+                        isum += xq
+                            .iter()
+                            .enumerate()
+                            .map(|(v, &x)| fifth_of(full, s, lane, v) as i32 * x as i32)
+                            .sum::<i32>();
+                    }
                     let d = f16::from_bits(tile.d[lane]).to_f32() * tile.sc[s][lane] as f32;
                     let m = f16::from_bits(tile.dmin[lane]).to_f32() * tile.mn[s][lane] as f32;
                     acc_r[lane] += isum as f32 * (d * xd) - m * xs;
@@ -201,19 +260,25 @@ fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn avx512(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
+pub(crate) unsafe fn avx512<T: KTile>(
+    tiles: &[T],
+    act: &Activations,
+    i: usize,
+    rows: usize,
+    acc: &mut Acc,
+) {
     // Eight activation rows share each unpacked sub-block pair (a prefill's rows); up to four
     // go the four-row way. A row's arithmetic is the same in both.
     int8::by_eights(rows, acc, |start, k, out| match k {
-        5.. => avx512_rows::<8>(tiles, act, i + start, k, out),
-        _ => avx512_rows::<4>(tiles, act, i + start, k, out),
+        5.. => avx512_rows::<8, T>(tiles, act, i + start, k, out),
+        _ => avx512_rows::<4, T>(tiles, act, i + start, k, out),
     })
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn avx512_rows<const R: usize>(
-    tiles: &[Tile],
+unsafe fn avx512_rows<const R: usize, T: KTile>(
+    tiles: &[T],
     act: &Activations,
     i: usize,
     rows: usize,
@@ -236,7 +301,9 @@ unsafe fn avx512_rows<const R: usize>(
             xrows[r].as_ptr().add(at) as *const i32
         ))
     };
-    for (b, tile) in tiles.iter().enumerate() {
+    let sixteen = _mm512_set1_epi8(16);
+    for (b, full) in tiles.iter().enumerate() {
+        let tile = full.q4();
         let d = _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr() as *const _));
         let dmin = _mm512_cvtph_ps(_mm256_loadu_si256(tile.dmin.as_ptr() as *const _));
         // Sub-blocks in pairs, with independent accumulators: a decode row's chain of
@@ -248,14 +315,21 @@ unsafe fn avx512_rows<const R: usize>(
             for g in 0..4 {
                 let wa = _mm512_loadu_si512(tile.qs.as_ptr().add(sa * 256 + g * 64) as *const _);
                 let wb = _mm512_loadu_si512(tile.qs.as_ptr().add(sb * 256 + g * 64) as *const _);
-                let (lo_a, hi_a) = (
+                let (mut lo_a, mut hi_a) = (
                     _mm512_and_si512(wa, mask),
                     _mm512_and_si512(_mm512_srli_epi16(wa, 4), mask),
                 );
-                let (lo_b, hi_b) = (
+                let (mut lo_b, mut hi_b) = (
                     _mm512_and_si512(wb, mask),
                     _mm512_and_si512(_mm512_srli_epi16(wb, 4), mask),
                 );
+                if T::FIFTH {
+                    let ([fa_lo, fa_hi], [fb_lo, fb_hi]) = (full.fifth(sa, g), full.fifth(sb, g));
+                    lo_a = _mm512_mask_add_epi8(lo_a, fa_lo, lo_a, sixteen);
+                    hi_a = _mm512_mask_add_epi8(hi_a, fa_hi, hi_a, sixteen);
+                    lo_b = _mm512_mask_add_epi8(lo_b, fb_lo, lo_b, sixteen);
+                    hi_b = _mm512_mask_add_epi8(hi_b, fb_hi, hi_b, sixteen);
+                }
                 let at_a = (b * SUBS + sa) * QK + 8 * g;
                 let at_b = at_a + QK;
                 for r in 0..live {
@@ -295,7 +369,13 @@ unsafe fn avx512_rows<const R: usize>(
 /// exactly as `avx512_rows` scales them (same operations, same order).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn amx(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
+pub(crate) unsafe fn amx<T: KTile>(
+    tiles: &[T],
+    act: &Activations,
+    i: usize,
+    rows: usize,
+    acc: &mut Acc,
+) {
     use super::amx::{two_products, Config, Tiles};
     use std::arch::x86_64::*;
     const AMX_ROWS: usize = 16;
@@ -321,16 +401,24 @@ unsafe fn amx(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mu
         c: [0; SUBS * 256],
     };
     let _tiles = Tiles::load(&CONFIG);
-    for (b, tile) in tiles.iter().enumerate() {
+    let sixteen = _mm512_set1_epi8(16);
+    for (b, full) in tiles.iter().enumerate() {
+        let tile = full.q4();
         for s in 0..SUBS {
             for g in 0..4 {
                 let w = _mm512_loadu_si512(tile.qs.as_ptr().add(s * 256 + g * 64) as *const _);
                 let out = scratch.w.as_mut_ptr().add(s * 512 + g * 128);
-                _mm512_store_si512(out as *mut _, _mm512_and_si512(w, mask));
-                _mm512_store_si512(
-                    out.add(64) as *mut _,
+                let (mut lo, mut hi) = (
+                    _mm512_and_si512(w, mask),
                     _mm512_and_si512(_mm512_srli_epi16(w, 4), mask),
                 );
+                if T::FIFTH {
+                    let [f_lo, f_hi] = full.fifth(s, g);
+                    lo = _mm512_mask_add_epi8(lo, f_lo, lo, sixteen);
+                    hi = _mm512_mask_add_epi8(hi, f_hi, hi, sixteen);
+                }
+                _mm512_store_si512(out as *mut _, lo);
+                _mm512_store_si512(out.add(64) as *mut _, hi);
             }
         }
         for pair in 0..SUBS / 2 {

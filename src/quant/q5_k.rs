@@ -1,0 +1,204 @@
+//! GGUF Q5_K weights served as stored (the bulk of a Q5_K_M file), by the Q4_K kernels.
+//!
+//! Q5_K (ggml): super-blocks of 256 values like Q4_K's (`d`, `dmin`, the same 12 bytes of 6-bit
+//! scales and mins, 128 bytes of nibbles) plus 32 bytes `qh` of fifth bits: value `l` of the
+//! 64-value chunk `p` takes bit `2p` (first 32 values) or `2p + 1` (last 32) of `qh[l % 32]`. A
+//! value is `d·sc·q − dmin·m`, `q` in 0..31.
+//!
+//! At load the rows are repacked into Q4_K's tiles (`q4_k.rs`) plus the fifth bits as one 64-bit
+//! mask per group of 8 values and nibble half, in the byte order of the tile's nibbles
+//! (2,880 bytes per 16 × 256 values, 5.6 bits a weight against the file's 5.5). The kernels are
+//! Q4_K's: after unpacking a vector of nibbles they add 16 where the mask says
+//! (`vpaddb` under the mask), so the sums stay exact in integers, and the AVX-512 and AMX paths
+//! stay bit for bit the same. Served by ours where the CPU has AVX-512 VNNI (no AVX2 kernel:
+//! candle's serves it there).
+
+use super::int8::{self, Acc, Activations, RowOrder};
+use super::q4_k::{self, KTile, QK_K};
+
+/// Bytes of one GGUF Q5_K super-block.
+pub const BLOCK_BYTES: usize = 176;
+/// Sub-blocks of 32 per super-block.
+const SUBS: usize = 8;
+
+/// One super-block of 256 values for 16 output rows: Q4_K's tile and the fifth bits.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct Tile {
+    q4: q4_k::Tile,
+    /// `[sub-block · 4 + group][low, high nibbles]`: bit `4·row + j`.
+    qh: [[u64; 2]; SUBS * 4],
+}
+
+impl KTile for Tile {
+    const FIFTH: bool = true;
+    fn q4(&self) -> &q4_k::Tile {
+        &self.q4
+    }
+    fn fifth(&self, s: usize, g: usize) -> [u64; 2] {
+        self.qh[s * 4 + g]
+    }
+}
+
+/// A Q5_K weight `[rows, cols]` repacked for the kernels.
+#[derive(Clone)]
+pub struct Q5KWeight {
+    rows: usize,
+    cols: usize,
+    /// `[row tile][super-block]`.
+    tiles: Vec<Tile>,
+}
+
+impl std::fmt::Debug for Q5KWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Q5KWeight[{}, {}]", self.rows, self.cols)
+    }
+}
+
+impl Q5KWeight {
+    /// Repacks GGUF Q5_K data of `rows` rows × `cols` values (`cols` a multiple of 256).
+    pub fn from_gguf(data: &[u8], rows: usize, cols: usize) -> Result<Self, String> {
+        Self::from_gguf_ordered(data, rows, cols, RowOrder::STORED)
+    }
+
+    /// `from_gguf` with output row `r` taken from stored row `order.source(r)`.
+    pub fn from_gguf_ordered(
+        data: &[u8],
+        rows: usize,
+        cols: usize,
+        order: RowOrder,
+    ) -> Result<Self, String> {
+        if cols % QK_K != 0 {
+            return Err(format!(
+                "Q5_K rows of {cols} values are not whole super-blocks of {QK_K}"
+            ));
+        }
+        let kb = cols / QK_K;
+        if data.len() != rows * kb * BLOCK_BYTES {
+            return Err(format!(
+                "Q5_K data of {} bytes does not hold {rows} × {cols} values",
+                data.len()
+            ));
+        }
+        let empty = Tile {
+            q4: q4_k::Tile::EMPTY,
+            qh: [[0; 2]; SUBS * 4],
+        };
+        let tiles = int8::build_tiles(
+            data,
+            rows,
+            kb,
+            BLOCK_BYTES,
+            order,
+            &empty,
+            |tile, lane, block| {
+                let (qh, qs) = (&block[16..48], &block[48..]);
+                tile.q4.fill(lane, &block[..4], &block[4..16], qs);
+                for s in 0..SUBS {
+                    for g in 0..4 {
+                        for j in 0..8 {
+                            let bit = ((qh[g * 8 + j] >> s) & 1) as u64;
+                            tile.qh[s * 4 + g][j / 4] |= bit << (4 * lane + j % 4);
+                        }
+                    }
+                }
+            },
+        );
+        Ok(Self { rows, cols, tiles })
+    }
+
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// Bytes held (2,880 per 16 rows × 256 values, plus padding rows up to a multiple of 16).
+    pub fn bytes(&self) -> usize {
+        self.tiles.len() * std::mem::size_of::<Tile>()
+    }
+
+    /// The weight as f32, row-major.
+    pub fn dequantize(&self) -> Vec<f32> {
+        self.dequantize_rows(&(0..self.rows as u32).collect::<Vec<_>>())
+    }
+
+    /// Rows `ids` as f32, `[ids.len(), cols]`, as ggml dequantizes them.
+    pub fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32> {
+        q4_k::dequantize_tiles(&self.tiles, self.cols, ids)
+    }
+
+    /// `x · Wᵀ` for `x` of `[n, cols]` (row-major) → `[n, rows]`.
+    pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
+        int8::matmul_t(self, x, n)
+    }
+}
+
+int8::tile_weight!(Q5KWeight, Tile, 16, amx);
+
+fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
+    q4_k::portable(tiles, act, i, rows, acc)
+}
+
+/// No AVX2 kernel of ours for Q5_K (candle's serves it on such CPUs): the portable one.
+#[cfg(target_arch = "x86_64")]
+unsafe fn avx2(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
+    portable(tiles, act, i, rows, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn avx512(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
+    q4_k::avx512(tiles, act, i, rows, acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn amx(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
+    q4_k::amx(tiles, act, i, rows, acc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::int8::checks;
+    use candle_core::quantized::GgmlDType;
+
+    fn q5k(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+        checks::ggml_quantized(rows, cols, seed, GgmlDType::Q5K)
+    }
+
+    #[test]
+    fn dequantize_follows_ggml() {
+        for (rows, cols) in [(3, 256), (17, 512), (40, 768)] {
+            let data = q5k(rows, cols, 5);
+            let w = Q5KWeight::from_gguf(&data, rows, cols).unwrap();
+            let theirs = checks::ggml_dequantized(&data, rows, cols, GgmlDType::Q5K);
+            assert_eq!(w.dequantize(), theirs, "{rows}x{cols}");
+        }
+        assert!(Q5KWeight::from_gguf(&q5k(2, 256, 1), 2, 128).is_err());
+        assert!(Q5KWeight::from_gguf(&q5k(2, 256, 1)[1..], 2, 256).is_err());
+    }
+
+    #[test]
+    fn matches_dequantized_matmul_within_the_activation_rounding_bound() {
+        for (rows, cols) in [(16, 256), (37, 512), (100, 768), (48, 2048)] {
+            let w = Q5KWeight::from_gguf(&q5k(rows, cols, rows as u64), rows, cols).unwrap();
+            checks::within_rounding_bound(&w);
+        }
+    }
+
+    #[test]
+    fn simd_and_portable_paths_agree() {
+        let (rows, cols) = (45, 512);
+        checks::simd_matches_portable(
+            &Q5KWeight::from_gguf(&q5k(rows, cols, 3), rows, cols).unwrap(),
+        );
+    }
+
+    #[test]
+    fn rows_are_independent_of_the_batch() {
+        let (rows, cols) = (45, 512);
+        checks::rows_are_independent(
+            &Q5KWeight::from_gguf(&q5k(rows, cols, 3), rows, cols).unwrap(),
+        );
+    }
+}
