@@ -14,6 +14,30 @@ pub const MAX_ROWS: usize = 16;
 /// A kernel call's results: activation row × the tile's 16 output rows.
 pub type Acc = [[f32; TILE]; MAX_ROWS];
 
+/// Blocks per row of GGUF `ty` data holding `rows` rows × `cols` values in blocks of `block`
+/// values, `block_bytes` bytes each; or why the data does not.
+pub fn stored_blocks(
+    ty: &str,
+    data: &[u8],
+    (rows, cols): (usize, usize),
+    block: usize,
+    block_bytes: usize,
+) -> Result<usize, String> {
+    if cols % block != 0 {
+        return Err(format!(
+            "{ty} rows of {cols} values are not whole blocks of {block}"
+        ));
+    }
+    let kb = cols / block;
+    if data.len() != rows * kb * block_bytes {
+        return Err(format!(
+            "{ty} data of {} bytes does not hold {rows} × {cols} values",
+            data.len()
+        ));
+    }
+    Ok(kb)
+}
+
 /// A weight's tiles built from GGUF rows of `kb` blocks of `block_bytes` each, in the tiles'
 /// order (row tile `t`, block `b` at `t · kb + b`), each whole before it is stored:
 /// `fill(tile, lane, block)` writes output row `16·t + lane`'s block `b` (taken from stored row
@@ -280,6 +304,38 @@ macro_rules! tile_weight {
         $crate::quant::int8::tile_weight!($weight, $tile, $rows, avx512);
     };
     ($weight:ty, $tile:ty, $rows:expr, $amx:ident) => {
+        impl std::fmt::Debug for $weight {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "{}[{}, {}]", stringify!($weight), self.rows, self.cols)
+            }
+        }
+
+        impl $weight {
+            /// Repacks GGUF data of `rows` rows × `cols` values, in the file's row order.
+            pub fn from_gguf(data: &[u8], rows: usize, cols: usize) -> Result<Self, String> {
+                Self::from_gguf_ordered(data, rows, cols, $crate::quant::int8::RowOrder::STORED)
+            }
+
+            pub fn dims(&self) -> (usize, usize) {
+                (self.rows, self.cols)
+            }
+
+            /// Bytes held: the tiles, padding rows up to a multiple of 16 included.
+            pub fn bytes(&self) -> usize {
+                self.tiles.len() * std::mem::size_of::<$tile>()
+            }
+
+            /// The weight as f32, row-major.
+            pub fn dequantize(&self) -> Vec<f32> {
+                self.dequantize_rows(&(0..self.rows as u32).collect::<Vec<_>>())
+            }
+
+            /// `x · Wᵀ` for `x` of `[n, cols]` (row-major) → `[n, rows]`.
+            pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
+                $crate::quant::int8::matmul_t(self, x, n)
+            }
+        }
+
         impl $crate::quant::int8::TileWeight for $weight {
             type Tile = $tile;
             const ROWS: usize = $rows;
@@ -426,6 +482,59 @@ impl OutColumns {
 
 /// Checks shared by the kernels' tests: against the exact product of the dequantized weight
 /// within the activations' rounding bound, and every SIMD kernel against the portable one.
+/// The tests every K-quant weight type passes (`q4_k.rs`, `q5_k.rs`, `q6_k.rs`): its
+/// dequantization against ggml's, its kernels against dequantize-then-matmul within the
+/// activations' rounding, SIMD (and AMX) against portable, rows independent of the batch, and
+/// bad data refused.
+#[cfg(test)]
+macro_rules! k_quant_tests {
+    ($weight:ty, $dtype:expr) => {
+        use $crate::quant::int8::checks;
+
+        fn stored(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+            checks::ggml_quantized(rows, cols, seed, $dtype)
+        }
+
+        #[test]
+        fn dequantize_follows_ggml() {
+            for (rows, cols) in [(3, 256), (17, 512), (40, 768)] {
+                let data = stored(rows, cols, 5);
+                let w = <$weight>::from_gguf(&data, rows, cols).unwrap();
+                let theirs = checks::ggml_dequantized(&data, rows, cols, $dtype);
+                assert_eq!(w.dequantize(), theirs, "{rows}x{cols}");
+            }
+            assert!(<$weight>::from_gguf(&stored(2, 256, 1), 2, 128).is_err());
+            assert!(<$weight>::from_gguf(&stored(2, 256, 1)[1..], 2, 256).is_err());
+        }
+
+        #[test]
+        fn matches_dequantized_matmul_within_the_activation_rounding_bound() {
+            for (rows, cols) in [(16, 256), (37, 512), (100, 768), (48, 2048)] {
+                let w = <$weight>::from_gguf(&stored(rows, cols, rows as u64), rows, cols).unwrap();
+                checks::within_rounding_bound(&w);
+            }
+        }
+
+        #[test]
+        fn simd_and_portable_paths_agree() {
+            let (rows, cols) = (45, 512);
+            checks::simd_matches_portable(
+                &<$weight>::from_gguf(&stored(rows, cols, 3), rows, cols).unwrap(),
+            );
+        }
+
+        #[test]
+        fn rows_are_independent_of_the_batch() {
+            let (rows, cols) = (45, 512);
+            checks::rows_are_independent(
+                &<$weight>::from_gguf(&stored(rows, cols, 3), rows, cols).unwrap(),
+            );
+        }
+    };
+}
+#[cfg(test)]
+pub(crate) use k_quant_tests;
+
 #[cfg(test)]
 pub(crate) mod checks {
     use super::*;

@@ -43,12 +43,6 @@ pub struct Q41Weight {
     tiles: Vec<Tile>,
 }
 
-impl std::fmt::Debug for Q41Weight {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Q41Weight[{}, {}]", self.rows, self.cols)
-    }
-}
-
 /// The 32 quant values of one GGUF block.
 fn block_values(block: &[u8]) -> [u8; QK] {
     let mut q = [0u8; QK];
@@ -95,11 +89,6 @@ pub(super) fn nibble_dot(src: &[u8], lane: usize, xq: &[i8]) -> i32 {
 }
 
 impl Q41Weight {
-    /// Repacks GGUF Q4_1 data of `rows` rows × `cols` values (`cols` a multiple of 32).
-    pub fn from_gguf(data: &[u8], rows: usize, cols: usize) -> Result<Self, String> {
-        Self::from_gguf_ordered(data, rows, cols, RowOrder::STORED)
-    }
-
     /// `from_gguf` with output row `r` taken from stored row `order.source(r)`.
     pub fn from_gguf_ordered(
         data: &[u8],
@@ -107,18 +96,7 @@ impl Q41Weight {
         cols: usize,
         order: RowOrder,
     ) -> Result<Self, String> {
-        if cols % QK != 0 {
-            return Err(format!(
-                "Q4_1 rows of {cols} values are not whole blocks of {QK}"
-            ));
-        }
-        let kb = cols / QK;
-        if data.len() != rows * kb * BLOCK_BYTES {
-            return Err(format!(
-                "Q4_1 data of {} bytes does not hold {rows} × {cols} values",
-                data.len()
-            ));
-        }
+        let kb = int8::stored_blocks("Q4_1", data, (rows, cols), QK, BLOCK_BYTES)?;
         let empty = Tile {
             qs: [0; 256],
             d: [0; TILE],
@@ -170,20 +148,6 @@ impl Q41Weight {
         Self::from_gguf_ordered(&q41, rows, cols, order)
     }
 
-    pub fn dims(&self) -> (usize, usize) {
-        (self.rows, self.cols)
-    }
-
-    /// Bytes held (the same as the GGUF data, plus padding rows up to a multiple of 16).
-    pub fn bytes(&self) -> usize {
-        self.tiles.len() * std::mem::size_of::<Tile>()
-    }
-
-    /// The weight as f32, row-major (for DoRA norms, merging, reference checks).
-    pub fn dequantize(&self) -> Vec<f32> {
-        self.dequantize_rows(&(0..self.rows as u32).collect::<Vec<_>>())
-    }
-
     /// Rows `ids` as f32, `[ids.len(), cols]` (an embedding lookup).
     pub fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32> {
         let kb = self.cols / QK;
@@ -202,11 +166,6 @@ impl Q41Weight {
             }
         }
         out
-    }
-
-    /// `x · Wᵀ` for `x` of `[n, cols]` (row-major) → `[n, rows]`.
-    pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
-        int8::matmul_t(self, x, n)
     }
 }
 

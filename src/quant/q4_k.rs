@@ -143,12 +143,6 @@ pub struct Q4KWeight {
     tiles: Vec<Tile>,
 }
 
-impl std::fmt::Debug for Q4KWeight {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Q4KWeight[{}, {}]", self.rows, self.cols)
-    }
-}
-
 /// Sub-block `j`'s 6-bit scale and min from a super-block's 12 packed bytes (ggml's
 /// `get_scale_min_k4`).
 fn scale_min(j: usize, q: &[u8]) -> (u8, u8) {
@@ -163,11 +157,6 @@ fn scale_min(j: usize, q: &[u8]) -> (u8, u8) {
 }
 
 impl Q4KWeight {
-    /// Repacks GGUF Q4_K data of `rows` rows × `cols` values (`cols` a multiple of 256).
-    pub fn from_gguf(data: &[u8], rows: usize, cols: usize) -> Result<Self, String> {
-        Self::from_gguf_ordered(data, rows, cols, RowOrder::STORED)
-    }
-
     /// `from_gguf` with output row `r` taken from stored row `order.source(r)`.
     pub fn from_gguf_ordered(
         data: &[u8],
@@ -175,18 +164,7 @@ impl Q4KWeight {
         cols: usize,
         order: RowOrder,
     ) -> Result<Self, String> {
-        if cols % QK_K != 0 {
-            return Err(format!(
-                "Q4_K rows of {cols} values are not whole super-blocks of {QK_K}"
-            ));
-        }
-        let kb = cols / QK_K;
-        if data.len() != rows * kb * BLOCK_BYTES {
-            return Err(format!(
-                "Q4_K data of {} bytes does not hold {rows} × {cols} values",
-                data.len()
-            ));
-        }
+        let kb = int8::stored_blocks("Q4_K", data, (rows, cols), QK_K, BLOCK_BYTES)?;
         let tiles = int8::build_tiles(
             data,
             rows,
@@ -199,28 +177,9 @@ impl Q4KWeight {
         Ok(Self { rows, cols, tiles })
     }
 
-    pub fn dims(&self) -> (usize, usize) {
-        (self.rows, self.cols)
-    }
-
-    /// Bytes held (2,368 per 16 rows × 256 values, plus padding rows up to a multiple of 16).
-    pub fn bytes(&self) -> usize {
-        self.tiles.len() * std::mem::size_of::<Tile>()
-    }
-
-    /// The weight as f32, row-major.
-    pub fn dequantize(&self) -> Vec<f32> {
-        self.dequantize_rows(&(0..self.rows as u32).collect::<Vec<_>>())
-    }
-
     /// Rows `ids` as f32, `[ids.len(), cols]`, as ggml dequantizes them.
     pub fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32> {
         dequantize_tiles(&self.tiles, self.cols, ids)
-    }
-
-    /// `x · Wᵀ` for `x` of `[n, cols]` (row-major) → `[n, rows]`.
-    pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
-        int8::matmul_t(self, x, n)
     }
 }
 
@@ -546,46 +505,7 @@ unsafe fn avx2_four(tiles: &[Tile], act: &Activations, i: usize, rows: usize, ac
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::int8::checks;
     use candle_core::quantized::GgmlDType;
 
-    fn q4k(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
-        checks::ggml_quantized(rows, cols, seed, GgmlDType::Q4K)
-    }
-
-    #[test]
-    fn dequantize_follows_ggml() {
-        for (rows, cols) in [(3, 256), (17, 512)] {
-            let data = q4k(rows, cols, 5);
-            let w = Q4KWeight::from_gguf(&data, rows, cols).unwrap();
-            let theirs = checks::ggml_dequantized(&data, rows, cols, GgmlDType::Q4K);
-            assert_eq!(w.dequantize(), theirs, "{rows}x{cols}");
-        }
-        assert!(Q4KWeight::from_gguf(&q4k(2, 256, 1), 2, 128).is_err());
-        assert!(Q4KWeight::from_gguf(&q4k(2, 256, 1)[1..], 2, 256).is_err());
-    }
-
-    #[test]
-    fn matches_dequantized_matmul_within_the_activation_rounding_bound() {
-        for (rows, cols) in [(16, 256), (37, 512), (100, 768), (48, 2048)] {
-            let w = Q4KWeight::from_gguf(&q4k(rows, cols, rows as u64), rows, cols).unwrap();
-            checks::within_rounding_bound(&w);
-        }
-    }
-
-    #[test]
-    fn simd_and_portable_paths_agree() {
-        let (rows, cols) = (45, 512);
-        checks::simd_matches_portable(
-            &Q4KWeight::from_gguf(&q4k(rows, cols, 3), rows, cols).unwrap(),
-        );
-    }
-
-    #[test]
-    fn rows_are_independent_of_the_batch() {
-        let (rows, cols) = (45, 512);
-        checks::rows_are_independent(
-            &Q4KWeight::from_gguf(&q4k(rows, cols, 3), rows, cols).unwrap(),
-        );
-    }
+    int8::k_quant_tests!(Q4KWeight, GgmlDType::Q4K);
 }

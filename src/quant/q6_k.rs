@@ -50,12 +50,6 @@ pub struct Q6KWeight {
     tiles: Vec<Tile>,
 }
 
-impl std::fmt::Debug for Q6KWeight {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Q6KWeight[{}, {}]", self.rows, self.cols)
-    }
-}
-
 /// The 256 values (0..63) of one GGUF Q6_K super-block, in order (ggml's `dequantize_row_q6_K`).
 fn block_values(block: &[u8]) -> [u8; QK_K] {
     let (ql, qh) = (&block[..128], &block[128..192]);
@@ -73,11 +67,6 @@ fn block_values(block: &[u8]) -> [u8; QK_K] {
 }
 
 impl Q6KWeight {
-    /// Repacks GGUF Q6_K data of `rows` rows × `cols` values (`cols` a multiple of 256).
-    pub fn from_gguf(data: &[u8], rows: usize, cols: usize) -> Result<Self, String> {
-        Self::from_gguf_ordered(data, rows, cols, RowOrder::STORED)
-    }
-
     /// `from_gguf` with output row `r` taken from stored row `order.source(r)`.
     pub fn from_gguf_ordered(
         data: &[u8],
@@ -85,18 +74,7 @@ impl Q6KWeight {
         cols: usize,
         order: RowOrder,
     ) -> Result<Self, String> {
-        if cols % QK_K != 0 {
-            return Err(format!(
-                "Q6_K rows of {cols} values are not whole super-blocks of {QK_K}"
-            ));
-        }
-        let kb = cols / QK_K;
-        if data.len() != rows * kb * BLOCK_BYTES {
-            return Err(format!(
-                "Q6_K data of {} bytes does not hold {rows} × {cols} values",
-                data.len()
-            ));
-        }
+        let kb = int8::stored_blocks("Q6_K", data, (rows, cols), QK_K, BLOCK_BYTES)?;
         let empty = Tile {
             lo: [0; 2048],
             hi: [0; 1024],
@@ -134,20 +112,6 @@ impl Q6KWeight {
         Ok(Self { rows, cols, tiles })
     }
 
-    pub fn dims(&self) -> (usize, usize) {
-        (self.rows, self.cols)
-    }
-
-    /// Bytes held (3,360 per 16 rows × 256 values, plus padding rows up to a multiple of 16).
-    pub fn bytes(&self) -> usize {
-        self.tiles.len() * std::mem::size_of::<Tile>()
-    }
-
-    /// The weight as f32, row-major.
-    pub fn dequantize(&self) -> Vec<f32> {
-        self.dequantize_rows(&(0..self.rows as u32).collect::<Vec<_>>())
-    }
-
     /// The value (0..63) of row lane `lane`, value `v` of sub-block `s` in `tile`.
     fn value(tile: &Tile, lane: usize, s: usize, v: usize) -> u8 {
         let (g, j, high) = (v / 8, v % 4, (v % 8) >= 4);
@@ -180,11 +144,6 @@ impl Q6KWeight {
             }
         }
         out
-    }
-
-    /// `x · Wᵀ` for `x` of `[n, cols]` (row-major) → `[n, rows]`.
-    pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
-        int8::matmul_t(self, x, n)
     }
 }
 
@@ -429,46 +388,7 @@ unsafe fn avx512_rows<const R: usize>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::quant::int8::checks;
     use candle_core::quantized::GgmlDType;
 
-    fn q6k(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
-        checks::ggml_quantized(rows, cols, seed, GgmlDType::Q6K)
-    }
-
-    #[test]
-    fn dequantize_follows_ggml() {
-        for (rows, cols) in [(3, 256), (17, 512)] {
-            let data = q6k(rows, cols, 5);
-            let w = Q6KWeight::from_gguf(&data, rows, cols).unwrap();
-            let theirs = checks::ggml_dequantized(&data, rows, cols, GgmlDType::Q6K);
-            assert_eq!(w.dequantize(), theirs, "{rows}x{cols}");
-        }
-        assert!(Q6KWeight::from_gguf(&q6k(2, 256, 1), 2, 128).is_err());
-        assert!(Q6KWeight::from_gguf(&q6k(2, 256, 1)[1..], 2, 256).is_err());
-    }
-
-    #[test]
-    fn matches_dequantized_matmul_within_the_activation_rounding_bound() {
-        for (rows, cols) in [(16, 256), (37, 512), (48, 2048)] {
-            let w = Q6KWeight::from_gguf(&q6k(rows, cols, rows as u64), rows, cols).unwrap();
-            checks::within_rounding_bound(&w);
-        }
-    }
-
-    #[test]
-    fn simd_and_portable_paths_agree() {
-        let (rows, cols) = (45, 512);
-        checks::simd_matches_portable(
-            &Q6KWeight::from_gguf(&q6k(rows, cols, 3), rows, cols).unwrap(),
-        );
-    }
-
-    #[test]
-    fn rows_are_independent_of_the_batch() {
-        let (rows, cols) = (45, 512);
-        checks::rows_are_independent(
-            &Q6KWeight::from_gguf(&q6k(rows, cols, 3), rows, cols).unwrap(),
-        );
-    }
+    int8::k_quant_tests!(Q6KWeight, GgmlDType::Q6K);
 }

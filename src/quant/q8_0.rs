@@ -30,18 +30,7 @@ pub struct Q80Weight {
     tiles: Vec<Tile>,
 }
 
-impl std::fmt::Debug for Q80Weight {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Q80Weight[{}, {}]", self.rows, self.cols)
-    }
-}
-
 impl Q80Weight {
-    /// Repacks GGUF Q8_0 data of `rows` rows × `cols` values (`cols` a multiple of 32).
-    pub fn from_gguf(data: &[u8], rows: usize, cols: usize) -> Result<Self, String> {
-        Self::from_gguf_ordered(data, rows, cols, RowOrder::STORED)
-    }
-
     /// `from_gguf` with output row `r` taken from stored row `order.source(r)`.
     pub fn from_gguf_ordered(
         data: &[u8],
@@ -49,18 +38,7 @@ impl Q80Weight {
         cols: usize,
         order: RowOrder,
     ) -> Result<Self, String> {
-        if cols % QK != 0 {
-            return Err(format!(
-                "Q8_0 rows of {cols} values are not whole blocks of {QK}"
-            ));
-        }
-        let kb = cols / QK;
-        if data.len() != rows * kb * BLOCK_BYTES {
-            return Err(format!(
-                "Q8_0 data of {} bytes does not hold {rows} × {cols} values",
-                data.len()
-            ));
-        }
+        let kb = int8::stored_blocks("Q8_0", data, (rows, cols), QK, BLOCK_BYTES)?;
         let empty = Tile {
             qs: [0; 512],
             d: [0; TILE],
@@ -84,19 +62,6 @@ impl Q80Weight {
         Ok(Self { rows, cols, tiles })
     }
 
-    pub fn dims(&self) -> (usize, usize) {
-        (self.rows, self.cols)
-    }
-
-    pub fn bytes(&self) -> usize {
-        self.tiles.len() * std::mem::size_of::<Tile>()
-    }
-
-    /// The weight as f32, row-major.
-    pub fn dequantize(&self) -> Vec<f32> {
-        self.dequantize_rows(&(0..self.rows as u32).collect::<Vec<_>>())
-    }
-
     /// Rows `ids` as f32, `[ids.len(), cols]` (an embedding lookup).
     pub fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32> {
         let kb = self.cols / QK;
@@ -116,11 +81,6 @@ impl Q80Weight {
             }
         }
         out
-    }
-
-    /// `x · Wᵀ` for `x` of `[n, cols]` (row-major) → `[n, rows]`.
-    pub fn matmul_t(&self, x: &[f32], n: usize) -> Vec<f32> {
-        int8::matmul_t(self, x, n)
     }
 }
 
