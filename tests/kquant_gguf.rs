@@ -2,9 +2,9 @@
 //! 256 hidden (whole 256-value super-blocks) converted the way llama.cpp's converter writes Llama
 //! and quantized by llama.cpp's own `llama-quantize` to Q4_K_M (Q4_K, and Q6_K for the output,
 //! layer 1's attn_v and ffn_down), and the same model as `wide-q5_k_m.gguf` (Q5_K in Q4_K's
-//! place); `make_kquant.py` beside them. The reference is transformers' forward on the weights
+//! place) and `wide-q5_0.gguf` (Q5_0); `make_kquant.py` beside them. The reference is transformers' forward on the weights
 //! dequantized by gguf-py. Loaded dequantized, ours must match it to f32 rounding; served as
-//! stored (Q4_K, Q5_K and Q6_K by our integer kernels where the CPU has AVX-512 VNNI, candle's
+//! stored (Q4_K, Q5_K, Q6_K and Q5_0 by our integer kernels where the CPU has AVX-512 VNNI, candle's
 //! elsewhere), within what 8-bit activations cost — and the engine's answers equal
 //! the single-sequence loop's.
 
@@ -58,6 +58,13 @@ fn a_llama_quantize_q5_k_m_file_serves_as_stored_close_to_its_dequantized_weight
     serves_as_stored_close_to_its_dequantized_weights("q5_k_m", "expected-q5_k_m.json");
 }
 
+/// The same model quantized to Q5_0 (Q6_K for the output): Q5_0 is what llama-quantize writes
+/// for K-quant files' rows that are not whole super-blocks (Qwen2.5-0.5B's 896-wide rows).
+#[test]
+fn a_llama_quantize_q5_0_file_serves_as_stored_close_to_its_dequantized_weights() {
+    serves_as_stored_close_to_its_dequantized_weights("q5_0", "expected-q5_0.json");
+}
+
 fn serves_as_stored_close_to_its_dequantized_weights(file_type: &str, reference: &str) {
     let expected = read_json(fixtures().join("kquant").join(reference));
     let dense = load_model(&resolved_as(file_type), &ModelOptions::default()).unwrap();
@@ -91,6 +98,7 @@ fn serves_as_stored_close_to_its_dequantized_weights(file_type: &str, reference:
             let want = match (ty, avx512) {
                 ("Q4_K", true) => "q4_k",
                 ("Q5_K", true) => "q5_k",
+                ("Q5_0", true) => "q5_0",
                 ("Q6_K", true) => "q6_k",
                 _ => "ggml",
             };

@@ -1,7 +1,7 @@
 //! GGUF quantized tensors served in their stored quantization: Q4_1 (and Q4_0 as Q4_1), Q8_0,
-//! Q4_K, Q5_K and Q6_K by our own repacked integer kernels (`q4_1.rs`, `q8_0.rs`, `q4_k.rs`,
-//! `q5_k.rs`, `q6_k.rs`; the K-quants where the CPU has AVX-512 VNNI), the other types (Q5_0,
-//! Q5_1, Q2_K, Q3_K, and the K-quants elsewhere) by candle's
+//! Q5_0, Q4_K, Q5_K and Q6_K by our own repacked integer kernels (`q4_1.rs`, `q8_0.rs`,
+//! `q5_0.rs`, `q4_k.rs`, `q5_k.rs`, `q6_k.rs`; Q5_0 and the K-quants where the CPU has AVX-512
+//! VNNI), the other types (Q5_1, Q2_K, Q3_K, and those elsewhere) by candle's
 //! `QMatMul`, which also quantizes activations to 8 bits and takes integer dot products (with
 //! repacked AVX-512 VNNI kernels for Q4_K, Q6_K and Q8_0). Never dequantized for serving.
 //! Differentiable in the activations (training adapters on the served weights, as QLoRA does on
@@ -17,6 +17,7 @@ use candle_core::{CpuStorage, CustomOp1, Device, Layout, Module, Result, Shape, 
 use super::int8::RowOrder;
 use super::q4_1::Q41Weight;
 use super::q4_k::Q4KWeight;
+use super::q5_0::Q50Weight;
 use super::q5_k::Q5KWeight;
 use super::q6_k::Q6KWeight;
 use super::q8_0::Q80Weight;
@@ -52,6 +53,7 @@ enum Kernel {
     Q80(Arc<Q80Weight>),
     Q4K(Arc<Q4KWeight>),
     Q5K(Arc<Q5KWeight>),
+    Q50(Arc<Q50Weight>),
     Q6K(Arc<Q6KWeight>),
     Ggml(QMatMul, Arc<QTensor>),
 }
@@ -105,6 +107,10 @@ impl QuantLinear {
             GgmlDType::Q4K | GgmlDType::Q5K | GgmlDType::Q6K => {
                 super::int8::Kernel::detect().is_avx512()
             }
+            // Likewise (no AVX2 kernel of ours).
+            GgmlDType::Q5_0 => {
+                cols % super::int8::QK == 0 && super::int8::Kernel::detect().is_avx512()
+            }
             _ => false,
         }
     }
@@ -141,6 +147,9 @@ impl QuantLinear {
             GgmlDType::Q5K => Kernel::Q5K(Arc::new(
                 Q5KWeight::from_gguf_ordered(data, rows, cols, order).map_err(err)?,
             )),
+            GgmlDType::Q5_0 => Kernel::Q50(Arc::new(
+                Q50Weight::from_gguf_ordered(data, rows, cols, order).map_err(err)?,
+            )),
             GgmlDType::Q6K => Kernel::Q6K(Arc::new(
                 Q6KWeight::from_gguf_ordered(data, rows, cols, order).map_err(err)?,
             )),
@@ -162,13 +171,14 @@ impl QuantLinear {
         self.dtype
     }
 
-    /// Which kernel serves it: ours (`q4_1`, `q8_0`, `q4_k`, `q5_k`, `q6_k`) or candle's (`ggml`).
+    /// Which kernel serves it: ours (`q4_1`, `q8_0`, `q5_0`, `q4_k`, `q5_k`, `q6_k`) or candle's (`ggml`).
     pub fn kernel_name(&self) -> &'static str {
         match &self.kernel {
             Kernel::Q41(_) => "q4_1",
             Kernel::Q80(_) => "q8_0",
             Kernel::Q4K(_) => "q4_k",
             Kernel::Q5K(_) => "q5_k",
+            Kernel::Q50(_) => "q5_0",
             Kernel::Q6K(_) => "q6_k",
             Kernel::Ggml(..) => "ggml",
         }
@@ -181,6 +191,7 @@ impl QuantLinear {
             Kernel::Q80(w) => w.bytes(),
             Kernel::Q4K(w) => w.bytes(),
             Kernel::Q5K(w) => w.bytes(),
+            Kernel::Q50(w) => w.bytes(),
             Kernel::Q6K(w) => w.bytes(),
             Kernel::Ggml(_, q) => q.storage_size_in_bytes(),
         }
@@ -199,6 +210,9 @@ impl QuantLinear {
                 Tensor::from_vec(w.dequantize(), (self.rows, self.cols), &Device::Cpu)
             }
             Kernel::Q5K(w) => {
+                Tensor::from_vec(w.dequantize(), (self.rows, self.cols), &Device::Cpu)
+            }
+            Kernel::Q50(w) => {
                 Tensor::from_vec(w.dequantize(), (self.rows, self.cols), &Device::Cpu)
             }
             Kernel::Q6K(w) => {
@@ -230,6 +244,9 @@ impl QuantLinear {
                 Tensor::from_vec(w.dequantize_rows(&idx), (n, self.cols), &Device::Cpu)
             }
             Kernel::Q5K(w) => {
+                Tensor::from_vec(w.dequantize_rows(&idx), (n, self.cols), &Device::Cpu)
+            }
+            Kernel::Q50(w) => {
                 Tensor::from_vec(w.dequantize_rows(&idx), (n, self.cols), &Device::Cpu)
             }
             Kernel::Q6K(w) => {
@@ -276,6 +293,7 @@ impl QuantLinear {
             Kernel::Q80(w) => w.matmul_t(x, n),
             Kernel::Q4K(w) => w.matmul_t(x, n),
             Kernel::Q5K(w) => w.matmul_t(x, n),
+            Kernel::Q50(w) => w.matmul_t(x, n),
             Kernel::Q6K(w) => w.matmul_t(x, n),
             Kernel::Ggml(m, _) => m
                 .forward(&Tensor::from_slice(x, (n, self.cols), &Device::Cpu)?)?
@@ -292,6 +310,7 @@ impl QuantLinear {
             Kernel::Q80(w) => w.dequantize_rows(&ids),
             Kernel::Q4K(w) => w.dequantize_rows(&ids),
             Kernel::Q5K(w) => w.dequantize_rows(&ids),
+            Kernel::Q50(w) => w.dequantize_rows(&ids),
             Kernel::Q6K(w) => w.dequantize_rows(&ids),
             Kernel::Ggml(_, q) => q
                 .dequantize(&Device::Cpu)?

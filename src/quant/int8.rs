@@ -482,12 +482,12 @@ impl OutColumns {
 
 /// Checks shared by the kernels' tests: against the exact product of the dequantized weight
 /// within the activations' rounding bound, and every SIMD kernel against the portable one.
-/// The tests every K-quant weight type passes (`q4_k.rs`, `q5_k.rs`, `q6_k.rs`): its
+/// The tests every GGUF weight type of ours passes (`q4_k.rs`, `q5_k.rs`, `q6_k.rs`, `q5_0.rs`): its
 /// dequantization against ggml's, its kernels against dequantize-then-matmul within the
 /// activations' rounding, SIMD (and AMX) against portable, rows independent of the batch, and
 /// bad data refused.
 #[cfg(test)]
-macro_rules! k_quant_tests {
+macro_rules! kernel_tests {
     ($weight:ty, $dtype:expr) => {
         use $crate::quant::int8::checks;
 
@@ -533,7 +533,7 @@ macro_rules! k_quant_tests {
     };
 }
 #[cfg(test)]
-pub(crate) use k_quant_tests;
+pub(crate) use kernel_tests;
 
 #[cfg(test)]
 pub(crate) mod checks {

@@ -10,6 +10,7 @@ pub mod nf4_matmul;
 pub mod nf4_simd;
 pub mod q4_1;
 pub mod q4_k;
+pub mod q5_0;
 pub mod q5_k;
 pub mod q6_k;
 pub mod q8_0;

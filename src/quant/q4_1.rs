@@ -34,6 +34,77 @@ pub struct Tile {
     m: [u16; TILE],
 }
 
+impl Tile {
+    /// No rows yet.
+    pub(crate) const EMPTY: Tile = Tile {
+        qs: [0; 256],
+        d: [0; TILE],
+        m: [0; TILE],
+    };
+
+    /// Lane `lane` (an output row): scale `d`, offset `m` (f16 bits) and 32 values below 16.
+    pub(crate) fn fill(&mut self, lane: usize, d: u16, m: u16, q: &[u8; QK]) {
+        self.d[lane] = d;
+        self.m[lane] = m;
+        pack_nibbles(&mut self.qs, lane, q);
+    }
+}
+
+/// A tile in Q4_1's layout with a fifth bit per value (Q5_0, `q5_0.rs`: the value is then
+/// `q + 16`) or without (Q4_1, Q4_0): the AVX-512 and portable kernels below serve both, the
+/// fifth bits' work compiled away for Q4_1.
+pub(crate) trait NibbleTile: Sync {
+    /// Whether values carry a fifth bit.
+    const FIFTH: bool;
+    fn nibbles(&self) -> &Tile;
+    /// Group `g` (8 values): bit `4·lane + j` of `[0]` set where value `j` of row `lane` has
+    /// its fifth bit, of `[1]` where value `j + 4` has (the byte order of `Tile::qs`).
+    fn fifth(&self, g: usize) -> [u64; 2];
+}
+
+impl NibbleTile for Tile {
+    const FIFTH: bool = false;
+    fn nibbles(&self) -> &Tile {
+        self
+    }
+    fn fifth(&self, _g: usize) -> [u64; 2] {
+        [0, 0]
+    }
+}
+
+/// Row `lane`'s 32 values of `tile`, fifth bits included.
+fn values_of<T: NibbleTile>(tile: &T, lane: usize) -> [u8; QK] {
+    let mut q = unpack_nibbles(&tile.nibbles().qs, lane);
+    if T::FIFTH {
+        for (v, q) in q.iter_mut().enumerate() {
+            let bits = tile.fifth(v / 8)[(v % 8) / 4];
+            *q += (((bits >> (4 * lane + v % 4)) & 1) as u8) << 4;
+        }
+    }
+    q
+}
+
+/// Rows `ids` of `[row tile][block]` tiles as f32, `[ids.len(), cols]` (`d·q + m`).
+pub(crate) fn dequantize_tiles<T: NibbleTile>(tiles: &[T], cols: usize, ids: &[u32]) -> Vec<f32> {
+    let kb = cols / QK;
+    let mut out = vec![0f32; ids.len() * cols];
+    for (o, &r) in ids.iter().enumerate() {
+        let r = r as usize;
+        let (t, lane) = (r / TILE, r % TILE);
+        for b in 0..kb {
+            let full = &tiles[t * kb + b];
+            let tile = full.nibbles();
+            let d = f16::from_bits(tile.d[lane]).to_f32();
+            let m = f16::from_bits(tile.m[lane]).to_f32();
+            let row = &mut out[o * cols + b * QK..][..QK];
+            for (y, q) in row.iter_mut().zip(values_of(full, lane)) {
+                *y = d * q as f32 + m;
+            }
+        }
+    }
+    out
+}
+
 /// A Q4_1 weight `[rows, cols]` repacked for the kernels.
 #[derive(Clone)]
 pub struct Q41Weight {
@@ -150,34 +221,34 @@ impl Q41Weight {
 
     /// Rows `ids` as f32, `[ids.len(), cols]` (an embedding lookup).
     pub fn dequantize_rows(&self, ids: &[u32]) -> Vec<f32> {
-        let kb = self.cols / QK;
-        let mut out = vec![0f32; ids.len() * self.cols];
-        for (o, &r) in ids.iter().enumerate() {
-            let r = r as usize;
-            let (t, lane) = (r / TILE, r % TILE);
-            for b in 0..kb {
-                let tile = &self.tiles[t * kb + b];
-                let d = f16::from_bits(tile.d[lane]).to_f32();
-                let m = f16::from_bits(tile.m[lane]).to_f32();
-                let row = &mut out[o * self.cols + b * QK..][..QK];
-                for (y, q) in row.iter_mut().zip(unpack_nibbles(&tile.qs, lane)) {
-                    *y = d * q as f32 + m;
-                }
-            }
-        }
-        out
+        dequantize_tiles(&self.tiles, self.cols, ids)
     }
 }
 
 int8::tile_weight!(Q41Weight, Tile);
 
-fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
-    for (b, tile) in tiles.iter().enumerate() {
+pub(crate) fn portable<T: NibbleTile>(
+    tiles: &[T],
+    act: &Activations,
+    i: usize,
+    rows: usize,
+    acc: &mut Acc,
+) {
+    for (b, full) in tiles.iter().enumerate() {
+        let tile = full.nibbles();
         for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
             let xq = &act.row(i + r)[b * QK..(b + 1) * QK];
             let (xd, xs) = act.scale(i + r, b);
             for lane in 0..TILE {
-                let isum = nibble_dot(&tile.qs, lane, xq);
+                let isum: i32 = if T::FIFTH {
+                    values_of(full, lane)
+                        .iter()
+                        .zip(xq)
+                        .map(|(&q, &x)| q as i32 * x as i32)
+                        .sum()
+                } else {
+                    nibble_dot(&tile.qs, lane, xq)
+                };
                 let d = f16::from_bits(tile.d[lane]).to_f32();
                 let m = f16::from_bits(tile.m[lane]).to_f32();
                 acc_r[lane] += isum as f32 * (d * xd) + m * xs;
@@ -188,17 +259,30 @@ fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut 
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-unsafe fn avx512(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
+pub(crate) unsafe fn avx512<T: NibbleTile>(
+    tiles: &[T],
+    act: &Activations,
+    i: usize,
+    rows: usize,
+    acc: &mut Acc,
+) {
     use std::arch::x86_64::*;
     let mask = _mm512_set1_epi8(0x0F);
+    let sixteen = _mm512_set1_epi8(16);
     let mut facc = [_mm512_setzero_ps(); 4];
     let xrows: [&[i8]; 4] = std::array::from_fn(|r| act.row(i + r.min(rows - 1)));
-    for (b, tile) in tiles.iter().enumerate() {
+    for (b, full) in tiles.iter().enumerate() {
+        let tile = full.nibbles();
         let mut isum = [_mm512_setzero_si512(); 4];
         for g in 0..4 {
             let v = _mm512_loadu_si512(tile.qs.as_ptr().add(g * 64) as *const _);
-            let lo = _mm512_and_si512(v, mask);
-            let hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+            let mut lo = _mm512_and_si512(v, mask);
+            let mut hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+            if T::FIFTH {
+                let [f_lo, f_hi] = full.fifth(g);
+                lo = _mm512_mask_add_epi8(lo, f_lo, lo, sixteen);
+                hi = _mm512_mask_add_epi8(hi, f_hi, hi, sixteen);
+            }
             for r in 0..rows {
                 let at = b * QK + 8 * g;
                 let xa = _mm512_set1_epi32(broadcast4(xrows[r], at));

@@ -507,5 +507,5 @@ mod tests {
     use super::*;
     use candle_core::quantized::GgmlDType;
 
-    int8::k_quant_tests!(Q4KWeight, GgmlDType::Q4K);
+    int8::kernel_tests!(Q4KWeight, GgmlDType::Q4K);
 }

@@ -120,5 +120,5 @@ mod tests {
     use super::*;
     use candle_core::quantized::GgmlDType;
 
-    int8::k_quant_tests!(Q5KWeight, GgmlDType::Q5K);
+    int8::kernel_tests!(Q5KWeight, GgmlDType::Q5K);
 }

@@ -390,5 +390,5 @@ mod tests {
     use super::*;
     use candle_core::quantized::GgmlDType;
 
-    int8::k_quant_tests!(Q6KWeight, GgmlDType::Q6K);
+    int8::kernel_tests!(Q6KWeight, GgmlDType::Q6K);
 }
