@@ -33,11 +33,13 @@ pub struct GgufVocab {
 const GGUF_CONTROL: i32 = 3;
 const GGUF_USER_DEFINED: i32 = 4;
 
+/// Cloning is cheap (the tables are shared): every request's response holds one, and a deep
+/// copy of a 150k-token vocabulary and its merges is tens of megabytes.
 #[derive(Clone)]
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    inner: std::sync::Arc<tokenizers::Tokenizer>,
     /// The same tokenizer with special tokens treated as plain text.
-    plain: tokenizers::Tokenizer,
+    plain: std::sync::Arc<tokenizers::Tokenizer>,
     /// Special tokens' texts, longest first (leftmost-longest matching, as `tokenizers` does).
     specials: Vec<(String, u32)>,
     /// Upper bound on the bytes of text one (non-special) token covers.
@@ -83,8 +85,8 @@ impl Tokenizer {
             .unwrap_or(1)
             .max(1);
         Self {
-            inner,
-            plain,
+            inner: std::sync::Arc::new(inner),
+            plain: std::sync::Arc::new(plain),
             specials,
             max_token_bytes,
         }
