@@ -395,6 +395,9 @@ fn read_weights(
         .into_par_iter()
         .map(|(name, hf, heads)| {
             let info = &content.tensor_infos[name];
+            // Checked first: the header's shape must fit the file before anything is sized
+            // from it (the row order below, the tiles).
+            let (at, len) = stored_range(content, &map, path, name)?;
             let order = match heads {
                 Some(h) => {
                     let rows = info.shape.dims()[0];
@@ -416,7 +419,6 @@ fn read_weights(
             let fused = hf.ends_with("qkv_proj.weight") || hf.ends_with("gate_up_proj.weight");
             let (rows, cols) = (info.shape.dims()[0], info.shape.dims()[1]);
             if !fused && QuantLinear::ours(info.ggml_dtype, cols) {
-                let (at, len) = stored_range(content, &map, path, name)?;
                 let _ = map.advise_range(memmap2::Advice::PopulateRead, at, len);
                 let order = match &order {
                     Some(o) => RowOrder::new(o, rows),

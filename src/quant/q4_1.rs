@@ -72,13 +72,27 @@ impl NibbleTile for Tile {
     }
 }
 
+/// One 32-value block's fifth bits for 16 rows (Q5_0's block, a Q5_K sub-block), in the byte
+/// order of `Tile::qs`: `[group of 8][low, high nibbles]`, bit `4·lane + j` for value `j` (low)
+/// or `j + 4` (high) of the group.
+pub(crate) type FifthBits = [[u64; 2]; 4];
+
+/// Sets value `v`'s (0..32) fifth bit of row `lane`.
+pub(crate) fn put_fifth(bits: &mut FifthBits, lane: usize, v: usize, set: bool) {
+    bits[v / 8][(v % 8) / 4] |= (set as u64) << (4 * lane + v % 4);
+}
+
+/// Value `v`'s (0..32) fifth bit of row `lane` as its weight, 0 or 16; `group` is `bits[v / 8]`.
+pub(crate) fn fifth_weight(group: [u64; 2], lane: usize, v: usize) -> u8 {
+    (((group[(v % 8) / 4] >> (4 * lane + v % 4)) & 1) as u8) << 4
+}
+
 /// Row `lane`'s 32 values of `tile`, fifth bits included.
 fn values_of<T: NibbleTile>(tile: &T, lane: usize) -> [u8; QK] {
     let mut q = unpack_nibbles(&tile.nibbles().qs, lane);
     if T::FIFTH {
         for (v, q) in q.iter_mut().enumerate() {
-            let bits = tile.fifth(v / 8)[(v % 8) / 4];
-            *q += (((bits >> (4 * lane + v % 4)) & 1) as u8) << 4;
+            *q += fifth_weight(tile.fifth(v / 8), lane, v);
         }
     }
     q

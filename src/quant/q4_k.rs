@@ -99,9 +99,7 @@ impl KTile for Tile {
 
 /// Value `v` (0..32) of sub-block `s` of row `lane`: its fifth bit's weight (0 or 16).
 fn fifth_of<T: KTile>(tile: &T, s: usize, lane: usize, v: usize) -> u8 {
-    let (g, j) = (v / 8, v % 8);
-    let bits = tile.fifth(s, g)[j / 4];
-    (((bits >> (4 * lane + j % 4)) & 1) as u8) << 4
+    super::q4_1::fifth_weight(tile.fifth(s, v / 8), lane, v)
 }
 
 /// Rows `ids` of `[row tile][super-block]` tiles as f32, `[ids.len(), cols]`, as ggml

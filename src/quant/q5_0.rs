@@ -16,7 +16,7 @@
 use half::f16;
 
 use super::int8::{self, Acc, Activations, RowOrder, QK};
-use super::q4_1::{self, NibbleTile};
+use super::q4_1::{self, put_fifth, FifthBits, NibbleTile};
 
 /// Bytes of one GGUF Q5_0 block.
 pub const BLOCK_BYTES: usize = 22;
@@ -26,8 +26,7 @@ pub const BLOCK_BYTES: usize = 22;
 #[derive(Clone, Copy)]
 pub struct Tile {
     q4: q4_1::Tile,
-    /// `[group][low, high nibbles]`: bit `4·row + j`.
-    qh: [[u64; 2]; 4],
+    qh: FifthBits,
 }
 
 impl NibbleTile for Tile {
@@ -87,8 +86,7 @@ impl Q50Weight {
                 }
                 tile.q4.fill(lane, d.to_bits(), m.to_bits(), &q);
                 for v in 0..QK {
-                    let bit = ((qh >> v) & 1) as u64;
-                    tile.qh[v / 8][(v % 8) / 4] |= bit << (4 * lane + v % 4);
+                    put_fifth(&mut tile.qh, lane, v, (qh >> v) & 1 == 1);
                 }
             },
         );

@@ -14,6 +14,7 @@
 //! candle's serves it there).
 
 use super::int8::{self, Acc, Activations, RowOrder};
+use super::q4_1::{put_fifth, FifthBits};
 use super::q4_k::{self, KTile, QK_K};
 
 /// Bytes of one GGUF Q5_K super-block.
@@ -26,8 +27,8 @@ const SUBS: usize = 8;
 #[derive(Clone, Copy)]
 pub struct Tile {
     q4: q4_k::Tile,
-    /// `[sub-block · 4 + group][low, high nibbles]`: bit `4·row + j`.
-    qh: [[u64; 2]; SUBS * 4],
+    /// Per sub-block, as Q5_0's blocks hold them.
+    qh: [FifthBits; SUBS],
 }
 
 impl KTile for Tile {
@@ -36,7 +37,7 @@ impl KTile for Tile {
         &self.q4
     }
     fn fifth(&self, s: usize, g: usize) -> [u64; 2] {
-        self.qh[s * 4 + g]
+        self.qh[s][g]
     }
 }
 
@@ -60,7 +61,7 @@ impl Q5KWeight {
         let kb = int8::stored_blocks("Q5_K", data, (rows, cols), QK_K, BLOCK_BYTES)?;
         let empty = Tile {
             q4: q4_k::Tile::EMPTY,
-            qh: [[0; 2]; SUBS * 4],
+            qh: [[[0; 2]; 4]; SUBS],
         };
         let tiles = int8::build_tiles(
             data,
@@ -72,12 +73,9 @@ impl Q5KWeight {
             |tile, lane, block| {
                 let (qh, qs) = (&block[16..48], &block[48..]);
                 tile.q4.fill(lane, &block[..4], &block[4..16], qs);
-                for s in 0..SUBS {
-                    for g in 0..4 {
-                        for j in 0..8 {
-                            let bit = ((qh[g * 8 + j] >> s) & 1) as u64;
-                            tile.qh[s * 4 + g][j / 4] |= bit << (4 * lane + j % 4);
-                        }
+                for (s, bits) in tile.qh.iter_mut().enumerate() {
+                    for (v, byte) in qh.iter().enumerate() {
+                        put_fifth(bits, lane, v, (byte >> s) & 1 == 1);
                     }
                 }
             },
