@@ -361,7 +361,7 @@ async fn a_full_queue_answers_429_with_retry_after() {
     long["stream"] = json!(true);
     long["ignore_eos"] = json!(true);
     let mut held = Vec::new();
-    for _ in 0..2 {
+    for i in 0..2 {
         let req = Request::builder()
             .method("POST")
             .uri("/v1/chat/completions")
@@ -369,6 +369,11 @@ async fn a_full_queue_answers_429_with_retry_after() {
             .body(Body::from(long.to_string()))
             .unwrap();
         held.push(app.clone().oneshot(req).await.unwrap());
+        // The first must hold the slot before the second queues: until the worker admits it,
+        // it is itself the one waiting request, and the second would be refused instead.
+        if i == 0 {
+            wait_until(|| st.engine.running() == 1).await;
+        }
     }
     wait_until(|| st.engine.running() == 1 && st.engine.waiting() == 1).await;
     assert_eq!((st.engine.running(), st.engine.waiting()), (1, 1));
