@@ -1033,3 +1033,103 @@ async fn served_logprobs_equal_the_reference_log_softmax() {
     }
     assert!(checked >= 2);
 }
+
+/// `/v1/models` and `/v1/adapters` page with `after` and `limit` (OpenAI's list fields); a walk
+/// of pages gives the unpaged list exactly, in order, and only a page's configs are read.
+#[tokio::test]
+async fn model_and_adapter_lists_page_with_after_and_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("adapters");
+    std::fs::create_dir_all(&root).unwrap();
+    let sources = [
+        "lora-r8-all",
+        "lora-r4-qv",
+        "dora-r8-all",
+        "rslora-r16-pattern",
+    ];
+    for i in 0..250 {
+        // hard links: the registry does not follow symbolic ones out of its directory
+        let (src, dst) = (
+            tiny_dir().join("adapters").join(sources[i % 4]),
+            root.join(format!("a{i:03}")),
+        );
+        std::fs::create_dir(&dst).unwrap();
+        for f in ["adapter_config.json", "adapter_model.safetensors"] {
+            if std::fs::hard_link(src.join(f), dst.join(f)).is_err() {
+                std::fs::copy(src.join(f), dst.join(f)).unwrap();
+            }
+        }
+    }
+    let st = state(&["--adapters", root.to_str().unwrap()]).await;
+    let app = router(st);
+    let ids = |v: &Value, key: &str| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d[key].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    // Unpaged: everything, as OpenAI's clients expect of /v1/models.
+    let (s, all, _) = call(&app, "GET", "/v1/models", None, None).await;
+    assert_eq!(s, StatusCode::OK, "{all}");
+    let all_ids = ids(&all, "id");
+    assert_eq!(all_ids.len(), 251);
+    assert!(all.get("has_more").is_none());
+    assert_eq!(all_ids[1], "a000");
+    assert_eq!(all_ids[250], "a249");
+
+    for (route, key, total) in [("/v1/models", "id", 251), ("/v1/adapters", "name", 250)] {
+        let (_, whole, _) = call(&app, "GET", route, None, None).await;
+        let whole = ids(&whole, key);
+        assert_eq!(whole.len(), total);
+        let mut walked = Vec::new();
+        let mut after: Option<String> = None;
+        let mut pages = 0;
+        loop {
+            let uri = match &after {
+                Some(a) => format!("{route}?limit=64&after={a}"),
+                None => format!("{route}?limit=64"),
+            };
+            let (s, page, _) = call(&app, "GET", &uri, None, None).await;
+            assert_eq!(s, StatusCode::OK, "{page}");
+            let got = ids(&page, key);
+            assert!(got.len() <= 64 && !got.is_empty(), "{uri}: {}", got.len());
+            assert_eq!(page["first_id"], got[0].as_str());
+            assert_eq!(page["last_id"], got[got.len() - 1].as_str());
+            walked.extend(got.iter().cloned());
+            pages += 1;
+            if !page["has_more"].as_bool().unwrap() {
+                break;
+            }
+            after = Some(got[got.len() - 1].clone());
+        }
+        assert_eq!(walked, whole, "{route}");
+        assert_eq!(pages, total.div_ceil(64), "{route}");
+    }
+
+    // `after` an id that is not (or no longer) listed: the page starts past it.
+    let (_, page, _) = call(&app, "GET", "/v1/adapters?after=a100x&limit=2", None, None).await;
+    assert_eq!(ids(&page, "name"), ["a101", "a102"]);
+    // past the end: an empty last page
+    let (_, page, _) = call(&app, "GET", "/v1/adapters?after=zzz", None, None).await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 0);
+    assert_eq!(page["has_more"], false);
+    // the base model's id leads /v1/models whatever it sorts as
+    let base = all_ids[0].clone();
+    let (_, page, _) = call(
+        &app,
+        "GET",
+        &format!("/v1/models?after={base}&limit=1"),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(ids(&page, "id"), ["a000"]);
+    // limits are clamped to 1 … 1,000; a limit that is no number is refused
+    let (_, page, _) = call(&app, "GET", "/v1/models?limit=0", None, None).await;
+    assert_eq!(ids(&page, "id").len(), 1);
+    let (s, _, text) = call(&app, "GET", "/v1/models?limit=lots", None, None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{text}");
+}

@@ -326,9 +326,14 @@ pub async fn completions(
     generate(st, caller, headers, Kind::Completion, body(b)?).await
 }
 
+/// `GET /v1/models[?after=ID&limit=N]`: the base model, then the adapters the caller may use,
+/// by id. Without `after` or `limit` the whole list (what OpenAI's clients expect of this
+/// route); with either, one page of at most `limit` (1 … 1,000, default 100) with `has_more`,
+/// `first_id` and `last_id`, as OpenAI's paginated lists.
 pub async fn models(
     State(st): St,
     Extension(caller): Extension<Caller>,
+    axum::extract::Query(page): axum::extract::Query<Page>,
 ) -> Result<Response, ApiError> {
     let base = st.base_id().to_string();
     let listing_caller = caller.clone();
@@ -337,41 +342,57 @@ pub async fn models(
             Ok(Policy::listing(&listing_caller, &st.registry))
         })
         .await?;
-    let mut data = vec![
-        json!({"id": base, "object": "model", "created": st.created, "owned_by": "loraplex", "root": base, "parent": null}),
-    ];
-    for e in entries {
-        let id = e.name.key();
-        let root = if Policy::shows_paths(&caller) {
-            e.dir.display().to_string()
-        } else {
-            id.clone()
-        };
-        data.push(json!({"id": id, "object": "model", "created": st.created, "owned_by": e.name.tenant.clone().unwrap_or_else(|| "loraplex".into()), "root": root, "parent": base}));
-    }
-    Ok(Json(json!({"object": "list", "data": data})).into_response())
+    let mut ids = vec![base.clone()];
+    ids.extend(entries.iter().map(|e| e.name.key()));
+    let (range, more) = page.window(&ids, 1);
+    let data: Vec<serde_json::Value> = range
+        .map(|i| match i {
+            0 => json!({"id": base, "object": "model", "created": st.created, "owned_by": "loraplex", "root": base, "parent": null}),
+            _ => {
+                let e = &entries[i - 1];
+                let id = e.name.key();
+                let root = if Policy::shows_paths(&caller) {
+                    e.dir.display().to_string()
+                } else {
+                    id.clone()
+                };
+                json!({"id": id, "object": "model", "created": st.created, "owned_by": e.name.tenant.clone().unwrap_or_else(|| "loraplex".into()), "root": root, "parent": base})
+            }
+        })
+        .collect();
+    Ok(Json(page.list(data, more)).into_response())
 }
 
+/// `GET /v1/adapters[?after=NAME&limit=N]`: the adapters the caller may use, by name, paged as
+/// `/v1/models` is (only a page's configs are read).
 pub async fn list_adapters(
     State(st): St,
     Extension(caller): Extension<Caller>,
+    axum::extract::Query(page): axum::extract::Query<Page>,
 ) -> Result<Response, ApiError> {
     let resident = st.cache.resident();
     let shows_cache = Policy::shows_cache(&caller);
-    let entries = st
+    let window = page.clone();
+    let (entries, more) = st
         .blocking(
             |s| &s.prepare,
             move |st| {
+                let all = Policy::listing(&caller, &st.registry);
+                let ids: Vec<String> = all.iter().map(|e| e.name.key()).collect();
+                let (range, more) = window.window(&ids, 0);
                 // With each adapter's method, from its config (off the async threads).
-                Ok(Policy::listing(&caller, &st.registry)
+                let entries = all
                     .into_iter()
+                    .skip(range.start)
+                    .take(range.len())
                     .map(|e| {
                         let method = crate::adapters::PeftAdapter::read_config(&e.dir)
                             .ok()
                             .map(|c| c.method_name());
                         (e, method)
                     })
-                    .collect::<Vec<_>>())
+                    .collect::<Vec<_>>();
+                Ok((entries, more))
             },
         )
         .await?;
@@ -385,7 +406,7 @@ pub async fn list_adapters(
             v
         })
         .collect();
-    Ok(Json(json!({"object": "list", "data": data})).into_response())
+    Ok(Json(page.list(data, more)).into_response())
 }
 
 /// Registers an adapter as the policy allows: files checked header-first (against the model
@@ -825,10 +846,52 @@ pub async fn delete_model(
     Ok(Json(json!({"id": name, "object": "model", "deleted": true})).into_response())
 }
 
-#[derive(serde::Deserialize)]
+#[derive(serde::Deserialize, Clone, Default)]
 pub struct Page {
     after: Option<String>,
     limit: Option<usize>,
+}
+
+impl Page {
+    /// Whether the request asked for a page at all.
+    fn paged(&self) -> bool {
+        self.after.is_some() || self.limit.is_some()
+    }
+
+    /// The positions in `ids` of this page of a model or adapter list, and whether more
+    /// follow; `ids` past the first `lead` (the base model, in `/v1/models`) are sorted.
+    /// Unpaged: all of them. `after` need not be listed (it may have been removed since): the
+    /// page starts at the first sorted id past it.
+    fn window(&self, ids: &[String], lead: usize) -> (std::ops::Range<usize>, bool) {
+        if !self.paged() {
+            return (0..ids.len(), false);
+        }
+        let start = match &self.after {
+            Some(a) => match ids.iter().position(|i| i == a) {
+                Some(i) => i + 1,
+                None => ids
+                    .iter()
+                    .skip(lead)
+                    .position(|i| i.as_str() > a.as_str())
+                    .map_or(ids.len(), |i| i + lead),
+            },
+            None => 0,
+        };
+        let start = start.min(ids.len());
+        let end = (start + self.limit.unwrap_or(100).clamp(1, 1000)).min(ids.len());
+        (start..end, end < ids.len())
+    }
+
+    /// An OpenAI list of `data`, with the page's fields where one was asked for.
+    fn list(&self, data: Vec<serde_json::Value>, more: bool) -> serde_json::Value {
+        if !self.paged() {
+            return json!({"object": "list", "data": data});
+        }
+        let key =
+            |d: Option<&serde_json::Value>| d.map(|d| d.get("id").unwrap_or(&d["name"]).clone());
+        let (first, last) = (key(data.first()), key(data.last()));
+        json!({"object": "list", "data": data, "has_more": more, "first_id": first, "last_id": last})
+    }
 }
 
 /// `GET /v1/fine_tuning/jobs?after=ID&limit=N`: the caller's jobs, newest first.
