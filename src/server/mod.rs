@@ -11,6 +11,7 @@ pub mod job_runner;
 pub mod jobs;
 mod meter;
 pub mod openai;
+mod pages;
 pub mod policy;
 pub mod rate_limit;
 mod responses;
