@@ -1,11 +1,16 @@
-//! Resident adapters: an LRU bounded by a count and a byte budget. A request holds a `Lease`
-//! on the version it started with; leased and pinned adapters are never evicted (the cache
-//! may run over its bounds while everything resident is in use, and shrinks as leases end).
+//! Resident adapters, bounded by a count and a byte budget. A request holds a `Lease` on the
+//! version it started with, from the moment it is accepted (so the adapters of queued requests
+//! are resident before they run); leased and pinned adapters are never evicted (the cache may
+//! run over its bounds while everything resident is in use, and shrinks as leases end).
+//! Eviction is LRU-2 (O'Neil et al.): the victim is the adapter whose second-to-last use is
+//! oldest, adapters used once going first by their last use, and the uses of adapters no longer
+//! resident are remembered (a bounded history), so a popular adapter evicted once comes back
+//! with its frequency and a burst of one-off adapters cannot flush the popular ones.
 //! A miss loads outside the lock, and concurrent misses for one adapter load it once. One
 //! version per name is resident; a load that finishes after a newer version arrived does not
 //! displace it. The end of the last lease on an adapter applies the bounds again.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
@@ -44,6 +49,40 @@ struct Inner {
     lru: LruCache<AdapterName, Resident>,
     loading: HashSet<AdapterName>,
     bytes: usize,
+    uses: Uses,
+}
+
+/// The last two uses of each adapter (resident or not) on a logical clock, kept for at most
+/// `cap` adapters: past that, the half whose last use is oldest is forgotten.
+#[derive(Default)]
+struct Uses {
+    clock: u64,
+    last: HashMap<AdapterName, [u64; 2]>,
+    cap: usize,
+}
+
+impl Uses {
+    fn touch(&mut self, name: &AdapterName) {
+        self.clock += 1;
+        let now = self.clock;
+        match self.last.get_mut(name) {
+            Some(t) => *t = [now, t[0]],
+            None => {
+                self.last.insert(name.clone(), [now, 0]);
+                if self.last.len() > 2 * self.cap {
+                    let mut by_age: Vec<u64> = self.last.values().map(|t| t[0]).collect();
+                    let (_, cut, _) = by_age.select_nth_unstable(self.last.len() - self.cap);
+                    let cut = *cut;
+                    self.last.retain(|_, t| t[0] >= cut);
+                }
+            }
+        }
+    }
+
+    /// Eviction order, smallest first: second-to-last use (0 when used once), then last use.
+    fn rank(&self, name: &AdapterName) -> (u64, u64) {
+        self.last.get(name).map_or((0, 0), |t| (t[1], t[0]))
+    }
 }
 
 /// Counters for metrics.
@@ -95,6 +134,7 @@ pub struct AdapterCache {
 
 impl AdapterCache {
     pub fn new(config: CacheConfig) -> Self {
+        let cap = (4 * config.max_resident).max(4096);
         Self {
             core: Arc::new(Core {
                 config,
@@ -102,6 +142,10 @@ impl AdapterCache {
                     lru: LruCache::unbounded(),
                     loading: HashSet::new(),
                     bytes: 0,
+                    uses: Uses {
+                        cap,
+                        ..Uses::default()
+                    },
                 }),
                 loaded: Condvar::new(),
                 stats: CacheStats::default(),
@@ -125,6 +169,7 @@ impl AdapterCache {
             .get_mut(&key.name)
             .filter(|r| r.version == key.version)?;
         let weights = r.weights.clone();
+        inner.uses.touch(&key.name);
         drop(inner);
         self.core.stats.hits.fetch_add(1, Ordering::Relaxed);
         Some(self.lease(key, weights))
@@ -146,6 +191,7 @@ impl AdapterCache {
                     r.pinned |= pinned;
                     core.stats.hits.fetch_add(1, Ordering::Relaxed);
                     let weights = r.weights.clone();
+                    inner.uses.touch(name);
                     drop(inner);
                     return Ok(self.lease(key, weights));
                 }
@@ -178,6 +224,7 @@ impl AdapterCache {
             .fetch_add(start.elapsed().as_micros() as u64, Ordering::Relaxed);
         let mut inner = core.inner.lock().expect("cache lock");
         inner.loading.remove(name);
+        inner.uses.touch(name);
         core.loaded.notify_all();
         let weights = Arc::new(result?);
         let bytes = weights.bytes();
@@ -266,15 +313,17 @@ impl Core {
         self.evict(&mut inner, None);
     }
 
-    /// Evicts least-recently-used adapters that nobody leases and nobody pinned until the
-    /// bounds hold (or nothing more can go).
+    /// Evicts adapters that nobody leases and nobody pinned, in LRU-2 order, until the bounds
+    /// hold (or nothing more can go).
     fn evict(&self, inner: &mut Inner, keep: Option<&AdapterName>) {
         while inner.lru.len() > self.config.max_resident || inner.bytes > self.config.max_bytes {
             let victim = inner
                 .lru
                 .iter()
-                .rev()
-                .find(|(k, r)| Some(*k) != keep && !r.pinned && Arc::strong_count(&r.weights) == 1)
+                .filter(|(k, r)| {
+                    Some(*k) != keep && !r.pinned && Arc::strong_count(&r.weights) == 1
+                })
+                .min_by_key(|(k, _)| inner.uses.rank(k))
                 .map(|(k, _)| k.clone());
             let Some(k) = victim else { break };
             if let Some(r) = inner.lru.pop(&k) {
@@ -349,6 +398,39 @@ mod tests {
         c.acquire(&k("c", 0), false, || Ok(weights(1.0))).unwrap();
         assert_eq!(names(&c), vec!["c", "a"]);
         assert_eq!(c.stats().evictions.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_popular_adapter_outlasts_a_burst_of_one_off_adapters() {
+        // Plain LRU would evict `hot` at the second one-off adapter.
+        let c = cache(2);
+        for _ in 0..3 {
+            c.acquire(&k("hot", 0), false, || Ok(weights(1.0))).unwrap();
+        }
+        for k_ in ["x", "y", "z", "w"] {
+            c.acquire(&k(k_, 0), false, || Ok(weights(1.0))).unwrap();
+        }
+        assert_eq!(names(&c), vec!["w", "hot"]);
+        c.acquire(&k("hot", 0), false, || panic!("`hot` must be resident"))
+            .unwrap();
+    }
+
+    #[test]
+    fn an_evicted_adapter_comes_back_with_its_history() {
+        let c = cache(2);
+        for k_ in ["a", "a", "b", "b"] {
+            c.acquire(&k(k_, 0), false, || Ok(weights(1.0))).unwrap();
+        }
+        // Both used twice: `c` (used once) goes when `a` returns, not `a` or `b`...
+        c.acquire(&k("c", 0), false, || Ok(weights(1.0))).unwrap();
+        assert_eq!(
+            names(&c),
+            vec!["c", "b"],
+            "`a` was used least recently twice"
+        );
+        c.acquire(&k("a", 0), false, || Ok(weights(1.0))).unwrap();
+        // ...because `a`'s two earlier uses were remembered while it was not resident.
+        assert_eq!(names(&c), vec!["a", "b"]);
     }
 
     #[test]
