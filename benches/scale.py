@@ -317,18 +317,26 @@ def scenario_density():
         srv = Server(d)
         try:
             t1 = time.time()
-            status, body = srv.get("/v1/models")
-            t2 = time.time()
-            assert status == 200, body[:200]
-            # The first request on each of 100 adapters, so the index is read where it is lazy.
-            status, body = srv.get("/v1/models?limit=1000")
             time.sleep(1)
-            res[str(n)] = {"listening_s": round(t1 - t0, 3), "first_page_s": round(t2 - t1, 3),
-                           "models_on_first_page": len(json.loads(body)["data"]), "idle_rss_mb": round(srv.rss_mb(), 1)}
+            idle = srv.rss_mb()
+            t2 = time.time()
+            status, body = srv.get("/v1/models?limit=100")
+            t3 = time.time()
+            assert status == 200, body[:200]
+            first = len(json.loads(body)["data"])
+            t4 = time.time()
+            status, body = srv.get("/v1/models")
+            t5 = time.time()
+            time.sleep(1)
+            res[str(n)] = {"listening_s": round(t1 - t0, 3), "idle_rss_mb": round(idle, 1),
+                           "first_page_s": round(t3 - t2, 4), "models_on_first_page": first,
+                           "whole_list_s": round(t5 - t4, 4), "models_in_whole_list": len(json.loads(body)["data"]),
+                           "rss_after_lists_mb": round(srv.rss_mb(), 1)}
         finally:
             srv.stop()
     a, b = res["10"], res[str(opt.density)]
-    res["rss_per_adapter_bytes"] = round((b["idle_rss_mb"] - a["idle_rss_mb"]) * 2**20 / (opt.density - 10))
+    per = lambda k: round((b[k] - a[k]) * 2**20 / (opt.density - 10))
+    res["rss_per_adapter_bytes"] = {"idle": per("idle_rss_mb"), "after_lists": per("rss_after_lists_mb")}
     return res
 
 

@@ -4,11 +4,29 @@
 //! next number), so a name never gets a version it had before. Names are checked before any
 //! file is touched; a directory under the root that resolves outside it (a symlink) is not an
 //! adapter.
+//!
+//! Lists read an index of the directory's adapter names (`DirIndex`, about a hundred bytes a
+//! name), rebuilt from directory entries alone (no adapter file is opened) when the root
+//! directory changes and at most `INDEX_TTL` after the last build (an adapter added inside a
+//! tenant's directory changes only that directory). Requests never wait for it: `get` looks
+//! at the adapter's own directory, and a list checks each name on its page the same way.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::RwLock;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+/// How long a list may show the directory as it was (unless the root itself changed).
+pub const INDEX_TTL: Duration = Duration::from_secs(2);
+
+/// The adapter names in the directory at one time, sorted by key.
+#[derive(Debug)]
+struct DirIndex {
+    root_modified: Option<SystemTime>,
+    built: Instant,
+    names: Arc<Vec<AdapterName>>,
+}
 
 use super::error::AdapterError;
 use super::peft::CONFIG_FILE;
@@ -124,6 +142,7 @@ pub struct Registry {
     versions: RwLock<BTreeMap<String, u64>>,
     revisions: RwLock<BTreeMap<String, u64>>,
     next_version: AtomicU64,
+    index: Mutex<Option<DirIndex>>,
 }
 
 fn is_adapter_dir(dir: &Path) -> bool {
@@ -138,6 +157,7 @@ impl Registry {
             versions: RwLock::new(BTreeMap::new()),
             revisions: RwLock::new(BTreeMap::new()),
             next_version: AtomicU64::new(1),
+            index: Mutex::new(None),
         }
     }
 
@@ -280,38 +300,83 @@ impl Registry {
     }
 
     /// Every known adapter: the directory's (public ones and one level of tenants) and the
-    /// added ones.
+    /// added ones, each checked as `get` does.
     pub fn list(&self) -> Vec<AdapterEntry> {
-        let mut out: BTreeMap<String, AdapterEntry> = BTreeMap::new();
-        let read = |dir: &Path| -> Vec<(String, PathBuf)> {
+        // A directory that vanished since the index was built is simply not listed.
+        self.names()
+            .iter()
+            .filter_map(|n| self.get(n).ok())
+            .collect()
+    }
+
+    /// The names of every known adapter, sorted by key, from the directory's index and the
+    /// run-time registrations; not checked one by one (`get` does that).
+    pub fn names(&self) -> Vec<AdapterName> {
+        let dir = self.dir_names();
+        let added = self.added.read().expect("registry lock");
+        let mut out: Vec<AdapterName> = Vec::with_capacity(dir.len() + added.len());
+        let mut from_dir = dir.iter().peekable();
+        for e in added.values() {
+            while let Some(n) = from_dir.next_if(|n| n.key() < e.name.key()) {
+                out.push(n.clone());
+            }
+            from_dir.next_if(|n| n.key() == e.name.key());
+            out.push(e.name.clone());
+        }
+        out.extend(from_dir.cloned());
+        out
+    }
+
+    /// The directory's adapter names, from the index while it is fresh.
+    fn dir_names(&self) -> Arc<Vec<AdapterName>> {
+        let modified = std::fs::metadata(&self.root)
+            .and_then(|m| m.modified())
+            .ok();
+        let mut index = self.index.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = index.as_ref() {
+            if i.root_modified == modified && i.built.elapsed() < INDEX_TTL {
+                return i.names.clone();
+            }
+        }
+        let names = Arc::new(self.scan());
+        *index = Some(DirIndex {
+            root_modified: modified,
+            built: Instant::now(),
+            names: names.clone(),
+        });
+        names
+    }
+
+    /// One pass over the root and its tenants' directories: adapter directories by their
+    /// config file, sorted by key.
+    fn scan(&self) -> Vec<AdapterName> {
+        let dirs = |dir: &Path| -> Vec<(String, PathBuf)> {
             std::fs::read_dir(dir)
                 .map(|it| {
                     it.flatten()
-                        .filter(|e| e.path().is_dir())
+                        .filter(|e| {
+                            e.file_type()
+                                .is_ok_and(|t| t.is_dir() || (t.is_symlink() && e.path().is_dir()))
+                        })
                         .map(|e| (e.file_name().to_string_lossy().to_string(), e.path()))
                         .collect()
                 })
                 .unwrap_or_default()
         };
-        // A directory that vanishes between the scan and `get` is simply not listed.
-        let mut found = |n: Result<AdapterName, AdapterError>| {
-            if let Some(e) = n.ok().and_then(|n| self.get(&n).ok()) {
-                out.insert(e.name.key(), e);
-            }
-        };
-        for (name, path) in read(&self.root) {
+        let mut out = Vec::new();
+        for (name, path) in dirs(&self.root) {
             if is_adapter_dir(&path) {
-                found(AdapterName::parse(&name));
+                out.extend(AdapterName::parse(&name).ok());
             } else {
-                for (inner, _) in read(&path) {
-                    found(AdapterName::parse(&format!("{name}/{inner}")));
+                for (inner, inner_path) in dirs(&path) {
+                    if is_adapter_dir(&inner_path) {
+                        out.extend(AdapterName::parse(&format!("{name}/{inner}")).ok());
+                    }
                 }
             }
         }
-        for (k, e) in self.added.read().expect("registry lock").iter() {
-            out.insert(k.clone(), e.clone());
-        }
-        out.into_values().collect()
+        out.sort_by_key(AdapterName::key);
+        out
     }
 }
 
@@ -376,6 +441,49 @@ mod tests {
         assert!(again > back);
         let reloaded = r.reload(&AdapterName::parse("x").unwrap()).unwrap().version;
         assert!(reloaded > again);
+    }
+
+    #[test]
+    fn lists_follow_the_directory_without_rereading_it_each_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        fixture_adapter(&root.join("b"));
+        std::fs::create_dir_all(root.join("t")).unwrap();
+        let r = Registry::new(&root);
+        let keys =
+            |r: &Registry| -> Vec<String> { r.list().iter().map(|e| e.name.key()).collect() };
+        assert_eq!(keys(&r), vec!["b"]);
+        // A new adapter at the root changes the root: the next list has it.
+        fixture_adapter(&root.join("a"));
+        assert_eq!(keys(&r), vec!["a", "b"]);
+        // One inside a tenant's directory changes only that directory: listed within the TTL,
+        // and usable by name at once.
+        fixture_adapter(&root.join("t/c"));
+        assert!(r.get(&AdapterName::parse("t/c").unwrap()).is_ok());
+        std::thread::sleep(INDEX_TTL + Duration::from_millis(100));
+        assert_eq!(keys(&r), vec!["a", "b", "t/c"]);
+        // A removed adapter leaves the list at once (each listed name is checked).
+        std::fs::remove_dir_all(root.join("t/c")).unwrap();
+        assert_eq!(keys(&r), vec!["a", "b"]);
+        // Run-time registrations merge into the order, replacing a directory adapter's name.
+        r.add(&AdapterName::parse("b").unwrap(), &root.join("a"), false, 0)
+            .unwrap();
+        r.add(
+            &AdapterName::parse("aa").unwrap(),
+            &root.join("a"),
+            false,
+            0,
+        )
+        .unwrap();
+        let listed = r.list();
+        assert_eq!(
+            listed.iter().map(|e| e.name.key()).collect::<Vec<_>>(),
+            vec!["a", "aa", "b"]
+        );
+        assert!(
+            listed[2].added,
+            "the registration replaces the directory's `b`"
+        );
     }
 
     #[cfg(unix)]

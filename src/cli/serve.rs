@@ -277,7 +277,7 @@ pub async fn run_server(args: ServeArgs) -> Result<()> {
         "serving {} on http://{} ({} adapters in {})",
         state.base_id(),
         listener.local_addr()?,
-        state.registry.list().len(),
+        state.registry.names().len(),
         args.model.adapters.display()
     );
     crate::server::serve(state, listener).await?;

@@ -136,13 +136,29 @@ impl Policy {
             .ok_or_else(not_found)
     }
 
-    /// The adapters `caller` may list.
-    pub fn listing(caller: &Caller, registry: &Registry) -> Vec<AdapterEntry> {
-        registry
-            .list()
+    /// The page of adapters `caller` may list (`lead` ids come before them: the base model in
+    /// `/v1/models`), and whether more follow. Only the page's adapters are checked on disk: a
+    /// name whose directory went away since the index was read drops out of its page.
+    pub fn listing(
+        caller: &Caller,
+        registry: &Registry,
+        page: &super::pages::Page,
+        lead: &[String],
+    ) -> (Vec<AdapterEntry>, bool, bool) {
+        let names: Vec<AdapterName> = registry
+            .names()
             .into_iter()
-            .filter(|e| Self::visible(caller, &e.name))
-            .collect()
+            .filter(|n| Self::visible(caller, n))
+            .collect();
+        let mut ids = lead.to_vec();
+        ids.extend(names.iter().map(AdapterName::key));
+        let (range, more) = page.window(&ids, lead.len());
+        let with_lead = range.start < lead.len();
+        let entries = names[range.start.saturating_sub(lead.len())..range.end - lead.len()]
+            .iter()
+            .filter_map(|n| registry.get(n).ok())
+            .collect();
+        (entries, with_lead, more)
     }
 
     /// The name `caller` may register or remove: a tenant's names live in its namespace; only

@@ -337,30 +337,30 @@ pub async fn models(
     axum::extract::Query(page): axum::extract::Query<Page>,
 ) -> Result<Response, ApiError> {
     let base = st.base_id().to_string();
-    let listing_caller = caller.clone();
-    let entries = st
+    let (listing_caller, window, lead) = (caller.clone(), page.clone(), base.clone());
+    let (entries, with_base, more) = st
         .prepare_for(&caller, move |st| {
-            Ok(Policy::listing(&listing_caller, &st.registry))
+            Ok(Policy::listing(
+                &listing_caller,
+                &st.registry,
+                &window,
+                &[lead],
+            ))
         })
         .await?;
-    let mut ids = vec![base.clone()];
-    ids.extend(entries.iter().map(|e| e.name.key()));
-    let (range, more) = page.window(&ids, 1);
-    let data: Vec<serde_json::Value> = range
-        .map(|i| match i {
-            0 => json!({"id": base, "object": "model", "created": st.created, "owned_by": "loraplex", "root": base, "parent": null}),
-            _ => {
-                let e = &entries[i - 1];
-                let id = e.name.key();
-                let root = if Policy::shows_paths(&caller) {
-                    e.dir.display().to_string()
-                } else {
-                    id.clone()
-                };
-                json!({"id": id, "object": "model", "created": st.created, "owned_by": e.name.tenant.clone().unwrap_or_else(|| "loraplex".into()), "root": root, "parent": base})
-            }
-        })
-        .collect();
+    let mut data = Vec::with_capacity(entries.len() + 1);
+    if with_base {
+        data.push(json!({"id": base, "object": "model", "created": st.created, "owned_by": "loraplex", "root": base, "parent": null}));
+    }
+    data.extend(entries.iter().map(|e| {
+        let id = e.name.key();
+        let root = if Policy::shows_paths(&caller) {
+            e.dir.display().to_string()
+        } else {
+            id.clone()
+        };
+        json!({"id": id, "object": "model", "created": st.created, "owned_by": e.name.tenant.clone().unwrap_or_else(|| "loraplex".into()), "root": root, "parent": base})
+    }));
     Ok(Json(page.list(data, more)).into_response())
 }
 
@@ -378,14 +378,10 @@ pub async fn list_adapters(
         .blocking(
             |s| &s.prepare,
             move |st| {
-                let all = Policy::listing(&caller, &st.registry);
-                let ids: Vec<String> = all.iter().map(|e| e.name.key()).collect();
-                let (range, more) = window.window(&ids, 0);
+                let (page, _, more) = Policy::listing(&caller, &st.registry, &window, &[]);
                 // With each adapter's method, from its config (off the async threads).
-                let entries = all
+                let entries = page
                     .into_iter()
-                    .skip(range.start)
-                    .take(range.len())
                     .map(|e| {
                         let method = crate::adapters::PeftAdapter::read_config(&e.dir)
                             .ok()
