@@ -247,7 +247,10 @@ async fn sixteen_concurrent_equal_alone(extra: &[&str]) {
 /// The default model: slow enough on CPU (tens of ms a token) that a sequence is reliably
 /// still running when the test acts on it.
 async fn default_model_state(extra: &[&str]) -> Arc<AppState> {
-    let mut args = vec!["serve", "--adapters", "adapters"];
+    let mut args = vec!["serve"];
+    if !extra.contains(&"--adapters") {
+        args.extend_from_slice(&["--adapters", "adapters"]);
+    }
     args.extend_from_slice(extra);
     let cli = loraplex::cli::Cli::try_parse_from(args).unwrap();
     loraplex::cli::build_state(&cli.serve).await.unwrap()
@@ -1132,4 +1135,171 @@ async fn model_and_adapter_lists_page_with_after_and_limit() {
     assert_eq!(ids(&page, "id").len(), 1);
     let (s, _, text) = call(&app, "GET", "/v1/models?limit=lots", None, None).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{text}");
+}
+
+fn answer(v: &Value) -> String {
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{v}"))
+        .to_string()
+}
+
+/// Replaces the adapter in `dst` with `src`'s files as a writer of large files does: each
+/// written beside and renamed over.
+fn replace_adapter(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        let tmp = dst.join(format!("{f}.new"));
+        std::fs::copy(src.join(f), &tmp).unwrap();
+        std::fs::rename(tmp, dst.join(f)).unwrap();
+    }
+}
+
+/// Re-registering a name is a new revision: requests in flight finish on the revision they
+/// started with, new ones get the new one, `name@REV` serves a kept revision from its snapshot
+/// (whatever the source directory holds now), and a rollback registers the previous revision
+/// again. Another tenant's `name@REV` is the same 404 as a missing one.
+#[tokio::test]
+async fn revisions_swap_atomically_and_roll_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("adapters");
+    let state_dir = dir.path().join("state");
+    let st = state(&[
+        "--adapters",
+        root.to_str().unwrap(),
+        "--state-dir",
+        state_dir.to_str().unwrap(),
+    ])
+    .await;
+    let app = router(st.clone());
+    let (a, b) = (
+        tiny_dir().join("adapters/lora-r8-all"),
+        tiny_dir().join("adapters/lora-r4-qv"),
+    );
+    let hot = root.join("hot");
+    replace_adapter(&a, &hot);
+    let ask = |model: &str, n: u32| {
+        let (app, model) = (app.clone(), model.to_string());
+        async move {
+            let (s, v, _) = call(
+                &app,
+                "POST",
+                "/v1/chat/completions",
+                Some(chat_body(Some(&model), "tell me about the sea", n)),
+                None,
+            )
+            .await;
+            (s, v)
+        }
+    };
+    let register = |body: Value| {
+        let app = app.clone();
+        async move { call(&app, "POST", "/v1/adapters", Some(body), None).await }
+    };
+    let (s, v) = ask("hot", 12).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let with_a = answer(&v);
+
+    replace_adapter(&b, &hot);
+    let (s, v, _) = register(json!({"name": "hot"})).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(
+        (v["version"].as_u64(), &v["revisions"]),
+        (Some(1), &json!([1]))
+    );
+    let with_b = answer(&ask("hot", 12).await.1);
+    assert_ne!(with_a, with_b, "the two adapters must answer differently");
+
+    replace_adapter(&a, &hot);
+    let (s, v, _) = register(json!({"name": "hot"})).await;
+    assert_eq!((s, v["version"].as_u64()), (StatusCode::CREATED, Some(2)));
+    assert_eq!(answer(&ask("hot", 12).await.1), with_a);
+    // Revision 1 from its snapshot: the directory holds adapter A again.
+    assert_eq!(answer(&ask("hot@1", 12).await.1), with_b);
+    assert_eq!(answer(&ask("hot@2", 12).await.1), with_a);
+    for missing in ["hot@0", "hot@9", "hot@x", "hot@"] {
+        let (s, v) = ask(missing, 2).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{missing}: {v}");
+    }
+
+    // Rollback: revision 1's files as revision 3.
+    let (s, v, _) = register(json!({"name": "hot", "rollback": true})).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(
+        (v["version"].as_u64(), v["restored_revision"].as_u64()),
+        (Some(3), Some(1))
+    );
+    assert_eq!(answer(&ask("hot", 12).await.1), with_b);
+    let (_, list, _) = call(&app, "GET", "/v1/adapters", None, None).await;
+    let entry = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "hot")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (&entry["version"], &entry["revisions"]),
+        (&json!(3), &json!([1, 2, 3]))
+    );
+    let (s, v, _) = register(json!({"name": "hot", "revision": 7})).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let (s, v, _) = register(json!({"name": "hot", "revision": 2, "path": "/tmp"})).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(v["error"]["param"], "revision", "{v}");
+}
+
+/// A request in flight when its adapter's name is registered again finishes on the revision it
+/// started with (default model: a 48-token answer outlasts a registration many times over).
+#[tokio::test]
+async fn a_request_in_flight_keeps_its_revision_through_a_swap() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("adapters");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2/adapters");
+    replace_adapter(&fixtures.join("lora-r4-qv"), &root.join("hot"));
+    let st = default_model_state(&[
+        "--adapters",
+        root.to_str().unwrap(),
+        "--state-dir",
+        dir.path().join("state").to_str().unwrap(),
+    ])
+    .await;
+    let app = router(st.clone());
+    let ask = |n: u32| {
+        let app = app.clone();
+        async move {
+            let mut body = chat_body(Some("hot"), "Name three colours.", n);
+            body["ignore_eos"] = json!(true);
+            let (s, v, _) = call(&app, "POST", "/v1/chat/completions", Some(body), None).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            answer(&v)
+        }
+    };
+    let (short_before, long_before) = (ask(8).await, ask(48).await);
+    let running = tokio::spawn(ask(48));
+    wait_until(|| st.engine.running() > 0).await;
+    replace_adapter(&fixtures.join("dora-r4-ko"), &root.join("hot"));
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/v1/adapters",
+        Some(json!({"name": "hot"})),
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert!(
+        st.engine.running() > 0,
+        "the swap came after the long request ended"
+    );
+    assert_ne!(
+        ask(8).await,
+        short_before,
+        "new requests get the new revision"
+    );
+    assert_eq!(
+        running.await.unwrap(),
+        long_before,
+        "the request in flight kept its revision"
+    );
 }

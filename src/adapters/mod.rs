@@ -10,6 +10,7 @@ pub mod hub;
 pub mod merge;
 pub mod peft;
 pub mod registry;
+pub mod revisions;
 
 pub use bind::{bind, AdapterDType, BindOptions};
 pub use cache::{AdapterCache, CacheConfig, Lease};

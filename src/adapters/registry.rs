@@ -30,6 +30,7 @@ struct DirIndex {
 
 use super::error::AdapterError;
 use super::peft::CONFIG_FILE;
+use super::revisions::Snapshot;
 
 /// A validated adapter name: `name` or `tenant/name`, each part `[A-Za-z0-9._:-]{1,96}` (`:`
 /// for OpenAI's fine-tuned names, `ft:BASE:SUFFIX:ID`).
@@ -123,6 +124,10 @@ pub struct AdapterEntry {
     pub bytes: u64,
     /// Registered at run time (counts against its tenant's quota), not found in the root.
     pub added: bool,
+    /// What clients see as its version (`Registry::revision`); `name@REVISION` names it.
+    pub revision: u64,
+    /// The files of a registered revision, taken when it was registered (`dir` is theirs).
+    pub snapshot: Option<Snapshot>,
 }
 
 impl AdapterEntry {
@@ -143,6 +148,11 @@ pub struct Registry {
     revisions: RwLock<BTreeMap<String, u64>>,
     next_version: AtomicU64,
     index: Mutex<Option<DirIndex>>,
+    /// Where registrations' snapshots go (`None`: files stay where they are).
+    snapshots: Option<PathBuf>,
+    /// How many registered revisions of each name are kept for `name@REV` and rollbacks.
+    keep: usize,
+    kept: RwLock<BTreeMap<String, Vec<AdapterEntry>>>,
 }
 
 fn is_adapter_dir(dir: &Path) -> bool {
@@ -158,7 +168,84 @@ impl Registry {
             revisions: RwLock::new(BTreeMap::new()),
             next_version: AtomicU64::new(1),
             index: Mutex::new(None),
+            snapshots: None,
+            keep: 1,
+            kept: RwLock::new(BTreeMap::new()),
         }
+    }
+
+    /// Takes registrations' snapshots under `dir` (`Snapshot::prepare_root`) and keeps `keep`
+    /// revisions of each name (`--adapter-revisions`).
+    pub fn keeping_revisions(mut self, dir: PathBuf, keep: usize) -> Result<Self, AdapterError> {
+        self.snapshots = Some(Snapshot::prepare_root(&dir)?);
+        self.keep = keep.max(1);
+        Ok(self)
+    }
+
+    /// The files of `src` as they are now, for a registration under the returned cache version.
+    pub fn snapshot(&self, src: &Path) -> Result<(u64, Snapshot), AdapterError> {
+        let version = self.next_version.fetch_add(1, Ordering::Relaxed);
+        Ok((
+            version,
+            Snapshot::take(self.snapshots.as_deref(), src, version)?,
+        ))
+    }
+
+    /// A kept revision's files again, for a new registration (a rollback).
+    pub fn restore(&self, kept: &AdapterEntry) -> Result<(u64, Snapshot), AdapterError> {
+        let what = format!("{}@{}", kept.name, kept.revision);
+        let snap = kept
+            .snapshot
+            .as_ref()
+            .ok_or_else(|| AdapterError::NotFound(what.clone()))?;
+        let version = self.next_version.fetch_add(1, Ordering::Relaxed);
+        Ok((
+            version,
+            snap.copy(self.snapshots.as_deref(), version, &what)?,
+        ))
+    }
+
+    /// Revision `revision` of `name`: the current one, or one kept.
+    pub fn get_revision(
+        &self,
+        name: &AdapterName,
+        revision: u64,
+    ) -> Result<AdapterEntry, AdapterError> {
+        let current = self.get(name);
+        if current.as_ref().is_ok_and(|e| e.revision == revision) {
+            return current;
+        }
+        self.kept
+            .read()
+            .expect("registry lock")
+            .get(&name.key())
+            .and_then(|k| k.iter().find(|e| e.revision == revision))
+            .map(|e| AdapterEntry {
+                pinned: false,
+                ..e.clone()
+            })
+            .ok_or_else(|| AdapterError::NotFound(format!("{name}@{revision}")))
+    }
+
+    /// The kept revisions of `name`, oldest first.
+    pub fn revisions(&self, name: &AdapterName) -> Vec<u64> {
+        self.kept
+            .read()
+            .expect("registry lock")
+            .get(&name.key())
+            .map(|k| k.iter().map(|e| e.revision).collect())
+            .unwrap_or_default()
+    }
+
+    /// The newest kept revision before the current one (what a rollback restores).
+    pub fn previous(&self, name: &AdapterName) -> Result<AdapterEntry, AdapterError> {
+        let current = self.revision(name);
+        self.kept
+            .read()
+            .expect("registry lock")
+            .get(&name.key())
+            .and_then(|k| k.iter().rev().find(|e| e.revision < current).cloned())
+            .ok_or_else(|| AdapterError::NotFound(format!("{name} (no earlier revision kept)")))
     }
 
     pub fn root(&self) -> &Path {
@@ -196,49 +283,67 @@ impl Registry {
             .fold((0, 0), |(n, b), e| (n + 1, b + e.bytes))
     }
 
-    /// Registers `dir` under `name` (replacing an earlier registration as a new version).
+    /// Registers the snapshot `snap` (`Registry::snapshot`) under `name` as cache version
+    /// `version`, replacing an earlier registration as a new revision.
     pub fn add(
         &self,
         name: &AdapterName,
-        dir: &Path,
+        snap: Snapshot,
+        version: u64,
         pinned: bool,
         bytes: u64,
     ) -> Result<AdapterEntry, AdapterError> {
-        if !is_adapter_dir(dir) {
+        if !is_adapter_dir(&snap.dir) {
+            snap.discard();
             return Err(AdapterError::config(
-                dir.join(CONFIG_FILE),
+                snap.dir.join(CONFIG_FILE),
                 "(file)",
                 "is missing",
             ));
         }
         let key = name.key();
-        let version = self.bump(&key);
+        let revision = self.bump_to(&key, version);
         let entry = AdapterEntry {
             name: name.clone(),
-            dir: dir.to_path_buf(),
+            dir: snap.dir.clone(),
             pinned,
             version,
             bytes,
             added: true,
+            revision,
+            snapshot: Some(snap),
         };
         self.added
             .write()
             .expect("registry lock")
-            .insert(key, entry.clone());
+            .insert(key.clone(), entry.clone());
+        let mut kept = self.kept.write().expect("registry lock");
+        let list = kept.entry(key).or_default();
+        list.push(entry.clone());
+        if list.len() > self.keep {
+            for old in list.drain(..list.len() - self.keep) {
+                if let Some(s) = &old.snapshot {
+                    s.discard();
+                }
+            }
+        }
         Ok(entry)
     }
 
     fn bump(&self, key: &str) -> u64 {
-        let mut v = self.versions.write().expect("registry lock");
         let next = self.next_version.fetch_add(1, Ordering::Relaxed);
-        v.insert(key.to_string(), next);
-        *self
-            .revisions
-            .write()
-            .expect("registry lock")
-            .entry(key.to_string())
-            .or_insert(0) += 1;
+        self.bump_to(key, next);
         next
+    }
+
+    /// Makes `version` the name's cache version; returns its new revision.
+    fn bump_to(&self, key: &str, version: u64) -> u64 {
+        let mut v = self.versions.write().expect("registry lock");
+        v.insert(key.to_string(), version);
+        let mut revisions = self.revisions.write().expect("registry lock");
+        let r = revisions.entry(key.to_string()).or_insert(0);
+        *r += 1;
+        *r
     }
 
     /// How many times `name` was registered, reloaded or removed: what clients see as its
@@ -264,6 +369,7 @@ impl Registry {
             .get_mut(&name.key())
         {
             e.version = version;
+            e.revision = self.revision(name);
         }
         self.get(name)
     }
@@ -294,6 +400,8 @@ impl Registry {
                 version: self.version(&key),
                 bytes: 0,
                 added: false,
+                revision: self.revision(name),
+                snapshot: None,
             });
         }
         Err(AdapterError::NotFound(key))
@@ -402,6 +510,13 @@ pub fn locate(spec: &str, registry: &Registry) -> Result<PathBuf, AdapterError> 
 mod tests {
     use super::*;
 
+    impl Registry {
+        fn add_dir(&self, name: &AdapterName, dir: &Path) -> AdapterEntry {
+            let (version, snap) = self.snapshot(dir).unwrap();
+            self.add(name, snap, version, false, 0).unwrap()
+        }
+    }
+
     fn fixture_adapter(dst: &Path) {
         let src = Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/tiny-llama/adapters/lora-r4-qv");
@@ -420,10 +535,7 @@ mod tests {
         let r = Registry::new(&root);
         let n = AdapterName::parse("x").unwrap();
         let from_dir = r.get(&n).unwrap().version;
-        let added = r
-            .add(&n, &tmp.path().join("other"), false, 0)
-            .unwrap()
-            .version;
+        let added = r.add_dir(&n, &tmp.path().join("other")).version;
         assert_ne!(
             from_dir, added,
             "a registration over a directory adapter must be a new version"
@@ -434,10 +546,7 @@ mod tests {
             back != from_dir && back != added,
             "{from_dir} {added} {back}"
         );
-        let again = r
-            .add(&n, &tmp.path().join("other"), false, 0)
-            .unwrap()
-            .version;
+        let again = r.add_dir(&n, &tmp.path().join("other")).version;
         assert!(again > back);
         let reloaded = r.reload(&AdapterName::parse("x").unwrap()).unwrap().version;
         assert!(reloaded > again);
@@ -466,15 +575,8 @@ mod tests {
         std::fs::remove_dir_all(root.join("t/c")).unwrap();
         assert_eq!(keys(&r), vec!["a", "b"]);
         // Run-time registrations merge into the order, replacing a directory adapter's name.
-        r.add(&AdapterName::parse("b").unwrap(), &root.join("a"), false, 0)
-            .unwrap();
-        r.add(
-            &AdapterName::parse("aa").unwrap(),
-            &root.join("a"),
-            false,
-            0,
-        )
-        .unwrap();
+        r.add_dir(&AdapterName::parse("b").unwrap(), &root.join("a"));
+        r.add_dir(&AdapterName::parse("aa").unwrap(), &root.join("a"));
         let listed = r.list();
         assert_eq!(
             listed.iter().map(|e| e.name.key()).collect::<Vec<_>>(),
@@ -484,6 +586,42 @@ mod tests {
             listed[2].added,
             "the registration replaces the directory's `b`"
         );
+    }
+
+    #[test]
+    fn registered_revisions_are_kept_addressable_and_restorable() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        let (one, two) = (tmp.path().join("one"), tmp.path().join("two"));
+        fixture_adapter(&one);
+        fixture_adapter(&two);
+        std::fs::write(two.join("marker"), "two").unwrap();
+        let r = Registry::new(&root)
+            .keeping_revisions(tmp.path().join("state/revisions"), 2)
+            .unwrap();
+        let n = AdapterName::parse("x").unwrap();
+        let r1 = r.add_dir(&n, &one);
+        let r2 = r.add_dir(&n, &two);
+        assert_eq!((r1.revision, r2.revision), (1, 2));
+        assert_eq!(r.revisions(&n), vec![1, 2]);
+        // `x@1` is revision 1's files even after its source directory is gone.
+        std::fs::remove_dir_all(&one).unwrap();
+        let old = r.get_revision(&n, 1).unwrap();
+        assert_eq!(old.version, r1.version);
+        assert!(old.dir.join(CONFIG_FILE).is_file() && !old.dir.join("marker").exists());
+        assert!(r.get_revision(&n, 3).is_err());
+        // A rollback registers revision 1's files as revision 3.
+        let prev = r.previous(&n).unwrap();
+        assert_eq!(prev.revision, 1);
+        let (v, snap) = r.restore(&prev).unwrap();
+        let r3 = r.add(&n, snap, v, false, 0).unwrap();
+        assert_eq!(r3.revision, 3);
+        assert!(r3.version > r2.version, "a new cache version");
+        assert!(!r.get(&n).unwrap().dir.join("marker").exists());
+        // Two kept: revision 1 is gone, its snapshot deleted.
+        assert_eq!(r.revisions(&n), vec![2, 3]);
+        assert!(r.get_revision(&n, 1).is_err() && !old.dir.exists());
+        assert_eq!(r.previous(&n).unwrap().revision, 2);
     }
 
     #[cfg(unix)]

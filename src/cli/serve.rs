@@ -81,6 +81,10 @@ pub struct ServeArgs {
     /// Adapter loads (from disk or the hub) running at once.
     #[arg(long, default_value_t = 2)]
     pub max_concurrent_loads: usize,
+    /// Registered revisions kept per adapter name, for `name@REVISION` and rollbacks (their
+    /// files hard-linked under `--state-dir`).
+    #[arg(long, default_value_t = 3)]
+    pub adapter_revisions: usize,
     /// Largest adapter weights file downloaded from the hub (checked from its header first).
     #[arg(long, default_value_t = 1 << 30)]
     pub max_hub_adapter_bytes: u64,
@@ -246,7 +250,12 @@ pub async fn build_state(args: &ServeArgs) -> Result<std::sync::Arc<crate::serve
     };
     let state = Arc::new(AppState::new(crate::server::Parts {
         engine,
-        registry: Registry::new(&args.model.adapters),
+        registry: Registry::new(&args.model.adapters)
+            .keeping_revisions(
+                config.state_dir.join("adapter-revisions"),
+                args.adapter_revisions,
+            )
+            .context("--state-dir: cannot prepare the adapter revisions directory")?,
         cache,
         metrics,
         keys,

@@ -165,6 +165,19 @@ impl From<EngineError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// The same error with `from` replaced by `to` in a 400's message.
+    pub fn replace_in_message(self, from: &str, to: &str) -> Self {
+        match self {
+            Self::BadRequest { message, param } => Self::BadRequest {
+                message: message.replace(from, to),
+                param,
+            },
+            other => other,
+        }
+    }
+}
+
 impl From<AdapterError> for ApiError {
     fn from(e: AdapterError) -> Self {
         match e {

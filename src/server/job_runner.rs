@@ -503,7 +503,8 @@ fn register(st: &AppState, job: &JobRecord, name: &str, quota: bool) -> Result<(
     }
     for (adapter, dir, bytes) in parsed {
         st.registry
-            .add(&adapter, dir, false, bytes)
+            .snapshot(dir)
+            .and_then(|(version, snap)| st.registry.add(&adapter, snap, version, false, bytes))
             .map_err(|e| redact(st, job, &e.to_string()))?;
     }
     Ok(())

@@ -122,6 +122,11 @@ pub struct AddAdapterRequest {
     pub hub_id: Option<String>,
     #[serde(default)]
     pub pinned: bool,
+    /// Register this kept revision of `name` again (a rollback to it).
+    pub revision: Option<u64>,
+    /// Register the revision before the current one again.
+    #[serde(default)]
+    pub rollback: bool,
 }
 
 /// vLLM's `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`.

@@ -52,7 +52,12 @@ pub struct Policy {
 #[derive(Debug, Clone)]
 pub enum AdapterSource {
     Dir(PathBuf),
-    Hub { id: String, options: HubOptions },
+    Hub {
+        id: String,
+        options: HubOptions,
+    },
+    /// A kept revision registered again (a rollback).
+    Kept(AdapterEntry),
 }
 
 /// The request fields a registration names (`path` is `lora_path` on vLLM's route).
@@ -62,6 +67,10 @@ pub struct Registration<'a> {
     pub path_field: &'a str,
     pub hub_id: Option<&'a str>,
     pub pinned: bool,
+    /// Register this kept revision of the name again (`revision`), or the one before the
+    /// current (`rollback`).
+    pub revision: Option<u64>,
+    pub rollback: bool,
 }
 
 const TENANT_PATH: &str =
@@ -120,7 +129,12 @@ impl Policy {
         requested: &str,
     ) -> Result<AdapterEntry, ApiError> {
         let not_found = || ApiError::ModelNotFound(requested.to_string());
-        let name = AdapterName::parse(requested).map_err(|_| not_found())?;
+        // `name@REVISION`: that revision, the current one or one kept (`@` is in no name).
+        let (requested_name, revision) = match requested.rsplit_once('@') {
+            Some((n, r)) => (n, Some(r.parse::<u64>().map_err(|_| not_found())?)),
+            None => (requested, None),
+        };
+        let name = AdapterName::parse(requested_name).map_err(|_| not_found())?;
         let mut candidates = Vec::new();
         if let (None, Some(t)) = (&name.tenant, &caller.tenant) {
             candidates.push(AdapterName {
@@ -132,7 +146,10 @@ impl Policy {
         candidates
             .into_iter()
             .filter(|c| Self::visible(caller, c))
-            .find_map(|c| registry.get(&c).ok())
+            .find_map(|c| match revision {
+                Some(r) => registry.get_revision(&c, r).ok(),
+                None => registry.get(&c).ok(),
+            })
             .ok_or_else(not_found)
     }
 
@@ -191,6 +208,33 @@ impl Policy {
                 "pinned",
                 "only admins may pin adapters",
             ));
+        }
+        if r.revision.is_some() || r.rollback {
+            let field = if r.rollback { "rollback" } else { "revision" };
+            if r.path.is_some() || r.hub_id.is_some() {
+                return Err(ApiError::bad(
+                    field,
+                    format!(
+                        "`{field}` restores a kept revision: give no `{}` or `hub_id` with it",
+                        r.path_field
+                    ),
+                ));
+            }
+            if r.rollback && r.revision.is_some() {
+                return Err(ApiError::bad(
+                    "rollback",
+                    "give `rollback` or `revision`, not both",
+                ));
+            }
+            let kept = match r.revision {
+                Some(rev) => registry.get_revision(&name, rev),
+                None => registry.previous(&name),
+            }
+            .map_err(|e| match r.revision {
+                Some(rev) => ApiError::ModelNotFound(format!("{}@{rev}", r.name)),
+                None => ApiError::bad("rollback", format!("{e}")),
+            })?;
+            return Ok((name, AdapterSource::Kept(kept)));
         }
         let source = match (r.path, r.hub_id) {
             (Some(_), Some(_)) => {

@@ -396,7 +396,7 @@ pub async fn list_adapters(
     let data: Vec<_> = entries
         .into_iter()
         .map(|(e, method)| {
-            let mut v = json!({"name": e.name.key(), "pinned": e.pinned, "version": st.registry.revision(&e.name), "method": method});
+            let mut v = json!({"name": e.name.key(), "pinned": e.pinned, "version": e.revision, "revisions": st.registry.revisions(&e.name), "method": method});
             if shows_cache {
                 v["resident"] = json!(resident.contains(&e.name));
             }
@@ -427,14 +427,15 @@ async fn register(
     let (name, source) = st.policy.registration(&caller, &st.registry, &reg)?;
     let model = st.engine.model().clone();
     let dir = match source {
-        AdapterSource::Dir(d) => d,
+        AdapterSource::Dir(d) => Ok(d),
+        AdapterSource::Kept(e) => Err(e),
         AdapterSource::Hub { id, options } => {
             let _permit = st
                 .loads
                 .acquire()
                 .await
                 .map_err(|_| ApiError::Unavailable("the server is shutting down".into()))?;
-            hub::fetch(&id, &st.config.sources, &options, |h| {
+            Ok(hub::fetch(&id, &st.config.sources, &options, |h| {
                 bind::check(h, &model.model, &st.config.bind)?;
                 Policy::check_quota(&caller, &st.registry, &name, h.bytes).map_err(|e| {
                     AdapterError::LoadFailed {
@@ -447,36 +448,55 @@ async fn register(
             .map_err(|e| match e {
                 AdapterError::InvalidName { .. } => ApiError::bad("hub_id", e.to_string()),
                 other => ApiError::from(other),
-            })?
+            })?)
         }
     };
-    let (check_caller, check_name, check_dir) = (caller.clone(), name.clone(), dir.clone());
-    let (bytes, weights) = st
+    let restored = dir.as_ref().err().map(|e| e.revision);
+    let (check_caller, check_name) = (caller.clone(), name.clone());
+    let (bytes, weights, version, snap) = st
         .blocking(
             |s| &s.loads,
             move |st| {
-                let header = PeftAdapter::inspect(&check_dir)?;
-                bind::check(&header, &st.engine.model().model, &st.config.bind)?;
-                Policy::check_quota(&check_caller, &st.registry, &check_name, header.bytes)?;
-                let bytes = header.bytes;
-                let weights = bind::bind(
-                    &PeftAdapter::load_tensors(header)?,
-                    &st.engine.model().model,
-                    &st.config.bind,
-                )?;
-                Ok((bytes, weights))
+                // The files as they are now (or a kept revision's) are what this revision
+                // serves for as long as it lives, whatever happens to the source afterwards.
+                let (version, snap) = match &dir {
+                    Ok(d) => st.registry.snapshot(d)?,
+                    Err(kept) => st.registry.restore(kept)?,
+                };
+                let checked = (|| {
+                    let header = PeftAdapter::inspect(&snap.dir)?;
+                    bind::check(&header, &st.engine.model().model, &st.config.bind)?;
+                    Policy::check_quota(&check_caller, &st.registry, &check_name, header.bytes)?;
+                    let bytes = header.bytes;
+                    let weights = bind::bind(
+                        &PeftAdapter::load_tensors(header)?,
+                        &st.engine.model().model,
+                        &st.config.bind,
+                    )?;
+                    Ok::<_, ApiError>((bytes, weights))
+                })();
+                match checked {
+                    Ok((bytes, weights)) => Ok((bytes, weights, version, snap)),
+                    Err(e) => {
+                        snap.discard();
+                        // Errors name the files the caller gave, not the snapshot's copies.
+                        let source = match &dir {
+                            Ok(d) => d.display().to_string(),
+                            Err(kept) => format!("{}@{}", kept.name, kept.revision),
+                        };
+                        Err(e.replace_in_message(&snap.dir.display().to_string(), &source))
+                    }
+                }
             },
         )
         .await?;
-    let entry = st.registry.add(&name, &dir, reg.pinned, bytes)?;
+    let entry = st.registry.add(&name, snap, version, reg.pinned, bytes)?;
     st.lease(&entry, Some(weights)).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(
-            json!({"name": entry.name.key(), "pinned": entry.pinned, "version": st.registry.revision(&entry.name)}),
-        ),
-    )
-        .into_response())
+    let mut out = json!({"name": entry.name.key(), "pinned": entry.pinned, "version": entry.revision, "revisions": st.registry.revisions(&entry.name)});
+    if let Some(r) = restored {
+        out["restored_revision"] = json!(r);
+    }
+    Ok((StatusCode::CREATED, Json(out)).into_response())
 }
 
 pub async fn add_adapter(
@@ -491,6 +511,8 @@ pub async fn add_adapter(
         path_field: "path",
         hub_id: req.hub_id.as_deref(),
         pinned: req.pinned,
+        revision: req.revision,
+        rollback: req.rollback,
     };
     add(st.clone(), caller, reg).await
 }
@@ -536,6 +558,8 @@ pub async fn vllm_load(
         path_field: "lora_path",
         hub_id: None,
         pinned: false,
+        revision: None,
+        rollback: false,
     };
     add(st.clone(), caller, reg).await
 }

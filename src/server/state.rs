@@ -220,6 +220,9 @@ impl AppState {
                 match preloaded {
                     Some(w) => Ok(w),
                     None => {
+                        if let Some(snap) = &entry.snapshot {
+                            snap.verify(&format!("{}@{}", entry.name, entry.revision))?;
+                        }
                         bind::load_checked(&entry.dir, &st.engine.model().model, &st.config.bind)
                     }
                 }
