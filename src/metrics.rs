@@ -9,8 +9,8 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 pub const MAX_ADAPTER_LABELS: usize = 32;
@@ -38,6 +38,13 @@ pub struct Metrics {
     pub adapter_requests: IntCounterVec,
     pub adapter_tokens: IntCounterVec,
     pub lora_info: GaugeVec,
+    /// Per resident (or loading) adapter: its bytes, labelled by state and pinning.
+    pub adapter_residency: IntGaugeVec,
+    /// Per resident adapter: when a request last took it.
+    pub adapter_last_use: GaugeVec,
+    /// The engine's last running/waiting adapters and the adapters loading for requests not
+    /// yet queued (`publish_lora_info` joins them).
+    lora_state: std::sync::Mutex<LoraState>,
     pub engine_restarts: IntCounter,
     pub preemptions: IntCounter,
     pub shed_requests: IntCounter,
@@ -182,6 +189,24 @@ impl Metrics {
                 &["adapter"],
             )
             .expect("valid"),
+            adapter_residency: IntGaugeVec::new(
+                Opts::new(
+                    "loraplex_adapter_residency_bytes",
+                    "Bytes of each resident adapter (state=resident) and of each being loaded \
+                     (state=loading, 0 until known); an adapter not listed is not resident",
+                ),
+                &["adapter", "state", "pinned"],
+            )
+            .expect("valid"),
+            adapter_last_use: GaugeVec::new(
+                Opts::new(
+                    "loraplex_adapter_last_use_timestamp_seconds",
+                    "When a request last took each resident adapter (Unix time)",
+                ),
+                &["adapter"],
+            )
+            .expect("valid"),
+            lora_state: std::sync::Mutex::default(),
             lora_info: GaugeVec::new(
                 Opts::new(
                     "loraplex_lora_requests_info",
@@ -324,6 +349,8 @@ impl Metrics {
             Box::new(m.adapter_requests.clone()),
             Box::new(m.adapter_tokens.clone()),
             Box::new(m.lora_info.clone()),
+            Box::new(m.adapter_residency.clone()),
+            Box::new(m.adapter_last_use.clone()),
             Box::new(m.engine_restarts.clone()),
             Box::new(m.preemptions.clone()),
             Box::new(m.shed_requests.clone()),
@@ -371,8 +398,25 @@ impl Metrics {
         }
     }
 
-    /// The running/waiting adapters in the shape the Gateway API Inference Extension reads.
+    /// The running/waiting adapters in the shape the Gateway API Inference Extension reads
+    /// (the engine's view; adapters still loading for their requests count as waiting).
     pub fn set_lora_info(&self, max_lora: usize, running: &[String], waiting: &[String]) {
+        let mut state = self.lora_state.lock().unwrap_or_else(|p| p.into_inner());
+        state.max_lora = max_lora;
+        state.running = running.to_vec();
+        state.waiting = waiting.to_vec();
+        self.publish_lora_info(&state);
+    }
+
+    fn publish_lora_info(&self, state: &LoraState) {
+        let mut waiting: Vec<&str> = state
+            .waiting
+            .iter()
+            .map(String::as_str)
+            .chain(state.loading.keys().map(String::as_str))
+            .collect();
+        waiting.sort_unstable();
+        waiting.dedup();
         self.lora_info.reset();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -380,11 +424,23 @@ impl Metrics {
             .unwrap_or(0.0);
         self.lora_info
             .with_label_values(&[
-                &max_lora.to_string(),
-                &running.join(","),
+                &state.max_lora.to_string(),
+                &state.running.join(","),
                 &waiting.join(","),
             ])
             .set(now);
+    }
+
+    /// A request's adapter is being loaded (before the request is queued): it is waiting
+    /// until the returned guard drops.
+    pub fn loading(self: &std::sync::Arc<Self>, adapter: &str) -> LoadingGuard {
+        let mut state = self.lora_state.lock().unwrap_or_else(|p| p.into_inner());
+        *state.loading.entry(adapter.to_string()).or_default() += 1;
+        self.publish_lora_info(&state);
+        LoadingGuard {
+            metrics: self.clone(),
+            adapter: adapter.to_string(),
+        }
     }
 
     pub fn render(&self) -> String {
@@ -393,6 +449,35 @@ impl Metrics {
             .encode(&self.registry.gather(), &mut buf)
             .expect("text encoding");
         String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Default)]
+struct LoraState {
+    max_lora: usize,
+    running: Vec<String>,
+    waiting: Vec<String>,
+    /// Adapters loading, with how many loads of each.
+    loading: std::collections::BTreeMap<String, usize>,
+}
+
+/// Ends a `Metrics::loading` (also when the load panics).
+pub struct LoadingGuard {
+    metrics: std::sync::Arc<Metrics>,
+    adapter: String,
+}
+
+impl Drop for LoadingGuard {
+    fn drop(&mut self) {
+        let m = &self.metrics;
+        let mut state = m.lora_state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = state.loading.get_mut(&self.adapter) {
+            *n -= 1;
+            if *n == 0 {
+                state.loading.remove(&self.adapter);
+            }
+        }
+        m.publish_lora_info(&state);
     }
 }
 
@@ -437,5 +522,40 @@ mod tests {
         assert!(text.contains("loraplex_lora_requests_info{max_lora=\"4\",running_lora_adapters=\"x,y\",waiting_lora_adapters=\"\"}"), "{text}");
         assert!(text
             .contains("loraplex_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 1"));
+    }
+
+    #[test]
+    fn adapters_loading_for_their_requests_are_waiting_not_running() {
+        let m = std::sync::Arc::new(Metrics::new());
+        m.set_lora_info(4, &["x".into()], &["y".into()]);
+        let info = |m: &Metrics| {
+            let text = m.render();
+            text.lines()
+                .find(|l| l.starts_with("loraplex_lora_requests_info{"))
+                .unwrap()
+                .to_string()
+        };
+        let a = m.loading("z");
+        let b = m.loading("a");
+        let again = m.loading("z");
+        assert!(
+            info(&m).contains("running_lora_adapters=\"x\",waiting_lora_adapters=\"a,y,z\""),
+            "{}",
+            info(&m)
+        );
+        drop((a, b));
+        // The engine's next step keeps the loading adapter that is still loading.
+        m.set_lora_info(4, &["x".into()], &[]);
+        assert!(
+            info(&m).contains("running_lora_adapters=\"x\",waiting_lora_adapters=\"z\""),
+            "{}",
+            info(&m)
+        );
+        drop(again);
+        assert!(
+            info(&m).contains("waiting_lora_adapters=\"\""),
+            "{}",
+            info(&m)
+        );
     }
 }

@@ -518,6 +518,31 @@ async fn tenants_cannot_see_use_or_unload_each_others_adapters() {
         (s, via_field),
         (StatusCode::NOT_FOUND, unknown_text.clone())
     );
+    // A revision of it (`name@REV`) and a rollback of it look unknown too.
+    let (s, _, at_rev) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(chat_body(Some("globex/secret@0"), "hi", 2)),
+        Some("sk-acme"),
+    )
+    .await;
+    let (_, _, unknown_at_rev) = call(
+        &app,
+        "POST",
+        "/v1/chat/completions",
+        Some(chat_body(Some("globex/nothing@0"), "hi", 2)),
+        Some("sk-acme"),
+    )
+    .await;
+    assert_eq!((s, at_rev), (StatusCode::NOT_FOUND, unknown_at_rev));
+    let mut rollbacks = Vec::new();
+    for name in ["globex/secret", "globex/nothing"] {
+        let body = json!({"name": name, "rollback": true});
+        rollbacks.push(call(&app, "POST", "/v1/adapters", Some(body), Some("sk-acme")).await);
+    }
+    assert_eq!(rollbacks[0].0, StatusCode::NOT_FOUND, "{}", rollbacks[0].2);
+    assert_eq!(rollbacks[0].2, rollbacks[1].2);
 
     // Unloading: another tenant's adapter is not found either, and stays usable by its owner.
     let (s, _, t) = call(
@@ -839,6 +864,19 @@ async fn metrics_parse_and_counters_move() {
     assert_eq!(value(&after, "loraplex_adapter_cache_misses_total"), 1.0);
     assert_eq!(value(&after, "loraplex_adapter_cache_hits_total"), 1.0);
     assert_eq!(value(&after, "loraplex_adapters_resident "), 1.0);
+    // The residency series: one resident adapter, its bytes, its last use.
+    let bytes = value(&after, "loraplex_adapter_residency_bytes{adapter=\"lora-r4-qv\",pinned=\"false\",state=\"resident\"}");
+    assert_eq!(bytes, value(&after, "loraplex_adapters_resident_bytes "));
+    assert!(bytes > 0.0);
+    let used = value(
+        &after,
+        "loraplex_adapter_last_use_timestamp_seconds{adapter=\"lora-r4-qv\"}",
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!((now - 60.0..=now + 1.0).contains(&used), "{used} vs {now}");
     assert!(value(&after, "loraplex_time_to_first_token_seconds_count") >= 2.0);
     assert!(after.contains("loraplex_lora_requests_info{max_lora=\"32\""));
     assert!(

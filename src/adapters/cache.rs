@@ -13,7 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use lru::LruCache;
 
@@ -43,6 +43,18 @@ struct Resident {
     weights: Arc<AdapterWeights>,
     bytes: usize,
     pinned: bool,
+    last_use: SystemTime,
+}
+
+/// One resident adapter as an operator sees it.
+#[derive(Debug, Clone)]
+pub struct Residency {
+    pub name: AdapterName,
+    pub bytes: usize,
+    pub pinned: bool,
+    pub last_use: SystemTime,
+    /// Leases held now (requests running or queued on it).
+    pub leases: usize,
 }
 
 struct Inner {
@@ -168,6 +180,7 @@ impl AdapterCache {
             .lru
             .get_mut(&key.name)
             .filter(|r| r.version == key.version)?;
+        r.last_use = SystemTime::now();
         let weights = r.weights.clone();
         inner.uses.touch(&key.name);
         drop(inner);
@@ -189,6 +202,7 @@ impl AdapterCache {
             if let Some(r) = inner.lru.get_mut(name) {
                 if r.version == version {
                     r.pinned |= pinned;
+                    r.last_use = SystemTime::now();
                     core.stats.hits.fetch_add(1, Ordering::Relaxed);
                     let weights = r.weights.clone();
                     inner.uses.touch(name);
@@ -248,6 +262,7 @@ impl AdapterCache {
                     weights: weights.clone(),
                     bytes,
                     pinned,
+                    last_use: SystemTime::now(),
                 },
             );
             core.evict(&mut inner, Some(name));
@@ -292,6 +307,29 @@ impl AdapterCache {
             .iter()
             .map(|(k, _)| k.clone())
             .collect()
+    }
+
+    /// Resident adapters with their bytes, pinning, last use and leases, most recent first.
+    pub fn residency(&self) -> Vec<Residency> {
+        let inner = self.core.inner.lock().expect("cache lock");
+        inner
+            .lru
+            .iter()
+            .map(|(k, r)| Residency {
+                name: k.clone(),
+                bytes: r.bytes,
+                pinned: r.pinned,
+                last_use: r.last_use,
+                // The cache's own reference is not a lease.
+                leases: Arc::strong_count(&r.weights) - 1,
+            })
+            .collect()
+    }
+
+    /// Adapters being loaded now.
+    pub fn loading(&self) -> Vec<AdapterName> {
+        let inner = self.core.inner.lock().expect("cache lock");
+        inner.loading.iter().cloned().collect()
     }
 
     pub fn resident_bytes(&self) -> usize {

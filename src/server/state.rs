@@ -217,6 +217,7 @@ impl AppState {
             let start = Instant::now();
             let lease = st.cache.acquire(&entry.key(), entry.pinned, || {
                 loaded.store(true, Ordering::Relaxed);
+                let _waiting = st.metrics.loading(&entry.name.key());
                 match preloaded {
                     Some(w) => Ok(w),
                     None => {
@@ -246,6 +247,30 @@ impl AppState {
     /// Brings cache gauges and counters up to date (at scrape time).
     pub fn refresh_cache_metrics(&self) {
         let m = &self.metrics;
+        m.adapter_residency.reset();
+        m.adapter_last_use.reset();
+        for r in self.cache.residency() {
+            let name = r.name.key();
+            m.adapter_residency
+                .with_label_values(&[
+                    name.as_str(),
+                    "resident",
+                    if r.pinned { "true" } else { "false" },
+                ])
+                .set(r.bytes as i64);
+            let at = r
+                .last_use
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            m.adapter_last_use
+                .with_label_values(&[name.as_str()])
+                .set(at);
+        }
+        for name in self.cache.loading() {
+            m.adapter_residency
+                .with_label_values(&[name.key().as_str(), "loading", "false"])
+                .set(0);
+        }
         m.adapters_resident.set(self.cache.resident().len() as i64);
         m.adapters_resident_bytes
             .set(self.cache.resident_bytes() as i64);
