@@ -85,6 +85,8 @@ pub struct AppState {
     /// Usage per tenant and adapter (`GET /v1/usage`), kept under `--state-dir`.
     pub usage: Arc<super::usage::UsageLedger>,
     evictions_seen: AtomicU64,
+    /// Test hook (`delay_loads`): milliseconds added to every adapter load from disk.
+    load_delay_ms: AtomicU64,
 }
 
 /// What the server is made of; `AppState::new` wires it up.
@@ -151,6 +153,7 @@ impl AppState {
             config,
             created: unix_now(),
             evictions_seen: AtomicU64::new(0),
+            load_delay_ms: AtomicU64::new(0),
         }
     }
 
@@ -218,6 +221,10 @@ impl AppState {
             let lease = st.cache.acquire(&entry.key(), entry.pinned, || {
                 loaded.store(true, Ordering::Relaxed);
                 let _waiting = st.metrics.loading(&entry.name.key());
+                let delay = st.load_delay_ms.load(Ordering::Relaxed);
+                if delay > 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(delay));
+                }
                 match preloaded {
                     Some(w) => Ok(w),
                     None => {
@@ -242,6 +249,13 @@ impl AppState {
             lease.map_err(ApiError::from)
         };
         self.blocking(|s| &s.loads, load).await
+    }
+
+    /// Test hook: every later adapter load from disk takes `delay` longer, as from a slow
+    /// volume (what is tested is that nothing else waits for it).
+    pub fn delay_loads(&self, delay: std::time::Duration) {
+        self.load_delay_ms
+            .store(delay.as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Brings cache gauges and counters up to date (at scrape time).
