@@ -8,50 +8,33 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
+use axum::http::StatusCode;
+use common::http::request as call;
+use common::http::{chat_body, wait_until};
 use common::*;
 use http_body_util::BodyExt;
 use loraplex::server::{router, AppState};
 use serde_json::{json, Value};
-use tower::ServiceExt;
 
-async fn state(extra: &[&str]) -> Arc<AppState> {
-    let tiny = tiny_dir();
-    let mut args = vec!["--model", tiny.to_str().unwrap()];
+/// A server (`tiny`: the tiny model, else the default one) on the adapters directory
+/// `dir/adapters` with its state in `dir/state`.
+async fn serve_dir(dir: &Path, tiny: bool, extra: &[&str]) -> Arc<AppState> {
+    let (root, state, model) = (
+        dir.join("adapters"),
+        dir.join("state"),
+        tiny_dir().display().to_string(),
+    );
+    let mut args = vec![
+        "--adapters",
+        root.to_str().unwrap(),
+        "--state-dir",
+        state.to_str().unwrap(),
+    ];
+    if tiny {
+        args.extend(["--model", model.as_str()]);
+    }
     args.extend_from_slice(extra);
     common::http::state(&args).await
-}
-
-async fn default_model_state(extra: &[&str]) -> Arc<AppState> {
-    common::http::state(extra).await
-}
-
-async fn call(
-    app: &axum::Router,
-    method: &str,
-    uri: &str,
-    body: Option<Value>,
-    key: Option<&str>,
-) -> (StatusCode, Value, String) {
-    common::http::request(app, method, uri, body, key).await
-}
-
-fn chat_body(adapter: Option<&str>, content: &str, max_tokens: u32) -> Value {
-    let mut b = json!({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0});
-    if let Some(a) = adapter {
-        b["model"] = json!(a);
-    }
-    b
-}
-
-async fn wait_until(mut f: impl FnMut() -> bool) {
-    for _ in 0..1000 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
 }
 
 fn smollm2_adapter(name: &str) -> PathBuf {
@@ -71,16 +54,7 @@ fn stream_in_background(app: &axum::Router, n: u32) -> Arc<Mutex<Vec<Instant>>> 
     let arrivals = Arc::new(Mutex::new(Vec::new()));
     let (app, seen) = (app.clone(), arrivals.clone());
     tokio::spawn(async move {
-        let mut body = chat_body(None, "Tell me a long story.", n);
-        body["stream"] = json!(true);
-        body["ignore_eos"] = json!(true);
-        let req = Request::builder()
-            .method("POST")
-            .uri("/v1/chat/completions")
-            .header("content-type", "application/json")
-            .body(Body::from(body.to_string()))
-            .unwrap();
-        let mut stream = app.oneshot(req).await.unwrap().into_body();
+        let mut stream = common::http::stream_chat(&app, "Tell me a long story.", n).await;
         while let Some(Ok(frame)) = stream.frame().await {
             if let Some(data) = frame.data_ref() {
                 let text = String::from_utf8_lossy(data);
@@ -103,13 +77,7 @@ async fn a_slow_adapter_load_holds_back_no_other_request() {
     for name in ["fast", "slow"] {
         replace_adapter(&smollm2_adapter("lora-r4-qv"), &root.join(name));
     }
-    let st = default_model_state(&[
-        "--adapters",
-        root.to_str().unwrap(),
-        "--state-dir",
-        dir.path().join("state").to_str().unwrap(),
-    ])
-    .await;
+    let st = serve_dir(dir.path(), false, &[]).await;
     let app = router(st.clone());
     let (s, v) = ask(&app, Some("fast"), 8).await;
     assert_eq!(s, StatusCode::OK, "{v}");
@@ -148,16 +116,11 @@ async fn a_queued_requests_adapter_is_never_evicted() {
     let root = dir.path().join("adapters");
     replace_adapter(&smollm2_adapter("lora-r4-qv"), &root.join("b"));
     replace_adapter(&smollm2_adapter("dora-r4-ko"), &root.join("c"));
-    let st = default_model_state(&[
-        "--adapters",
-        root.to_str().unwrap(),
-        "--state-dir",
-        dir.path().join("state").to_str().unwrap(),
-        "--max-resident-adapters",
-        "1",
-        "--max-running",
-        "1",
-    ])
+    let st = serve_dir(
+        dir.path(),
+        false,
+        &["--max-resident-adapters", "1", "--max-running", "1"],
+    )
     .await;
     let app = router(st.clone());
     let running = stream_in_background(&app, 60);
@@ -210,13 +173,7 @@ async fn ten_thousand_adapters_list_from_the_index() {
             .or_else(|_| std::fs::copy(&config, d.join("adapter_config.json")).map(|_| ()))
             .unwrap();
     }
-    let st = state(&[
-        "--adapters",
-        root.to_str().unwrap(),
-        "--state-dir",
-        dir.path().join("state").to_str().unwrap(),
-    ])
-    .await;
+    let st = serve_dir(dir.path(), true, &[]).await;
     let app = router(st.clone());
     let ids = |v: &Value| -> Vec<String> {
         v["data"]
@@ -274,19 +231,12 @@ fn replace_adapter(src: &Path, dst: &Path) {
 /// Re-registering a name is a new revision: requests in flight finish on the revision they
 /// started with, new ones get the new one, `name@REV` serves a kept revision from its snapshot
 /// (whatever the source directory holds now), and a rollback registers the previous revision
-/// again. Another tenant's `name@REV` is the same 404 as a missing one.
+/// again (another tenant's `name@REV` and rollback: `tests/server.rs`, tenants).
 #[tokio::test]
 async fn revisions_swap_atomically_and_roll_back() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("adapters");
-    let state_dir = dir.path().join("state");
-    let st = state(&[
-        "--adapters",
-        root.to_str().unwrap(),
-        "--state-dir",
-        state_dir.to_str().unwrap(),
-    ])
-    .await;
+    let st = serve_dir(dir.path(), true, &[]).await;
     let app = router(st.clone());
     let (a, b) = (
         tiny_dir().join("adapters/lora-r8-all"),
@@ -373,13 +323,7 @@ async fn a_request_in_flight_keeps_its_revision_through_a_swap() {
     let root = dir.path().join("adapters");
     let fixtures = fixtures().join("smollm2/adapters");
     replace_adapter(&fixtures.join("lora-r4-qv"), &root.join("hot"));
-    let st = default_model_state(&[
-        "--adapters",
-        root.to_str().unwrap(),
-        "--state-dir",
-        dir.path().join("state").to_str().unwrap(),
-    ])
-    .await;
+    let st = serve_dir(dir.path(), false, &[]).await;
     let app = router(st.clone());
     let ask = |n: u32| {
         let app = app.clone();

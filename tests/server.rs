@@ -5,11 +5,11 @@ mod common;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use clap::Parser;
+use common::http::{chat_body, wait_until};
 use common::*;
 use http_body_util::BodyExt;
 use loraplex::server::{router, AppState};
@@ -36,14 +36,6 @@ async fn call(
     key: Option<&str>,
 ) -> (StatusCode, Value, String) {
     common::http::request(app, method, uri, body, key).await
-}
-
-fn chat_body(adapter: Option<&str>, content: &str, max_tokens: u32) -> Value {
-    let mut b = json!({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0});
-    if let Some(a) = adapter {
-        b["model"] = json!(a);
-    }
-    b
 }
 
 /// Concatenated `delta.content` of an SSE body, its finish_reason and usage chunk.
@@ -256,30 +248,11 @@ async fn default_model_state(extra: &[&str]) -> Arc<AppState> {
     loraplex::cli::build_state(&cli.serve).await.unwrap()
 }
 
-async fn wait_until(mut f: impl FnMut() -> bool) {
-    for _ in 0..1000 {
-        if f() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_client_that_disconnects_frees_its_sequence() {
     let st = default_model_state(&[]).await;
     let app = router(st.clone());
-    let mut body = chat_body(None, "a long answer please", 200);
-    body["stream"] = json!(true);
-    body["ignore_eos"] = json!(true);
-    let req = Request::builder()
-        .method("POST")
-        .uri("/v1/chat/completions")
-        .header("content-type", "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap();
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let mut stream = resp.into_body();
+    let mut stream = common::http::stream_chat(&app, "a long answer please", 200).await;
     // The role chunk, then the first token: the sequence is running.
     for _ in 0..2 {
         assert!(stream.frame().await.unwrap().unwrap().is_data());
@@ -303,18 +276,7 @@ async fn a_client_that_disconnects_frees_its_sequence() {
 async fn a_panicking_step_ends_streams_with_an_error_and_serving_goes_on() {
     let st = default_model_state(&[]).await;
     let app = router(st.clone());
-    let mut body = chat_body(None, "a long answer please", 200);
-    body["stream"] = json!(true);
-    body["ignore_eos"] = json!(true);
-    let req = Request::builder()
-        .method("POST")
-        .uri("/v1/chat/completions")
-        .header("content-type", "application/json")
-        .body(Body::from(body.to_string()))
-        .unwrap();
-    let resp = app.clone().oneshot(req).await.unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let mut stream = resp.into_body();
+    let mut stream = common::http::stream_chat(&app, "a long answer please", 200).await;
     for _ in 0..2 {
         assert!(stream.frame().await.unwrap().unwrap().is_data());
     }

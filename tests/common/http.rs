@@ -53,3 +53,39 @@ pub async fn send(app: &axum::Router, req: Request<Body>) -> (StatusCode, Value,
         text,
     )
 }
+
+/// A greedy chat body, naming `adapter` in `model` when given.
+pub fn chat_body(adapter: Option<&str>, content: &str, max_tokens: u32) -> Value {
+    let mut b = serde_json::json!({"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens, "temperature": 0});
+    if let Some(a) = adapter {
+        b["model"] = serde_json::json!(a);
+    }
+    b
+}
+
+/// Polls `f` every 10 ms for up to 10 s.
+pub async fn wait_until(mut f: impl FnMut() -> bool) {
+    for _ in 0..1000 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// A streamed greedy base chat of `max_tokens` tokens (`ignore_eos`), answered 200: the
+/// response's body, to read frame by frame.
+pub async fn stream_chat(app: &axum::Router, content: &str, max_tokens: u32) -> Body {
+    let mut body = chat_body(None, content, max_tokens);
+    body["stream"] = serde_json::json!(true);
+    body["ignore_eos"] = serde_json::json!(true);
+    let req = Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body()
+}
