@@ -68,6 +68,14 @@ impl Snapshot {
     /// A directory of this process's own under `parent` to take snapshots into; the
     /// directories of processes no longer running (on Linux, by `/proc`) are deleted.
     pub fn prepare_root(parent: &Path) -> Result<PathBuf, AdapterError> {
+        // This process: its id and a token of its own (a container's server is often pid 1
+        // in every incarnation).
+        static TOKEN: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+        let token = *TOKEN.get_or_init(|| {
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        });
         std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
         let me = std::process::id();
         for e in std::fs::read_dir(parent)
@@ -75,13 +83,17 @@ impl Snapshot {
             .flatten()
         {
             let name = e.file_name().to_string_lossy().to_string();
-            let pid = name.split('-').next().and_then(|p| p.parse::<u32>().ok());
-            // Not this process's own: servers built in one process (tests) each have one.
-            let gone = pid.is_some_and(|p| {
-                p != me
-                    && cfg!(target_os = "linux")
-                    && !Path::new("/proc").join(p.to_string()).exists()
-            });
+            let mut parts = name.split('-').map(|p| p.parse::<u128>().ok());
+            let (Some(Some(pid)), Some(Some(their_token))) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            // Servers built in one process (tests) each have a directory: only an earlier
+            // process's go, when it is no longer running (known on Linux) or had this pid.
+            let gone = if pid == u128::from(me) {
+                their_token != token
+            } else {
+                cfg!(target_os = "linux") && !Path::new("/proc").join(pid.to_string()).exists()
+            };
             if gone {
                 let _ = std::fs::remove_dir_all(e.path());
             }
@@ -89,7 +101,7 @@ impl Snapshot {
         let nanos = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        let root = parent.join(format!("{me}-{nanos}"));
+        let root = parent.join(format!("{me}-{token}-{nanos}"));
         std::fs::create_dir_all(&root).map_err(|e| io(&root, e))?;
         Ok(root)
     }
@@ -199,12 +211,23 @@ mod tests {
     fn a_snapshot_keeps_files_replaced_by_rename_and_refuses_in_place_rewrites() {
         let tmp = tempfile::tempdir().unwrap();
         let src = tmp.path().join("src");
-        let dead = tmp.path().join("snaps").join(format!("{}-1", u32::MAX));
+        let dead = tmp.path().join("snaps").join(format!("{}-1-1", u32::MAX));
+        let earlier_me = tmp
+            .path()
+            .join("snaps")
+            .join(format!("{}-1-1", std::process::id()));
         std::fs::create_dir_all(&dead).unwrap();
+        std::fs::create_dir_all(&earlier_me).unwrap();
         let other = Snapshot::prepare_root(&tmp.path().join("snaps")).unwrap();
         let root = Snapshot::prepare_root(&tmp.path().join("snaps")).unwrap();
         assert!(other.exists() && root.exists() && other != root);
-        assert!(!dead.exists(), "an ended process's snapshots are deleted");
+        if cfg!(target_os = "linux") {
+            assert!(!dead.exists(), "an ended process's snapshots are deleted");
+        }
+        assert!(
+            !earlier_me.exists(),
+            "so are those of an earlier process with this pid"
+        );
         write(&src, "one");
         let s1 = Snapshot::take(Some(&root), &src, 7).unwrap();
         write(&src, "two!");
