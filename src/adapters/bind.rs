@@ -11,6 +11,7 @@ use super::config::{AdapterConfig, Method, TargetModules};
 use super::error::AdapterError;
 use super::peft::{AdapterHeader, ModuleShapes, PeftAdapter};
 use crate::model::{AdapterWeights, BnSite, FusionSite, Ia3Site, KvPrefix, Llama, LoraSite, Proj};
+use crate::ops::transpose::transposed;
 
 /// `--adapter-dtype`: how A and B are kept for serving on a CPU f32 model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -417,9 +418,9 @@ pub fn bind(
                     .to_device(model.device())?)
             };
             bottleneck[layer][at] = Some(BnSite {
-                down_t: t(&w.lora_a)?.t()?.contiguous()?,
+                down_t: transposed(&t(&w.lora_a)?)?,
                 down_b: t(&w.down_bias)?,
-                up_t: t(&w.lora_b)?.t()?.contiguous()?,
+                up_t: transposed(&t(&w.lora_b)?)?,
                 up_b: t(&w.up_bias)?,
                 scaling: bn.scaling,
                 act: bn.act,
@@ -490,12 +491,12 @@ pub fn bind(
             let device = model.device();
             let keep = storage_dtype(opts, a.dtype(), model);
             layers[layer][proj as usize] = Some(LoraSite {
-                a_t: a.to_dtype(keep)?.to_device(device)?.t()?.contiguous()?,
-                b_t: (b.to_dtype(DType::F32)? * scale)?
-                    .to_dtype(keep)?
-                    .to_device(device)?
-                    .t()?
-                    .contiguous()?,
+                a_t: transposed(&a.to_dtype(keep)?.to_device(device)?)?,
+                b_t: transposed(
+                    &(b.to_dtype(DType::F32)? * scale)?
+                        .to_dtype(keep)?
+                        .to_device(device)?,
+                )?,
                 dora_scale: match dora_scale {
                     Some(s) => Some(s.to_device(device)?),
                     None => None,
@@ -598,10 +599,7 @@ fn bind_fusion(
                     w.dims()
                 )));
             }
-            Ok(w.to_dtype(dtype)?
-                .to_device(model.device())?
-                .t()?
-                .contiguous()?)
+            Ok(transposed(&w.to_dtype(dtype)?.to_device(model.device())?)?)
         };
         let bias = |name: &str, b: &Tensor| -> Result<Tensor, AdapterError> {
             if b.dims() != [h] {

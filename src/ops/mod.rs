@@ -18,6 +18,7 @@ pub mod lora_train;
 pub mod profile;
 pub mod rms_norm;
 pub mod rope;
+pub mod transpose;
 pub mod vexp;
 
 pub use attention::causal_attention;
