@@ -280,14 +280,28 @@ pub(crate) unsafe fn avx512<T: NibbleTile>(
     rows: usize,
     acc: &mut Acc,
 ) {
+    avx512_rows::<T, 4>(tiles, act, i, rows, acc)
+}
+
+/// The AVX-512 VNNI kernel for up to `N` activation rows a call (a row's arithmetic is the
+/// same whatever `N` and its neighbours).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(crate) unsafe fn avx512_rows<T: NibbleTile, const N: usize>(
+    tiles: &[T],
+    act: &Activations,
+    i: usize,
+    rows: usize,
+    acc: &mut [[f32; TILE]],
+) {
     use std::arch::x86_64::*;
     let mask = _mm512_set1_epi8(0x0F);
     let sixteen = _mm512_set1_epi8(16);
-    let mut facc = [_mm512_setzero_ps(); 4];
-    let xrows: [&[i8]; 4] = std::array::from_fn(|r| act.row(i + r.min(rows - 1)));
+    let mut facc = [_mm512_setzero_ps(); N];
+    let xrows: [&[i8]; N] = std::array::from_fn(|r| act.row(i + r.min(rows - 1)));
     for (b, full) in tiles.iter().enumerate() {
         let tile = full.nibbles();
-        let mut isum = [_mm512_setzero_si512(); 4];
+        let mut isum = [_mm512_setzero_si512(); N];
         for g in 0..4 {
             let v = _mm512_loadu_si512(tile.qs.as_ptr().add(g * 64) as *const _);
             let mut lo = _mm512_and_si512(v, mask);
@@ -316,6 +330,99 @@ pub(crate) unsafe fn avx512<T: NibbleTile>(
     }
     for r in 0..rows {
         _mm512_storeu_ps(acc[r].as_mut_ptr(), facc[r]);
+    }
+}
+
+/// Intel AMX for groups of 16 activation rows (prefill), two blocks of 32 columns a pair of
+/// tile products: the nibbles (and fifth bits) unpacked into B tiles in the layout the tiles
+/// already have, the activations' rows as A tiles, the exact integer sums scaled per block and
+/// row in the AVX-512 kernel's operations and order (a row's result is the same by either).
+/// Fewer than 16 rows: the AVX-512 kernel, four at a time.
+///
+/// # Safety
+/// `amx::available()`; AVX-512 VNNI (the scaling's instructions).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+pub(crate) unsafe fn amx<T: NibbleTile>(
+    tiles: &[T],
+    act: &Activations,
+    i: usize,
+    rows: usize,
+    acc: &mut Acc,
+) {
+    use super::amx::{two_products, Config, Tiles};
+    use std::arch::x86_64::*;
+    const AMX_ROWS: usize = 16;
+    if rows < AMX_ROWS || tiles.is_empty() {
+        for start in (0..rows).step_by(4) {
+            let k = (rows - start).min(4);
+            avx512_rows::<T, 4>(tiles, act, i + start, k, &mut acc[start..start + k]);
+        }
+        return;
+    }
+    #[repr(C, align(64))]
+    struct Scratch {
+        /// B tiles: `[block (2)][group (4)][low, high][row (16)][4 bytes]`.
+        w: [u8; 2 * 512],
+        /// C tiles: `[block (2)][activation row (16)][weight row (16)]`.
+        c: [i32; 2 * 256],
+    }
+    // C tiles 0–1 (16 × 16 i32), A tiles 2–3 (16 rows × 32 bytes), B tiles 4–5 (8 × 64 bytes).
+    static CONFIG: Config =
+        Config::new(&[(16, 64), (16, 64), (16, 32), (16, 32), (8, 64), (8, 64)]);
+    let cols = tiles.len() * QK;
+    let (x0, _) = super::amx::rows16(act, i, cols);
+    let mask = _mm512_set1_epi8(0x0F);
+    let sixteen = _mm512_set1_epi8(16);
+    let mut facc = [_mm512_setzero_ps(); AMX_ROWS];
+    let mut scratch = Scratch {
+        w: [0; 2 * 512],
+        c: [0; 2 * 256],
+    };
+    let _tiles = Tiles::load(&CONFIG);
+    for first in (0..tiles.len()).step_by(2) {
+        // An odd last block is multiplied twice and counted once.
+        let blocks = [first, (first + 1).min(tiles.len() - 1)];
+        for (k, &b) in blocks.iter().enumerate() {
+            let full = &tiles[b];
+            let tile = full.nibbles();
+            for g in 0..4 {
+                let v = _mm512_loadu_si512(tile.qs.as_ptr().add(g * 64) as *const _);
+                let mut lo = _mm512_and_si512(v, mask);
+                let mut hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+                if T::FIFTH {
+                    let [f_lo, f_hi] = full.fifth(g);
+                    lo = _mm512_mask_add_epi8(lo, f_lo, lo, sixteen);
+                    hi = _mm512_mask_add_epi8(hi, f_hi, hi, sixteen);
+                }
+                let out = scratch.w.as_mut_ptr().add(k * 512 + g * 128);
+                _mm512_store_si512(out as *mut _, lo);
+                _mm512_store_si512(out.add(64) as *mut _, hi);
+            }
+        }
+        let c = scratch.c.as_mut_ptr();
+        two_products(
+            [x0.add(blocks[0] * QK), x0.add(blocks[1] * QK)],
+            cols,
+            [scratch.w.as_ptr(), scratch.w.as_ptr().add(512)],
+            [c, c.add(256)],
+        );
+        let count = if blocks[1] == blocks[0] { 1 } else { 2 };
+        for (k, &b) in blocks.iter().enumerate().take(count) {
+            let tile = tiles[b].nibbles();
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(tile.d.as_ptr() as *const _));
+            let m = _mm512_cvtph_ps(_mm256_loadu_si256(tile.m.as_ptr() as *const _));
+            for (r, f) in facc.iter_mut().enumerate() {
+                let (xd, xs) = act.scale(i + r, b);
+                let isum = _mm512_load_si512(scratch.c.as_ptr().add(k * 256 + r * 16) as *const _);
+                let sum = _mm512_cvtepi32_ps(isum);
+                *f = _mm512_fmadd_ps(sum, _mm512_mul_ps(d, _mm512_set1_ps(xd)), *f);
+                *f = _mm512_fmadd_ps(m, _mm512_set1_ps(xs), *f);
+            }
+        }
+    }
+    for (r, f) in facc.iter().enumerate() {
+        _mm512_storeu_ps(acc[r].as_mut_ptr(), *f);
     }
 }
 

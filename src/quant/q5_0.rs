@@ -99,7 +99,9 @@ impl Q50Weight {
     }
 }
 
-int8::tile_weight!(Q50Weight, Tile);
+// Groups of 16 activation rows go through AMX where the CPU has it (prefill); the AVX-512
+// kernel takes them four at a time otherwise.
+int8::tile_weight!(Q50Weight, Tile, 16, amx);
 
 fn portable(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
     q4_1::portable(tiles, act, i, rows, acc)
@@ -114,7 +116,17 @@ unsafe fn avx2(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &m
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 unsafe fn avx512(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
-    q4_1::avx512(tiles, act, i, rows, acc)
+    // Up to 16 rows a call (`ROWS`, for AMX): four at a time here.
+    for start in (0..rows).step_by(4) {
+        let k = (rows - start).min(4);
+        q4_1::avx512_rows::<Tile, 4>(tiles, act, i + start, k, &mut acc[start..start + k]);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+unsafe fn amx(tiles: &[Tile], act: &Activations, i: usize, rows: usize, acc: &mut Acc) {
+    q4_1::amx(tiles, act, i, rows, acc)
 }
 
 #[cfg(test)]
@@ -123,4 +135,14 @@ mod tests {
     use candle_core::quantized::GgmlDType;
 
     int8::kernel_tests!(Q50Weight, GgmlDType::Q5_0);
+
+    /// An odd number of blocks a row (the AMX kernel pairs them): every kernel against the
+    /// portable one, AMX against AVX-512 bit for bit.
+    #[test]
+    fn odd_block_counts_agree() {
+        for cols in [32, 96, 160] {
+            let w = Q50Weight::from_gguf(&stored(20, cols, 9), 20, cols).unwrap();
+            int8::checks::simd_matches_portable(&w);
+        }
+    }
 }
