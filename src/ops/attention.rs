@@ -336,7 +336,6 @@ fn one_group(
     #[cfg(target_arch = "x86_64")]
     if super::cpu_features::avx512_vnni()
         && shape.head_dim % 64 == 0
-        && shape.heads / shape.kv_heads <= 4
         // The share's last block: its first blocks may be outside the window, given back.
         && kv.int8_keys(share.b1 - 1, share.g).is_some()
         && kv.int8_values(share.b1 - 1, share.g).is_some()
@@ -412,7 +411,9 @@ fn one_group_body<const AVX: bool, const VNNI: bool>(
     let span = (b1 - b0) * bs;
     let mut scores = vec![0f32; group * span];
     let mut scratch = Vec::new();
-    let mut qi8 = QueryI8::default();
+    // The int8 kernels take up to four heads a call: a larger group (Qwen2.5-0.5B's seven) goes
+    // in sub-groups of four, each head's arithmetic the same as in a group of its own size.
+    let mut qi8: Vec<QueryI8> = (0..group.div_ceil(4)).map(|_| QueryI8::default()).collect();
     for i in r0..r1 {
         let visible = total - len + i + 1;
         let (start, end) = (b0 * bs, visible.min(b1 * bs));
@@ -425,7 +426,14 @@ fn one_group_body<const AVX: bool, const VNNI: bool>(
         }
         let blocks = b0.max(lo / bs)..end.div_ceil(bs);
         if VNNI {
-            qi8.set(&q[i * width + g * group * hd..][..group * hd], hd, scale);
+            for (s, qs) in qi8.iter_mut().enumerate() {
+                let (j0, heads) = (4 * s, (group - 4 * s).min(4));
+                qs.set(
+                    &q[i * width + (g * group + j0) * hd..][..heads * hd],
+                    hd,
+                    scale,
+                );
+            }
         }
         for b in blocks.clone() {
             if b + PREFETCH_AHEAD < blocks.end {
@@ -437,8 +445,12 @@ fn one_group_body<const AVX: bool, const VNNI: bool>(
             if VNNI {
                 let n = bs.min(end - b * bs);
                 let kr = kv.int8_keys(b, g).expect("int8 keys (checked)");
-                // SAFETY: compiled for AVX-512 VNNI (see `VNNI`); the kernel checks its bounds.
-                unsafe { avx512::scores_k4(&qi8, hd, &kr, n, &mut scores[(b - b0) * bs..], span) };
+                for (s, qs) in qi8.iter().enumerate() {
+                    let sc = &mut scores[4 * s * span + (b - b0) * bs..];
+                    // SAFETY: compiled for AVX-512 VNNI (see `VNNI`); the kernel checks its
+                    // bounds.
+                    unsafe { avx512::scores_k4(qs, hd, &kr, n, sc, span) };
+                }
                 continue;
             }
             let (kb, ks) = kv.keys(b, g, &mut scratch);
@@ -476,9 +488,11 @@ fn one_group_body<const AVX: bool, const VNNI: bool>(
             #[cfg(target_arch = "x86_64")]
             if VNNI {
                 let vr = kv.int8_values(b, g).expect("int8 values (checked)");
-                let p = &scores[(b - b0) * bs..];
-                // SAFETY: compiled for AVX-512 (see `VNNI`); the kernel checks its bounds.
-                unsafe { avx512::weighted_sum_i8(p, span, n, &vr, hd, o) };
+                for (s, os) in o.chunks_mut(4 * hd).enumerate() {
+                    let p = &scores[4 * s * span + (b - b0) * bs..];
+                    // SAFETY: compiled for AVX-512 (see `VNNI`); the kernel checks its bounds.
+                    unsafe { avx512::weighted_sum_i8(p, span, n, &vr, hd, os) };
+                }
                 continue;
             }
             let (vb, vs) = kv.values(b, g, &mut scratch);
