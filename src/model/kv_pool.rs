@@ -485,6 +485,39 @@ mod tests {
         }
     }
 
+    /// A one-layer pool of `total` positions of `kv_heads` heads of 64 in `dtype`, its blocks in
+    /// reverse order, filled with deterministic keys and values; and `rows` query rows of `heads`.
+    fn filled_pool(
+        kv_heads: usize,
+        total: usize,
+        dtype: KvDtype,
+        rows: usize,
+        heads: usize,
+    ) -> (KvPool, Vec<u32>, Vec<f32>) {
+        let shape = PoolShape {
+            layers: 1,
+            kv_heads,
+            head_dim: 64,
+            block_size: 16,
+            blocks: total.div_ceil(16),
+            dtype,
+        };
+        let mut pool = KvPool::new(shape).unwrap();
+        let table: Vec<u32> = (0..shape.blocks as u32).rev().collect();
+        let w = shape.kv_width();
+        let k: Vec<f32> = (0..total * w)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 2.0)
+            .collect();
+        let v: Vec<f32> = (0..total * w)
+            .map(|i| (i * 104729 % 997) as f32 / 498.5 - 1.0)
+            .collect();
+        pool.write(0, &table, 0, &k, &v);
+        let q: Vec<f32> = (0..rows * heads * 64)
+            .map(|i| ((i * 31 % 113) as f32 / 56.5 - 1.0) * 3.0)
+            .collect();
+        (pool, table, q)
+    }
+
     /// Decode attention over int8 keys and values: the integer kernels (where the CPU has
     /// AVX-512 VNNI) agree with widening the same bytes to f32, for long histories split
     /// between tasks and short ones, for groups of query heads up to four (one kernel call)
@@ -499,27 +532,7 @@ mod tests {
                 scoring: Default::default(),
             };
             for total in [37usize, 700, 2100] {
-                let pool_shape = PoolShape {
-                    layers: 1,
-                    kv_heads,
-                    head_dim: 64,
-                    block_size: 16,
-                    blocks: total.div_ceil(16),
-                    dtype: KvDtype::Int8,
-                };
-                let mut pool = KvPool::new(pool_shape).unwrap();
-                let table: Vec<u32> = (0..pool_shape.blocks as u32).rev().collect();
-                let w = pool_shape.kv_width();
-                let k: Vec<f32> = (0..total * w)
-                    .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 2.0)
-                    .collect();
-                let v: Vec<f32> = (0..total * w)
-                    .map(|i| (i * 104729 % 997) as f32 / 498.5 - 1.0)
-                    .collect();
-                pool.write(0, &table, 0, &k, &v);
-                let q: Vec<f32> = (0..heads * 64)
-                    .map(|i| ((i * 31 % 113) as f32 / 56.5 - 1.0) * 3.0)
-                    .collect();
+                let (pool, table, q) = filled_pool(kv_heads, total, KvDtype::Int8, 1, heads);
                 let view = pool.view(0, &table, total);
                 let (mut fast, mut wide) = (vec![0f32; heads * 64], vec![0f32; heads * 64]);
                 causal_attention_host(&q, &view, shape, &mut fast);
@@ -557,27 +570,7 @@ mod tests {
                         ..Default::default()
                     },
                 };
-                let shape = PoolShape {
-                    layers: 1,
-                    kv_heads: 2,
-                    head_dim: 64,
-                    block_size: 16,
-                    blocks: total.div_ceil(16),
-                    dtype,
-                };
-                let mut pool = KvPool::new(shape).unwrap();
-                let table: Vec<u32> = (0..shape.blocks as u32).rev().collect();
-                let w = shape.kv_width();
-                let k: Vec<f32> = (0..total * w)
-                    .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * 2.0)
-                    .collect();
-                let v: Vec<f32> = (0..total * w)
-                    .map(|i| (i * 104729 % 997) as f32 / 498.5 - 1.0)
-                    .collect();
-                pool.write(0, &table, 0, &k, &v);
-                let q: Vec<f32> = (0..len * 8 * 64)
-                    .map(|i| ((i * 31 % 113) as f32 / 56.5 - 1.0) * 3.0)
-                    .collect();
+                let (pool, table, q) = filled_pool(2, total, dtype, len, 8);
                 // The first query (position total - len) sees keys from total - len + 1 - window.
                 let first = (total - len + 1 - window) / 16;
                 assert!(first > 0, "the case drops blocks");

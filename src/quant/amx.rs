@@ -121,6 +121,11 @@ macro_rules! tile_dpbsud {
     };
 }
 
+/// The tiles of `two_products` over blocks of 32 values: C tiles 0–1 (16 × 16 i32), A tiles
+/// 2–3 (16 rows × 32 bytes), B tiles 4–5 (8 × 64 bytes).
+pub static PAIR_OF_32: Config =
+    Config::new(&[(16, 64), (16, 64), (16, 32), (16, 32), (8, 64), (8, 64)]);
+
 /// Two independent tile products, as the kernels lay their tiles out (C tiles 0–1, A tiles 2–3,
 /// B tiles 4–5, shaped by the caller's `Config`): `c[k] = a[k] · b[k]`, A's rows `a_stride`
 /// bytes apart, B's and C's rows 64 bytes apart.

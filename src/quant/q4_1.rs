@@ -295,22 +295,13 @@ pub(crate) unsafe fn avx512_rows<T: NibbleTile, const N: usize>(
     acc: &mut [[f32; TILE]],
 ) {
     use std::arch::x86_64::*;
-    let mask = _mm512_set1_epi8(0x0F);
-    let sixteen = _mm512_set1_epi8(16);
     let mut facc = [_mm512_setzero_ps(); N];
     let xrows: [&[i8]; N] = std::array::from_fn(|r| act.row(i + r.min(rows - 1)));
     for (b, full) in tiles.iter().enumerate() {
         let tile = full.nibbles();
         let mut isum = [_mm512_setzero_si512(); N];
         for g in 0..4 {
-            let v = _mm512_loadu_si512(tile.qs.as_ptr().add(g * 64) as *const _);
-            let mut lo = _mm512_and_si512(v, mask);
-            let mut hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-            if T::FIFTH {
-                let [f_lo, f_hi] = full.fifth(g);
-                lo = _mm512_mask_add_epi8(lo, f_lo, lo, sixteen);
-                hi = _mm512_mask_add_epi8(hi, f_hi, hi, sixteen);
-            }
+            let (lo, hi) = unpack(full, tile, g);
             for r in 0..rows {
                 let at = b * QK + 8 * g;
                 let xa = _mm512_set1_epi32(broadcast4(xrows[r], at));
@@ -333,6 +324,30 @@ pub(crate) unsafe fn avx512_rows<T: NibbleTile, const N: usize>(
     }
 }
 
+/// Group `g`'s low and high nibbles of `tile` (`full`'s) as bytes, the fifth bits added where
+/// `T` has them: the values 0..31 of 16 rows × 4 consecutive columns each.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[inline]
+unsafe fn unpack<T: NibbleTile>(
+    full: &T,
+    tile: &Tile,
+    g: usize,
+) -> (std::arch::x86_64::__m512i, std::arch::x86_64::__m512i) {
+    use std::arch::x86_64::*;
+    let mask = _mm512_set1_epi8(0x0F);
+    let v = _mm512_loadu_si512(tile.qs.as_ptr().add(g * 64) as *const _);
+    let mut lo = _mm512_and_si512(v, mask);
+    let mut hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
+    if T::FIFTH {
+        let sixteen = _mm512_set1_epi8(16);
+        let [f_lo, f_hi] = full.fifth(g);
+        lo = _mm512_mask_add_epi8(lo, f_lo, lo, sixteen);
+        hi = _mm512_mask_add_epi8(hi, f_hi, hi, sixteen);
+    }
+    (lo, hi)
+}
+
 /// Intel AMX for groups of 16 activation rows (prefill), two blocks of 32 columns a pair of
 /// tile products: the nibbles (and fifth bits) unpacked into B tiles in the layout the tiles
 /// already have, the activations' rows as A tiles, the exact integer sums scaled per block and
@@ -350,7 +365,7 @@ pub(crate) unsafe fn amx<T: NibbleTile>(
     rows: usize,
     acc: &mut Acc,
 ) {
-    use super::amx::{two_products, Config, Tiles};
+    use super::amx::{two_products, Tiles};
     use std::arch::x86_64::*;
     const AMX_ROWS: usize = 16;
     if rows < AMX_ROWS || tiles.is_empty() {
@@ -367,19 +382,14 @@ pub(crate) unsafe fn amx<T: NibbleTile>(
         /// C tiles: `[block (2)][activation row (16)][weight row (16)]`.
         c: [i32; 2 * 256],
     }
-    // C tiles 0–1 (16 × 16 i32), A tiles 2–3 (16 rows × 32 bytes), B tiles 4–5 (8 × 64 bytes).
-    static CONFIG: Config =
-        Config::new(&[(16, 64), (16, 64), (16, 32), (16, 32), (8, 64), (8, 64)]);
     let cols = tiles.len() * QK;
     let (x0, _) = super::amx::rows16(act, i, cols);
-    let mask = _mm512_set1_epi8(0x0F);
-    let sixteen = _mm512_set1_epi8(16);
     let mut facc = [_mm512_setzero_ps(); AMX_ROWS];
     let mut scratch = Scratch {
         w: [0; 2 * 512],
         c: [0; 2 * 256],
     };
-    let _tiles = Tiles::load(&CONFIG);
+    let _tiles = Tiles::load(&super::amx::PAIR_OF_32);
     for first in (0..tiles.len()).step_by(2) {
         // An odd last block is multiplied twice and counted once.
         let blocks = [first, (first + 1).min(tiles.len() - 1)];
@@ -387,14 +397,7 @@ pub(crate) unsafe fn amx<T: NibbleTile>(
             let full = &tiles[b];
             let tile = full.nibbles();
             for g in 0..4 {
-                let v = _mm512_loadu_si512(tile.qs.as_ptr().add(g * 64) as *const _);
-                let mut lo = _mm512_and_si512(v, mask);
-                let mut hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), mask);
-                if T::FIFTH {
-                    let [f_lo, f_hi] = full.fifth(g);
-                    lo = _mm512_mask_add_epi8(lo, f_lo, lo, sixteen);
-                    hi = _mm512_mask_add_epi8(hi, f_hi, hi, sixteen);
-                }
+                let (lo, hi) = unpack(full, tile, g);
                 let out = scratch.w.as_mut_ptr().add(k * 512 + g * 128);
                 _mm512_store_si512(out as *mut _, lo);
                 _mm512_store_si512(out.add(64) as *mut _, hi);

@@ -333,7 +333,7 @@ pub(crate) unsafe fn amx<T: KTile>(
     rows: usize,
     acc: &mut Acc,
 ) {
-    use super::amx::{two_products, Config, Tiles};
+    use super::amx::{two_products, Tiles};
     use std::arch::x86_64::*;
     const AMX_ROWS: usize = 16;
     if rows < AMX_ROWS {
@@ -346,9 +346,6 @@ pub(crate) unsafe fn amx<T: KTile>(
         /// C tiles: `[sub-block][activation row (16)][weight row (16)]`.
         c: [i32; SUBS * 256],
     }
-    // C tiles 0–1 (16 × 16 i32), A tiles 2–3 (16 rows × 32 bytes), B tiles 4–5 (8 × 64 bytes).
-    static CONFIG: Config =
-        Config::new(&[(16, 64), (16, 64), (16, 32), (16, 32), (8, 64), (8, 64)]);
     let cols = tiles.len() * QK_K;
     let (x0, scales) = super::amx::rows16(act, i, cols);
     let mask = _mm512_set1_epi8(0x0F);
@@ -357,7 +354,7 @@ pub(crate) unsafe fn amx<T: KTile>(
         w: [0; SUBS * 512],
         c: [0; SUBS * 256],
     };
-    let _tiles = Tiles::load(&CONFIG);
+    let _tiles = Tiles::load(&super::amx::PAIR_OF_32);
     let sixteen = _mm512_set1_epi8(16);
     for (b, full) in tiles.iter().enumerate() {
         let tile = full.q4();
