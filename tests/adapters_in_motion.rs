@@ -363,3 +363,38 @@ async fn a_request_in_flight_keeps_its_revision_through_a_swap() {
         "the request in flight kept its revision"
     );
 }
+
+/// A registration snapshots the adapter's whole directory: an AdapterFusion keeps its fused
+/// adapters one level down, and registered again by name it answers as it did from the
+/// directory (revision 0), also as `name@1`.
+#[tokio::test]
+async fn a_registered_fusion_keeps_its_fused_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_tree(
+        &smollm2_adapter("fuse-bn-ab"),
+        &dir.path().join("adapters/fused"),
+    );
+    let st = serve_dir(dir.path(), false, &[]).await;
+    let app = router(st.clone());
+    let (s, v) = ask(&app, Some("fused"), 8).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let from_dir = answer(&v);
+    let (s, v, _) = call(
+        &app,
+        "POST",
+        "/v1/adapters",
+        Some(json!({"name": "fused"})),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (s, v["version"].as_u64()),
+        (StatusCode::CREATED, Some(1)),
+        "{v}"
+    );
+    for model in ["fused", "fused@1"] {
+        let (s, v) = ask(&app, Some(model), 8).await;
+        assert_eq!(s, StatusCode::OK, "{model}: {v}");
+        assert_eq!(answer(&v), from_dir, "{model}");
+    }
+}

@@ -991,18 +991,6 @@ async fn every_served_peft_method_mixes_in_one_server() {
 }
 
 /// Copies a folder with its subfolders.
-fn copy_tree(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for f in std::fs::read_dir(from).unwrap() {
-        let f = f.unwrap();
-        if f.path().is_dir() {
-            copy_tree(&f.path(), &to.join(f.file_name()));
-        } else {
-            std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
-        }
-    }
-}
-
 /// Served log-probabilities on an f32 model against transformers' logits (f32, the log-softmax
 /// taken in f64 here): the first generated token's within 1e-4 for every reference case
 /// (measured: 1.2e-6 for case 0).

@@ -17,6 +17,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use super::error::AdapterError;
+use super::peft::CONFIG_FILE;
+use super::revisions::Snapshot;
+
 /// How long a list may show the directory as it was (unless the root itself changed).
 pub const INDEX_TTL: Duration = Duration::from_secs(2);
 
@@ -27,10 +31,6 @@ struct DirIndex {
     built: Instant,
     names: Arc<Vec<AdapterName>>,
 }
-
-use super::error::AdapterError;
-use super::peft::CONFIG_FILE;
-use super::revisions::Snapshot;
 
 /// A validated adapter name: `name` or `tenant/name`, each part `[A-Za-z0-9._:-]{1,96}` (`:`
 /// for OpenAI's fine-tuned names, `ft:BASE:SUFFIX:ID`).
@@ -374,7 +374,8 @@ impl Registry {
         self.get(name)
     }
 
-    /// Removes a run-time registration; adapters in the directory cannot be removed this way.
+    /// Removes a run-time registration and its kept revisions; adapters in the directory cannot
+    /// be removed this way.
     /// A directory adapter of the same name comes back under a new version.
     pub fn remove(&self, name: &AdapterName) -> Result<AdapterEntry, AdapterError> {
         let removed = self
@@ -384,6 +385,19 @@ impl Registry {
             .remove(&name.key())
             .ok_or_else(|| AdapterError::NotFound(name.key()))?;
         self.bump(&name.key());
+        // Its kept revisions go with it (their snapshots too): what is kept stays bounded by
+        // the registrations that exist (a tenant's by its quota) times `--adapter-revisions`.
+        for old in self
+            .kept
+            .write()
+            .expect("registry lock")
+            .remove(&name.key())
+            .unwrap_or_default()
+        {
+            if let Some(s) = &old.snapshot {
+                s.discard();
+            }
+        }
         Ok(removed)
     }
 
@@ -622,6 +636,22 @@ mod tests {
         assert_eq!(r.revisions(&n), vec![2, 3]);
         assert!(r.get_revision(&n, 1).is_err() && !old.dir.exists());
         assert_eq!(r.previous(&n).unwrap().revision, 2);
+        // Removing the registration removes what was kept of it: registering and removing
+        // names over and over keeps nothing.
+        let kept_dir = r.get_revision(&n, 2).unwrap().dir;
+        r.remove(&n).unwrap();
+        assert!(r.revisions(&n).is_empty() && !kept_dir.exists());
+        assert!(r.previous(&n).is_err());
+        for i in 0..20 {
+            let m = AdapterName::parse(&format!("churn{i}")).unwrap();
+            r.add_dir(&m, &two);
+            r.remove(&m).unwrap();
+        }
+        assert!(r.kept.read().unwrap().is_empty());
+        let left = std::fs::read_dir(r.snapshots.as_ref().unwrap())
+            .unwrap()
+            .count();
+        assert_eq!(left, 0, "no snapshot outlives its registration");
     }
 
     #[cfg(unix)]

@@ -9,7 +9,6 @@
 //! Registrations last as long as the process: each process takes its snapshots into a
 //! directory of its own, and deletes those of processes that ended.
 
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -19,7 +18,7 @@ use super::error::AdapterError;
 /// One file of a snapshot as it was taken.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileStamp {
-    name: OsString,
+    name: PathBuf,
     len: u64,
     modified: Option<SystemTime>,
 }
@@ -34,7 +33,7 @@ pub struct Snapshot {
     owned: bool,
 }
 
-fn stamp(dir: &Path, name: OsString) -> Result<FileStamp, AdapterError> {
+fn stamp(dir: &Path, name: PathBuf) -> Result<FileStamp, AdapterError> {
     let path = dir.join(&name);
     let meta = std::fs::metadata(&path).map_err(|e| io(&path, e))?;
     Ok(FileStamp {
@@ -51,15 +50,33 @@ fn io(path: &Path, e: std::io::Error) -> AdapterError {
     }
 }
 
-/// The regular files (symlinks followed) directly in `dir`.
-fn files(dir: &Path) -> Result<Vec<OsString>, AdapterError> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).map_err(|e| io(dir, e))? {
-        let e = e.map_err(|e| io(dir, e))?;
-        if std::fs::metadata(e.path()).is_ok_and(|m| m.is_file()) {
-            out.push(e.file_name());
+/// How many directory levels below an adapter's a snapshot takes (AdapterFusion keeps its
+/// fused adapters one level down).
+const DEPTH: usize = 2;
+
+/// The regular files in `dir` and in its directories down to `DEPTH` levels (symlinks
+/// followed), as paths relative to `dir`, sorted.
+fn files(dir: &Path) -> Result<Vec<PathBuf>, AdapterError> {
+    fn walk(
+        root: &Path,
+        rel: &Path,
+        depth: usize,
+        out: &mut Vec<PathBuf>,
+    ) -> Result<(), AdapterError> {
+        let here = root.join(rel);
+        for e in std::fs::read_dir(&here).map_err(|e| io(&here, e))? {
+            let e = e.map_err(|e| io(&here, e))?;
+            let path = rel.join(e.file_name());
+            match std::fs::metadata(e.path()) {
+                Ok(m) if m.is_file() => out.push(path),
+                Ok(m) if m.is_dir() && depth < DEPTH => walk(root, &path, depth + 1, out)?,
+                _ => {}
+            }
         }
+        Ok(())
     }
+    let mut out = Vec::new();
+    walk(dir, Path::new(""), 0, &mut out)?;
     out.sort();
     Ok(out)
 }
@@ -132,6 +149,9 @@ impl Snapshot {
                     .canonicalize()
                     .map_err(|e| io(&src.join(n), e))?;
                 let to = tmp.join(n);
+                if let Some(parent) = to.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+                }
                 if std::fs::hard_link(&from, &to).is_err() {
                     std::fs::copy(&from, &to).map_err(|e| io(&from, e))?;
                 }
@@ -229,7 +249,13 @@ mod tests {
             "so are those of an earlier process with this pid"
         );
         write(&src, "one");
+        // A fused adapter's files one level down are taken too.
+        write(&src.join("inner"), "nested");
         let s1 = Snapshot::take(Some(&root), &src, 7).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(s1.dir.join("inner/w")).unwrap(),
+            "nested"
+        );
         write(&src, "two!");
         let s2 = Snapshot::take(Some(&root), &src, 8).unwrap();
         assert_eq!(std::fs::read_to_string(s1.dir.join("w")).unwrap(), "one");

@@ -99,7 +99,7 @@ async fn generate(
     let (adapter, adapter_label) = match &p.adapter {
         Some(entry) => (
             Some(
-                st.lease(entry, None)
+                st.lease(entry, None, p.adapter_name.as_deref())
                     .await
                     .map_err(|e| st.policy.redact(&caller, e))?,
             ),
@@ -426,32 +426,43 @@ async fn register(
 ) -> Result<Response, ApiError> {
     let (name, source) = st.policy.registration(&caller, &st.registry, &reg)?;
     let model = st.engine.model().clone();
-    let dir = match source {
-        AdapterSource::Dir(d) => Ok(d),
-        AdapterSource::Kept(e) => Err(e),
+    // Where the new revision's files come from: a directory (the hub's download lands in one)
+    // or a kept revision.
+    enum Files {
+        Dir(std::path::PathBuf),
+        Kept(crate::adapters::registry::AdapterEntry),
+    }
+    let files = match source {
+        AdapterSource::Dir(d) => Files::Dir(d),
+        AdapterSource::Kept(e) => Files::Kept(e),
         AdapterSource::Hub { id, options } => {
             let _permit = st
                 .loads
                 .acquire()
                 .await
                 .map_err(|_| ApiError::Unavailable("the server is shutting down".into()))?;
-            Ok(hub::fetch(&id, &st.config.sources, &options, |h| {
-                bind::check(h, &model.model, &st.config.bind)?;
-                Policy::check_quota(&caller, &st.registry, &name, h.bytes).map_err(|e| {
-                    AdapterError::LoadFailed {
-                        name: id.clone(),
-                        message: e.message(),
-                    }
+            Files::Dir(
+                hub::fetch(&id, &st.config.sources, &options, |h| {
+                    bind::check(h, &model.model, &st.config.bind)?;
+                    Policy::check_quota(&caller, &st.registry, &name, h.bytes).map_err(|e| {
+                        AdapterError::LoadFailed {
+                            name: id.clone(),
+                            message: e.message(),
+                        }
+                    })
                 })
-            })
-            .await
-            .map_err(|e| match e {
-                AdapterError::InvalidName { .. } => ApiError::bad("hub_id", e.to_string()),
-                other => ApiError::from(other),
-            })?)
+                .await
+                .map_err(|e| match e {
+                    AdapterError::InvalidName { .. } => ApiError::bad("hub_id", e.to_string()),
+                    other => ApiError::from(other),
+                })?,
+            )
         }
     };
-    let restored = dir.as_ref().err().map(|e| e.revision);
+    let restored = match &files {
+        Files::Kept(e) => Some(e.revision),
+        Files::Dir(_) => None,
+    };
     let (check_caller, check_name) = (caller.clone(), name.clone());
     let (bytes, weights, version, snap) = st
         .blocking(
@@ -459,9 +470,9 @@ async fn register(
             move |st| {
                 // The files as they are now (or a kept revision's) are what this revision
                 // serves for as long as it lives, whatever happens to the source afterwards.
-                let (version, snap) = match &dir {
-                    Ok(d) => st.registry.snapshot(d)?,
-                    Err(kept) => st.registry.restore(kept)?,
+                let (version, snap) = match &files {
+                    Files::Dir(d) => st.registry.snapshot(d)?,
+                    Files::Kept(kept) => st.registry.restore(kept)?,
                 };
                 let checked = (|| {
                     let header = PeftAdapter::inspect(&snap.dir)?;
@@ -480,9 +491,9 @@ async fn register(
                     Err(e) => {
                         snap.discard();
                         // Errors name the files the caller gave, not the snapshot's copies.
-                        let source = match &dir {
-                            Ok(d) => d.display().to_string(),
-                            Err(kept) => format!("{}@{}", kept.name, kept.revision),
+                        let source = match &files {
+                            Files::Dir(d) => d.display().to_string(),
+                            Files::Kept(kept) => format!("{}@{}", kept.name, kept.revision),
                         };
                         Err(e.replace_in_message(&snap.dir.display().to_string(), &source))
                     }
@@ -491,7 +502,7 @@ async fn register(
         )
         .await?;
     let entry = st.registry.add(&name, snap, version, reg.pinned, bytes)?;
-    st.lease(&entry, Some(weights)).await?;
+    st.lease(&entry, Some(weights), None).await?;
     let mut out = json!({"name": entry.name.key(), "pinned": entry.pinned, "version": entry.revision, "revisions": st.registry.revisions(&entry.name)});
     if let Some(r) = restored {
         out["restored_revision"] = json!(r);

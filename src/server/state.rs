@@ -203,10 +203,13 @@ impl AppState {
 
     /// A lease on the adapter, loading it (header-first, within the load bound) on a miss.
     /// `preloaded` weights are used instead of reading the files (a registration just read them).
+    /// While it loads, the adapter counts as waiting in `loraplex_lora_requests_info` under
+    /// `requested` (the name as the request gave it; the registry's name when none).
     pub async fn lease(
         self: &Arc<Self>,
         entry: &AdapterEntry,
         preloaded: Option<AdapterWeights>,
+        requested: Option<&str>,
     ) -> Result<Lease, ApiError> {
         if preloaded.is_none() && !entry.pinned {
             if let Some(lease) = self.cache.hit(&entry.key()) {
@@ -215,12 +218,13 @@ impl AppState {
             }
         }
         let entry = entry.clone();
+        let waiting_as = requested.map_or_else(|| entry.name.key(), str::to_string);
         let load = move |st: &Arc<AppState>| {
             let loaded = AtomicBool::new(false);
             let start = Instant::now();
             let lease = st.cache.acquire(&entry.key(), entry.pinned, || {
                 loaded.store(true, Ordering::Relaxed);
-                let _waiting = st.metrics.loading(&entry.name.key());
+                let _waiting = st.metrics.loading(&waiting_as);
                 let delay = st.load_delay_ms.load(Ordering::Relaxed);
                 if delay > 0 {
                     std::thread::sleep(std::time::Duration::from_millis(delay));

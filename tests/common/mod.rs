@@ -277,3 +277,16 @@ pub fn drive_answers(
         .collect();
     (answers, steps)
 }
+
+/// Copies the directory `from` (and everything under it) to `to`.
+pub fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for f in std::fs::read_dir(from).unwrap() {
+        let f = f.unwrap();
+        if f.path().is_dir() {
+            copy_tree(&f.path(), &to.join(f.file_name()));
+        } else {
+            std::fs::copy(f.path(), to.join(f.file_name())).unwrap();
+        }
+    }
+}
