@@ -265,6 +265,13 @@ async fn revisions_swap_atomically_and_roll_back() {
     let (s, v) = ask("hot", 12).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let with_a = answer(&v);
+    // Nothing registered yet: nothing to roll back to.
+    let (s, v, _) = register(json!({"name": "hot", "rollback": true})).await;
+    assert_eq!(
+        (s, &v["error"]["param"]),
+        (StatusCode::BAD_REQUEST, &json!("rollback")),
+        "{v}"
+    );
 
     replace_adapter(&b, &hot);
     let (s, v, _) = register(json!({"name": "hot"})).await;

@@ -53,8 +53,6 @@ pub struct Residency {
     pub bytes: usize,
     pub pinned: bool,
     pub last_use: SystemTime,
-    /// Leases held now (requests running or queued on it).
-    pub leases: usize,
 }
 
 struct Inner {
@@ -309,7 +307,7 @@ impl AdapterCache {
             .collect()
     }
 
-    /// Resident adapters with their bytes, pinning, last use and leases, most recent first.
+    /// Resident adapters with their bytes, pinning and last use, most recent first.
     pub fn residency(&self) -> Vec<Residency> {
         let inner = self.core.inner.lock().expect("cache lock");
         inner
@@ -320,8 +318,6 @@ impl AdapterCache {
                 bytes: r.bytes,
                 pinned: r.pinned,
                 last_use: r.last_use,
-                // The cache's own reference is not a lease.
-                leases: Arc::strong_count(&r.weights) - 1,
             })
             .collect()
     }

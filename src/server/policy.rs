@@ -230,9 +230,15 @@ impl Policy {
                 Some(rev) => registry.get_revision(&name, rev),
                 None => registry.previous(&name),
             }
-            .map_err(|e| match r.revision {
+            .map_err(|_| match r.revision {
                 Some(rev) => ApiError::ModelNotFound(format!("{}@{rev}", r.name)),
-                None => ApiError::bad("rollback", format!("{e}")),
+                None => ApiError::bad(
+                    "rollback",
+                    format!(
+                        "`{}` has no earlier revision kept (`--adapter-revisions`)",
+                        r.name
+                    ),
+                ),
             })?;
             return Ok((name, AdapterSource::Kept(kept)));
         }

@@ -225,13 +225,13 @@ impl AppState {
             let lease = st.cache.acquire(&entry.key(), entry.pinned, || {
                 loaded.store(true, Ordering::Relaxed);
                 let _waiting = st.metrics.loading(&waiting_as);
-                let delay = st.load_delay_ms.load(Ordering::Relaxed);
-                if delay > 0 {
-                    std::thread::sleep(std::time::Duration::from_millis(delay));
-                }
                 match preloaded {
                     Some(w) => Ok(w),
                     None => {
+                        let delay = st.load_delay_ms.load(Ordering::Relaxed);
+                        if delay > 0 {
+                            std::thread::sleep(std::time::Duration::from_millis(delay));
+                        }
                         if let Some(snap) = &entry.snapshot {
                             snap.verify(&format!("{}@{}", entry.name, entry.revision))?;
                         }
