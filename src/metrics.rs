@@ -400,11 +400,11 @@ impl Metrics {
 
     /// The running/waiting adapters in the shape the Gateway API Inference Extension reads
     /// (the engine's view; adapters still loading for their requests count as waiting).
-    pub fn set_lora_info(&self, max_lora: usize, running: &[String], waiting: &[String]) {
+    pub fn set_lora_info(&self, max_lora: usize, running: Vec<String>, waiting: Vec<String>) {
         let mut state = self.lora_state.lock().unwrap_or_else(|p| p.into_inner());
         state.max_lora = max_lora;
-        state.running = running.to_vec();
-        state.waiting = waiting.to_vec();
+        state.running = running;
+        state.waiting = waiting;
         self.publish_lora_info(&state);
     }
 
@@ -514,7 +514,7 @@ mod tests {
     #[test]
     fn renders_text_format_with_lora_info() {
         let m = Metrics::new();
-        m.set_lora_info(4, &["x".into(), "y".into()], &[]);
+        m.set_lora_info(4, vec!["x".into(), "y".into()], vec![]);
         m.requests
             .with_label_values(&["/v1/chat/completions", "200"])
             .inc();
@@ -527,7 +527,7 @@ mod tests {
     #[test]
     fn adapters_loading_for_their_requests_are_waiting_not_running() {
         let m = std::sync::Arc::new(Metrics::new());
-        m.set_lora_info(4, &["x".into()], &["y".into()]);
+        m.set_lora_info(4, vec!["x".into()], vec!["y".into()]);
         let info = |m: &Metrics| {
             let text = m.render();
             text.lines()
@@ -545,7 +545,7 @@ mod tests {
         );
         drop((a, b));
         // The engine's next step keeps the loading adapter that is still loading.
-        m.set_lora_info(4, &["x".into()], &[]);
+        m.set_lora_info(4, vec!["x".into()], vec![]);
         assert!(
             info(&m).contains("running_lora_adapters=\"x\",waiting_lora_adapters=\"z\""),
             "{}",

@@ -864,7 +864,7 @@ impl Worker {
                 .map(|s| &s.request)
                 .chain(self.parked.values().map(|a| &a.request)),
         );
-        m.set_lora_info(self.config.max_running, &running, &waiting);
+        m.set_lora_info(self.config.max_running, running, waiting);
     }
 }
 
